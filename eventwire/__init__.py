@@ -1,0 +1,46 @@
+"""eventwire: an asynchronous publish/subscribe event bus for AI agents.
+
+Agents publish events on named topics; other agents react to them independently and
+reliably. ``EventBus()`` runs in-process with nothing to install or start.
+"""
+
+from eventwire.agent import Agent, on
+from eventwire.bus import CloseReport, EventBus, UnhandledEvent
+from eventwire.errors import (
+    BusClosedError,
+    BusNotRunningError,
+    EventwireError,
+    HandlerError,
+    InboxFullError,
+    InvalidTopicError,
+    NoReplyError,
+    PayloadValidationError,
+    PublishTimeoutError,
+)
+from eventwire.event import Event
+from eventwire.retry import Retry
+from eventwire.subscription import Subscription, SubscriptionStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "BusClosedError",
+    "BusNotRunningError",
+    "CloseReport",
+    "Event",
+    "EventBus",
+    "EventwireError",
+    "HandlerError",
+    "InboxFullError",
+    "InvalidTopicError",
+    "NoReplyError",
+    "PayloadValidationError",
+    "PublishTimeoutError",
+    "Retry",
+    "Subscription",
+    "SubscriptionStats",
+    "UnhandledEvent",
+    "__version__",
+    "on",
+]

@@ -1,0 +1,866 @@
+"""The event bus: publish events on topics, subscribe handlers to patterns."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+
+from eventwire.backends import resolve_url
+from eventwire.context import current_event, current_subscription
+from eventwire.errors import (
+    BusClosedError,
+    BusNotRunningError,
+    HandlerError,
+    NoReplyError,
+)
+from eventwire.event import Event, new_event
+from eventwire.payloads import make_converter, payload_type_of
+from eventwire.retry import Retry
+from eventwire.subscription import (
+    DEFAULT_MAX_PENDING,
+    OVERFLOW_POLICIES,
+    Handler,
+    Overflow,
+    Subscription,
+    SubscriptionStats,
+)
+from eventwire.topics import TopicTrie, validate_pattern, validate_topic
+
+if TYPE_CHECKING:
+    from eventwire.agent import Agent
+
+logger = logging.getLogger("eventwire")
+
+H = TypeVar("H", bound=Callable[..., Any])
+A = TypeVar("A", bound="Agent")
+
+# Past this many distinct topics the route cache starts over, so that an unbounded topic space
+# (ids in topic names) cannot grow memory without bound.
+_ROUTE_CACHE_LIMIT = 100_000
+
+_NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
+
+
+class _Epoch:
+    """Deliveries owed for events published between two `drain()` calls, and their causes."""
+
+    __slots__ = ("pending", "waiters")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def settle(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        if self.pending:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            await waiter
+
+
+class _GroupRoute:
+    """Competing consumers of one group that match one topic: each event goes to one."""
+
+    __slots__ = ("members", "next")
+
+    def __init__(self, members: list[Subscription]) -> None:
+        self.members = members
+        self.next = 0
+
+    def pick(self) -> Subscription:
+        members = self.members
+        count = len(members)
+        start = self.next
+        for offset in range(count):
+            member = members[(start + offset) % count]
+            if len(member._inbox) < member._capacity and not member._putters:
+                self.next = (start + offset + 1) % count
+                return member
+        self.next = (start + 1) % count
+        return members[start]
+
+
+class _Route:
+    __slots__ = ("groups", "subscriptions")
+
+    def __init__(self, subscriptions: tuple[Subscription, ...], groups: tuple[_GroupRoute, ...]):
+        self.subscriptions = subscriptions
+        self.groups = groups
+
+
+class _PendingRequest:
+    __slots__ = ("delivered", "error", "expected", "finished", "future", "topic")
+
+    def __init__(self, future: asyncio.Future[Any], topic: str) -> None:
+        self.future = future
+        self.topic = topic
+        self.expected: int | None = None
+        self.delivered: list[str] = []
+        self.finished = 0
+        self.error: tuple[str, BaseException] | None = None
+
+    def outcome(self, subscription: str, result: Any, error: BaseException | None) -> None:
+        if self.future.done():
+            return
+        self.finished += 1
+        if error is None and result is not None:
+            self.future.set_result(result)
+            return
+        if error is not None and self.error is None:
+            self.error = (subscription, error)
+        self.check_complete()
+
+    def check_complete(self) -> None:
+        if self.future.done() or self.expected is None or self.finished < self.expected:
+            return
+        if self.error is not None:
+            name, error = self.error
+            failure = HandlerError(
+                f"request on {self.topic!r} failed in handler {name!r}: "
+                f"{type(error).__name__}: {error}",
+                subscription=name,
+                error=f"{type(error).__name__}: {error}",
+            )
+            failure.__cause__ = error
+            self.future.set_exception(failure)
+        else:
+            self.future.set_exception(
+                NoReplyError(
+                    f"request on {self.topic!r}: every handler that received it "
+                    f"({', '.join(self.delivered)}) finished without returning a reply "
+                    "(a handler's non-None return value is its reply)"
+                )
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class UnhandledEvent:
+    """An event that `close()` had to abandon."""
+
+    subscription: str
+    event: Event[Any]
+    state: Literal["queued", "in_flight"]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseReport:
+    """What `close()` could not finish within its grace period."""
+
+    unhandled: tuple[UnhandledEvent, ...] = ()
+
+    @property
+    def clean(self) -> bool:
+        """True when every accepted event was handled or dead-lettered."""
+        return not self.unhandled
+
+
+class EventBus:
+    """Publish events on topics; subscribe handlers to topic patterns.
+
+    ``EventBus()`` (or ``EventBus("memory://")``) is the in-process bus. Use it as
+    ``async with bus:``: that starts the workers, and on exit waits for queued work (up to
+    `close_grace` seconds) and closes. `publish_timeout` bounds how long `publish` waits for
+    room in a full inbox (None waits for ever).
+    """
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        publish_timeout: float | None = 30.0,
+        close_grace: float = 10.0,
+        max_threads: int | None = None,
+    ) -> None:
+        self.url = resolve_url(url)
+        if publish_timeout is not None and publish_timeout <= 0:
+            raise ValueError(f"publish_timeout must be > 0 seconds or None, got {publish_timeout}")
+        if close_grace < 0:
+            raise ValueError(f"close_grace must be >= 0 seconds, got {close_grace}")
+        self.publish_timeout = publish_timeout
+        self.close_grace = close_grace
+        self._max_threads = max_threads
+        self._subscriptions: dict[str, Subscription] = {}
+        self._trie: TopicTrie[Subscription] = TopicTrie()
+        self._routes: dict[str, _Route] = {}
+        self._state = _NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._epoch = _Epoch()
+        self._epochs: list[_Epoch] = [self._epoch]
+        self._requests: dict[str, _PendingRequest] = {}
+        self._reply_topic = f"_bus.reply.{secrets.token_hex(6)}"
+        self._executor: ThreadPoolExecutor | None = None
+        self._agents: dict[str, Agent] = {}
+        self._close_report: CloseReport | None = None
+        self._closed = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<EventBus {self.url} {self._state}, {len(self._subscriptions)} subscriptions>"
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True between `start()` and the beginning of `close()`."""
+        return self._state == _RUNNING
+
+    async def start(self) -> None:
+        """Start every subscription's workers. Idempotent."""
+        if self._state == _RUNNING:
+            return
+        if self._state != _NEW:
+            raise BusClosedError("this EventBus was closed and cannot restart; create a new one")
+        self._loop = asyncio.get_running_loop()
+        self._state = _RUNNING
+        for subscription in list(self._subscriptions.values()):
+            subscription._start(self._loop)
+        for agent in list(self._agents.values()):
+            await agent.on_start()
+
+    async def __aenter__(self) -> EventBus:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self, grace: float | None = None) -> CloseReport:
+        """Stop accepting events from outside handlers, let queued and in-flight work finish
+        for up to `grace` seconds (default `close_grace`), then cancel what is left.
+
+        Handlers still running may publish follow-up events during the grace period. Returns
+        a `CloseReport` naming every event that was not handled; they are logged too.
+        """
+        if self._close_report is not None:
+            return self._close_report
+        if self._state == _CLOSING:
+            await self._closed.wait()
+            assert self._close_report is not None
+            return self._close_report
+        if current_event.get() is not None:
+            raise RuntimeError(
+                "close() was called from inside a handler, and it waits for every handler to "
+                "finish, that one included; signal your main task to close the bus instead"
+            )
+        if self._state == _NEW:
+            self._state = _CLOSED
+            self._close_report = CloseReport()
+            self._closed.set()
+            return self._close_report
+        self._state = _CLOSING
+        grace = self.close_grace if grace is None else grace
+        for agent in list(self._agents.values()):
+            try:
+                await agent.on_stop()
+            except Exception:
+                logger.exception("eventwire: %s.on_stop() failed", agent.name)
+        try:
+            async with asyncio.timeout(grace):
+                for epoch in list(self._epochs):
+                    await epoch.wait()
+        except TimeoutError:
+            pass
+        unhandled: list[UnhandledEvent] = []
+        workers: list[asyncio.Task[None]] = []
+        for subscription in list(self._subscriptions.values()):
+            for event, state in subscription._stop_now():
+                unhandled.append(UnhandledEvent(subscription.name, event, state))  # type: ignore[arg-type]
+            workers.extend(subscription._workers)
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)
+        for pending in self._requests.values():
+            if not pending.future.done():
+                pending.future.set_exception(
+                    BusClosedError(
+                        f"the bus closed before request on {pending.topic!r} got a reply"
+                    )
+                )
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        for epoch in self._epochs:
+            epoch.pending = 0
+            epoch.settle()
+        self._state = _CLOSED
+        self._close_report = CloseReport(tuple(unhandled))
+        self._closed.set()
+        if unhandled:
+            logger.warning(
+                "eventwire: closed with %d unhandled event(s) after %.1fs grace: %s",
+                len(unhandled),
+                grace,
+                ", ".join(f"{u.subscription}<-{u.event.topic} ({u.state})" for u in unhandled[:10])
+                + (" ..." if len(unhandled) > 10 else ""),
+            )
+        return self._close_report
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("eventwire: %s failed", task.get_name(), exc_info=task.exception())
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self._max_threads, thread_name_prefix="eventwire-handler"
+            )
+        return self._executor
+
+    # -- subscribing --------------------------------------------------------------------
+
+    @overload
+    def subscribe(
+        self,
+        pattern: str,
+        handler: None = None,
+        *,
+        name: str | None = None,
+        group: str | None = None,
+        concurrency: int = 1,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        overflow: Overflow = "block",
+    ) -> Callable[[H], H]: ...
+
+    @overload
+    def subscribe(
+        self,
+        pattern: str,
+        handler: Handler,
+        *,
+        name: str | None = None,
+        group: str | None = None,
+        concurrency: int = 1,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        overflow: Overflow = "block",
+    ) -> Subscription: ...
+
+    def subscribe(
+        self,
+        pattern: str,
+        handler: Handler | None = None,
+        *,
+        name: str | None = None,
+        group: str | None = None,
+        concurrency: int = 1,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        overflow: Overflow = "block",
+    ) -> Subscription | Callable[[H], H]:
+        """Subscribe `handler` to every topic matching `pattern`.
+
+        Called with a handler, returns the `Subscription`; without one, works as a decorator
+        that returns the function unchanged (its subscription is in `bus.subscriptions`).
+        `name` (default: the handler's ``module.qualname``) identifies the subscription;
+        `group` makes subscriptions sharing it competing consumers; `concurrency` allows that
+        many events in flight (same-`key` events stay one at a time, in order); `retry` and
+        `timeout` govern failures; `max_pending` bounds the inbox and `overflow` says what a
+        publish does when it is full: ``"block"`` waits, ``"drop_oldest"`` drops the oldest
+        queued event (counted), ``"error"`` raises `InboxFullError`.
+        """
+        options: dict[str, Any] = dict(
+            name=name,
+            group=group,
+            concurrency=concurrency,
+            retry=retry,
+            timeout=timeout,
+            max_pending=max_pending,
+            overflow=overflow,
+        )
+        if handler is None:
+            validate_pattern(pattern)
+
+            def decorator(function: H) -> H:
+                subscription = self._subscribe(pattern, function, **options)
+                with contextlib.suppress(AttributeError, TypeError):
+                    function.__eventwire_subscription__ = subscription  # type: ignore[attr-defined]
+                return function
+
+            return decorator
+        return self._subscribe(pattern, handler, **options)
+
+    def _subscribe(
+        self,
+        pattern: str,
+        handler: Handler,
+        *,
+        name: str | None,
+        group: str | None,
+        concurrency: int,
+        retry: Retry | None,
+        timeout: float | None,
+        max_pending: int,
+        overflow: Overflow,
+        source: str | None = None,
+    ) -> Subscription:
+        if self._state in (_CLOSING, _CLOSED):
+            raise BusClosedError(f"cannot subscribe to {pattern!r}: the bus is {self._state}")
+        validate_pattern(pattern)
+        _check_handler(handler)
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(
+                f"overflow must be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, "
+                f"got {overflow!r}"
+            )
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        if retry is not None and not isinstance(retry, Retry):
+            raise TypeError(f"retry must be a Retry(...), got {type(retry).__name__}")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise ValueError(f"group must be a non-empty str or None, got {group!r}")
+        if name is None:
+            name = self._unique_default_name(_default_name(handler))
+        elif not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        elif name in self._subscriptions:
+            raise ValueError(
+                f"a subscription named {name!r} already exists on this bus; pass another "
+                "name=, or the same group= to make them competing consumers"
+            )
+        payload_type = payload_type_of(handler)
+        converter = make_converter(payload_type, name) if payload_type is not None else None
+        subscription = Subscription(
+            self,
+            pattern,
+            handler,
+            name=name,
+            group=group,
+            concurrency=concurrency,
+            retry=retry,
+            timeout=timeout,
+            max_pending=max_pending,
+            overflow=overflow,
+            source=source or name,
+            converter=converter,
+        )
+        self._subscriptions[name] = subscription
+        self._trie.add(pattern, subscription)
+        self._routes.clear()
+        if self._state == _RUNNING:
+            assert self._loop is not None
+            subscription._start(self._loop)
+        return subscription
+
+    def _unique_default_name(self, base: str) -> str:
+        if base not in self._subscriptions:
+            return base
+        number = 2
+        while f"{base}#{number}" in self._subscriptions:
+            number += 1
+        return f"{base}#{number}"
+
+    def _remove_subscription(self, subscription: Subscription) -> None:
+        if self._subscriptions.get(subscription.name) is subscription:
+            del self._subscriptions[subscription.name]
+        self._trie.remove(subscription.pattern, subscription)
+        self._routes.clear()
+
+    @property
+    def subscriptions(self) -> Mapping[str, Subscription]:
+        """Active subscriptions by name (read-only view)."""
+        return dict(self._subscriptions)
+
+    def register(self, agent: A) -> A:
+        """Subscribe every ``@on`` method of `agent`, as ``<agent name>.<method name>``."""
+        from eventwire.agent import Agent
+
+        if not isinstance(agent, Agent):
+            raise TypeError(f"register() takes an Agent, got {type(agent).__name__}")
+        if agent.name in self._agents:
+            raise ValueError(
+                f"an agent named {agent.name!r} is already registered on this bus; "
+                "give each agent a distinct name="
+            )
+        agent._attach(self)
+        self._agents[agent.name] = agent
+        if self._state == _RUNNING:
+            assert self._loop is not None
+            task = self._loop.create_task(agent.on_start(), name=f"eventwire:{agent.name}.on_start")
+            self._background.add(task)
+            task.add_done_callback(self._background_done)
+        return agent
+
+    def stats(self) -> dict[str, SubscriptionStats]:
+        """Per-subscription counters, by subscription name."""
+        return {name: sub.stats for name, sub in self._subscriptions.items()}
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _route(self, topic: str) -> _Route:
+        route = self._routes.get(topic)
+        if route is not None:
+            return route
+        validate_topic(topic)
+        solo: list[Subscription] = []
+        grouped: dict[str, list[Subscription]] = {}
+        for subscription in self._trie.match(topic):
+            if subscription.group is None:
+                solo.append(subscription)
+            else:
+                grouped.setdefault(subscription.group, []).append(subscription)
+        route = _Route(tuple(solo), tuple(_GroupRoute(m) for m in grouped.values()))
+        if len(self._routes) >= _ROUTE_CACHE_LIMIT:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def _check_accepting(self, parent: Event[Any] | None) -> None:
+        if self._state == _RUNNING:
+            return
+        if self._state == _CLOSING and parent is not None:
+            return  # follow-ups of in-flight work are still accepted during the grace period
+        if self._state == _NEW:
+            raise BusNotRunningError(
+                "the bus is not running: use `async with bus:` or `await bus.start()` "
+                "before publishing"
+            )
+        raise BusClosedError(f"cannot publish: the bus is {self._state}")
+
+    async def publish(
+        self,
+        topic_or_event: str | Event[Any],
+        payload: Any = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        key: str | None = None,
+    ) -> Event[Any]:
+        """Publish an `Event`, or build one from ``(topic, payload, metadata=, key=)``.
+
+        Returns the published event once it is queued for every matching subscription
+        (waiting for room where an inbox is full and its overflow policy is ``"block"``).
+        Handlers never run inside this call.
+        """
+        parent = current_event.get()
+        if self._state != _RUNNING:
+            self._check_accepting(parent)
+        if type(topic_or_event) is str:
+            subscription = current_subscription.get() if parent is not None else None
+            event = new_event(
+                topic_or_event,
+                payload,
+                metadata,
+                key,
+                parent,
+                subscription.source if subscription is not None else None,
+            )
+        else:
+            event = self._adopt(topic_or_event, payload, metadata, key, parent)
+        await self._dispatch(event, parent)
+        return event
+
+    def _adopt(
+        self,
+        event: Any,
+        payload: Any,
+        metadata: Mapping[str, Any] | None,
+        key: str | None,
+        parent: Event[Any] | None,
+    ) -> Event[Any]:
+        if not isinstance(event, Event):
+            raise TypeError(
+                "publish() takes a topic str and a payload, or an Event; "
+                f"got {type(event).__name__}: {event!r}"
+            )
+        if payload is not None or metadata is not None or key is not None:
+            raise TypeError(
+                "publish(event) takes no payload, metadata or key: they are the event's own; "
+                "use event.replace(...) to change them"
+            )
+        fill_cause = parent is not None and event._causation_id is None
+        fill_source = event._source is None and parent is not None
+        if event._epoch is None and not fill_cause and not fill_source:
+            return event
+        # Published before, or needs its chain filled in: publish a copy, same id.
+        adopted = event._copy(event._payload)
+        adopted._epoch = None
+        if fill_cause:
+            assert parent is not None
+            adopted._causation_id = parent.id
+            if event._correlation_id is None:
+                adopted._correlation_id = parent.correlation_id
+        if fill_source:
+            subscription = current_subscription.get()
+            adopted._source = subscription.source if subscription is not None else None
+        return adopted
+
+    async def _dispatch(self, event: Event[Any], parent: Event[Any] | None) -> int:
+        """Queue `event` for every matching subscription; the number of deliveries."""
+        route = self._routes.get(event._topic)
+        if route is None:
+            route = self._route(event._topic)
+        targets: tuple[Subscription, ...] | list[Subscription] = route.subscriptions
+        if route.groups:
+            targets = [*targets, *(group.pick() for group in route.groups)]
+        count = len(targets)
+        if not count:
+            return 0
+        epoch = parent._epoch if parent is not None and parent._epoch is not None else self._epoch
+        event._epoch = epoch
+        epoch.pending += count
+        for index, subscription in enumerate(targets):
+            inbox = subscription._inbox
+            if len(inbox) < subscription._capacity and not subscription._putters:
+                inbox.append(event)
+                if subscription._idle:
+                    subscription._wake_one()
+                continue
+            try:
+                await self._offer_full(subscription, event)
+            except BaseException:
+                # Not queued here nor for the rest: they are owed nothing.
+                epoch.pending -= count - index
+                if not epoch.pending and epoch.waiters:
+                    epoch.settle()
+                raise
+        return count
+
+    async def _offer_full(self, subscription: Subscription, event: Event[Any]) -> None:
+        if subscription.overflow == "drop_oldest":
+            if subscription._putters or not subscription._inbox:
+                await subscription._put_waiting(event, self.publish_timeout)
+            else:
+                subscription._drop_oldest_for(event)
+        elif subscription.overflow == "error":
+            raise subscription._full_error(
+                event,
+                "its overflow policy is 'error' (the event was still queued for any other "
+                "matching subscription that had room)",
+            )
+        else:
+            await subscription._put_waiting(event, self.publish_timeout)
+
+    def publish_threadsafe(
+        self,
+        topic_or_event: str | Event[Any],
+        payload: Any = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        timeout: float | None = None,
+    ) -> Event[Any]:
+        """`publish` for plain synchronous code and other threads while the bus runs.
+
+        Blocks until the event is queued (or `timeout` seconds pass) and returns it. Inside a
+        plain-function handler, causation ids are filled in as with `publish`.
+        """
+        loop = self._loop
+        if loop is None or self._state not in (_RUNNING, _CLOSING) or loop.is_closed():
+            raise BusNotRunningError(
+                "publish_threadsafe() needs a running bus: start it with `async with bus:` "
+                "in its event loop first"
+            )
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError(
+                "publish_threadsafe() was called from the bus's own event loop, where it "
+                "would block that loop; use `await bus.publish(...)` there"
+            )
+        parent = current_event.get()
+        subscription = current_subscription.get() if parent is not None else None
+
+        async def publish_in_loop() -> Event[Any]:
+            # Runs as its own task: restore the publishing thread's handler context in it.
+            token = current_event.set(parent)
+            token_sub = current_subscription.set(subscription)
+            try:
+                return await self.publish(topic_or_event, payload, metadata=metadata, key=key)
+            finally:
+                current_subscription.reset(token_sub)
+                current_event.reset(token)
+
+        future = asyncio.run_coroutine_threadsafe(publish_in_loop(), loop)
+        return future.result(timeout)
+
+    # -- waiting ------------------------------------------------------------------------
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until every event published so far, and every event their handlers published
+        in turn, has been handled or dead-lettered. Raises `TimeoutError` after `timeout`."""
+        if current_event.get() is not None:
+            raise RuntimeError(
+                "drain() was called from inside a handler and would wait for that handler "
+                "itself; call it from the code that publishes"
+            )
+        owed = [epoch for epoch in self._epochs if epoch.pending]
+        self._epoch = _Epoch()
+        self._epochs = [*owed, self._epoch]
+        if not owed:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                for epoch in owed:
+                    await epoch.wait()
+        except TimeoutError:
+            busy = {
+                name: stats
+                for name, stats in self.stats().items()
+                if stats.queued or stats.in_flight
+            }
+            detail = ", ".join(
+                f"{name} ({s.queued} queued, {s.in_flight} in flight)" for name, s in busy.items()
+            )
+            raise TimeoutError(
+                f"drain() timed out after {timeout}s with "
+                f"{sum(e.pending for e in owed)} deliveries still owed: {detail or 'none queued'}"
+            ) from None
+
+    async def request(
+        self,
+        topic: str,
+        payload: Any = None,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        timeout: float | None,
+    ) -> Any:
+        """Publish and return the first reply: the first non-None value a handler returns.
+
+        Raises `TimeoutError` if no reply comes within `timeout` seconds, `HandlerError`
+        (naming the handler, with its exception as `__cause__`) if the handlers failed,
+        and `NoReplyError` if nothing matches the topic or every handler returned None.
+        """
+        parent = current_event.get()
+        if self._state != _RUNNING:
+            self._check_accepting(parent)
+        subscription = current_subscription.get() if parent is not None else None
+        event = new_event(
+            topic,
+            payload,
+            metadata,
+            key,
+            parent,
+            subscription.source if subscription is not None else None,
+            reply_to=self._reply_topic,
+        )
+        return await self._request(event, parent, timeout)
+
+    async def _request(
+        self, event: Event[Any], parent: Event[Any] | None, timeout: float | None
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        pending = _PendingRequest(loop.create_future(), event.topic)
+        self._requests[event.id] = pending
+        try:
+            route = self._route(event.topic)
+            count = await self._dispatch(event, parent)
+            if not count:
+                raise NoReplyError(
+                    f"no subscription matches {event.topic!r}, so nothing can answer this "
+                    "request; subscribe a handler to it first"
+                )
+            pending.delivered = [s.name for s in route.subscriptions]
+            pending.delivered += [g.members[0].group or "" for g in route.groups]
+            pending.expected = count
+            pending.check_complete()
+            try:
+                async with asyncio.timeout(timeout):
+                    return await pending.future
+            except TimeoutError:
+                if pending.future.done():
+                    raise
+                raise TimeoutError(
+                    f"no reply to request on {event.topic!r} within {timeout}s; it reached "
+                    f"{', '.join(pending.delivered)} and {pending.finished} of them finished"
+                ) from None
+        finally:
+            self._requests.pop(event.id, None)
+
+    def _reply(
+        self,
+        subscription: Subscription,
+        event: Event[Any],
+        result: Any,
+        error: BaseException | None,
+    ) -> None:
+        pending = self._requests.get(event.id)
+        if pending is not None:
+            pending.outcome(subscription.name, result, error)
+
+    # -- failures -----------------------------------------------------------------------
+
+    async def _dead_letter(
+        self, subscription: Subscription, event: Event[Any], error: BaseException, attempts: int
+    ) -> None:
+        description = f"{type(error).__name__}: {error}"
+        logger.error(
+            "eventwire: %s gave up on %s %s after %d attempt(s): %s",
+            subscription.name,
+            event.topic,
+            event.id,
+            attempts,
+            description,
+            exc_info=None if attempts == 0 else (type(error), error, error.__traceback__),
+        )
+        details = {
+            "error": description,
+            "error_type": type(error).__name__,
+            "subscription": subscription.name,
+            "attempts": attempts,
+        }
+        topic = event.topic
+        try:
+            if not topic.startswith("_dlq."):
+                await self.publish(f"_dlq.{topic}", event, metadata=details)
+            if not topic.startswith("_bus."):
+                await self.publish(
+                    "_bus.error",
+                    {**details, "topic": topic, "event_id": event.id},
+                    metadata={"subscription": subscription.name},
+                )
+        except Exception:
+            logger.exception(
+                "eventwire: could not publish the dead letter of %s for %s",
+                event.id,
+                subscription.name,
+            )
+
+
+def _default_name(handler: Callable[..., Any]) -> str:
+    target = getattr(handler, "__func__", handler)
+    module = getattr(target, "__module__", None) or "handler"
+    qualname = getattr(target, "__qualname__", None) or type(handler).__qualname__
+    return f"{module}.{qualname}"
+
+
+def _check_handler(handler: Any) -> None:
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, got {type(handler).__name__}: {handler!r}")
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(object())
+    except TypeError:
+        raise TypeError(
+            f"handler {getattr(handler, '__qualname__', handler)!r} must accept the event as "
+            f"its one positional argument; its signature is {signature}"
+        ) from None

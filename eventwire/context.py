@@ -1,0 +1,22 @@
+"""What the current task is handling: lets `publish` fill causation ids without being told."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from eventwire.event import Event
+    from eventwire.subscription import Subscription
+
+# The event whose handler is running in this task or thread (None outside handlers).
+current_event: ContextVar[Event[Any] | None] = ContextVar("eventwire_event", default=None)
+# The subscription whose worker this task is (set once per worker, not per event).
+current_subscription: ContextVar[Subscription | None] = ContextVar(
+    "eventwire_subscription", default=None
+)
+
+
+def handling() -> tuple[Event[Any] | None, Subscription | None]:
+    """The event being handled and its subscription, or (None, None) outside handlers."""
+    return current_event.get(), current_subscription.get()

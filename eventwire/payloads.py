@@ -1,0 +1,72 @@
+"""Typed payloads: a handler annotated ``event: Event[Model]`` gets a validated `Model`."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from eventwire.errors import PayloadValidationError
+from eventwire.event import Event
+
+PayloadConverter = Callable[[Any], Any]
+
+
+def _handler_name(handler: Callable[..., Any]) -> str:
+    return getattr(handler, "__qualname__", None) or repr(handler)
+
+
+def payload_type_of(handler: Callable[..., Any]) -> Any | None:
+    """The `X` of a handler whose first parameter is annotated ``Event[X]``; None otherwise."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return None
+    params = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if not params or params[0].annotation is inspect.Parameter.empty:
+        return None
+    annotation = params[0].annotation
+    if isinstance(annotation, str):
+        target = getattr(handler, "__func__", handler)
+        try:
+            hints = typing.get_type_hints(target)
+        except Exception as exc:
+            raise TypeError(
+                f"cannot resolve the annotation {annotation!r} of handler "
+                f"{_handler_name(handler)}: {exc}. Define the payload type at module level "
+                "(or import it) so eventwire can validate payloads against it."
+            ) from exc
+        annotation = hints.get(params[0].name, annotation)
+    if typing.get_origin(annotation) is not Event:
+        return None
+    args = typing.get_args(annotation)
+    if not args or args[0] is Any or args[0] is object:
+        return None
+    return args[0]
+
+
+def make_converter(payload_type: Any, subscription: str) -> PayloadConverter:
+    """A function that validates a payload against `payload_type` (pydantic does the work),
+    passing through values that are already instances of it."""
+    from pydantic import TypeAdapter, ValidationError
+
+    adapter: TypeAdapter[Any] = TypeAdapter(payload_type)
+    exact = payload_type if isinstance(payload_type, type) else None
+    type_name = getattr(payload_type, "__name__", repr(payload_type))
+
+    def convert(payload: Any) -> Any:
+        if exact is not None and type(payload) is exact:
+            return payload
+        try:
+            return adapter.validate_python(payload)
+        except ValidationError as exc:
+            raise PayloadValidationError(
+                f"payload for {subscription!r} is not a valid {type_name}: {exc}"
+            ) from exc
+
+    return convert

@@ -1,0 +1,470 @@
+"""A subscription: one handler, its own bounded inbox and its own workers.
+
+Each subscription is isolated: its inbox, workers, retries and failures never delay another
+subscription. Workers drain whatever their inbox holds in a tight loop, and only park on a
+future when it is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from eventwire.context import current_event, current_subscription
+from eventwire.errors import (
+    BusClosedError,
+    InboxFullError,
+    PayloadValidationError,
+    PublishTimeoutError,
+)
+from eventwire.event import Event
+from eventwire.payloads import PayloadConverter
+from eventwire.retry import NO_RETRY, Retry
+
+if TYPE_CHECKING:
+    from eventwire.bus import EventBus
+
+logger = logging.getLogger("eventwire")
+
+Overflow = Literal["block", "drop_oldest", "error"]
+OVERFLOW_POLICIES: tuple[str, ...] = ("block", "drop_oldest", "error")
+Handler = Callable[[Event[Any]], Any]
+
+DEFAULT_MAX_PENDING = 10_000
+
+# A worker hands control back to the event loop after this many events in a row, so that one
+# busy subscription whose handlers never suspend cannot starve the others.
+_YIELD_EVERY = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStats:
+    """A snapshot of one subscription's counters."""
+
+    name: str
+    pattern: str
+    group: str | None
+    handled: int
+    failed: int
+    retried: int
+    dead_lettered: int
+    dropped: int
+    in_flight: int
+    queued: int
+    handling_seconds: float
+
+    @property
+    def mean_handling_seconds(self) -> float:
+        """Mean wall time of a successful handling (retries excluded), 0.0 if none."""
+        return self.handling_seconds / self.handled if self.handled else 0.0
+
+
+class _HandlerTimeout(TimeoutError):
+    pass
+
+
+def _is_async_callable(handler: Callable[..., Any]) -> bool:
+    target: Any = handler
+    while hasattr(target, "func"):  # functools.partial
+        target = target.func
+    if inspect.iscoroutinefunction(target):
+        return True
+    call = getattr(target, "__call__", None)  # noqa: B004
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class Subscription:
+    """A handler subscribed to a topic pattern. Created by `EventBus.subscribe`."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        pattern: str,
+        handler: Handler,
+        *,
+        name: str,
+        group: str | None,
+        concurrency: int,
+        retry: Retry | None,
+        timeout: float | None,
+        max_pending: int,
+        overflow: Overflow,
+        source: str,
+        converter: PayloadConverter | None,
+    ) -> None:
+        self.bus = bus
+        self.pattern = pattern
+        self.handler = handler
+        self.name = name
+        self.group = group
+        self.concurrency = concurrency
+        self.retry = retry or NO_RETRY
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self.overflow: Overflow = overflow
+        # What `Event.source` says for events this subscription's handler publishes.
+        self.source = source
+        self._converter = converter
+        self._invoke = self._make_invoker(handler)
+
+        self._inbox: deque[Event[Any]] = deque()
+        # Room left for queued events; lowered while events wait behind a busy key.
+        self._capacity = max_pending
+        self._putters: deque[tuple[asyncio.Future[None], Event[Any]]] = deque()
+        self._idle: list[asyncio.Future[None]] = []
+        self._workers: list[asyncio.Task[None]] = []
+        self._in_flight: list[Event[Any] | None] = [None] * concurrency
+        self._keys: dict[str, deque[Event[Any]]] = {}
+        self._active = True
+        self._stopping = False
+
+        self.handled = 0
+        self.failed = 0
+        self.retried = 0
+        self.dead_lettered = 0
+        self.dropped = 0
+        self._handling_seconds = 0.0
+
+    def __repr__(self) -> str:
+        group = f", group={self.group!r}" if self.group else ""
+        return f"<Subscription {self.name!r} on {self.pattern!r}{group}>"
+
+    @property
+    def active(self) -> bool:
+        """False once unsubscribed."""
+        return self._active
+
+    @property
+    def stats(self) -> SubscriptionStats:
+        """Counters: handled, failed attempts, retries, dead letters, drops, depth."""
+        queued = len(self._inbox) + (self.max_pending - self._capacity) + len(self._putters)
+        return SubscriptionStats(
+            name=self.name,
+            pattern=self.pattern,
+            group=self.group,
+            handled=self.handled,
+            failed=self.failed,
+            retried=self.retried,
+            dead_lettered=self.dead_lettered,
+            dropped=self.dropped,
+            in_flight=sum(1 for e in self._in_flight if e is not None),
+            queued=queued,
+            handling_seconds=self._handling_seconds,
+        )
+
+    async def unsubscribe(self, *, drain: bool = True) -> None:
+        """Stop receiving new events. With `drain` (the default) events already queued are
+        still handled and this waits for them (unless called from this subscription's own
+        handler); with ``drain=False`` they are discarded and counted as dropped."""
+        if not self._active:
+            return
+        self._active = False
+        self.bus._remove_subscription(self)
+        if not drain:
+            while self._inbox:
+                self._discard(self._inbox.popleft())
+        self._stopping = True
+        self._wake_all()
+        if current_subscription.get() is self or not self._workers:
+            return
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    # -- handler invocation -------------------------------------------------------------
+
+    def _make_invoker(self, handler: Handler) -> Callable[[Event[Any]], Awaitable[Any]]:
+        timeout = self.timeout
+        name = self.name
+        if _is_async_callable(handler):
+            if timeout is None:
+                return handler
+
+            async def invoke_with_timeout(event: Event[Any]) -> Any:
+                try:
+                    async with asyncio.timeout(timeout) as scope:
+                        return await handler(event)
+                except TimeoutError:
+                    if scope.expired():
+                        raise _HandlerTimeout(
+                            f"handler {name!r} did not finish within timeout={timeout}s"
+                        ) from None
+                    raise
+
+            return invoke_with_timeout
+
+        bus = self.bus
+
+        async def invoke_in_thread(event: Event[Any]) -> Any:
+            # Plain functions run in the bus's thread pool, in a copy of this context so that
+            # publish_threadsafe() inside them still knows which event caused what.
+            context = contextvars.copy_context()
+            future = asyncio.get_running_loop().run_in_executor(
+                bus._thread_pool(), context.run, handler, event
+            )
+            if timeout is None:
+                result = await future
+            else:
+                try:
+                    async with asyncio.timeout(timeout) as scope:
+                        result = await future
+                except TimeoutError:
+                    if scope.expired():
+                        raise _HandlerTimeout(
+                            f"handler {name!r} did not finish within timeout={timeout}s "
+                            "(its thread keeps running: plain functions cannot be interrupted)"
+                        ) from None
+                    raise
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        return invoke_in_thread
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._workers or not self._active:
+            return
+        self._stopping = False
+        context = contextvars.Context()
+        self._workers = [
+            loop.create_task(
+                self._work(index), name=f"eventwire:{self.name}#{index}", context=context.copy()
+            )
+            for index in range(self.concurrency)
+        ]
+
+    def _wake_all(self) -> None:
+        idle, self._idle = self._idle, []
+        for waiter in idle:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _wake_one(self) -> None:
+        while self._idle:
+            waiter = self._idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _admit_waiting(self) -> None:
+        """Room was made: move the longest-waiting blocked publisher's event in."""
+        while self._putters and len(self._inbox) < self._capacity:
+            waiter, event = self._putters.popleft()
+            if waiter.done():  # its publisher gave up (timeout or cancellation)
+                continue
+            self._inbox.append(event)
+            waiter.set_result(None)
+            if self._idle:
+                self._wake_one()
+
+    async def _work(self, index: int) -> None:
+        current_subscription.set(self)
+        inbox = self._inbox
+        keys = self._keys if self.concurrency > 1 else None
+        loop = asyncio.get_running_loop()
+        streak = 0
+        while True:
+            if not inbox:
+                if self._stopping:
+                    return
+                streak = 0
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                continue
+            event = inbox.popleft()
+            if self._putters:
+                self._admit_waiting()
+            key = event._key
+            if keys is not None and key is not None:
+                parked = keys.get(key)
+                if parked is not None:
+                    # Another worker is handling this key: queue behind it, in order.
+                    parked.append(event)
+                    self._capacity -= 1
+                    continue
+                keys[key] = parked = deque()
+                await self._handle(event, index)
+                while parked:
+                    self._capacity += 1
+                    await self._handle(parked.popleft(), index)
+                del keys[key]
+                if self._putters:
+                    self._admit_waiting()
+            else:
+                await self._handle(event, index)
+            streak += 1
+            if streak >= _YIELD_EVERY:
+                streak = 0
+                await asyncio.sleep(0)
+
+    async def _handle(self, event: Event[Any], index: int) -> None:
+        self._in_flight[index] = event
+        current_event.set(event)
+        started = time.perf_counter()
+        try:
+            if self._converter is None:
+                result = await self._invoke(event)
+            else:
+                result = await self._invoke(self._convert(event))
+        except Exception as error:
+            await self._failed(event, error, started)
+        else:
+            self.handled += 1
+            self._handling_seconds += time.perf_counter() - started
+            if event._reply_to is not None:
+                self.bus._reply(self, event, result, None)
+        self._in_flight[index] = None
+        epoch = event._epoch
+        if epoch is not None:
+            epoch.pending -= 1
+            if not epoch.pending and epoch.waiters:
+                epoch.settle()
+
+    def _convert(self, event: Event[Any]) -> Event[Any]:
+        assert self._converter is not None
+        payload = self._converter(event._payload)
+        if payload is event._payload:
+            return event
+        typed = event._copy(payload)
+        current_event.set(typed)
+        return typed
+
+    async def _failed(self, event: Event[Any], error: Exception, started: float) -> None:
+        attempt = 1
+        retry = self.retry
+        while True:
+            self.failed += 1
+            if isinstance(error, PayloadValidationError):
+                attempt = 0  # the handler never ran: retrying cannot help
+                break
+            if not retry.should_retry(error, attempt):
+                break
+            self.retried += 1
+            logger.info(
+                "eventwire: %s failed on %s (attempt %d/%d): %s: %s; retrying",
+                self.name,
+                event._topic,
+                attempt,
+                retry.attempts,
+                type(error).__name__,
+                error,
+            )
+            await asyncio.sleep(retry.delay(attempt))
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                if self._converter is None:
+                    result = await self._invoke(event)
+                else:
+                    result = await self._invoke(self._convert(event))
+            except Exception as again:
+                error = again
+                continue
+            self.handled += 1
+            self._handling_seconds += time.perf_counter() - started
+            if event._reply_to is not None:
+                self.bus._reply(self, event, result, None)
+            return
+        self.dead_lettered += 1
+        await self.bus._dead_letter(self, event, error, attempt)
+        if event._reply_to is not None:
+            self.bus._reply(self, event, None, error)
+
+    # -- overflow and shutdown ----------------------------------------------------------
+
+    def _discard(self, event: Event[Any]) -> None:
+        self.dropped += 1
+        epoch = event._epoch
+        if epoch is not None:
+            epoch.pending -= 1
+            if not epoch.pending and epoch.waiters:
+                epoch.settle()
+
+    def _drop_oldest_for(self, event: Event[Any]) -> None:
+        oldest = self._inbox.popleft()
+        self._discard(oldest)
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            logger.warning(
+                "eventwire: inbox of %s is full (max_pending=%d): dropped its oldest event "
+                "(%d dropped so far; raise max_pending or use overflow='block')",
+                self.name,
+                self.max_pending,
+                self.dropped,
+            )
+        self._inbox.append(event)
+        if self._idle:
+            self._wake_one()
+
+    def _full_error(self, event: Event[Any], why: str) -> InboxFullError:
+        return InboxFullError(
+            f"inbox of subscription {self.name!r} is full ({self.max_pending} events waiting): "
+            f"{why}",
+            subscription=self.name,
+            event=event,
+        )
+
+    async def _put_waiting(self, event: Event[Any], timeout: float | None) -> None:
+        """Wait for room (overflow='block'), first come first served."""
+        if current_subscription.get() is self and self.concurrency == 1:
+            raise self._full_error(
+                event,
+                "its own handler is publishing to it and waiting for room would deadlock; "
+                "raise max_pending, or use overflow='drop_oldest' or 'error'",
+            )
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._putters.append((waiter, event))
+        try:
+            if timeout is None:
+                await waiter
+            else:
+                async with asyncio.timeout(timeout):
+                    await waiter
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                return  # admitted just as the timeout fired: the event is queued
+            raise PublishTimeoutError(
+                f"publish to {event._topic!r} waited {timeout}s for room in the full inbox of "
+                f"subscription {self.name!r} (max_pending={self.max_pending}); that subscriber "
+                "is slow or stuck. Raise publish_timeout or max_pending, or choose "
+                "overflow='drop_oldest'"
+            ) from None
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    def _stop_now(self) -> list[tuple[Event[Any], str]]:
+        """Cancel the workers; return what they had not handled, with where it was."""
+        left: list[tuple[Event[Any], str]] = []
+        for event in self._in_flight:
+            if event is not None:
+                left.append((event, "in_flight"))
+        for parked in self._keys.values():
+            left.extend((event, "queued") for event in parked)
+        left.extend((event, "queued") for event in self._inbox)
+        for waiter, event in self._putters:
+            if not waiter.done():
+                left.append((event, "queued"))
+        self._inbox.clear()
+        self._keys.clear()
+        self._stopping = True
+        for task in self._workers:
+            task.cancel()
+        for waiter, event in self._putters:
+            if not waiter.done():
+                waiter.set_exception(
+                    BusClosedError(
+                        f"the bus closed while publish to {event._topic!r} waited for room "
+                        f"in the inbox of {self.name!r}"
+                    )
+                )
+        self._putters.clear()
+        return left

@@ -1,0 +1,198 @@
+"""Topic names, subscription patterns and the trie that routes one to the other.
+
+Topics are dot-separated tokens of ``[A-Za-z0-9_-]``. Patterns may use ``*`` (exactly one
+token) and ``>`` (one or more trailing tokens, last only), as in NATS. Topics whose first token
+starts with ``_`` belong to the bus (``_dlq.…``, ``_bus.…``): a pattern only reaches them when
+its own first token starts with ``_``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+from eventwire.errors import InvalidTopicError
+
+T = TypeVar("T")
+
+SINGLE = "*"
+TAIL = ">"
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_TOPIC = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+_TOKEN_RULE = "each dot-separated token must be one or more of A-Z a-z 0-9 _ -"
+
+
+def _describe_problem(text: str, kind: str, allow_wildcards: bool) -> str:
+    if not text:
+        return f"{kind} must not be empty"
+    tokens = text.split(".")
+    for index, token in enumerate(tokens):
+        if not token:
+            return f"{kind} {text!r} has an empty token (leading, trailing or double dot)"
+        if token in (SINGLE, TAIL):
+            if not allow_wildcards:
+                return (
+                    f"topic {text!r} contains the wildcard {token!r}: wildcards are only "
+                    "allowed in subscription patterns, publish to a concrete topic"
+                )
+            if token == TAIL and index != len(tokens) - 1:
+                return f"pattern {text!r} uses '>' before the last token; '>' must be last"
+            continue
+        if not _TOKEN.fullmatch(token):
+            bad = sorted({ch for ch in token if not _TOKEN.fullmatch(ch)})
+            wildcard_hint = (
+                " ('*' and '>' must stand alone as a whole token)"
+                if allow_wildcards and ("*" in bad or ">" in bad)
+                else ""
+            )
+            return (
+                f"{kind} {text!r} has token {token!r} with invalid character(s) "
+                f"{''.join(bad)!r}: {_TOKEN_RULE}{wildcard_hint}"
+            )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def validate_topic(topic: str) -> str:
+    """Return `topic` if it is a valid concrete topic, else raise `InvalidTopicError`."""
+    if isinstance(topic, str) and _TOPIC.fullmatch(topic):
+        return topic
+    if not isinstance(topic, str):
+        raise InvalidTopicError(f"topic must be a str, got {type(topic).__name__}: {topic!r}")
+    raise InvalidTopicError(_describe_problem(topic, "topic", allow_wildcards=False))
+
+
+def validate_pattern(pattern: str) -> str:
+    """Return `pattern` if it is a valid subscription pattern, else raise `InvalidTopicError`."""
+    if not isinstance(pattern, str):
+        raise InvalidTopicError(f"pattern must be a str, got {type(pattern).__name__}: {pattern!r}")
+    if _TOPIC.fullmatch(pattern):
+        return pattern
+    tokens = pattern.split(".")
+    if pattern and all(
+        _TOKEN.fullmatch(t) or t == SINGLE or (t == TAIL and i == len(tokens) - 1)
+        for i, t in enumerate(tokens)
+    ):
+        return pattern
+    raise InvalidTopicError(_describe_problem(pattern, "pattern", allow_wildcards=True))
+
+
+def is_reserved(topic: str) -> bool:
+    """True for the bus's own topics (first token starts with ``_``)."""
+    return topic.startswith("_")
+
+
+def pattern_matches(pattern: str, topic: str) -> bool:
+    """Whether `pattern` matches the concrete `topic` (both assumed valid)."""
+    p_tokens = pattern.split(".")
+    t_tokens = topic.split(".")
+    if is_reserved(topic) and not p_tokens[0].startswith("_"):
+        return False
+    for index, p in enumerate(p_tokens):
+        if p == TAIL:
+            return len(t_tokens) > index
+        if index >= len(t_tokens):
+            return False
+        if p != SINGLE and p != t_tokens[index]:
+            return False
+    return len(p_tokens) == len(t_tokens)
+
+
+class _Node(Generic[T]):
+    __slots__ = ("children", "here", "tail")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[T]] = {}
+        self.here: list[T] = []  # values whose pattern ends at this node
+        self.tail: list[T] = []  # values whose pattern ends with '>' after this node
+
+
+class TopicTrie(Generic[T]):
+    """Maps patterns to values; `match(topic)` walks only the branches the topic can reach,
+    so its cost does not grow with the number of patterns that do not match."""
+
+    def __init__(self) -> None:
+        self._root: _Node[T] = _Node()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, pattern: str, value: T) -> None:
+        node = self._root
+        tokens = pattern.split(".")
+        for token in tokens[:-1]:
+            node = node.children.setdefault(token, _Node())
+        last = tokens[-1]
+        if last == TAIL:
+            node.tail.append(value)
+        else:
+            node.children.setdefault(last, _Node()).here.append(value)
+        self._size += 1
+
+    def remove(self, pattern: str, value: T) -> bool:
+        """Remove one (pattern, value) pair; prune empty branches. False if absent."""
+        tokens = pattern.split(".")
+        path: list[tuple[_Node[T], str]] = []
+        node = self._root
+        for token in tokens[:-1]:
+            child = node.children.get(token)
+            if child is None:
+                return False
+            path.append((node, token))
+            node = child
+        last = tokens[-1]
+        if last == TAIL:
+            bucket = node.tail
+        else:
+            leaf = node.children.get(last)
+            if leaf is None:
+                return False
+            path.append((node, last))
+            node = leaf
+            bucket = node.here
+        try:
+            bucket.remove(value)
+        except ValueError:
+            return False
+        self._size -= 1
+        for parent, token in reversed(path):
+            child = parent.children[token]
+            if child.children or child.here or child.tail:
+                break
+            del parent.children[token]
+        return True
+
+    def match(self, topic: str) -> list[T]:
+        """Values of every pattern matching `topic`, in insertion order per pattern."""
+        tokens = topic.split(".")
+        found: list[T] = []
+        reserved = tokens[0].startswith("_")
+        self._walk(self._root, tokens, 0, found, reserved)
+        return found
+
+    def _walk(
+        self, node: _Node[T], tokens: list[str], index: int, found: list[T], reserved: bool
+    ) -> None:
+        if index == len(tokens):
+            found.extend(node.here)
+            return
+        # Wildcards at the first position never reach the bus's own '_' topics.
+        wildcards_allowed = not (reserved and index == 0)
+        if node.tail and wildcards_allowed:
+            found.extend(node.tail)
+        child = node.children.get(tokens[index])
+        if child is not None:
+            self._walk(child, tokens, index + 1, found, reserved)
+        if wildcards_allowed:
+            star = node.children.get(SINGLE)
+            if star is not None:
+                self._walk(star, tokens, index + 1, found, reserved)
+
+    def __iter__(self) -> Iterator[T]:
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            yield from node.here
+            yield from node.tail
+            stack.extend(node.children.values())
