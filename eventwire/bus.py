@@ -93,6 +93,32 @@ class _GroupRoute:
         return members[start]
 
 
+def _release(epoch: _Epoch, deliveries: int) -> None:
+    epoch.pending -= deliveries
+    if not epoch.pending and epoch.waiters:
+        epoch.settle()
+
+
+class _Stall:
+    """A publish that found a full inbox with overflow='block' and must wait to go on."""
+
+    __slots__ = ("count", "epoch", "event", "index", "targets")
+
+    def __init__(
+        self,
+        event: Event[Any],
+        targets: tuple[Subscription, ...] | list[Subscription],
+        index: int,
+        count: int,
+        epoch: _Epoch,
+    ) -> None:
+        self.event = event
+        self.targets = targets
+        self.index = index
+        self.count = count
+        self.epoch = epoch
+
+
 class _Route:
     __slots__ = ("groups", "subscriptions")
 
@@ -556,21 +582,20 @@ class EventBus:
         Handlers never run inside this call.
         """
         parent = current_event.get()
-        if self._state != _RUNNING:
+        if self._state is not _RUNNING:
             self._check_accepting(parent)
         if type(topic_or_event) is str:
-            subscription = current_subscription.get() if parent is not None else None
-            event = new_event(
-                topic_or_event,
-                payload,
-                metadata,
-                key,
-                parent,
-                subscription.source if subscription is not None else None,
-            )
+            if parent is None:
+                event = new_event(topic_or_event, payload, metadata, key, None, None)
+            else:
+                subscription = current_subscription.get()
+                source = subscription.source if subscription is not None else None
+                event = new_event(topic_or_event, payload, metadata, key, parent, source)
         else:
             event = self._adopt(topic_or_event, payload, metadata, key, parent)
-        await self._dispatch(event, parent)
+        queued = self._enqueue(event, parent)
+        if type(queued) is _Stall:
+            await self._enqueue_waiting(queued)
         return event
 
     def _adopt(
@@ -610,6 +635,14 @@ class EventBus:
 
     async def _dispatch(self, event: Event[Any], parent: Event[Any] | None) -> int:
         """Queue `event` for every matching subscription; the number of deliveries."""
+        queued = self._enqueue(event, parent)
+        if type(queued) is _Stall:
+            await self._enqueue_waiting(queued)
+            return queued.count
+        return queued  # type: ignore[return-value]
+
+    def _enqueue(self, event: Event[Any], parent: Event[Any] | None) -> int | _Stall:
+        """Queue without waiting: the number of deliveries, or where it must wait for room."""
         route = self._routes.get(event._topic)
         if route is None:
             route = self._route(event._topic)
@@ -622,37 +655,44 @@ class EventBus:
         epoch = parent._epoch if parent is not None and parent._epoch is not None else self._epoch
         event._epoch = epoch
         epoch.pending += count
-        for index, subscription in enumerate(targets):
+        for subscription in targets:
             inbox = subscription._inbox
             if len(inbox) < subscription._capacity and not subscription._putters:
                 inbox.append(event)
                 if subscription._idle:
                     subscription._wake_one()
                 continue
-            try:
-                await self._offer_full(subscription, event)
-            except BaseException:
-                # Not queued here nor for the rest: they are owed nothing.
-                epoch.pending -= count - index
-                if not epoch.pending and epoch.waiters:
-                    epoch.settle()
-                raise
+            index = targets.index(subscription)
+            if subscription.overflow == "drop_oldest" and inbox and not subscription._putters:
+                subscription._drop_oldest_for(event)
+            elif subscription.overflow == "error":
+                _release(epoch, count - index)
+                raise subscription._full_error(
+                    event,
+                    "its overflow policy is 'error' (the event was still queued for any other "
+                    "matching subscription that had room)",
+                )
+            else:
+                return _Stall(event, targets, index, count, epoch)
         return count
 
-    async def _offer_full(self, subscription: Subscription, event: Event[Any]) -> None:
-        if subscription.overflow == "drop_oldest":
-            if subscription._putters or not subscription._inbox:
-                await subscription._put_waiting(event, self.publish_timeout)
-            else:
-                subscription._drop_oldest_for(event)
-        elif subscription.overflow == "error":
-            raise subscription._full_error(
-                event,
-                "its overflow policy is 'error' (the event was still queued for any other "
-                "matching subscription that had room)",
-            )
-        else:
-            await subscription._put_waiting(event, self.publish_timeout)
+    async def _enqueue_waiting(self, stall: _Stall) -> None:
+        event, targets, epoch = stall.event, stall.targets, stall.epoch
+        for index in range(stall.index, len(targets)):
+            subscription = targets[index]
+            try:
+                if len(subscription._inbox) < subscription._capacity and not subscription._putters:
+                    subscription._inbox.append(event)
+                    if subscription._idle:
+                        subscription._wake_one()
+                elif subscription.overflow == "error":
+                    raise subscription._full_error(event, "its overflow policy is 'error'")
+                else:
+                    await subscription._put_waiting(event, self.publish_timeout)
+            except BaseException:
+                # Not queued here nor for the rest: they are owed nothing.
+                _release(epoch, len(targets) - index)
+                raise
 
     def publish_threadsafe(
         self,

@@ -62,8 +62,10 @@ class SubscriptionStats:
 
     @property
     def mean_handling_seconds(self) -> float:
-        """Mean wall time of a successful handling (retries excluded), 0.0 if none."""
-        return self.handling_seconds / self.handled if self.handled else 0.0
+        """Mean wall time spent per finished event (handled or dead-lettered), retries and
+        backoff included; 0.0 before any."""
+        finished = self.handled + self.dead_lettered
+        return self.handling_seconds / finished if finished else 0.0
 
 
 class _HandlerTimeout(TimeoutError):
@@ -267,66 +269,84 @@ class Subscription:
     async def _work(self, index: int) -> None:
         current_subscription.set(self)
         inbox = self._inbox
+        in_flight = self._in_flight
         keys = self._keys if self.concurrency > 1 else None
+        invoke = self._invoke
+        converter = self._converter
+        set_current = current_event.set
+        clock = time.perf_counter
         loop = asyncio.get_running_loop()
+        # With concurrency > 1, the worker that takes a key first handles every later event
+        # of that key, from `chain`, before it takes anything else: per-key order holds.
+        chain: deque[Event[Any]] | None = None
+        held_key: str | None = None
         streak = 0
+        # Busy time is read at the edges of a run of events, not around each one: the worker
+        # only suspends inside handlers, so the run's wall time is their handling time.
+        run_started = clock()
         while True:
-            if not inbox:
-                if self._stopping:
-                    return
-                streak = 0
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._idle.append(waiter)
-                await waiter
-                continue
-            event = inbox.popleft()
-            if self._putters:
-                self._admit_waiting()
-            key = event._key
-            if keys is not None and key is not None:
-                parked = keys.get(key)
-                if parked is not None:
-                    # Another worker is handling this key: queue behind it, in order.
-                    parked.append(event)
-                    self._capacity -= 1
+            if chain:
+                event = chain.popleft()
+                self._capacity += 1
+            else:
+                if held_key is not None:
+                    assert keys is not None
+                    del keys[held_key]
+                    chain = held_key = None
+                    if self._putters:
+                        self._admit_waiting()
+                if not inbox:
+                    in_flight[index] = None
+                    self._handling_seconds += clock() - run_started
+                    if self._stopping:
+                        return
+                    streak = 0
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    self._idle.append(waiter)
+                    await waiter
+                    run_started = clock()
                     continue
-                keys[key] = parked = deque()
-                await self._handle(event, index)
-                while parked:
-                    self._capacity += 1
-                    await self._handle(parked.popleft(), index)
-                del keys[key]
+                event = inbox.popleft()
                 if self._putters:
                     self._admit_waiting()
-            else:
-                await self._handle(event, index)
-            streak += 1
-            if streak >= _YIELD_EVERY:
-                streak = 0
-                await asyncio.sleep(0)
+                if keys is not None and event._key is not None:
+                    busy = keys.get(event._key)
+                    if busy is not None:
+                        # Another worker holds this key: wait behind it, in order.
+                        busy.append(event)
+                        self._capacity -= 1
+                        continue
+                    held_key = event._key
+                    keys[held_key] = chain = deque()
 
-    async def _handle(self, event: Event[Any], index: int) -> None:
-        self._in_flight[index] = event
-        current_event.set(event)
-        started = time.perf_counter()
-        try:
-            if self._converter is None:
-                result = await self._invoke(event)
+            # Left set after handling: a worker only suspends inside a handler or when idle
+            # (where this is cleared), so whoever looks at it sees the event in hand.
+            in_flight[index] = event
+            set_current(event)
+            try:
+                if converter is None:
+                    result = await invoke(event)
+                else:
+                    result = await invoke(self._convert(event))
+            except Exception as error:
+                await self._failed(event, error)
             else:
-                result = await self._invoke(self._convert(event))
-        except Exception as error:
-            await self._failed(event, error, started)
-        else:
-            self.handled += 1
-            self._handling_seconds += time.perf_counter() - started
-            if event._reply_to is not None:
-                self.bus._reply(self, event, result, None)
-        self._in_flight[index] = None
-        epoch = event._epoch
-        if epoch is not None:
+                self.handled += 1
+                if event._reply_to is not None:
+                    self.bus._reply(self, event, result, None)
+            epoch = event._epoch
+            assert epoch is not None
             epoch.pending -= 1
             if not epoch.pending and epoch.waiters:
                 epoch.settle()
+
+            streak += 1
+            if streak >= _YIELD_EVERY:
+                streak = 0
+                in_flight[index] = None
+                self._handling_seconds += clock() - run_started
+                await asyncio.sleep(0)
+                run_started = clock()
 
     def _convert(self, event: Event[Any]) -> Event[Any]:
         assert self._converter is not None
@@ -337,7 +357,7 @@ class Subscription:
         current_event.set(typed)
         return typed
 
-    async def _failed(self, event: Event[Any], error: Exception, started: float) -> None:
+    async def _failed(self, event: Event[Any], error: Exception) -> None:
         attempt = 1
         retry = self.retry
         while True:
@@ -359,7 +379,6 @@ class Subscription:
             )
             await asyncio.sleep(retry.delay(attempt))
             attempt += 1
-            started = time.perf_counter()
             try:
                 if self._converter is None:
                     result = await self._invoke(event)
@@ -369,7 +388,6 @@ class Subscription:
                 error = again
                 continue
             self.handled += 1
-            self._handling_seconds += time.perf_counter() - started
             if event._reply_to is not None:
                 self.bus._reply(self, event, result, None)
             return
