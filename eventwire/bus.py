@@ -19,6 +19,7 @@ from eventwire.errors import (
     BusClosedError,
     BusNotRunningError,
     HandlerError,
+    InboxFullError,
     NoReplyError,
 )
 from eventwire.event import Event, new_event
@@ -662,37 +663,38 @@ class EventBus:
                 if subscription._idle:
                     subscription._wake_one()
                 continue
-            index = targets.index(subscription)
-            if subscription.overflow == "drop_oldest" and inbox and not subscription._putters:
-                subscription._drop_oldest_for(event)
-            elif subscription.overflow == "error":
-                _release(epoch, count - index)
-                raise subscription._full_error(
-                    event,
-                    "its overflow policy is 'error' (the event was still queued for any other "
-                    "matching subscription that had room)",
-                )
-            else:
-                return _Stall(event, targets, index, count, epoch)
+            return _Stall(event, targets, targets.index(subscription), count, epoch)
         return count
 
     async def _enqueue_waiting(self, stall: _Stall) -> None:
+        """Go on queueing an event that met a full inbox, as each overflow policy says."""
         event, targets, epoch = stall.event, stall.targets, stall.epoch
+        refused: InboxFullError | None = None
         for index in range(stall.index, len(targets)):
             subscription = targets[index]
+            inbox = subscription._inbox
             try:
-                if len(subscription._inbox) < subscription._capacity and not subscription._putters:
-                    subscription._inbox.append(event)
+                if len(inbox) < subscription._capacity and not subscription._putters:
+                    inbox.append(event)
                     if subscription._idle:
                         subscription._wake_one()
+                elif subscription.overflow == "drop_oldest" and inbox and not subscription._putters:
+                    subscription._drop_oldest_for(event)
                 elif subscription.overflow == "error":
-                    raise subscription._full_error(event, "its overflow policy is 'error'")
+                    _release(epoch, 1)
+                    refused = refused or subscription._full_error(
+                        event,
+                        "its overflow policy is 'error' (the event was still queued for every "
+                        "other matching subscription)",
+                    )
                 else:
                     await subscription._put_waiting(event, self.publish_timeout)
             except BaseException:
                 # Not queued here nor for the rest: they are owed nothing.
                 _release(epoch, len(targets) - index)
                 raise
+        if refused is not None:
+            raise refused
 
     def publish_threadsafe(
         self,
@@ -821,10 +823,10 @@ class EventBus:
             pending.expected = count
             pending.check_complete()
             try:
-                async with asyncio.timeout(timeout):
-                    return await pending.future
+                async with asyncio.timeout(timeout) as scope:
+                    return await asyncio.shield(pending.future)
             except TimeoutError:
-                if pending.future.done():
+                if not scope.expired():
                     raise
                 raise TimeoutError(
                     f"no reply to request on {event.topic!r} within {timeout}s; it reached "
