@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from eventwire.backends import resolve_url
@@ -312,7 +312,10 @@ class EventBus:
                 unhandled.append(UnhandledEvent(subscription.name, event, state))  # type: ignore[arg-type]
             workers.extend(subscription._workers)
         if workers:
-            await asyncio.gather(*workers, return_exceptions=True)
+            # Bounded: a handler that swallows its cancellation must not hang close().
+            _, stubborn = await asyncio.wait(workers, timeout=1.0)
+            for task in stubborn:
+                logger.error("eventwire: %s ignored cancellation at close", task.get_name())
         for pending in self._requests.values():
             if not pending.future.done():
                 pending.future.set_exception(
@@ -509,8 +512,8 @@ class EventBus:
 
     @property
     def subscriptions(self) -> Mapping[str, Subscription]:
-        """Active subscriptions by name (read-only view)."""
-        return dict(self._subscriptions)
+        """Active subscriptions by name (a live, read-only view)."""
+        return MappingProxyType(self._subscriptions)
 
     def register(self, agent: A) -> A:
         """Subscribe every ``@on`` method of `agent`, as ``<agent name>.<method name>``."""
