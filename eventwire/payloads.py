@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -53,11 +54,23 @@ def payload_type_of(handler: Callable[..., Any]) -> Any | None:
 def make_converter(payload_type: Any, subscription: str) -> PayloadConverter:
     """A function that validates a payload against `payload_type` (pydantic does the work),
     passing through values that are already instances of it."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
-    adapter: TypeAdapter[Any] = TypeAdapter(payload_type)
-    exact = payload_type if isinstance(payload_type, type) else None
     type_name = getattr(payload_type, "__name__", repr(payload_type))
+    try:
+        adapter: TypeAdapter[Any] = TypeAdapter(payload_type)
+    except PydanticSchemaGenerationError as exc:
+        # Not something pydantic validates (e.g. Event[Event[Any]] for dead letters): check
+        # the payload's class instead of converting it.
+        cls = _isinstance_target(payload_type)
+        if cls is None:
+            raise TypeError(
+                f"handler of {subscription!r} is annotated with payload type {payload_type!r}, "
+                "which eventwire cannot validate; annotate it with a pydantic model, a "
+                "dataclass, a plain type, or Event[Any]"
+            ) from exc
+        return _instance_check(cls, subscription)
+    exact = payload_type if isinstance(payload_type, type) else None
 
     def convert(payload: Any) -> Any:
         if exact is not None and type(payload) is exact:
@@ -70,3 +83,30 @@ def make_converter(payload_type: Any, subscription: str) -> PayloadConverter:
             ) from exc
 
     return convert
+
+
+def _isinstance_target(payload_type: Any) -> Any | None:
+    """What `isinstance` can check for `payload_type` (itself, or its generic origin)."""
+    for candidate in (payload_type, typing.get_origin(payload_type)):
+        if candidate is None or candidate is types.UnionType or candidate is typing.Union:
+            continue
+        try:
+            isinstance(None, candidate)
+        except TypeError:
+            continue
+        return candidate
+    return None
+
+
+def _instance_check(target: Any, subscription: str) -> PayloadConverter:
+    expected = getattr(target, "__name__", None) or repr(target)
+
+    def check(payload: Any) -> Any:
+        if isinstance(payload, target):
+            return payload
+        raise PayloadValidationError(
+            f"payload for {subscription!r} is a {type(payload).__name__}, "
+            f"not the {expected} its handler is annotated with"
+        )
+
+    return check

@@ -329,11 +329,17 @@ class Subscription:
                 else:
                     result = await invoke(self._convert(event))
             except Exception as error:
-                await self._failed(event, error)
+                failure: Exception | None = error
             else:
+                failure = None
                 self.handled += 1
                 if event._reply_to is not None:
                     self.bus._reply(self, event, result, None)
+            if failure is not None:
+                # Retried outside the `except` block, so that a retry does not run with the
+                # first error as its exception context.
+                await self._failed(event, failure)
+                failure = None
             epoch = event._epoch
             assert epoch is not None
             epoch.pending -= 1

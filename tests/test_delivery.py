@@ -694,3 +694,22 @@ async def test_publish_before_start_is_a_clear_error() -> None:
     bus = EventBus()
     with pytest.raises(BusNotRunningError, match="async with bus"):
         await bus.publish("t", 1)
+
+
+async def test_retries_do_not_run_inside_the_first_failures_context(bus: EventBus) -> None:
+    import sys
+
+    contexts: list[BaseException | None] = []
+    raised: list[BaseException] = []
+
+    async def handler(event: Event[Any]) -> None:
+        contexts.append(sys.exc_info()[1])
+        error = RuntimeError(f"attempt {len(contexts)}")
+        raised.append(error)
+        raise error
+
+    bus.subscribe("t", handler, name="h", retry=Retry(attempts=3, backoff=0))
+    await bus.publish("t", 1)
+    await bus.drain(timeout=2)
+    assert contexts == [None, None, None]
+    assert [e.__context__ for e in raised] == [None, None, None]

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
+import pytest
 from pydantic import BaseModel
 
 from eventwire import Event, EventBus
@@ -110,3 +111,44 @@ async def test_builtin_payload_types_are_validated(bus: EventBus) -> None:
     await bus.drain(timeout=2)
     assert got == [12]
     assert len(dead) == 1
+
+
+class Opaque:
+    """A class pydantic has no schema for."""
+
+
+async def test_types_pydantic_cannot_validate_are_checked_by_class(bus: EventBus) -> None:
+    letters: list[Event[Any]] = []
+    opaque: list[Opaque | None] = []
+    dead: list[Event[Any]] = []
+
+    async def watch(letter: Event[Event[Any]]) -> None:
+        letters.append(letter.payload)
+
+    async def takes_opaque(event: Event[Opaque | None]) -> None:
+        opaque.append(event.payload)
+
+    async def broken(event: Event[Any]) -> None:
+        raise RuntimeError("x")
+
+    bus.subscribe("_dlq.broken", watch, name="watch")
+    bus.subscribe("_dlq.opaque", dead.append, name="dlq-opaque")
+    bus.subscribe("broken", broken, name="broken")
+    bus.subscribe("opaque", takes_opaque, name="opaque")
+    original = await bus.publish("broken", 1)
+    thing = Opaque()
+    await bus.publish("opaque", thing)
+    await bus.publish("opaque", None)
+    await bus.publish("opaque", "not opaque")
+    await bus.drain(timeout=2)
+    assert [letter.id for letter in letters] == [original.id]
+    assert opaque == [thing, None]
+    assert "is a str, not the tests.test_typed_payloads.Opaque | None" in dead[0].metadata["error"]
+
+
+def test_unusable_payload_annotation_is_a_clear_error() -> None:
+    async def handler(event: Event[Optional[list[Opaque]]]) -> None:  # noqa: UP045
+        ...
+
+    with pytest.raises(TypeError, match="cannot validate"):
+        EventBus().subscribe("t", handler)
