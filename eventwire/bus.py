@@ -33,7 +33,7 @@ from eventwire.subscription import (
     Subscription,
     SubscriptionStats,
 )
-from eventwire.topics import TopicTrie, validate_pattern, validate_topic
+from eventwire.topics import SINGLE, TAIL, TopicTrie, validate_pattern, validate_topic
 
 if TYPE_CHECKING:
     from eventwire.agent import Agent
@@ -87,7 +87,7 @@ class _GroupRoute:
         start = self.next
         for offset in range(count):
             member = members[(start + offset) % count]
-            if len(member._inbox) < member._capacity and not member._putters:
+            if len(member._inbox) < member._capacity:
                 self.next = (start + offset + 1) % count
                 return member
         self.next = (start + 1) % count
@@ -120,12 +120,21 @@ class _Stall:
         self.epoch = epoch
 
 
-class _Route:
+class _GroupedRoute:
+    """A route with competing groups. Routes without groups are plain tuples of
+    subscriptions, one object less for publish to look through."""
+
     __slots__ = ("groups", "subscriptions")
 
     def __init__(self, subscriptions: tuple[Subscription, ...], groups: tuple[_GroupRoute, ...]):
         self.subscriptions = subscriptions
         self.groups = groups
+
+    def targets(self) -> list[Subscription]:
+        return [*self.subscriptions, *(group.pick() for group in self.groups)]
+
+
+_Route = tuple[Subscription, ...] | _GroupedRoute
 
 
 class _PendingRequest:
@@ -490,7 +499,7 @@ class EventBus:
         )
         self._subscriptions[name] = subscription
         self._trie.add(pattern, subscription)
-        self._routes.clear()
+        self._refresh_routes(pattern)
         if self._state == _RUNNING:
             assert self._loop is not None
             subscription._start(self._loop)
@@ -508,7 +517,7 @@ class EventBus:
         if self._subscriptions.get(subscription.name) is subscription:
             del self._subscriptions[subscription.name]
         self._trie.remove(subscription.pattern, subscription)
-        self._routes.clear()
+        self._refresh_routes(subscription.pattern)
 
     @property
     def subscriptions(self) -> Mapping[str, Subscription]:
@@ -541,10 +550,20 @@ class EventBus:
 
     # -- routing ------------------------------------------------------------------------
 
+    def _refresh_routes(self, pattern: str) -> None:
+        """Bring the route cache up to date after `pattern` gained or lost a subscription."""
+        if SINGLE in pattern or TAIL in pattern:
+            self._routes.clear()
+        else:
+            # An exact pattern is a topic: resolve it now, so that the first publish to a
+            # declared topic pays no more than any other.
+            self._routes.pop(pattern, None)
+            self._route(pattern)
+
     def _route(self, topic: str) -> _Route:
-        route = self._routes.get(topic)
-        if route is not None:
-            return route
+        cached = self._routes.get(topic)
+        if cached is not None:
+            return cached
         validate_topic(topic)
         solo: list[Subscription] = []
         grouped: dict[str, list[Subscription]] = {}
@@ -553,7 +572,11 @@ class EventBus:
                 solo.append(subscription)
             else:
                 grouped.setdefault(subscription.group, []).append(subscription)
-        route = _Route(tuple(solo), tuple(_GroupRoute(m) for m in grouped.values()))
+        route: _Route = (
+            _GroupedRoute(tuple(solo), tuple(_GroupRoute(m) for m in grouped.values()))
+            if grouped
+            else tuple(solo)
+        )
         if len(self._routes) >= _ROUTE_CACHE_LIMIT:
             self._routes.clear()
         self._routes[topic] = route
@@ -650,9 +673,7 @@ class EventBus:
         route = self._routes.get(event._topic)
         if route is None:
             route = self._route(event._topic)
-        targets: tuple[Subscription, ...] | list[Subscription] = route.subscriptions
-        if route.groups:
-            targets = [*targets, *(group.pick() for group in route.groups)]
+        targets = route if type(route) is tuple else route.targets()  # type: ignore[union-attr]
         count = len(targets)
         if not count:
             return 0
@@ -661,9 +682,9 @@ class EventBus:
         epoch.pending += count
         for subscription in targets:
             inbox = subscription._inbox
-            if len(inbox) < subscription._capacity and not subscription._putters:
+            if len(inbox) < subscription._capacity:
                 inbox.append(event)
-                if subscription._idle:
+                if subscription._idle is not None:
                     subscription._wake_one()
                 continue
             return _Stall(event, targets, targets.index(subscription), count, epoch)
@@ -679,7 +700,7 @@ class EventBus:
             try:
                 if len(inbox) < subscription._capacity and not subscription._putters:
                     inbox.append(event)
-                    if subscription._idle:
+                    if subscription._idle is not None:
                         subscription._wake_one()
                 elif subscription.overflow == "drop_oldest" and inbox and not subscription._putters:
                     subscription._drop_oldest_for(event)
@@ -821,8 +842,11 @@ class EventBus:
                     f"no subscription matches {event.topic!r}, so nothing can answer this "
                     "request; subscribe a handler to it first"
                 )
-            pending.delivered = [s.name for s in route.subscriptions]
-            pending.delivered += [g.members[0].group or "" for g in route.groups]
+            if isinstance(route, _GroupedRoute):
+                pending.delivered = [s.name for s in route.subscriptions]
+                pending.delivered += [g.members[0].group or "" for g in route.groups]
+            else:
+                pending.delivered = [s.name for s in route]
             pending.expected = count
             pending.check_complete()
             try:

@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import msgspec
+
 if TYPE_CHECKING:
     from eventwire.bus import _Epoch
 
@@ -39,50 +41,18 @@ def _format_id(ns: int, seq: int) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-class Event(Generic[P]):
-    """An immutable event: a `topic`, a `payload` and read-only `metadata`.
+_StructMeta: type = type(msgspec.Struct)
+# Builds an event from its fields in declaration order, skipping the public signature.
+_build = _StructMeta.__call__
 
-    `id` (a time-sortable UUIDv7 string) and `timestamp` (UTC) are filled in at creation;
-    `correlation_id` defaults to the event's own id. When a handler publishes, the bus sets
-    the new event's `correlation_id` and `causation_id` from the event being handled, so a
-    chain across agents can be followed end to end. `Event[Model]` in a handler's annotation
-    asks the bus to validate and convert the payload to `Model`.
-    """
 
-    # Public fields are read-only properties over private slots: an event is shared by every
-    # subscriber it fans out to, so none of them may change what the others see.
-    __slots__ = (
-        "_causation_id",
-        "_correlation_id",
-        "_epoch",
-        "_id",
-        "_key",
-        "_metadata",
-        "_ns",
-        "_payload",
-        "_reply_to",
-        "_seq",
-        "_source",
-        "_topic",
-    )
+class _EventMeta(_StructMeta):  # type: ignore[misc]
+    """Gives `Event` its public constructor; the struct itself takes private fields."""
 
-    _topic: str
-    _payload: P
-    _metadata: Mapping[str, Any]
-    _key: str | None
-    _source: str | None
-    _ns: int
-    _seq: int
-    _id: str | None
-    _correlation_id: str | None
-    _causation_id: str | None
-    _reply_to: str | None
-    _epoch: _Epoch | None
-
-    def __init__(
-        self,
+    def __call__(
+        cls,
         topic: str,
-        payload: P = None,  # type: ignore[assignment]
+        payload: Any = None,
         metadata: Mapping[str, Any] | None = None,
         *,
         id: str | None = None,
@@ -92,7 +62,7 @@ class Event(Generic[P]):
         key: str | None = None,
         source: str | None = None,
         reply_to: str | None = None,
-    ) -> None:
+    ) -> Any:
         if not isinstance(topic, str):
             raise TypeError(f"Event topic must be a str, got {type(topic).__name__}: {topic!r}")
         if id is not None and (not isinstance(id, str) or not id):
@@ -107,18 +77,65 @@ class Event(Generic[P]):
                 )
             delta = timestamp - _EPOCH_UTC
             ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
-        self._topic = topic
-        self._payload = payload
-        self._metadata = _freeze(metadata)
-        self._key = key
-        self._source = source
-        self._ns = ns
-        self._seq = next(_sequence)
-        self._id = id
-        self._correlation_id = correlation_id
-        self._causation_id = causation_id
-        self._reply_to = reply_to
-        self._epoch = None
+        return _build(
+            cls,
+            topic,
+            payload,
+            _freeze(metadata),
+            key,
+            source,
+            ns,
+            next(_sequence),
+            id,
+            correlation_id,
+            causation_id,
+            reply_to,
+        )
+
+
+class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
+    """An immutable event: a `topic`, a `payload` and read-only `metadata`.
+
+    `id` (a time-sortable UUIDv7 string) and `timestamp` (UTC) are filled in at creation;
+    `correlation_id` defaults to the event's own id. When a handler publishes, the bus sets
+    the new event's `correlation_id` and `causation_id` from the event being handled, so a
+    chain across agents can be followed end to end. `Event[Model]` in a handler's annotation
+    asks the bus to validate and convert the payload to `Model`.
+    """
+
+    # Public fields are read-only properties over private fields: an event is shared by every
+    # subscriber it fans out to, so none of them may change what the others see. The struct is
+    # not tracked by the garbage collector (gc=False): queued events cost no collector time.
+    # That is safe because an event never refers back to anything that refers to it.
+    _topic: str
+    _payload: P
+    _metadata: Mapping[str, Any]
+    _key: str | None
+    _source: str | None
+    _ns: int
+    _seq: int
+    _id: str | None
+    _correlation_id: str | None
+    _causation_id: str | None
+    _reply_to: str | None
+    _epoch: _Epoch | None = None
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            topic: str,
+            payload: P = ...,
+            metadata: Mapping[str, Any] | None = None,
+            *,
+            id: str | None = None,
+            timestamp: datetime | None = None,
+            correlation_id: str | None = None,
+            causation_id: str | None = None,
+            key: str | None = None,
+            source: str | None = None,
+            reply_to: str | None = None,
+        ) -> None: ...
 
     @property
     def topic(self) -> str:
@@ -200,11 +217,7 @@ class Event(Generic[P]):
 
     def _copy(self, payload: Any) -> Event[Any]:
         """Same event, other payload object (typed conversion); keeps drain accounting."""
-        clone: Event[Any] = Event.__new__(Event)
-        for slot in Event.__slots__:
-            object.__setattr__(clone, slot, object.__getattribute__(self, slot))
-        clone._payload = payload
-        return clone
+        return msgspec.structs.replace(self, _payload=payload)
 
     def to_dict(self) -> dict[str, Any]:
         """The event's fields as a plain dict (payload and metadata as they are)."""
@@ -228,6 +241,17 @@ class Event(Generic[P]):
 
     def __hash__(self) -> int:
         return hash(self.id)
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [
+            ("topic", self._topic),
+            ("payload", self._payload),
+            ("metadata", dict(self._metadata)),
+            ("id", self.id),
+            ("causation_id", self._causation_id),
+            ("key", self._key),
+            ("source", self._source),
+        ]
 
     def __repr__(self) -> str:
         parts = [f"topic={self._topic!r}", f"payload={self._payload!r}"]
@@ -266,21 +290,32 @@ def new_event(
     reply_to: str | None = None,
 ) -> Event[Any]:
     """The bus's fast constructor: skips argument checks that publish already made."""
-    event: Event[Any] = Event.__new__(Event)
-    event._topic = topic
-    event._payload = payload
-    event._metadata = _freeze(metadata) if metadata else _EMPTY_METADATA
-    event._key = key
-    event._source = source
-    event._ns = time.time_ns()
-    event._seq = next(_sequence)
-    event._id = None
     if parent is None:
-        event._correlation_id = None
-        event._causation_id = None
-    else:
-        event._correlation_id = parent.correlation_id
-        event._causation_id = parent.id
-    event._reply_to = reply_to
-    event._epoch = None
-    return event
+        return _build(  # type: ignore[no-any-return]
+            Event,
+            topic,
+            payload,
+            _freeze(metadata) if metadata else _EMPTY_METADATA,
+            key,
+            source,
+            time.time_ns(),
+            next(_sequence),
+            None,
+            None,
+            None,
+            reply_to,
+        )
+    return _build(  # type: ignore[no-any-return]
+        Event,
+        topic,
+        payload,
+        _freeze(metadata) if metadata else _EMPTY_METADATA,
+        key,
+        source,
+        time.time_ns(),
+        next(_sequence),
+        None,
+        parent.correlation_id,
+        parent.id,
+        reply_to,
+    )

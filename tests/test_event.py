@@ -116,3 +116,12 @@ def test_generic_alias_for_annotations() -> None:
     event = alias("t", 1)
     assert isinstance(event, Event)
     assert "topic='t'" in repr(event)
+
+
+def test_events_cost_the_garbage_collector_nothing() -> None:
+    import gc
+
+    from eventwire.event import new_event
+
+    assert not gc.is_tracked(Event("t", {"a": [1]}))
+    assert not gc.is_tracked(new_event("t", {"a": [1]}, None, None, None, None))
