@@ -180,43 +180,43 @@ def format_value(row: Row, value: float) -> str:
     return f"{value:,.1f}"
 
 
-def table_header() -> list[str]:
+def metric_table(
+    samples: Samples, cell: Callable[[Row, str, list[float]], str], arrows: bool
+) -> str:
+    """A line per `ROWS` entry and a column per library; `cell(row, library, measured)` gives
+    each cell from that library's figures over the runs. `arrows` marks the better way."""
     header = "| Workload (metric) | " + " | ".join(LABELS[lib] for lib in LIBRARIES) + " |"
-    return [header, "|---" * (len(LIBRARIES) + 1) + "|"]
+    lines = [header, "|---" * (len(LIBRARIES) + 1) + "|"]
+    for row in ROWS:
+        cells = [
+            cell(row, library, values(samples, library, row.workload, row.metric))
+            for library in LIBRARIES
+        ]
+        title = f"{row.title} {'↑' if row.higher_is_better else '↓'}" if arrows else row.title
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def results_table(samples: Samples) -> str:
-    lines = table_header()
-    for row in ROWS:
-        cells = []
-        for library in LIBRARIES:
-            measured = values(samples, library, row.workload, row.metric)
-            if not measured:
-                cells.append(NOT_APPLICABLE.get((library, row.workload), "–"))
-                continue
-            cell = format_value(row, statistics.median(measured))
-            ratios = paired_ratios(samples, library, "baseline", row.workload, row.metric)
-            if library != "baseline" and ratios:
-                cell += f" ({statistics.median(ratios):.2f}×)"
-            cells.append(cell)
-        arrow = "↑" if row.higher_is_better else "↓"
-        lines.append(f"| {row.title} {arrow} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def median_cell(row: Row, library: str, measured: list[float]) -> str:
+        if not measured:
+            return NOT_APPLICABLE.get((library, row.workload), "–")
+        cell = format_value(row, statistics.median(measured))
+        ratios = paired_ratios(samples, library, "baseline", row.workload, row.metric)
+        if library != "baseline" and ratios:
+            cell += f" ({statistics.median(ratios):.2f}×)"
+        return cell
+
+    return metric_table(samples, median_cell, arrows=True)
 
 
 def spread_table(samples: Samples) -> str:
-    lines = table_header()
-    for row in ROWS:
-        cells = []
-        for library in LIBRARIES:
-            measured = values(samples, library, row.workload, row.metric)
-            if measured:
-                low, high = min(measured), max(measured)
-                cells.append(f"{format_value(row, low)} – {format_value(row, high)}")
-            else:
-                cells.append("–")
-        lines.append(f"| {row.title} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def range_cell(row: Row, library: str, measured: list[float]) -> str:
+        if not measured:
+            return "–"
+        return f"{format_value(row, min(measured))} – {format_value(row, max(measured))}"
+
+    return metric_table(samples, range_cell, arrows=False)
 
 
 def probe_note(samples: Samples) -> str:
@@ -344,24 +344,25 @@ def sizes_note(quick: bool) -> str:
 # -- environment ---------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
+def proc_value(name: str, key: str) -> str | None:
+    """What follows the colon on the first line of /proc/`name` that starts with `key`."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc", name).read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return None
+    for line in lines:
+        if line.startswith(key):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_model() -> str:
+    return proc_value("cpuinfo", "model name") or platform.processor() or "unknown"
 
 
 def memory_total() -> str:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return f"{int(line.split()[1]) / 1024**2:.1f} GiB"
-    except OSError:
-        pass
-    return "unknown"
+    kib = proc_value("meminfo", "MemTotal:")  # "16318756 kB"
+    return f"{int(kib.split()[0]) / 1024**2:.1f} GiB" if kib else "unknown"
 
 
 def git_revision() -> str:

@@ -14,9 +14,14 @@ import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from time import perf_counter_ns
+from typing import Any
 
 Metrics = dict[str, float]
+# An async subscriber: it gets the payload, or for eventwire the `Event`.
+Handler = Callable[[Any], Awaitable[None]]
 
+# W1 publishes to one topic with this many subscribers.
+W1_SUBSCRIBERS = 3
 # The slow subscriber of W3 spends this long on every event.
 SLOW_HANDLER_SECONDS = 0.01
 
@@ -106,6 +111,27 @@ def rate(deliveries: int, seconds: float) -> Metrics:
     return {"rate": deliveries / seconds, "seconds": seconds}
 
 
+def w1_rate(counts: list[int], events: int, seconds: float) -> Metrics:
+    """W1: check that every subscriber counted every event; deliveries per second."""
+    expect("W1 deliveries per subscriber", counts, [events] * W1_SUBSCRIBERS)
+    return rate(W1_SUBSCRIBERS * events, seconds)
+
+
+def w4_rate(delivered: int, events: int, seconds: float) -> Metrics:
+    """W4: check that each event was delivered once; deliveries per second."""
+    expect("W4 deliveries", delivered, events)
+    return rate(events, seconds)
+
+
+def counting_handler(counts: list[int], index: int) -> Handler:
+    """W1, W4: a subscriber that counts its deliveries in `counts[index]`."""
+
+    async def handler(message: Any) -> None:
+        counts[index] += 1
+
+    return handler
+
+
 class Countdown:
     """`done` is set once `tick()` has been called `total` times."""
 
@@ -117,6 +143,33 @@ class Countdown:
         self.left -= 1
         if self.left == 0:
             self.done.set()
+
+
+async def slow_handler(message: Any) -> None:
+    """W3: the slow subscriber."""
+    await asyncio.sleep(SLOW_HANDLER_SECONDS)
+
+
+def ticking_handler(fast: Countdown) -> Handler:
+    """W3: a fast subscriber, which ticks `fast` once per event. Each call makes a new
+    function (pyee keeps one entry per function)."""
+
+    async def handler(message: Any) -> None:
+        fast.tick()
+
+    return handler
+
+
+def blocking_handler(blocked: asyncio.Event) -> Handler:
+    """Memory: a subscriber that sets `blocked` when it gets its first event and then never
+    returns, so that every later event stays queued."""
+    gate = asyncio.Event()
+
+    async def handler(message: Any) -> None:
+        blocked.set()
+        await gate.wait()
+
+    return handler
 
 
 class Probe:
@@ -164,16 +217,16 @@ async def time_beside_slow(
     """W3: time until the fast subscribers have handled every event, and the longest that
     a single publish call took."""
     worst = 0
+    watch = Stopwatch()
     await asyncio.sleep(0)  # let the workers start: setup, not timed
-    gc.collect()
-    started = perf_counter_ns()
+    watch.start()
     for index in range(events):
         before = perf_counter_ns()
         await publish(index)
         worst = max(worst, perf_counter_ns() - before)
     await fast.done.wait()
-    elapsed = perf_counter_ns() - started
-    return {"fast_ms": elapsed / 1e6, "max_publish_us": worst / 1e3}
+    watch.stop()
+    return {"fast_ms": watch.elapsed_ns / 1e6, "max_publish_us": worst / 1e3}
 
 
 async def traced_bytes_per_event(

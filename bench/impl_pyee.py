@@ -8,48 +8,41 @@ ordering between deliveries to one listener. `wait_for_complete()` waits for tho
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from common import (
-    SLOW_HANDLER_SECONDS,
+    W1_SUBSCRIBERS,
     Countdown,
     Metrics,
     Probe,
     Sizes,
     Stopwatch,
-    expect,
-    rate,
+    blocking_handler,
+    counting_handler,
+    slow_handler,
+    ticking_handler,
     time_beside_slow,
     time_chains,
     traced_bytes_per_event,
+    w1_rate,
+    w4_rate,
 )
 from pyee.asyncio import AsyncIOEventEmitter
-
-Listener = Callable[[Any], Awaitable[None]]
-
-
-def counting_listener(counts: list[int], index: int) -> Listener:
-    async def listener(payload: Any) -> None:
-        counts[index] += 1
-
-    return listener
 
 
 async def w1(sizes: Sizes) -> Metrics:
     events = sizes.w1_events
-    counts = [0, 0, 0]
+    counts = [0] * W1_SUBSCRIBERS
     emitter = AsyncIOEventEmitter()
-    for index in range(3):
-        emitter.on("w1.topic", counting_listener(counts, index))
+    for index in range(W1_SUBSCRIBERS):
+        emitter.on("w1.topic", counting_handler(counts, index))
     watch = Stopwatch()
     watch.start()
     for i in range(events):
         emitter.emit("w1.topic", i)
     await emitter.wait_for_complete()
     seconds = watch.stop()
-    expect("W1 deliveries per listener", counts, [events] * 3)
-    return rate(3 * events, seconds)
+    return w1_rate(counts, events, seconds)
 
 
 async def w2(sizes: Sizes) -> Metrics:
@@ -76,19 +69,9 @@ async def w3(sizes: Sizes) -> Metrics:
     events = sizes.w3_events
     fast = Countdown(2 * events)
     emitter = AsyncIOEventEmitter()
-
-    async def slow_listener(payload: Any) -> None:
-        await asyncio.sleep(SLOW_HANDLER_SECONDS)
-
-    async def fast_listener(payload: Any) -> None:
-        fast.tick()
-
-    async def fast_listener_2(payload: Any) -> None:
-        fast.tick()
-
-    emitter.on("w3.topic", slow_listener)
-    emitter.on("w3.topic", fast_listener)
-    emitter.on("w3.topic", fast_listener_2)  # pyee keeps one entry per function
+    emitter.on("w3.topic", slow_handler)
+    emitter.on("w3.topic", ticking_handler(fast))
+    emitter.on("w3.topic", ticking_handler(fast))  # a second function: pyee keeps one per function
 
     async def publish(index: int) -> None:
         emitter.emit("w3.topic", index)
@@ -103,29 +86,23 @@ async def w4(sizes: Sizes) -> Metrics:
     counts = [0] * len(topics)
     emitter = AsyncIOEventEmitter()
     for index, topic in enumerate(topics):
-        emitter.on(topic, counting_listener(counts, index))
+        emitter.on(topic, counting_handler(counts, index))
     watch = Stopwatch()
     watch.start()
     for i in range(sizes.w4_events):
         emitter.emit(topics[i % len(topics)], i)
     await emitter.wait_for_complete()
     seconds = watch.stop()
-    expect("W4 deliveries", sum(counts), sizes.w4_events)
-    return rate(sizes.w4_events, seconds)
+    return w4_rate(sum(counts), sizes.w4_events, seconds)
 
 
 async def mem(sizes: Sizes) -> Metrics:
     """Every emit makes a task at once; a delivery waiting to run is that task."""
     events = sizes.mem_events
-    gate = asyncio.Event()
     blocked = asyncio.Event()
     payload = {"same": "object every time"}
     emitter = AsyncIOEventEmitter()
-
-    @emitter.on("mem.topic")
-    async def listener(payload: Any) -> None:
-        blocked.set()
-        await gate.wait()
+    emitter.on("mem.topic", blocking_handler(blocked))
 
     async def fill() -> None:
         for _ in range(events):
