@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from time import time_ns
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
@@ -22,13 +23,18 @@ from eventwire.errors import (
     InboxFullError,
     NoReplyError,
 )
+from eventwire.event import _EMPTY_METADATA as EMPTY_METADATA
 from eventwire.event import Event, new_event
+from eventwire.event import _build as build_event
+from eventwire.event import _freeze as freeze_metadata
+from eventwire.event import _sequence as event_sequence
 from eventwire.payloads import make_converter, payload_type_of
 from eventwire.retry import Retry
 from eventwire.subscription import (
     DEFAULT_MAX_PENDING,
     OVERFLOW_POLICIES,
     Handler,
+    Inbox,
     Overflow,
     Subscription,
     SubscriptionStats,
@@ -81,17 +87,17 @@ class _GroupRoute:
         self.members = members
         self.next = 0
 
-    def pick(self) -> Subscription:
+    def pick(self) -> Inbox:
         members = self.members
         count = len(members)
         start = self.next
         for offset in range(count):
-            member = members[(start + offset) % count]
-            if len(member._inbox) < member._capacity:
+            inbox = members[(start + offset) % count]._inbox
+            if len(inbox) < inbox.capacity:
                 self.next = (start + offset + 1) % count
-                return member
+                return inbox
         self.next = (start + 1) % count
-        return members[start]
+        return members[start]._inbox
 
 
 def _release(epoch: _Epoch, deliveries: int) -> None:
@@ -108,7 +114,7 @@ class _Stall:
     def __init__(
         self,
         event: Event[Any],
-        targets: tuple[Subscription, ...] | list[Subscription],
+        targets: tuple[Inbox, ...] | list[Inbox],
         index: int,
         count: int,
         epoch: _Epoch,
@@ -121,20 +127,20 @@ class _Stall:
 
 
 class _GroupedRoute:
-    """A route with competing groups. Routes without groups are plain tuples of
-    subscriptions, one object less for publish to look through."""
+    """A route with competing groups. Routes without groups are plain tuples of inboxes,
+    one object less for publish to look through."""
 
-    __slots__ = ("groups", "subscriptions")
+    __slots__ = ("groups", "inboxes")
 
-    def __init__(self, subscriptions: tuple[Subscription, ...], groups: tuple[_GroupRoute, ...]):
-        self.subscriptions = subscriptions
+    def __init__(self, inboxes: tuple[Inbox, ...], groups: tuple[_GroupRoute, ...]):
+        self.inboxes = inboxes
         self.groups = groups
 
-    def targets(self) -> list[Subscription]:
-        return [*self.subscriptions, *(group.pick() for group in self.groups)]
+    def targets(self) -> list[Inbox]:
+        return [*self.inboxes, *(group.pick() for group in self.groups)]
 
 
-_Route = tuple[Subscription, ...] | _GroupedRoute
+_Route = tuple[Inbox, ...] | _GroupedRoute
 
 
 class _PendingRequest:
@@ -565,11 +571,11 @@ class EventBus:
         if cached is not None:
             return cached
         validate_topic(topic)
-        solo: list[Subscription] = []
+        solo: list[Inbox] = []
         grouped: dict[str, list[Subscription]] = {}
         for subscription in self._trie.match(topic):
             if subscription.group is None:
-                solo.append(subscription)
+                solo.append(subscription._inbox)
             else:
                 grouped.setdefault(subscription.group, []).append(subscription)
         route: _Route = (
@@ -611,9 +617,20 @@ class EventBus:
         parent = current_event.get()
         if self._state is not _RUNNING:
             self._check_accepting(parent)
+        event: Event[Any]
         if type(topic_or_event) is str:
             if parent is None:
-                event = new_event(topic_or_event, payload, metadata, key, None, None)
+                # new_event() inlined: the root publish is the hottest path of the library.
+                event = build_event(
+                    Event,
+                    topic_or_event,
+                    payload,
+                    freeze_metadata(metadata) if metadata else EMPTY_METADATA,
+                    key,
+                    None,
+                    time_ns(),
+                    next(event_sequence),
+                )
             else:
                 subscription = current_subscription.get()
                 source = subscription.source if subscription is not None else None
@@ -680,14 +697,13 @@ class EventBus:
         epoch = parent._epoch if parent is not None and parent._epoch is not None else self._epoch
         event._epoch = epoch
         epoch.pending += count
-        for subscription in targets:
-            inbox = subscription._inbox
-            if len(inbox) < subscription._capacity:
+        for inbox in targets:
+            if len(inbox) < inbox.capacity:
                 inbox.append(event)
-                if subscription._idle is not None:
-                    subscription._wake_one()
+                if inbox.idle is not None:
+                    inbox.wake_one()
                 continue
-            return _Stall(event, targets, targets.index(subscription), count, epoch)
+            return _Stall(event, targets, targets.index(inbox), count, epoch)
         return count
 
     async def _enqueue_waiting(self, stall: _Stall) -> None:
@@ -695,13 +711,13 @@ class EventBus:
         event, targets, epoch = stall.event, stall.targets, stall.epoch
         refused: InboxFullError | None = None
         for index in range(stall.index, len(targets)):
-            subscription = targets[index]
-            inbox = subscription._inbox
+            inbox = targets[index]
+            subscription = inbox.subscription
             try:
-                if len(inbox) < subscription._capacity and not subscription._putters:
+                if len(inbox) < inbox.capacity and not subscription._putters:
                     inbox.append(event)
-                    if subscription._idle is not None:
-                        subscription._wake_one()
+                    if inbox.idle is not None:
+                        inbox.wake_one()
                 elif subscription.overflow == "drop_oldest" and inbox and not subscription._putters:
                     subscription._drop_oldest_for(event)
                 elif subscription.overflow == "error":
@@ -843,10 +859,10 @@ class EventBus:
                     "request; subscribe a handler to it first"
                 )
             if isinstance(route, _GroupedRoute):
-                pending.delivered = [s.name for s in route.subscriptions]
+                pending.delivered = [i.subscription.name for i in route.inboxes]
                 pending.delivered += [g.members[0].group or "" for g in route.groups]
             else:
-                pending.delivered = [s.name for s in route]
+                pending.delivered = [i.subscription.name for i in route]
             pending.expected = count
             pending.check_complete()
             try:

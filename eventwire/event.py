@@ -114,10 +114,10 @@ class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
     _source: str | None
     _ns: int
     _seq: int
-    _id: str | None
-    _correlation_id: str | None
-    _causation_id: str | None
-    _reply_to: str | None
+    _id: str | None = None
+    _correlation_id: str | None = None
+    _causation_id: str | None = None
+    _reply_to: str | None = None
     _epoch: _Epoch | None = None
 
     if TYPE_CHECKING:

@@ -82,6 +82,31 @@ def _is_async_callable(handler: Callable[..., Any]) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
+class Inbox(deque[Event[Any]]):
+    """A subscription's queue of events. It also carries what a publish checks (room left,
+    parked workers), so that queueing an event touches one object."""
+
+    __slots__ = ("capacity", "idle", "subscription")
+
+    def __init__(self, subscription: Subscription, capacity: int) -> None:
+        super().__init__()
+        self.subscription = subscription
+        # Room for queued events; lowered while events wait behind a busy key.
+        self.capacity = capacity
+        # Parked workers' wake-up futures; None (not an empty list) when no worker is parked.
+        self.idle: list[asyncio.Future[None]] | None = None
+
+    def wake_one(self) -> None:
+        idle = self.idle
+        while idle:
+            waiter = idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        if not idle:
+            self.idle = None
+
+
 class Subscription:
     """A handler subscribed to a topic pattern. Created by `EventBus.subscribe`."""
 
@@ -89,10 +114,8 @@ class Subscription:
     # the cost of a publish is mostly memory traffic.
     __slots__ = (
         "_active",
-        "_capacity",
         "_converter",
         "_handling_seconds",
-        "_idle",
         "_in_flight",
         "_inbox",
         "_invoke",
@@ -149,15 +172,10 @@ class Subscription:
         self._converter = converter
         self._invoke = self._make_invoker(handler)
 
-        self._inbox: deque[Event[Any]] = deque()
-        # Room left for queued events; lowered while events wait behind a busy key.
-        self._capacity = max_pending
+        self._inbox = Inbox(self, max_pending)
         # Publishers waiting for room, oldest first. Invariant: while any wait, the inbox is
         # full, so the publish fast path need not look at this deque.
         self._putters: deque[tuple[asyncio.Future[None], Event[Any]]] = deque()
-        # Parked workers' wake-up futures; None (not an empty list) when no worker is parked,
-        # so that publish can tell without touching another object.
-        self._idle: list[asyncio.Future[None]] | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._in_flight: list[Event[Any] | None] = [None] * concurrency
         self._keys: dict[str, deque[Event[Any]]] = {}
@@ -183,7 +201,7 @@ class Subscription:
     @property
     def stats(self) -> SubscriptionStats:
         """Counters: handled, failed attempts, retries, dead letters, drops, depth."""
-        queued = len(self._inbox) + (self.max_pending - self._capacity) + len(self._putters)
+        queued = len(self._inbox) + (self.max_pending - self._inbox.capacity) + len(self._putters)
         return SubscriptionStats(
             name=self.name,
             pattern=self.pattern,
@@ -280,31 +298,21 @@ class Subscription:
         ]
 
     def _wake_all(self) -> None:
-        idle, self._idle = self._idle or [], None
+        idle, self._inbox.idle = self._inbox.idle or [], None
         for waiter in idle:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _wake_one(self) -> None:
-        idle = self._idle
-        while idle:
-            waiter = idle.pop()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-        if not idle:
-            self._idle = None
-
     def _admit_waiting(self) -> None:
         """Room was made: move the longest-waiting blocked publisher's event in."""
-        while self._putters and len(self._inbox) < self._capacity:
+        while self._putters and len(self._inbox) < self._inbox.capacity:
             waiter, event = self._putters.popleft()
             if waiter.done():  # its publisher gave up (timeout or cancellation)
                 continue
             self._inbox.append(event)
             waiter.set_result(None)
-            if self._idle:
-                self._wake_one()
+            if self._inbox.idle:
+                self._inbox.wake_one()
 
     async def _work(self, index: int) -> None:
         current_subscription.set(self)
@@ -327,7 +335,7 @@ class Subscription:
         while True:
             if chain:
                 event = chain.popleft()
-                self._capacity += 1
+                self._inbox.capacity += 1
                 if self._putters:
                     self._admit_waiting()
             else:
@@ -344,10 +352,10 @@ class Subscription:
                         return
                     streak = 0
                     waiter: asyncio.Future[None] = loop.create_future()
-                    if self._idle is None:
-                        self._idle = [waiter]
+                    if inbox.idle is None:
+                        inbox.idle = [waiter]
                     else:
-                        self._idle.append(waiter)
+                        inbox.idle.append(waiter)
                     await waiter
                     run_started = clock()
                     continue
@@ -359,7 +367,7 @@ class Subscription:
                     if busy is not None:
                         # Another worker holds this key: wait behind it, in order.
                         busy.append(event)
-                        self._capacity -= 1
+                        self._inbox.capacity -= 1
                         continue
                     held_key = event._key
                     keys[held_key] = chain = deque()
@@ -469,8 +477,8 @@ class Subscription:
                 self.dropped,
             )
         self._inbox.append(event)
-        if self._idle:
-            self._wake_one()
+        if self._inbox.idle:
+            self._inbox.wake_one()
 
     def _full_error(self, event: Event[Any], why: str) -> InboxFullError:
         return InboxFullError(
@@ -524,7 +532,7 @@ class Subscription:
                 left.append((event, "queued"))
         self._inbox.clear()
         self._keys.clear()
-        self._idle = None  # the parked workers are cancelled below, their futures with them
+        self._inbox.idle = None  # the parked workers are cancelled below, their futures with them
         self._stopping = True
         for task in self._workers:
             task.cancel()
