@@ -1,0 +1,256 @@
+"""How an event crosses a process boundary: a versioned JSON envelope, never a pickle.
+
+One JSON document per event (msgspec does the encoding)::
+
+    {"v": 1, "id": "...", "topic": "user.query", "time": "2026-11-25T17:01:17.282373Z",
+     "payload": ..., "metadata": {...}, "correlation_id": "...", "causation_id": null,
+     "key": null, "source": "research", "reply_to": null}
+
+`payload` is any JSON value; pydantic models and dataclasses are encoded as their JSON form,
+and a typed handler (``Event[Model]``) gets its type back on the other side. When the payload
+is itself an event (a dead letter), it is nested as an envelope and ``"payload_kind": "event"``
+says so. `to_cloudevent` / `from_cloudevent` map the same fields onto CloudEvents 1.0 (JSON
+format) for brokers and tools that speak it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from eventwire.errors import EventwireError
+from eventwire.event import Event
+
+ENVELOPE_VERSION = 1
+DEFAULT_MAX_BYTES = 1024 * 1024
+_NESTED_EVENT = "event"
+
+
+class EnvelopeError(EventwireError, ValueError):
+    """Bytes that are not a valid eventwire envelope (foreign, truncated, other version)."""
+
+
+class UnencodablePayloadError(EventwireError, TypeError):
+    """A payload or metadata value that has no JSON form."""
+
+
+class PayloadTooLargeError(EventwireError, ValueError):
+    """An encoded event over the size limit."""
+
+
+class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
+    v: int
+    id: str
+    topic: str
+    time: datetime
+    payload: Any = None
+    metadata: dict[str, Any] = {}
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    key: str | None = None
+    source: str | None = None
+    reply_to: str | None = None
+    payload_kind: str | None = None
+
+
+def _json_form(value: Any) -> Any:
+    # Called by msgspec for types it does not know natively.
+    dump = getattr(value, "model_dump", None)  # pydantic v2 models
+    if callable(dump):
+        return dump(mode="json")
+    raise UnencodablePayloadError(
+        f"cannot encode a {type(value).__module__}.{type(value).__qualname__} as JSON: "
+        "payloads and metadata must be JSON values (dict, list, str, int, float, bool, None), "
+        "datetimes, UUIDs, pydantic models or dataclasses"
+    )
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_json_form)
+_decoder = msgspec.json.Decoder(_Envelope)
+
+
+def _fields(event: Event[Any]) -> _Envelope:
+    payload = event.payload
+    kind = None
+    if isinstance(payload, Event):
+        payload = _fields(payload)
+        kind = _NESTED_EVENT
+    return _Envelope(
+        v=ENVELOPE_VERSION,
+        id=event.id,
+        topic=event.topic,
+        time=event.timestamp,
+        payload=payload,
+        metadata=dict(event.metadata),
+        correlation_id=event.correlation_id,
+        causation_id=event.causation_id,
+        key=event.key,
+        source=event.source,
+        reply_to=event.reply_to,
+        payload_kind=kind,
+    )
+
+
+def encode(event: Event[Any], *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes:
+    """The event as envelope bytes. Raises `UnencodablePayloadError` for a value with no
+    JSON form and `PayloadTooLargeError` past `max_bytes`, before anything is sent."""
+    try:
+        data = _encoder.encode(_fields(event))
+    except UnencodablePayloadError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UnencodablePayloadError(f"cannot encode the event on {event.topic!r}: {exc}") from exc
+    # msgspec writes inf and nan as null; look for them only when a null was written.
+    if b"null" in data and _has_non_finite(event):
+        raise UnencodablePayloadError(
+            f"the event on {event.topic!r} holds an infinite or NaN float, which JSON cannot "
+            "carry; send it as a string or None"
+        )
+    if max_bytes is not None and len(data) > max_bytes:
+        raise PayloadTooLargeError(
+            f"the event on {event.topic!r} encodes to {len(data):,} bytes, over the limit of "
+            f"{max_bytes:,}; send a reference (a URL or an id) instead of the data, or raise "
+            "the limit"
+        )
+    return data
+
+
+def _has_non_finite(event: Event[Any]) -> bool:
+    pending: list[Any] = [event.payload, dict(event.metadata)]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                return True
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list | tuple | set | frozenset):
+            pending.extend(value)
+        elif isinstance(value, Event):
+            pending.extend((value.payload, dict(value.metadata)))
+        elif hasattr(value, "model_dump"):
+            pending.append(value.model_dump())
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            pending.append(dataclasses.asdict(value))
+    return False
+
+
+def _event_from(envelope: _Envelope) -> Event[Any]:
+    if envelope.v != ENVELOPE_VERSION:
+        raise EnvelopeError(
+            f"envelope version {envelope.v} is not supported: this eventwire reads version "
+            f"{ENVELOPE_VERSION}; upgrade the reading side"
+        )
+    payload = envelope.payload
+    if envelope.payload_kind == _NESTED_EVENT:
+        payload = _event_from(msgspec.convert(payload, _Envelope))
+    elif envelope.payload_kind is not None:
+        raise EnvelopeError(f"unknown payload_kind {envelope.payload_kind!r}")
+    if envelope.time.tzinfo is None:
+        raise EnvelopeError("envelope time has no timezone; expected RFC 3339 with Z or offset")
+    return Event(
+        envelope.topic,
+        payload,
+        envelope.metadata,
+        id=envelope.id,
+        timestamp=envelope.time,
+        correlation_id=envelope.correlation_id,
+        causation_id=envelope.causation_id,
+        key=envelope.key,
+        source=envelope.source,
+        reply_to=envelope.reply_to,
+    )
+
+
+def decode(data: bytes | bytearray | memoryview | str) -> Event[Any]:
+    """The event in envelope bytes. Raises `EnvelopeError` naming what is wrong."""
+    try:
+        envelope = _decoder.decode(data)
+        return _event_from(envelope)
+    except EnvelopeError:
+        raise
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise EnvelopeError(f"not a valid eventwire envelope: {exc}") from exc
+
+
+# -- CloudEvents 1.0 -----------------------------------------------------------------------
+# eventwire field -> CloudEvents attribute. Extension names must be lowercase alphanumeric.
+CLOUDEVENTS_ATTRIBUTES: Mapping[str, str] = {
+    "id": "id",
+    "topic": "type",
+    "source": "source",
+    "time": "time",
+    "payload": "data",
+    "correlation_id": "correlationid",
+    "causation_id": "causationid",
+    "key": "partitionkey",
+    "reply_to": "replyto",
+    "metadata": "eventwiremetadata",
+}
+_DEFAULT_CE_SOURCE = "/eventwire"
+
+
+def to_cloudevent(event: Event[Any]) -> dict[str, Any]:
+    """The event as a CloudEvents 1.0 JSON-format document (a dict ready to serialise).
+
+    `source` defaults to ``/eventwire`` (CloudEvents requires one); metadata travels as the
+    ``eventwiremetadata`` extension, a JSON string, since extension values must be scalars.
+    """
+    document: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": event.id,
+        "type": event.topic,
+        "source": event.source or _DEFAULT_CE_SOURCE,
+        "time": event.timestamp.isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": msgspec.json.decode(_encoder.encode(event.payload)),
+        "correlationid": event.correlation_id,
+    }
+    optional = {
+        "causationid": event.causation_id,
+        "partitionkey": event.key,
+        "replyto": event.reply_to,
+        "eventwiremetadata": json.dumps(dict(event.metadata)) if event.metadata else None,
+    }
+    document.update({name: value for name, value in optional.items() if value is not None})
+    return document
+
+
+def from_cloudevent(document: Mapping[str, Any]) -> Event[Any]:
+    """An event from a CloudEvents 1.0 JSON-format document; raises `EnvelopeError`."""
+    if document.get("specversion") != "1.0":
+        raise EnvelopeError(
+            f"not a CloudEvents 1.0 document: specversion is {document.get('specversion')!r}"
+        )
+    missing = [name for name in ("id", "type", "source") if not document.get(name)]
+    if missing:
+        raise EnvelopeError(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
+    try:
+        time_text = document.get("time")
+        timestamp = datetime.fromisoformat(time_text.replace("Z", "+00:00")) if time_text else None
+        metadata = (
+            json.loads(document["eventwiremetadata"]) if "eventwiremetadata" in document else {}
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise EnvelopeError(f"CloudEvent has a malformed attribute: {exc}") from exc
+    if timestamp is not None and timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    source = document["source"]
+    return Event(
+        document["type"],
+        document.get("data"),
+        metadata,
+        id=document["id"],
+        timestamp=timestamp,
+        correlation_id=document.get("correlationid"),
+        causation_id=document.get("causationid"),
+        key=document.get("partitionkey"),
+        source=None if source == _DEFAULT_CE_SOURCE else source,
+        reply_to=document.get("replyto"),
+    )

@@ -1,0 +1,188 @@
+"""The wire form of events: round trips, typed payloads, and bad input that names the fault."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from eventwire import Event, EventBus
+from eventwire.envelope import (
+    EnvelopeError,
+    PayloadTooLargeError,
+    UnencodablePayloadError,
+    decode,
+    encode,
+    from_cloudevent,
+    to_cloudevent,
+)
+
+
+class UserQuery(BaseModel):
+    text: str
+    user_id: str
+
+
+@dataclass
+class Scores:
+    values: list[float]
+
+
+def assert_same_event(a: Event[Any], b: Event[Any]) -> None:
+    assert a.to_dict() == b.to_dict()
+
+
+def test_round_trip_keeps_every_field() -> None:
+    original = Event(
+        "user.query",
+        {"q": "revenue?", "n": [1, 2.5, None, True]},
+        {"user_id": "u-1", "session_id": "s-9"},
+        correlation_id="corr",
+        causation_id="cause",
+        key="k1",
+        source="main",
+        reply_to="_bus.reply.x",
+    )
+    copy = decode(encode(original))
+    assert_same_event(copy, original)
+    assert copy.timestamp == original.timestamp
+
+
+def test_defaults_survive_the_trip() -> None:
+    original = Event("t", None)
+    copy = decode(encode(original))
+    assert copy.correlation_id == original.id
+    assert copy.metadata == {}
+    assert copy.causation_id is None
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(json_values, st.dictionaries(st.text(min_size=1), json_values, max_size=4))
+def test_any_json_value_round_trips(payload: Any, metadata: dict[str, Any]) -> None:
+    original = Event("t.x", payload, metadata)
+    assert_same_event(decode(encode(original)), original)
+
+
+def test_models_and_dataclasses_travel_as_json_and_come_back_typed() -> None:
+    model_event = decode(encode(Event("q", UserQuery(text="hi", user_id="u"))))
+    assert model_event.payload == {"text": "hi", "user_id": "u"}
+    dataclass_event = decode(encode(Event("s", Scores([1.0, 2.5]))))
+    assert dataclass_event.payload == {"values": [1.0, 2.5]}
+
+
+async def test_typed_handler_gets_its_type_back_after_the_trip() -> None:
+    got: list[UserQuery] = []
+
+    async def handler(event: Event[UserQuery]) -> None:
+        got.append(event.payload)
+
+    async with EventBus() as bus:
+        bus.subscribe("q", handler)
+        wire = encode(Event("q", UserQuery(text="hi", user_id="u")))
+        await bus.publish(decode(wire))
+        await bus.drain(timeout=2)
+    assert got == [UserQuery(text="hi", user_id="u")]
+
+
+def test_dead_letter_nests_the_original_event() -> None:
+    original = Event("orders.created", {"id": 7}, {"user_id": "u"})
+    letter = Event("_dlq.orders.created", original, {"error": "ValueError: x", "attempts": 3})
+    copy = decode(encode(letter))
+    assert isinstance(copy.payload, Event)
+    assert_same_event(copy.payload, original)
+    assert copy.metadata["attempts"] == 3
+
+
+def test_unencodable_payload_is_refused_before_sending() -> None:
+    with pytest.raises(UnencodablePayloadError, match=r"builtins\.object"):
+        encode(Event("t", object()))
+    with pytest.raises(UnencodablePayloadError, match="JSON"):
+        encode(Event("t", None, {"handle": open}))
+
+
+@pytest.mark.parametrize(
+    "payload", [float("inf"), {"a": [1.0, float("nan")]}, Scores([float("-inf")])]
+)
+def test_non_finite_floats_are_refused_not_turned_into_null(payload: Any) -> None:
+    with pytest.raises(UnencodablePayloadError, match="infinite or NaN"):
+        encode(Event("t", payload))
+    assert decode(encode(Event("t", {"a": None, "b": 1.5}))).payload == {"a": None, "b": 1.5}
+
+
+def test_size_limit() -> None:
+    event = Event("t", "x" * 2_000)
+    assert decode(encode(event, max_bytes=None)).payload == "x" * 2_000
+    with pytest.raises(PayloadTooLargeError, match="over the limit of 1,000"):
+        encode(event, max_bytes=1_000)
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"", "not a valid eventwire envelope"),
+        (b"not json at all", "not a valid eventwire envelope"),
+        (b'{"v": 1, "id": "a", "topic": "t", "time": "2026-01-01T00:00:00Z", "pay', "truncated"),
+        (b'{"v": 1, "topic": "t", "time": "2026-01-01T00:00:00Z"}', "missing required field `id`"),
+        (b'{"v": 2, "id": "a", "topic": "t", "time": "2026-01-01T00:00:00Z"}', "version 2"),
+        (b'{"v": 1, "id": "a", "topic": 5, "time": "2026-01-01T00:00:00Z"}', "Expected `str`"),
+        (b'["an", "array"]', "Expected `object`"),
+    ],
+)
+def test_foreign_or_broken_messages_name_the_fault(data: bytes, fragment: str) -> None:
+    with pytest.raises(EnvelopeError, match=fragment):
+        decode(data)
+
+
+def test_cloudevents_mapping_round_trips() -> None:
+    original = Event(
+        "research.complete",
+        {"summary": "ok"},
+        {"user_id": "u-1"},
+        causation_id="c1",
+        key="k",
+        source="research",
+        timestamp=datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC),
+    )
+    document = to_cloudevent(original)
+    assert document["specversion"] == "1.0"
+    assert document["type"] == "research.complete"
+    assert document["source"] == "research"
+    assert document["time"] == "2026-11-25T12:00:00.123456Z"
+    assert document["partitionkey"] == "k"
+    assert json.loads(document["eventwiremetadata"]) == {"user_id": "u-1"}
+    json.dumps(document)  # serialisable as it is
+    assert_same_event(from_cloudevent(document), original)
+
+
+def test_cloudevent_without_eventwire_extensions() -> None:
+    event = from_cloudevent(
+        {"specversion": "1.0", "id": "e-1", "type": "orders.created", "source": "/shop", "data": 1}
+    )
+    assert (event.topic, event.payload, event.source, event.id) == (
+        "orders.created",
+        1,
+        "/shop",
+        "e-1",
+    )
+    with pytest.raises(EnvelopeError, match="lacks required attribute"):
+        from_cloudevent({"specversion": "1.0", "id": "x"})
+    with pytest.raises(EnvelopeError, match="specversion"):
+        from_cloudevent({"specversion": "0.3", "id": "x", "type": "t", "source": "s"})
