@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
 import logging
 import secrets
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from time import time_ns
 from types import MappingProxyType, TracebackType
@@ -22,10 +22,13 @@ from eventwire.errors import (
     HandlerError,
     InboxFullError,
     NoReplyError,
+    PublishTimeoutError,
 )
+from eventwire.event import _ATOMIC as ATOMIC_TYPES
 from eventwire.event import _EMPTY_METADATA as EMPTY_METADATA
 from eventwire.event import Event, new_event
 from eventwire.event import _build as build_event
+from eventwire.event import _event_class as event_class
 from eventwire.event import _freeze as freeze_metadata
 from eventwire.event import _sequence as event_sequence
 from eventwire.payloads import make_converter, payload_type_of
@@ -38,6 +41,7 @@ from eventwire.subscription import (
     Overflow,
     Subscription,
     SubscriptionStats,
+    _Unsubscribed,
 )
 from eventwire.topics import SINGLE, TAIL, TopicTrie, validate_pattern, validate_topic
 
@@ -59,17 +63,23 @@ _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 class _Epoch:
     """Deliveries owed for events published between two `drain()` calls, and their causes."""
 
-    __slots__ = ("pending", "waiters")
+    __slots__ = ("pending", "retired", "waiters")
 
     def __init__(self) -> None:
         self.pending = 0
+        # Set once drain() has seen it settle: later publishes must not count against it.
+        self.retired = False
         self.waiters: list[asyncio.Future[None]] = []
 
-    def settle(self) -> None:
+    def settle(self, error: BaseException | None = None) -> None:
         waiters, self.waiters = self.waiters, []
         for waiter in waiters:
-            if not waiter.done():
+            if waiter.done():
+                continue
+            if error is None:
                 waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
     async def wait(self) -> None:
         if self.pending:
@@ -87,9 +97,12 @@ class _GroupRoute:
         self.members = members
         self.next = 0
 
-    def pick(self) -> Inbox:
+    def pick(self, key: str | None) -> Inbox:
         members = self.members
         count = len(members)
+        if key is not None:
+            # Same key, same member: per-key order holds across the group.
+            return members[hash(key) % count]._inbox
         start = self.next
         for offset in range(count):
             inbox = members[(start + offset) % count]._inbox
@@ -136,8 +149,8 @@ class _GroupedRoute:
         self.inboxes = inboxes
         self.groups = groups
 
-    def targets(self) -> list[Inbox]:
-        return [*self.inboxes, *(group.pick() for group in self.groups)]
+    def targets(self, key: str | None) -> list[Inbox]:
+        return [*self.inboxes, *(group.pick(key) for group in self.groups)]
 
 
 _Route = tuple[Inbox, ...] | _GroupedRoute
@@ -224,7 +237,6 @@ class EventBus:
         *,
         publish_timeout: float | None = 30.0,
         close_grace: float = 10.0,
-        max_threads: int | None = None,
     ) -> None:
         self.url = resolve_url(url)
         if publish_timeout is not None and publish_timeout <= 0:
@@ -233,7 +245,6 @@ class EventBus:
             raise ValueError(f"close_grace must be >= 0 seconds, got {close_grace}")
         self.publish_timeout = publish_timeout
         self.close_grace = close_grace
-        self._max_threads = max_threads
         self._subscriptions: dict[str, Subscription] = {}
         self._trie: TopicTrie[Subscription] = TopicTrie()
         self._routes: dict[str, _Route] = {}
@@ -243,7 +254,8 @@ class EventBus:
         self._epochs: list[_Epoch] = [self._epoch]
         self._requests: dict[str, _PendingRequest] = {}
         self._reply_topic = f"_bus.reply.{secrets.token_hex(6)}"
-        self._executor: ThreadPoolExecutor | None = None
+        # Unsubscribed subscriptions whose workers still finish queued events.
+        self._draining: set[Subscription] = set()
         self._agents: dict[str, Agent] = {}
         self._close_report: CloseReport | None = None
         self._closed = asyncio.Event()
@@ -307,25 +319,47 @@ class EventBus:
             self._close_report = CloseReport()
             self._closed.set()
             return self._close_report
-        self._state = _CLOSING
         grace = self.close_grace if grace is None else grace
+        # Agents say goodbye while they may still publish.
         for agent in list(self._agents.values()):
             try:
                 await agent.on_stop()
             except Exception:
                 logger.exception("eventwire: %s.on_stop() failed", agent.name)
+        self._state = _CLOSING
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with asyncio.timeout(grace):
                 for epoch in list(self._epochs):
                     await epoch.wait()
         except TimeoutError:
             pass
+        finally:
+            # Also when close() itself is cancelled: the bus must not stay half closed.
+            report = await self._stop_all()
+            waited = loop.time() - started
+        if report.unhandled:
+            unhandled = report.unhandled
+            logger.warning(
+                "eventwire: closed with %d unhandled event(s) after waiting %.2fs "
+                "(grace %.2fs): %s",
+                len(unhandled),
+                waited,
+                grace,
+                ", ".join(f"{u.subscription}<-{u.event.topic} ({u.state})" for u in unhandled[:10])
+                + (" ..." if len(unhandled) > 10 else ""),
+            )
+        return report
+
+    async def _stop_all(self) -> CloseReport:
         unhandled: list[UnhandledEvent] = []
         workers: list[asyncio.Task[None]] = []
-        for subscription in list(self._subscriptions.values()):
+        for subscription in [*self._subscriptions.values(), *self._draining]:
             for event, state in subscription._stop_now():
                 unhandled.append(UnhandledEvent(subscription.name, event, state))  # type: ignore[arg-type]
             workers.extend(subscription._workers)
+        self._draining.clear()
         if workers:
             # Bounded: a handler that swallows its cancellation must not hang close().
             _, stubborn = await asyncio.wait(workers, timeout=1.0)
@@ -338,35 +372,23 @@ class EventBus:
                         f"the bus closed before request on {pending.topic!r} got a reply"
                     )
                 )
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        abandoned = (
+            BusClosedError(f"the bus closed with {len(unhandled)} event(s) unhandled")
+            if unhandled
+            else None
+        )
         for epoch in self._epochs:
             epoch.pending = 0
-            epoch.settle()
+            epoch.settle(abandoned)  # a drain() still waiting learns the work was abandoned
         self._state = _CLOSED
         self._close_report = CloseReport(tuple(unhandled))
         self._closed.set()
-        if unhandled:
-            logger.warning(
-                "eventwire: closed with %d unhandled event(s) after %.1fs grace: %s",
-                len(unhandled),
-                grace,
-                ", ".join(f"{u.subscription}<-{u.event.topic} ({u.state})" for u in unhandled[:10])
-                + (" ..." if len(unhandled) > 10 else ""),
-            )
         return self._close_report
 
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("eventwire: %s failed", task.get_name(), exc_info=task.exception())
-
-    def _thread_pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=self._max_threads, thread_name_prefix="eventwire-handler"
-            )
-        return self._executor
 
     # -- subscribing --------------------------------------------------------------------
 
@@ -522,6 +544,10 @@ class EventBus:
     def _remove_subscription(self, subscription: Subscription) -> None:
         if self._subscriptions.get(subscription.name) is subscription:
             del self._subscriptions[subscription.name]
+        if subscription._workers and not all(task.done() for task in subscription._workers):
+            self._draining.add(subscription)
+            gathered = asyncio.gather(*subscription._workers, return_exceptions=True)
+            gathered.add_done_callback(lambda _: self._draining.discard(subscription))
         self._trie.remove(subscription.pattern, subscription)
         self._refresh_routes(subscription.pattern)
 
@@ -622,7 +648,9 @@ class EventBus:
             if parent is None:
                 # new_event() inlined: the root publish is the hottest path of the library.
                 event = build_event(
-                    Event,
+                    Event
+                    if type(payload) in ATOMIC_TYPES and not metadata
+                    else event_class(payload, metadata),
                     topic_or_event,
                     payload,
                     freeze_metadata(metadata) if metadata else EMPTY_METADATA,
@@ -644,22 +672,34 @@ class EventBus:
 
     def _adopt(
         self,
-        event: Any,
+        value: object,
         payload: Any,
         metadata: Mapping[str, Any] | None,
         key: str | None,
         parent: Event[Any] | None,
     ) -> Event[Any]:
-        if not isinstance(event, Event):
+        if not isinstance(value, Event):
             raise TypeError(
                 "publish() takes a topic str and a payload, or an Event; "
-                f"got {type(event).__name__}: {event!r}"
+                f"got {type(value).__name__}: {value!r}"
             )
+        event: Event[Any] = value
         if payload is not None or metadata is not None or key is not None:
             raise TypeError(
                 "publish(event) takes no payload, metadata or key: they are the event's own; "
                 "use event.replace(...) to change them"
             )
+        if parent is not None and event.id == parent.id:
+            # event.replace(...) of the event being handled: a new event, not its own cause.
+            fresh: Event[Any] = Event(
+                event._topic,
+                event._payload,
+                event._metadata,
+                key=event._key,
+                source=event._source,
+                reply_to=event._reply_to,
+            )
+            event = fresh
         fill_cause = parent is not None and event._causation_id is None
         fill_source = event._source is None and parent is not None
         if event._epoch is None and not fill_cause and not fill_source:
@@ -690,11 +730,13 @@ class EventBus:
         route = self._routes.get(event._topic)
         if route is None:
             route = self._route(event._topic)
-        targets = route if type(route) is tuple else route.targets()  # type: ignore[union-attr]
+        targets = route if type(route) is tuple else route.targets(event._key)  # type: ignore[union-attr]
         count = len(targets)
         if not count:
             return 0
-        epoch = parent._epoch if parent is not None and parent._epoch is not None else self._epoch
+        epoch = self._epoch
+        if parent is not None and parent._epoch is not None and not parent._epoch.retired:
+            epoch = parent._epoch  # a follow-up counts with its cause
         event._epoch = epoch
         epoch.pending += count
         for inbox in targets:
@@ -710,15 +752,23 @@ class EventBus:
         """Go on queueing an event that met a full inbox, as each overflow policy says."""
         event, targets, epoch = stall.event, stall.targets, stall.epoch
         refused: InboxFullError | None = None
+        loop = asyncio.get_running_loop()
         for index in range(stall.index, len(targets)):
             inbox = targets[index]
             subscription = inbox.subscription
+            waiter: asyncio.Future[None] | None = None
             try:
-                if len(inbox) < inbox.capacity and not subscription._putters:
+                if not subscription._active:
+                    _release(epoch, 1)  # unsubscribed since the route was read
+                elif len(inbox) < inbox.capacity and not subscription._putters:
                     inbox.append(event)
                     if inbox.idle is not None:
                         inbox.wake_one()
-                elif subscription.overflow == "drop_oldest" and inbox and not subscription._putters:
+                elif (
+                    subscription.overflow == "drop_oldest"
+                    and not subscription._putters
+                    and (inbox or subscription._keys)  # room may be held by parked events
+                ):
                     subscription._drop_oldest_for(event)
                 elif subscription.overflow == "error":
                     _release(epoch, 1)
@@ -728,10 +778,20 @@ class EventBus:
                         "other matching subscription)",
                     )
                 else:
-                    await subscription._put_waiting(event, self.publish_timeout)
+                    waiter = loop.create_future()
+                    await subscription._put_waiting(event, self.publish_timeout, waiter)
+            except _Unsubscribed:
+                _release(epoch, 1)
             except BaseException:
-                # Not queued here nor for the rest: they are owed nothing.
-                _release(epoch, len(targets) - index)
+                # Not queued here nor for the rest: they are owed nothing, unless this inbox
+                # let the event in just as the publish was cancelled.
+                admitted = (
+                    waiter is not None
+                    and waiter.done()
+                    and not waiter.cancelled()
+                    and waiter.exception() is None
+                )
+                _release(epoch, len(targets) - index - admitted)
                 raise
         if refused is not None:
             raise refused
@@ -751,6 +811,8 @@ class EventBus:
         plain-function handler, causation ids are filled in as with `publish`.
         """
         loop = self._loop
+        if self._state == _CLOSED:
+            raise BusClosedError("publish_threadsafe(): the bus is closed")
         if loop is None or self._state not in (_RUNNING, _CLOSING) or loop.is_closed():
             raise BusNotRunningError(
                 "publish_threadsafe() needs a running bus: start it with `async with bus:` "
@@ -779,7 +841,17 @@ class EventBus:
                 current_event.reset(token)
 
         future = asyncio.run_coroutine_threadsafe(publish_in_loop(), loop)
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if not future.cancel() and not future.cancelled():
+                return future.result()  # it went through as the time ran out
+            topic = topic_or_event if isinstance(topic_or_event, str) else topic_or_event.topic
+            raise PublishTimeoutError(
+                f"publish_threadsafe to {topic!r} was not queued within {timeout}s (a full "
+                "inbox with overflow='block'); it was withdrawn from the inboxes it was still "
+                "waiting for"
+            ) from None
 
     # -- waiting ------------------------------------------------------------------------
 
@@ -792,6 +864,9 @@ class EventBus:
                 "itself; call it from the code that publishes"
             )
         owed = [epoch for epoch in self._epochs if epoch.pending]
+        for epoch in self._epochs:
+            if not epoch.pending:
+                epoch.retired = True
         self._epoch = _Epoch()
         self._epochs = [*owed, self._epoch]
         if not owed:

@@ -77,11 +77,14 @@ class _EventMeta(_StructMeta):  # type: ignore[misc]
                 )
             delta = timestamp - _EPOCH_UTC
             ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+        frozen = _freeze(metadata)
+        if cls is Event:
+            cls = _event_class(payload, frozen)
         return _build(
             cls,
             topic,
             payload,
-            _freeze(metadata),
+            frozen,
             key,
             source,
             ns,
@@ -105,8 +108,9 @@ class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
 
     # Public fields are read-only properties over private fields: an event is shared by every
     # subscriber it fans out to, so none of them may change what the others see. The struct is
-    # not tracked by the garbage collector (gc=False): queued events cost no collector time.
-    # That is safe because an event never refers back to anything that refers to it.
+    # not tracked by the garbage collector (gc=False), so queued events cost no collector time;
+    # events whose payload or metadata could lead back to them (anything but plain values) are
+    # built as `_TrackedEvent`, which the collector does see, so reference cycles are freed.
     _topic: str
     _payload: P
     _metadata: Mapping[str, Any]
@@ -217,7 +221,12 @@ class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
 
     def _copy(self, payload: Any) -> Event[Any]:
         """Same event, other payload object (typed conversion); keeps drain accounting."""
-        return msgspec.structs.replace(self, _payload=payload)
+        cls = _event_class(payload, self._metadata)
+        if cls is type(self) or cls is Event:
+            return msgspec.structs.replace(self, _payload=payload)
+        fields = list(msgspec.structs.astuple(self))
+        fields[1] = payload
+        return _build(cls, *fields)  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, Any]:
         """The event's fields as a plain dict (payload and metadata as they are)."""
@@ -267,6 +276,24 @@ class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
         return f"Event({', '.join(parts)})"
 
 
+class _TrackedEvent(Event[P], gc=True):  # type: ignore[metaclass]
+    """An event whose payload or metadata may hold references back to it (a cycle), so the
+    garbage collector must see it. Events with plain-value payloads skip that cost."""
+
+
+# Values that cannot refer back to an event, so an event holding only these cannot be part of a
+# reference cycle and may stay out of the garbage collector's sight.
+_ATOMIC = frozenset({str, int, float, bool, type(None), bytes})
+
+
+def _event_class(payload: Any, metadata: Mapping[str, Any] | None) -> type[Event[Any]]:
+    if type(payload) in _ATOMIC and (
+        not metadata or all(type(value) in _ATOMIC for value in metadata.values())
+    ):
+        return Event
+    return _TrackedEvent
+
+
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -290,9 +317,10 @@ def new_event(
     reply_to: str | None = None,
 ) -> Event[Any]:
     """The bus's fast constructor: skips argument checks that publish already made."""
+    cls = _event_class(payload, metadata)
     if parent is None:
         return _build(  # type: ignore[no-any-return]
-            Event,
+            cls,
             topic,
             payload,
             _freeze(metadata) if metadata else _EMPTY_METADATA,
@@ -306,7 +334,7 @@ def new_event(
             reply_to,
         )
     return _build(  # type: ignore[no-any-return]
-        Event,
+        cls,
         topic,
         payload,
         _freeze(metadata) if metadata else _EMPTY_METADATA,

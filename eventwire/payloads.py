@@ -33,9 +33,13 @@ def payload_type_of(handler: Callable[..., Any]) -> Any | None:
         return None
     annotation = params[0].annotation
     if isinstance(annotation, str):
+        if "[" not in annotation:
+            return None  # a bare `Event` (or anything unsubscripted) asks for no conversion
         target = getattr(handler, "__func__", handler)
         try:
-            hints = typing.get_type_hints(target)
+            # Event and Any resolve even when the handler's module imports them only for
+            # type checking.
+            hints = typing.get_type_hints(target, localns={"Event": Event, "Any": Any})
         except Exception as exc:
             raise TypeError(
                 f"cannot resolve the annotation {annotation!r} of handler "
@@ -80,6 +84,11 @@ def make_converter(payload_type: Any, subscription: str) -> PayloadConverter:
         except ValidationError as exc:
             raise PayloadValidationError(
                 f"payload for {subscription!r} is not a valid {type_name}: {exc}"
+            ) from exc
+        except Exception as exc:  # a validator or __post_init__ that raised outright
+            raise PayloadValidationError(
+                f"payload for {subscription!r} could not be made a {type_name}: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
 
     return convert

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -72,6 +73,15 @@ class _HandlerTimeout(TimeoutError):
     pass
 
 
+class _Unsubscribed(Exception):
+    """Tells a blocked publisher that the subscription it waited for is gone."""
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _is_async_callable(handler: Callable[..., Any]) -> bool:
     target: Any = handler
     while hasattr(target, "func"):  # functools.partial
@@ -115,12 +125,14 @@ class Subscription:
     __slots__ = (
         "_active",
         "_converter",
+        "_executor",
         "_handling_seconds",
         "_in_flight",
         "_inbox",
         "_invoke",
         "_keys",
         "_putters",
+        "_self_blocked",
         "_stopping",
         "_workers",
         "bus",
@@ -181,6 +193,9 @@ class Subscription:
         self._keys: dict[str, deque[Event[Any]]] = {}
         self._active = True
         self._stopping = False
+        self._executor: ThreadPoolExecutor | None = None
+        # Workers of this subscription blocked publishing into its own full inbox.
+        self._self_blocked = 0
 
         self.handled = 0
         self.failed = 0
@@ -224,9 +239,18 @@ class Subscription:
             return
         self._active = False
         self.bus._remove_subscription(self)
+        # Publishers blocked on this inbox: their event is no longer owed to it.
+        for waiter, _ in self._putters:
+            if not waiter.done():
+                waiter.set_exception(_Unsubscribed())
+        self._putters.clear()
         if not drain:
             while self._inbox:
                 self._discard(self._inbox.popleft())
+            for chain in self._keys.values():
+                while chain:
+                    self._discard(chain.popleft())
+                    self._inbox.capacity += 1
         self._stopping = True
         self._wake_all()
         if current_subscription.get() is self or not self._workers:
@@ -255,14 +279,12 @@ class Subscription:
 
             return invoke_with_timeout
 
-        bus = self.bus
-
         async def invoke_in_thread(event: Event[Any]) -> Any:
             # Plain functions run in the bus's thread pool, in a copy of this context so that
             # publish_threadsafe() inside them still knows which event caused what.
             context = contextvars.copy_context()
             future = asyncio.get_running_loop().run_in_executor(
-                bus._thread_pool(), context.run, handler, event
+                self._thread_pool(), context.run, handler, event
             )
             if timeout is None:
                 result = await future
@@ -282,6 +304,16 @@ class Subscription:
             return result
 
         return invoke_in_thread
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        # Its own threads, as many as its concurrency: a stuck plain-function handler cannot
+        # starve another subscription, and a call abandoned by `timeout=` keeps its thread, so
+        # the next call waits for it instead of overlapping it.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.concurrency, thread_name_prefix=f"eventwire-{self.name}"
+            )
+        return self._executor
 
     # -- workers ------------------------------------------------------------------------
 
@@ -382,7 +414,11 @@ class Subscription:
                 else:
                     result = await invoke(self._convert(event))
             except Exception as error:
-                failure: Exception | None = error
+                failure: BaseException | None = error
+            except asyncio.CancelledError as error:
+                if _being_cancelled():
+                    raise
+                failure = error  # something the handler awaited was cancelled: a failure
             else:
                 failure = None
                 self.handled += 1
@@ -416,7 +452,7 @@ class Subscription:
         current_event.set(typed)
         return typed
 
-    async def _failed(self, event: Event[Any], error: Exception) -> None:
+    async def _failed(self, event: Event[Any], error: BaseException) -> None:
         attempt = 1
         retry = self.retry
         while True:
@@ -446,6 +482,11 @@ class Subscription:
             except Exception as again:
                 error = again
                 continue
+            except asyncio.CancelledError as again:
+                if _being_cancelled():
+                    raise
+                error = again
+                continue
             self.handled += 1
             if event._reply_to is not None:
                 self.bus._reply(self, event, result, None)
@@ -459,6 +500,17 @@ class Subscription:
 
     def _discard(self, event: Event[Any]) -> None:
         self.dropped += 1
+        if event._reply_to is not None:
+            self.bus._reply(
+                self,
+                event,
+                None,
+                InboxFullError(
+                    f"subscription {self.name!r} dropped the request without handling it",
+                    subscription=self.name,
+                    event=event,
+                ),
+            )
         epoch = event._epoch
         if epoch is not None:
             epoch.pending -= 1
@@ -466,7 +518,13 @@ class Subscription:
                 epoch.settle()
 
     def _drop_oldest_for(self, event: Event[Any]) -> None:
-        oldest = self._inbox.popleft()
+        if self._inbox:
+            oldest = self._inbox.popleft()
+        else:
+            # All the room is taken by events waiting behind busy keys: drop the oldest.
+            chain = min((c for c in self._keys.values() if c), key=lambda c: c[0]._seq)
+            oldest = chain.popleft()
+            self._inbox.capacity += 1
         self._discard(oldest)
         if self.dropped == 1 or self.dropped % 1000 == 0:
             logger.warning(
@@ -488,17 +546,20 @@ class Subscription:
             event=event,
         )
 
-    async def _put_waiting(self, event: Event[Any], timeout: float | None) -> None:
-        """Wait for room (overflow='block'), first come first served."""
-        if current_subscription.get() is self and self.concurrency == 1:
+    async def _put_waiting(
+        self, event: Event[Any], timeout: float | None, waiter: asyncio.Future[None]
+    ) -> None:
+        """Wait for room (overflow='block'), first come first served. `waiter` is resolved
+        once the event is let into the inbox."""
+        own = current_subscription.get() is self
+        if own and self._self_blocked + 1 >= self.concurrency:
             raise self._full_error(
                 event,
-                "its own handler is publishing to it and waiting for room would deadlock; "
-                "raise max_pending, or use overflow='drop_oldest' or 'error'",
+                "its own handler is publishing to it, and with every worker waiting for room "
+                "it would deadlock; raise max_pending, or use overflow='drop_oldest' or 'error'",
             )
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
         self._putters.append((waiter, event))
+        self._self_blocked += own
         try:
             if timeout is None:
                 await waiter
@@ -512,9 +573,10 @@ class Subscription:
                 f"publish to {event._topic!r} waited {timeout}s for room in the full inbox of "
                 f"subscription {self.name!r} (max_pending={self.max_pending}); that subscriber "
                 "is slow or stuck. Raise publish_timeout or max_pending, or choose "
-                "overflow='drop_oldest'"
+                "overflow='drop_oldest' or 'error' for it"
             ) from None
         finally:
+            self._self_blocked -= own
             if not waiter.done():
                 waiter.cancel()
 
@@ -545,4 +607,6 @@ class Subscription:
                     )
                 )
         self._putters.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         return left

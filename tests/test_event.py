@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import gc
 import uuid
+import weakref
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -118,10 +121,26 @@ def test_generic_alias_for_annotations() -> None:
     assert "topic='t'" in repr(event)
 
 
-def test_events_cost_the_garbage_collector_nothing() -> None:
-    import gc
-
+def test_plain_value_events_skip_the_garbage_collector() -> None:
     from eventwire.event import new_event
 
-    assert not gc.is_tracked(Event("t", {"a": [1]}))
-    assert not gc.is_tracked(new_event("t", {"a": [1]}, None, None, None, None))
+    assert not gc.is_tracked(Event("t", 42, {"user": "u-1"}))
+    assert not gc.is_tracked(new_event("t", "text", None, None, None, None))
+    # anything that could lead back to the event is visible to the collector
+    assert gc.is_tracked(Event("t", {"a": [1]}))
+    assert gc.is_tracked(Event("t", 1, {"nested": {"a": 1}}))
+    assert gc.is_tracked(new_event("t", [1], None, None, None, None))
+
+
+class Holder:
+    event: Any = None
+
+
+def test_reference_cycles_through_an_event_are_collected() -> None:
+    holder = Holder()
+    event = Event("t", holder)
+    holder.event = event  # event -> payload -> event
+    probe = weakref.ref(holder)
+    del holder, event
+    gc.collect()
+    assert probe() is None
