@@ -8,6 +8,7 @@ import contextlib
 import inspect
 import logging
 import secrets
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from time import time_ns
@@ -101,8 +102,9 @@ class _GroupRoute:
         members = self.members
         count = len(members)
         if key is not None:
-            # Same key, same member: per-key order holds across the group.
-            return members[hash(key) % count]._inbox
+            # Same key, same member: per-key order holds across the group. crc32, not hash():
+            # the same in every process, whatever its hash seed.
+            return members[zlib.crc32(key.encode()) % count]._inbox
         start = self.next
         for offset in range(count):
             inbox = members[(start + offset) % count]._inbox
