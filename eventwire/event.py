@@ -317,24 +317,8 @@ def new_event(
     reply_to: str | None = None,
 ) -> Event[Any]:
     """The bus's fast constructor: skips argument checks that publish already made."""
-    cls = _event_class(payload, metadata)
-    if parent is None:
-        return _build(  # type: ignore[no-any-return]
-            cls,
-            topic,
-            payload,
-            _freeze(metadata) if metadata else _EMPTY_METADATA,
-            key,
-            source,
-            time.time_ns(),
-            next(_sequence),
-            None,
-            None,
-            None,
-            reply_to,
-        )
     return _build(  # type: ignore[no-any-return]
-        cls,
+        _event_class(payload, metadata),
         topic,
         payload,
         _freeze(metadata) if metadata else _EMPTY_METADATA,
@@ -343,7 +327,7 @@ def new_event(
         time.time_ns(),
         next(_sequence),
         None,
-        parent.correlation_id,
-        parent.id,
+        None if parent is None else parent.correlation_id,
+        None if parent is None else parent.id,
         reply_to,
     )
