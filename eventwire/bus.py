@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import inspect
 import logging
+import os
 import secrets
 import zlib
 from collections.abc import Callable, Mapping
@@ -59,6 +60,9 @@ A = TypeVar("A", bound="Agent")
 _ROUTE_CACHE_LIMIT = 100_000
 
 _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
+
+# Read by EventBus() when no URL is given, so that one app runs unchanged on any backend.
+URL_ENVIRONMENT_VARIABLE = "EVENTWIRE_URL"
 
 
 class _Epoch:
@@ -227,7 +231,8 @@ class CloseReport:
 class EventBus:
     """Publish events on topics; subscribe handlers to topic patterns.
 
-    ``EventBus()`` (or ``EventBus("memory://")``) is the in-process bus. Use it as
+    ``EventBus()`` is the in-process bus (``memory://``), unless the ``EVENTWIRE_URL``
+    environment variable names another. Use it as
     ``async with bus:``: that starts the workers, and on exit waits for queued work (up to
     `close_grace` seconds) and closes. `publish_timeout` bounds how long `publish` waits for
     room in a full inbox (None waits for ever).
@@ -235,12 +240,12 @@ class EventBus:
 
     def __init__(
         self,
-        url: str = "memory://",
+        url: str | None = None,
         *,
         publish_timeout: float | None = 30.0,
         close_grace: float = 10.0,
     ) -> None:
-        self.url = resolve_url(url)
+        self.url = resolve_url(url or os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://")
         if publish_timeout is not None and publish_timeout <= 0:
             raise ValueError(f"publish_timeout must be > 0 seconds or None, got {publish_timeout}")
         if close_grace < 0:

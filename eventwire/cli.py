@@ -81,6 +81,51 @@ def demo(
         raise typer.Exit(1) from None
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  eventwire run myapp.agents:bus\n\n"
+        "  eventwire run myapp.agents:bus --grace 30"
+    )
+)
+def run(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="Where the bus is: 'module:attribute', e.g. 'myapp.agents:bus'. The module "
+            "is imported from the current directory or the installed packages.",
+            show_default=False,
+        ),
+    ],
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="Bus URL to use instead of the app's own (sets EVENTWIRE_URL before import).",
+        ),
+    ] = None,
+    grace: Annotated[
+        float,
+        typer.Option(help="Seconds to let queued work finish on SIGTERM / Ctrl-C."),
+    ] = 10.0,
+) -> None:
+    """Run every agent and subscription registered on a bus until SIGTERM or Ctrl-C.
+
+    Prints one status line on start, then shuts down gracefully on a signal: new events stop,
+    queued and in-flight work gets --grace seconds, and whatever is left is reported.
+    """
+    from eventwire.runner import RunError, run_bus
+
+    console = _console()
+    try:
+        clean = asyncio.run(run_bus(target, url=url, grace=grace, console=console))
+    except RunError as error:
+        console.print(f"error: {error}", markup=False, style="bold red")
+        raise typer.Exit(2) from None
+    if not clean:
+        raise typer.Exit(1)
+
+
 @app.command()
 def version() -> None:
     """Print the installed eventwire version.
