@@ -245,7 +245,9 @@ class EventBus:
         publish_timeout: float | None = 30.0,
         close_grace: float = 10.0,
     ) -> None:
-        self.url = resolve_url(url or os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://")
+        if url is None:
+            url = os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://"
+        self.url = resolve_url(url)
         if publish_timeout is not None and publish_timeout <= 0:
             raise ValueError(f"publish_timeout must be > 0 seconds or None, got {publish_timeout}")
         if close_grace < 0:
