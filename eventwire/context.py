@@ -15,8 +15,3 @@ current_event: ContextVar[Event[Any] | None] = ContextVar("eventwire_event", def
 current_subscription: ContextVar[Subscription | None] = ContextVar(
     "eventwire_subscription", default=None
 )
-
-
-def handling() -> tuple[Event[Any] | None, Subscription | None]:
-    """The event being handled and its subscription, or (None, None) outside handlers."""
-    return current_event.get(), current_subscription.get()
