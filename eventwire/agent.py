@@ -148,11 +148,4 @@ class Agent:
         timeout: float | None,
     ) -> Any:
         """`EventBus.request` through the agent's bus, with `source` set to this agent."""
-        bus = self.bus
-        parent = current_event.get()
-        if not bus.running:
-            bus._check_accepting(parent)
-        event = new_event(
-            topic, payload, metadata, key, parent, self.name, reply_to=bus._reply_topic
-        )
-        return await bus._request(event, parent, timeout)
+        return await self.bus._request_as(topic, payload, metadata, key, timeout, source=self.name)

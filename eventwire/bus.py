@@ -913,19 +913,27 @@ class EventBus:
         (naming the handler, with its exception as `__cause__`) if the handlers failed,
         and `NoReplyError` if nothing matches the topic or every handler returned None.
         """
+        return await self._request_as(topic, payload, metadata, key, timeout, source=None)
+
+    async def _request_as(
+        self,
+        topic: str,
+        payload: Any,
+        metadata: Mapping[str, Any] | None,
+        key: str | None,
+        timeout: float | None,
+        *,
+        source: str | None,
+    ) -> Any:
+        """`request` with `source` given (an agent's name) or, when None, taken from the
+        handler running this code."""
         parent = current_event.get()
         if self._state != _RUNNING:
             self._check_accepting(parent)
-        subscription = current_subscription.get() if parent is not None else None
-        event = new_event(
-            topic,
-            payload,
-            metadata,
-            key,
-            parent,
-            subscription.source if subscription is not None else None,
-            reply_to=self._reply_topic,
-        )
+        if source is None and parent is not None:
+            subscription = current_subscription.get()
+            source = subscription.source if subscription is not None else None
+        event = new_event(topic, payload, metadata, key, parent, source, reply_to=self._reply_topic)
         return await self._request(event, parent, timeout)
 
     async def _request(
