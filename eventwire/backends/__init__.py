@@ -1,13 +1,18 @@
-"""Where events travel. Each backend is one module behind one interface; the bus picks one
-from its URL. Today the in-process ``memory://`` backend is built into the bus, and the
-``sqlite://`` storage layer exists (`sqlite_log`); the broker backends (sqlite, redis, nats,
-amqp) are being built behind this module (see docs/design-backends.md)."""
+"""Where events travel. Each backend is one module behind one interface (`base.Backend`);
+the bus picks one from its URL. ``memory://`` (the default) needs none: the bus delivers
+in-process itself."""
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+from urllib.parse import SplitResult, parse_qsl, urlsplit
+
+if TYPE_CHECKING:
+    from eventwire.backends.base import Backend
 
 MEMORY = "memory"
 
@@ -17,8 +22,14 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "nats": ("nats", "nats"),
     "amqp": ("aio_pika", "rabbitmq"),
 }
-# Broker schemes the project is building; named here so their URLs get an honest error.
-PLANNED_SCHEMES = ("sqlite", "redis", "nats", "amqp")
+# scheme -> module of eventwire.backends that implements it
+_MODULES: dict[str, str] = {
+    "sqlite": "sqlite",
+    "redis": "redis",
+    "nats": "nats",
+    "amqp": "amqp",
+}
+SCHEMES = ("memory", *_MODULES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +43,7 @@ class BusURL:
     path: str
     username: str | None
     password: str | None
+    query: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _redact(parts: SplitResult) -> str:
@@ -66,6 +78,7 @@ def parse_url(url: str) -> BusURL:
         path=parts.path,
         username=parts.username,
         password=parts.password,
+        query=MappingProxyType(dict(parse_qsl(parts.query))),
     )
 
 
@@ -80,15 +93,37 @@ def require_extra(scheme: str) -> None:
 
 
 def resolve_url(url: str) -> str:
-    """Normalise and check a bus URL; raise `ValueError` naming what is wrong."""
+    """Check a bus URL (and that its backend's client is installed); return it normalised.
+    Raises `ValueError` naming what is wrong, `ImportError` naming the extra to install."""
     parsed = parse_url(url)
     if parsed.scheme == MEMORY:
         return "memory://"
-    if parsed.scheme in PLANNED_SCHEMES:
+    if parsed.scheme not in _MODULES:
         raise ValueError(
-            f"the {parsed.scheme}:// backend is not available in this version of eventwire; "
-            "use 'memory://' (the in-process default)"
+            f"unknown bus URL scheme {parsed.scheme!r} in {parsed.redacted!r}; supported: "
+            + ", ".join(f"'{scheme}://'" for scheme in SCHEMES)
         )
-    raise ValueError(
-        f"unknown bus URL scheme {parsed.scheme!r} in {parsed.redacted!r}; supported: 'memory://'"
+    require_extra(parsed.scheme)
+    return url
+
+
+def open_backend(url: str) -> Backend | None:
+    """The backend for `url` (not yet connected), or None for the in-process bus."""
+    parsed = parse_url(resolve_url(url))
+    if parsed.scheme == MEMORY:
+        return None
+    from importlib import import_module
+
+    from eventwire.backends.base import Backend
+
+    module = import_module(f"eventwire.backends.{_MODULES[parsed.scheme]}")
+    backend_class = next(
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, Backend)
+        and value is not Backend
+        and getattr(value, "scheme", None) == parsed.scheme
     )
+    backend: Backend = backend_class(parsed)
+    return backend
