@@ -12,12 +12,23 @@ import secrets
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from time import time_ns
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from eventwire.backends import resolve_url
+from eventwire.backends import open_backend, resolve_url
+from eventwire.backends.base import (
+    Backend,
+    BackendCapabilityError,
+    ConsumerSpec,
+    Delivery,
+    Message,
+    Start,
+)
 from eventwire.context import current_event, current_subscription
+from eventwire.durable import BatchPublisher, Feeder, foreign_dead_letter
+from eventwire.envelope import DEFAULT_MAX_BYTES, EnvelopeError, encode
 from eventwire.errors import (
     BusClosedError,
     BusNotRunningError,
@@ -25,6 +36,7 @@ from eventwire.errors import (
     InboxFullError,
     NoReplyError,
     PublishTimeoutError,
+    RemoteHandlerError,
 )
 from eventwire.event import _ATOMIC as ATOMIC_TYPES
 from eventwire.event import _EMPTY_METADATA as EMPTY_METADATA
@@ -45,7 +57,14 @@ from eventwire.subscription import (
     SubscriptionStats,
     _Unsubscribed,
 )
-from eventwire.topics import SINGLE, TAIL, TopicTrie, validate_pattern, validate_topic
+from eventwire.topics import (
+    SINGLE,
+    TAIL,
+    TopicTrie,
+    pattern_matches,
+    validate_pattern,
+    validate_topic,
+)
 
 if TYPE_CHECKING:
     from eventwire.agent import Agent
@@ -60,6 +79,9 @@ A = TypeVar("A", bound="Agent")
 _ROUTE_CACHE_LIMIT = 100_000
 
 _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
+
+# Topics of request replies: one per requesting bus.
+_REPLY_PREFIX = "_bus.reply."
 
 # Read by EventBus() when no URL is given, so that one app runs unchanged on any backend.
 URL_ENVIRONMENT_VARIABLE = "EVENTWIRE_URL"
@@ -189,11 +211,11 @@ class _PendingRequest:
             return
         if self.error is not None:
             name, error = self.error
+            kind = getattr(error, "error_type", None) or type(error).__name__
             failure = HandlerError(
-                f"request on {self.topic!r} failed in handler {name!r}: "
-                f"{type(error).__name__}: {error}",
+                f"request on {self.topic!r} failed in handler {name!r}: {kind}: {error}",
                 subscription=name,
-                error=f"{type(error).__name__}: {error}",
+                error=f"{kind}: {error}",
             )
             failure.__cause__ = error
             self.future.set_exception(failure)
@@ -244,10 +266,17 @@ class EventBus:
         *,
         publish_timeout: float | None = 30.0,
         close_grace: float = 10.0,
+        redeliver_after: float = 30.0,
+        max_event_bytes: int | None = DEFAULT_MAX_BYTES,
     ) -> None:
         if url is None:
             url = os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://"
         self.url = resolve_url(url)
+        self._backend: Backend | None = open_backend(self.url)
+        if not redeliver_after > 0:
+            raise ValueError(f"redeliver_after must be > 0 seconds, got {redeliver_after!r}")
+        self.redeliver_after = redeliver_after
+        self.max_event_bytes = max_event_bytes
         if publish_timeout is not None and publish_timeout <= 0:
             raise ValueError(f"publish_timeout must be > 0 seconds or None, got {publish_timeout}")
         if close_grace < 0:
@@ -262,16 +291,26 @@ class EventBus:
         self._epoch = _Epoch()
         self._epochs: list[_Epoch] = [self._epoch]
         self._requests: dict[str, _PendingRequest] = {}
-        self._reply_topic = f"_bus.reply.{secrets.token_hex(6)}"
+        self._reply_topic = f"{_REPLY_PREFIX}{secrets.token_hex(6)}"
         # Unsubscribed subscriptions whose workers still finish queued events.
         self._draining: set[Subscription] = set()
         self._agents: dict[str, Agent] = {}
         self._close_report: CloseReport | None = None
         self._closed = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        # Broker backends only.
+        self._publisher: BatchPublisher | None = None
+        self._opening: set[asyncio.Task[None]] = set()
+        self._reply_subscription: Subscription | None = None
 
     def __repr__(self) -> str:
-        return f"<EventBus {self.url} {self._state}, {len(self._subscriptions)} subscriptions>"
+        where = self._backend.url.redacted if self._backend is not None else self.url
+        return f"<EventBus {where} {self._state}, {len(self._subscriptions)} subscriptions>"
+
+    @property
+    def backend(self) -> Backend | None:
+        """The broker backend, or None for the in-process bus."""
+        return self._backend
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -287,9 +326,20 @@ class EventBus:
         if self._state != _NEW:
             raise BusClosedError("this EventBus was closed and cannot restart; create a new one")
         self._loop = asyncio.get_running_loop()
+        if self._backend is not None:
+            await self._backend.connect()
+            self._publisher = BatchPublisher(self._backend)
+            try:
+                for subscription in list(self._subscriptions.values()):
+                    await self._open_feeder(subscription)
+            except BaseException:
+                await self._backend.close()
+                raise
         self._state = _RUNNING
         for subscription in list(self._subscriptions.values()):
             subscription._start(self._loop)
+            if subscription._feeder is not None:
+                subscription._feeder.start()
         for agent in list(self._agents.values()):
             await agent.on_start()
 
@@ -340,6 +390,10 @@ class EventBus:
         started = loop.time()
         try:
             async with asyncio.timeout(grace):
+                # Broker backends: fetch no more; finish what this process holds.
+                for subscription in list(self._subscriptions.values()):
+                    if subscription._feeder is not None:
+                        await subscription._feeder.stop_fetching()
                 for epoch in list(self._epochs):
                     await epoch.wait()
         except TimeoutError:
@@ -368,12 +422,19 @@ class EventBus:
             for event, state in subscription._stop_now():
                 unhandled.append(UnhandledEvent(subscription.name, event, state))  # type: ignore[arg-type]
             workers.extend(subscription._workers)
+        feeders = [
+            s._feeder
+            for s in [*self._subscriptions.values(), *self._draining]
+            if s._feeder is not None
+        ]
         self._draining.clear()
         if workers:
             # Bounded: a handler that swallows its cancellation must not hang close().
             _, stubborn = await asyncio.wait(workers, timeout=1.0)
             for task in stubborn:
                 logger.error("eventwire: %s ignored cancellation at close", task.get_name())
+        if self._backend is not None:
+            await self._close_backend(feeders)
         for pending in self._requests.values():
             if not pending.future.done():
                 pending.future.set_exception(
@@ -394,7 +455,25 @@ class EventBus:
         self._closed.set()
         return self._close_report
 
-    def _background_done(self, task: asyncio.Task[None]) -> None:
+    async def _close_backend(self, feeders: list[Feeder]) -> None:
+        """Acknowledge what was handled, give back what was not, disconnect."""
+        assert self._backend is not None
+        for task in list(self._opening):
+            task.cancel()
+        try:
+            for feeder in feeders:
+                await feeder.close()
+            if self._publisher is not None:
+                await self._publisher.close()
+        finally:
+            await self._backend.close()
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a background task alive until done, and log it if it fails."""
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("eventwire: %s failed", task.get_name(), exc_info=task.exception())
@@ -414,6 +493,8 @@ class EventBus:
         timeout: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         overflow: Overflow = "block",
+        start: Start = "latest",
+        idempotent: bool = False,
     ) -> Callable[[H], H]: ...
 
     @overload
@@ -429,6 +510,8 @@ class EventBus:
         timeout: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         overflow: Overflow = "block",
+        start: Start = "latest",
+        idempotent: bool = False,
     ) -> Subscription: ...
 
     def subscribe(
@@ -443,6 +526,8 @@ class EventBus:
         timeout: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         overflow: Overflow = "block",
+        start: Start = "latest",
+        idempotent: bool = False,
     ) -> Subscription | Callable[[H], H]:
         """Subscribe `handler` to every topic matching `pattern`.
 
@@ -454,6 +539,15 @@ class EventBus:
         `timeout` govern failures; `max_pending` bounds the inbox and `overflow` says what a
         publish does when it is full: ``"block"`` waits, ``"drop_oldest"`` drops the oldest
         queued event (counted), ``"error"`` raises `InboxFullError`.
+
+        On a broker backend the subscription is durable: `name` (or `group`) is its identity
+        on the broker, every process running it shares its events, and it resumes after a
+        restart. A new one starts with events published from now on (``start="latest"``), or
+        replays what the broker holds: ``start="earliest"`` or a timezone-aware `datetime`.
+        `idempotent` records handled event ids in the broker, so that an event delivered again
+        after its handler succeeded (the process died before acknowledging it) is skipped.
+        There, `max_pending` bounds how many events this process holds at once; the rest of
+        the backlog waits in the broker, and `overflow` does not apply.
         """
         options: dict[str, Any] = dict(
             name=name,
@@ -463,6 +557,8 @@ class EventBus:
             timeout=timeout,
             max_pending=max_pending,
             overflow=overflow,
+            start=start,
+            idempotent=idempotent,
         )
         if handler is None:
             validate_pattern(pattern)
@@ -489,6 +585,8 @@ class EventBus:
         max_pending: int,
         overflow: Overflow,
         source: str | None = None,
+        start: Start = "latest",
+        idempotent: bool = False,
     ) -> Subscription:
         if self._state in (_CLOSING, _CLOSED):
             raise BusClosedError(f"cannot subscribe to {pattern!r}: the bus is {self._state}")
@@ -509,6 +607,7 @@ class EventBus:
             raise TypeError(f"retry must be a Retry(...), got {type(retry).__name__}")
         if group is not None and (not isinstance(group, str) or not group):
             raise ValueError(f"group must be a non-empty str or None, got {group!r}")
+        self._check_start(start)
         if name is None:
             name = self._unique_default_name(_default_name(handler))
         elif not isinstance(name, str) or not name:
@@ -533,14 +632,91 @@ class EventBus:
             overflow=overflow,
             source=source or name,
             converter=converter,
+            start=start,
+            idempotent=bool(idempotent),
         )
         self._subscriptions[name] = subscription
+        if self._backend is not None:
+            subscription._feeder = Feeder(self, subscription, self._consumer_spec(subscription))
+            if self._state == _RUNNING:
+                # Opened before any later publish of this process goes out (publish waits
+                # for it), so a new subscription sees every event published after it.
+                opening = asyncio.get_running_loop().create_task(
+                    self._open_and_start(subscription), name=f"eventwire:{name}:open"
+                )
+                self._opening.add(opening)
+                opening.add_done_callback(self._opening.discard)
+                self._track(opening)
+            return subscription
         self._trie.add(pattern, subscription)
         self._refresh_routes(pattern)
         if self._state == _RUNNING:
             assert self._loop is not None
             subscription._start(self._loop)
         return subscription
+
+    def _check_start(self, start: Start) -> None:
+        if isinstance(start, datetime):
+            if start.tzinfo is None:
+                raise ValueError(
+                    "start= datetime must be timezone-aware, e.g. datetime.now(timezone.utc)"
+                )
+        elif start not in ("latest", "earliest"):
+            raise ValueError(f"start must be 'latest', 'earliest' or a datetime, got {start!r}")
+        if start == "latest":
+            return
+        if self._backend is None:
+            raise BackendCapabilityError(
+                f"start={start!r} replays history, and the in-process bus keeps none; use a "
+                "durable backend such as 'sqlite:///bus.db', or start='latest'"
+            )
+        if not self._backend.capabilities.replay:
+            raise BackendCapabilityError(
+                f"start={start!r} replays history, which the {self._backend.scheme}:// backend "
+                "cannot do (see the capability table in the README); use start='latest'"
+            )
+
+    def _consumer_spec(self, subscription: Subscription) -> ConsumerSpec:
+        return ConsumerSpec(
+            name=subscription.group or subscription.name,
+            pattern=subscription.pattern,
+            start=subscription.start,
+            ack_wait=self.redeliver_after,
+            ephemeral=subscription.pattern.startswith(_REPLY_PREFIX),
+        )
+
+    async def _open_feeder(self, subscription: Subscription) -> None:
+        feeder = subscription._feeder
+        assert feeder is not None
+        if subscription.idempotent and not self._backend_or_fail().capabilities.idempotent:
+            raise BackendCapabilityError(
+                f"subscription {subscription.name!r} is idempotent=True, but the "
+                f"{self._backend_or_fail().scheme}:// backend cannot record handled event ids"
+            )
+        await feeder.open()
+
+    async def _open_and_start(self, subscription: Subscription) -> None:
+        try:
+            await self._open_feeder(subscription)
+        except Exception:
+            logger.exception(
+                "eventwire: could not open the durable subscription %s on %s",
+                subscription.name,
+                self._backend_or_fail().url.redacted,
+            )
+            subscription._active = False
+            self._subscriptions.pop(subscription.name, None)
+            raise
+        if self._state == _RUNNING and subscription._active:
+            assert self._loop is not None
+            assert subscription._feeder is not None
+            subscription._start(self._loop)
+            subscription._feeder.start()
+
+    def _backend_or_fail(self) -> Backend:
+        if self._backend is None:
+            raise RuntimeError("this bus runs in-process and has no broker backend")
+        return self._backend
 
     def _unique_default_name(self, base: str) -> str:
         if base not in self._subscriptions:
@@ -557,6 +733,8 @@ class EventBus:
             self._draining.add(subscription)
             gathered = asyncio.gather(*subscription._workers, return_exceptions=True)
             gathered.add_done_callback(lambda _: self._draining.discard(subscription))
+        if subscription._feeder is not None:
+            return  # not in the trie: its events come from the broker
         self._trie.remove(subscription.pattern, subscription)
         self._refresh_routes(subscription.pattern)
 
@@ -580,9 +758,9 @@ class EventBus:
         self._agents[agent.name] = agent
         if self._state == _RUNNING:
             assert self._loop is not None
-            task = self._loop.create_task(agent.on_start(), name=f"eventwire:{agent.name}.on_start")
-            self._background.add(task)
-            task.add_done_callback(self._background_done)
+            self._track(
+                self._loop.create_task(agent.on_start(), name=f"eventwire:{agent.name}.on_start")
+            )
         return agent
 
     def stats(self) -> dict[str, SubscriptionStats]:
@@ -674,10 +852,35 @@ class EventBus:
                 event = new_event(topic_or_event, payload, metadata, key, parent, source)
         else:
             event = self._adopt(topic_or_event, payload, metadata, key, parent)
+        if self._backend is not None:
+            await self._store(event)
+            return event
         queued = self._enqueue(event, parent)
         if type(queued) is _Stall:
             await self._enqueue_waiting(queued)
         return event
+
+    async def _store(self, event: Event[Any]) -> None:
+        """Broker backends: return once the broker has stored `event`."""
+        assert self._publisher is not None
+        assert self._backend is not None
+        validate_topic(event._topic)
+        # Encoded first: a payload with no JSON form fails here, before anything is sent.
+        message = Message(
+            event.id, event._topic, event._key, encode(event, max_bytes=self.max_event_bytes)
+        )
+        if self._opening:
+            # Subscriptions made earlier by this process must exist before their events do.
+            await asyncio.gather(*self._opening, return_exceptions=True)
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                await self._publisher.publish(message)
+        except TimeoutError:
+            raise PublishTimeoutError(
+                f"publish to {event._topic!r} was not confirmed stored by "
+                f"{self._backend.url.redacted} within publish_timeout={self.publish_timeout}s "
+                "(is the broker reachable?); it may or may not have been stored"
+            ) from None
 
     def _adopt(
         self,
@@ -728,6 +931,9 @@ class EventBus:
 
     async def _dispatch(self, event: Event[Any], parent: Event[Any] | None) -> int:
         """Queue `event` for every matching subscription; the number of deliveries."""
+        if self._backend is not None:
+            await self._store(event)
+            return 1
         queued = self._enqueue(event, parent)
         if type(queued) is _Stall:
             await self._enqueue_waiting(queued)
@@ -872,6 +1078,9 @@ class EventBus:
                 "drain() was called from inside a handler and would wait for that handler "
                 "itself; call it from the code that publishes"
             )
+        if self._backend is not None:
+            await self._drain_durable(timeout)
+            return
         owed = [epoch for epoch in self._epochs if epoch.pending]
         for epoch in self._epochs:
             if not epoch.pending:
@@ -896,6 +1105,43 @@ class EventBus:
             raise TimeoutError(
                 f"drain() timed out after {timeout}s with "
                 f"{sum(e.pending for e in owed)} deliveries still owed: {detail or 'none queued'}"
+            ) from None
+
+    async def _drain_durable(self, timeout: float | None) -> None:
+        """Broker backends: wait until no durable subscription of the namespace, in any
+        process, has events waiting or being handled (replies to requests excepted)."""
+        backend = self._backend_or_fail()
+        owed: list[str] = []
+        pause = 0.002
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    if self._opening:
+                        await asyncio.gather(*self._opening, return_exceptions=True)
+                    if self._publisher is not None:
+                        await self._publisher.close()  # what is being sent counts
+                    local = sum(epoch.pending for epoch in self._epochs)
+                    if not local:
+                        owed = [
+                            f"{info.name} ({info.outstanding})"
+                            for info in await backend.consumers()
+                            if info.outstanding and not info.pattern.startswith(_REPLY_PREFIX)
+                        ]
+                        if not owed and not sum(epoch.pending for epoch in self._epochs):
+                            return
+                    else:
+                        owed = [
+                            f"{name} ({stats.queued} queued, {stats.in_flight} in flight here)"
+                            for name, stats in self.stats().items()
+                            if stats.queued or stats.in_flight
+                        ]
+                    # Other processes' progress has no event to wait on: poll, backing off.
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+        except TimeoutError:
+            raise TimeoutError(
+                f"drain() timed out after {timeout}s with events still owed on "
+                f"{backend.url.redacted}: {', '.join(owed) or 'none seen'}"
             ) from None
 
     async def request(
@@ -941,6 +1187,8 @@ class EventBus:
     ) -> Any:
         loop = asyncio.get_running_loop()
         pending = _PendingRequest(loop.create_future(), event.topic)
+        if self._backend is not None:
+            return await self._request_durable(event, pending, timeout)
         self._requests[event.id] = pending
         try:
             route = self._route(event.topic)
@@ -956,19 +1204,116 @@ class EventBus:
             else:
                 pending.delivered = [i.subscription.name for i in route]
             pending.expected = count
-            pending.check_complete()
-            try:
-                async with asyncio.timeout(timeout) as scope:
-                    return await asyncio.shield(pending.future)
-            except TimeoutError:
-                if not scope.expired():
-                    raise
-                raise TimeoutError(
-                    f"no reply to request on {event.topic!r} within {timeout}s; it reached "
-                    f"{', '.join(pending.delivered)} and {pending.finished} of them finished"
-                ) from None
+            return await self._await_reply(event, pending, timeout)
         finally:
             self._requests.pop(event.id, None)
+
+    async def _await_reply(
+        self, event: Event[Any], pending: _PendingRequest, timeout: float | None
+    ) -> Any:
+        pending.check_complete()
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                return await asyncio.shield(pending.future)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise TimeoutError(
+                f"no reply to request on {event.topic!r} within {timeout}s; it reached "
+                f"{', '.join(pending.delivered) or 'no known subscription'} and "
+                f"{pending.finished} of them finished"
+            ) from None
+
+    async def _request_durable(
+        self, event: Event[Any], pending: _PendingRequest, timeout: float | None
+    ) -> Any:
+        """Broker backends: the request goes through the broker to whichever process runs
+        each matching subscription; replies come back on this bus's own reply topic."""
+        backend = self._backend_or_fail()
+        if self._reply_subscription is None:
+            self._reply_subscription = self._subscribe(
+                self._reply_topic,
+                self._on_reply,
+                name=self._reply_topic,
+                group=None,
+                concurrency=1,
+                retry=None,
+                timeout=None,
+                max_pending=DEFAULT_MAX_PENDING,
+                overflow="block",
+            )
+        if self._opening:
+            await asyncio.gather(*self._opening, return_exceptions=True)
+        reached = sorted(
+            {
+                info.name
+                for info in await backend.consumers()
+                if not info.pattern.startswith(_REPLY_PREFIX)
+                and pattern_matches(info.pattern, event.topic)
+            }
+        )
+        complete = backend.capabilities.cross_process_drain
+        if not reached and complete:
+            raise NoReplyError(
+                f"no subscription matches {event.topic!r} on {backend.url.redacted}, so nothing "
+                "can answer this request; subscribe a handler to it first"
+            )
+        pending.delivered = reached
+        # Where the broker cannot list its consumers, the first reply wins, or the timeout.
+        pending.expected = len(reached) if complete else None
+        self._requests[event.id] = pending
+        try:
+            await self._store(event)
+            return await self._await_reply(event, pending, timeout)
+        finally:
+            self._requests.pop(event.id, None)
+
+    async def _on_reply(self, event: Event[Any]) -> None:
+        reply = event.payload
+        if not isinstance(reply, dict):
+            return
+        pending = self._requests.get(str(reply.get("request")))
+        if pending is None:
+            return  # its requester gave up (timeout) or it is a late second answer
+        error = reply.get("error")
+        pending.outcome(
+            str(reply.get("subscription")),
+            reply.get("result"),
+            RemoteHandlerError(str(error), str(reply.get("error_type"))) if error else None,
+        )
+
+    async def _send_reply(
+        self,
+        subscription: Subscription,
+        event: Event[Any],
+        result: Any,
+        error: BaseException | None,
+    ) -> None:
+        assert event.reply_to is not None
+        reply: dict[str, Any] = {
+            "request": event.id,
+            "subscription": subscription.group or subscription.name,
+            "result": None,
+            "error": None,
+            "error_type": None,
+        }
+        if error is not None:
+            reply["error"] = str(error)
+            reply["error_type"] = type(error).__name__
+        else:
+            reply["result"] = result
+        try:
+            try:
+                await self.publish(event.reply_to, reply)
+            except (TypeError, ValueError) as unencodable:
+                reply.update(
+                    result=None,
+                    error=f"the reply could not be sent: {unencodable}",
+                    error_type=type(unencodable).__name__,
+                )
+                await self.publish(event.reply_to, reply)
+        except Exception:
+            logger.exception("eventwire: could not send the reply to request %s", event.id)
 
     def _reply(
         self,
@@ -977,6 +1322,14 @@ class EventBus:
         result: Any,
         error: BaseException | None,
     ) -> None:
+        if self._backend is not None:
+            if event._reply_to is not None and event._reply_to.startswith(_REPLY_PREFIX):
+                self._track(
+                    asyncio.get_running_loop().create_task(
+                        self._send_reply(subscription, event, result, error)
+                    )
+                )
+            return
         pending = self._requests.get(event.id)
         if pending is not None:
             pending.outcome(subscription.name, result, error)
@@ -985,7 +1338,9 @@ class EventBus:
 
     async def _dead_letter(
         self, subscription: Subscription, event: Event[Any], error: BaseException, attempts: int
-    ) -> None:
+    ) -> bool:
+        """Publish the dead letter and a `_bus.error` notice; False if a broker backend could
+        not store them (the event then goes back to the broker, to be tried again)."""
         description = f"{type(error).__name__}: {error}"
         logger.error(
             "eventwire: %s gave up on %s %s after %d attempt(s): %s",
@@ -1003,21 +1358,64 @@ class EventBus:
             "attempts": attempts,
         }
         topic = event.topic
+        return await self._publish_dead_letter(
+            subscription,
+            event.id,
+            topic,
+            None if topic.startswith("_dlq.") else (f"_dlq.{topic}", event),
+            details,
+        )
+
+    async def _dead_letter_foreign(
+        self, subscription: Subscription, delivery: Delivery, error: EnvelopeError
+    ) -> bool:
+        """A message on the broker that is not a valid envelope: to the DLQ with the reason."""
+        dlq_topic, payload = foreign_dead_letter(delivery, error)
+        subscription.failed += 1
+        subscription.dead_lettered += 1
+        logger.error(
+            "eventwire: %s received a message on %r that is not an eventwire envelope (%s); "
+            "sent to %s",
+            subscription.name,
+            delivery.topic,
+            error,
+            dlq_topic,
+        )
+        details = {
+            "error": f"EnvelopeError: {error}",
+            "error_type": "EnvelopeError",
+            "subscription": subscription.name,
+            "attempts": 0,
+        }
+        return await self._publish_dead_letter(
+            subscription, None, delivery.topic, (dlq_topic, payload), details
+        )
+
+    async def _publish_dead_letter(
+        self,
+        subscription: Subscription,
+        event_id: str | None,
+        topic: str,
+        letter: tuple[str, Any] | None,
+        details: dict[str, Any],
+    ) -> bool:
         try:
-            if not topic.startswith("_dlq."):
-                await self.publish(f"_dlq.{topic}", event, metadata=details)
+            if letter is not None:
+                await self.publish(letter[0], letter[1], metadata=details)
             if not topic.startswith("_bus."):
                 await self.publish(
                     "_bus.error",
-                    {**details, "topic": topic, "event_id": event.id},
+                    {**details, "topic": topic, "event_id": event_id},
                     metadata={"subscription": subscription.name},
                 )
         except Exception:
             logger.exception(
                 "eventwire: could not publish the dead letter of %s for %s",
-                event.id,
+                event_id or f"a malformed message on {topic!r}",
                 subscription.name,
             )
+            return self._backend is None
+        return True
 
 
 def _default_name(handler: Callable[..., Any]) -> str:

@@ -50,6 +50,14 @@ class HandlerError(EventwireError):
         self.error = error
 
 
+class RemoteHandlerError(EventwireError):
+    """A handler in another process failed; `error_type` names its exception's class."""
+
+    def __init__(self, message: str, error_type: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
 class NoReplyError(EventwireError, LookupError):
     """A request reached no subscription, or every handler finished without a reply."""
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from eventwire.backends.base import Start
 from eventwire.context import current_event, current_subscription
 from eventwire.errors import (
     BusClosedError,
@@ -31,6 +32,7 @@ from eventwire.retry import NO_RETRY, Retry
 
 if TYPE_CHECKING:
     from eventwire.bus import EventBus
+    from eventwire.durable import Feeder
 
 logger = logging.getLogger("eventwire")
 
@@ -126,6 +128,8 @@ class Subscription:
         "_active",
         "_converter",
         "_executor",
+        "_feeder",
+        "_forget",
         "_handling_seconds",
         "_in_flight",
         "_inbox",
@@ -143,6 +147,7 @@ class Subscription:
         "group",
         "handled",
         "handler",
+        "idempotent",
         "max_pending",
         "name",
         "overflow",
@@ -150,6 +155,7 @@ class Subscription:
         "retried",
         "retry",
         "source",
+        "start",
         "timeout",
     )
 
@@ -168,6 +174,8 @@ class Subscription:
         overflow: Overflow,
         source: str,
         converter: PayloadConverter | None,
+        start: Start = "latest",
+        idempotent: bool = False,
     ) -> None:
         self.bus = bus
         self.pattern = pattern
@@ -183,6 +191,13 @@ class Subscription:
         self.source = source
         self._converter = converter
         self._invoke = self._make_invoker(handler)
+        # Where a new durable subscription begins, and whether redeliveries of events it
+        # already handled are skipped (broker backends; see EventBus.subscribe).
+        self.start: Start = start
+        self.idempotent = idempotent
+        # Set on broker backends: fills the inbox from the broker, acknowledges what is done.
+        self._feeder: Feeder | None = None
+        self._forget = False
 
         self._inbox = Inbox(self, max_pending)
         # Publishers waiting for room, oldest first. Invariant: while any wait, the inbox is
@@ -231,12 +246,19 @@ class Subscription:
             handling_seconds=self._handling_seconds,
         )
 
-    async def unsubscribe(self, *, drain: bool = True) -> None:
+    async def unsubscribe(self, *, drain: bool = True, forget: bool = False) -> None:
         """Stop receiving new events. With `drain` (the default) events already queued are
         still handled and this waits for them (unless called from this subscription's own
-        handler); with ``drain=False`` they are discarded and counted as dropped."""
+        handler); with ``drain=False`` they are discarded and counted as dropped.
+
+        On a broker backend the durable subscription stays on the broker, keeping the events
+        published for it until it runs again (here or in another process), and those held
+        here but not handled go back to it. ``forget=True`` removes it from the broker, with
+        its backlog, for every process.
+        """
         if not self._active:
             return
+        self._forget = forget
         self._active = False
         self.bus._remove_subscription(self)
         # Publishers blocked on this inbox: their event is no longer owed to it.
@@ -244,7 +266,14 @@ class Subscription:
             if not waiter.done():
                 waiter.set_exception(_Unsubscribed())
         self._putters.clear()
-        if not drain:
+        feeder = self._feeder
+        if feeder is not None:
+            await feeder.stop_fetching()
+        if not drain and feeder is not None:
+            # Not lost: the feeder gives them back to the broker when it closes.
+            for event in self._take_queued():
+                self._settle_locally(event)
+        elif not drain:
             while self._inbox:
                 self._discard(self._inbox.popleft())
             for chain in self._keys.values():
@@ -254,8 +283,34 @@ class Subscription:
         self._stopping = True
         self._wake_all()
         if current_subscription.get() is self or not self._workers:
+            if feeder is not None:
+                self.bus._track(asyncio.get_running_loop().create_task(self._close_feeder()))
             return
         await asyncio.gather(*self._workers, return_exceptions=True)
+        await self._close_feeder()
+
+    async def _close_feeder(self) -> None:
+        if self._feeder is not None:
+            if current_subscription.get() is self:
+                await asyncio.gather(*self._workers, return_exceptions=True)
+            await self._feeder.close(forget=self._forget)
+
+    def _take_queued(self) -> list[Event[Any]]:
+        """Remove and return every queued (not in-flight) event."""
+        taken = list(self._inbox)
+        self._inbox.clear()
+        for chain in self._keys.values():
+            taken.extend(chain)
+            self._inbox.capacity += len(chain)
+            chain.clear()
+        return taken
+
+    def _settle_locally(self, event: Event[Any]) -> None:
+        epoch = event._epoch
+        if epoch is not None:
+            epoch.pending -= 1
+            if not epoch.pending and epoch.waiters:
+                epoch.settle()
 
     # -- handler invocation -------------------------------------------------------------
 
@@ -353,6 +408,7 @@ class Subscription:
         keys = self._keys if self.concurrency > 1 else None
         invoke = self._invoke
         converter = self._converter
+        feeder = self._feeder
         set_current = current_event.set
         clock = time.perf_counter
         loop = asyncio.get_running_loop()
@@ -424,11 +480,14 @@ class Subscription:
                 self.handled += 1
                 if event._reply_to is not None:
                     self.bus._reply(self, event, result, None)
+            finished = True
             if failure is not None:
                 # Retried outside the `except` block, so that a retry does not run with the
                 # first error as its exception context.
-                await self._failed(event, failure)
+                finished = await self._failed(event, failure)
                 failure = None
+            if feeder is not None:
+                feeder.settled(event, finished)
             epoch = event._epoch
             assert epoch is not None
             epoch.pending -= 1
@@ -452,7 +511,8 @@ class Subscription:
         current_event.set(typed)
         return typed
 
-    async def _failed(self, event: Event[Any], error: BaseException) -> None:
+    async def _failed(self, event: Event[Any], error: BaseException) -> bool:
+        """Retry, then dead-letter; False if the dead letter could not be stored."""
         attempt = 1
         retry = self.retry
         while True:
@@ -490,11 +550,12 @@ class Subscription:
             self.handled += 1
             if event._reply_to is not None:
                 self.bus._reply(self, event, result, None)
-            return
+            return True
         self.dead_lettered += 1
-        await self.bus._dead_letter(self, event, error, attempt)
+        stored = await self.bus._dead_letter(self, event, error, attempt)
         if event._reply_to is not None:
             self.bus._reply(self, event, None, error)
+        return stored
 
     # -- overflow and shutdown ----------------------------------------------------------
 

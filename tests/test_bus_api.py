@@ -17,7 +17,9 @@ def test_memory_url_is_the_default() -> None:
         ("", "non-empty"),
         ("localhost:4222", "malformed bus URL"),
         ("kafka://x:9092", "unknown bus URL scheme 'kafka'"),
-        ("nats://127.0.0.1:4222", "not available in this version"),
+        ("sqlite://", "names no file"),
+        ("sqlite:///x.db?poll=-1", "poll= .* must be > 0"),
+        ("sqlite:///x.db?namespace=a.b", "namespace 'a.b'"),
     ],
 )
 def test_bad_urls_are_rejected(url: str, fragment: str) -> None:

@@ -438,12 +438,13 @@ async def test_handlers_can_subscribe_unsubscribe_and_publish(bus: EventBus) -> 
             bus.subscribe("dyn", dynamic, name="dynamic")
             await bus.publish("dyn", "after-add")
         elif event.payload == "remove":
-            await bus.subscriptions["dynamic"].unsubscribe()
+            # forget: on a broker the durable subscription goes too (memory keeps nothing).
+            await bus.subscriptions["dynamic"].unsubscribe(forget=True)
             await bus.publish("dyn", "after-remove")
 
     async def self_removing(event: Event[Any]) -> None:
         seen.append(f"once:{event.payload}")
-        await bus.subscriptions["once"].unsubscribe()
+        await bus.subscriptions["once"].unsubscribe(forget=True)
 
     bus.subscribe("control", controller, name="controller")
     bus.subscribe("dyn", self_removing, name="once")

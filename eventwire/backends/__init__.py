@@ -46,9 +46,9 @@ class BusURL:
     query: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def _redact(parts: SplitResult) -> str:
+def _redact(parts: SplitResult, url: str) -> str:
     if parts.password is None:
-        return parts.geturl()
+        return url
     user = parts.username or ""
     where = parts.netloc.rsplit("@", 1)[-1]  # host[:port] as written, even if malformed
     return parts._replace(netloc=f"{user}:***@{where}").geturl()
@@ -65,7 +65,7 @@ def parse_url(url: str) -> BusURL:
             "malformed bus URL: expected scheme://..., e.g. 'memory://', "
             "'sqlite:///var/lib/app/bus.db' or 'nats://127.0.0.1:4222'"
         )
-    redacted = _redact(parts)
+    redacted = _redact(parts, url)
     try:
         port = parts.port
     except ValueError:

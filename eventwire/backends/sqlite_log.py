@@ -222,6 +222,68 @@ class SqliteLog:
                 (time.time() + delay, name, seq),
             )
 
+    def extend(self, name: str, seqs: Sequence[int], holder: str, lease_seconds: float) -> None:
+        """Restart the lease of deliveries `holder` still holds."""
+        until = time.time() + lease_seconds
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE deliveries SET visible_at = ? WHERE consumer = ? AND seq = ?"
+                " AND leased_by = ?",
+                [(until, name, seq, holder) for seq in seqs],
+            )
+
+    def release(self, name: str, holder: str) -> None:
+        """Make every delivery `holder` still leases visible again (it is going away)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET visible_at = 0, leased_by = NULL"
+                " WHERE consumer = ? AND leased_by = ?",
+                (name, holder),
+            )
+
+    def handled_among(self, name: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of `event_ids` were acknowledged as handled by consumer `name`."""
+        with self._lock:
+            return {
+                event_id
+                for event_id in event_ids
+                if self._db.execute(
+                    "SELECT 1 FROM handled WHERE consumer = ? AND event_id = ?", (name, event_id)
+                ).fetchone()
+            }
+
+    def consumers(self) -> list[tuple[str, str, int]]:
+        """``(name, pattern, outstanding)`` of every consumer: deliveries not acknowledged,
+        and events past its cursor that match its pattern."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, pattern, cursor FROM consumers").fetchall()
+            result = []
+            for name, pattern, cursor in rows:
+                owed = self._db.execute(
+                    "SELECT COUNT(*) FROM deliveries WHERE consumer = ?", (name,)
+                ).fetchone()[0]
+                owed += sum(
+                    1
+                    for (topic,) in self._db.execute(
+                        "SELECT topic FROM events WHERE seq > ?", (cursor,)
+                    )
+                    if pattern_matches(pattern, topic)
+                )
+                result.append((name, pattern, int(owed)))
+            return result
+
+    def delete_consumer(self, name: str) -> None:
+        with self._transaction() as db:
+            for table, column in (("consumers", "name"), ("deliveries", "consumer")):
+                db.execute(f"DELETE FROM {table} WHERE {column} = ?", (name,))
+            db.execute("DELETE FROM handled WHERE consumer = ?", (name,))
+
+    def destroy(self) -> None:
+        """Remove every event, consumer and delivery."""
+        with self._transaction() as db:
+            for table in ("events", "consumers", "deliveries", "handled"):
+                db.execute(f"DELETE FROM {table}")
+
     def was_handled(self, name: str, event_id: str) -> bool:
         with self._lock:
             row = self._db.execute(

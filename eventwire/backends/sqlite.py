@@ -1,0 +1,190 @@
+"""The ``sqlite:///path/to/bus.db`` backend: durable, embedded, nothing to install.
+
+Events and delivery state live in one SQLite file in WAL mode (`sqlite_log.SqliteLog`); a
+publish returns once its transaction has committed. Several processes on one machine may share
+the file: processes running the same subscription lease its deliveries, and a delivery whose
+lease runs out (its process died) goes to another. Consumers in this process are woken at once
+by a publish from this process; other processes' publishes are seen within `poll` seconds
+(``?poll=0.05`` in the URL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from time import time_ns
+from typing import Literal
+
+from eventwire.backends import BusURL
+from eventwire.backends.base import (
+    Backend,
+    BackendCapabilityError,
+    BackendConnectionError,
+    Capabilities,
+    Consumer,
+    ConsumerInfo,
+    ConsumerSpec,
+    Delivery,
+    Message,
+)
+from eventwire.backends.sqlite_log import Leased, SqliteLog
+
+_DEFAULT_POLL = 0.05
+
+
+class SqliteBackend(Backend):
+    """Events in one SQLite file; see the module docstring."""
+
+    scheme = "sqlite"
+    capabilities = Capabilities(
+        durable=True,
+        replay=True,
+        key_order_across_processes=True,
+        idempotent=True,
+        cross_process_drain=True,
+    )
+
+    def __init__(self, url: BusURL) -> None:
+        super().__init__(url)
+        if not url.path or url.path == "/":
+            raise ValueError(
+                f"sqlite URL {url.redacted!r} names no file: use sqlite:///relative/bus.db "
+                "or sqlite:////absolute/bus.db"
+            )
+        # sqlite:///bus.db is relative to the working directory, sqlite:////tmp/bus.db absolute.
+        self.path = Path(url.path[1:])
+        try:
+            self.poll = float(url.query.get("poll", _DEFAULT_POLL))
+        except ValueError:
+            raise ValueError(f"poll= in {url.redacted!r} must be a number of seconds") from None
+        if not self.poll > 0:
+            raise ValueError(f"poll= in {url.redacted!r} must be > 0 seconds")
+        self._log: SqliteLog | None = None
+        # Set by every publish of this process, so that its own consumers need not poll.
+        self._published = asyncio.Event()
+
+    @property
+    def log(self) -> SqliteLog:
+        if self._log is None:
+            raise RuntimeError("the sqlite backend is not connected; start the bus first")
+        return self._log
+
+    async def connect(self) -> None:
+        if self._log is not None:
+            return
+        try:
+            if self.path.parent != Path():
+                os.makedirs(self.path.parent, exist_ok=True)
+            self._log = await asyncio.to_thread(SqliteLog, self.path)
+        except Exception as error:
+            raise BackendConnectionError(
+                f"cannot open the SQLite bus {self.url.redacted!r}: {type(error).__name__}: {error}"
+            ) from error
+
+    async def close(self) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            await asyncio.to_thread(log.close)
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        rows = [(m.id, m.topic, m.key, time_ns(), m.body) for m in messages]
+        await asyncio.to_thread(self.log.append, rows)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._published.set()
+        self._published = asyncio.Event()
+
+    async def consumer(self, spec: ConsumerSpec) -> Consumer:
+        start: Literal["latest", "earliest"] | int
+        if isinstance(spec.start, datetime):
+            if spec.start.tzinfo is None:
+                raise ValueError("start= datetime must be timezone-aware (e.g. UTC)")
+            start = int(spec.start.timestamp() * 1_000_000_000)
+        else:
+            start = spec.start
+        await asyncio.to_thread(self.log.ensure_consumer, spec.name, spec.pattern, start)
+        return _SqliteConsumer(self, spec)
+
+    async def consumers(self) -> list[ConsumerInfo]:
+        rows = await asyncio.to_thread(self.log.consumers)
+        return [ConsumerInfo(name, pattern, owed) for name, pattern, owed in rows]
+
+    async def delete_consumer(self, name: str) -> None:
+        await asyncio.to_thread(self.log.delete_consumer, name)
+
+    async def destroy(self) -> None:
+        await asyncio.to_thread(self.log.destroy)
+
+
+class _SqliteConsumer(Consumer):
+    def __init__(self, backend: SqliteBackend, spec: ConsumerSpec) -> None:
+        self._backend = backend
+        self._spec = spec
+        self._holder = f"{os.getpid()}-{secrets.token_hex(4)}"
+
+    async def fetch(self, limit: int, wait: float) -> list[Delivery]:
+        backend, spec = self._backend, self._spec
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            published = backend._published
+            leased = await asyncio.to_thread(
+                backend.log.fetch,
+                spec.name,
+                self._holder,
+                limit=limit,
+                lease_seconds=spec.ack_wait,
+            )
+            if leased:
+                return [Delivery(item.topic, item.body, item.attempts, item) for item in leased]
+            left = deadline - loop.time()
+            if left <= 0:
+                return []
+            try:
+                async with asyncio.timeout(min(left, backend.poll)):
+                    await published.wait()
+            except TimeoutError:
+                pass
+
+    async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
+        seqs = [_leased(d).seq for d in deliveries]
+        await asyncio.to_thread(
+            self._backend.log.ack, self._spec.name, seqs, handled_ids=handled_ids
+        )
+        # Acknowledging may have unblocked a later event of the same key.
+        self._backend._wake()
+
+    async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
+        await asyncio.to_thread(
+            self._backend.log.nak, self._spec.name, _leased(delivery).seq, delay=delay
+        )
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        seqs = [_leased(d).seq for d in deliveries]
+        await asyncio.to_thread(
+            self._backend.log.extend, self._spec.name, seqs, self._holder, self._spec.ack_wait
+        )
+
+    async def handled(self, event_ids: Sequence[str]) -> set[str]:
+        return await asyncio.to_thread(self._backend.log.handled_among, self._spec.name, event_ids)
+
+    async def close(self) -> None:
+        if self._spec.ephemeral:
+            await self._backend.delete_consumer(self._spec.name)
+        elif self._backend._log is not None:
+            await asyncio.to_thread(self._backend.log.release, self._spec.name, self._holder)
+            self._backend._wake()
+
+
+def _leased(delivery: Delivery) -> Leased:
+    handle = delivery.handle
+    if not isinstance(handle, Leased):
+        raise BackendCapabilityError("this delivery did not come from the sqlite backend")
+    return handle

@@ -1,0 +1,300 @@
+"""How the bus runs on a broker backend: publishes are stored before they return, and each
+subscription is fed from its durable consumer and acknowledges what it finished.
+
+The subscription's inbox, workers, retry and dead-lettering are the same as in memory; a
+`Feeder` fills the inbox from the broker (never more than a bounded window at a time), keeps
+the leases of what it holds alive, and acknowledges each event once its handler succeeded or
+it was dead-lettered. What it still holds when it stops goes back to the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from eventwire.backends.base import Backend, Consumer, ConsumerSpec, Delivery, Message
+from eventwire.envelope import EnvelopeError, decode
+from eventwire.event import Event
+from eventwire.topics import is_reserved, pattern_matches, validate_topic
+
+if TYPE_CHECKING:
+    from eventwire.bus import EventBus
+    from eventwire.subscription import Subscription
+
+logger = logging.getLogger("eventwire")
+
+# Most deliveries one subscription holds in this process at once (queued and in flight). The
+# rest of its backlog stays in the broker, free for the subscription's other processes.
+FETCH_WINDOW = 512
+# Waiting publishes sent to the broker in one round trip.
+PUBLISH_BATCH = 1000
+# Pause after a failed fetch or acknowledgement, doubled up to the maximum.
+_RETRY_PAUSE = 0.1
+_RETRY_PAUSE_MAX = 5.0
+
+
+class BatchPublisher:
+    """Stores events through a backend, sending those published meanwhile in one batch while
+    a batch is in flight: concurrent publishers share round trips (group commit)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._waiting: list[tuple[Message, asyncio.Future[None]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def publish(self, message: Message) -> None:
+        """Return once `message` is stored. Cancelling the wait does not withdraw it."""
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((message, stored))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send(), name="eventwire:publisher")
+        await asyncio.shield(stored)
+
+    async def _send(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[:PUBLISH_BATCH]
+                del self._waiting[:PUBLISH_BATCH]
+                try:
+                    await self._backend.publish([message for message, _ in batch])
+                except Exception as error:
+                    for _, stored in batch:
+                        if not stored.done():
+                            stored.set_exception(error)
+                    # Marked retrieved: a publisher that gave up must not log it at exit.
+                    for _, stored in batch:
+                        stored.exception()
+                else:
+                    for _, stored in batch:
+                        if not stored.done():
+                            stored.set_result(None)
+        finally:
+            self._sender = None
+
+    async def close(self) -> None:
+        """Wait for what is being sent; nothing new is taken."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
+
+
+class Feeder:
+    """Feeds one subscription from its durable consumer and acknowledges what it finished."""
+
+    def __init__(self, bus: EventBus, subscription: Subscription, spec: ConsumerSpec) -> None:
+        self.bus = bus
+        self.subscription = subscription
+        self.spec = spec
+        self.window = min(subscription.max_pending, FETCH_WINDOW)
+        self.consumer: Consumer | None = None
+        # id(event) -> (event, its delivery): everything this process holds of the consumer.
+        self._held: dict[int, tuple[Event[Any], Delivery]] = {}
+        self._acks: list[Delivery] = []
+        self._handled_ids: list[str] = []
+        self._acker: asyncio.Task[None] | None = None
+        self._room = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.duplicates = 0
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def open(self) -> None:
+        self.consumer = await self.bus._backend_or_fail().consumer(self.spec)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        name = self.subscription.name
+        self._tasks = [
+            loop.create_task(self._fetch_loop(), name=f"eventwire:{name}:fetch"),
+            loop.create_task(self._keep_leases(), name=f"eventwire:{name}:leases"),
+        ]
+
+    async def stop_fetching(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def close(self, *, forget: bool = False) -> None:
+        """Acknowledge what was finished, give back what was not, close the consumer;
+        `forget` also deletes the durable consumer from the broker."""
+        await self.stop_fetching()
+        await self._flush_acks()
+        consumer, self.consumer = self.consumer, None
+        if consumer is None:
+            return
+        left = [delivery for _, delivery in self._held.values()]
+        self._held.clear()
+        for delivery in left:
+            with contextlib.suppress(Exception):
+                await consumer.nak(delivery, 0.0)
+        try:
+            await consumer.close()
+            if forget:
+                await self.bus._backend_or_fail().delete_consumer(self.spec.name)
+        except Exception:
+            logger.exception("eventwire: closing the consumer of %s failed", self.spec.name)
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        assert self.consumer is not None
+        pause = _RETRY_PAUSE
+        while True:
+            free = self.window - len(self._held)
+            if free < max(1, self.window // 4):
+                # Fetch in batches: wait until a quarter of the window is free again.
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                deliveries = await self.consumer.fetch(free, 1.0)
+                await self._admit(deliveries)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning(
+                    "eventwire: fetching for %s failed; retrying in %.1fs",
+                    self.subscription.name,
+                    pause,
+                    exc_info=True,
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_PAUSE_MAX)
+                continue
+            pause = _RETRY_PAUSE
+
+    async def _admit(self, deliveries: list[Delivery]) -> None:
+        assert self.consumer is not None
+        subscription = self.subscription
+        skipped: list[Delivery] = []
+        admitted: list[tuple[Event[Any], Delivery]] = []
+        for delivery in deliveries:
+            try:
+                event = decode(delivery.body)
+            except EnvelopeError as error:
+                if await self.bus._dead_letter_foreign(subscription, delivery, error):
+                    skipped.append(delivery)
+                else:
+                    await self.consumer.nak(delivery, 1.0)
+                continue
+            # The broker may over-deliver (a `#` matching no token, `>` reaching `_` topics).
+            if pattern_matches(subscription.pattern, event.topic):
+                admitted.append((event, delivery))
+            else:
+                skipped.append(delivery)
+        if subscription.idempotent and admitted:
+            done = await self.consumer.handled([event.id for event, _ in admitted])
+            if done:
+                self.duplicates += len(done)
+                skipped.extend(d for e, d in admitted if e.id in done)
+                admitted = [(e, d) for e, d in admitted if e.id not in done]
+        if skipped:
+            self._acks.extend(skipped)
+            self._schedule_acks()
+        inbox = subscription._inbox
+        epoch = self.bus._epoch
+        for event, delivery in admitted:
+            event._epoch = epoch
+            epoch.pending += 1
+            self._held[id(event)] = (event, delivery)
+            inbox.append(event)
+        if admitted and inbox.idle is not None:
+            subscription._wake_all()
+
+    async def _keep_leases(self) -> None:
+        assert self.consumer is not None
+        every = max(self.spec.ack_wait / 3, 0.05)
+        while True:
+            await asyncio.sleep(every)
+            if self._held:
+                try:
+                    await self.consumer.extend([delivery for _, delivery in self._held.values()])
+                except Exception:
+                    logger.warning(
+                        "eventwire: extending leases for %s failed",
+                        self.subscription.name,
+                        exc_info=True,
+                    )
+
+    # -- finishing --------------------------------------------------------------------------
+
+    def settled(self, event: Event[Any], finished: bool) -> None:
+        """Called by the worker once `event` was handled or dead-lettered (`finished`), or
+        could not be dead-lettered (it goes back to the broker for a later attempt)."""
+        held = self._held.pop(id(event), None)
+        if held is None:
+            return
+        delivery = held[1]
+        if finished:
+            self._acks.append(delivery)
+            if self.subscription.idempotent:
+                self._handled_ids.append(event.id)
+            self._schedule_acks()
+        elif self.consumer is not None:
+            consumer = self.consumer
+            task = asyncio.get_running_loop().create_task(consumer.nak(delivery, 1.0))
+            self.bus._track(task)
+        if len(self._held) <= self.window - max(1, self.window // 4):
+            self._room.set()
+
+    def _schedule_acks(self) -> None:
+        if self._acker is None:
+            self._acker = asyncio.get_running_loop().create_task(
+                self._flush_acks(), name=f"eventwire:{self.subscription.name}:acks"
+            )
+
+    async def _flush_acks(self) -> None:
+        pause = _RETRY_PAUSE
+        try:
+            while self._acks and self.consumer is not None:
+                acks, self._acks = self._acks, []
+                handled, self._handled_ids = self._handled_ids, []
+                try:
+                    await self.consumer.ack(acks, handled_ids=handled)
+                except Exception:
+                    # Unacknowledged work is delivered again (at least once), never lost.
+                    logger.warning(
+                        "eventwire: acknowledging %d event(s) for %s failed; retrying",
+                        len(acks),
+                        self.subscription.name,
+                        exc_info=True,
+                    )
+                    self._acks[:0] = acks
+                    self._handled_ids[:0] = handled
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _RETRY_PAUSE_MAX)
+        finally:
+            if asyncio.current_task() is self._acker:
+                self._acker = None
+
+
+def foreign_dead_letter(delivery: Delivery, error: EnvelopeError) -> tuple[str, dict[str, Any]]:
+    """The DLQ topic and payload for a message that is not a valid envelope."""
+    topic = delivery.topic
+    valid = bool(topic) and not is_reserved(topic) and _is_topic(topic)
+    dlq_topic = f"_dlq.{topic}" if valid else "_dlq._malformed"
+    try:
+        text: str | None = delivery.body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    payload: dict[str, Any] = {
+        "topic": topic,
+        "body": text,
+        "body_base64": None if text is not None else base64.b64encode(delivery.body).decode(),
+        "error": str(error),
+    }
+    return dlq_topic, payload
+
+
+def _is_topic(topic: str) -> bool:
+    try:
+        validate_topic(topic)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,59 @@
+"""The delivery contract, run on every backend: the `bus` fixture here is parametrized over
+memory, sqlite, redis, nats and amqp, each against the real service."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from eventwire import EventBus
+from eventwire.backends import open_backend
+from tests.services import require_service, unique_namespace, with_namespace
+
+BACKENDS = ("memory", "sqlite", "redis", "nats", "amqp")
+_SERVICE_OF = {"redis": "redis", "nats": "nats", "amqp": "rabbitmq"}
+
+
+def backend_url(backend: str, tmp_path: Path) -> str:
+    """A URL of `backend` no other test shares (skips when its service is unreachable)."""
+    if backend == "memory":
+        return "memory://"
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path}/bus.db"
+    if importlib.util.find_spec(f"eventwire.backends.{backend}") is None:
+        pytest.skip(f"the {backend}:// backend is not built yet")
+    return with_namespace(require_service(_SERVICE_OF[backend]), unique_namespace())
+
+
+async def destroy(url: str) -> None:
+    """Remove what a test stored on its broker."""
+    backend = open_backend(url)
+    if backend is None:
+        return
+    with contextlib.suppress(Exception):
+        await backend.connect()
+        await backend.destroy()
+    await backend.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def bus_url(backend_name: str, tmp_path: Path) -> AsyncIterator[str]:
+    url = backend_url(backend_name, tmp_path)
+    yield url
+    await destroy(url)
+
+
+@pytest.fixture
+async def bus(bus_url: str) -> AsyncIterator[EventBus]:
+    """A running bus on each backend, closed after the test."""
+    async with EventBus(bus_url, close_grace=2.0, redeliver_after=5.0) as running:
+        yield running
