@@ -304,8 +304,12 @@ class EventBus:
         self._reply_subscription: Subscription | None = None
 
     def __repr__(self) -> str:
-        where = self._backend.url.redacted if self._backend is not None else self.url
-        return f"<EventBus {where} {self._state}, {len(self._subscriptions)} subscriptions>"
+        return f"<EventBus {self.safe_url} {self._state}, {len(self._subscriptions)} subscriptions>"
+
+    @property
+    def safe_url(self) -> str:
+        """The bus URL with any password replaced by ``***``: safe to print and log."""
+        return self._backend.url.redacted if self._backend is not None else self.url
 
     @property
     def backend(self) -> Backend | None:

@@ -36,7 +36,9 @@ def _console() -> Console:
     epilog=(
         "Examples:\n\n"
         "  eventwire demo\n\n"
-        '  eventwire demo -q "What is our refund policy?" -q "Who owns billing?"'
+        '  eventwire demo -q "What is our refund policy?" -q "Who owns billing?"\n\n'
+        "  eventwire demo --url sqlite:///demo.db\n\n"
+        "  eventwire demo --url nats://127.0.0.1:4222"
     )
 )
 def demo(
@@ -55,6 +57,16 @@ def demo(
             "--verbose", "-v", help="Also show the bus's own log (retries, dead letters)."
         ),
     ] = False,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="Run the agents on this backend instead of in-process, e.g. "
+            "sqlite:///demo.db, redis://127.0.0.1:6379/0, nats://127.0.0.1:4222, "
+            "amqp://guest:guest@127.0.0.1:5672/",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the tutorial's agents on an in-process bus and show what each one does.
 
@@ -75,7 +87,10 @@ def demo(
             handlers=[RichHandler(console=console, show_path=False, show_time=False)],
         )
     try:
-        asyncio.run(run_demo(console, queries=queries or None))
+        asyncio.run(run_demo(console, queries=queries or None, url=url))
+    except (ValueError, ImportError, ConnectionError) as error:
+        console.print(f"[bold red]cannot run the demo:[/] {error}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
     except TimeoutError as error:
         console.print(f"[bold red]demo did not finish:[/] {error}")
         raise typer.Exit(1) from None

@@ -179,16 +179,18 @@ def _summary_table(stats: Mapping[str, SubscriptionStats]) -> Table:
 
 
 async def run_demo(
-    console: Console | None = None, *, queries: list[str] | None = None
+    console: Console | None = None, *, queries: list[str] | None = None, url: str | None = None
 ) -> dict[str, SubscriptionStats]:
-    """Run the demo: print what each agent does, then a table of every subscription's
-    counters. Returns those counters (`SubscriptionStats`) by subscription name."""
+    """Run the demo on `url` (default: the in-process bus): print what each agent does,
+    then a table of every subscription's counters. Returns those counters
+    (`SubscriptionStats`) by subscription name."""
     console = console or Console()
     narrator = _Narrator(console)
     say = narrator.say
     queries = list(DEFAULT_QUERIES) if queries is None else list(queries)
 
-    bus = EventBus()
+    bus = EventBus(url or "memory://")
+    where = "an in-process event bus" if bus.backend is None else bus.safe_url
 
     # Plain functions are enough for subscribers that keep no state of their own.
     @bus.subscribe("user.query", name="audit")
@@ -234,7 +236,7 @@ async def run_demo(
     # dead letters never surprise a catch-all `>` subscriber.
     bus.subscribe("_dlq.>", watch_dead_letters, name="dlq-watcher")
 
-    console.rule("[bold]eventwire demo[/]: agents on an in-process event bus")
+    console.rule(f"[bold]eventwire demo[/]: agents on {where}")
     console.print(
         "[dim]qN names a query's chain: every event it sets off shares its correlation_id.[/]"
     )

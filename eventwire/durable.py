@@ -224,6 +224,18 @@ class Feeder:
 
     # -- finishing --------------------------------------------------------------------------
 
+    async def record_handled(self, event: Event[Any]) -> None:
+        """Idempotent subscriptions: record at once that `event` was handled, before its
+        (batched) acknowledgement, so that a redelivery after a crash in between is skipped.
+        Recording may fail (broker down): the event is then acknowledged with its id later."""
+        if self.consumer is None:
+            return
+        try:
+            await self.consumer.ack([], handled_ids=[event.id])
+        except Exception:
+            logger.warning("eventwire: recording %s as handled failed", event.id, exc_info=True)
+            self._handled_ids.append(event.id)
+
     def settled(self, event: Event[Any], finished: bool) -> None:
         """Called by the worker once `event` was handled or dead-lettered (`finished`), or
         could not be dead-lettered (it goes back to the broker for a later attempt)."""
@@ -233,8 +245,6 @@ class Feeder:
         delivery = held[1]
         if finished:
             self._acks.append(delivery)
-            if self.subscription.idempotent:
-                self._handled_ids.append(event.id)
             self._schedule_acks()
         elif self.consumer is not None:
             consumer = self.consumer

@@ -68,7 +68,7 @@ async def run_bus(
         await bus.start()
         names = ", ".join(sorted(bus.subscriptions)) or "none"
         console.print(
-            f"eventwire: running {len(bus.subscriptions)} subscription(s) on {bus.url} "
+            f"eventwire: running {len(bus.subscriptions)} subscription(s) on {bus.safe_url} "
             f"[{names}]; SIGTERM or Ctrl-C stops",
             markup=False,
         )

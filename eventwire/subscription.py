@@ -478,6 +478,8 @@ class Subscription:
             else:
                 failure = None
                 self.handled += 1
+                if feeder is not None and self.idempotent:
+                    await feeder.record_handled(event)
                 if event._reply_to is not None:
                     self.bus._reply(self, event, result, None)
             finished = True
@@ -548,6 +550,8 @@ class Subscription:
                 error = again
                 continue
             self.handled += 1
+            if self._feeder is not None and self.idempotent:
+                await self._feeder.record_handled(event)
             if event._reply_to is not None:
                 self.bus._reply(self, event, result, None)
             return True

@@ -1,0 +1,224 @@
+"""The durable contract of the broker backends (sqlite, redis, nats, amqp), each against the
+real service. Two `EventBus` objects on one URL stand for two processes: they share nothing
+but the broker. Crashes of real processes are in `test_crash.py`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from eventwire import Event, EventBus
+from eventwire.backends.base import BackendCapabilityError, Message
+from eventwire.envelope import encode
+from tests.conftest import wait_until
+
+DURABLE = ("sqlite", "redis", "nats", "amqp")
+
+
+@pytest.fixture(params=DURABLE)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def new_bus(url: str) -> EventBus:
+    return EventBus(url, close_grace=2.0, redeliver_after=2.0)
+
+
+@pytest.fixture
+async def publisher(bus_url: str) -> AsyncIterator[EventBus]:
+    """A second process's bus on the same broker, with no subscriptions of its own."""
+    async with new_bus(bus_url) as running:
+        yield running
+
+
+async def test_publish_returns_once_stored_and_a_new_process_gets_the_backlog(
+    bus_url: str, publisher: EventBus
+) -> None:
+    seen: list[int] = []
+    first = new_bus(bus_url)
+    first.subscribe("orders.new", lambda e: None, name="billing")
+    async with first:
+        pass  # creates the durable subscription, then stops: nothing runs it now
+    for n in range(20):
+        await publisher.publish("orders.new", n)
+    second = new_bus(bus_url)
+
+    async def bill(event: Event[int]) -> None:
+        seen.append(event.payload)
+
+    second.subscribe("orders.new", bill, name="billing")
+    async with second:
+        await wait_until(lambda: len(seen) == 20, timeout=10)
+        await second.drain(timeout=10)
+    assert seen == list(range(20))
+
+
+async def test_a_restarted_subscription_resumes_after_what_it_handled(bus_url: str) -> None:
+    seen: list[int] = []
+
+    async def handle(event: Event[int]) -> None:
+        seen.append(event.payload)
+
+    for round_ in range(3):
+        bus = new_bus(bus_url)
+        bus.subscribe("jobs.>", handle, name="worker")
+        async with bus:
+            for n in range(5):
+                await bus.publish("jobs.run", round_ * 5 + n)
+            await bus.drain(timeout=10)
+    assert seen == list(range(15))
+
+
+async def test_replay_from_earliest_and_from_a_time(bus_url: str, publisher: EventBus) -> None:
+    for n in range(3):
+        await publisher.publish("audit.log", n)
+    cut = datetime.now(UTC)
+    await wait_until(lambda: datetime.now(UTC) > cut, timeout=1)
+    await asyncio.sleep(0.01)  # timestamps on the broker are at best ms-grained
+    for n in range(3, 6):
+        await publisher.publish("audit.log", n)
+    everything: list[int] = []
+    since: list[int] = []
+    bus = new_bus(bus_url)
+    backend = bus.backend
+    assert backend is not None
+    if not backend.capabilities.replay:
+        with pytest.raises(BackendCapabilityError, match="replay"):
+            bus.subscribe("audit.log", lambda e: None, name="history", start="earliest")
+        return
+    bus.subscribe("audit.log", lambda e: everything.append(e.payload), start="earliest", name="a")
+    bus.subscribe("audit.log", lambda e: since.append(e.payload), start=cut, name="b")
+    async with bus:
+        await wait_until(lambda: len(everything) == 6 and len(since) == 3, timeout=10)
+    assert everything == list(range(6))
+    assert since == [3, 4, 5]
+
+
+async def test_processes_running_one_subscription_share_its_events(bus_url: str) -> None:
+    handled: dict[str, list[int]] = {"a": [], "b": []}
+    buses = []
+    for process in ("a", "b"):
+        bus = new_bus(bus_url)
+
+        async def work(event: Event[int], process: str = process) -> None:
+            handled[process].append(event.payload)
+            await asyncio.sleep(0.001)  # both processes get a chance to take some
+
+        bus.subscribe("tasks.*", work, name="workers")
+        buses.append(bus)
+    async with buses[0], buses[1]:
+        for n in range(200):
+            await buses[0].publish("tasks.resize", n)
+        await wait_until(lambda: len(handled["a"]) + len(handled["b"]) >= 200, timeout=20)
+        await buses[0].drain(timeout=10)
+    together = sorted(handled["a"] + handled["b"])
+    assert together == list(range(200)), "every event handled exactly once across the two"
+
+
+async def test_drain_and_request_work_across_processes(bus_url: str, publisher: EventBus) -> None:
+    done: list[str] = []
+    worker = new_bus(bus_url)
+
+    @worker.subscribe("math.square", name="squarer")
+    async def square(event: Event[int]) -> int:
+        return event.payload * event.payload
+
+    @worker.subscribe("report.make", name="reporter")
+    async def report(event: Event[str]) -> None:
+        await asyncio.sleep(0.2)
+        done.append(event.payload)
+
+    async with worker:
+        assert await publisher.request("math.square", 12, timeout=10) == 144
+        await publisher.publish("report.make", "weekly")
+        await publisher.drain(timeout=10)  # waits for the other process's handler
+        assert done == ["weekly"]
+
+
+async def test_idempotent_subscription_handles_a_redelivered_event_once(
+    bus_url: str, publisher: EventBus
+) -> None:
+    counts: dict[str, int] = {}
+    bus = new_bus(bus_url)
+    backend = bus.backend
+    assert backend is not None
+    if not backend.capabilities.idempotent:
+        bus.subscribe("pay.*", lambda e: None, name="payer", idempotent=True)
+        with pytest.raises(BackendCapabilityError, match="handled event ids"):
+            await bus.start()
+        return
+
+    async def pay(event: Event[Any]) -> None:
+        counts[event.id] = counts.get(event.id, 0) + 1
+
+    bus.subscribe("pay.*", pay, name="payer", idempotent=True)
+    async with bus:
+        event = await publisher.publish("pay.card", {"amount": 5})
+        await bus.drain(timeout=10)
+        # The same event stored again, as after a publisher retry or a lost acknowledgement.
+        await publisher.backend.publish(  # type: ignore[union-attr]
+            [Message(event.id, event.topic, None, encode(event))]
+        )
+        await publisher.publish("pay.card", {"amount": 6})
+        await bus.drain(timeout=10)
+    assert sorted(counts.values()) == [1, 1]
+
+
+async def test_a_malformed_message_goes_to_the_dlq_and_the_consumer_goes_on(
+    bus: EventBus,
+) -> None:
+    if bus.backend is None:
+        pytest.skip("memory:// has no foreign producers")
+    seen: list[int] = []
+    dead: list[Event[Any]] = []
+    bus.subscribe("orders.*", lambda e: seen.append(e.payload), name="orders")
+    bus.subscribe("_dlq.>", dead.append, name="dlq")
+    await bus.publish("orders.new", 1)
+    await bus.backend.publish(
+        [
+            Message("foreign-1", "orders.new", None, b'{"not": "an envelope"'),
+            Message("x", "orders.new", None, b"\xff\x00"),
+        ]
+    )
+    await bus.publish("orders.new", 2)
+    await wait_until(lambda: seen == [1, 2] and len(dead) == 2, timeout=10)
+    assert {e.topic for e in dead} == {"_dlq.orders.new"}
+    assert all("not a valid eventwire envelope" in e.payload["error"] for e in dead)
+    assert {e.metadata["subscription"] for e in dead} == {"orders"}
+    assert dead[0].payload["body"] == '{"not": "an envelope"' or dead[1].payload["body_base64"]
+    assert bus.stats()["orders"].dead_lettered == 2
+
+
+async def test_unsubscribe_keeps_the_durable_subscription_and_its_backlog(
+    bus_url: str, publisher: EventBus
+) -> None:
+    seen: list[int] = []
+    bus = new_bus(bus_url)
+    async with bus:
+        sub = bus.subscribe("t.x", lambda e: seen.append(e.payload), name="keeper")
+        await publisher.publish("t.x", 0)
+        await wait_until(lambda: seen == [0], timeout=10)
+        await sub.unsubscribe()
+        await publisher.publish("t.x", 1)  # owed to "keeper", which nothing runs now
+        bus.subscribe("t.x", lambda e: seen.append(e.payload), name="keeper")
+        await wait_until(lambda: seen == [0, 1], timeout=10)
+        await bus.subscriptions["keeper"].unsubscribe(forget=True)
+        await publisher.publish("t.x", 2)
+        await publisher.drain(timeout=10)  # nothing owes it: the subscription is gone
+    assert seen == [0, 1]
+
+
+async def test_reopening_a_subscription_with_another_pattern_is_refused(bus_url: str) -> None:
+    first = new_bus(bus_url)
+    first.subscribe("a.*", lambda e: None, name="same")
+    async with first:
+        pass
+    second = new_bus(bus_url)
+    second.subscribe("b.*", lambda e: None, name="same")
+    with pytest.raises(ValueError, match=r"'a\.\*'"):
+        async with second:
+            pass
