@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from eventwire.backends.base import Start
 from eventwire.context import current_event
 from eventwire.errors import BusNotRunningError
 from eventwire.event import Event, new_event
@@ -30,6 +31,8 @@ def on(
     timeout: float | None = None,
     max_pending: int = DEFAULT_MAX_PENDING,
     overflow: Overflow = "block",
+    start: Start = "latest",
+    idempotent: bool = False,
 ) -> Callable[[F], F]:
     """Mark an `Agent` method as the handler of `pattern`; same options as `subscribe`.
 
@@ -44,6 +47,8 @@ def on(
         "timeout": timeout,
         "overflow": overflow,
         "max_pending": max_pending,
+        "start": start,
+        "idempotent": idempotent,
     }
 
     def mark(method: F) -> F:
