@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from eventwire.backends import open_backend, resolve_url
 from eventwire.backends.base import (
+    MEMORY_CAPABILITIES,
     Backend,
     BackendCapabilityError,
+    Capabilities,
     ConsumerSpec,
     Delivery,
     Message,
@@ -312,6 +314,11 @@ class EventBus:
         return self._backend.url.redacted if self._backend is not None else self.url
 
     @property
+    def capabilities(self) -> Capabilities:
+        """What this bus's backend guarantees beyond the common contract (README table)."""
+        return self._backend.capabilities if self._backend is not None else MEMORY_CAPABILITIES
+
+    @property
     def backend(self) -> Backend | None:
         """The broker backend, or None for the in-process bus."""
         return self._backend
@@ -410,10 +417,11 @@ class EventBus:
             unhandled = report.unhandled
             logger.warning(
                 "eventwire: closed with %d unhandled event(s) after waiting %.2fs "
-                "(grace %.2fs): %s",
+                "(grace %.2fs)%s: %s",
                 len(unhandled),
                 waited,
                 grace,
+                "" if self._backend is None else f"; returned to {self.safe_url} for redelivery",
                 ", ".join(f"{u.subscription}<-{u.event.topic} ({u.state})" for u in unhandled[:10])
                 + (" ..." if len(unhandled) > 10 else ""),
             )

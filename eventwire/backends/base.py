@@ -55,6 +55,16 @@ class Capabilities:
     """`drain()` also waits for work that other processes are doing."""
 
 
+# The in-process bus: nothing outlives the process, and there is only one process.
+MEMORY_CAPABILITIES = Capabilities(
+    durable=False,
+    replay=False,
+    key_order_across_processes=False,
+    idempotent=True,  # trivially: nothing is ever delivered twice
+    cross_process_drain=False,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One envelope to store. `body` is the encoded envelope (`eventwire.envelope.encode`);

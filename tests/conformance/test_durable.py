@@ -222,3 +222,33 @@ async def test_reopening_a_subscription_with_another_pattern_is_refused(bus_url:
     with pytest.raises(ValueError, match=r"'a\.\*'"):
         async with second:
             pass
+
+
+async def test_key_order_across_processes_where_the_backend_promises_it(bus_url: str) -> None:
+    buses = [new_bus(bus_url), new_bus(bus_url)]
+    if not buses[0].capabilities.key_order_across_processes:
+        pytest.skip("this backend does not promise per-key order across processes (README)")
+    handled: list[tuple[str, int]] = []
+    busy: set[str] = set()
+    overlaps: list[str] = []
+    for bus in buses:
+
+        async def work(event: Event[int]) -> None:
+            key = event.key
+            assert key is not None
+            if key in busy:
+                overlaps.append(key)
+            busy.add(key)
+            await asyncio.sleep(0.002)
+            busy.discard(key)
+            handled.append((key, event.payload))
+
+        bus.subscribe("orders.*", work, name="ordered", concurrency=4)
+    async with buses[0], buses[1]:
+        for n in range(60):
+            await buses[0].publish("orders.update", n, key=f"customer-{n % 3}")
+        await wait_until(lambda: len(handled) == 60, timeout=30)
+    assert not overlaps, "same-key events never ran at the same time"
+    for key in ("customer-0", "customer-1", "customer-2"):
+        numbers = [n for k, n in handled if k == key]
+        assert numbers == sorted(numbers), f"{key} handled in publish order"
