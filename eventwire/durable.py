@@ -34,6 +34,8 @@ PUBLISH_BATCH = 1000
 # Pause after a failed fetch or acknowledgement, doubled up to the maximum.
 _RETRY_PAUSE = 0.1
 _RETRY_PAUSE_MAX = 5.0
+# How long closing waits to hand unfinished deliveries back to the broker.
+_GIVE_BACK_TIMEOUT = 5.0
 
 
 class BatchPublisher:
@@ -97,6 +99,8 @@ class Feeder:
         self._acker: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._leaser: asyncio.Task[None] | None = None
+        self._stopped = False
         self.duplicates = 0
 
     @property
@@ -107,32 +111,46 @@ class Feeder:
         self.consumer = await self.bus._backend_or_fail().consumer(self.spec)
 
     def start(self) -> None:
+        self._stopped = False
         loop = asyncio.get_running_loop()
         name = self.subscription.name
-        self._tasks = [
-            loop.create_task(self._fetch_loop(), name=f"eventwire:{name}:fetch"),
-            loop.create_task(self._keep_leases(), name=f"eventwire:{name}:leases"),
-        ]
+        self._tasks = [loop.create_task(self._fetch_loop(), name=f"eventwire:{name}:fetch")]
+        # Until close(): what this process holds needs its leases also while it finishes.
+        self._leaser = loop.create_task(self._keep_leases(), name=f"eventwire:{name}:leases")
 
     async def stop_fetching(self) -> None:
-        for task in self._tasks:
+        self._stopped = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        if tasks:
+            # A client library may swallow a cancellation that races with its own timeout;
+            # the loop then ends at its next turn, when it sees `_stopped`.
+            await asyncio.wait(tasks)
 
     async def close(self, *, forget: bool = False) -> None:
         """Acknowledge what was finished, give back what was not, close the consumer;
         `forget` also deletes the durable consumer from the broker."""
         await self.stop_fetching()
+        if self._leaser is not None:
+            self._leaser.cancel()
+            await asyncio.wait([self._leaser])
+            self._leaser = None
         await self._flush_acks()
         consumer, self.consumer = self.consumer, None
         if consumer is None:
             return
         left = [delivery for _, delivery in self._held.values()]
         self._held.clear()
-        for delivery in left:
-            with contextlib.suppress(Exception):
-                await consumer.nak(delivery, 0.0)
+        if left:
+            # Given back at once for another process to take; if the broker is unreachable
+            # they come back by themselves once their lease runs out.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
+                    await asyncio.gather(
+                        *(consumer.nak(delivery, 0.0) for delivery in left),
+                        return_exceptions=True,
+                    )
         try:
             await consumer.close()
             if forget:
@@ -145,7 +163,7 @@ class Feeder:
     async def _fetch_loop(self) -> None:
         assert self.consumer is not None
         pause = _RETRY_PAUSE
-        while True:
+        while not self._stopped:
             free = self.window - len(self._held)
             if free < max(1, self.window // 4):
                 # Fetch in batches: wait until a quarter of the window is free again.
@@ -154,6 +172,12 @@ class Feeder:
                 continue
             try:
                 deliveries = await self.consumer.fetch(free, 1.0)
+                if self._stopped:
+                    await asyncio.gather(
+                        *(self.consumer.nak(delivery, 0.0) for delivery in deliveries),
+                        return_exceptions=True,
+                    )
+                    return
                 await self._admit(deliveries)
             except asyncio.CancelledError:
                 raise

@@ -62,7 +62,10 @@ async def test_handlers_never_run_inside_publish(bus: EventBus) -> None:
 
     bus.subscribe("t.run", handler)
     await bus.publish("t.run", 1)
-    assert tasks == []  # queued, not run, when publish returns
+    if bus.backend is None:
+        assert tasks == []  # queued, not run, when publish returns
+    # (On a broker another task may have fetched and handled it while publish awaited the
+    # broker's reply: what matters is that it never runs inside publish, checked below.)
     await bus.drain(timeout=2)
     assert len(tasks) == 1
     assert tasks[0] is not asyncio.current_task()

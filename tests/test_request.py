@@ -101,5 +101,8 @@ async def test_group_answers_once(bus: EventBus) -> None:
     bus.subscribe("svc", member("a"), name="a", group="svc")
     bus.subscribe("svc", member("b"), name="b", group="svc")
     replies = [await bus.request("svc", n, timeout=2) for n in range(4)]
-    assert sorted(replies) == ["a", "a", "b", "b"]
-    assert len(calls) == 4
+    assert len(calls) == 4, "each request handled by one member only"
+    assert sorted(replies) == sorted(calls)
+    if bus.backend is None:
+        assert sorted(replies) == ["a", "a", "b", "b"]  # round-robin in-process
+    # (On a broker the member that fetches first takes it: any split is right.)

@@ -1,0 +1,900 @@
+"""The ``redis://`` backend: Redis Streams with consumer groups.
+
+URL: ``redis://[[user]:password@]host[:port][/db]?namespace=NAME`` with optional
+``&dedup_window=SECONDS`` (default 120, 0 turns publish deduplication off) and
+``&maxlen=N`` (trim the stream to about N entries; trimming deletes events that consumers have
+not read yet, so it can lose events: off by default).
+
+Storage layout. Every key of a namespace carries the hash tag ``{ns}``, so the Lua scripts
+that touch several keys stay valid on Redis Cluster:
+
+- ``{ns}:events``: one stream for the namespace, entry fields ``id``, ``topic``, ``key`` (absent
+  when None) and ``body``.
+- ``{ns}:consumers``: hash, durable consumer name -> pattern.
+- A durable consumer is a consumer group on the stream, named ``safe_name(name)``. Each
+  `RedisConsumer` object is a Redis consumer of that group with a unique name, so processes
+  sharing the group split its entries.
+- ``{ns}:delayed:<group>``: sorted set of nak'ed entries (``"<entry id> <attempts>"``) by due
+  time in ms; they left the group's pending list and are claimed back when due.
+- ``{ns}:handled:<group>``: sorted set of handled event ids by time, trimmed after 7 days.
+- ``{ns}:wake:<group>``: a one-entry stream that nak and close bump, so fetchers blocked on the
+  events stream wake up for entries handed back.
+- ``{ns}:dedup:<event id>``: a marker with a TTL (the dedup window) that makes a retried publish
+  store each event once.
+
+Fetching runs one Lua script: it claims due delayed entries, takes over entries other consumers
+held longer than ``ack_wait`` (XAUTOCLAIM), then reads new entries (XREADGROUP) and acknowledges
+at once those whose topic the pattern does not match, so they are never pending and never
+counted as outstanding. Between scripts a fetcher blocks on XREAD of the events and wake
+streams.
+
+Durability: `publish` returns once Redis replied to the XADDs. Whether that survives a restart
+of Redis is the server's persistence setting: AOF with ``appendfsync always`` loses nothing,
+``everysec`` up to a second, no persistence everything. The server's ``maxmemory-policy`` must
+be ``noeviction`` (an evicted stream loses events and consumer groups).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from eventwire.backends import BusURL
+from eventwire.backends.base import (
+    Backend,
+    BackendConnectionError,
+    Capabilities,
+    Consumer,
+    ConsumerInfo,
+    ConsumerSpec,
+    Delivery,
+    Message,
+    safe_name,
+)
+from eventwire.topics import validate_pattern
+
+logger = logging.getLogger("eventwire")
+
+T = TypeVar("T")
+
+DEFAULT_DEDUP_WINDOW = 120
+# Handled ids are kept at least this long (the contract says 7 days).
+HANDLED_RETENTION_MS = 7 * 24 * 3600 * 1000
+# Messages per publish script call, and ids per ack/extend command.
+_PUBLISH_CHUNK = 200
+_ID_CHUNK = 1000
+# New entries one fetch script examines at most (matching or not), so a script never blocks
+# Redis for long when a consumer skips a large backlog of other topics.
+_SCAN_BUDGET = 1000
+# Entries `consumers()` reads past a group's position to count the matching ones exactly.
+_COUNT_SCAN = 1000
+# Longest single XREAD block: also how often an idle fetcher re-runs the fetch script.
+_MAX_BLOCK = 1.0
+_CONNECT_TIMEOUT = 3.0
+_SOCKET_TIMEOUT = 10.0
+# Consumers (dead processes) with nothing pending and idle this long are removed from a group.
+_PRUNE_IDLE_MS = 3600 * 1000
+_PRUNE_EVERY = 600.0
+# Bounded retrying of ack, nak, extend and handled (fetch and publish retry until their
+# deadline or cancellation).
+_OP_RETRY_SECONDS = 3.0
+_RETRY_PAUSE = 0.05
+_RETRY_PAUSE_MAX = 1.0
+
+# Failures that a reconnect (or waiting for a restarted server) can cure.
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    OSError,
+)
+
+# -- Lua ----------------------------------------------------------------------------------------
+
+# Topic rules of eventwire.topics, for filtering inside Redis. A missing or invalid topic
+# (a foreign producer's entry) matches every pattern: each consumer gets it and its bus
+# dead-letters it, rather than nobody seeing it.
+_LUA_TOPICS = r"""
+local function split(s)
+  local out, start = {}, 1
+  while true do
+    local i = string.find(s, '.', start, true)
+    if not i then
+      out[#out + 1] = string.sub(s, start)
+      return out
+    end
+    out[#out + 1] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+end
+
+local function valid_topic(tokens)
+  for _, token in ipairs(tokens) do
+    if not string.find(token, '^[%w_%-]+$') then return false end
+  end
+  return true
+end
+
+local function matches(pattern, topic)
+  if not topic then return true end
+  local t = split(topic)
+  if not valid_topic(t) then return true end
+  local p = split(pattern)
+  if string.sub(topic, 1, 1) == '_' and string.sub(p[1], 1, 1) ~= '_' then return false end
+  for i = 1, #p do
+    if p[i] == '>' then return #t >= i end
+    if i > #t then return false end
+    if p[i] ~= '*' and p[i] ~= t[i] then return false end
+  end
+  return #p == #t
+end
+
+local function topic_of(fields)
+  if not fields then return nil end
+  for i = 1, #fields, 2 do
+    if fields[i] == 'topic' then return fields[i + 1] end
+  end
+  return nil
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS: stream, dedup key per message. ARGV: dedup window (s), maxlen (0: none), then
+# id, topic, has_key, key, body per message. Returns how many were stored (not duplicates).
+_PUBLISH = r"""
+local window, maxlen = tonumber(ARGV[1]), tonumber(ARGV[2])
+local stored = 0
+for m = 0, #KEYS - 2 do
+  local a = 3 + m * 5
+  local fresh = true
+  if window > 0 then
+    fresh = redis.call('SET', KEYS[m + 2], '1', 'NX', 'EX', window)
+  end
+  if fresh then
+    local cmd = {'XADD', KEYS[1]}
+    if maxlen > 0 then
+      cmd[#cmd + 1] = 'MAXLEN'; cmd[#cmd + 1] = '~'; cmd[#cmd + 1] = maxlen
+    end
+    cmd[#cmd + 1] = '*'
+    cmd[#cmd + 1] = 'id'; cmd[#cmd + 1] = ARGV[a]
+    cmd[#cmd + 1] = 'topic'; cmd[#cmd + 1] = ARGV[a + 1]
+    if ARGV[a + 2] == '1' then
+      cmd[#cmd + 1] = 'key'; cmd[#cmd + 1] = ARGV[a + 3]
+    end
+    cmd[#cmd + 1] = 'body'; cmd[#cmd + 1] = ARGV[a + 4]
+    redis.call(unpack(cmd))
+    stored = stored + 1
+  end
+end
+return stored
+"""
+
+# KEYS: stream, registry. ARGV: name, group, pattern, start id.
+# Returns {1, 'created'|'exists'} or {0, existing pattern}.
+_CREATE = r"""
+local existing = redis.call('HGET', KEYS[2], ARGV[1])
+if existing and existing ~= ARGV[3] then return {0, existing} end
+local made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[2], ARGV[4], 'MKSTREAM')
+local state = 'created'
+if type(made) == 'table' and made.err then
+  if not string.find(made.err, 'BUSYGROUP', 1, true) then return redis.error_reply(made.err) end
+  state = 'exists'
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return {1, state}
+"""
+
+# KEYS: stream, delayed, wake. ARGV: group, consumer, limit, pattern, reclaim (0/1),
+# min idle ms, autoclaim cursor, scan budget.
+# Returns {entries, next cursor, more, last stream id, last wake id, next due ms or -1, now}
+# where each entry is {id, fields, attempt}.
+_FETCH = (
+    _LUA_TOPICS
+    + r"""
+local stream, delayed, wake = KEYS[1], KEYS[2], KEYS[3]
+local group, me, limit, pattern = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local cursor, budget = ARGV[7], tonumber(ARGV[8])
+local now = now_ms()
+local out = {}
+
+-- 1. nak'ed entries whose delay is over: back into the pending list, owned by us.
+local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, limit)
+for _, member in ipairs(due) do
+  redis.call('ZREM', delayed, member)
+  local sep = string.find(member, ' ', 1, true)
+  local id, n = string.sub(member, 1, sep - 1), tonumber(string.sub(member, sep + 1))
+  local got = redis.call('XCLAIM', stream, group, me, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
+  -- Nothing comes back when the entry was trimmed from the stream meanwhile.
+  if got[1] and got[1][2] then out[#out + 1] = {got[1][1], got[1][2], n + 1} end
+end
+
+-- 2. entries another consumer held longer than ack_wait (its process died or stalled).
+if ARGV[5] == '1' and #out < limit then
+  local r = redis.call('XAUTOCLAIM', stream, group, me, ARGV[6], cursor, 'COUNT', limit - #out)
+  cursor = r[1]
+  for _, e in ipairs(r[2]) do
+    if e and e[2] then
+      local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
+      out[#out + 1] = {e[1], e[2], p[1][4]}
+    end
+  end
+end
+
+-- 3. new entries; those for other topics are acknowledged here and never delivered.
+local scanned, more = 0, 0
+while #out < limit do
+  if scanned >= budget then more = 1; break end
+  local want = math.min(limit - #out, budget - scanned)
+  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', want, 'STREAMS', stream, '>')
+  if not r then break end
+  local entries = r[1][2]
+  scanned = scanned + #entries
+  local skip = {}
+  for _, e in ipairs(entries) do
+    if matches(pattern, topic_of(e[2])) then
+      out[#out + 1] = {e[1], e[2] or {}, 1}
+    else
+      skip[#skip + 1] = e[1]
+    end
+  end
+  if #skip > 0 then redis.call('XACK', stream, group, unpack(skip)) end
+  if #entries < want then break end
+end
+
+local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+local last_id = last[1] and last[1][1] or '0-0'
+local bell = redis.call('XREVRANGE', wake, '+', '-', 'COUNT', 1)
+local bell_id = bell[1] and bell[1][1] or '0-0'
+local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+local due_ms = -1
+if next_due[2] then due_ms = math.floor(tonumber(next_due[2])) end
+return {out, cursor, more, last_id, bell_id, due_ms, now}
+"""
+)
+
+# KEYS: stream, delayed, wake. ARGV: group, consumer, entry id, delay ms.
+# Only the consumer that holds the entry may give it back (another may have taken it over).
+_NAK = r"""
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[3] .. ' ' .. p[1][4])
+redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'w', '1')
+return 1
+"""
+
+# KEYS: stream. ARGV: group, consumer, entry ids... Resets the idle time of the entries the
+# consumer still holds (XCLAIM JUSTID does not count a delivery).
+_EXTEND = r"""
+local cmd = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then cmd[#cmd + 1] = ARGV[i] end
+end
+if #cmd == 5 then return 0 end
+cmd[#cmd + 1] = 'JUSTID'
+return #redis.call(unpack(cmd))
+"""
+
+# KEYS: stream, delayed, wake. ARGV: group, consumer.
+# Hands everything the consumer holds back (due now) and removes the consumer from the group.
+_RELEASE = r"""
+local now = nil
+local moved = 0
+while true do
+  local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], '-', '+', 100, ARGV[2])
+  if type(p) == 'table' and p.err then return 0 end
+  if #p == 0 then break end
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  for _, e in ipairs(p) do
+    redis.call('XACK', KEYS[1], ARGV[1], e[1])
+    redis.call('ZADD', KEYS[2], now, e[1] .. ' ' .. e[4])
+    moved = moved + 1
+  end
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+if moved > 0 then redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'w', '1') end
+return moved
+"""
+
+# KEYS: stream. ARGV: group, consumer to keep, idle ms.
+# Removes consumers of dead processes: nothing pending (checked atomically) and idle long.
+_PRUNE = r"""
+local info = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if type(info) == 'table' and info.err then return 0 end
+local removed = 0
+for _, c in ipairs(info) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] ~= ARGV[2] and f['pending'] == 0 and f['idle'] > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+# KEYS: stream, delayed key per group. ARGV: scan limit, then group, pattern per group.
+# Returns the outstanding count per group: pending + delayed + unread entries that match.
+_STATS = (
+    _LUA_TOPICS
+    + r"""
+local limit = tonumber(ARGV[1])
+local groups = {}
+local info = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+if not (type(info) == 'table' and info.err) then
+  for _, g in ipairs(info) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    groups[f['name']] = f
+  end
+end
+local out = {}
+for k = 2, #KEYS do
+  local group, pattern = ARGV[2 * k - 2], ARGV[2 * k - 1]
+  local n = redis.call('ZCARD', KEYS[k])
+  local f = groups[group]
+  if f then
+    n = n + f['pending']
+    if f['lag'] ~= 0 then
+      local rest = redis.call('XRANGE', KEYS[1], '(' .. f['last-delivered-id'], '+', 'COUNT', limit)
+      for _, e in ipairs(rest) do
+        if matches(pattern, topic_of(e[2])) then n = n + 1 end
+      end
+      if #rest == limit then
+        -- Past the scanned window: count the rest as matching (an upper bound, never 0).
+        if f['lag'] then n = n + math.max(f['lag'] - limit, 1) else n = n + 1 end
+      end
+    end
+  end
+  out[#out + 1] = n
+end
+return out
+"""
+)
+
+# KEYS: stream, registry, delayed, handled, wake. ARGV: name, group.
+_DELETE = r"""
+redis.pcall('XGROUP', 'DESTROY', KEYS[1], ARGV[2])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+return 1
+"""
+
+
+_SCRIPTS = (_PUBLISH, _CREATE, _FETCH, _NAK, _EXTEND, _RELEASE, _PRUNE, _STATS, _DELETE)
+
+
+class _Script:
+    """A Lua script run by EVALSHA, loaded again when the server lost it (a restart)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await _command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
+        except redis_errors.NoScriptError:
+            await _command(client, "SCRIPT", "LOAD", self.source)
+            return await _command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+async def _command(client: Any, *args: Any) -> Any:
+    """One raw command (redis-py's `execute_command` is untyped)."""
+    return await client.execute_command(*args)
+
+
+def _stage(pipe: Any, *args: Any) -> None:
+    """Queue a raw command on a pipeline."""
+    pipe.pipeline_execute_command(*args)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _start_id(start: Any) -> str:
+    """The consumer group's initial last-delivered id for a `ConsumerSpec.start`."""
+    if start == "latest":
+        return "$"
+    if start == "earliest":
+        return "0-0"
+    if isinstance(start, datetime):
+        moment = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
+        ms = int(moment.timestamp() * 1000)
+        # Stream ids are "<ms>-<seq>" of the server clock at XADD: the group starts just
+        # before the first id of that millisecond.
+        return f"{ms - 1}-18446744073709551615" if ms > 0 else "0-0"
+    raise ValueError(f"start must be 'latest', 'earliest' or a datetime, got {start!r}")
+
+
+class RedisBackend(Backend):
+    """Redis Streams: one stream per namespace, one consumer group per durable consumer."""
+
+    scheme = "redis"
+    capabilities = Capabilities(
+        # Stored by Redis before publish returns; surviving a Redis restart is the server's
+        # persistence setting (AOF, see the module docstring).
+        durable=True,
+        # The stream keeps every event unless `?maxlen=` trims it.
+        replay=True,
+        # A consumer group hands entries to whichever consumer reads first.
+        key_order_across_processes=False,
+        idempotent=True,
+        # Pending + delayed + unread matching entries are all visible on the server.
+        cross_process_drain=True,
+    )
+
+    def __init__(self, url: BusURL) -> None:
+        super().__init__(url)
+        path = url.path.strip("/")
+        try:
+            self._db = int(path) if path else 0
+        except ValueError:
+            raise ValueError(
+                f"the database in {url.redacted!r} must be a number such as /0, got {path!r}"
+            ) from None
+        self._dedup_window = self._int_option("dedup_window", DEFAULT_DEDUP_WINDOW)
+        self._maxlen = self._int_option("maxlen", 0)
+        prefix = "{" + self.namespace + "}:"
+        self._prefix = prefix
+        self.stream = prefix + "events"
+        self.registry = prefix + "consumers"
+        self._client: Redis | None = None
+        self._publish = _Script(_PUBLISH)
+        self._create = _Script(_CREATE)
+        self._stats = _Script(_STATS)
+        self._delete = _Script(_DELETE)
+        self.fetch_script = _Script(_FETCH)
+        self.nak_script = _Script(_NAK)
+        self.extend_script = _Script(_EXTEND)
+        self.release_script = _Script(_RELEASE)
+        self.prune_script = _Script(_PRUNE)
+
+    def _int_option(self, name: str, default: int) -> int:
+        raw = self.url.query.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(f"{name} in {self.url.redacted!r} must be an integer >= 0")
+        return value
+
+    def key(self, kind: str, group: str) -> str:
+        """The key of one of a group's structures (``delayed``, ``handled``, ``wake``)."""
+        return f"{self._prefix}{kind}:{group}"
+
+    @property
+    def client(self) -> Redis:
+        if self._client is None:
+            raise RuntimeError(f"the redis backend for {self.url.redacted} is not connected")
+        return self._client
+
+    async def connect(self) -> None:
+        if self._client is not None:
+            return
+        url = self.url
+        client = Redis(
+            host=url.host or "localhost",
+            port=url.port or 6379,
+            db=self._db,
+            username=unquote(url.username) if url.username else None,
+            password=unquote(url.password) if url.password is not None else None,
+            socket_connect_timeout=_CONNECT_TIMEOUT,
+            socket_timeout=_SOCKET_TIMEOUT,
+            # Retries are ours (with backoff, until a deadline); redis-py's own would stretch
+            # connect() and hide outages.
+            retry=Retry(NoBackoff(), 0),
+            max_connections=1000,
+            client_name="eventwire",
+        )
+        try:
+            async with asyncio.timeout(_CONNECT_TIMEOUT + 2):
+                await _command(client, "PING")
+                # Loaded up front so a server without Lua (or with a broken script) fails here.
+                for script in _SCRIPTS:
+                    await _command(client, "SCRIPT", "LOAD", script)
+        except (redis_errors.RedisError, OSError, TimeoutError) as error:
+            await client.aclose()
+            reason = str(error) or type(error).__name__
+            raise BackendConnectionError(
+                f"cannot connect to Redis at {url.redacted}: {reason}"
+            ) from error
+        self._client = client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def retrying(
+        self, operation: Callable[[], Awaitable[T]], deadline: float | None = None
+    ) -> T:
+        """Run `operation`, retrying lost connections with backoff until `deadline` (loop
+        time) or forever; past the deadline, raises `BackendConnectionError`."""
+        loop = asyncio.get_running_loop()
+        pause = _RETRY_PAUSE
+        warned = False
+        while True:
+            try:
+                return await operation()
+            except _RETRYABLE as error:
+                if deadline is not None and loop.time() + pause > deadline:
+                    raise BackendConnectionError(
+                        f"lost the connection to Redis at {self.url.redacted}: {error}"
+                    ) from error
+                if not warned:
+                    logger.warning(
+                        "eventwire: connection to %s failed (%s); retrying",
+                        self.url.redacted,
+                        error,
+                    )
+                    warned = True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_PAUSE_MAX)
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        calls: list[tuple[list[str], list[Any]]] = []
+        for chunk in _chunks(messages, _PUBLISH_CHUNK):
+            keys = [self.stream] + [f"{self._prefix}dedup:{m.id}" for m in chunk]
+            args: list[Any] = [self._dedup_window, self._maxlen]
+            for m in chunk:
+                has_key = m.key is not None
+                args += [m.id, m.topic, "1" if has_key else "0", m.key or "", m.body]
+            calls.append((keys, args))
+        client = self.client
+
+        async def send_once() -> None:
+            # One round trip for the batch. A retry after a lost reply is deduplicated by the
+            # markers (within the dedup window).
+            pipe: Any = client.pipeline(transaction=False)
+            for keys, args in calls:
+                _stage(pipe, "EVALSHA", self._publish.sha, len(keys), *keys, *args)
+            try:
+                await pipe.execute()
+            finally:
+                await pipe.reset()
+
+        async def send() -> None:
+            try:
+                await send_once()
+            except redis_errors.NoScriptError:
+                # A restarted server lost its script cache; nothing of the batch ran.
+                await _command(client, "SCRIPT", "LOAD", self._publish.source)
+                await send_once()
+
+        await self.retrying(send)
+
+    async def consumer(self, spec: ConsumerSpec) -> Consumer:
+        validate_pattern(spec.pattern)
+        group = safe_name(spec.name)
+        start = _start_id(spec.start)
+        reply = await self.retrying(
+            lambda: self._create(
+                self.client, [self.stream, self.registry], [spec.name, group, spec.pattern, start]
+            ),
+            deadline=asyncio.get_running_loop().time() + _OP_RETRY_SECONDS,
+        )
+        if int(reply[0]) == 0:
+            raise ValueError(
+                f"durable consumer {spec.name!r} already exists with pattern "
+                f"{_text(reply[1])!r}, not {spec.pattern!r}; use another name, or delete "
+                "the old one first"
+            )
+        consumer = RedisConsumer(self, spec, group)
+        await consumer.prune()
+        return consumer
+
+    async def consumers(self) -> list[ConsumerInfo]:
+        client = self.client
+        deadline = asyncio.get_running_loop().time() + _OP_RETRY_SECONDS
+        registry: dict[Any, Any] = await self.retrying(
+            lambda: _command(client, "HGETALL", self.registry), deadline
+        )
+        entries = sorted((_text(name), _text(pattern)) for name, pattern in registry.items())
+        if not entries:
+            return []
+        keys = [self.stream] + [self.key("delayed", safe_name(name)) for name, _ in entries]
+        args: list[Any] = [_COUNT_SCAN]
+        for name, pattern in entries:
+            args += [safe_name(name), pattern]
+        counts = await self.retrying(lambda: self._stats(client, keys, args), deadline)
+        return [
+            ConsumerInfo(name=name, pattern=pattern, outstanding=int(count))
+            for (name, pattern), count in zip(entries, counts, strict=True)
+        ]
+
+    async def delete_consumer(self, name: str) -> None:
+        group = safe_name(name)
+        keys = [
+            self.stream,
+            self.registry,
+            self.key("delayed", group),
+            self.key("handled", group),
+            self.key("wake", group),
+        ]
+        await self.retrying(
+            lambda: self._delete(self.client, keys, [name, group]),
+            asyncio.get_running_loop().time() + _OP_RETRY_SECONDS,
+        )
+
+    async def destroy(self) -> None:
+        client = self.client
+
+        async def unlink_all() -> None:
+            # SCAN over this namespace's hash tag only: other namespaces are never touched.
+            cursor: Any = 0
+            while True:
+                cursor, found = await _command(
+                    client, "SCAN", cursor, "MATCH", self._prefix + "*", "COUNT", 1000
+                )
+                if found:
+                    await _command(client, "UNLINK", *found)
+                if int(cursor) == 0:
+                    return
+
+        await self.retrying(unlink_all, asyncio.get_running_loop().time() + 10.0)
+
+
+class RedisConsumer(Consumer):
+    """One process's member of a consumer group (a Redis consumer with a unique name)."""
+
+    def __init__(self, backend: RedisBackend, spec: ConsumerSpec, group: str) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.group = group
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._delayed = backend.key("delayed", group)
+        self._handled = backend.key("handled", group)
+        self._wake = backend.key("wake", group)
+        self._min_idle_ms = max(1, int(spec.ack_wait * 1000))
+        # How often a fetcher looks for deliveries that outlived ack_wait: redelivery comes
+        # at most this long after ack_wait.
+        self._reclaim_every = min(max(spec.ack_wait / 4, 0.05), _MAX_BLOCK)
+        self._next_reclaim = 0.0
+        self._claim_cursor = "0-0"
+        self._next_prune = 0.0
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the consumer {self.spec.name!r} is closed")
+
+    async def prune(self) -> None:
+        """Remove consumers of dead processes from the group (nothing pending, idle 1 h)."""
+        loop = asyncio.get_running_loop()
+        self._next_prune = loop.time() + _PRUNE_EVERY
+        # Housekeeping only: if it fails, the next round tries again.
+        with contextlib.suppress(*_RETRYABLE):
+            await self.backend.prune_script(
+                self.backend.client, [self.backend.stream], [self.group, self.name, _PRUNE_IDLE_MS]
+            )
+
+    async def fetch(self, limit: int, wait: float) -> list[Delivery]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        backend = self.backend
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait, 0.0)
+        pause = _RETRY_PAUSE
+        while True:
+            try:
+                if loop.time() >= self._next_prune:
+                    await self.prune()
+                reclaim = loop.time() >= self._next_reclaim
+                reply = await backend.fetch_script(
+                    backend.client,
+                    [backend.stream, self._delayed, self._wake],
+                    [
+                        self.group,
+                        self.name,
+                        limit,
+                        self.spec.pattern,
+                        "1" if reclaim else "0",
+                        self._min_idle_ms,
+                        self._claim_cursor,
+                        _SCAN_BUDGET,
+                    ],
+                )
+                entries, cursor, more, last_id, wake_id, due_ms, now_ms = reply
+                if reclaim:
+                    self._claim_cursor = _text(cursor)
+                    self._next_reclaim = loop.time() + self._reclaim_every
+                if entries:
+                    return self._deliveries(entries)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return []
+                if int(more):
+                    continue
+                block = min(remaining, _MAX_BLOCK, max(self._next_reclaim - loop.time(), 0.001))
+                if int(due_ms) >= 0:
+                    block = min(block, max((int(due_ms) - int(now_ms)) / 1000, 0.001))
+                # Wakes for any new entry of the stream or a bump of the group's wake stream.
+                await _command(
+                    backend.client,
+                    "XREAD",
+                    "COUNT",
+                    1,
+                    "BLOCK",
+                    max(1, int(block * 1000)),
+                    "STREAMS",
+                    backend.stream,
+                    self._wake,
+                    last_id,
+                    wake_id,
+                )
+                pause = _RETRY_PAUSE
+            except redis_errors.ResponseError as error:
+                if "NOGROUP" in str(error):
+                    raise LookupError(
+                        f"durable consumer {self.spec.name!r} no longer exists in namespace "
+                        f"{backend.namespace!r} of {backend.url.redacted} (deleted?)"
+                    ) from error
+                if not isinstance(error, _RETRYABLE):
+                    raise
+                pause = await self._pause(pause, deadline)
+                if pause < 0:
+                    return []
+            except _RETRYABLE:
+                pause = await self._pause(pause, deadline)
+                if pause < 0:
+                    return []
+
+    async def _pause(self, pause: float, deadline: float) -> float:
+        """Sleep before retrying a lost connection; -1 when the fetch's wait is over."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return -1.0
+        await asyncio.sleep(min(pause, remaining))
+        return min(pause * 2, _RETRY_PAUSE_MAX)
+
+    def _deliveries(self, entries: list[Any]) -> list[Delivery]:
+        deliveries: list[Delivery] = []
+        for raw_id, raw_fields, attempt in entries:
+            fields: dict[bytes, bytes] = {}
+            items = list(raw_fields or [])
+            for i in range(0, len(items) - 1, 2):
+                fields[items[i]] = items[i + 1]
+            topic = fields.get(b"topic")
+            deliveries.append(
+                Delivery(
+                    topic=_text(topic) if topic is not None else "",
+                    body=bytes(fields.get(b"body", b"")),
+                    attempt=int(attempt),
+                    handle=_text(raw_id),
+                )
+            )
+        deliveries.sort(key=lambda d: _entry_order(d.handle))
+        return deliveries
+
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + _OP_RETRY_SECONDS
+
+    async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
+        if not deliveries and not handled_ids:
+            return
+        backend = self.backend
+        client = backend.client
+        ids = [d.handle for d in deliveries]
+
+        async def send() -> None:
+            # One MULTI: the handled ids are recorded exactly when the entries are acked.
+            pipe: Any = client.pipeline(transaction=True)
+            for chunk in _chunks(ids, _ID_CHUNK):
+                _stage(pipe, "XACK", backend.stream, self.group, *chunk)
+            if handled_ids:
+                now = int(datetime.now(UTC).timestamp() * 1000)
+                for chunk in _chunks(list(handled_ids), _ID_CHUNK):
+                    pairs: list[Any] = []
+                    for event_id in chunk:
+                        pairs += [now, event_id]
+                    _stage(pipe, "ZADD", self._handled, *pairs)
+                _stage(pipe, "ZREMRANGEBYSCORE", self._handled, "-inf", now - HANDLED_RETENTION_MS)
+                # The whole set goes a day after its last write (a consumer nobody runs).
+                _stage(pipe, "PEXPIRE", self._handled, HANDLED_RETENTION_MS + 86_400_000)
+            try:
+                await pipe.execute()
+            finally:
+                await pipe.reset()
+
+        await backend.retrying(send, self._deadline())
+
+    async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
+        backend = self.backend
+        delay_ms = max(0, int(delay * 1000))
+        await backend.retrying(
+            lambda: backend.nak_script(
+                backend.client,
+                [backend.stream, self._delayed, self._wake],
+                [self.group, self.name, delivery.handle, delay_ms],
+            ),
+            self._deadline(),
+        )
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        backend = self.backend
+        for chunk in _chunks([d.handle for d in deliveries], _ID_CHUNK):
+            args = [self.group, self.name, *chunk]
+            call = functools.partial(backend.extend_script, backend.client, [backend.stream], args)
+            await backend.retrying(call, self._deadline())
+
+    async def handled(self, event_ids: Sequence[str]) -> set[str]:
+        if not event_ids:
+            return set()
+        ids = list(event_ids)
+        client = self.backend.client
+        scores = await self.backend.retrying(
+            lambda: _command(client, "ZMSCORE", self._handled, *ids), self._deadline()
+        )
+        return {event_id for event_id, score in zip(ids, scores, strict=True) if score is not None}
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        backend = self.backend
+        if backend._client is None:
+            return
+        if self.spec.ephemeral:
+            await backend.delete_consumer(self.spec.name)
+            return
+        # What this consumer still holds is due again now, for the group's other consumers;
+        # if Redis is unreachable it comes back after ack_wait instead.
+        try:
+            await backend.retrying(
+                lambda: backend.release_script(
+                    backend.client,
+                    [backend.stream, self._delayed, self._wake],
+                    [self.group, self.name],
+                ),
+                self._deadline(),
+            )
+        except BackendConnectionError:
+            logger.warning(
+                "eventwire: could not hand back the deliveries of %s to %s; they return after "
+                "ack_wait",
+                self.spec.name,
+                backend.url.redacted,
+            )
