@@ -658,6 +658,7 @@ class EventBus:
                 )
                 self._opening.add(opening)
                 opening.add_done_callback(self._opening.discard)
+                subscription._opening = opening
                 self._track(opening)
             return subscription
         self._trie.add(pattern, subscription)

@@ -135,6 +135,7 @@ class Subscription:
         "_inbox",
         "_invoke",
         "_keys",
+        "_opening",
         "_putters",
         "_self_blocked",
         "_stopping",
@@ -198,6 +199,8 @@ class Subscription:
         # Set on broker backends: fills the inbox from the broker, acknowledges what is done.
         self._feeder: Feeder | None = None
         self._forget = False
+        # Broker backends: creating the durable consumer, when subscribed on a running bus.
+        self._opening: asyncio.Task[None] | None = None
 
         self._inbox = Inbox(self, max_pending)
         # Publishers waiting for room, oldest first. Invariant: while any wait, the inbox is
@@ -245,6 +248,14 @@ class Subscription:
             queued=queued,
             handling_seconds=self._handling_seconds,
         )
+
+    async def ready(self) -> None:
+        """Return once the subscription receives events. On a broker backend, subscribing
+        while the bus runs creates its durable consumer in the background (later publishes of
+        this bus wait for it by themselves); await this before another process publishes
+        events it must see. Raises what creating it raised (e.g. a pattern conflict)."""
+        if self._opening is not None:
+            await asyncio.shield(self._opening)
 
     async def unsubscribe(self, *, drain: bool = True, forget: bool = False) -> None:
         """Stop receiving new events. With `drain` (the default) events already queued are

@@ -201,6 +201,7 @@ async def test_unsubscribe_keeps_the_durable_subscription_and_its_backlog(
     bus = new_bus(bus_url)
     async with bus:
         sub = bus.subscribe("t.x", lambda e: seen.append(e.payload), name="keeper")
+        await sub.ready()  # its durable consumer exists: another process's events reach it
         await publisher.publish("t.x", 0)
         await wait_until(lambda: seen == [0], timeout=10)
         await sub.unsubscribe()

@@ -1,0 +1,911 @@
+"""The ``nats://[user:password@]host:port?namespace=...`` backend: NATS JetStream.
+
+Layout on the server, per namespace ``ns``:
+
+- stream ``eventwire_<ns>`` (file storage, limits retention) holds subjects ``<ns>.>``: topic
+  ``a.b`` is subject ``<ns>.a.b``; each message carries ``Nats-Msg-Id: <event id>`` so a
+  retried publish is stored once (within the stream's 2-minute duplicate window);
+- one durable pull consumer per subscription name (`safe_name`), filtered on ``<ns>.<pattern>``
+  (eventwire's ``*`` and ``>`` are NATS's), explicit acks, unlimited redeliveries (the bus
+  dead-letters); its description records the subscription's name and pattern;
+- KV bucket ``eventwire_<ns>_handled`` (created on first use, 7-day TTL) holds handled event
+  ids under ``<consumer>.<event id>``.
+
+Optional URL settings: ``?max_age=<seconds>`` caps how long the stream keeps events (default:
+forever) and ``?replicas=<n>`` sets its replication in a cluster (default 1). Both apply only
+when the stream is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import json
+import logging
+import random
+import re
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
+from urllib.parse import unquote
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client, Server
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.api import (
+    ConsumerInfo as NatsConsumerInfo,
+)
+from nats.js.kv import KeyValue
+
+from eventwire.backends import BusURL
+from eventwire.backends.base import (
+    Backend,
+    BackendCapabilityError,
+    BackendConnectionError,
+    Capabilities,
+    Consumer,
+    ConsumerInfo,
+    ConsumerSpec,
+    Delivery,
+    Message,
+    safe_name,
+)
+from eventwire.errors import EventwireError
+from eventwire.topics import is_reserved, validate_pattern
+
+logger = logging.getLogger("eventwire")
+
+T = TypeVar("T")
+
+_DEFAULT_PORT = 4222
+_CONNECT_TIMEOUT = 5.0  # the whole of connect(), first attempt to stream ready
+_ATTEMPT_TIMEOUT = 2  # one TCP connect attempt
+_REQUEST_TIMEOUT = 5.0  # one JetStream API call, publish or ack round trip
+_SETTLE_DEADLINE = 10.0  # acks/naks/extends retried this long before raising
+_PUBLISH_WINDOW = 512  # publishes in flight at once (one round trip per window)
+_GRACE = 0.5  # round-trip allowance past a fetch's `wait` when the server is slow
+_HANDLED_TTL = 7 * 24 * 3600.0
+# A request-reply inbox left behind by a dead process is removed after this long without
+# fetches, so that `drain()` in other processes does not wait for its messages forever.
+_EPHEMERAL_INACTIVE = 60.0
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 2.0
+_ACK_PREFIX = "$JS.ACK."
+_DIRECT_ID = re.compile(r"[A-Za-z0-9_=-]{1,200}")
+
+# Errors that a reconnect or a JetStream restart cures: retry them.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    TimeoutError,
+    OSError,
+)
+
+
+class _LenientClient(Client):
+    """A NATS client that survives foreign messages nats-py would choke on: a subject that is
+    not UTF-8 or an undecodable header line raises inside its read loop, which would wedge
+    every consumer of the stream on that message forever."""
+
+    async def _process_headers(self, headers: Any) -> dict[str, str] | None:
+        try:
+            return await super()._process_headers(headers)
+        except Exception:
+            return None
+
+    def _build_message(
+        self,
+        sid: int,
+        subject: bytes,
+        reply: bytes,
+        data: bytes,
+        headers: dict[str, str] | None,
+    ) -> Any:
+        return super()._build_message(sid, _utf8(subject), _utf8(reply), data, headers)
+
+
+def _utf8(raw: bytes) -> bytes:
+    return raw.decode("utf-8", "replace").encode()
+
+
+class _Backoff:
+    """Exponential pauses with jitter between retries."""
+
+    def __init__(self) -> None:
+        self._next = _BACKOFF_MIN
+
+    async def pause(self) -> None:
+        await asyncio.sleep(self._next * random.uniform(0.5, 1.0))
+        self._next = min(self._next * 2, _BACKOFF_MAX)
+
+
+def _reconnect_delay(servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+    """nats-py's reconnect hook: reconnect forever, backing off per failed attempt."""
+    server = min(servers, key=lambda s: s.reconnects)
+    delay = min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** min(server.reconnects, 8))
+    return server, delay * random.uniform(0.5, 1.0)
+
+
+class NatsBackend(Backend):
+    """Events in a NATS JetStream stream; see the module docstring."""
+
+    scheme = "nats"
+    capabilities = Capabilities(
+        durable=True,
+        replay=True,
+        # Competing pull consumers take messages in parallel; JetStream cannot hold back a
+        # key's later message while an earlier one is in flight elsewhere.
+        key_order_across_processes=False,
+        idempotent=True,
+        cross_process_drain=True,
+    )
+
+    def __init__(self, url: BusURL) -> None:
+        super().__init__(url)
+        self.stream = f"eventwire_{self.namespace}"
+        self.prefix = f"{self.namespace}."
+        self.bucket = f"eventwire_{self.namespace}_handled"
+        self.max_age = _number(url, "max_age", 0.0)
+        self.replicas = int(_number(url, "replicas", 1))
+        if self.max_age < 0 or self.replicas < 1:
+            raise ValueError(f"max_age= must be >= 0 and replicas= >= 1 in {url.redacted!r}")
+        self._nc: _LenientClient | None = None
+        self._js: JetStreamContext | None = None
+        self._kv: KeyValue | None = None
+        # Set (and replaced) when the connection drops: requests in flight on it give up.
+        self._lost = asyncio.Event()
+
+    # -- connection ------------------------------------------------------------------------
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("the nats backend is not connected; start the bus first")
+        return self._js
+
+    @property
+    def nc(self) -> _LenientClient:
+        if self._nc is None:
+            raise RuntimeError("the nats backend is not connected; start the bus first")
+        return self._nc
+
+    async def connect(self) -> None:
+        if self._nc is not None:
+            return
+        nc = _LenientClient()
+        self._lost = asyncio.Event()
+        try:
+            await self._open(nc)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        self._nc, self._js = nc, nc.jetstream(timeout=_REQUEST_TIMEOUT)
+
+    async def _open(self, nc: _LenientClient) -> None:
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[Exception] = loop.create_future()
+        connected = False
+
+        async def on_error(error: Exception) -> None:
+            if not connected:
+                if not failed.done():
+                    failed.set_result(error)
+            elif isinstance(error, _TRANSIENT):
+                # Failed reconnect attempts: the disconnect itself was logged once.
+                logger.debug("eventwire: NATS at %s: %r", self.url.redacted, error)
+            else:
+                logger.warning("eventwire: NATS at %s: %r", self.url.redacted, error)
+
+        async def on_disconnect() -> None:
+            lost, self._lost = self._lost, asyncio.Event()
+            lost.set()
+            if self._nc is nc:  # not when closing
+                logger.warning("eventwire: lost NATS at %s; reconnecting", self.url.redacted)
+
+        async def on_reconnect() -> None:
+            logger.warning("eventwire: reconnected to NATS at %s", self.url.redacted)
+
+        user = unquote(self.url.username) if self.url.username else None
+        password = unquote(self.url.password) if self.url.password is not None else None
+        attempt = loop.create_task(
+            nc.connect(
+                # No credentials in the server URL: nats-py may show it in errors.
+                servers=[f"nats://{self._hostport()}"],
+                name=f"eventwire:{self.namespace}",
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                connect_timeout=_ATTEMPT_TIMEOUT,
+                max_reconnect_attempts=-1,
+                reconnect_to_server_handler=_reconnect_delay,
+                ping_interval=10,
+                max_outstanding_pings=3,
+                user=user if password is not None else None,
+                password=password,
+                token=user if password is None else None,  # nats://TOKEN@host
+            )
+        )
+        try:
+            # The first failed attempt ends connect(): the client itself would retry forever.
+            either: set[asyncio.Future[Any]] = {attempt, failed}
+            done, _ = await asyncio.wait(
+                either, timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            if attempt not in done:
+                error = failed.result() if failed.done() else TimeoutError("no answer")
+                raise BackendConnectionError(
+                    f"cannot connect to NATS at {self.url.redacted}: "
+                    f"{type(error).__name__}: {error}"
+                )
+            try:
+                attempt.result()
+            except Exception as error:
+                raise BackendConnectionError(
+                    f"cannot connect to NATS at {self.url.redacted}: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+        finally:
+            if not attempt.done():
+                attempt.cancel()
+                await asyncio.wait({attempt})
+        connected = True
+        try:
+            await self._ensure_stream(nc.jetstream(timeout=_REQUEST_TIMEOUT))
+        except Exception as error:
+            raise BackendConnectionError(
+                f"cannot use JetStream on NATS at {self.url.redacted} (is nats-server started "
+                f"with -js?): {type(error).__name__}: {error}"
+            ) from error
+
+    def _hostport(self) -> str:
+        host = self.url.host or "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.url.port or _DEFAULT_PORT}"
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        try:
+            await js.stream_info(self.stream)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        config = StreamConfig(
+            name=self.stream,
+            description=f"eventwire events of namespace {self.namespace}",
+            subjects=[f"{self.prefix}>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=self.max_age,
+            num_replicas=self.replicas,
+            duplicate_window=120.0,
+        )
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.APIError:
+            # Another process may have created it meanwhile (with other settings).
+            await js.stream_info(self.stream)
+
+    async def close(self) -> None:
+        nc, self._nc, self._js, self._kv = self._nc, None, None, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        js = self.js
+        waiting = list(messages)
+        backoff = _Backoff()
+        while waiting:
+            await self._connected()
+            failed: list[Message] = []
+            last: BaseException | None = None
+            for start in range(0, len(waiting), _PUBLISH_WINDOW):
+                window = waiting[start : start + _PUBLISH_WINDOW]
+                # Every publish of the window is sent before the first PubAck is awaited.
+                stored = asyncio.gather(
+                    *(self._store(js, message) for message in window), return_exceptions=True
+                )
+                try:
+                    results: list[BaseException | None] = await self._on_this_link(stored)
+                except nats.errors.ConnectionReconnectingError as error:
+                    results = [error] * len(window)
+                for message, result in zip(window, results, strict=True):
+                    if isinstance(result, BaseException):
+                        if isinstance(result, nats.errors.ConnectionClosedError):
+                            raise BackendConnectionError(
+                                f"the connection to {self.url.redacted} was closed"
+                            ) from result
+                        if not isinstance(result, _TRANSIENT):
+                            raise EventwireError(
+                                f"NATS at {self.url.redacted} refused event {message.id!r} on "
+                                f"{message.topic!r}: {type(result).__name__}: {result}"
+                            ) from result
+                        failed.append(message)
+                        last = result
+            waiting = failed
+            if waiting:
+                logger.debug(
+                    "eventwire: %d publish(es) to NATS not confirmed (%r); retrying",
+                    len(waiting),
+                    last,
+                )
+                await backoff.pause()
+
+    async def _store(self, js: JetStreamContext, message: Message) -> None:
+        await js.publish(
+            self.prefix + message.topic,
+            message.body,
+            timeout=_REQUEST_TIMEOUT,
+            stream=self.stream,
+            headers={"Nats-Msg-Id": message.id},
+        )
+
+    async def _connected(self) -> None:
+        """Wait (forever, with backoff) until the client is connected."""
+        backoff = _Backoff()
+        while not self.nc.is_connected:
+            if self.nc.is_closed:
+                raise BackendConnectionError(f"the connection to {self.url.redacted} is closed")
+            await backoff.pause()
+
+    async def _on_this_link(self, call: Awaitable[T]) -> T:
+        """Await `call`, but give up at once if the connection it went out on is lost: its
+        answer will never come, and a retry on the next connection need not wait for the
+        request timeout first."""
+        lost = self._lost
+        task = asyncio.ensure_future(call)
+        waiter = asyncio.ensure_future(lost.wait())
+        gave_up = False
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not task.done():
+                gave_up = True
+                task.cancel()
+                await asyncio.wait({task})
+        if gave_up:
+            # (A cancelled gather() ends with a CancelledError as its exception, which must
+            # not escape as if this task itself were cancelled.)
+            if not task.cancelled():
+                task.exception()  # retrieved: nothing to log
+            raise nats.errors.ConnectionReconnectingError
+        return task.result()
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, retried through transient errors for up to `_SETTLE_DEADLINE` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _SETTLE_DEADLINE
+        backoff = _Backoff()
+        while True:
+            try:
+                return await self._on_this_link(call())
+            except _TRANSIENT as error:
+                if loop.time() >= deadline or self.nc.is_closed:
+                    raise BackendConnectionError(
+                        f"{what} failed on NATS at {self.url.redacted}: "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
+            await backoff.pause()
+
+    # -- consumers -------------------------------------------------------------------------
+
+    async def consumer(self, spec: ConsumerSpec) -> Consumer:
+        validate_pattern(spec.pattern)
+        if isinstance(spec.start, datetime) and spec.start.tzinfo is None:
+            raise ValueError("start= datetime must be timezone-aware (e.g. UTC)")
+        durable = safe_name(spec.name)
+        await self._open_consumer(spec, durable)
+        consumer = _NatsConsumer(self, spec, durable)
+        await consumer._subscribe()
+        return consumer
+
+    async def _open_consumer(self, spec: ConsumerSpec, durable: str) -> None:
+        info = await self._consumer_info(durable)
+        if info is None:
+            try:
+                info = await self._retry(
+                    f"creating consumer {spec.name!r}",
+                    lambda: self.js.add_consumer(self.stream, self._consumer_config(spec, durable)),
+                )
+            except nats.js.errors.APIError:
+                # Created by another process meanwhile (with another start time)?
+                info = await self._consumer_info(durable)
+                if info is None:
+                    raise
+        existing = _pattern_of(info, self.prefix)
+        if existing != spec.pattern:
+            raise ValueError(
+                f"durable subscription {spec.name!r} already exists with pattern {existing!r}, "
+                f"not {spec.pattern!r}; use another name, or remove the old one first"
+            )
+        config = info.config
+        if config.ack_wait is not None and abs(config.ack_wait - spec.ack_wait) > 1e-3:
+            config.ack_wait = spec.ack_wait
+            try:
+                await self.js.add_consumer(self.stream, config)
+            except nats.js.errors.APIError as error:
+                # JetStream refuses some updates (e.g. of a consumer that started at a time).
+                logger.warning(
+                    "eventwire: consumer %r keeps its ack_wait: %s", spec.name, error.description
+                )
+
+    def _consumer_config(self, spec: ConsumerSpec, durable: str) -> ConsumerConfig:
+        config = ConsumerConfig(
+            durable_name=durable,
+            description=json.dumps({"name": spec.name, "pattern": spec.pattern}),
+            filter_subject=self.prefix + spec.pattern,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=spec.ack_wait,
+            max_deliver=-1,
+            # Unlimited: messages naked with a long delay count as pending acks and would
+            # otherwise stall the consumer once there are enough of them.
+            max_ack_pending=-1,
+            deliver_policy=DeliverPolicy.NEW,
+        )
+        if spec.start == "earliest":
+            config.deliver_policy = DeliverPolicy.ALL
+        elif isinstance(spec.start, datetime):
+            config.deliver_policy = DeliverPolicy.BY_START_TIME
+            config.opt_start_time = spec.start.astimezone(UTC)
+        if spec.ephemeral:
+            config.inactive_threshold = max(_EPHEMERAL_INACTIVE, 2 * spec.ack_wait)
+        return config
+
+    async def _consumer_info(self, durable: str) -> NatsConsumerInfo | None:
+        async def get() -> NatsConsumerInfo | None:
+            try:
+                info = await self.js.consumer_info(self.stream, durable)
+            except nats.js.errors.NotFoundError:
+                return None
+            return cast(NatsConsumerInfo, info)
+
+        return await self._retry(f"looking up consumer {durable!r}", get)
+
+    async def consumers(self) -> list[ConsumerInfo]:
+        infos: list[NatsConsumerInfo] = []
+        while True:
+            offset = len(infos)
+            page = await self._retry(
+                "listing consumers", functools.partial(self.js.consumers_info, self.stream, offset)
+            )
+            infos.extend(page)
+            if not page:
+                break
+        found = []
+        for info in infos:
+            name = _described(info).get("name") or info.name
+            outstanding = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            found.append(ConsumerInfo(str(name), _pattern_of(info, self.prefix), outstanding))
+        return found
+
+    async def delete_consumer(self, name: str) -> None:
+        durable = safe_name(name)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._retry(
+                f"deleting consumer {name!r}", lambda: self.js.delete_consumer(self.stream, durable)
+            )
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._retry(
+                f"forgetting handled ids of {name!r}",
+                lambda: self.js.purge_stream(
+                    f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.{durable}.>"
+                ),
+            )
+
+    async def destroy(self) -> None:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._retry("deleting the stream", lambda: self.js.delete_stream(self.stream))
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._retry(
+                "deleting the handled-ids bucket", lambda: self.js.delete_key_value(self.bucket)
+            )
+        self._kv = None
+
+    # -- handled ids -----------------------------------------------------------------------
+
+    async def _bucket(self, create: bool) -> KeyValue | None:
+        if self._kv is not None:
+            return self._kv
+        js = self.js
+        try:
+            self._kv = await self._retry(
+                "opening the handled-ids bucket", lambda: js.key_value(self.bucket)
+            )
+        except nats.js.errors.NotFoundError:
+            if not create:
+                return None
+            config = KeyValueConfig(
+                bucket=self.bucket,
+                description=f"eventwire handled event ids of namespace {self.namespace}",
+                history=1,
+                ttl=_HANDLED_TTL,
+                storage=StorageType.FILE,
+                replicas=self.replicas,
+            )
+            try:
+                self._kv = await self._retry(
+                    "creating the handled-ids bucket", lambda: js.create_key_value(config)
+                )
+            except nats.js.errors.APIError:
+                self._kv = await js.key_value(self.bucket)  # created by another process
+        return self._kv
+
+    async def _record_handled(self, durable: str, event_ids: Sequence[str]) -> None:
+        kv = await self._bucket(create=True)
+        assert kv is not None
+        keys = [f"{durable}.{_id_key(event_id)}" for event_id in dict.fromkeys(event_ids)]
+
+        async def put(window: list[str]) -> None:
+            await _gather_all(kv.put(key, b"") for key in window)
+
+        for start in range(0, len(keys), _PUBLISH_WINDOW):
+            window = keys[start : start + _PUBLISH_WINDOW]
+            await self._retry("recording handled ids", functools.partial(put, window))
+
+    async def _handled(self, durable: str, event_ids: Sequence[str]) -> set[str]:
+        kv = await self._bucket(create=False)
+        if kv is None or not event_ids:
+            return set()
+        unique = list(dict.fromkeys(event_ids))
+        found: set[str] = set()
+
+        async def known(event_id: str) -> bool:
+            try:
+                await kv.get(f"{durable}.{_id_key(event_id)}")
+            except nats.js.errors.NotFoundError:  # KeyNotFoundError, also a deleted key
+                return False
+            return True
+
+        async def look_up(window: list[str]) -> list[bool]:
+            return await _gather_all(known(event_id) for event_id in window)
+
+        for start in range(0, len(unique), _PUBLISH_WINDOW):
+            window = unique[start : start + _PUBLISH_WINDOW]
+            results = await self._retry(
+                "looking up handled ids", functools.partial(look_up, window)
+            )
+            found.update(event_id for event_id, hit in zip(window, results, strict=True) if hit)
+        return found
+
+
+@dataclass(slots=True)
+class _Pull:
+    """One pull request to the consumer: done when `batch` messages or a status came."""
+
+    token: str
+    batch: int
+    received: int = 0
+    status: str | None = None
+    description: str = ""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _NatsConsumer(Consumer):
+    """One process's handle on a durable pull consumer.
+
+    Pull requests are answered on a private inbox ``<inbox>.<n>``; messages go to a buffer
+    and each request ends with either its batch or a status (404 no messages, 408 expired),
+    so `fetch` knows when to stop waiting. It first asks for what is ready (``no_wait``);
+    if nothing is, it waits for one message (``expires`` = what is left of `wait`) and then
+    takes whatever else is ready, so it never leaves a pull request pending at the server.
+    """
+
+    def __init__(self, backend: NatsBackend, spec: ConsumerSpec, durable: str) -> None:
+        self._backend = backend
+        self._spec = spec
+        self._durable = durable
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{backend.stream}.{durable}"
+        self._inbox = backend.nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._buffer: deque[tuple[float, Msg]] = deque()
+        self._pull: _Pull | None = None
+        self._pulls = 0
+        self._lock = asyncio.Lock()
+        # Deliveries handed out and not yet acked or naked, by ack subject: given back on close.
+        self._held: dict[str, Msg] = {}
+        self._closed = False
+        # Broker wildcards also reach the bus's own `_` topics; only `_` patterns want them.
+        self._wants_reserved = spec.pattern.startswith("_")
+
+    async def _subscribe(self) -> None:
+        self._sub = await self._backend.nc.subscribe(f"{self._inbox}.*", cb=self._on_message)
+
+    async def _on_message(self, msg: Msg) -> None:
+        pull = self._pull
+        if msg.reply.startswith(_ACK_PREFIX):
+            self._buffer.append((asyncio.get_running_loop().time(), msg))
+            if pull is not None:
+                pull.received += 1
+                if pull.received >= pull.batch:
+                    pull.done.set()
+            return
+        # A status ends the pull request named by the inbox's last token.
+        if pull is not None and msg.subject.rpartition(".")[2] == pull.token:
+            headers = msg.headers or {}
+            pull.status = headers.get("Status")
+            pull.description = str(headers.get("Description", ""))
+            pull.done.set()
+
+    async def _request(
+        self, batch: int, timeout: float, *, expires: float | None = None
+    ) -> _Pull | None:
+        """Send one pull request and wait up to `timeout` for it to end; None if it did not."""
+        if self._closed:
+            return None  # a pull now would take messages that nobody receives
+        self._pulls += 1
+        pull = _Pull(token=str(self._pulls), batch=batch)
+        request: dict[str, Any] = {"batch": batch}
+        if expires is None:
+            request["no_wait"] = True
+        else:
+            request["expires"] = int(expires * 1e9)
+        self._pull = pull
+        try:
+            await self._backend.nc.publish(
+                self._next_subject,
+                json.dumps(request).encode(),
+                reply=f"{self._inbox}.{pull.token}",
+            )
+            async with asyncio.timeout(timeout):
+                await pull.done.wait()
+        except TimeoutError:
+            return None
+        except nats.errors.ConnectionClosedError as error:
+            raise BackendConnectionError(
+                f"the connection to {self._backend.url.redacted} is closed"
+            ) from error
+        finally:
+            self._pull = None
+        return pull
+
+    async def fetch(self, limit: int, wait: float) -> list[Delivery]:
+        if limit < 1:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait, 0.0)
+        async with self._lock:
+            while not self._closed:
+                taken = await self._take(limit)
+                if taken:
+                    return taken
+                if not await self._wait_connected(deadline):
+                    return []
+                ready = await self._request(limit, max(deadline - loop.time(), 0.0) + _GRACE)
+                if ready is None:
+                    # Connected, yet JetStream did not answer: is the consumer gone?
+                    await self._check_exists()
+                elif not self._buffer:
+                    left = deadline - loop.time()
+                    if left < 0.01:
+                        return []
+                    await self._request(1, left + _GRACE, expires=left)
+                    if self._buffer and limit > 1:
+                        await self._request(limit - len(self._buffer), _GRACE)
+                if loop.time() >= deadline:
+                    return await self._take(limit)
+            return []
+
+    async def _wait_connected(self, deadline: float) -> bool:
+        nc = self._backend.nc
+        loop = asyncio.get_running_loop()
+        while not nc.is_connected:
+            if nc.is_closed:
+                raise BackendConnectionError(
+                    f"the connection to {self._backend.url.redacted} is closed"
+                )
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0.0)))
+        return True
+
+    async def _check_exists(self) -> None:
+        """JetStream ignores pull requests for a consumer that does not exist."""
+        backend = self._backend
+        try:
+            await backend.js.consumer_info(backend.stream, self._durable, timeout=_GRACE)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        except _TRANSIENT:
+            return  # the server is slow or restarting: the next fetch tries again
+        if self._spec.ephemeral:
+            # Removed after a long pause in fetching (see _EPHEMERAL_INACTIVE): start again.
+            await backend._open_consumer(self._spec, self._durable)
+            return
+        raise LookupError(
+            f"the durable subscription {self._spec.name!r} no longer exists on "
+            f"{backend.url.redacted} (deleted by another process?)"
+        )
+
+    async def _take(self, limit: int) -> list[Delivery]:
+        now = asyncio.get_running_loop().time()
+        taken: list[Delivery] = []
+        skipped: list[Msg] = []
+        while self._buffer and len(taken) < limit:
+            arrived, msg = self._buffer.popleft()
+            if now - arrived > self._spec.ack_wait:
+                continue  # held here past ack_wait: JetStream has delivered it again already
+            topic = msg.subject.removeprefix(self._backend.prefix)
+            if is_reserved(topic) and not self._wants_reserved:
+                skipped.append(msg)
+                continue
+            self._held[msg.reply] = msg
+            taken.append(Delivery(topic, msg.data, _attempt(msg), msg))
+        if skipped:
+            await self._settle(skipped, b"+ACK", quiet=True)
+        return taken
+
+    async def _settle(self, msgs: Iterable[Msg], payload: bytes, *, quiet: bool = False) -> None:
+        """Send `payload` (+ACK, -NAK, +WPI) for every message and wait until JetStream has
+        processed each (it answers an ack sent as a request once applied)."""
+        nc = self._backend.nc
+        replies = list(dict.fromkeys(msg.reply for msg in msgs))
+
+        async def send(window: list[str]) -> None:
+            await _gather_all(
+                nc.request(reply, payload, timeout=_REQUEST_TIMEOUT) for reply in window
+            )
+
+        try:
+            for start in range(0, len(replies), _PUBLISH_WINDOW):
+                window = replies[start : start + _PUBLISH_WINDOW]
+                await self._backend._retry(
+                    f"sending {payload.decode()} for {len(window)} deliveries",
+                    functools.partial(send, window),
+                )
+        except Exception:
+            if not quiet:
+                raise
+            logger.debug("eventwire: acknowledging skipped deliveries failed", exc_info=True)
+
+    def _msgs(self, deliveries: Sequence[Delivery]) -> list[Msg]:
+        msgs = []
+        for delivery in deliveries:
+            msg = delivery.handle
+            if not isinstance(msg, Msg) or not msg.reply.startswith(_ACK_PREFIX):
+                raise BackendCapabilityError("this delivery did not come from the nats backend")
+            msgs.append(msg)
+        return msgs
+
+    async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
+        msgs = self._msgs(deliveries)
+        if handled_ids:
+            # Recorded before the ack: a crash in between redelivers an event that the bus
+            # then finds handled, instead of losing the record.
+            await self._backend._record_handled(self._durable, handled_ids)
+        await self._settle(msgs, b"+ACK")
+        for msg in msgs:
+            self._held.pop(msg.reply, None)
+
+    async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
+        [msg] = self._msgs([delivery])
+        payload = b"-NAK"
+        if delay > 0:
+            payload += b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
+        await self._settle([msg], payload)
+        self._held.pop(msg.reply, None)
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        await self._settle(self._msgs(deliveries), b"+WPI")
+
+    async def handled(self, event_ids: Sequence[str]) -> set[str]:
+        return await self._backend._handled(self._durable, event_ids)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        pull = self._pull
+        if pull is not None:
+            pull.done.set()  # a fetch in progress returns now
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        backend = self._backend
+        if backend._nc is None or backend.nc.is_closed:
+            return
+        if self._spec.ephemeral:
+            try:
+                await backend.delete_consumer(self._spec.name)
+            except Exception:
+                logger.warning(
+                    "eventwire: could not delete the inbox consumer %s; NATS removes it after "
+                    "%.0fs",
+                    self._spec.name,
+                    max(_EPHEMERAL_INACTIVE, 2 * self._spec.ack_wait),
+                    exc_info=True,
+                )
+            return
+        # Give back at once what this process holds, rather than after ack_wait.
+        back = [*self._held.values(), *(msg for _, msg in self._buffer)]
+        self._held.clear()
+        self._buffer.clear()
+        if back:
+            try:
+                await self._settle(back, b"-NAK")
+            except Exception:
+                logger.warning(
+                    "eventwire: could not give back %d deliveries of %s; they return after "
+                    "ack_wait",
+                    len(back),
+                    self._spec.name,
+                    exc_info=True,
+                )
+
+
+async def _gather_all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Await all concurrently; raise the first error only after every call has finished, so
+    a retry never overlaps calls still in flight."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
+
+
+def _number(url: BusURL, name: str, default: float) -> float:
+    raw = url.query.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}= in {url.redacted!r} must be a number") from None
+
+
+def _described(info: NatsConsumerInfo) -> dict[str, Any]:
+    try:
+        described = json.loads(info.config.description or "")
+    except ValueError:
+        return {}
+    return described if isinstance(described, dict) else {}
+
+
+def _pattern_of(info: NatsConsumerInfo, prefix: str) -> str:
+    """The subscription pattern of a consumer (from its filter if another tool made it)."""
+    pattern = _described(info).get("pattern")
+    if isinstance(pattern, str):
+        return pattern
+    subject = info.config.filter_subject or f"{prefix}>"
+    return subject.removeprefix(prefix)
+
+
+def _attempt(msg: Msg) -> int:
+    try:
+        return max(1, int(msg.metadata.num_delivered))
+    except (ValueError, IndexError, nats.errors.Error):
+        return 1
+
+
+def _id_key(event_id: str) -> str:
+    """A KV key token for an event id: itself when safe, else ``b64.<base64url>``."""
+    if _DIRECT_ID.fullmatch(event_id):
+        return event_id
+    return "b64." + base64.urlsafe_b64encode(event_id.encode()).decode()
