@@ -254,3 +254,28 @@ async def test_key_order_across_processes_where_the_backend_promises_it(bus_url:
     for key in ("customer-0", "customer-1", "customer-2"):
         numbers = [n for k, n in handled if k == key]
         assert numbers == sorted(numbers), f"{key} handled in publish order"
+
+
+async def test_close_gives_unfinished_events_back_at_once(bus_url: str) -> None:
+    gate = asyncio.Event()
+    taken: list[int] = []
+    slow = EventBus(bus_url, close_grace=0.2, redeliver_after=60)
+
+    async def stuck(event: Event[int]) -> None:
+        taken.append(event.payload)
+        await gate.wait()
+
+    slow.subscribe("work.item", stuck, name="workers")
+    async with slow:
+        for n in range(5):
+            await slow.publish("work.item", n)
+        await wait_until(lambda: len(taken) == 1, timeout=10)
+        report = await slow.close()
+    assert not report.clean
+    assert {u.event.payload for u in report.unhandled} <= set(range(5))
+    finished: list[int] = []
+    # Long before the 60 s lease would run out, another process of the subscription has them.
+    other = EventBus(bus_url, redeliver_after=60)
+    other.subscribe("work.item", lambda e: finished.append(e.payload), name="workers")
+    async with other:
+        await wait_until(lambda: sorted(finished) == list(range(5)), timeout=10)
