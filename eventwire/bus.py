@@ -1265,15 +1265,13 @@ class EventBus:
                 and pattern_matches(info.pattern, event.topic)
             }
         )
-        complete = backend.capabilities.cross_process_drain
-        if not reached and complete:
+        if not reached:
             raise NoReplyError(
                 f"no subscription matches {event.topic!r} on {backend.url.redacted}, so nothing "
                 "can answer this request; subscribe a handler to it first"
             )
         pending.delivered = reached
-        # Where the broker cannot list its consumers, the first reply wins, or the timeout.
-        pending.expected = len(reached) if complete else None
+        pending.expected = len(reached)
         self._requests[event.id] = pending
         try:
             await self._store(event)

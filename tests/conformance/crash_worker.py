@@ -22,6 +22,8 @@ async def main(url: str, output: str, idempotent: bool) -> None:
     @bus.subscribe("crash.work", name="crashers", idempotent=idempotent)
     async def work(event: Event[int]) -> None:
         os.write(fd, f"{event.payload}\n".encode())
+        # Paced a little, so that the test's kill lands in the middle of the stream.
+        await asyncio.sleep(0.0002)
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -136,8 +136,11 @@ async def test_drain_and_request_work_across_processes(bus_url: str, publisher: 
     async with worker:
         assert await publisher.request("math.square", 12, timeout=10) == 144
         await publisher.publish("report.make", "weekly")
-        await publisher.drain(timeout=10)  # waits for the other process's handler
-        assert done == ["weekly"]
+        if publisher.capabilities.cross_process_drain:
+            await publisher.drain(timeout=10)  # waits for the other process's handler
+            assert done == ["weekly"]
+        else:  # (the README's table says so) only the handler's own process can wait for it
+            await wait_until(lambda: done == ["weekly"], timeout=10)
 
 
 async def test_idempotent_subscription_handles_a_redelivered_event_once(

@@ -1,0 +1,1131 @@
+"""The ``amqp://`` backend: RabbitMQ over AMQP 0-9-1, with aio-pika.
+
+URL: ``amqp://user:password@host:5672/vhost?namespace=app`` (vhost ``/`` when the path is empty
+or ``/``). Optional query parameters: ``prefetch`` (deliveries buffered per consumer, default
+64), ``connect_timeout`` (seconds per connection attempt, default 5), ``heartbeat`` (seconds,
+default 30). Needs RabbitMQ 3.9 or later (quorum queues and streams).
+
+What a namespace ``ns`` stores on the broker:
+
+- ``ns`` and ``ns.reserved``: durable topic exchanges; an event goes to the second when its
+  topic is reserved (first token starts with ``_``), routing key = topic. A pattern whose first
+  token starts with ``_`` is bound to ``ns.reserved``, any other to ``ns``, so the broker
+  filters exactly: ``*`` and ``>`` never reach the bus's own topics.
+- ``ns.<safe name>``: a quorum queue per durable consumer, bound with its pattern translated
+  exactly (``*`` -> ``*``, ``>`` -> ``*.#``: ``#`` alone also matches zero tokens). Ephemeral
+  consumers get a classic queue the broker removes 60 s after its last subscriber left.
+- ``ns.delay`` (headers exchange) and ``ns.delay.<ms>``: classic queues with that message TTL,
+  dead-lettering through the default exchange to the consumer queue named by the routing key:
+  `nak` with a delay (RabbitMQ has no delayed delivery of its own). One queue per delay
+  (rounded to two significant digits) keeps each FIFO: a long delay never holds back a short.
+- ``ns.registry``: a stream (append-only log) of consumer creations and deletions and of delay
+  queues, since AMQP 0-9-1 cannot list queues or bindings. Each backend tails it; a ``sync``
+  record it writes and reads back tells it has read everything before. It answers
+  `consumers`, the pattern check of a reopened consumer (the first creation in the log wins a
+  race) and what `destroy` deletes.
+
+How the contract maps, and where RabbitMQ falls short (see `AmqpBackend.capabilities`):
+
+- `publish` sends a batch pipelined on one confirm-mode channel (persistent, ``message_id`` =
+  event id) and returns when the broker confirmed every message (a quorum queue: stored on a
+  majority). Lost connections are retried with backoff until cancelled. RabbitMQ does not
+  deduplicate: a publish retried after a lost confirm may be stored twice.
+- ``start="latest"`` is the moment the queue is bound. Queues keep no history: ``"earliest"``
+  and a datetime raise `BackendCapabilityError` for a new consumer (an existing one resumes).
+- A consumer subscribes when opened and buffers up to ``prefetch`` deliveries; `fetch` takes
+  from that buffer, oldest first. A caller holding a whole window gets a fresh subscription
+  beside the old one (a quorum queue ignores a raised ``basic.qos`` while consuming).
+- `attempt` = 1 + the returns RabbitMQ counts (``x-delivery-count`` of quorum queues: on 3.x
+  every return, including a prefetched message returned unprocessed, so it can over-count; on
+  4.3+ rejections only, so a return after a crash counts as one) + the attempts carried through
+  a delayed `nak` in an ``eventwire-attempt`` header.
+- ack_wait: RabbitMQ returns unacknowledged deliveries only when their channel closes (a killed
+  process, a lost connection) or after its server-wide ``consumer_timeout`` (30 min by
+  default), never after a per-consumer time. So a watchdog per consumer gives back
+  (``basic.reject``, requeue) what is held past ``ack_wait`` without `extend` (a late `ack` of
+  it is ignored), and a consumer that has not fetched for ``ack_wait`` gives its buffer back
+  when another subscription competes for the queue. A process whose event loop is blocked
+  cannot run the watchdog: its deliveries return when the broker misses its heartbeats.
+- `ack` is ``basic.ack`` (one ``multiple`` ack for a contiguous run). It has no reply: if the
+  connection drops right after, the message comes again (at least once). ``handled_ids`` are
+  ignored: RabbitMQ has nowhere to keep them (``idempotent=False``).
+- `nak` with no delay is ``basic.reject`` with requeue, delivered again at once; with a delay, a
+  confirmed copy goes to the delay queue, then the original is acknowledged (a crash in between
+  delivers it twice, never zero times).
+- `consumers` lists every durable consumer of the namespace (from the registry) with the
+  messages ready in its queue (the only count AMQP 0-9-1 gives) plus what this process buffers,
+  holds or has delayed. Deliveries held by other processes are invisible to it, hence
+  ``cross_process_drain=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import unquote
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from aiormq.abc import ConfirmationFrameType
+from pamqp.common import FieldTable
+
+from eventwire.backends import BusURL
+from eventwire.backends.base import (
+    Backend,
+    BackendCapabilityError,
+    BackendConnectionError,
+    Capabilities,
+    Consumer,
+    ConsumerInfo,
+    ConsumerSpec,
+    Delivery,
+    Message,
+    safe_name,
+)
+from eventwire.topics import TAIL, validate_pattern
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors after which an operation is worth retrying on a fresh channel or connection.
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+_TOPIC_HEADER = "eventwire-topic"
+_ATTEMPT_HEADER = "eventwire-attempt"
+_DELAY_HEADER = "eventwire-delay"
+_MAX_DELAY_MS = 24 * 24 * 3600 * 1000  # fits the 32-bit TTL RabbitMQ accepts
+_EPHEMERAL_EXPIRES_MS = 60_000
+# RabbitMQ 4 drops a quorum queue message after 20 returns unless told otherwise; the bus
+# decides when to give up (its retry policy and dead letters), so the limit is set out of reach.
+_DELIVERY_LIMIT = 1_000_000
+_PUBLISH_CHUNK = 1000
+_MAX_BACKOFF = 2.0
+
+
+def _binding_key(pattern: str) -> str:
+    """The AMQP topic binding matching exactly what `pattern` matches."""
+    return ".".join("*.#" if token == TAIL else token for token in pattern.split("."))
+
+
+def _subscribed(underlay: aiormq.abc.AbstractChannel | None, tag: str | None) -> bool:
+    """Whether consumer `tag` still consumes on `underlay` (the broker may cancel it)."""
+    if underlay is None or underlay.is_closed or tag is None:
+        return False
+    return not isinstance(underlay, aiormq.Channel) or tag in underlay.consumers
+
+
+def _alive(conn: AbstractConnection | None) -> bool:
+    # aio-pika's `is_closed` only turns True on close(); a lost connection shows underneath.
+    if conn is None or conn.is_closed or conn.transport is None:
+        return False
+    return not conn.transport.connection.is_closed
+
+
+def _is_reserved(text: str) -> bool:
+    return text.startswith("_")
+
+
+def _delay_ms(delay: float) -> int:
+    """`delay` in ms rounded to two significant digits: few delay queues, error under 5%."""
+    ms = max(1, round(delay * 1000))
+    if ms >= 100:
+        scale = 10 ** (int(math.log10(ms)) - 1)
+        ms = round(ms / scale) * scale
+    return min(ms, _MAX_DELAY_MS)
+
+
+def _int_header(headers: dict[str, Any], name: str) -> int:
+    value = headers.get(name)
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(0, value)
+    if isinstance(value, bytes | str):
+        with contextlib.suppress(ValueError):
+            return max(0, int(value))
+    return 0
+
+
+class _Backoff:
+    def __init__(self) -> None:
+        self.delay = 0.05
+
+    async def sleep(self, limit: float | None = None) -> None:
+        delay = self.delay if limit is None else max(0.0, min(self.delay, limit))
+        await asyncio.sleep(delay)
+        self.delay = min(self.delay * 2, _MAX_BACKOFF)
+
+
+class AmqpBackend(Backend):
+    """RabbitMQ: topic exchanges, a quorum queue per durable consumer, a registry stream."""
+
+    scheme: ClassVar[str] = "amqp"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        # Confirmed, persistent, quorum-replicated: survives process and broker restarts.
+        durable=True,
+        # Queues hold only what arrived since they were bound; no log to replay from.
+        replay=False,
+        # Competing consumers of one queue get messages round robin, keys included.
+        key_order_across_processes=False,
+        # No key-value store to record handled ids in.
+        idempotent=False,
+        # AMQP 0-9-1 counts ready messages only, not those unacknowledged in other processes.
+        cross_process_drain=False,
+    )
+
+    def __init__(self, url: BusURL) -> None:
+        super().__init__(url)
+        query = url.query
+        self._prefetch = _positive_int(query, "prefetch", 64, url)
+        self._connect_timeout = _positive_float(query, "connect_timeout", 5.0, url)
+        self._heartbeat = _positive_int(query, "heartbeat", 30, url)
+        self._login = unquote(url.username) if url.username else "guest"
+        self._password = unquote(url.password) if url.password is not None else "guest"
+        path = url.path[1:] if url.path.startswith("/") else url.path
+        self._vhost = unquote(path) if path else "/"
+        ns = self.namespace
+        self.exchange = ns
+        self.reserved_exchange = f"{ns}.reserved"
+        self.delay_exchange = f"{ns}.delay"
+        self.registry_stream = f"{ns}.registry"
+        self._conn: AbstractConnection | None = None
+        self._conn_lock = asyncio.Lock()
+        self._publish_ch: AbstractChannel | None = None
+        self._publish_lock = asyncio.Lock()
+        self._admin_ch: AbstractChannel | None = None
+        self._topology_ok = False
+        self._closed = False
+        self._open: set[_AmqpConsumer] = set()
+        self._delay_queues: set[int] = set()
+        # consumer name -> (message id, due time) of the deliveries this process delayed
+        self._delayed: dict[str, list[tuple[str | None, float]]] = {}
+        self._registry = _Registry(self)
+
+    # -- connection ------------------------------------------------------------------------
+
+    def queue_name(self, name: str) -> str:
+        """The queue of consumer `name` (queue names are at most 255 bytes)."""
+        return f"{self.namespace}.{safe_name(name, limit=254 - len(self.namespace))}"
+
+    def _describe(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        for secret in {self._password, self.url.password or ""}:
+            if len(secret) >= 3:
+                text = text.replace(secret, "***")
+        return text
+
+    async def connect(self) -> None:
+        self._closed = False
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await self._connection(retry=False)
+                # Read the consumer registry now: opening consumers is faster afterwards.
+                await self._registry.ensure()
+        except _RETRYABLE as exc:
+            await self._drop_connection()
+            if isinstance(exc, TimeoutError):
+                reason = f"no answer within {self._connect_timeout:g} s"
+            else:
+                reason = self._describe(exc)
+            raise BackendConnectionError(
+                f"cannot connect to RabbitMQ at {self.url.redacted}: {reason}"
+            ) from None
+
+    async def _open_connection(self) -> AbstractConnection:
+        conn = await aio_pika.connect(
+            host=self.url.host or "localhost",
+            port=self.url.port or 5672,
+            login=self._login,
+            password=self._password,
+            virtualhost=self._vhost,
+            timeout=self._connect_timeout,
+            heartbeat=self._heartbeat,
+            client_properties={"connection_name": f"eventwire {self.namespace}"},
+        )
+        try:
+            await self._declare_topology(conn)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
+        return conn
+
+    async def _declare_topology(self, conn: AbstractConnection) -> None:
+        async with conn.channel(publisher_confirms=False) as ch:
+            for name in (self.exchange, self.reserved_exchange):
+                await ch.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+            await ch.declare_exchange(
+                self.delay_exchange, aio_pika.ExchangeType.HEADERS, durable=True
+            )
+            await ch.declare_queue(
+                self.registry_stream, durable=True, arguments={"x-queue-type": "stream"}
+            )
+        self._topology_ok = True
+
+    async def _connection(self, *, retry: bool = True) -> AbstractConnection:
+        """A live connection, reconnecting (with backoff, until cancelled) when it was lost."""
+        conn = self._conn
+        if _alive(conn) and self._topology_ok:
+            assert conn is not None
+            return conn
+        async with self._conn_lock:
+            backoff = _Backoff()
+            while True:
+                self._check_open()
+                conn = self._conn
+                if conn is not None and _alive(conn):
+                    if self._topology_ok:
+                        return conn
+                    try:
+                        await self._declare_topology(conn)
+                        return conn
+                    except _RETRYABLE as exc:
+                        if not retry:
+                            raise
+                        log.warning("eventwire: declaring on %s: %s", self.url.redacted, exc)
+                        await backoff.sleep()
+                        continue
+                await self._drop_connection()
+                try:
+                    self._conn = await self._open_connection()
+                    return self._conn
+                except _RETRYABLE as exc:
+                    if not retry:
+                        raise
+                    log.warning(
+                        "eventwire: reconnecting to %s: %s", self.url.redacted, self._describe(exc)
+                    )
+                    await backoff.sleep()
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._publish_ch = self._admin_ch = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await conn.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        for consumer in list(self._open):
+            with contextlib.suppress(Exception):
+                await consumer.close()
+        await self._registry.stop()
+        self._closed = True
+        await self._drop_connection()
+
+    async def _admin_channel(self) -> AbstractChannel:
+        ch = self._admin_ch
+        if ch is None or ch.is_closed:
+            conn = await self._connection()
+            ch = self._admin_ch = await conn.channel(publisher_confirms=False)
+        return ch
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendConnectionError(f"backend for {self.url.redacted} is closed")
+
+    async def _admin(self, operation: Callable[[AbstractChannel], Awaitable[T]]) -> T:
+        """Run one declare/delete, retrying through lost connections (not through channel
+        errors such as a missing queue: those are raised)."""
+        backoff = _Backoff()
+        while True:
+            self._check_open()
+            ch = await self._admin_channel()
+            try:
+                return await operation(ch)
+            except aiormq.exceptions.ChannelClosed:
+                raise
+            except _RETRYABLE as exc:
+                log.warning("eventwire: retrying on %s: %s", self.url.redacted, exc)
+                await backoff.sleep()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def _publish_channel(self) -> AbstractChannel:
+        ch = self._publish_ch
+        if ch is None or ch.is_closed:
+            async with self._publish_lock:
+                ch = self._publish_ch
+                if ch is None or ch.is_closed:
+                    conn = await self._connection()
+                    ch = self._publish_ch = await conn.channel(publisher_confirms=True)
+        return ch
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        items = []
+        for message in messages:
+            if len(message.topic.encode()) > 255:
+                raise ValueError(f"topic {message.topic[:40]!r}... is longer than 255 bytes")
+            exchange = self.reserved_exchange if _is_reserved(message.topic) else self.exchange
+            properties = aiormq.spec.Basic.Properties(message_id=message.id, delivery_mode=2)
+            items.append((exchange, message.topic, message.body, properties))
+        for start in range(0, len(items), _PUBLISH_CHUNK):
+            await self._publish(items[start : start + _PUBLISH_CHUNK], retry=True)
+
+    async def _publish(
+        self,
+        items: Sequence[tuple[str, str, bytes, aiormq.spec.Basic.Properties]],
+        *,
+        retry: bool,
+    ) -> None:
+        """Publish pipelined and wait for every confirm; retry what failed (if `retry`)."""
+        pending = list(items)
+        backoff = _Backoff()
+        while pending:
+            self._check_open()
+            try:
+                underlay = await (await self._publish_channel()).get_underlay_channel()
+                # Tasks start in creation order and queue on the channel's FIFO lock before
+                # writing, so the broker receives the batch in order.
+                tasks = [
+                    asyncio.ensure_future(
+                        underlay.basic_publish(
+                            body, exchange=exchange, routing_key=key, properties=props
+                        )
+                    )
+                    for exchange, key, body, props in pending
+                ]
+                results: list[ConfirmationFrameType | BaseException | None] = list(
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                )
+            except _RETRYABLE as exc:
+                results = [exc] * len(pending)
+            failed = []
+            error: BaseException | None = None
+            for item, result in zip(pending, results, strict=True):
+                if isinstance(result, aiormq.spec.Basic.Ack):
+                    continue
+                if isinstance(result, BaseException):
+                    if not isinstance(result, (*_RETRYABLE, asyncio.CancelledError)):
+                        raise result
+                    if isinstance(result, aiormq.exceptions.ChannelNotFoundEntity):
+                        self._topology_ok = False  # an exchange was deleted: declare it again
+                    error = result
+                else:
+                    error = RuntimeError(f"broker refused the message: {result!r}")
+                failed.append(item)
+            if not failed:
+                return
+            if not retry:
+                raise BackendConnectionError(f"publish to {self.url.redacted} failed: {error}")
+            log.warning(
+                "eventwire: retrying %d publish(es) to %s: %s",
+                len(failed),
+                self.url.redacted,
+                error,
+            )
+            pending = failed
+            await backoff.sleep()
+
+    # -- consumers -------------------------------------------------------------------------
+
+    async def consumer(self, spec: ConsumerSpec) -> Consumer:
+        validate_pattern(spec.pattern)
+        if not (spec.start in ("latest", "earliest") or isinstance(spec.start, datetime)):
+            raise ValueError(f"start must be 'latest', 'earliest' or a datetime: {spec.start!r}")
+        queue = self.queue_name(spec.name)
+        declare = partial(self._declare_consumer_queue, spec=spec, queue=queue)
+        if spec.ephemeral:
+            await self._admin(declare)
+        else:
+            await self._registry.ensure()
+            pattern = self._registry.view()[0].get(spec.name)
+            if pattern is None:
+                if spec.start != "latest":
+                    raise BackendCapabilityError(
+                        f"amqp:// cannot start consumer {spec.name!r} at {spec.start!r}: "
+                        "RabbitMQ queues keep no history, only start='latest' is possible"
+                    )
+                # Both at once (declaring a quorum queue is the slow part): if another
+                # process registered the name first with another pattern, the binding made
+                # meanwhile only over-delivered to its queue (the bus filters), and is removed.
+                record = {"op": "consumer", "name": spec.name, "pattern": spec.pattern}
+                await asyncio.gather(self._registry.append(record), self._admin(declare))
+                pattern = self._registry.view()[0].get(spec.name, spec.pattern)
+                if pattern != spec.pattern:
+                    await self._admin(partial(self._unbind, spec=spec, queue=queue))
+            else:
+                await self._admin(declare)  # again: its creator may have died before declaring
+            if pattern != spec.pattern:
+                raise ValueError(
+                    f"durable subscription {spec.name!r} already exists with pattern "
+                    f"{pattern!r}, not {spec.pattern!r}; use another name, or remove the old "
+                    "one first"
+                )
+        consumer = _AmqpConsumer(self, spec, queue)
+        # Subscribe at once: competing consumers take turns from the start (and consuming
+        # keeps an ephemeral queue from expiring).
+        await consumer.start()
+        self._open.add(consumer)
+        return consumer
+
+    def _binding(self, pattern: str) -> tuple[str, str]:
+        """(exchange, binding key) of a consumer with `pattern`."""
+        exchange = self.reserved_exchange if _is_reserved(pattern) else self.exchange
+        return exchange, _binding_key(pattern)
+
+    async def _unbind(self, ch: AbstractChannel, *, spec: ConsumerSpec, queue: str) -> None:
+        exchange, key = self._binding(spec.pattern)
+        await (await ch.get_queue(queue, ensure=False)).unbind(exchange, key)
+
+    async def _declare_consumer_queue(
+        self, ch: AbstractChannel, *, spec: ConsumerSpec, queue: str
+    ) -> AbstractQueue:
+        if spec.ephemeral:
+            declared = await ch.declare_queue(
+                queue, durable=False, arguments={"x-expires": _EPHEMERAL_EXPIRES_MS}
+            )
+        else:
+            declared = await ch.declare_queue(
+                queue,
+                durable=True,
+                arguments={"x-queue-type": "quorum", "x-delivery-limit": _DELIVERY_LIMIT},
+            )
+        exchange, key = self._binding(spec.pattern)
+        await declared.bind(exchange, routing_key=key)
+        return declared
+
+    async def _ready_count(self, queue: str) -> int:
+        try:
+            declared = await self._admin(lambda ch: ch.declare_queue(queue, passive=True))
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return 0
+        return int(declared.declaration_result.message_count or 0)
+
+    def _delayed_count(self, name: str) -> int:
+        # A delayed copy counts here until it is delivered again here, or a while after it
+        # was due (it is then ready in its queue, or with another process). Counting it twice
+        # for a moment is safe for drain, missing it is not.
+        now = time.monotonic()
+        due = [(i, t) for i, t in self._delayed.get(name, []) if t + 5.0 > now]
+        if due:
+            self._delayed[name] = due
+        else:
+            self._delayed.pop(name, None)
+        return len(due)
+
+    def _undelay(self, name: str, message_id: str | None) -> None:
+        entries = self._delayed.get(name, [])
+        for index, (delayed_id, _) in enumerate(entries):
+            if delayed_id == message_id:
+                del entries[index]
+                return
+
+    async def consumers(self) -> list[ConsumerInfo]:
+        await self._registry.ensure()
+        infos = []
+        for name, pattern in sorted(self._registry.view()[0].items()):
+            outstanding = await self._ready_count(self.queue_name(name))
+            outstanding += sum(c.in_flight for c in self._open if c.spec.name == name)
+            outstanding += self._delayed_count(name)
+            infos.append(ConsumerInfo(name=name, pattern=pattern, outstanding=outstanding))
+        return infos
+
+    async def delete_consumer(self, name: str) -> None:
+        await self._registry.ensure()
+        if name in self._registry.view()[0]:
+            await self._registry.append({"op": "delete", "name": name})
+        queue = self.queue_name(name)
+        await self._admin(lambda ch: ch.queue_delete(queue))
+        self._delayed.pop(name, None)
+
+    async def _ensure_delay_queue(self, ms: int) -> None:
+        if ms in self._delay_queues:
+            return
+        name = f"{self.delay_exchange}.{ms}"
+
+        async def declare(ch: AbstractChannel) -> None:
+            queue = await ch.declare_queue(
+                name,
+                durable=True,
+                arguments={"x-message-ttl": ms, "x-dead-letter-exchange": ""},
+            )
+            await queue.bind(
+                self.delay_exchange, arguments={"x-match": "all", _DELAY_HEADER: str(ms)}
+            )
+
+        await self._admin(declare)
+        await self._registry.ensure()
+        if ms not in self._registry.view()[1]:
+            await self._registry.append({"op": "delay", "ms": ms})
+        self._delay_queues.add(ms)
+
+    async def destroy(self) -> None:
+        for consumer in list(self._open):
+            with contextlib.suppress(Exception):
+                await consumer.close()
+        await self._registry.ensure()
+        names, delays = self._registry.view()
+        await self._registry.stop()
+        queues = [self.queue_name(name) for name in names]
+        queues += [f"{self.delay_exchange}.{ms}" for ms in delays | self._delay_queues]
+        queues.append(self.registry_stream)
+        for queue in queues:
+            await self._admin(partial(_delete_queue, name=queue))
+        for exchange in (self.exchange, self.reserved_exchange, self.delay_exchange):
+            await self._admin(partial(_delete_exchange, name=exchange))
+        self._registry.reset()
+        self._delay_queues.clear()
+        self._delayed.clear()
+        self._topology_ok = False
+
+
+@dataclass(slots=True)
+class _Held:
+    """A delivery handed to the caller: its message, channel generation and lease."""
+
+    message: AbstractIncomingMessage
+    generation: int
+    tag: int
+    deadline: float
+
+
+class _AmqpConsumer(Consumer):
+    def __init__(self, backend: AmqpBackend, spec: ConsumerSpec, queue: str) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.queue = queue
+        self._channel: AbstractChannel | None = None
+        self._amqp_queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        # Subscriptions cancelled to give back what an idle consumer had buffered: whatever
+        # still arrives for them goes straight back too.
+        self._given_up_tags: set[str] = set()
+        # Bumped whenever the channel is replaced: deliveries of older channels went back to
+        # the broker with it, so their acks must not reach the new channel.
+        self._generation = 0
+        self._buffer: list[tuple[int, AbstractIncomingMessage]] = []  # heap by delivery tag
+        self._arrived: set[int] = set()
+        self._contiguous = 0  # every delivery tag up to this one has reached the callback
+        self._held: dict[int, _Held] = {}
+        self._wakeup = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._fetching = 0
+        self._last_fetch = time.monotonic()
+        self._closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._buffer) + len(self._held)
+
+    # -- subscription ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe if not subscribed: at first, after a lost channel, a broker cancel or an
+        idle period."""
+        ch = self._channel
+        if ch is not None and not ch.is_closed:
+            if _subscribed(await ch.get_underlay_channel(), self._consumer_tag):
+                return
+            # Unsubscribed while idle, or cancelled by the broker (queue deleted, cluster
+            # change): the channel and the deliveries held on it are still valid.
+            self._consumer_tag = None
+            await self._subscribe(ch)
+            return
+        self._reset()
+        conn = await self.backend._connection()
+        ch = await conn.channel(publisher_confirms=False)
+        try:
+            await ch.set_qos(prefetch_count=self.backend._prefetch)
+            generation = self._generation
+
+            def on_close(*_: object) -> None:
+                if self._generation == generation:
+                    self._wakeup.set()
+
+            ch.close_callbacks.add(on_close)
+            underlay = await ch.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(lambda *_: self._wakeup.set())
+            self._channel = ch
+            await self._subscribe(ch)
+        except BaseException:
+            self._channel = None
+            with contextlib.suppress(Exception):
+                await ch.close()
+            raise
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.create_task(
+                self._watch(), name=f"eventwire amqp ack_wait {self.spec.name}"
+            )
+
+    async def _subscribe(self, ch: AbstractChannel) -> None:
+        if self.spec.ephemeral:
+            queue = await self.backend._declare_consumer_queue(ch, spec=self.spec, queue=self.queue)
+        else:
+            # Passive: a durable consumer deleted meanwhile must not come back by itself.
+            try:
+                queue = await ch.declare_queue(self.queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise LookupError(f"durable subscription {self.spec.name!r} was deleted") from None
+        generation = self._generation
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            if generation != self._generation or self._closed:
+                return  # its channel is gone, and the message went back with it
+            tag = message.delivery_tag or 0
+            self._arrived.add(tag)
+            while self._contiguous + 1 in self._arrived:
+                self._contiguous += 1
+                self._arrived.discard(self._contiguous)
+            if message.consumer_tag in self._given_up_tags:
+                with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
+                    await message.nack(requeue=True)
+                return
+            heapq.heappush(self._buffer, (tag, message))
+            self._wakeup.set()
+
+        self._amqp_queue = queue
+        self._consumer_tag = await queue.consume(on_message)
+
+    async def _unsubscribe(self, *, give_back: bool) -> None:
+        """Cancel the subscription (keeping the channel and what is held on it); `give_back`
+        also returns what was buffered, and whatever still arrives for it."""
+        queue, tag = self._amqp_queue, self._consumer_tag
+        if queue is None or tag is None:
+            return
+        self._consumer_tag = None
+        if give_back:
+            self._given_up_tags.add(tag)
+        await queue.cancel(tag)
+        if give_back:
+            # Deliveries sent before the cancel may still be on their way through aio-pika.
+            asyncio.get_running_loop().call_later(5.0, self._given_up_tags.discard, tag)
+            buffered, self._buffer = self._buffer, []
+            for _, message in buffered:
+                # nack, not reject: this is not a failed attempt (RabbitMQ 4.3+ counts only
+                # rejections in x-delivery-count; older versions count every return).
+                with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
+                    await message.nack(requeue=True)
+
+    def _saturated(self) -> bool:
+        """Whether the caller holds a whole prefetch window of the current subscription."""
+        tag = self._consumer_tag
+        held = sum(1 for h in self._held.values() if h.message.consumer_tag == tag)
+        return held >= self.backend._prefetch
+
+    def _reset(self) -> None:
+        self._generation += 1
+        self._channel = None
+        self._amqp_queue = None
+        self._consumer_tag = None
+        self._given_up_tags.clear()
+        self._buffer.clear()
+        self._arrived.clear()
+        self._contiguous = 0
+        self._held.clear()
+
+    # -- fetching --------------------------------------------------------------------------
+
+    def _delivery(self, message: AbstractIncomingMessage) -> Delivery:
+        headers: dict[str, Any] = dict(message.headers or {})
+        topic = headers.get(_TOPIC_HEADER)
+        if isinstance(topic, bytes):
+            topic = topic.decode(errors="replace")
+        if not isinstance(topic, str):
+            # A message routed by an exchange carries its topic as routing key; one put
+            # straight into the queue (default exchange) carries the queue name instead.
+            topic = (message.routing_key or "") if message.exchange else ""
+        returns = max(
+            _int_header(headers, "x-delivery-count"),
+            _int_header(headers, "x-acquired-count"),
+            1 if message.redelivered else 0,
+        )
+        if _DELAY_HEADER in headers:
+            self.backend._undelay(self.spec.name, message.message_id)
+        attempt = _int_header(headers, _ATTEMPT_HEADER) + returns + 1
+        tag = message.delivery_tag or 0
+        held = _Held(message, self._generation, tag, time.monotonic() + self.spec.ack_wait)
+        self._held[tag] = held
+        return Delivery(topic=topic, body=bytes(message.body), attempt=attempt, handle=held)
+
+    async def fetch(self, limit: int, wait: float) -> list[Delivery]:
+        if self._closed:
+            raise RuntimeError(f"consumer {self.spec.name!r} is closed")
+        self._fetching += 1
+        try:
+            return await self._fetch(limit, wait)
+        finally:
+            self._fetching -= 1
+            self._last_fetch = time.monotonic()
+
+    async def _fetch(self, limit: int, wait: float) -> list[Delivery]:
+        if limit <= 0:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, wait)
+        backoff = _Backoff()
+        while True:
+            if self._closed:
+                return []  # closed while waiting
+            remaining = deadline - loop.time()
+            try:
+                async with asyncio.timeout(max(remaining, 0.5)):
+                    await self.start()
+                    if not self._buffer and self._saturated():
+                        # The caller holds a whole prefetch window: a quorum queue does not
+                        # apply a raised basic.qos to a running subscription, so open a new
+                        # one beside it (what is held stays valid: tags are per channel).
+                        await self._unsubscribe(give_back=False)
+                        await self.start()
+            except _RETRYABLE as exc:
+                if loop.time() >= deadline:
+                    return []
+                log.warning("eventwire: consumer %r: %s", self.spec.name, exc)
+                await backoff.sleep(deadline - loop.time())
+                continue
+            if self._buffer:
+                out: list[Delivery] = []
+                while self._buffer and len(out) < limit:
+                    out.append(self._delivery(heapq.heappop(self._buffer)[1]))
+                return out
+            if remaining <= 0:
+                return []
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+
+    async def _watch(self) -> None:
+        """Enforce ack_wait, which RabbitMQ has no per-delivery setting for: give back what
+        is held past it, and what an idle consumer (not fetching) has buffered for as long."""
+        interval = min(max(self.spec.ack_wait / 4, 0.05), 1.0)
+        while not self._closed:
+            await asyncio.sleep(interval)
+            try:
+                await self._expire()
+            except _RETRYABLE:
+                pass  # the channel is gone: the broker has taken everything back
+            except Exception:
+                log.exception("eventwire: ack_wait watchdog of %r failed", self.spec.name)
+
+    async def _expire(self) -> None:
+        now = time.monotonic()
+        expired = [h for h in self._held.values() if h.deadline <= now]
+        idle = not self._fetching and now - self._last_fetch >= self.spec.ack_wait
+        if idle and (expired or self._buffer) and await self._competed():
+            # First stop receiving, so that what goes back reaches the competing consumers.
+            await self._unsubscribe(give_back=True)
+        for held in expired:
+            if self._held.get(held.tag) is not held:
+                continue
+            del self._held[held.tag]
+            log.info(
+                "eventwire: consumer %r held a delivery past ack_wait=%gs, giving it back",
+                self.spec.name,
+                self.spec.ack_wait,
+            )
+            with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
+                await held.message.reject(requeue=True)
+
+    async def _competed(self) -> bool:
+        """Whether another subscription competes for this queue (else giving back what is
+        buffered would only bring it back here, counting one more attempt)."""
+        ch = self._channel
+        if ch is None or ch.is_closed or self.spec.ephemeral:
+            return False
+        declared = await ch.declare_queue(self.queue, passive=True)
+        subscribed = 1 if self._consumer_tag is not None else 0
+        return (declared.declaration_result.consumer_count or 0) > subscribed
+
+    # -- settling --------------------------------------------------------------------------
+
+    def _take(self, deliveries: Sequence[Delivery]) -> list[_Held]:
+        """Remove live deliveries of the current channel from the held set; skip the rest
+        (given back by the watchdog, or returned by the broker with a lost channel)."""
+        taken = []
+        for delivery in deliveries:
+            held = delivery.handle
+            if (
+                isinstance(held, _Held)
+                and held.generation == self._generation
+                and self._held.get(held.tag) is held
+            ):
+                del self._held[held.tag]
+                taken.append(held)
+        return taken
+
+    async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
+        taken = self._take(deliveries)
+        if not taken:
+            return
+        # One `multiple` ack covers the acked tags below every tag still owed (held, buffered
+        # or not arrived yet); the others are acked one by one.
+        first_owed = min([self._contiguous + 1, *self._held, *(tag for tag, _ in self._buffer)])
+        below = sorted((h for h in taken if h.tag < first_owed), key=lambda h: h.tag)
+        rest = [h for h in taken if h.tag >= first_owed]
+        with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
+            if below:
+                await below[-1].message.ack(multiple=len(below) > 1)
+            for held in rest:
+                await held.message.ack()
+
+    async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
+        taken = self._take([delivery])
+        if not taken:
+            return
+        message = taken[0].message
+        if delay > 0:
+            try:
+                async with asyncio.timeout(max(self.spec.ack_wait, 5.0)):
+                    await self._delay(delivery, message, _delay_ms(delay))
+            except _RETRYABLE as exc:
+                log.warning(
+                    "eventwire: consumer %r: delayed nak failed, redelivering now: %s",
+                    self.spec.name,
+                    exc,
+                )
+            else:
+                with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
+                    await message.ack()
+                return
+        with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
+            await message.reject(requeue=True)
+
+    async def _delay(self, delivery: Delivery, message: AbstractIncomingMessage, ms: int) -> None:
+        """Put a copy of `message` in the delay queue of `ms`, to come back to this queue."""
+        await self.backend._ensure_delay_queue(ms)
+        headers: FieldTable = {
+            _DELAY_HEADER: str(ms),
+            _TOPIC_HEADER: delivery.topic,
+            _ATTEMPT_HEADER: delivery.attempt,
+        }
+        properties = aiormq.spec.Basic.Properties(
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=2,
+            headers=headers,
+        )
+        # Not retried on another connection: losing this one gives the original back already.
+        body = bytes(message.body)
+        await self.backend._publish(
+            [(self.backend.delay_exchange, self.queue, body, properties)], retry=False
+        )
+        self.backend._delayed.setdefault(self.spec.name, []).append(
+            (message.message_id, time.monotonic() + ms / 1000)
+        )
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        deadline = time.monotonic() + self.spec.ack_wait
+        for delivery in deliveries:
+            held = delivery.handle
+            if isinstance(held, _Held) and self._held.get(held.tag) is held:
+                held.deadline = deadline
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wakeup.set()
+        self.backend._open.discard(self)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        ch, queue, tag = self._channel, self._amqp_queue, self._consumer_tag
+        self._reset()
+        if ch is not None and not ch.is_closed:
+            # Closing the channel returns every unacknowledged delivery to the queue.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    if queue is not None and tag is not None:
+                        await queue.cancel(tag)
+                    await ch.close()
+        if self.spec.ephemeral:
+            # Best effort: if the broker is out of reach, the queue expires by itself.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await self.backend._admin(partial(_delete_queue, name=self.queue))
+
+
+class _Registry:
+    """The namespace's consumer list, kept in a stream that every backend tails.
+
+    Records are JSON objects in stream order: ``consumer`` (name, pattern; the first one for a
+    name wins until a ``delete``), ``delete`` (name), ``delay`` (ms) and ``sync`` (written to
+    find the end of the stream: once a backend reads its own sync record, it has read
+    everything written before it)."""
+
+    def __init__(self, backend: AmqpBackend) -> None:
+        self.backend = backend
+        self._records: dict[int, dict[str, Any]] = {}  # by stream offset: replays are harmless
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._channel: AbstractChannel | None = None
+        self._underlay: aiormq.abc.AbstractChannel | None = None
+        self._consumer_tag: str | None = None
+        self._synced = False
+        self._lock = asyncio.Lock()
+        self._tail_lock = asyncio.Lock()
+
+    def reset(self) -> None:
+        self._records.clear()
+        self._synced = False
+
+    def view(self) -> tuple[dict[str, str], set[int]]:
+        """(consumer name -> pattern, delay queue ms) as of the records read so far."""
+        consumers: dict[str, str] = {}
+        delays: set[int] = set()
+        for offset in sorted(self._records):
+            record = self._records[offset]
+            op = record.get("op")
+            if op == "consumer":
+                consumers.setdefault(record["name"], record["pattern"])
+            elif op == "delete":
+                consumers.pop(record["name"], None)
+            elif op == "delay":
+                delays.add(record["ms"])
+        return consumers, delays
+
+    def _tailing(self) -> bool:
+        # Not tailing any more if the broker cancelled the consumer (stream deleted).
+        return _subscribed(self._underlay, self._consumer_tag)
+
+    async def ensure(self) -> None:
+        """Tail the stream and make sure everything written before this call has been read."""
+        if self._tailing() and self._synced:
+            return
+        async with self._lock:
+            if self._tailing() and self._synced:
+                return
+            await self.append({"op": "sync"})
+            self._synced = True
+
+    async def _tail(self) -> None:
+        if self._tailing():
+            return
+        async with self._tail_lock:
+            if self._tailing():
+                return
+            await self._close_channel()
+            # Read it all again from the start (the stream may even have been recreated).
+            self._records.clear()
+            conn = await self.backend._connection()
+            ch = await conn.channel(publisher_confirms=False)
+            try:
+                await ch.set_qos(prefetch_count=1000)  # streams need a prefetch to consume
+                queue = await ch.get_queue(self.backend.registry_stream, ensure=False)
+                tag = await queue.consume(self._on_record, arguments={"x-stream-offset": "first"})
+                underlay = await ch.get_underlay_channel()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await ch.close()
+                raise
+            self._channel, self._underlay, self._consumer_tag = ch, underlay, tag
+
+    async def _on_record(self, message: AbstractIncomingMessage) -> None:
+        with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
+            await message.ack()  # credit for the stream consumer
+        offset = (message.headers or {}).get("x-stream-offset")
+        try:
+            record = json.loads(message.body)
+        except ValueError:
+            return
+        if not isinstance(record, dict) or not isinstance(offset, int):
+            return
+        waiter = self._waiters.get(str(record.get("id")))
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        op = record.get("op")
+        valid = (
+            (op in ("consumer", "delete") and isinstance(record.get("name"), str))
+            and (op == "delete" or isinstance(record.get("pattern"), str))
+        ) or (op == "delay" and isinstance(record.get("ms"), int))
+        if valid:
+            self._records[offset] = record
+
+    async def append(self, record: dict[str, Any]) -> None:
+        """Write `record` and return once this backend has read it back."""
+        record_id = uuid.uuid4().hex
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[record_id] = waiter
+        try:
+            body = json.dumps({**record, "id": record_id}).encode()
+            properties = aiormq.spec.Basic.Properties(delivery_mode=2)
+            await self.backend._publish(
+                [("", self.backend.registry_stream, body, properties)], retry=True
+            )
+            backoff = _Backoff()
+            while True:
+                self.backend._check_open()
+                try:
+                    await self._tail()
+                    async with asyncio.timeout(5.0):
+                        await asyncio.shield(waiter)
+                    return
+                except _RETRYABLE as exc:
+                    # The tail was lost or stalled: read the stream again from the start.
+                    log.warning("eventwire: re-reading %s: %s", self.backend.registry_stream, exc)
+                    await self._close_channel()
+                    await backoff.sleep()
+        finally:
+            self._waiters.pop(record_id, None)
+
+    async def _close_channel(self) -> None:
+        ch, self._channel = self._channel, None
+        self._underlay = self._consumer_tag = None
+        self._synced = False
+        if ch is not None and not ch.is_closed:
+            with contextlib.suppress(Exception):
+                await ch.close()
+
+    async def stop(self) -> None:
+        await self._close_channel()
+
+
+async def _delete_queue(ch: AbstractChannel, *, name: str) -> object:
+    return await ch.queue_delete(name)
+
+
+async def _delete_exchange(ch: AbstractChannel, *, name: str) -> object:
+    return await ch.exchange_delete(name)
+
+
+def _positive_int(query: Any, name: str, default: int, url: BusURL) -> int:
+    value = query.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise ValueError(f"{name}={value!r} in {url.redacted!r} must be a positive integer")
+    return number
+
+
+def _positive_float(query: Any, name: str, default: float, url: BusURL) -> float:
+    value = query.get(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number > 0:
+        raise ValueError(f"{name}={value!r} in {url.redacted!r} must be a positive number")
+    return number

@@ -1,0 +1,632 @@
+"""The amqp:// backend against a real RabbitMQ: exchanges, quorum queues, the registry stream,
+ack_wait, delayed naks and reconnection (through a local TCP proxy the tests can cut)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+
+import aio_pika
+import aiormq
+import pytest
+
+from eventwire.backends import open_backend
+from eventwire.backends.amqp import AmqpBackend
+from eventwire.backends.base import (
+    BackendCapabilityError,
+    BackendConnectionError,
+    Consumer,
+    ConsumerSpec,
+    Delivery,
+    Message,
+)
+from tests.services import require_service, unique_namespace, with_namespace
+
+URL = require_service("rabbitmq")
+RABBIT = ("127.0.0.1", 5672)
+
+
+def messages(*specs: tuple[str, str]) -> list[Message]:
+    """Messages whose body is their id, so deliveries are easy to check."""
+    return [Message(event_id, topic, None, event_id.encode()) for event_id, topic in specs]
+
+
+def bodies(deliveries: list[Delivery]) -> list[str]:
+    return [d.body.decode() for d in deliveries]
+
+
+async def fetch_all(consumer: Consumer, count: int, timeout: float = 5.0) -> list[Delivery]:
+    """Fetch until `count` deliveries came (or fail after `timeout`)."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {bodies(got)} of {count} came"
+        got += await consumer.fetch(count - len(got), 0.5)
+    return got
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+class Opener:
+    """Opens connected backends on one namespace; destroys the namespace afterwards."""
+
+    def __init__(self) -> None:
+        self.namespace = unique_namespace()
+        self.url = with_namespace(URL, self.namespace)
+        self.opened: list[AmqpBackend] = []
+
+    async def __call__(self, url: str | None = None) -> AmqpBackend:
+        backend = open_backend(url or self.url)
+        assert isinstance(backend, AmqpBackend)
+        self.opened.append(backend)
+        await backend.connect()
+        return backend
+
+    async def cleanup(self) -> None:
+        for backend in self.opened:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await backend.close()
+        cleaner = open_backend(self.url)
+        assert cleaner is not None
+        await cleaner.connect()
+        await cleaner.destroy()
+        await cleaner.close()
+
+
+@pytest.fixture
+async def opener() -> AsyncIterator[Opener]:
+    opening = Opener()
+    yield opening
+    await opening.cleanup()
+
+
+@pytest.fixture
+async def backend(opener: Opener) -> AmqpBackend:
+    return await opener()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """A plain aio-pika channel, as another producer would use."""
+    connection = await aio_pika.connect(host=RABBIT[0], port=RABBIT[1])
+    yield await connection.channel()
+    await connection.close()
+
+
+class Proxy:
+    """A TCP proxy to RabbitMQ that can drop every connection and refuse new ones."""
+
+    def __init__(self) -> None:
+        self.accepting = True
+        self.links: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Proxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.cut()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def url(self, namespace: str) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/?namespace={namespace}&heartbeat=5"
+
+    def cut(self) -> None:
+        for writer in list(self.links):
+            writer.transport.abort()
+        self.links.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.accepting:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*RABBIT)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.links |= {writer, up_writer}
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, sink))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        sink.transport.abort()
+
+
+async def exists(name: str) -> bool:
+    """Whether queue `name` exists, asked with a plain connection."""
+    connection = await aio_pika.connect(host=RABBIT[0], port=RABBIT[1])
+    try:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+    finally:
+        await connection.close()
+
+
+# -- round trip, start positions, patterns ---------------------------------------------------
+
+
+async def test_publish_fetch_ack_round_trip_in_order(backend: AmqpBackend) -> None:
+    consumer = await backend.consumer(ConsumerSpec("orders", "orders.*"))
+    await backend.publish(messages(*[(f"e{i}", "orders.new") for i in range(300)]))
+    got = await fetch_all(consumer, 300)
+    assert bodies(got) == [f"e{i}" for i in range(300)]
+    assert {(d.topic, d.attempt) for d in got} == {("orders.new", 1)}
+    await consumer.ack(got)
+    assert await consumer.fetch(10, 0.2) == []
+
+
+async def test_fetch_waits_for_a_publish_and_times_out_empty(backend: AmqpBackend) -> None:
+    consumer = await backend.consumer(ConsumerSpec("waiter", "a.b"))
+    started = time.monotonic()
+    assert await consumer.fetch(5, 0.3) == []
+    assert 0.25 < time.monotonic() - started < 2.0
+    waiting = asyncio.create_task(consumer.fetch(5, 5.0))
+    await asyncio.sleep(0.1)
+    await backend.publish(messages(("x", "a.b")))
+    assert bodies(await waiting) == ["x"]
+
+
+async def test_start_latest_and_no_replay(backend: AmqpBackend) -> None:
+    await backend.publish(messages(("before", "news.a")))
+    latest = await backend.consumer(ConsumerSpec("latest", "news.*"))
+    await backend.publish(messages(("after", "news.a")))
+    assert bodies(await fetch_all(latest, 1)) == ["after"]
+    assert AmqpBackend.capabilities.replay is False
+    for start in ("earliest", datetime(2020, 1, 1, tzinfo=UTC)):
+        with pytest.raises(BackendCapabilityError, match="history"):
+            await backend.consumer(ConsumerSpec(f"new-{start}", "news.*", start=start))  # type: ignore[arg-type]
+    # An existing consumer resumes whatever `start` says.
+    again = await backend.consumer(ConsumerSpec("latest", "news.*", start="earliest"))
+    await again.close()
+
+
+async def test_reopening_with_another_pattern_raises(backend: AmqpBackend, opener: Opener) -> None:
+    await backend.consumer(ConsumerSpec("billing", "invoices.*"))
+    other = await opener()  # another process: learns the pattern from the registry
+    with pytest.raises(ValueError, match=r"'invoices\.\*'.*'invoices\.>'"):
+        await other.consumer(ConsumerSpec("billing", "invoices.>"))
+
+
+async def test_wildcards_new_topics_and_reserved_topics(backend: AmqpBackend) -> None:
+    star = await backend.consumer(ConsumerSpec("star", "a.*"))
+    tail = await backend.consumer(ConsumerSpec("tail", "a.>"))
+    everything = await backend.consumer(ConsumerSpec("everything", ">"))
+    one_token = await backend.consumer(ConsumerSpec("one token", "*"))
+    bus_topics = await backend.consumer(ConsumerSpec("bus topics", "_bus.>"))
+    # Topics first used after the consumers were created.
+    topics = ["a", "a.b", "a.b.c", "b.c", "_bus.reply.1", "_dlq"]
+    await backend.publish(messages(*[(f"{t}!", t) for t in topics]))
+    expected = {
+        star: ["a.b!"],
+        tail: ["a.b!", "a.b.c!"],
+        everything: ["a!", "a.b!", "a.b.c!", "b.c!"],
+        one_token: ["a!"],
+        bus_topics: ["_bus.reply.1!"],
+    }
+    for consumer, wanted in expected.items():
+        got = await fetch_all(consumer, len(wanted))
+        assert bodies(got) == wanted
+        assert [d.topic for d in got] == [w[:-1] for w in wanted]
+        assert await consumer.fetch(10, 0.2) == []  # exact at the broker: nothing else
+
+
+async def test_names_with_odd_characters(backend: AmqpBackend) -> None:
+    name = "group.with #odd <chars> and spaces" + "x" * 300
+    consumer = await backend.consumer(ConsumerSpec(name, "odd.>"))
+    await backend.publish(messages(("o", "odd.one")))
+    assert bodies(await fetch_all(consumer, 1)) == ["o"]
+    assert [c.name for c in await backend.consumers()] == [name]
+
+
+# -- competing consumers, ack_wait, nak, attempts --------------------------------------------
+
+
+async def test_competing_consumers_split_without_duplicates(opener: Opener) -> None:
+    url = f"{opener.url}&prefetch=5"
+    first, second = await opener(url), await opener(url)
+    one = await first.consumer(ConsumerSpec("workers", "jobs.*"))
+    two = await second.consumer(ConsumerSpec("workers", "jobs.*"))
+    ids = [f"j{i}" for i in range(200)]
+    await first.publish(messages(*[(i, "jobs.run") for i in ids]))
+    seen: dict[str, list[str]] = {"one": [], "two": []}
+
+    async def work(name: str, consumer: Consumer) -> None:
+        while sum(map(len, seen.values())) < len(ids):
+            got = await consumer.fetch(3, 0.2)
+            seen[name] += bodies(got)
+            await asyncio.sleep(0.001)  # let the other one take its turn
+            await consumer.ack(got)
+
+    async with asyncio.timeout(15):
+        await asyncio.gather(work("one", one), work("two", two))
+    everything = seen["one"] + seen["two"]
+    assert sorted(everything) == sorted(ids)  # each exactly once
+    assert seen["one"]
+    assert seen["two"]
+
+
+async def test_redelivery_after_ack_wait_when_a_consumer_stops_acking(
+    opener: Opener,
+) -> None:
+    stuck_backend, live_backend = await opener(), await opener()
+    stuck = await stuck_backend.consumer(ConsumerSpec("w", "t.*", ack_wait=1.0))
+    live = await live_backend.consumer(ConsumerSpec("w", "t.*", ack_wait=1.0))
+    await stuck_backend.publish(messages(("m", "t.x")))
+    held = await stuck.fetch(1, 5.0) or await live.fetch(1, 5.0)
+    assert bodies(held) == ["m"]
+    # Whoever holds it never acks (as if its handler hung): the other gets it after ack_wait.
+    holder, other = (stuck, live) if held[0].handle in stuck._held.values() else (live, stuck)  # type: ignore[attr-defined]
+    started = time.monotonic()
+    again = await fetch_all(other, 1, timeout=5.0)
+    assert 0.8 < time.monotonic() - started < 3.5
+    assert bodies(again) == ["m"]
+    assert again[0].attempt == 2
+    await holder.ack(held)  # too late: ignored, must not disturb the channel
+    await other.ack(again)
+    assert await other.fetch(1, 0.3) == []
+    assert await holder.fetch(1, 0.1) == []
+
+
+async def test_an_idle_consumer_gives_its_buffer_to_a_competing_one(opener: Opener) -> None:
+    first, second = await opener(), await opener()
+    idle = await first.consumer(ConsumerSpec("w", "t.*", ack_wait=1.0))
+    busy = await second.consumer(ConsumerSpec("w", "t.*", ack_wait=1.0))
+    ids = [f"m{i}" for i in range(20)]
+    await first.publish(messages(*[(i, "t.x") for i in ids]))
+    # Both are subscribed, so about half went to `idle`'s prefetch buffer; it never fetches.
+    got = await fetch_all(busy, len(ids), timeout=5.0)
+    assert sorted(bodies(got)) == sorted(ids)
+    await busy.ack(got)
+    assert idle.in_flight == 0  # type: ignore[attr-defined]
+
+
+async def test_redelivery_at_once_when_the_holding_process_dies(opener: Opener) -> None:
+    survivor = await opener()
+    async with Proxy() as proxy:
+        doomed = await opener(proxy.url(opener.namespace))
+        dying = await doomed.consumer(ConsumerSpec("w", "t.*", ack_wait=30.0))
+        live = await survivor.consumer(ConsumerSpec("w", "t.*", ack_wait=30.0))
+        await survivor.publish(messages(("m", "t.x")))
+        held = await dying.fetch(1, 5.0)
+        if not held:  # the broker gave it to the survivor: hand it over
+            mine = await live.fetch(1, 1.0)
+            await live.nak(mine[0], 0)
+            held = await dying.fetch(1, 5.0)
+        assert bodies(held) == ["m"]
+        proxy.accepting = False
+        proxy.cut()  # the connection dies as with SIGKILL: the broker returns its deliveries
+        again = await fetch_all(live, 1, timeout=5.0)
+        assert bodies(again) == ["m"]
+        assert again[0].attempt >= 2
+        await live.ack(again)
+
+
+async def test_extend_keeps_a_delivery_from_being_redelivered(opener: Opener) -> None:
+    first, second = await opener(), await opener()
+    holder = await first.consumer(ConsumerSpec("w", "t.*", ack_wait=1.0))
+    await first.publish(messages(("m", "t.x")))
+    held = await holder.fetch(1, 5.0)
+    other = await second.consumer(ConsumerSpec("w", "t.*", ack_wait=1.0))
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        await holder.extend(held)
+        assert await other.fetch(1, 0.4) == []
+    await holder.ack(held)
+    assert await other.fetch(1, 1.5) == []
+
+
+async def test_nak_with_delay_and_nak_zero_count_attempts(backend: AmqpBackend) -> None:
+    consumer = await backend.consumer(ConsumerSpec("retry", "r.*", ack_wait=10.0))
+    await backend.publish(messages(("m", "r.x")))
+    first = await fetch_all(consumer, 1)
+    assert first[0].attempt == 1
+    await consumer.nak(first[0], 0)
+    second = await consumer.fetch(1, 1.0)  # promptly
+    assert bodies(second) == ["m"]
+    assert second[0].attempt == 2
+    started = time.monotonic()
+    await consumer.nak(second[0], 0.5)
+    assert await consumer.fetch(1, 0.3) == []
+    third = await fetch_all(consumer, 1, timeout=3.0)
+    assert 0.45 < time.monotonic() - started < 2.0
+    assert bodies(third) == ["m"]
+    assert third[0].attempt == 3
+    assert third[0].topic == "r.x"  # kept through the delay queue
+    await consumer.nak(third[0], 0)
+    fourth = await consumer.fetch(1, 1.0)
+    assert fourth[0].attempt == 4
+    await consumer.nak(fourth[0], 0.2)
+    fifth = await fetch_all(consumer, 1, timeout=3.0)
+    assert fifth[0].attempt == 5
+    await consumer.ack(fifth)
+    await consumer.nak(fifth[0], 0)  # after the ack: ignored
+    assert await consumer.fetch(1, 0.3) == []
+
+
+async def test_short_delay_is_not_held_back_by_a_long_one(backend: AmqpBackend) -> None:
+    consumer = await backend.consumer(ConsumerSpec("delays", "d.*"))
+    await backend.publish(messages(("slow", "d.x"), ("fast", "d.x")))
+    slow, fast = await fetch_all(consumer, 2)
+    await consumer.nak(slow, 20.0)
+    await consumer.nak(fast, 0.2)
+    got = await fetch_all(consumer, 1, timeout=3.0)
+    assert bodies(got) == ["fast"]
+    await consumer.ack(got)
+    info = {c.name: c.outstanding for c in await backend.consumers()}
+    assert info == {"delays": 1}  # the slow one, still waiting in the delay queue
+
+
+async def test_close_hands_back_unacked_deliveries(backend: AmqpBackend) -> None:
+    consumer = await backend.consumer(ConsumerSpec("w", "t.*"))
+    await backend.publish(messages(("a", "t.x"), ("b", "t.x")))
+    got = await fetch_all(consumer, 2)
+    await consumer.close()
+    reopened = await backend.consumer(ConsumerSpec("w", "t.*"))
+    again = await fetch_all(reopened, 2)
+    assert sorted(bodies(again)) == ["a", "b"]
+    assert all(d.attempt == 2 for d in again)
+    await consumer.ack(got)  # from the closed consumer: ignored
+    await reopened.ack(again)
+
+
+async def test_handled_ids_are_not_supported(backend: AmqpBackend) -> None:
+    assert AmqpBackend.capabilities.idempotent is False
+    consumer = await backend.consumer(ConsumerSpec("w", "t.*"))
+    with pytest.raises(BackendCapabilityError):
+        await consumer.handled(["e1"])
+    await backend.publish(messages(("e1", "t.x")))
+    got = await fetch_all(consumer, 1)
+    await consumer.ack(got, handled_ids=["e1"])  # the ack itself still happens
+    assert await consumer.fetch(1, 0.3) == []
+
+
+# -- consumers(), foreign messages, resume, delete, destroy ----------------------------------
+
+
+async def test_consumers_outstanding_goes_to_zero(backend: AmqpBackend) -> None:
+    consumer = await backend.consumer(ConsumerSpec("counted", "c.*"))
+    idle = await backend.consumer(ConsumerSpec("idle", "nothing.here"))
+    await idle.close()
+    await backend.publish(messages(*[(f"c{i}", "c.x") for i in range(5)]))
+
+    async def outstanding() -> dict[str, int]:
+        return {c.name: c.outstanding for c in await backend.consumers()}
+
+    assert await outstanding() == {"counted": 5, "idle": 0}
+    assert {c.pattern for c in await backend.consumers()} == {"c.*", "nothing.here"}
+    got = await fetch_all(consumer, 5)
+    assert await outstanding() == {"counted": 5, "idle": 0}  # in flight here
+    await consumer.ack(got[:2])
+    assert await outstanding() == {"counted": 3, "idle": 0}
+    await consumer.ack(got[2:])
+
+    async def drained() -> bool:
+        return await outstanding() == {"counted": 0, "idle": 0}
+
+    await eventually(drained)
+
+
+async def test_consumers_seen_from_another_process(backend: AmqpBackend, opener: Opener) -> None:
+    seen = await backend.consumer(ConsumerSpec("seen", "s.>"))
+    other = await opener()
+    await other.publish(messages(("s", "s.a.b")))
+    # Buffered or held by the first process: only that process can count it.
+    assert [c.outstanding for c in await backend.consumers()] == [1]
+    await seen.close()  # gives it back to the queue, where every process sees it (soon)
+
+    async def counted_elsewhere() -> bool:
+        infos = await other.consumers()
+        return [(c.name, c.pattern, c.outstanding) for c in infos] == [("seen", "s.>", 1)]
+
+    await eventually(counted_elsewhere)
+    ephemeral = await backend.consumer(ConsumerSpec("inbox-1", "_bus.reply.1", ephemeral=True))
+    assert [c.name for c in await other.consumers()] == ["seen"]  # only durable consumers
+    await ephemeral.close()
+
+
+async def test_foreign_malformed_messages_are_delivered(
+    backend: AmqpBackend, opener: Opener, raw: aio_pika.abc.AbstractChannel
+) -> None:
+    consumer = await backend.consumer(ConsumerSpec("tolerant", "f.*"))
+    exchange = await raw.get_exchange(backend.exchange)
+    await exchange.publish(aio_pika.Message(b"\xff\x00garbage"), routing_key="f.x")
+    await exchange.publish(
+        aio_pika.Message(
+            b"",
+            headers={"eventwire-attempt": "lots", "eventwire-topic": 7, "x-delivery-count": "?"},
+        ),
+        routing_key="f.y",
+    )
+    # Straight into the queue, no exchange, no body, no properties.
+    await raw.default_exchange.publish(
+        aio_pika.Message(b""), routing_key=backend.queue_name("tolerant")
+    )
+    await backend.publish(messages(("fine", "f.z")))
+    got = await fetch_all(consumer, 4)
+    assert [(d.topic, d.body, d.attempt) for d in got] == [
+        ("f.x", b"\xff\x00garbage", 1),
+        ("f.y", b"", 1),
+        ("", b"", 1),
+        ("f.z", b"fine", 1),
+    ]
+    await consumer.ack(got)
+    # Garbage in the registry stream does not disturb anyone.
+    await raw.default_exchange.publish(
+        aio_pika.Message(b"{not json"), routing_key=backend.registry_stream
+    )
+    await raw.default_exchange.publish(
+        aio_pika.Message(b'{"op": "consumer", "name": 3}'), routing_key=backend.registry_stream
+    )
+    assert [c.name for c in await backend.consumers()] == ["tolerant"]
+    assert [c.name for c in await (await opener()).consumers()] == ["tolerant"]
+
+
+async def test_resume_after_reopen(backend: AmqpBackend, opener: Opener) -> None:
+    consumer = await backend.consumer(ConsumerSpec("resumer", "r.*"))
+    await backend.publish(messages(("one", "r.a")))
+    await consumer.ack(await fetch_all(consumer, 1))
+    await consumer.close()
+    await backend.publish(messages(("two", "r.a"), ("three", "r.b")))
+    await backend.close()
+    later = await opener()  # a restarted process
+    reopened = await later.consumer(ConsumerSpec("resumer", "r.*"))
+    got = await fetch_all(reopened, 2)
+    assert bodies(got) == ["two", "three"]
+    await reopened.ack(got)
+
+
+async def test_ephemeral_consumer_is_removed_on_close(backend: AmqpBackend) -> None:
+    inbox = await backend.consumer(ConsumerSpec("reply inbox", "_bus.reply.abc", ephemeral=True))
+    await backend.publish(messages(("r", "_bus.reply.abc")))
+    got = await fetch_all(inbox, 1)
+    assert [(d.topic, d.body) for d in got] == [("_bus.reply.abc", b"r")]
+    assert await exists(backend.queue_name("reply inbox"))
+    await inbox.close()
+    assert not await exists(backend.queue_name("reply inbox"))
+
+
+async def test_delete_consumer_and_destroy(backend: AmqpBackend, opener: Opener) -> None:
+    doomed = await backend.consumer(ConsumerSpec("doomed", "d.*"))
+    await backend.consumer(ConsumerSpec("kept", "k.*"))
+    await backend.publish(messages(("old", "d.x")))
+    await backend.delete_consumer("doomed")
+    await backend.delete_consumer("never existed")
+    assert not await exists(backend.queue_name("doomed"))
+    assert [c.name for c in await backend.consumers()] == ["kept"]
+
+    async def fetch_past_the_buffer() -> None:
+        for _ in range(3):  # what it had buffered may come first
+            await doomed.fetch(1, 1.0)
+
+    with pytest.raises(LookupError, match="doomed"):
+        await fetch_past_the_buffer()
+    # The name is free again, with any pattern, and starts empty.
+    reborn = await backend.consumer(ConsumerSpec("doomed", "other.*"))
+    assert await reborn.fetch(1, 0.2) == []
+    # A delay queue was created by a nak: destroy removes it too.
+    await backend.publish(messages(("n", "other.x")))
+    await reborn.nak((await fetch_all(reborn, 1))[0], 0.05)
+    await reborn.ack(await fetch_all(reborn, 1))
+    cleaner = await opener()  # another process destroys what every process created
+    await cleaner.destroy()
+    for queue in (
+        backend.queue_name("kept"),
+        backend.queue_name("doomed"),
+        backend.registry_stream,
+        f"{backend.delay_exchange}.50",
+    ):
+        assert not await exists(queue), queue
+
+
+async def test_namespaces_do_not_see_each_other(backend: AmqpBackend, opener: Opener) -> None:
+    elsewhere = await opener(with_namespace(URL, unique_namespace()))
+    try:
+        mine = await backend.consumer(ConsumerSpec("same name", "t.*"))
+        theirs = await elsewhere.consumer(ConsumerSpec("same name", "t.*"))
+        await backend.publish(messages(("mine", "t.x")))
+        assert bodies(await fetch_all(mine, 1)) == ["mine"]
+        assert await theirs.fetch(1, 0.3) == []
+        assert [c.outstanding for c in await elsewhere.consumers()] == [0]
+    finally:
+        await elsewhere.destroy()
+
+
+# -- connection errors and reconnection ------------------------------------------------------
+
+
+async def test_connect_to_a_closed_port_names_the_redacted_url() -> None:
+    backend = open_backend(f"amqp://admin:s3cr3t-pw@127.0.0.1:1/?namespace={unique_namespace()}")
+    assert backend is not None
+    started = time.monotonic()
+    with pytest.raises(BackendConnectionError) as info:
+        await backend.connect()
+    assert time.monotonic() - started < 6
+    message = str(info.value)
+    assert "amqp://admin:***@127.0.0.1:1/" in message
+    assert "s3cr3t-pw" not in message
+    assert "Connect call failed" in message or "refused" in message.lower()
+    await backend.close()
+
+
+async def test_connect_with_wrong_credentials(opener: Opener) -> None:
+    backend = open_backend("amqp://guest:not-the-password@127.0.0.1:5672/?namespace=x")
+    assert backend is not None
+    with pytest.raises(BackendConnectionError) as info:
+        await backend.connect()
+    assert "not-the-password" not in str(info.value)
+    assert "***" in str(info.value)
+
+
+async def test_publish_during_a_connection_loss_is_retried(opener: Opener) -> None:
+    observer = await opener()
+    watcher = await observer.consumer(ConsumerSpec("watch", "p.*"))
+    async with Proxy() as proxy:
+        flaky = await opener(proxy.url(opener.namespace))
+        await flaky.publish(messages(("before", "p.x")))
+        proxy.accepting = False
+        proxy.cut()
+        publishing = asyncio.create_task(flaky.publish(messages(("during", "p.x"))))
+        await asyncio.sleep(0.5)
+        assert not publishing.done()  # still retrying
+        proxy.accepting = True
+        async with asyncio.timeout(10):
+            await publishing
+        # A batch cut in the middle: every message whose publish returned is delivered.
+        batch = asyncio.create_task(
+            flaky.publish(messages(*[(f"b{i}", "p.x") for i in range(2000)]))
+        )
+        await asyncio.sleep(0.01)
+        proxy.cut()
+        async with asyncio.timeout(15):
+            await batch
+    got = bodies(await fetch_all(watcher, 2002, timeout=10))
+    # At least once: a message whose confirm was lost in the cut may come twice.
+    assert set(got) == {"before", "during", *(f"b{i}" for i in range(2000))}
+
+
+async def test_fetch_continues_after_reconnect(opener: Opener) -> None:
+    publisher = await opener()
+    async with Proxy() as proxy:
+        flaky = await opener(proxy.url(opener.namespace))
+        consumer = await flaky.consumer(ConsumerSpec("survivor", "f.*"))
+        await publisher.publish(messages(("a", "f.x")))
+        held = await fetch_all(consumer, 1)
+        proxy.cut()
+        await publisher.publish(messages(("b", "f.x")))
+        got = await fetch_all(consumer, 2, timeout=10)
+        # "a" went back to the queue with the lost connection, so it comes again first ("b"
+        # too may have been sent to the lost connection before the broker noticed).
+        assert bodies(got) == ["a", "b"]
+        assert got[0].attempt == 2
+        await consumer.ack(held)  # from the lost connection: ignored
+        await consumer.ack(got)
+        assert await consumer.fetch(1, 0.3) == []
+        assert [c.outstanding for c in await flaky.consumers()] == [0]
