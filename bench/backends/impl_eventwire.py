@@ -1,0 +1,75 @@
+"""The workload on eventwire: `EventBus(<broker URL>)`, one durable subscription, concurrent
+`await bus.publish(...)` calls (the bus batches those in flight into one round trip)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from common import Metrics
+
+from backends.workload import (
+    AMQP_URL,
+    NATS_URL,
+    REDIS_URL,
+    TOPIC,
+    Recorder,
+    Workload,
+    measure,
+    message,
+    one_by_one,
+    settle,
+    unique_name,
+)
+from eventwire import Event, EventBus
+
+# Closing after `destroy()` may log about consumers that no longer exist: expected.
+logging.getLogger("eventwire").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def bus_url(backend: str) -> Iterator[str]:
+    """The URL of a fresh, unique place on `backend`'s broker (a temporary file for SQLite)."""
+    namespace = unique_name("bench_ew")
+    if backend == "sqlite":
+        folder = tempfile.mkdtemp(prefix="eventwire-bench-")
+        try:
+            yield f"sqlite:///{Path(folder, 'bus.db')}"
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    elif backend == "redis":
+        yield f"{REDIS_URL}?namespace={namespace}"
+    elif backend == "nats":
+        yield f"{NATS_URL}?namespace={namespace}"
+    elif backend == "amqp":
+        yield f"{AMQP_URL}?namespace={namespace}"
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+
+
+async def run(backend: str, workload: Workload) -> Metrics:
+    recorder = Recorder(workload)
+
+    async def handler(event: Event[Any]) -> None:
+        recorder.handled(event.payload["sent_ns"])
+
+    async def publish() -> None:
+        await bus.publish(TOPIC, message())
+
+    with bus_url(backend) as url:
+        bus = EventBus(url)
+        bus.subscribe(TOPIC, handler, name="bench")
+        async with bus:
+            destination = bus.backend
+            assert destination is not None
+            try:
+                metrics = await measure(one_by_one(publish), recorder, workload)
+                await settle(recorder)
+            finally:
+                await destination.destroy()
+    return metrics
