@@ -339,7 +339,7 @@ class EventBus:
         self._loop = asyncio.get_running_loop()
         if self._backend is not None:
             await self._backend.connect()
-            self._publisher = BatchPublisher(self._backend)
+            self._publisher = BatchPublisher(self._backend, self.publish_timeout)
             try:
                 for subscription in list(self._subscriptions.values()):
                     await self._open_feeder(subscription)
@@ -886,8 +886,7 @@ class EventBus:
             # Subscriptions made earlier by this process must exist before their events do.
             await asyncio.gather(*self._opening, return_exceptions=True)
         try:
-            async with asyncio.timeout(self.publish_timeout):
-                await self._publisher.publish(message)
+            await self._publisher.publish(message)
         except TimeoutError:
             raise PublishTimeoutError(
                 f"publish to {event._topic!r} was not confirmed stored by "

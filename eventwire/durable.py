@@ -40,36 +40,60 @@ _GIVE_BACK_TIMEOUT = 5.0
 
 class BatchPublisher:
     """Stores events through a backend, sending those published meanwhile in one batch while
-    a batch is in flight: concurrent publishers share round trips (group commit)."""
+    a batch is in flight: concurrent publishers share round trips (group commit).
 
-    def __init__(self, backend: Backend) -> None:
+    Each publish has a deadline (`timeout` seconds, None for none): one that is not stored by
+    then raises `TimeoutError`. Deadlines are enforced per batch, not per publish, so that
+    the common case costs no timer per event."""
+
+    def __init__(self, backend: Backend, timeout: float | None) -> None:
         self._backend = backend
-        self._waiting: list[tuple[Message, asyncio.Future[None]]] = []
+        self._timeout = timeout
+        self._waiting: list[tuple[Message, asyncio.Future[None], float | None]] = []
         self._sender: asyncio.Task[None] | None = None
 
     async def publish(self, message: Message) -> None:
-        """Return once `message` is stored. Cancelling the wait does not withdraw it."""
+        """Return once `message` is stored. Cancelled before its batch is sent, it is not
+        sent; cancelled after, it may have been stored."""
         loop = asyncio.get_running_loop()
         stored: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((message, stored))
+        deadline = None if self._timeout is None else loop.time() + self._timeout
+        self._waiting.append((message, stored, deadline))
         if self._sender is None:
             self._sender = loop.create_task(self._send(), name="eventwire:publisher")
-        await asyncio.shield(stored)
+        await stored
 
     async def _send(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._waiting:
-                batch = self._waiting[:PUBLISH_BATCH]
-                del self._waiting[:PUBLISH_BATCH]
+                now = loop.time()
+                batch: list[tuple[Message, asyncio.Future[None]]] = []
+                earliest: float | None = None
+                taken = 0
+                for message, stored, deadline in self._waiting:
+                    if len(batch) == PUBLISH_BATCH:
+                        break
+                    taken += 1
+                    if stored.done():
+                        continue  # its publisher was cancelled: withdrawn
+                    if deadline is not None:
+                        if deadline <= now:
+                            stored.set_exception(TimeoutError())
+                            continue
+                        earliest = deadline if earliest is None else min(earliest, deadline)
+                    batch.append((message, stored))
+                del self._waiting[:taken]
+                if not batch:
+                    continue
                 try:
-                    await self._backend.publish([message for message, _ in batch])
+                    async with asyncio.timeout_at(earliest):
+                        await self._backend.publish([message for message, _ in batch])
                 except Exception as error:
+                    failure = TimeoutError() if isinstance(error, TimeoutError) else error
                     for _, stored in batch:
                         if not stored.done():
-                            stored.set_exception(error)
-                    # Marked retrieved: a publisher that gave up must not log it at exit.
-                    for _, stored in batch:
-                        stored.exception()
+                            stored.set_exception(failure)
                 else:
                     for _, stored in batch:
                         if not stored.done():

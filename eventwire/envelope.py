@@ -44,7 +44,7 @@ class PayloadTooLargeError(EventwireError, ValueError):
     """An encoded event over the size limit."""
 
 
-class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
+class _Envelope(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
     v: int
     id: str
     topic: str

@@ -800,9 +800,23 @@ class _NatsConsumer(Consumer):
             # Recorded before the ack: a crash in between redelivers an event that the bus
             # then finds handled, instead of losing the record.
             await self._backend._record_handled(self._durable, handled_ids)
-        await self._settle(msgs, b"+ACK")
+        if msgs:
+            # Acks are published, not requested: one flush (a PING round trip) per batch
+            # instead of a reply per ack. An ack lost on the way means a redelivery (at least
+            # once), never a loss.
+            nc = self._backend.nc
+            await self._backend._retry(
+                f"acknowledging {len(msgs)} deliveries",
+                functools.partial(self._publish_acks, nc, msgs),
+            )
         for msg in msgs:
             self._held.pop(msg.reply, None)
+
+    @staticmethod
+    async def _publish_acks(nc: Any, msgs: Sequence[Msg]) -> None:
+        for reply in dict.fromkeys(msg.reply for msg in msgs):
+            await nc.publish(reply, b"+ACK")
+        await nc.flush(timeout=_REQUEST_TIMEOUT)
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         [msg] = self._msgs([delivery])

@@ -121,3 +121,33 @@ async def test_every_returned_publish_is_delivered_across_a_broker_restart(
         await asyncio.wait_for(publishing, timeout=60)
         assert len(returned) == 3000, "publishes during the outage waited and went through"
         await wait_until(lambda: set(returned) <= seen, timeout=60)
+
+
+async def test_publish_during_an_outage_waits_then_raises_clearly(broker: PrivateBroker) -> None:
+    await broker.wait_up()
+    bus = EventBus(broker.url, publish_timeout=0.5, close_grace=0.5)
+    seen: list[str] = []
+    bus.subscribe("outage.t", lambda e: seen.append(e.payload), name="patient")
+    async with bus:
+        await bus.publish("outage.t", "before")
+        await asyncio.to_thread(broker.stop)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(PublishTimeoutError, match=r"not confirmed stored .* within"):
+            await bus.publish("outage.t", "during")
+        waited = loop.time() - started
+        assert 0.4 <= waited < 5, waited
+        broker.start()
+        await broker.wait_up()
+
+        async def publish_until_stored() -> None:
+            while True:  # the client reconnects with backoff; each try is bounded
+                try:
+                    await bus.publish("outage.t", "after")
+                    return
+                except PublishTimeoutError:
+                    continue
+
+        await asyncio.wait_for(publish_until_stored(), timeout=30)
+        await wait_until(lambda: "after" in seen, timeout=30)
+    assert seen[0] == "before"
