@@ -5,6 +5,7 @@ reliably. ``EventBus()`` runs in-process with nothing to install or start.
 """
 
 from eventwire.agent import Agent, on
+from eventwire.backends.base import BackendCapabilityError, BackendConnectionError, Capabilities
 from eventwire.bus import CloseReport, EventBus, UnhandledEvent
 from eventwire.errors import (
     BusClosedError,
@@ -16,6 +17,7 @@ from eventwire.errors import (
     NoReplyError,
     PayloadValidationError,
     PublishTimeoutError,
+    RemoteHandlerError,
 )
 from eventwire.event import Event
 from eventwire.retry import Retry
@@ -25,8 +27,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "BackendCapabilityError",
+    "BackendConnectionError",
     "BusClosedError",
     "BusNotRunningError",
+    "Capabilities",
     "CloseReport",
     "Event",
     "EventBus",
@@ -37,6 +42,7 @@ __all__ = [
     "NoReplyError",
     "PayloadValidationError",
     "PublishTimeoutError",
+    "RemoteHandlerError",
     "Retry",
     "Subscription",
     "SubscriptionStats",

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import socket
 
 import pytest
 
 from eventwire import EventBus
 from eventwire.backends import parse_url, require_extra
+from eventwire.backends.base import BackendConnectionError
 
 
 def test_parse_url_parts_and_redaction() -> None:
@@ -38,3 +41,24 @@ def test_missing_client_names_the_pip_install(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ImportError, match=r"pip install 'eventwire\[rabbitmq\]'"):
         require_extra("amqp")
     require_extra("memory")  # nothing to install
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret-pw@127.0.0.1:{port}/0",
+        "nats://user:s3cret-pw@127.0.0.1:{port}",
+        "amqp://guest:s3cret-pw@127.0.0.1:{port}/",
+    ],
+)
+async def test_an_unreachable_broker_is_a_clear_error_without_the_password(url: str) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bus = EventBus(url.format(port=port))
+    with pytest.raises(BackendConnectionError) as info:
+        await asyncio.wait_for(bus.start(), timeout=30)
+    message = str(info.value)
+    assert f"127.0.0.1:{port}" in message
+    assert "***" in message
+    assert "s3cret-pw" not in message
