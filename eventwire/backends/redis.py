@@ -1,9 +1,9 @@
 """The ``redis://`` backend: Redis Streams with consumer groups.
 
 URL: ``redis://[[user]:password@]host[:port][/db]?namespace=NAME`` with optional
-``&dedup_window=SECONDS`` (default 120, 0 turns publish deduplication off) and
-``&maxlen=N`` (trim the stream to about N entries; trimming deletes events that consumers have
-not read yet, so it can lose events: off by default).
+``&dedup_window=SECONDS`` (default 0: off; see Deduplication) and ``&maxlen=N`` (trim the
+stream to about N entries; trimming deletes events that consumers have not read yet, so it can
+lose events: off by default).
 
 Storage layout. Every key of a namespace carries the hash tag ``{ns}``, so the Lua scripts
 that touch several keys stay valid on Redis Cluster:
@@ -19,19 +19,34 @@ that touch several keys stay valid on Redis Cluster:
 - ``{ns}:handled:<group>``: sorted set of handled event ids by time, trimmed after 7 days.
 - ``{ns}:wake:<group>``: a one-entry stream that nak and close bump, so fetchers blocked on the
   events stream wake up for entries handed back.
-- ``{ns}:dedup:<event id>``: a marker with a TTL (the dedup window) that makes a retried publish
-  store each event once.
+- ``{ns}:dedup:<event id>``: only with ``dedup_window``: a marker with that TTL.
 
-Fetching runs one Lua script: it claims due delayed entries, takes over entries other consumers
-held longer than ``ack_wait`` (XAUTOCLAIM), then reads new entries (XREADGROUP) and acknowledges
-at once those whose topic the pattern does not match, so they are never pending and never
-counted as outstanding. Between scripts a fetcher blocks on XREAD of the events and wake
-streams.
+Publishing runs one Lua script per up to 1,000 messages, all of a batch in one round trip;
+the messages go packed (lengths, then bytes) in a few arguments rather than as four arguments
+each, which redis-py would encode one by one. Fetching runs one Lua script: it claims due
+delayed entries, takes over entries other consumers held longer than ``ack_wait``
+(XAUTOCLAIM), then reads new entries (XREADGROUP) and acknowledges at once those whose topic
+the pattern does not match, so they are never pending and never counted as outstanding. It
+replies with one packed string per delivery (attempt, entry id, topic, body): redis-py's
+parser reads one element per delivery instead of a nested reply of every field. Between
+scripts a fetcher blocks on XREAD of the events and wake streams.
 
-Durability: `publish` returns once Redis replied to the XADDs. Whether that survives a restart
-of Redis is the server's persistence setting: AOF with ``appendfsync always`` loses nothing,
-``everysec`` up to a second, no persistence everything. The server's ``maxmemory-policy`` must
-be ``noeviction`` (an evicted stream loses events and consumer groups).
+Deduplication. Redis cannot deduplicate by itself. A publish whose reply was lost (the
+connection broke) is retried; before the retry, a script scans the stream entries added since
+the first try for the batch's event ids, and only the missing messages are sent again. That
+costs nothing when nothing fails. It cannot see a try that the server has not executed yet: if
+the reply was lost to a client-side timeout while Redis was still working through the batch,
+a message may be stored twice. Delivery is at least once anyway, and ``idempotent=True``
+subscriptions skip what they already handled. ``?dedup_window=SECONDS`` adds a marker key per
+event (``SET NX`` with that TTL, in the publish script): exact within the window, also across
+separate publishes of the same event, at the price of one key per event in Redis's memory
+(rate x window) and some publish throughput.
+
+Durability: `publish` returns once Redis replied to the script. Whether that survives a
+restart of Redis is the server's persistence setting: AOF with ``appendfsync always`` loses
+nothing, ``everysec`` up to a second, no persistence everything. The server's
+``maxmemory-policy`` must be ``noeviction`` (an evicted stream loses events and consumer
+groups).
 """
 
 from __future__ import annotations
@@ -43,6 +58,7 @@ import hashlib
 import logging
 import os
 import socket
+import struct
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -72,12 +88,26 @@ logger = logging.getLogger("eventwire")
 
 T = TypeVar("T")
 
-DEFAULT_DEDUP_WINDOW = 120
+DEFAULT_DEDUP_WINDOW = 0
 # Handled ids are kept at least this long (the contract says 7 days).
 HANDLED_RETENTION_MS = 7 * 24 * 3600 * 1000
-# Messages per publish script call, and ids per ack/extend command.
-_PUBLISH_CHUNK = 200
+# Messages per publish script call (and bytes, past which a call takes no further message).
+_PUBLISH_CHUNK = 1000
+_PUBLISH_BYTES = 4 << 20
+# Bytes past which the packed messages go on in another script argument: Lua handles several
+# arguments of tens of KB much faster than one of a MB.
+_PACK_BYTES = 64 << 10
+# Ids per extend script call.
 _ID_CHUNK = 1000
+# A retried publish looks for its messages among the entries added since its first try began,
+# by the server's clock, with this much slack (seconds) for clock adjustments; each scan call
+# reads at most this many entries.
+_CLOCK_SLACK = 5.0
+_SCAN_CHUNK = 5000
+# Packed records (big-endian). Publish: lengths of id, topic, key (-1: None) and body, then
+# those bytes. Fetch reply: attempt, then lengths of entry id, topic and body, then those.
+_MESSAGE = struct.Struct(">IIiI")
+_ENTRY = struct.Struct(">IIII")
 # New entries one fetch script examines at most (matching or not), so a script never blocks
 # Redis for long when a consumer skips a large backlog of other topics.
 _SCAN_BUDGET = 1000
@@ -159,34 +189,85 @@ local function now_ms()
 end
 """
 
-# KEYS: stream, dedup key per message. ARGV: dedup window (s), maxlen (0: none), then
-# id, topic, has_key, key, body per message. Returns how many were stored (not duplicates).
+# KEYS: stream, then with deduplication one marker key per message. ARGV: maxlen (0: none),
+# dedup window in s (0: off), then the messages packed as `_MESSAGE` records, in one or more
+# arguments.
+# Returns how many were stored (not duplicates).
 _PUBLISH = r"""
-local window, maxlen = tonumber(ARGV[1]), tonumber(ARGV[2])
-local stored = 0
-for m = 0, #KEYS - 2 do
-  local a = 3 + m * 5
-  local fresh = true
-  if window > 0 then
-    fresh = redis.call('SET', KEYS[m + 2], '1', 'NX', 'EX', window)
+local stream, maxlen, window = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+
+local function add(id, topic, key, body)
+  if maxlen > 0 then
+    if key then
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
+        'id', id, 'topic', topic, 'key', key, 'body', body)
+    else
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'id', id, 'topic', topic, 'body', body)
+    end
+  elseif key then
+    redis.call('XADD', stream, '*', 'id', id, 'topic', topic, 'key', key, 'body', body)
+  else
+    redis.call('XADD', stream, '*', 'id', id, 'topic', topic, 'body', body)
   end
-  if fresh then
-    local cmd = {'XADD', KEYS[1]}
-    if maxlen > 0 then
-      cmd[#cmd + 1] = 'MAXLEN'; cmd[#cmd + 1] = '~'; cmd[#cmd + 1] = maxlen
+end
+
+local m, stored = 1, 0
+for a = 3, #ARGV do
+  local blob = ARGV[a]
+  local pos, size = 1, #blob
+  while pos <= size do
+    local nid, ntopic, nkey, nbody
+    nid, ntopic, nkey, nbody, pos = struct.unpack('>I4I4i4I4', blob, pos)
+    local id = string.sub(blob, pos, pos + nid - 1)
+    pos = pos + nid
+    local topic = string.sub(blob, pos, pos + ntopic - 1)
+    pos = pos + ntopic
+    local key = false
+    if nkey >= 0 then
+      key = string.sub(blob, pos, pos + nkey - 1)
+      pos = pos + nkey
     end
-    cmd[#cmd + 1] = '*'
-    cmd[#cmd + 1] = 'id'; cmd[#cmd + 1] = ARGV[a]
-    cmd[#cmd + 1] = 'topic'; cmd[#cmd + 1] = ARGV[a + 1]
-    if ARGV[a + 2] == '1' then
-      cmd[#cmd + 1] = 'key'; cmd[#cmd + 1] = ARGV[a + 3]
+    local body = string.sub(blob, pos, pos + nbody - 1)
+    pos = pos + nbody
+    m = m + 1
+    if window == 0 or redis.call('SET', KEYS[m], '1', 'NX', 'EX', window) then
+      add(id, topic, key, body)
+      stored = stored + 1
     end
-    cmd[#cmd + 1] = 'body'; cmd[#cmd + 1] = ARGV[a + 4]
-    redis.call(unpack(cmd))
-    stored = stored + 1
   end
 end
 return stored
+"""
+
+# KEYS: stream. ARGV: first entry id to read ('': the server's now minus ARGV[2] ms), ms,
+# most entries to read, then event ids. Returns {where to go on ('': the end was reached),
+# the event ids found in the `id` field of the entries read}.
+_SEEN = r"""
+local start, budget = ARGV[1], tonumber(ARGV[3])
+if start == '' then
+  local t = redis.call('TIME')
+  local from = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
+  start = string.format('%d-0', math.max(from, 0))
+end
+local wanted = {}
+for i = 4, #ARGV do wanted[ARGV[i]] = true end
+local found, scanned = {}, 0
+while scanned < budget do
+  local r = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 500)
+  for _, e in ipairs(r) do
+    local f = e[2] or {}
+    for i = 1, #f - 1, 2 do
+      if f[i] == 'id' then
+        if wanted[f[i + 1]] then found[#found + 1] = f[i + 1] end
+        break
+      end
+    end
+  end
+  if #r < 500 then return {'', found} end
+  start = '(' .. r[#r][1]
+  scanned = scanned + #r
+end
+return {start, found}
 """
 
 # KEYS: stream, registry. ARGV: name, group, pattern, start id.
@@ -206,8 +287,10 @@ return {1, state}
 
 # KEYS: stream, delayed, wake. ARGV: group, consumer, limit, pattern, reclaim (0/1),
 # min idle ms, autoclaim cursor, scan budget.
-# Returns {entries, next cursor, more, last stream id, last wake id, next due ms or -1, now}
-# where each entry is {id, fields, attempt}.
+# Returns {deliveries, redelivered, next cursor, more} when there are deliveries, else
+# {{}, 0, next cursor, more, last stream id, last wake id, next due ms or -1, now}.
+# `deliveries` holds one `_ENTRY` record (a string) per delivery, oldest first except for the
+# first `redelivered` ones (nak'ed or taken over: older than the rest, in no particular order).
 _FETCH = (
     _LUA_TOPICS
     + r"""
@@ -215,7 +298,29 @@ local stream, delayed, wake = KEYS[1], KEYS[2], KEYS[3]
 local group, me, limit, pattern = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local cursor, budget = ARGV[7], tonumber(ARGV[8])
 local now = now_ms()
-local out = {}
+local parts, count = {}, 0
+
+-- The first `topic` and `body` fields of an entry (foreign entries may lack either).
+local function topic_body(fields)
+  local topic, body = nil, nil
+  if fields then
+    for i = 1, #fields - 1, 2 do
+      local k = fields[i]
+      if k == 'topic' then
+        if not topic then topic = fields[i + 1] end
+      elseif k == 'body' then
+        if not body then body = fields[i + 1] end
+      end
+    end
+  end
+  return topic, body
+end
+
+local function emit(id, attempt, topic, body)
+  topic, body = topic or '', body or ''
+  count = count + 1
+  parts[count] = struct.pack('>I4I4I4I4', attempt, #id, #topic, #body) .. id .. topic .. body
+end
 
 -- 1. nak'ed entries whose delay is over: back into the pending list, owned by us.
 local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, limit)
@@ -225,34 +330,40 @@ for _, member in ipairs(due) do
   local id, n = string.sub(member, 1, sep - 1), tonumber(string.sub(member, sep + 1))
   local got = redis.call('XCLAIM', stream, group, me, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
   -- Nothing comes back when the entry was trimmed from the stream meanwhile.
-  if got[1] and got[1][2] then out[#out + 1] = {got[1][1], got[1][2], n + 1} end
+  if got[1] and got[1][2] then
+    local topic, body = topic_body(got[1][2])
+    emit(got[1][1], n + 1, topic, body)
+  end
 end
 
 -- 2. entries another consumer held longer than ack_wait (its process died or stalled).
-if ARGV[5] == '1' and #out < limit then
-  local r = redis.call('XAUTOCLAIM', stream, group, me, ARGV[6], cursor, 'COUNT', limit - #out)
+if ARGV[5] == '1' and count < limit then
+  local r = redis.call('XAUTOCLAIM', stream, group, me, ARGV[6], cursor, 'COUNT', limit - count)
   cursor = r[1]
   for _, e in ipairs(r[2]) do
     if e and e[2] then
       local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
-      out[#out + 1] = {e[1], e[2], p[1][4]}
+      local topic, body = topic_body(e[2])
+      emit(e[1], p[1][4], topic, body)
     end
   end
 end
+local redelivered = count
 
 -- 3. new entries; those for other topics are acknowledged here and never delivered.
 local scanned, more = 0, 0
-while #out < limit do
+while count < limit do
   if scanned >= budget then more = 1; break end
-  local want = math.min(limit - #out, budget - scanned)
+  local want = math.min(limit - count, budget - scanned)
   local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', want, 'STREAMS', stream, '>')
   if not r then break end
   local entries = r[1][2]
   scanned = scanned + #entries
   local skip = {}
   for _, e in ipairs(entries) do
-    if matches(pattern, topic_of(e[2])) then
-      out[#out + 1] = {e[1], e[2] or {}, 1}
+    local topic, body = topic_body(e[2])
+    if topic == pattern or matches(pattern, topic) then
+      emit(e[1], 1, topic, body)
     else
       skip[#skip + 1] = e[1]
     end
@@ -261,6 +372,7 @@ while #out < limit do
   if #entries < want then break end
 end
 
+if count > 0 then return {parts, redelivered, cursor, more} end
 local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 local last_id = last[1] and last[1][1] or '0-0'
 local bell = redis.call('XREVRANGE', wake, '+', '-', 'COUNT', 1)
@@ -268,7 +380,7 @@ local bell_id = bell[1] and bell[1][1] or '0-0'
 local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 local due_ms = -1
 if next_due[2] then due_ms = math.floor(tonumber(next_due[2])) end
-return {out, cursor, more, last_id, bell_id, due_ms, now}
+return {{}, 0, cursor, more, last_id, bell_id, due_ms, now}
 """
 )
 
@@ -387,7 +499,7 @@ return 1
 """
 
 
-_SCRIPTS = (_PUBLISH, _CREATE, _FETCH, _NAK, _EXTEND, _RELEASE, _PRUNE, _STATS, _DELETE)
+_SCRIPTS = (_PUBLISH, _SEEN, _CREATE, _FETCH, _NAK, _EXTEND, _RELEASE, _PRUNE, _STATS, _DELETE)
 
 
 class _Script:
@@ -426,6 +538,65 @@ def _entry_order(entry_id: str) -> tuple[int, int]:
 
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _publish_chunks(messages: Sequence[Message]) -> list[Sequence[Message]]:
+    """`messages` cut into chunks of at most `_PUBLISH_CHUNK` messages, each closed once its
+    bodies reach `_PUBLISH_BYTES`."""
+    chunks: list[Sequence[Message]] = []
+    start = size = 0
+    for i, message in enumerate(messages):
+        size += len(message.body)
+        if i + 1 - start == _PUBLISH_CHUNK or size >= _PUBLISH_BYTES:
+            chunks.append(messages[start : i + 1])
+            start, size = i + 1, 0
+    if start < len(messages):
+        chunks.append(messages[start:])
+    return chunks
+
+
+def _pack_messages(messages: Sequence[Message]) -> list[bytes]:
+    """`messages` as `_MESSAGE` records for the publish script, cut in parts of about
+    `_PACK_BYTES`."""
+    head = _MESSAGE.pack
+    packed: list[bytes] = []
+    parts: list[bytes] = []
+    size = 0
+    for m in messages:
+        event_id = m.id.encode()
+        topic = m.topic.encode()
+        if m.key is None:
+            parts += (head(len(event_id), len(topic), -1, len(m.body)), event_id, topic, m.body)
+        else:
+            key = m.key.encode()
+            parts += (head(len(event_id), len(topic), len(key), len(m.body)), event_id, topic)
+            parts += (key, m.body)
+        size += len(m.body)
+        if size >= _PACK_BYTES:
+            packed.append(b"".join(parts))
+            parts, size = [], 0
+    if parts:
+        packed.append(b"".join(parts))
+    return packed
+
+
+def _unpack_deliveries(records: list[bytes], redelivered: int) -> list[Delivery]:
+    """The deliveries of a fetch script's reply (`_ENTRY` records), oldest first."""
+    deliveries: list[Delivery] = []
+    append = deliveries.append
+    head = _ENTRY.unpack_from
+    for record in records:
+        attempt, id_size, topic_size, _ = head(record)
+        topic_at = 16 + id_size
+        body_at = topic_at + topic_size
+        entry_id = record[16:topic_at].decode()
+        topic = record[topic_at:body_at].decode("utf-8", "replace")
+        append(Delivery(topic, record[body_at:], attempt, entry_id))
+    if redelivered > 1:
+        deliveries[:redelivered] = sorted(
+            deliveries[:redelivered], key=lambda d: _entry_order(d.handle)
+        )
+    return deliveries
 
 
 def _start_id(start: Any) -> str:
@@ -477,6 +648,7 @@ class RedisBackend(Backend):
         self.registry = prefix + "consumers"
         self._client: Redis | None = None
         self._publish = _Script(_PUBLISH)
+        self._seen = _Script(_SEEN)
         self._create = _Script(_CREATE)
         self._stats = _Script(_STATS)
         self._delete = _Script(_DELETE)
@@ -574,36 +746,66 @@ class RedisBackend(Backend):
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
-        calls: list[tuple[list[str], list[Any]]] = []
-        for chunk in _chunks(messages, _PUBLISH_CHUNK):
-            keys = [self.stream] + [f"{self._prefix}dedup:{m.id}" for m in chunk]
-            args: list[Any] = [self._dedup_window, self._maxlen]
-            for m in chunk:
-                has_key = m.key is not None
-                args += [m.id, m.topic, "1" if has_key else "0", m.key or "", m.body]
-            calls.append((keys, args))
-        client = self.client
-
-        async def send_once() -> None:
-            # One round trip for the batch. A retry after a lost reply is deduplicated by the
-            # markers (within the dedup window).
-            pipe: Any = client.pipeline(transaction=False)
-            for keys, args in calls:
-                _stage(pipe, "EVALSHA", self._publish.sha, len(keys), *keys, *args)
-            try:
-                await pipe.execute()
-            finally:
-                await pipe.reset()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        tries = 0
 
         async def send() -> None:
-            try:
-                await send_once()
-            except redis_errors.NoScriptError:
-                # A restarted server lost its script cache; nothing of the batch ran.
-                await _command(client, "SCRIPT", "LOAD", self._publish.source)
-                await send_once()
+            nonlocal tries
+            tries += 1
+            todo = messages
+            if tries > 1 and not self._dedup_window:
+                # An earlier try may have stored some of them before its reply was lost.
+                stored = await self._stored_since(
+                    [m.id for m in messages], loop.time() - started + _CLOCK_SLACK
+                )
+                todo = [m for m in messages if m.id not in stored]
+            if todo:
+                await self._send(todo)
 
         await self.retrying(send)
+
+    async def _send(self, messages: Sequence[Message]) -> None:
+        """Store `messages` in one round trip: a publish script call per chunk."""
+        calls: list[list[Any]] = []
+        for chunk in _publish_chunks(messages):
+            keys = [self.stream]
+            if self._dedup_window:
+                keys += [f"{self._prefix}dedup:{m.id}" for m in chunk]
+            args = [self._maxlen, self._dedup_window, *_pack_messages(chunk)]
+            calls.append(["EVALSHA", self._publish.sha, len(keys), *keys, *args])
+        client = self.client
+        loaded = False
+        while calls:
+            pipe: Any = client.pipeline(transaction=False)
+            for call in calls:
+                _stage(pipe, *call)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            finally:
+                await pipe.reset()
+            failed: list[list[Any]] = []
+            for call, reply in zip(calls, replies, strict=True):
+                if isinstance(reply, redis_errors.NoScriptError) and not loaded:
+                    failed.append(call)  # a restarted server lost its scripts: it did not run
+                elif isinstance(reply, Exception):
+                    raise reply
+            if failed:
+                await _command(client, "SCRIPT", "LOAD", self._publish.source)
+                loaded = True
+            calls = failed
+
+    async def _stored_since(self, event_ids: list[str], seconds: float) -> set[str]:
+        """Which of `event_ids` are in stream entries added in the last `seconds`."""
+        found: set[str] = set()
+        start = ""
+        while True:
+            args = [start, int(seconds * 1000), _SCAN_CHUNK, *event_ids]
+            start_at, hits = await self._seen(self.client, [self.stream], args)
+            found.update(_text(hit) for hit in hits)
+            start = _text(start_at)
+            if not start:
+                return found
 
     async def consumer(self, spec: ConsumerSpec) -> Consumer:
         validate_pattern(spec.pattern)
@@ -737,17 +939,17 @@ class RedisConsumer(Consumer):
                         _SCAN_BUDGET,
                     ],
                 )
-                entries, cursor, more, last_id, wake_id, due_ms, now_ms = reply
                 if reclaim:
-                    self._claim_cursor = _text(cursor)
+                    self._claim_cursor = _text(reply[2])
                     self._next_reclaim = loop.time() + self._reclaim_every
-                if entries:
-                    return self._deliveries(entries)
+                if reply[0]:
+                    return _unpack_deliveries(reply[0], int(reply[1]))
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return []
-                if int(more):
+                if int(reply[3]):
                     continue
+                last_id, wake_id, due_ms, now_ms = reply[4:8]
                 block = min(remaining, _MAX_BLOCK, max(self._next_reclaim - loop.time(), 0.001))
                 if int(due_ms) >= 0:
                     block = min(block, max((int(due_ms) - int(now_ms)) / 1000, 0.001))
@@ -790,25 +992,6 @@ class RedisConsumer(Consumer):
         await asyncio.sleep(min(pause, remaining))
         return min(pause * 2, _RETRY_PAUSE_MAX)
 
-    def _deliveries(self, entries: list[Any]) -> list[Delivery]:
-        deliveries: list[Delivery] = []
-        for raw_id, raw_fields, attempt in entries:
-            fields: dict[bytes, bytes] = {}
-            items = list(raw_fields or [])
-            for i in range(0, len(items) - 1, 2):
-                fields[items[i]] = items[i + 1]
-            topic = fields.get(b"topic")
-            deliveries.append(
-                Delivery(
-                    topic=_text(topic) if topic is not None else "",
-                    body=bytes(fields.get(b"body", b"")),
-                    attempt=int(attempt),
-                    handle=_text(raw_id),
-                )
-            )
-        deliveries.sort(key=lambda d: _entry_order(d.handle))
-        return deliveries
-
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + _OP_RETRY_SECONDS
 
@@ -820,20 +1003,21 @@ class RedisConsumer(Consumer):
         ids = [d.handle for d in deliveries]
 
         async def send() -> None:
+            if not handled_ids:
+                await _command(client, "XACK", backend.stream, self.group, *ids)
+                return
             # One MULTI: the handled ids are recorded exactly when the entries are acked.
             pipe: Any = client.pipeline(transaction=True)
-            for chunk in _chunks(ids, _ID_CHUNK):
-                _stage(pipe, "XACK", backend.stream, self.group, *chunk)
-            if handled_ids:
-                now = int(datetime.now(UTC).timestamp() * 1000)
-                for chunk in _chunks(list(handled_ids), _ID_CHUNK):
-                    pairs: list[Any] = []
-                    for event_id in chunk:
-                        pairs += [now, event_id]
-                    _stage(pipe, "ZADD", self._handled, *pairs)
-                _stage(pipe, "ZREMRANGEBYSCORE", self._handled, "-inf", now - HANDLED_RETENTION_MS)
-                # The whole set goes a day after its last write (a consumer nobody runs).
-                _stage(pipe, "PEXPIRE", self._handled, HANDLED_RETENTION_MS + 86_400_000)
+            if ids:
+                _stage(pipe, "XACK", backend.stream, self.group, *ids)
+            now = int(datetime.now(UTC).timestamp() * 1000)
+            pairs: list[Any] = []
+            for event_id in handled_ids:
+                pairs += (now, event_id)
+            _stage(pipe, "ZADD", self._handled, *pairs)
+            _stage(pipe, "ZREMRANGEBYSCORE", self._handled, "-inf", now - HANDLED_RETENTION_MS)
+            # The whole set goes a day after its last write (a consumer nobody runs).
+            _stage(pipe, "PEXPIRE", self._handled, HANDLED_RETENTION_MS + 86_400_000)
             try:
                 await pipe.execute()
             finally:

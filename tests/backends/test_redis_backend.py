@@ -8,15 +8,17 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from eventwire.backends import open_backend
+from eventwire.backends import redis as redis_backend
 from eventwire.backends.base import (
     Backend,
     BackendConnectionError,
@@ -274,13 +276,111 @@ async def test_handled_ids_are_recorded_with_the_ack(backend: RedisBackend) -> N
     assert await again.handled(["i1"]) == set()
 
 
-async def test_publish_deduplicates_by_message_id(backend: RedisBackend) -> None:
-    consumer = await backend.consumer(ConsumerSpec("d", "d"))
-    await backend.publish(messages(("same", "d"), ("same", "d")))
-    await backend.publish(messages(("same", "d"), ("other", "d")))
-    got = await fetch_all(consumer, 2)
-    assert bodies(got) == ["same", "other"]
-    assert await consumer.fetch(5, 0.2) == []
+async def test_dedup_window_deduplicates_by_message_id(raw: Redis) -> None:
+    backend = await open_redis(with_namespace(URL, unique_namespace()) + "&dedup_window=60")
+    try:
+        consumer = await backend.consumer(ConsumerSpec("d", "d"))
+        await backend.publish(messages(("same", "d"), ("same", "d")))
+        await backend.publish(messages(("same", "d"), ("other", "d")))
+        got = await fetch_all(consumer, 2)
+        assert bodies(got) == ["same", "other"]
+        assert await consumer.fetch(5, 0.2) == []
+        assert 0 < await raw.ttl(f"{{{backend.namespace}}}:dedup:same") <= 60
+    finally:
+        await backend.destroy()
+        await backend.close()
+
+
+async def test_without_dedup_window_each_publish_is_stored(
+    backend: RedisBackend, raw: Redis
+) -> None:
+    # The default: no marker per event; publishing the same id again stores it again (at
+    # least once; idempotent subscriptions skip what they handled).
+    await backend.publish(messages(("same", "d")))
+    await backend.publish(messages(("same", "d")))
+    assert await raw.xlen(backend.stream) == 2
+    assert await raw.keys(f"{{{backend.namespace}}}:dedup:*") == []
+
+
+async def stream_ids(raw: Redis, backend: RedisBackend) -> list[str]:
+    """The event ids in the namespace's stream, in order."""
+    entries: Any = await raw.xrange(backend.stream)
+    return [fields[b"id"].decode() for _, fields in entries]
+
+
+@pytest.mark.parametrize("stored_before_loss", [0, 3, 5])
+async def test_a_publish_retried_after_a_lost_reply_stores_each_message_once(
+    backend: RedisBackend, raw: Redis, monkeypatch: pytest.MonkeyPatch, stored_before_loss: int
+) -> None:
+    ids = [f"m{i}" for i in range(5)]
+    send = backend._send
+    tries: list[list[str]] = []
+
+    async def reply_lost_once(batch: Sequence[Message]) -> None:
+        tries.append([m.id for m in batch])
+        if len(tries) == 1:
+            # The server stored part of the batch (or all, or none); the reply never came.
+            await send(batch[:stored_before_loss])
+            raise redis_errors.ConnectionError("connection reset while reading the reply")
+        await send(batch)
+
+    monkeypatch.setattr(backend, "_send", reply_lost_once)
+    await raw.xadd(backend.stream, {"id": "m3", "topic": "t", "body": b"m3"}, id="1-1")
+    await backend.publish(messages(*[(i, "t") for i in ids]))
+    assert await stream_ids(raw, backend) == ["m3", *ids]  # an old m3 is not mistaken for ours
+    assert tries[0] == ids
+    assert tries[1:] == ([] if stored_before_loss == 5 else [ids[stored_before_loss:]])
+
+
+async def test_stored_since_scans_in_chunks(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_backend, "_SCAN_CHUNK", 700)
+    await backend.publish(messages(*[(f"e{i}", "t") for i in range(2000)]))
+    wanted = ["e5", "e1500", "e1999", "nope"]
+    assert await backend._stored_since(wanted, 60.0) == {"e5", "e1500", "e1999"}
+    await asyncio.sleep(0.01)
+    assert await backend._stored_since(wanted, 0.0) == set()  # nothing added since now
+
+
+async def test_large_batches_keys_and_any_bytes_round_trip(
+    backend: RedisBackend, raw: Redis
+) -> None:
+    consumer = await backend.consumer(ConsumerSpec("big", "big.>", start="earliest"))
+    bodies_sent = [bytes([i % 256]) * (i % 3000) + b"\r\n\x00" for i in range(2500)]
+    bodies_sent[7] = b""
+    bodies_sent[8] = b"y" * 300_000  # bigger than a packed argument
+    batch = [
+        Message(f"b{i}", f"big.{i % 3}", f"k{i}" if i % 2 else None, body)
+        for i, body in enumerate(bodies_sent)
+    ]
+    await backend.publish(batch)  # several script calls in one round trip
+    got: list[Delivery] = []
+    while len(got) < len(batch):
+        more = await consumer.fetch(512, 2.0)
+        assert more, f"only {len(got)} came"
+        got += more
+        await consumer.ack(more)
+    assert [d.body for d in got] == bodies_sent
+    assert [d.topic for d in got] == [m.topic for m in batch]
+    assert {d.attempt for d in got} == {1}
+    entries: Any = await raw.xrange(backend.stream, count=4)
+    assert [fields.get(b"key") for _, fields in entries] == [None, b"k1", None, b"k3"]
+    assert list(entries[0][1]) == [b"id", b"topic", b"body"]
+
+
+async def test_one_fetch_returns_redeliveries_and_new_entries_oldest_first(
+    backend: RedisBackend,
+) -> None:
+    consumer = await backend.consumer(ConsumerSpec("mixed", "x"))
+    await backend.publish(messages(("x1", "x"), ("x2", "x"), ("x3", "x")))
+    first = await fetch_all(consumer, 3)
+    for delivery in reversed(first[:2]):  # due in the reverse order
+        await consumer.nak(delivery, 0)
+    await consumer.ack(first[2:])
+    await backend.publish(messages(("x4", "x")))
+    again = await fetch_all(consumer, 3)
+    assert [(d.body, d.attempt) for d in again] == [(b"x1", 2), (b"x2", 2), (b"x4", 1)]
 
 
 async def test_consumers_outstanding_goes_to_zero(backend: RedisBackend) -> None:
@@ -460,6 +560,8 @@ async def test_wrong_password_raises_backend_connection_error() -> None:
 def test_url_options_are_checked() -> None:
     with pytest.raises(ValueError, match="maxlen"):
         open_backend("redis://127.0.0.1/0?maxlen=-3")
+    with pytest.raises(ValueError, match="dedup_window"):
+        open_backend("redis://127.0.0.1/0?dedup_window=soon")
     with pytest.raises(ValueError, match="database"):
         open_backend("redis://127.0.0.1/zero")
 
