@@ -1,4 +1,5 @@
-"""The real services the backend tests talk to, and how a test asks for one.
+"""The real services the backend tests talk to, how a test asks for one, and private
+broker processes a test may kill and restart.
 
 Outside CI a test whose service is unreachable is skipped with a message naming it; with
 ``CI=true`` it fails instead (``.ci/run`` starts the services first).
@@ -6,9 +7,16 @@ Outside CI a test whose service is unreachable is skipped with a message naming 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import shutil
 import socket
+import subprocess
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +55,103 @@ def unique_namespace() -> str:
 def with_namespace(url: str, namespace: str) -> str:
     separator = "&" if "?" in url else "?"
     return f"{url}{separator}namespace={namespace}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+PROGRAMS = {"redis": "redis-server", "nats": "nats-server"}
+
+
+class PrivateServer:
+    """A redis-server or nats-server of one test's own, on a free port with its data in `data`.
+
+    `kill()` (SIGKILL) or `stop()` (SIGTERM) it, then `start()` it again on the same port and
+    data: Redis keeps every acknowledged write (fsync-always AOF), NATS runs JetStream.
+    """
+
+    def __init__(self, kind: str, data: Path, *extra: str) -> None:
+        self.kind = kind
+        self.data = data
+        self.extra = extra  # more server flags, e.g. credentials
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.kind == "redis":
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"nats://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        port, data = str(self.port), str(self.data)
+        if self.kind == "redis":
+            flags = ["--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]
+            flags += ["--appendfsync", "always", "--dir", data]
+        else:
+            flags = ["-a", "127.0.0.1", "-p", port, "-js", "-sd", data]
+        return [PROGRAMS[self.kind], *flags, *self.extra]
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        return self.process
+
+    def _still_starting(self, process: subprocess.Popen[bytes], deadline: float) -> bool:
+        """False once the server accepts connections; fails if it exited or took too long."""
+        if reachable("127.0.0.1", self.port, timeout=0.2):
+            return False
+        program = PROGRAMS[self.kind]
+        assert process.poll() is None, f"{program} exited"
+        assert time.monotonic() < deadline, f"{program} did not start"
+        return True
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the server and block until it accepts connections."""
+        process, deadline = self._launch(), time.monotonic() + timeout
+        while self._still_starting(process, deadline):
+            time.sleep(0.02)
+
+    async def start_async(self, timeout: float = 20.0) -> None:
+        """Start the server and wait, without blocking the event loop, until it is reachable."""
+        process, deadline = self._launch(), time.monotonic() + timeout
+        while self._still_starting(process, deadline):  # noqa: ASYNC110 - a port, no event
+            await asyncio.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: as if the machine lost power (what it fsynced survives)."""
+        self._end(subprocess.Popen.kill)
+
+    def stop(self) -> None:
+        """SIGTERM: an orderly shutdown."""
+        self._end(subprocess.Popen.terminate)
+
+    def _end(self, signal: Callable[[subprocess.Popen[bytes]], None]) -> None:
+        if self.process is not None and self.process.poll() is None:
+            signal(self.process)
+            self.process.wait(20)
+        self.process = None
+
+    async def restart(self) -> None:
+        """Stop it and start it again on the same port and data, the event loop running on."""
+        await asyncio.to_thread(self.stop)
+        await self.start_async()
+
+
+@contextlib.contextmanager
+def private_server(kind: str, data: Path, *extra: str) -> Iterator[PrivateServer]:
+    """A started `PrivateServer`, killed afterwards; skips when the program is not installed."""
+    program = PROGRAMS[kind]
+    if shutil.which(program) is None:
+        pytest.skip(f"{program} is not installed, so no private {kind} server can be started")
+    server = PrivateServer(kind, data, *extra)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -19,32 +17,21 @@ import pytest
 from eventwire.backends import parse_url
 from eventwire.backends.base import (
     BackendConnectionError,
-    Consumer,
     ConsumerInfo,
     ConsumerSpec,
-    Delivery,
     Message,
 )
 from eventwire.backends.nats import NatsBackend
 from eventwire.errors import EventwireError
-from tests.services import reachable, require_service, unique_namespace, with_namespace
-
-
-def messages(topic: str, *ids: str) -> list[Message]:
-    return [Message(event_id, topic, None, event_id.encode()) for event_id in ids]
-
-
-async def collect(consumer: Consumer, count: int, timeout: float = 10.0) -> list[Delivery]:
-    """Fetch until `count` deliveries came (or `timeout`), without acknowledging them."""
-    got: list[Delivery] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count and time.monotonic() < deadline:
-        got.extend(await consumer.fetch(count - len(got), 0.5))
-    return got
-
-
-def bodies(deliveries: list[Delivery]) -> list[str]:
-    return [d.body.decode() for d in deliveries]
+from tests.backends.helpers import bodies, connect_error, fetch_all, messages_on
+from tests.services import (
+    PrivateServer,
+    free_port,
+    private_server,
+    require_service,
+    unique_namespace,
+    with_namespace,
+)
 
 
 @pytest.fixture
@@ -71,9 +58,9 @@ async def other_process(backend: NatsBackend) -> NatsBackend:
 async def test_publish_fetch_ack_round_trip_in_order(backend: NatsBackend) -> None:
     consumer = await backend.consumer(ConsumerSpec("orders", "orders.*"))
     ids = [f"e{n}" for n in range(40)]
-    await backend.publish(messages("orders.created", *ids))
-    await backend.publish(messages("orders.created", "e0"))  # a retried publish: stored once
-    got = await collect(consumer, 40)
+    await backend.publish(messages_on("orders.created", *ids))
+    await backend.publish(messages_on("orders.created", "e0"))  # a retried publish: stored once
+    got = await fetch_all(consumer, 40)
     assert bodies(got) == ids
     assert {(d.topic, d.attempt) for d in got} == {("orders.created", 1)}
     await consumer.ack(got)
@@ -93,15 +80,15 @@ async def test_a_message_the_broker_refuses_fails_the_publish_at_once(
 
 
 async def test_start_latest_earliest_and_at_a_time(backend: NatsBackend) -> None:
-    await backend.publish(messages("t.x", "old"))
+    await backend.publish(messages_on("t.x", "old"))
     cut = datetime.now(UTC)
     latest = await backend.consumer(ConsumerSpec("latest", "t.x"))
     earliest = await backend.consumer(ConsumerSpec("earliest", "t.x", start="earliest"))
     at_cut = await backend.consumer(ConsumerSpec("at-cut", "t.x", start=cut))
-    await backend.publish(messages("t.x", "new"))
-    assert bodies(await collect(latest, 1)) == ["new"]
-    assert bodies(await collect(earliest, 2)) == ["old", "new"]
-    assert bodies(await collect(at_cut, 1)) == ["new"]
+    await backend.publish(messages_on("t.x", "new"))
+    assert bodies(await fetch_all(latest, 1)) == ["new"]
+    assert bodies(await fetch_all(earliest, 2)) == ["old", "new"]
+    assert bodies(await fetch_all(at_cut, 1)) == ["new"]
     with pytest.raises(ValueError, match="timezone-aware"):
         await backend.consumer(ConsumerSpec("naive", "t.x", start=datetime.now()))
 
@@ -112,7 +99,7 @@ async def test_competing_consumers_split_without_duplicates(backend: NatsBackend
         first = await backend.consumer(ConsumerSpec("workers", "jobs.>"))
         second = await other.consumer(ConsumerSpec("workers", "jobs.>"))
         ids = [f"j{n}" for n in range(60)]
-        await backend.publish(messages("jobs.run", *ids))
+        await backend.publish(messages_on("jobs.run", *ids))
         seen: dict[str, list[str]] = {"first": [], "second": []}
         deadline = time.monotonic() + 10
         while sum(map(len, seen.values())) < len(ids) and time.monotonic() < deadline:
@@ -135,11 +122,11 @@ async def test_unacked_delivery_of_a_dead_process_is_redelivered_after_ack_wait(
     spec = ConsumerSpec("work", "w", ack_wait=1.0)
     dying = await doomed.consumer(spec)
     survivor = await backend.consumer(spec)
-    await backend.publish(messages("w", "job"))
-    [held] = await collect(dying, 1)
+    await backend.publish(messages_on("w", "job"))
+    [held] = await fetch_all(dying, 1)
     await doomed.close()  # the process dies holding the delivery: no ack, no nak
     started = time.monotonic()
-    [again] = await collect(survivor, 1, timeout=5)
+    [again] = await fetch_all(survivor, 1, timeout=5)
     assert (again.body, again.attempt) == (b"job", 2)
     assert 0.5 < time.monotonic() - started < 3.0
     assert held.attempt == 1
@@ -149,8 +136,8 @@ async def test_extend_keeps_a_delivery_from_being_redelivered(backend: NatsBacke
     spec = ConsumerSpec("slow", "s", ack_wait=1.0)
     holder = await backend.consumer(spec)
     rival = await backend.consumer(spec)
-    await backend.publish(messages("s", "long-job"))
-    [held] = await collect(holder, 1)
+    await backend.publish(messages_on("s", "long-job"))
+    [held] = await fetch_all(holder, 1)
     deadline = time.monotonic() + 2.2  # twice ack_wait
     while time.monotonic() < deadline:
         await holder.extend([held])
@@ -161,15 +148,15 @@ async def test_extend_keeps_a_delivery_from_being_redelivered(backend: NatsBacke
 
 async def test_nak_now_and_with_a_delay_and_attempt_counts(backend: NatsBackend) -> None:
     consumer = await backend.consumer(ConsumerSpec("retry", "r"))
-    await backend.publish(messages("r", "flaky"))
-    [first] = await collect(consumer, 1)
+    await backend.publish(messages_on("r", "flaky"))
+    [first] = await fetch_all(consumer, 1)
     await consumer.nak(first, 0)
     [second] = await consumer.fetch(1, 1.0)
     assert second.attempt == 2
     await consumer.nak(second, 1.0)
     started = time.monotonic()
     assert await consumer.fetch(1, 0.4) == []
-    [third] = await collect(consumer, 1, timeout=5)
+    [third] = await fetch_all(consumer, 1, timeout=5)
     assert third.attempt == 3
     assert 0.8 < time.monotonic() - started < 3.0
     await consumer.ack([third])
@@ -181,8 +168,8 @@ async def test_handled_ids_are_recorded_per_consumer_and_forgotten_on_delete(
     consumer = await backend.consumer(ConsumerSpec("idem", "i"))
     other = await backend.consumer(ConsumerSpec("other", "i"))
     assert await consumer.handled(["a"]) == set()  # before any bucket exists
-    await backend.publish(messages("i", "a", "b"))
-    got = await collect(consumer, 2)
+    await backend.publish(messages_on("i", "a", "b"))
+    got = await fetch_all(consumer, 2)
     odd = "id with spaces/ü.and.dots"
     await consumer.ack(got, handled_ids=["a", odd])
     assert await consumer.handled(["a", "b", odd, "never"]) == {"a", odd}
@@ -197,10 +184,10 @@ async def test_outstanding_counts_waiting_and_in_flight_until_acked(
     backend: NatsBackend,
 ) -> None:
     consumer = await backend.consumer(ConsumerSpec("counted", "c.>"))
-    await backend.publish(messages("c.1", "x", "y", "z"))
+    await backend.publish(messages_on("c.1", "x", "y", "z"))
     [info] = await backend.consumers()
     assert (info.name, info.pattern, info.outstanding) == ("counted", "c.>", 3)
-    got = await collect(consumer, 3)
+    got = await fetch_all(consumer, 3)
     assert [i.outstanding for i in await backend.consumers()] == [3]  # in flight
     await consumer.ack(got[:2])
     assert [i.outstanding for i in await backend.consumers()] == [1]
@@ -216,12 +203,12 @@ async def test_wildcards_new_topics_and_reserved_topics(backend: NatsBackend) ->
     bus = await backend.consumer(ConsumerSpec("bus", "_bus.>"))
     # All of these topics are first used after the consumers were created.
     for topic in ("a.b", "a.b.c", "x.z", "_bus.z", "_dlq.a.b", "a"):
-        await backend.publish(messages(topic, topic))
-    assert sorted(bodies(await collect(one, 1))) == ["a.b"]
-    assert sorted(bodies(await collect(tail, 2))) == ["a.b", "a.b.c"]
-    assert sorted(bodies(await collect(everything, 4))) == ["a", "a.b", "a.b.c", "x.z"]
-    assert sorted(bodies(await collect(star, 1))) == ["x.z"]
-    assert bodies(await collect(bus, 1)) == ["_bus.z"]
+        await backend.publish(messages_on(topic, topic))
+    assert sorted(bodies(await fetch_all(one, 1))) == ["a.b"]
+    assert sorted(bodies(await fetch_all(tail, 2))) == ["a.b", "a.b.c"]
+    assert sorted(bodies(await fetch_all(everything, 4))) == ["a", "a.b", "a.b.c", "x.z"]
+    assert sorted(bodies(await fetch_all(star, 1))) == ["x.z"]
+    assert bodies(await fetch_all(bus, 1)) == ["_bus.z"]
     for consumer in (one, tail, everything, star, bus):
         assert await consumer.fetch(5, 0.2) == []  # nothing more, and `_` topics never leak
     # The reserved messages that reached `>` and `*.z` were acknowledged, not left pending.
@@ -269,8 +256,8 @@ async def test_foreign_and_malformed_messages_are_delivered_as_they_are(
             + b"PING\r\n"
         )
         assert b"PONG" in sock.recv(4096)
-    await backend.publish(messages("after.all", "fine"))
-    got = await collect(consumer, 6)
+    await backend.publish(messages_on("after.all", "fine"))
+    got = await fetch_all(consumer, 6)
     assert [d.body for d in got] == [b"\xff\x00 not json", b"", b"abc", b"j", b"s", b"fine"]
     topics = [d.topic for d in got]
     assert topics[:2] == ["foreign.raw", "foreign.empty"]
@@ -283,9 +270,9 @@ async def test_foreign_and_malformed_messages_are_delivered_as_they_are(
 async def test_resume_after_reopen_and_pattern_change_refused(backend: NatsBackend) -> None:
     consumer = await backend.consumer(ConsumerSpec("durable", "d.*"))
     await consumer.close()
-    await backend.publish(messages("d.x", "while-closed-1", "while-closed-2"))
+    await backend.publish(messages_on("d.x", "while-closed-1", "while-closed-2"))
     reopened = await backend.consumer(ConsumerSpec("durable", "d.*", start="latest"))
-    assert bodies(await collect(reopened, 2)) == ["while-closed-1", "while-closed-2"]
+    assert bodies(await fetch_all(reopened, 2)) == ["while-closed-1", "while-closed-2"]
     with pytest.raises(ValueError, match=r"'d\.\*'.*'e\.\*'"):
         await backend.consumer(ConsumerSpec("durable", "e.*"))
 
@@ -294,10 +281,10 @@ async def test_close_gives_back_held_deliveries_at_once(backend: NatsBackend) ->
     spec = ConsumerSpec("handback", "h", ack_wait=30)
     leaving = await backend.consumer(spec)
     staying = await backend.consumer(spec)
-    await backend.publish(messages("h", "one", "two"))
-    assert len(await collect(leaving, 2)) == 2
+    await backend.publish(messages_on("h", "one", "two"))
+    assert len(await fetch_all(leaving, 2)) == 2
     await leaving.close()
-    got = await collect(staying, 2, timeout=3)
+    got = await fetch_all(staying, 2, timeout=3)
     assert sorted(bodies(got)) == ["one", "two"]
     assert {d.attempt for d in got} == {2}
 
@@ -313,9 +300,9 @@ async def test_close_ends_a_fetch_in_progress_without_taking_messages(
     await closing.close()
     assert await asyncio.wait_for(fetching, 2) == []
     assert time.monotonic() - started < 1.0
-    await backend.publish(messages("q", "after-close"))
+    await backend.publish(messages_on("q", "after-close"))
     other = await backend.consumer(spec)
-    [got] = await collect(other, 1, timeout=3)
+    [got] = await fetch_all(other, 1, timeout=3)
     assert (got.body, got.attempt) == (b"after-close", 1)  # not swallowed by the closed one
 
 
@@ -328,8 +315,8 @@ async def test_a_consumer_deleted_meanwhile(backend: NatsBackend) -> None:
     inbox = await backend.consumer(ConsumerSpec("_inbox.x", "_bus.reply.x", ephemeral=True))
     await backend.delete_consumer("_inbox.x")
     assert await inbox.fetch(1, 0.2) == []
-    await backend.publish(messages("_bus.reply.x", "reply"))
-    assert bodies(await collect(inbox, 1, timeout=3)) == ["reply"]
+    await backend.publish(messages_on("_bus.reply.x", "reply"))
+    assert bodies(await fetch_all(inbox, 1, timeout=3)) == ["reply"]
     await inbox.close()
 
 
@@ -359,68 +346,23 @@ async def test_delete_consumer_and_destroy(backend: NatsBackend, nats_url: str) 
     await backend.destroy()  # idempotent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_connecting_to_a_closed_port_names_the_redacted_url() -> None:
     url = f"nats://app:s3cret@127.0.0.1:{free_port()}?namespace=nowhere"
     backend = NatsBackend(parse_url(url))
-    started = time.monotonic()
-    with pytest.raises(BackendConnectionError) as raised:
-        await backend.connect()
-    assert time.monotonic() - started < 6
-    message = str(raised.value)
+    message = await connect_error(backend)
     assert "nats://app:***@127.0.0.1" in message
     assert "s3cret" not in message
     await backend.close()
 
 
-class PrivateNats:
-    """A nats-server of the test's own, which it may kill and restart."""
-
-    def __init__(self, store: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.store = store
-        self.extra = extra
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                *("nats-server", "-a", "127.0.0.1", "-p", str(self.port)),
-                *("-js", "-sd", str(self.store), *self.extra),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not reachable("127.0.0.1", self.port, timeout=0.2):
-            assert self.process.poll() is None, "nats-server exited"
-            assert time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
-    if shutil.which("nats-server") is None:
-        pytest.skip("nats-server is not installed: cannot run a private broker")
-    server = PrivateNats(tmp_path / "jetstream")
-    server.start()
-    yield server
-    server.kill()
+def private_nats(tmp_path: Path) -> Iterator[PrivateServer]:
+    with private_server("nats", tmp_path / "jetstream") as server:
+        yield server
 
 
-async def test_broker_restart_loses_no_confirmed_publish(private_nats: PrivateNats) -> None:
-    backend = NatsBackend(parse_url(f"nats://127.0.0.1:{private_nats.port}?namespace=restart"))
+async def test_broker_restart_loses_no_confirmed_publish(private_nats: PrivateServer) -> None:
+    backend = NatsBackend(parse_url(with_namespace(private_nats.url, "restart")))
     await backend.connect()
     try:
         consumer = await backend.consumer(ConsumerSpec("survivor", "jobs.>", ack_wait=5))
@@ -431,7 +373,7 @@ async def test_broker_restart_loses_no_confirmed_publish(private_nats: PrivateNa
         async def produce() -> None:
             for n in range(0, 300, 5):
                 ids = [f"m{n + k}" for k in range(5)]
-                await asyncio.wait_for(backend.publish(messages("jobs.run", *ids)), 20)
+                await asyncio.wait_for(backend.publish(messages_on("jobs.run", *ids)), 20)
                 confirmed.extend(ids)
                 await asyncio.sleep(0.005)
             publishing_done.set()
@@ -475,11 +417,7 @@ async def test_broker_restart_loses_no_confirmed_publish(private_nats: PrivateNa
 
 
 async def test_credentials_are_used_and_a_wrong_password_is_not_shown(tmp_path: Path) -> None:
-    if shutil.which("nats-server") is None:
-        pytest.skip("nats-server is not installed: cannot run a private broker")
-    server = PrivateNats(tmp_path / "js", "--user", "app", "--pass", "right")
-    server.start()
-    try:
+    with private_server("nats", tmp_path / "js", "--user", "app", "--pass", "right") as server:
         wrong = NatsBackend(parse_url(f"nats://app:wrong@127.0.0.1:{server.port}"))
         with pytest.raises(BackendConnectionError) as raised:
             await wrong.connect()
@@ -487,8 +425,6 @@ async def test_credentials_are_used_and_a_wrong_password_is_not_shown(tmp_path: 
         assert "nats://app:***@" in str(raised.value)
         right = NatsBackend(parse_url(f"nats://app:right@127.0.0.1:{server.port}"))
         await right.connect()
-        await right.publish(messages("x", "1"))
+        await right.publish(messages_on("x", "1"))
         await right.destroy()
         await right.close()
-    finally:
-        server.kill()

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
@@ -27,28 +24,17 @@ from eventwire.backends.base import (
     Message,
 )
 from eventwire.backends.redis import RedisBackend, RedisConsumer
-from tests.services import require_service, unique_namespace, with_namespace
+from tests.backends.helpers import bodies, connect_error, fetch_all, messages
+from tests.services import (
+    PrivateServer,
+    free_port,
+    private_server,
+    require_service,
+    unique_namespace,
+    with_namespace,
+)
 
 URL = require_service("redis")
-
-
-def messages(*specs: tuple[str, str]) -> list[Message]:
-    """Messages whose body is their id, so deliveries are easy to check."""
-    return [Message(event_id, topic, None, event_id.encode()) for event_id, topic in specs]
-
-
-def bodies(deliveries: list[Delivery]) -> list[str]:
-    return [d.body.decode() for d in deliveries]
-
-
-async def fetch_all(consumer: Any, count: int, timeout: float = 5.0) -> list[Delivery]:
-    """Fetch until `count` deliveries came (or fail after `timeout`)."""
-    got: list[Delivery] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count:
-        assert time.monotonic() < deadline, f"only {bodies(got)} of {count} came"
-        got += await consumer.fetch(count - len(got), 0.5)
-    return got
 
 
 async def open_redis(url: str) -> RedisBackend:
@@ -58,12 +44,21 @@ async def open_redis(url: str) -> RedisBackend:
     return backend
 
 
+@contextlib.asynccontextmanager
+async def own_namespace(options: str = "") -> AsyncIterator[RedisBackend]:
+    """A backend on a namespace of its own, with more URL `options`; destroyed afterwards."""
+    opened = await open_redis(with_namespace(URL, unique_namespace()) + options)
+    try:
+        yield opened
+    finally:
+        await opened.destroy()
+        await opened.close()
+
+
 @pytest.fixture
 async def backend() -> AsyncIterator[RedisBackend]:
-    opened = await open_redis(with_namespace(URL, unique_namespace()))
-    yield opened
-    await opened.destroy()
-    await opened.close()
+    async with own_namespace() as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -277,8 +272,7 @@ async def test_handled_ids_are_recorded_with_the_ack(backend: RedisBackend) -> N
 
 
 async def test_dedup_window_deduplicates_by_message_id(raw: Redis) -> None:
-    backend = await open_redis(with_namespace(URL, unique_namespace()) + "&dedup_window=60")
-    try:
+    async with own_namespace("&dedup_window=60") as backend:
         consumer = await backend.consumer(ConsumerSpec("d", "d"))
         await backend.publish(messages(("same", "d"), ("same", "d")))
         await backend.publish(messages(("same", "d"), ("other", "d")))
@@ -286,9 +280,6 @@ async def test_dedup_window_deduplicates_by_message_id(raw: Redis) -> None:
         assert bodies(got) == ["same", "other"]
         assert await consumer.fetch(5, 0.2) == []
         assert 0 < await raw.ttl(f"{{{backend.namespace}}}:dedup:same") <= 60
-    finally:
-        await backend.destroy()
-        await backend.close()
 
 
 async def test_without_dedup_window_each_publish_is_stored(
@@ -489,8 +480,7 @@ async def test_delete_consumer_and_destroy(backend: RedisBackend, raw: Redis) ->
 
 
 async def test_namespaces_do_not_see_each_other(backend: RedisBackend) -> None:
-    other = await open_redis(with_namespace(URL, unique_namespace()))
-    try:
+    async with own_namespace() as other:
         mine = await backend.consumer(ConsumerSpec("c", "t"))
         theirs = await other.consumer(ConsumerSpec("c", "t"))
         await other.publish(messages(("theirs", "t")))
@@ -498,19 +488,12 @@ async def test_namespaces_do_not_see_each_other(backend: RedisBackend) -> None:
         assert bodies(await fetch_all(mine, 1)) == ["mine"]
         assert bodies(await fetch_all(theirs, 1)) == ["theirs"]
         assert await mine.fetch(5, 0.1) == []
-    finally:
-        await other.destroy()
-        await other.close()
 
 
 async def test_maxlen_trims_the_stream_approximately(raw: Redis) -> None:
-    backend = await open_redis(with_namespace(URL, unique_namespace()) + "&maxlen=10")
-    try:
+    async with own_namespace("&maxlen=10") as backend:
         await backend.publish(messages(*[(f"m{i}", "t") for i in range(500)]))
         assert 10 <= await raw.xlen(backend.stream) < 500
-    finally:
-        await backend.destroy()
-        await backend.close()
 
 
 async def test_prune_removes_idle_consumers_with_nothing_pending(
@@ -533,16 +516,10 @@ async def test_prune_removes_idle_consumers_with_nothing_pending(
 
 
 async def test_connect_to_a_closed_port_names_the_redacted_url() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     backend = open_backend(f"redis://:s3cret-pw@127.0.0.1:{port}/0?namespace=x")
     assert backend is not None
-    started = time.monotonic()
-    with pytest.raises(BackendConnectionError) as raised:
-        await backend.connect()
-    assert time.monotonic() - started < 6
-    message = str(raised.value)
+    message = await connect_error(backend)
     assert f"redis://:***@127.0.0.1:{port}/0?namespace=x" in message
     assert "s3cret-pw" not in message
     assert f"connecting to 127.0.0.1:{port}" in message  # the underlying error
@@ -569,72 +546,16 @@ def test_url_options_are_checked() -> None:
 # -- a private Redis restarted while publishing ---------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateRedis:
-    """A redis-server subprocess with an fsync-always AOF, restartable on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
-            ):
-                return
-            assert self.process.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
+def private_redis(tmp_path: Path) -> Iterator[PrivateServer]:
+    with private_server("redis", tmp_path) as server:
+        yield server
 
 
 async def test_restart_during_publishing_loses_nothing(
-    private_redis: PrivateRedis, caplog: pytest.LogCaptureFixture
+    private_redis: PrivateServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = f"redis://127.0.0.1:{private_redis.port}/0?namespace={unique_namespace()}"
+    url = with_namespace(private_redis.url, unique_namespace())
     publisher: Backend = await open_redis(url)
     reader = await open_redis(url)
     consumer = await reader.consumer(ConsumerSpec("all", "e.>", start="earliest"))
@@ -680,8 +601,8 @@ async def test_restart_during_publishing_loses_nothing(
     assert firsts == published
 
 
-async def test_fetch_and_ack_resume_after_restart(private_redis: PrivateRedis) -> None:
-    url = f"redis://127.0.0.1:{private_redis.port}/0?namespace={unique_namespace()}"
+async def test_fetch_and_ack_resume_after_restart(private_redis: PrivateServer) -> None:
+    url = with_namespace(private_redis.url, unique_namespace())
     backend = await open_redis(url)
     try:
         consumer = await backend.consumer(ConsumerSpec("c", "t", ack_wait=1.0))

@@ -5,9 +5,6 @@ never touched."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,88 +12,18 @@ import pytest
 
 from eventwire import Event, EventBus, PublishTimeoutError
 from tests.conftest import wait_until
-from tests.services import reachable
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class PrivateBroker:
-    """A broker process of our own; `restart()` stops it and starts it on the same port and
-    data directory."""
-
-    def __init__(self, kind: str, data: Path) -> None:
-        self.kind = kind
-        self.data = data
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        if self.kind == "redis":
-            return f"redis://127.0.0.1:{self.port}/0"
-        return f"nats://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        if self.kind == "redis":
-            # appendfsync always: a write the broker acknowledged survives its restart.
-            return [
-                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                "--dir", str(self.data),
-            ]  # fmt: skip
-        return [
-            "nats-server",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-js",
-            "-sd",
-            str(self.data),
-        ]
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-
-    async def wait_up(self) -> None:
-        async with asyncio.timeout(20):
-            while not reachable("127.0.0.1", self.port, timeout=0.2):  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
-        self.process = None
-
-    async def restart(self) -> None:
-        await asyncio.to_thread(self.stop)
-        self.start()
-        await self.wait_up()
+from tests.services import PrivateServer, private_server
 
 
 @pytest.fixture(params=["redis", "nats"])
-def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PrivateBroker]:
-    kind = str(request.param)
-    program = "redis-server" if kind == "redis" else "nats-server"
-    if shutil.which(program) is None:
-        pytest.skip(f"{program} is not installed, so no private {kind} broker can be started")
-    private = PrivateBroker(kind, tmp_path)
-    private.start()
-    yield private
-    private.stop()
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PrivateServer]:
+    with private_server(str(request.param), tmp_path) as server:
+        yield server
 
 
 async def test_every_returned_publish_is_delivered_across_a_broker_restart(
-    broker: PrivateBroker,
+    broker: PrivateServer,
 ) -> None:
-    await broker.wait_up()
     seen: set[int] = set()
     returned: list[int] = []
     bus = EventBus(broker.url, publish_timeout=30, redeliver_after=3)
@@ -123,8 +50,7 @@ async def test_every_returned_publish_is_delivered_across_a_broker_restart(
         await wait_until(lambda: set(returned) <= seen, timeout=60)
 
 
-async def test_publish_during_an_outage_waits_then_raises_clearly(broker: PrivateBroker) -> None:
-    await broker.wait_up()
+async def test_publish_during_an_outage_waits_then_raises_clearly(broker: PrivateServer) -> None:
     bus = EventBus(broker.url, publish_timeout=0.5, close_grace=0.5)
     seen: list[str] = []
     bus.subscribe("outage.t", lambda e: seen.append(e.payload), name="patient")
@@ -137,8 +63,7 @@ async def test_publish_during_an_outage_waits_then_raises_clearly(broker: Privat
             await bus.publish("outage.t", "during")
         waited = loop.time() - started
         assert 0.4 <= waited < 5, waited
-        broker.start()
-        await broker.wait_up()
+        await broker.start_async()
 
         async def publish_until_stored() -> None:
             while True:  # the client reconnects with backoff; each try is bounded
