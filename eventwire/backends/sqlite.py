@@ -1,11 +1,12 @@
 """The ``sqlite:///path/to/bus.db`` backend: durable, embedded, nothing to install.
 
-Events and delivery state live in one SQLite file in WAL mode (`sqlite_log.SqliteLog`); a
-publish returns once its transaction has committed. Several processes on one machine may share
-the file: processes running the same subscription lease its deliveries, and a delivery whose
-lease runs out (its process died) goes to another. Consumers in this process are woken at once
-by a publish from this process; other processes' publishes are seen within `poll` seconds
-(``?poll=0.05`` in the URL).
+Events live in that SQLite file and the subscriptions' state (cursors, deliveries, handled ids)
+in ``<file>-consumers`` beside it, both in WAL mode (`sqlite_log.SqliteLog`), so that publishing
+and consuming never wait for each other's write lock; a publish returns once its transaction
+has committed. Several processes on one machine may share the files: processes running the same
+subscription lease its deliveries, and a delivery whose lease runs out (its process died) goes
+to another. Consumers in this process are woken at once by a publish from this process;
+other processes' publishes are seen within `poll` seconds (``?poll=0.05`` in the URL).
 """
 
 from __future__ import annotations
@@ -155,16 +156,19 @@ class _SqliteConsumer(Consumer):
 
     async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
         seqs = [_leased(d).seq for d in deliveries]
-        await asyncio.to_thread(
+        unblocked = await asyncio.to_thread(
             self._backend.log.ack, self._spec.name, seqs, handled_ids=handled_ids
         )
-        # Acknowledging may have unblocked a later event of the same key.
-        self._backend._wake()
+        if unblocked:
+            # A later event of an acknowledged key may be leased now.
+            self._backend._wake()
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         await asyncio.to_thread(
             self._backend.log.nak, self._spec.name, _leased(delivery).seq, delay=delay
         )
+        if delay <= 0:
+            self._backend._wake()
 
     async def extend(self, deliveries: Sequence[Delivery]) -> None:
         seqs = [_leased(d).seq for d in deliveries]

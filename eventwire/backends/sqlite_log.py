@@ -1,66 +1,115 @@
-"""The storage layer of the ``sqlite://`` backend: a durable event log in one SQLite file.
+"""The storage layer of the ``sqlite://`` backend: a durable event log in SQLite, WAL mode.
 
-Several processes on one machine may share the file. Every operation is one transaction, so a
-process killed at any point leaves the log consistent:
+Two files: the events in ``<path>`` (written by publishers only) and the consumers' state in
+``<path>-consumers`` (cursors, deliveries, handled ids), so that publishing and consuming never
+wait for each other's write lock. Several processes on one machine may share them. Every
+operation runs in a transaction of one file and returns once that has committed
+(``synchronous=FULL``: on disk), so a process killed at any point leaves both consistent:
 
-- `append` stores events and returns once the transaction has committed;
-- a *consumer* (a durable subscription name) has a cursor into the log; `fetch` moves the events
-  past the cursor that match its pattern into its delivery list, then leases a batch of them to
-  the caller for `lease_seconds`;
+- `append` stores events (each id once) and returns once they are committed;
+- a *consumer* (a durable subscription name) has a cursor into the log; `fetch` leases to the
+  caller, for `lease_seconds`, first the consumer's deliveries that are visible again (nak,
+  expired lease, release), then events past the cursor that match its pattern, moving the
+  cursor over them: only as many as it leases, so a fetch costs the same whatever the backlog;
 - `ack` removes deliveries; `nak` makes one visible again after a delay; a delivery whose lease
   runs out (its process died) becomes visible again by itself, to any process of the consumer;
 - competing processes of one consumer never hold the same delivery at the same time, and a
   delivery with a `key` is not leased while an earlier one of the same key is leased or
-  waiting, so per-key order holds across processes.
+  waiting, so per-key order holds across processes. This is kept incrementally: a keyed event
+  that finds an earlier delivery of its key owed is stored *blocked* (never visible), and
+  acknowledging the first owed delivery of a key unblocks the next one.
 
-Blocking sqlite3 calls; the backend runs them in a worker thread.
+Events are only ever appended, with sequence numbers in commit order (appends hold the write
+lock of the events file), so reading past a cursor sees a prefix of the log.
+
+Writes commit in groups: operations that threads of one process start while a transaction on
+the same file is running wait for it, then run together in the next one (each in a savepoint
+of its own, so that one failing leaves the others alone) and share its commit. Reads use a
+connection of their own and never wait for a write.
+
+Blocking sqlite3 calls; the backend runs them in worker threads.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import chain
 from pathlib import Path
-from typing import Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from eventwire.topics import pattern_matches, validate_pattern
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    topic TEXT NOT NULL,
-    key TEXT,
-    created_ns INTEGER NOT NULL,
-    body BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS consumers (
-    name TEXT PRIMARY KEY,
-    pattern TEXT NOT NULL,
-    cursor INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    consumer TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    key TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    visible_at REAL NOT NULL DEFAULT 0,
-    leased_by TEXT,
-    PRIMARY KEY (consumer, seq)
-);
-CREATE INDEX IF NOT EXISTS deliveries_visible ON deliveries (consumer, visible_at, seq);
-CREATE TABLE IF NOT EXISTS handled (
-    consumer TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    PRIMARY KEY (consumer, event_id)
-);
-"""
+# `PRAGMA user_version` of both files. A file made by an earlier eventwire (one file, whose
+# delivery table had no blocked state) is refused with a clear error rather than misread.
+SCHEMA_VERSION = 2
+CONSUMERS_SUFFIX = "-consumers"
+
+_EVENTS_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        topic TEXT NOT NULL,
+        key TEXT,
+        created_ns INTEGER NOT NULL,
+        body BLOB NOT NULL
+    )""",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+# Deliveries are the events a consumer took past its cursor and has not acknowledged yet.
+# `visible_at` is when one may be leased (again): 0 once waiting, a lease's expiry, a nak's
+# delay, or +inf while it is blocked behind an earlier delivery of its key (of the deliveries
+# owed for a key, only the first is ever visible).
+_CONSUMERS_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS consumers (
+        name TEXT PRIMARY KEY,
+        pattern TEXT NOT NULL,
+        cursor INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS deliveries (
+        consumer TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        key TEXT,
+        attempts INTEGER NOT NULL,
+        visible_at REAL NOT NULL,
+        leased_by TEXT,
+        PRIMARY KEY (consumer, seq)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS deliveries_visible ON deliveries (consumer, visible_at, seq)",
+    "CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries (consumer, key, seq)"
+    " WHERE key IS NOT NULL",
+    """CREATE TABLE IF NOT EXISTS handled (
+        consumer TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        PRIMARY KEY (consumer, event_id)
+    ) WITHOUT ROWID""",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+_TABLES = ("events", "consumers", "deliveries", "handled")
+
+_BLOCKED = float("inf")
+# Rows one INSERT statement stores (a statement binds at most 999 values on old SQLite). Each
+# statement is a round trip between Python and SQLite that gives the GIL up and takes it back,
+# which is what costs when the event loop's thread is busy: fewer, larger statements.
+_ROWS_PER_INSERT = 100
+# Events past its cursor one fetch transaction examines at most (matching or not), so that a
+# consumer skipping a large backlog of other topics never holds the write lock for long.
+_SCAN_BUDGET = 4096
+# New events read per query while a fetch looks for more to lease.
+_SCAN_MIN = 64
+# (pattern, topic) pairs whose match is remembered (per log), before the memo starts over.
+_MATCH_MEMO = 8192
+
+T = TypeVar("T")
+Start = Literal["latest", "earliest"] | int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Leased:
     """One delivery leased to a caller: the stored event and how often it was delivered."""
 
@@ -72,46 +121,100 @@ class Leased:
     attempts: int
 
 
-Start = Literal["latest", "earliest"] | int
+class SchemaError(RuntimeError):
+    """A file holds an event log of another eventwire version (or something else)."""
 
 
 class SqliteLog:
-    """A durable, multi-process event log in one SQLite file (WAL mode)."""
+    """A durable, multi-process event log in SQLite files (WAL mode); see the module
+    docstring."""
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 10.0) -> None:
         self.path = str(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        self.consumers_path = self.path + CONSUMERS_SUFFIX
+        self._timeout = busy_timeout
+        self._matches: dict[tuple[str, str], bool] = {}
+        self._opened: list[sqlite3.Connection] = []
+        try:
+            self._events = _Writer(self._connect(self.path))
+            self._events(_schema(self.path, _EVENTS_SCHEMA))
+            self._state = _Writer(self._connect(self.consumers_path, attach_log=True))
+            self._state(_schema(self.consumers_path, _CONSUMERS_SCHEMA))
+            self._reader = self._connect(self.consumers_path, attach_log=True)
+            self._read_lock = threading.Lock()
+        except BaseException:
+            for db in self._opened:
+                db.close()
+            raise
+
+    def _connect(self, path: str, *, attach_log: bool = False) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            _uri(path),
+            uri=True,
+            timeout=self._timeout,
+            isolation_level=None,
+            check_same_thread=False,
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before append() returns, so a crash right after loses
-        # nothing that was acknowledged to a publisher.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._opened.append(db)
+        db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before the operation returns, so a crash right after
+        # loses nothing that was acknowledged to a publisher.
+        db.execute("PRAGMA synchronous=FULL")
+        if attach_log:
+            # The events, read-only: a write transaction of the consumers' file then never
+            # takes the events file's write lock, and reads the events as of its start.
+            db.execute("ATTACH DATABASE ? AS log", (_uri(self.path, "ro"),))
+        return db
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._events.lock, self._state.lock, self._read_lock:
+            for db in self._opened:
+                db.close()
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self)
+    def _read(self, run: Callable[[sqlite3.Connection], T], *, snapshot: bool = False) -> T:
+        """`run(db)` on the read connection, which sees the last commits. `snapshot`: in one
+        read transaction, for a consistent view over several statements."""
+        with self._read_lock:
+            db = self._reader
+            if not snapshot:
+                return run(db)
+            db.execute("BEGIN")
+            try:
+                return run(db)
+            finally:
+                db.execute("COMMIT")
 
-    def append(self, events: Iterable[tuple[str, str, str | None, int, bytes]]) -> list[int]:
-        """Store ``(id, topic, key, created_ns, body)`` rows; their sequence numbers, once
-        committed. An id already stored is not stored twice (a retried publish)."""
-        with self._transaction() as db:
-            seqs: list[int] = []
-            for event_id, topic, key, created_ns, body in events:
-                row = db.execute(
-                    "INSERT INTO events (id, topic, key, created_ns, body) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT(id) DO NOTHING RETURNING seq",
-                    (event_id, topic, key, created_ns, body),
-                ).fetchone()
-                if row is None:
-                    row = db.execute("SELECT seq FROM events WHERE id = ?", (event_id,)).fetchone()
-                seqs.append(int(row[0]))
-            return seqs
+    def _matches_pattern(self, pattern: str, topic: str) -> bool:
+        memo = self._matches
+        matched = memo.get((pattern, topic))
+        if matched is None:
+            if len(memo) >= _MATCH_MEMO:
+                memo.clear()
+            matched = memo[(pattern, topic)] = pattern_matches(pattern, topic)
+        return matched
+
+    def append(self, events: Iterable[tuple[str, str, str | None, int, bytes]]) -> int:
+        """Store ``(id, topic, key, created_ns, body)`` rows in one transaction; return once it
+        has committed, with how many were new. An id already stored is not stored twice (a
+        retried publish)."""
+        rows = list(events)
+
+        def run(db: sqlite3.Connection) -> int:
+            stored = 0
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[start : start + _ROWS_PER_INSERT]
+                stored += db.execute(
+                    _insert_sql(
+                        "INSERT INTO events (id, topic, key, created_ns, body)",
+                        5,
+                        len(chunk),
+                        " ON CONFLICT(id) DO NOTHING",
+                    ),
+                    list(chain.from_iterable(chunk)),
+                ).rowcount
+            return stored
+
+        return self._events(run)
 
     def ensure_consumer(self, name: str, pattern: str, start: Start = "latest") -> None:
         """Create the durable consumer `name` if new (a restart resumes where it was).
@@ -120,7 +223,8 @@ class SqliteLog:
         log holds) or a ``time.time_ns()`` value (events created at or after it).
         """
         validate_pattern(pattern)
-        with self._transaction() as db:
+
+        def run(db: sqlite3.Connection) -> None:
             row = db.execute("SELECT pattern FROM consumers WHERE name = ?", (name,)).fetchone()
             if row is not None:
                 if row[0] != pattern:
@@ -132,192 +236,405 @@ class SqliteLog:
             if start == "earliest":
                 cursor = 0
             elif start == "latest":
-                cursor = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+                cursor = db.execute("SELECT COALESCE(MAX(seq), 0) FROM log.events").fetchone()[0]
             elif isinstance(start, int):
-                cursor = int(
-                    db.execute(
-                        "SELECT COALESCE(MAX(seq), 0) FROM events WHERE created_ns < ?", (start,)
-                    ).fetchone()[0]
-                )
+                cursor = db.execute(
+                    "SELECT COALESCE(MAX(seq), 0) FROM log.events WHERE created_ns < ?", (start,)
+                ).fetchone()[0]
             else:
                 raise ValueError(
                     f"start must be 'latest', 'earliest' or a time in ns, got {start!r}"
                 )
             db.execute(
                 "INSERT INTO consumers (name, pattern, cursor) VALUES (?, ?, ?)",
-                (name, pattern, cursor),
+                (name, pattern, int(cursor)),
             )
+
+        self._state(run)
 
     def fetch(
         self, name: str, holder: str, *, limit: int = 100, lease_seconds: float = 30.0
     ) -> list[Leased]:
         """Lease up to `limit` visible deliveries of consumer `name` to `holder`, oldest first."""
-        now = time.time()
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT pattern, cursor FROM consumers WHERE name = ?", (name,)
-            ).fetchone()
-            if row is None:
-                raise LookupError(f"no durable subscription named {name!r}; create it first")
-            pattern, cursor = row
-            new = db.execute(
-                "SELECT seq, topic, key FROM events WHERE seq > ? ORDER BY seq", (cursor,)
-            ).fetchall()
-            if new:
-                db.executemany(
-                    "INSERT OR IGNORE INTO deliveries (consumer, seq, key) VALUES (?, ?, ?)",
-                    [
-                        (name, seq, key)
-                        for seq, topic, key in new
-                        if pattern_matches(pattern, topic)
-                    ],
-                )
-                db.execute("UPDATE consumers SET cursor = ? WHERE name = ?", (new[-1][0], name))
-            candidates = db.execute(
-                "SELECT d.seq, d.key, d.attempts, e.id, e.topic, e.body FROM deliveries d"
-                " JOIN events e ON e.seq = d.seq"
-                " WHERE d.consumer = ? AND d.visible_at <= ? ORDER BY d.seq LIMIT ?",
-                (name, now, limit * 4),
-            ).fetchall()
-            # A keyed delivery waits while an earlier delivery of its key is still owed.
-            first_of_key = dict(
-                db.execute(
-                    "SELECT key, MIN(seq) FROM deliveries WHERE consumer = ? AND key IS NOT NULL"
-                    " GROUP BY key",
-                    (name,),
-                ).fetchall()
+        if limit < 1:
+            return []
+        while True:
+            # A read first: "nothing to lease" is the usual answer to an idle poll, and needs
+            # no write transaction.
+            if not self._read(lambda db: _has_work(db, name, time.time())):
+                return []
+            leased, more = self._state(
+                lambda db: self._lease(db, name, holder, limit, lease_seconds)
             )
-            leased: list[Leased] = []
-            for seq, key, attempts, event_id, topic, body in candidates:
-                if key is not None and first_of_key.get(key) != seq:
-                    continue
-                leased.append(Leased(name, seq, event_id, topic, bytes(body), attempts + 1))
-                if len(leased) == limit:
-                    break
-            db.executemany(
-                "UPDATE deliveries SET attempts = attempts + 1, visible_at = ?, leased_by = ?"
-                " WHERE consumer = ? AND seq = ?",
-                [(now + lease_seconds, holder, name, item.seq) for item in leased],
-            )
-            return leased
+            # `more`: the scan budget ran out on events that did not match; go on (in a new
+            # transaction, so that other processes get the write lock in between).
+            if leased or not more:
+                return leased
 
-    def ack(self, name: str, seqs: Sequence[int], *, handled_ids: Sequence[str] = ()) -> None:
-        """Finish deliveries; `handled_ids` are recorded for idempotent subscriptions."""
-        with self._transaction() as db:
-            db.executemany(
-                "DELETE FROM deliveries WHERE consumer = ? AND seq = ?",
-                [(name, seq) for seq in seqs],
+    def _lease(
+        self, db: sqlite3.Connection, name: str, holder: str, limit: int, lease_seconds: float
+    ) -> tuple[list[Leased], bool]:
+        now = time.time()
+        until = now + lease_seconds
+        row = db.execute("SELECT pattern, cursor FROM consumers WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise LookupError(f"no durable subscription named {name!r}; create it first")
+        pattern, cursor = row
+        leased: list[Leased] = []
+        # Deliveries visible again: all before the cursor, so they come first. The index range
+        # holds only these, not those leased or blocked, however many the consumer owes.
+        again = db.execute(
+            "SELECT seq FROM deliveries INDEXED BY deliveries_visible"
+            " WHERE consumer = ? AND visible_at <= ? ORDER BY seq LIMIT ?",
+            (name, now, limit),
+        ).fetchall()
+        if again:
+            visible = _json([seq for (seq,) in again])
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, visible_at = ?, leased_by = ?"
+                " WHERE consumer = ? AND seq IN (SELECT value FROM json_each(?))",
+                (until, holder, name, visible),
             )
-            db.executemany(
-                "INSERT OR IGNORE INTO handled (consumer, event_id) VALUES (?, ?)",
-                [(name, event_id) for event_id in handled_ids],
+            leased.extend(
+                Leased(name, seq, event_id, topic, body, attempts)
+                for seq, event_id, topic, body, attempts in db.execute(
+                    "SELECT d.seq, e.id, e.topic, e.body, d.attempts FROM deliveries d"
+                    " JOIN log.events e ON e.seq = d.seq"
+                    " WHERE d.consumer = ? AND d.seq IN (SELECT value FROM json_each(?))"
+                    " ORDER BY d.seq",
+                    (name, visible),
+                )
             )
+        need = limit - len(leased)
+        if need <= 0:
+            return leased, False
+        # New events past the cursor: matching ones become deliveries, leased at once unless
+        # an earlier delivery of their key is owed (then stored blocked).
+        owed: dict[str, bool] = {}  # key -> an earlier delivery of it is owed
+        taken: list[int] = []  # new deliveries leased now
+        blocked: list[int] = []  # new deliveries stored blocked
+        scanned = 0
+        more = False
+        while need > 0:
+            if scanned >= _SCAN_BUDGET:
+                more = True
+                break
+            count = max(need, _SCAN_MIN)
+            rows = db.execute(
+                "SELECT seq, id, topic, key, body FROM log.events WHERE seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (cursor, count),
+            ).fetchall()
+            keys = {row[3] for row in rows if row[3] is not None and row[3] not in owed}
+            if keys:
+                # Which of these keys have a delivery owed already: one query for all.
+                found = {
+                    key
+                    for (key,) in db.execute(
+                        "SELECT value FROM json_each(?2) WHERE EXISTS"
+                        " (SELECT 1 FROM deliveries WHERE consumer = ?1 AND key = value)",
+                        (name, _json(list(keys))),
+                    )
+                }
+                owed.update((key, key in found) for key in keys)
+            for seq, event_id, topic, key, body in rows:
+                cursor = seq
+                scanned += 1
+                if not self._matches_pattern(pattern, topic):
+                    continue
+                if key is not None:
+                    if owed[key]:
+                        blocked.append(seq)
+                        continue
+                    owed[key] = True
+                taken.append(seq)
+                leased.append(Leased(name, seq, event_id, topic, body, 1))
+                need -= 1
+                if need == 0:
+                    break
+            if len(rows) < count:
+                break
+        for new, attempts, visible_at, leased_by in (
+            (taken, 1, until, holder),
+            (blocked, 0, _BLOCKED, None),
+        ):
+            if new:
+                db.execute(
+                    "INSERT INTO deliveries (consumer, seq, key, attempts, visible_at, leased_by)"
+                    " SELECT ?, seq, key, ?, ?, ? FROM log.events"
+                    " WHERE seq IN (SELECT value FROM json_each(?))",
+                    (name, attempts, visible_at, leased_by, _json(new)),
+                )
+        if scanned:
+            db.execute("UPDATE consumers SET cursor = ? WHERE name = ?", (cursor, name))
+        return leased, more
+
+    def ack(self, name: str, seqs: Sequence[int], *, handled_ids: Sequence[str] = ()) -> int:
+        """Finish deliveries; `handled_ids` are recorded for idempotent subscriptions. Returns
+        how many deliveries this made visible (the next of a key whose first was finished)."""
+        finished = _json(list(seqs))
+
+        def run(db: sqlite3.Connection) -> int:
+            unblocked = 0
+            if seqs:
+                keys = [
+                    key
+                    for (key,) in db.execute(
+                        "SELECT DISTINCT key FROM deliveries WHERE consumer = ?"
+                        " AND seq IN (SELECT value FROM json_each(?))",
+                        (name, finished),
+                    )
+                    if key is not None
+                ]
+                db.execute(
+                    "DELETE FROM deliveries WHERE consumer = ?"
+                    " AND seq IN (SELECT value FROM json_each(?))",
+                    (name, finished),
+                )
+                if keys:
+                    # The first delivery still owed for each of these keys, if blocked, may be
+                    # leased now.
+                    unblocked = db.execute(
+                        "UPDATE deliveries SET visible_at = 0 WHERE consumer = ?1"
+                        " AND visible_at = ?3 AND seq IN (SELECT (SELECT MIN(seq) FROM deliveries"
+                        " WHERE consumer = ?1 AND key = value) FROM json_each(?2))",
+                        (name, _json(keys), _BLOCKED),
+                    ).rowcount
+            if handled_ids:
+                db.execute(
+                    "INSERT OR IGNORE INTO handled (consumer, event_id)"
+                    " SELECT ?, value FROM json_each(?)",
+                    (name, _json(list(handled_ids))),
+                )
+            return unblocked
+
+        return self._state(run)
 
     def nak(self, name: str, seq: int, *, delay: float = 0.0) -> None:
         """Make a leased delivery visible again after `delay` seconds."""
-        with self._transaction() as db:
-            db.execute(
+        self._state(
+            lambda db: db.execute(
                 "UPDATE deliveries SET visible_at = ?, leased_by = NULL"
-                " WHERE consumer = ? AND seq = ?",
-                (time.time() + delay, name, seq),
+                " WHERE consumer = ? AND seq = ? AND visible_at != ?",
+                (time.time() + delay, name, seq, _BLOCKED),
             )
+        )
 
     def extend(self, name: str, seqs: Sequence[int], holder: str, lease_seconds: float) -> None:
         """Restart the lease of deliveries `holder` still holds."""
-        until = time.time() + lease_seconds
-        with self._transaction() as db:
-            db.executemany(
-                "UPDATE deliveries SET visible_at = ? WHERE consumer = ? AND seq = ?"
-                " AND leased_by = ?",
-                [(until, name, seq, holder) for seq in seqs],
+        held = _json(list(seqs))
+        self._state(
+            lambda db: db.execute(
+                "UPDATE deliveries SET visible_at = ? WHERE consumer = ? AND leased_by = ?"
+                " AND seq IN (SELECT value FROM json_each(?))",
+                (time.time() + lease_seconds, name, holder, held),
             )
+        )
 
     def release(self, name: str, holder: str) -> None:
         """Make every delivery `holder` still leases visible again (it is going away)."""
-        with self._transaction() as db:
-            db.execute(
+        self._state(
+            lambda db: db.execute(
                 "UPDATE deliveries SET visible_at = 0, leased_by = NULL"
                 " WHERE consumer = ? AND leased_by = ?",
                 (name, holder),
             )
+        )
 
     def handled_among(self, name: str, event_ids: Sequence[str]) -> set[str]:
         """Which of `event_ids` were acknowledged as handled by consumer `name`."""
-        with self._lock:
-            return {
+        if not event_ids:
+            return set()
+        ids = _json(list(event_ids))
+        return self._read(
+            lambda db: {
                 event_id
-                for event_id in event_ids
-                if self._db.execute(
-                    "SELECT 1 FROM handled WHERE consumer = ? AND event_id = ?", (name, event_id)
-                ).fetchone()
+                for (event_id,) in db.execute(
+                    "SELECT event_id FROM handled WHERE consumer = ?"
+                    " AND event_id IN (SELECT value FROM json_each(?))",
+                    (name, ids),
+                )
             }
+        )
+
+    def was_handled(self, name: str, event_id: str) -> bool:
+        return bool(self.handled_among(name, [event_id]))
 
     def consumers(self) -> list[tuple[str, str, int]]:
         """``(name, pattern, outstanding)`` of every consumer: deliveries not acknowledged,
         and events past its cursor that match its pattern."""
-        with self._lock:
-            rows = self._db.execute("SELECT name, pattern, cursor FROM consumers").fetchall()
+
+        def run(db: sqlite3.Connection) -> list[tuple[str, str, int]]:
             result = []
-            for name, pattern, cursor in rows:
-                owed = self._db.execute(
+            for name, pattern, cursor in db.execute(
+                "SELECT name, pattern, cursor FROM consumers ORDER BY name"
+            ).fetchall():
+                owed = db.execute(
                     "SELECT COUNT(*) FROM deliveries WHERE consumer = ?", (name,)
                 ).fetchone()[0]
                 owed += sum(
-                    1
-                    for (topic,) in self._db.execute(
-                        "SELECT topic FROM events WHERE seq > ?", (cursor,)
+                    count
+                    for topic, count in db.execute(
+                        "SELECT topic, COUNT(*) FROM log.events WHERE seq > ? GROUP BY topic",
+                        (cursor,),
                     )
-                    if pattern_matches(pattern, topic)
+                    if self._matches_pattern(pattern, topic)
                 )
                 result.append((name, pattern, int(owed)))
             return result
 
-    def delete_consumer(self, name: str) -> None:
-        with self._transaction() as db:
-            for table, column in (("consumers", "name"), ("deliveries", "consumer")):
-                db.execute(f"DELETE FROM {table} WHERE {column} = ?", (name,))
-            db.execute("DELETE FROM handled WHERE consumer = ?", (name,))
-
-    def destroy(self) -> None:
-        """Remove every event, consumer and delivery."""
-        with self._transaction() as db:
-            for table in ("events", "consumers", "deliveries", "handled"):
-                db.execute(f"DELETE FROM {table}")
-
-    def was_handled(self, name: str, event_id: str) -> bool:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM handled WHERE consumer = ? AND event_id = ?", (name, event_id)
-            ).fetchone()
-        return row is not None
+        return self._read(run, snapshot=True)
 
     def pending(self, name: str) -> int:
-        """Deliveries of `name` not yet acknowledged (leased or waiting)."""
-        with self._lock:
-            row = self._db.execute(
+        """Deliveries of `name` not yet acknowledged (leased, waiting or blocked)."""
+        row = self._read(
+            lambda db: db.execute(
                 "SELECT COUNT(*) FROM deliveries WHERE consumer = ?", (name,)
             ).fetchone()
+        )
         return int(row[0])
 
+    def delete_consumer(self, name: str) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM consumers WHERE name = ?", (name,))
+            db.execute("DELETE FROM deliveries WHERE consumer = ?", (name,))
+            db.execute("DELETE FROM handled WHERE consumer = ?", (name,))
 
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``: takes the write lock up front, so two processes never
-    both read a cursor and then both move it."""
+        self._state(run)
 
-    def __init__(self, log: SqliteLog) -> None:
-        self._log = log
+    def destroy(self) -> None:
+        """Remove every consumer, delivery and event."""
 
-    def __enter__(self) -> sqlite3.Connection:
-        self._log._lock.acquire()
+        def run(db: sqlite3.Connection) -> None:
+            for table in ("consumers", "deliveries", "handled"):
+                db.execute(f"DELETE FROM {table}")
+
+        self._state(run)
+        self._events(lambda db: db.execute("DELETE FROM events"))
+
+
+def _has_work(db: sqlite3.Connection, name: str, now: float) -> bool:
+    """Whether consumer `name` may have something to lease (true if there is no such
+    consumer: the fetch itself raises the error)."""
+    row = db.execute(
+        "SELECT cursor < (SELECT COALESCE(MAX(seq), 0) FROM log.events)"
+        " OR EXISTS (SELECT 1 FROM deliveries WHERE consumer = ?1 AND visible_at <= ?2)"
+        " FROM consumers WHERE name = ?1",
+        (name, now),
+    ).fetchone()
+    return row is None or bool(row[0])
+
+
+def _schema(path: str, statements: tuple[str, ...]) -> Callable[[sqlite3.Connection], None]:
+    """Creates the tables of a new file; checks an existing one is of this schema."""
+
+    def create(db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA main.user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        marks = ",".join("?" * len(_TABLES))
+        tables = db.execute(
+            f"SELECT COUNT(*) FROM main.sqlite_master WHERE type = 'table' AND name IN ({marks})",
+            _TABLES,
+        ).fetchone()[0]
+        if version != 0 or tables:
+            raise SchemaError(
+                f"{path} holds an eventwire log of another version (schema {version}, this "
+                f"eventwire uses schema {SCHEMA_VERSION}): use another file, or delete this one "
+                "(with its -wal and -shm files) to start over"
+            )
+        for statement in statements:
+            db.execute(statement)
+
+    return create
+
+
+def _uri(path: str, mode: str = "rwc") -> str:
+    return f"{Path(path).absolute().as_uri()}?mode={mode}"
+
+
+def _json(values: list[int] | list[str]) -> str:
+    """A list for ``IN (SELECT value FROM json_each(?))``: one bound value, however long."""
+    return json.dumps(values, separators=(",", ":"))
+
+
+@lru_cache(maxsize=256)
+def _insert_sql(head: str, columns: int, rows: int, tail: str = "") -> str:
+    """``<head> VALUES (?, ...), ... <tail>``: an INSERT of `rows` rows."""
+    row = "(" + ",".join("?" * columns) + ")"
+    return f"{head} VALUES {','.join([row] * rows)}{tail}"
+
+
+class _Writer:
+    """The write transactions of one connection, committed in groups.
+
+    A thread calling it queues its operation, then waits for the connection. The first to get
+    it runs every operation queued so far in one transaction and one commit; the others find
+    theirs done. So concurrent operations of this process share a commit (and its fsync)
+    instead of each waiting for its own."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.lock = threading.Lock()
+        self._queue: list[_Write[Any]] = []
+        self._queue_lock = threading.Lock()
+
+    def __call__(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """`run(db)` in a write transaction; its result once that has committed."""
+        write = _Write(run)
+        with self._queue_lock:
+            self._queue.append(write)
+        with self.lock:
+            if not write.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                _commit(self.db, batch)
+        if write.error is not None:
+            raise write.error
+        return write.value  # type: ignore[return-value]
+
+
+class _Write(Generic[T]):
+    """One write operation, waiting for a group commit or done by one."""
+
+    __slots__ = ("done", "error", "run", "value")
+
+    def __init__(self, run: Callable[[sqlite3.Connection], T]) -> None:
+        self.run = run
+        self.value: T | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+def _commit(db: sqlite3.Connection, batch: list[_Write[Any]]) -> None:
+    """Run `batch` in one ``BEGIN IMMEDIATE`` ... ``COMMIT`` (the write lock taken up front, so
+    that two processes never both read a cursor and then both move it), each write in a
+    savepoint of its own when there are several; set each one's value or error."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
         try:
-            self._log._db.execute("BEGIN IMMEDIATE")
+            if len(batch) == 1:
+                batch[0].value = batch[0].run(db)
+            else:
+                for write in batch:
+                    db.execute("SAVEPOINT write")
+                    try:
+                        write.value = write.run(db)
+                    except Exception as error:
+                        db.execute("ROLLBACK TO write")
+                        write.error = error
+                    db.execute("RELEASE write")
+            db.execute("COMMIT")
         except BaseException:
-            self._log._lock.release()
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        return self._log._db
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        try:
-            self._log._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
-        finally:
-            self._log._lock.release()
+    except BaseException as error:
+        # Nothing of the batch was committed: every write fails (with the first error).
+        for write in batch:
+            write.value = None
+            if write.error is None:
+                write.error = error
+    finally:
+        for write in batch:
+            write.done = True

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
+import random
+import sqlite3
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from eventwire.backends.sqlite_log import SqliteLog
+from eventwire.backends import sqlite_log
+from eventwire.backends.sqlite_log import Leased, SchemaError, SqliteLog
 
 
 def rows(*specs: tuple[str, str, str | None]) -> list[tuple[str, str, str | None, int, bytes]]:
@@ -27,9 +33,10 @@ def log(tmp_path: Path) -> Iterator[SqliteLog]:
 
 
 def test_append_is_idempotent_per_id(log: SqliteLog) -> None:
-    first = log.append(rows(("a", "t.x", None), ("b", "t.x", None)))
-    again = log.append(rows(("a", "t.x", None)))
-    assert again == first[:1]
+    log.ensure_consumer("c", "t.*", start="earliest")
+    assert log.append(rows(("a", "t.x", None), ("b", "t.x", None))) == 2
+    assert log.append(rows(("a", "t.x", None), ("c", "t.x", None), ("c", "t.x", None))) == 1
+    assert [d.event_id for d in log.fetch("c", "p")] == ["a", "b", "c"]
 
 
 def test_consumer_starts_latest_by_default_and_earliest_on_request(log: SqliteLog) -> None:
@@ -151,3 +158,254 @@ def test_competing_processes_share_without_duplicates(tmp_path: Path) -> None:
     everything = [event_id for result in results for event_id in result]
     assert sorted(everything) == sorted(f"e{n}" for n in range(500))  # each exactly once
     assert sum(1 for result in results if result) >= 2  # the work was shared
+
+
+# -- fetch cost and a large backlog ----------------------------------------------------------
+
+
+def test_fetch_moves_only_what_it_leases_from_a_large_backlog(log: SqliteLog) -> None:
+    log.ensure_consumer("c", "big.*")
+    log.append(rows(*((f"e{n}", "big.x" if n % 3 else "other", None) for n in range(30_000))))
+    assert log.consumers() == [("c", "big.*", 20_000)]
+    first = log.fetch("c", "p", limit=500)
+    assert [d.event_id for d in first] == [f"e{n}" for n in range(1, 751) if n % 3][:500]
+    # The rest of the backlog stays past the cursor: no delivery rows for it yet.
+    assert log.pending("c") == 500
+    assert log.consumers() == [("c", "big.*", 20_000)]  # leased ones are still outstanding
+    log.ack("c", [d.seq for d in first])
+    assert log.consumers() == [("c", "big.*", 19_500)]
+    seen = [d.event_id for d in first]
+    while batch := log.fetch("c", "p", limit=512):
+        seen.extend(d.event_id for d in batch)
+        log.ack("c", [d.seq for d in batch])
+    assert seen == [f"e{n}" for n in range(30_000) if n % 3]  # each once, in order
+    assert log.pending("c") == 0
+    assert log.consumers() == [("c", "big.*", 0)]
+
+
+def test_a_fetch_goes_past_more_unmatched_events_than_one_scan_budget(log: SqliteLog) -> None:
+    log.ensure_consumer("rare", "rare")
+    noise = sqlite_log._SCAN_BUDGET * 2 + 10
+    log.append(rows(*((f"n{n}", "noise", None) for n in range(noise)), ("hit", "rare", None)))
+    assert [d.event_id for d in log.fetch("rare", "p")] == ["hit"]
+    assert log.fetch("rare", "p") == []
+
+
+def test_visible_again_comes_before_new_events_and_counts_attempts(log: SqliteLog) -> None:
+    log.ensure_consumer("c", "t")
+    log.append(rows(("1", "t", None), ("2", "t", None)))
+    [one] = log.fetch("c", "p", limit=1)
+    log.append(rows(("3", "t", None)))
+    log.nak("c", one.seq)
+    again = log.fetch("c", "p", limit=10)
+    assert [(d.event_id, d.attempts) for d in again] == [("1", 2), ("2", 1), ("3", 1)]
+    log.release("c", "p")
+    assert [(d.event_id, d.attempts) for d in log.fetch("c", "q")] == [
+        ("1", 3),
+        ("2", 2),
+        ("3", 2),
+    ]
+
+
+def test_extend_renews_only_the_holders_leases(log: SqliteLog) -> None:
+    log.ensure_consumer("c", "t")
+    log.append(rows(("1", "t", None), ("2", "t", None)))
+    [one] = log.fetch("c", "p1", limit=1, lease_seconds=0.3)
+    [two] = log.fetch("c", "p2", limit=1, lease_seconds=0.3)
+    time.sleep(0.15)
+    log.extend("c", [one.seq, two.seq], "p1", 5)  # p2's lease is not p1's to renew
+    time.sleep(0.2)  # the lease itself is what this test is about
+    assert [d.event_id for d in log.fetch("c", "p3")] == ["2"]
+
+
+# -- per-key order -----------------------------------------------------------------------------
+
+
+def test_a_blocked_delivery_waits_through_naks_and_expiry_of_the_first(log: SqliteLog) -> None:
+    log.ensure_consumer("c", "t")
+    log.append(rows(("1", "t", "k"), ("2", "t", "k"), ("3", "t", "k")))
+    [first] = log.fetch("c", "p1", lease_seconds=0.1)
+    log.nak("c", first.seq, delay=0)
+    [again] = log.fetch("c", "p2", lease_seconds=0.1)  # the first again, never "2"
+    assert (again.event_id, again.attempts) == ("1", 2)
+    time.sleep(0.15)  # the lease itself is what this test is about
+    assert [d.event_id for d in log.fetch("c", "p3")] == ["1"]
+    assert log.ack("c", [first.seq]) == 1  # "2" unblocked
+    [second] = log.fetch("c", "p1")
+    assert second.event_id == "2"
+    assert log.fetch("c", "p2") == []
+    assert log.ack("c", [second.seq]) == 1
+    assert [d.event_id for d in log.fetch("c", "p2")] == ["3"]
+
+
+def test_per_key_order_with_many_keys_and_competing_holders(log: SqliteLog) -> None:
+    log.ensure_consumer("c", "orders.*")
+    shuffle = random.Random(7)
+    keys = [f"k{n}" for n in range(120)]
+    # Each key's events in order, keys interleaved at random: the same key comes up again
+    # and again within one fetch.
+    queues = {key: [f"{key}-{n}" for n in range(8)] for key in keys}
+    specs: list[tuple[str, str, str | None]] = []
+    while queues:
+        key = shuffle.choice(sorted(queues))
+        specs.append((queues[key].pop(0), "orders.placed", key))
+        if not queues[key]:
+            del queues[key]
+        if shuffle.random() < 0.1:
+            specs.append((f"free{len(specs)}-0", "orders.placed", None))  # no key
+    for start in range(0, len(specs), 400):
+        log.append(rows(*specs[start : start + 400]))
+    held: dict[str, Leased] = {}  # key (or id of an unkeyed event) -> delivery being handled
+    handled: dict[str, list[str]] = defaultdict(list)
+    done: list[str] = []
+    for turn in range(10_000):
+        batch = log.fetch("c", f"p{turn % 3}", limit=97)
+        for delivery in batch:
+            key = delivery.event_id.rsplit("-", 1)[0]
+            assert key not in held, f"{key} leased twice at once"
+            held[key] = delivery
+        # Handlers finish about half of what is held, in any order.
+        finished = shuffle.sample(sorted(held.values(), key=lambda d: d.seq), len(held) // 2 + 1)
+        for delivery in finished:
+            key = delivery.event_id.rsplit("-", 1)[0]
+            handled[key].append(delivery.event_id)
+            del held[key]
+            done.append(delivery.event_id)
+        log.ack("c", [d.seq for d in finished])
+        if not held and log.pending("c") == 0 and not log.fetch("c", "p", limit=1):
+            break
+    assert sorted(done) == sorted(event_id for event_id, _, _ in specs)  # each exactly once
+    for key in keys:
+        assert handled[key] == [f"{key}-{n}" for n in range(8)]  # in publish order
+
+
+def _keyed_worker(path: str, holder: str, start: Any, out: multiprocessing.Queue[Any]) -> None:
+    log = SqliteLog(path)
+    start.wait(10)
+    spans: list[tuple[str, float, float]] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        batch = log.fetch("keyed", holder, limit=5, lease_seconds=30)
+        if not batch:
+            if log.pending("keyed") == 0:
+                break
+            time.sleep(0.001)
+            continue
+        for delivery in reversed(batch):  # any order: a batch holds one event per key
+            began = time.monotonic()
+            time.sleep(0.0005)  # handling
+            spans.append((delivery.event_id, began, time.monotonic()))
+        log.ack("keyed", [d.seq for d in batch])
+    log.close()
+    out.put(spans)
+
+
+def test_per_key_order_holds_across_processes(tmp_path: Path) -> None:
+    path = str(tmp_path / "bus.db")
+    log = SqliteLog(path)
+    log.ensure_consumer("keyed", "k.>")
+    # Runs of three events of a key: a batch of five would hold several of one key.
+    log.append(
+        rows(
+            *(
+                (f"{key}-{n}", "k.x", key)
+                for run in range(5)
+                for key in "abcdefgh"
+                for n in range(run * 3, run * 3 + 3)
+            )
+        )
+    )
+    log.close()
+    context = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue[Any] = context.Queue()
+    start = context.Barrier(3)
+    processes = [
+        context.Process(target=_keyed_worker, args=(path, f"proc{n}", start, out)) for n in range(3)
+    ]
+    for process in processes:
+        process.start()
+    results = [out.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join(timeout=10)
+        assert process.exitcode == 0
+    spans = sorted((span for result in results for span in result), key=lambda s: s[1])
+    assert sorted(s[0] for s in spans) == sorted(f"{k}-{n}" for n in range(15) for k in "abcdefgh")
+    for key in "abcdefgh":
+        mine = [s for s in spans if s[0].startswith(f"{key}-")]
+        assert [s[0] for s in mine] == [f"{key}-{n}" for n in range(15)]  # in order
+        for before, after in itertools.pairwise(mine):
+            assert before[2] <= after[1]  # one at a time, whichever process
+    assert sum(1 for result in results if result) >= 2  # the work was shared
+
+
+# -- bookkeeping -------------------------------------------------------------------------------
+
+
+def test_handled_ids_and_outstanding_counts(log: SqliteLog) -> None:
+    log.ensure_consumer("c", "t.*")
+    log.ensure_consumer("idle", "none")
+    log.append(rows(*((f"e{n}", "t.x", None) for n in range(600)), ("x", "other", None)))
+    batch = log.fetch("c", "p", limit=550)
+    log.ack("c", [d.seq for d in batch[:500]], handled_ids=[d.event_id for d in batch[:500]])
+    assert log.handled_among("c", [f"e{n}" for n in range(490, 520)]) == {
+        f"e{n}" for n in range(490, 500)
+    }
+    assert log.handled_among("idle", ["e1"]) == set()
+    assert log.consumers() == [("c", "t.*", 100), ("idle", "none", 0)]
+    log.delete_consumer("c")
+    assert log.consumers() == [("idle", "none", 0)]
+    assert log.handled_among("c", ["e1"]) == set()
+
+
+def test_writes_queued_together_commit_together_and_fail_alone(log: SqliteLog) -> None:
+    log.ensure_consumer("c", "t")
+    errors: list[BaseException] = []
+
+    def call(operation: Any, *args: Any) -> None:
+        try:
+            operation(*args)
+        except BaseException as error:  # collected for the assertions
+            errors.append(error)
+
+    writer = log._state
+    with writer.lock:  # hold the connection: the writes below queue up behind it
+        threads = [
+            threading.Thread(target=call, args=(log.ensure_consumer, "d", "t")),
+            threading.Thread(target=call, args=(log.ensure_consumer, "c", "other")),
+            threading.Thread(target=call, args=(log.ensure_consumer, "e", "t")),
+        ]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while len(writer._queue) < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(writer._queue) == 3
+    for thread in threads:
+        thread.join(5)
+    assert [type(error) for error in errors] == [ValueError]
+    assert [name for name, _, _ in log.consumers()] == ["c", "d", "e"]
+
+
+def test_publishing_and_consuming_use_separate_files(tmp_path: Path) -> None:
+    log = SqliteLog(tmp_path / "bus.db")
+    log.ensure_consumer("c", "t")
+    # A transaction on the consumers' file does not stop a publish (nor the reverse).
+    with log._state.lock:
+        log._state.db.execute("BEGIN IMMEDIATE")
+        assert log.append(rows(("1", "t", None))) == 1
+        log._state.db.execute("ROLLBACK")
+    assert [d.event_id for d in log.fetch("c", "p")] == ["1"]
+    log.close()
+    assert (tmp_path / "bus.db").exists()
+    assert (tmp_path / "bus.db-consumers").exists()
+
+
+def test_a_file_of_the_previous_layout_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, id TEXT, topic TEXT, body BLOB)")
+    old.execute("CREATE TABLE deliveries (consumer TEXT, seq INTEGER)")
+    old.commit()
+    old.close()
+    with pytest.raises(SchemaError, match=r"old\.db holds an eventwire log of another version"):
+        SqliteLog(path)
