@@ -29,6 +29,8 @@ logger = logging.getLogger("eventwire")
 # Most deliveries one subscription holds in this process at once (queued and in flight). The
 # rest of its backlog stays in the broker, free for the subscription's other processes.
 FETCH_WINDOW = 512
+# Topics whose match against a pattern one feeder remembers, before starting over.
+_MATCH_CACHE_LIMIT = 10_000
 # Waiting publishes sent to the broker in one round trip.
 PUBLISH_BATCH = 1000
 # Pause after a failed fetch or acknowledgement, doubled up to the maximum.
@@ -52,16 +54,16 @@ class BatchPublisher:
         self._waiting: list[tuple[Message, asyncio.Future[None], float | None]] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def publish(self, message: Message) -> None:
-        """Return once `message` is stored. Cancelled before its batch is sent, it is not
-        sent; cancelled after, it may have been stored."""
+    def enqueue(self, message: Message) -> asyncio.Future[None]:
+        """Queue `message`; the future resolves once it is stored. Cancelled before its
+        batch is sent, it is not sent; cancelled after, it may have been stored."""
         loop = asyncio.get_running_loop()
         stored: asyncio.Future[None] = loop.create_future()
         deadline = None if self._timeout is None else loop.time() + self._timeout
         self._waiting.append((message, stored, deadline))
         if self._sender is None:
             self._sender = loop.create_task(self._send(), name="eventwire:publisher")
-        await stored
+        return stored
 
     async def _send(self) -> None:
         loop = asyncio.get_running_loop()
@@ -125,6 +127,8 @@ class Feeder:
         self._tasks: list[asyncio.Task[None]] = []
         self._leaser: asyncio.Task[None] | None = None
         self._stopped = False
+        # topic -> whether it matches the pattern (brokers may over-deliver)
+        self._matches: dict[str, bool] = {}
         self.duplicates = 0
 
     @property
@@ -232,7 +236,13 @@ class Feeder:
                     await self.consumer.nak(delivery, 1.0)
                 continue
             # The broker may over-deliver (a `#` matching no token, `>` reaching `_` topics).
-            if pattern_matches(subscription.pattern, event.topic):
+            matches = self._matches.get(event.topic)
+            if matches is None:
+                matches = pattern_matches(subscription.pattern, event.topic)
+                if len(self._matches) >= _MATCH_CACHE_LIMIT:
+                    self._matches.clear()
+                self._matches[event.topic] = matches
+            if matches:
                 admitted.append((event, delivery))
             else:
                 skipped.append(delivery)
