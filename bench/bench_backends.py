@@ -27,7 +27,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 from backends import BACKENDS, IMPLS, MODULES, NOT_APPLICABLE
 from backends.workload import AMQP_URL, NATS_URL, PAYLOAD_BYTES, REDIS_URL, Workload
 from bench_core import cpu_model, cpu_probe_ms, git_revision, memory_total
+from common import worker_metrics
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -91,21 +91,12 @@ def run_worker(backend: str, impl: str, events: int) -> None:
 
 
 def measure_in_subprocess(backend: str, impl: str, events: int) -> dict[str, float]:
-    script = str(Path(__file__).resolve())
-    command = [sys.executable, script, "--worker", backend, impl, "--events", str(events)]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
+    metrics: dict[str, float] = worker_metrics(
+        str(Path(__file__).resolve()),
+        ["--worker", backend, impl, "--events", str(events)],
         timeout=WORKER_TIMEOUT_SECONDS,
-        cwd=REPO_DIR,
-        check=False,
+        label=f"{backend} {impl}",
     )
-    if done.returncode != 0:
-        raise SystemExit(
-            f"{backend} {impl} failed (exit {done.returncode}):\n{done.stderr.strip()}"
-        )
-    metrics: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return metrics
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import SLOW_HANDLER_SECONDS, Metrics, sizes_for
+from common import SLOW_HANDLER_SECONDS, Metrics, sizes_for, worker_metrics
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -107,22 +107,13 @@ def run_worker(library: str, workload: str, quick: bool) -> None:
 
 
 def measure_in_subprocess(library: str, workload: str, quick: bool) -> Metrics:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", library, workload]
-    if quick:
-        command.append("--quick")
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
+    args = ["--worker", library, workload, *(["--quick"] if quick else [])]
+    metrics: Metrics = worker_metrics(
+        str(Path(__file__).resolve()),
+        args,
         timeout=WORKER_TIMEOUT_SECONDS,
-        cwd=REPO_DIR,
-        check=False,
+        label=f"{library} {workload}",
     )
-    if done.returncode != 0:
-        raise SystemExit(
-            f"{library} {workload} failed (exit {done.returncode}):\n{done.stderr.strip()}"
-        )
-    metrics: Metrics = json.loads(done.stdout.strip().splitlines()[-1])
     return metrics
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import math
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from time import perf_counter_ns
 from typing import Any
 
@@ -242,3 +246,19 @@ async def traced_bytes_per_event(
     tracemalloc.stop()
     expect("events waiting after the fill", queued(), events)
     return {"bytes_per_event": (after - before) / events}
+
+
+def worker_metrics(script: str, args: list[str], *, timeout: float, label: str) -> Any:
+    """Run `script` (a benchmark's own file) in a fresh interpreter with `args`; return the
+    JSON document its last stdout line holds. Exits naming `label` if the worker fails."""
+    done = subprocess.run(
+        [sys.executable, script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(script).resolve().parent.parent,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{label} failed (exit {done.returncode}):\n{done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
