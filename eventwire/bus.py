@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from time import time_ns
@@ -881,6 +881,55 @@ class EventBus:
             await self._enqueue_waiting(queued)
         return event
 
+    async def publish_many(self, items: Iterable[Event[Any] | tuple[str, Any]]) -> list[Event[Any]]:
+        """Publish several events in order: each item an `Event` or a ``(topic, payload)``
+        pair. Returns the published events once all are queued (in-process) or stored by
+        the broker, which receives them in as few round trips as it can take.
+
+        Every event is checked first (and, on a broker, encoded), so a bad one (an invalid
+        topic; on a broker also an unencodable payload) raises with none of them published.
+        """
+        parent = current_event.get()
+        if self._state is not _RUNNING:
+            self._check_accepting(parent)
+        subscription = current_subscription.get() if parent is not None else None
+        source = subscription.source if subscription is not None else None
+        events: list[Event[Any]] = []
+        for item in items:
+            if isinstance(item, tuple):
+                topic, payload = item
+                validate_topic(topic)
+                events.append(new_event(topic, payload, None, None, parent, source))
+            else:
+                events.append(self._adopt(item, None, None, None, parent))
+        if self._backend is None:
+            for event in events:
+                queued = self._enqueue(event, parent)
+                if type(queued) is _Stall:
+                    await self._enqueue_waiting(queued)
+            return events
+        assert self._publisher is not None
+        messages = [
+            Message(event.id, event._topic, event._key, self._encode(event)) for event in events
+        ]
+        if self._opening:
+            await asyncio.gather(*self._opening, return_exceptions=True)
+        stored = [self._publisher.enqueue(message) for message in messages]
+        for event, future in zip(events, stored, strict=True):
+            try:
+                # Stored in order, one batch after another: most of these are already done.
+                await future
+            except TimeoutError:
+                for rest in stored:
+                    rest.cancel()  # those not sent yet are withdrawn
+                raise self._not_stored(event) from None
+        return events
+
+    def _encode(self, event: Event[Any]) -> bytes:
+        validate_topic(event._topic)
+        # Encoded first: a payload with no JSON form fails here, before anything is sent.
+        return encode(event, max_bytes=self.max_event_bytes)
+
     async def _store(self, event: Event[Any]) -> None:
         """Broker backends: return once the broker has stored `event`."""
         if self._opening:
@@ -894,9 +943,7 @@ class EventBus:
     def _send(self, event: Event[Any]) -> asyncio.Future[None]:
         """Hand `event` to the batch publisher; the future resolves once it is stored."""
         assert self._publisher is not None
-        validate_topic(event._topic)
-        # Encoded first: a payload with no JSON form fails here, before anything is sent.
-        body = encode(event, max_bytes=self.max_event_bytes)
+        body = self._encode(event)
         return self._publisher.enqueue(Message(event.id, event._topic, event._key, body))
 
     def _not_stored(self, event: Event[Any]) -> PublishTimeoutError:
