@@ -1,5 +1,5 @@
-"""The workload on eventwire: `EventBus(<broker URL>)`, one durable subscription, concurrent
-`await bus.publish(...)` calls (the bus batches those in flight into one round trip)."""
+"""The workload on eventwire: `EventBus(<broker URL>)`, one durable subscription, each chunk
+published with one `await bus.publish_many(...)` call."""
 
 from __future__ import annotations
 
