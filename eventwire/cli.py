@@ -141,6 +141,77 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        '  eventwire publish user.query \'{"text": "refund policy?"}\' --url sqlite:///bus.db\n\n'
+        "  eventwire publish user.query 'plain text' -m user_id=u-1 --key u-1 "
+        "--url nats://127.0.0.1:4222"
+    )
+)
+def publish(
+    topic: Annotated[str, typer.Argument(help="The topic, e.g. user.query.", show_default=False)],
+    payload: Annotated[
+        str,
+        typer.Argument(
+            help="The payload: a JSON document, or (if it is not JSON) the text itself.",
+            show_default=False,
+        ),
+    ],
+    metadata: Annotated[
+        list[str] | None,
+        typer.Option("--metadata", "-m", help="A metadata entry as key=value; repeat for several."),
+    ] = None,
+    key: Annotated[str | None, typer.Option(help="The event's key (same key, same order).")] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url", help="The bus to publish on (default: $EVENTWIRE_URL).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Publish one event and print its id once the broker has stored it.
+
+    The payload is parsed as JSON when it is JSON (an object, a list, a number, true/false/null
+    or a quoted string), and sent as text otherwise. On the in-process default (memory://) no
+    other process can see the event, so give --url (or set EVENTWIRE_URL) to a broker.
+    """
+    import json
+    import os
+
+    from eventwire.bus import URL_ENVIRONMENT_VARIABLE, EventBus
+    from eventwire.errors import EventwireError
+
+    console = _console()
+
+    def fail(message: str) -> typer.Exit:
+        console.print(f"error: {message}", markup=False, style="bold red")
+        return typer.Exit(2)
+
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        value = payload
+    entries: dict[str, str] = {}
+    for entry in metadata or []:
+        name, separator, text = entry.partition("=")
+        if not separator or not name:
+            raise fail(f"metadata {entry!r} is not key=value, e.g. -m user_id=u-1")
+        entries[name] = text
+    target = url or os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://"
+
+    async def send() -> str:
+        async with EventBus(target) as bus:
+            event = await bus.publish(topic, value, metadata=entries or None, key=key)
+            return event.id
+
+    try:
+        event_id = asyncio.run(send())
+    except (EventwireError, ValueError, TypeError, ImportError, ConnectionError) as error:
+        raise fail(str(error)) from None
+    console.print(event_id, markup=False)
+
+
 @app.command()
 def version() -> None:
     """Print the installed eventwire version.
