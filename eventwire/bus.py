@@ -701,10 +701,11 @@ class EventBus:
     async def _open_feeder(self, subscription: Subscription) -> None:
         feeder = subscription._feeder
         assert feeder is not None
-        if subscription.idempotent and not self._backend_or_fail().capabilities.idempotent:
+        backend = self._backend_or_fail()
+        if subscription.idempotent and not backend.capabilities.idempotent:
             raise BackendCapabilityError(
                 f"subscription {subscription.name!r} is idempotent=True, but the "
-                f"{self._backend_or_fail().scheme}:// backend cannot record handled event ids"
+                f"{backend.scheme}:// backend cannot record handled event ids"
             )
         await feeder.open()
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from eventwire.backends.base import Backend, Consumer, ConsumerSpec, Delivery, Message
 from eventwire.envelope import EnvelopeError, decode
 from eventwire.event import Event
-from eventwire.topics import is_reserved, pattern_matches, validate_topic
+from eventwire.topics import is_reserved, is_topic, pattern_matches
 
 if TYPE_CHECKING:
     from eventwire.bus import EventBus
@@ -345,7 +345,7 @@ class Feeder:
 def foreign_dead_letter(delivery: Delivery, error: EnvelopeError) -> tuple[str, dict[str, Any]]:
     """The DLQ topic and payload for a message that is not a valid envelope."""
     topic = delivery.topic
-    valid = bool(topic) and not is_reserved(topic) and _is_topic(topic)
+    valid = is_topic(topic) and not is_reserved(topic)
     dlq_topic = f"_dlq.{topic}" if valid else "_dlq._malformed"
     try:
         text: str | None = delivery.body.decode("utf-8")
@@ -358,11 +358,3 @@ def foreign_dead_letter(delivery: Delivery, error: EnvelopeError) -> tuple[str, 
         "error": str(error),
     }
     return dlq_topic, payload
-
-
-def _is_topic(topic: str) -> bool:
-    try:
-        validate_topic(topic)
-    except ValueError:
-        return False
-    return True

@@ -53,6 +53,11 @@ def _describe_problem(text: str, kind: str, allow_wildcards: bool) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def is_topic(text: object) -> bool:
+    """Whether `text` is a valid concrete topic (no error: for input from outside)."""
+    return isinstance(text, str) and _TOPIC.fullmatch(text) is not None
+
+
 def validate_topic(topic: str) -> str:
     """Return `topic` if it is a valid concrete topic, else raise `InvalidTopicError`."""
     if isinstance(topic, str) and _TOPIC.fullmatch(topic):
