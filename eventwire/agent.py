@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from eventwire.backends.base import Start
@@ -33,6 +33,7 @@ def on(
     overflow: Overflow = "block",
     start: Start = "latest",
     idempotent: bool = False,
+    publishes: Sequence[str] = (),
 ) -> Callable[[F], F]:
     """Mark an `Agent` method as the handler of `pattern`; same options as `subscribe`.
 
@@ -49,6 +50,7 @@ def on(
         "max_pending": max_pending,
         "start": start,
         "idempotent": idempotent,
+        "publishes": publishes,
     }
 
     def mark(method: F) -> F:

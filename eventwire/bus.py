@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from time import time_ns
@@ -47,6 +47,7 @@ from eventwire.event import _build as build_event
 from eventwire.event import _event_class as event_class
 from eventwire.event import _freeze as freeze_metadata
 from eventwire.event import _sequence as event_sequence
+from eventwire.observe import Observer, notify, notify_finished
 from eventwire.payloads import make_converter, payload_type_of
 from eventwire.retry import Retry
 from eventwire.subscription import (
@@ -75,6 +76,7 @@ logger = logging.getLogger("eventwire")
 
 H = TypeVar("H", bound=Callable[..., Any])
 A = TypeVar("A", bound="Agent")
+Obs = TypeVar("Obs", bound=Observer)
 
 # Past this many distinct topics the route cache starts over, so that an unbounded topic space
 # (ids in topic names) cannot grow memory without bound.
@@ -84,6 +86,11 @@ _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 
 # Topics of request replies: one per requesting bus.
 _REPLY_PREFIX = "_bus.reply."
+
+# Broker backends: the durable consumer that keeps every dead letter of the namespace until
+# `eventwire dlq` retries or purges it. Nothing in the bus fetches from it.
+DLQ_CONSUMER = "_eventwire.dlq"
+DLQ_PATTERN = "_dlq.>"
 
 # Read by EventBus() when no URL is given, so that one app runs unchanged on any backend.
 URL_ENVIRONMENT_VARIABLE = "EVENTWIRE_URL"
@@ -304,6 +311,8 @@ class EventBus:
         self._publisher: BatchPublisher | None = None
         self._opening: set[asyncio.Task[None]] = set()
         self._reply_subscription: Subscription | None = None
+        # See `observe`. A list mutated in place: workers keep a reference to it.
+        self._observers: list[Observer] = []
 
     def __repr__(self) -> str:
         return f"<EventBus {self.safe_url} {self._state}, {len(self._subscriptions)} subscriptions>"
@@ -341,6 +350,7 @@ class EventBus:
             await self._backend.connect()
             self._publisher = BatchPublisher(self._backend, self.publish_timeout)
             try:
+                await self._keep_dead_letters(self._backend)
                 for subscription in list(self._subscriptions.values()):
                     await self._open_feeder(subscription)
             except BaseException:
@@ -353,6 +363,18 @@ class EventBus:
                 subscription._feeder.start()
         for agent in list(self._agents.values()):
             await agent.on_start()
+
+    async def _keep_dead_letters(self, backend: Backend) -> None:
+        # Dead letters are kept by a consumer nobody fetches from, so that `eventwire dlq`
+        # finds every one since the namespace's first start, on every broker.
+        spec = ConsumerSpec(
+            name=DLQ_CONSUMER,
+            pattern=DLQ_PATTERN,
+            start="earliest" if backend.capabilities.replay else "latest",
+            ack_wait=self.redeliver_after,
+        )
+        consumer = await backend.consumer(spec)
+        await consumer.close()
 
     async def __aenter__(self) -> EventBus:
         await self.start()
@@ -507,6 +529,7 @@ class EventBus:
         overflow: Overflow = "block",
         start: Start = "latest",
         idempotent: bool = False,
+        publishes: Sequence[str] = (),
     ) -> Callable[[H], H]: ...
 
     @overload
@@ -524,6 +547,7 @@ class EventBus:
         overflow: Overflow = "block",
         start: Start = "latest",
         idempotent: bool = False,
+        publishes: Sequence[str] = (),
     ) -> Subscription: ...
 
     def subscribe(
@@ -540,6 +564,7 @@ class EventBus:
         overflow: Overflow = "block",
         start: Start = "latest",
         idempotent: bool = False,
+        publishes: Sequence[str] = (),
     ) -> Subscription | Callable[[H], H]:
         """Subscribe `handler` to every topic matching `pattern`.
 
@@ -560,6 +585,10 @@ class EventBus:
         after its handler succeeded (the process died before acknowledging it) is skipped.
         There, `max_pending` bounds how many events this process holds at once; the rest of
         the backlog waits in the broker, and `overflow` does not apply.
+
+        `publishes` declares the topics the handler publishes (e.g.
+        ``publishes=["research.complete"]``), for ``eventwire topology`` and ``asyncapi``;
+        topics it is seen publishing at run time are added in `Subscription.published_topics`.
         """
         options: dict[str, Any] = dict(
             name=name,
@@ -571,6 +600,7 @@ class EventBus:
             overflow=overflow,
             start=start,
             idempotent=idempotent,
+            publishes=publishes,
         )
         if handler is None:
             validate_pattern(pattern)
@@ -599,6 +629,7 @@ class EventBus:
         source: str | None = None,
         start: Start = "latest",
         idempotent: bool = False,
+        publishes: Sequence[str] = (),
     ) -> Subscription:
         if self._state in (_CLOSING, _CLOSED):
             raise BusClosedError(f"cannot subscribe to {pattern!r}: the bus is {self._state}")
@@ -620,6 +651,7 @@ class EventBus:
         if group is not None and (not isinstance(group, str) or not group):
             raise ValueError(f"group must be a non-empty str or None, got {group!r}")
         self._check_start(start)
+        declared = _check_publishes(publishes)
         if name is None:
             name = self._unique_default_name(_default_name(handler))
         elif not isinstance(name, str) or not name:
@@ -646,6 +678,7 @@ class EventBus:
             converter=converter,
             start=start,
             idempotent=bool(idempotent),
+            publishes=declared,
         )
         self._subscriptions[name] = subscription
         if self._backend is not None:
@@ -778,8 +811,29 @@ class EventBus:
         return agent
 
     def stats(self) -> dict[str, SubscriptionStats]:
-        """Per-subscription counters, by subscription name."""
+        """Per-subscription counters and handling-time percentiles, by subscription name."""
         return {name: sub.stats for name, sub in self._subscriptions.items()}
+
+    def observe(self, observer: Obs) -> Obs:
+        """Call `observer` (an `eventwire.observe.Observer`) on every publish and handling
+        attempt from now on; returns it. Remove it with `unobserve`."""
+        if not isinstance(observer, Observer):
+            raise TypeError(
+                f"observe() takes an eventwire.observe.Observer, got {type(observer).__name__}"
+            )
+        if observer not in self._observers:
+            self._observers.append(observer)
+        return observer
+
+    def unobserve(self, observer: Observer) -> None:
+        """Stop calling `observer`. No error if it was not observing."""
+        with contextlib.suppress(ValueError):
+            self._observers.remove(observer)
+
+    @property
+    def observers(self) -> tuple[Observer, ...]:
+        """The observers registered with `observe`, in order."""
+        return tuple(self._observers)
 
     # -- routing ------------------------------------------------------------------------
 
@@ -862,10 +916,17 @@ class EventBus:
                 )
             else:
                 subscription = current_subscription.get()
-                source = subscription.source if subscription is not None else None
+                if subscription is not None:
+                    source = subscription.source
+                    subscription.published_topics.add(topic_or_event)
+                else:
+                    source = None
                 event = new_event(topic_or_event, payload, metadata, key, parent, source)
         else:
             event = self._adopt(topic_or_event, payload, metadata, key, parent)
+        if self._observers:
+            await self._publish_observed(event, parent)
+            return event
         if self._backend is not None:
             if self._opening:
                 await self._store(event)
@@ -881,6 +942,16 @@ class EventBus:
         if type(queued) is _Stall:
             await self._enqueue_waiting(queued)
         return event
+
+    async def _publish_observed(self, event: Event[Any], parent: Event[Any] | None) -> None:
+        observers = tuple(self._observers)
+        tokens = notify(observers, "publish_started", event)
+        try:
+            await self._dispatch(event, parent)
+        except BaseException as error:
+            notify_finished(observers, "publish_finished", tokens, event, error)
+            raise
+        notify_finished(observers, "publish_finished", tokens, event, None)
 
     async def publish_many(self, items: Iterable[Event[Any] | tuple[str, Any]]) -> list[Event[Any]]:
         """Publish several events in order: each item an `Event` or a ``(topic, payload)``
@@ -901,8 +972,17 @@ class EventBus:
                 topic, payload = item
                 validate_topic(topic)
                 events.append(new_event(topic, payload, None, None, parent, source))
+                if subscription is not None:
+                    subscription.published_topics.add(topic)
             else:
                 events.append(self._adopt(item, None, None, None, parent))
+        if self._observers:
+            for event in events:
+                validate_topic(event._topic)
+            # One publish after another, each seen by the observers (its own span).
+            for event in events:
+                await self._publish_observed(event, parent)
+            return events
         if self._backend is None:
             for event in events:
                 queued = self._enqueue(event, parent)
@@ -999,6 +1079,8 @@ class EventBus:
         if fill_source:
             subscription = current_subscription.get()
             adopted._source = subscription.source if subscription is not None else None
+            if subscription is not None:
+                subscription.published_topics.add(adopted._topic)
         return adopted
 
     async def _dispatch(self, event: Event[Any], parent: Event[Any] | None) -> int:
@@ -1018,6 +1100,8 @@ class EventBus:
         if route is None:
             route = self._route(event._topic)
         targets = route if type(route) is tuple else route.targets(event._key)  # type: ignore[union-attr]
+        if event._target is not None:
+            targets = self._targeted(targets, event._target)
         count = len(targets)
         if not count:
             return 0
@@ -1034,6 +1118,22 @@ class EventBus:
                 continue
             return _Stall(event, targets, targets.index(inbox), count, epoch)
         return count
+
+    def _targeted(self, targets: Any, target: str) -> tuple[Inbox, ...]:
+        """Of the inboxes an event goes to, the one of the subscription (or group) it is
+        meant for: a dead letter sent back by a retry goes to no other subscriber."""
+        chosen = [
+            inbox
+            for inbox in targets
+            if inbox.subscription.name == target or inbox.subscription.group == target
+        ]
+        if not chosen:
+            logger.warning(
+                "eventwire: an event is meant for subscription %r, which this bus does not "
+                "have among those matching its topic; nobody handles it",
+                target,
+            )
+        return tuple(chosen[:1])
 
     async def _enqueue_waiting(self, stall: _Stall) -> None:
         """Go on queueing an event that met a full inbox, as each overflow policy says."""
@@ -1197,7 +1297,9 @@ class EventBus:
                         owed = [
                             f"{info.name} ({info.outstanding})"
                             for info in await backend.consumers()
-                            if info.outstanding and not info.pattern.startswith(_REPLY_PREFIX)
+                            if info.outstanding
+                            and not info.pattern.startswith(_REPLY_PREFIX)
+                            and info.name != DLQ_CONSUMER
                         ]
                         if not owed and not sum(epoch.pending for epoch in self._epochs):
                             return
@@ -1421,12 +1523,14 @@ class EventBus:
             description,
             exc_info=None if attempts == 0 else (type(error), error, error.__traceback__),
         )
-        details = {
+        details: dict[str, Any] = {
             "error": description,
             "error_type": type(error).__name__,
             "subscription": subscription.name,
             "attempts": attempts,
         }
+        if subscription.group is not None:
+            details["group"] = subscription.group
         topic = event.topic
         return await self._publish_dead_letter(
             subscription,
@@ -1493,6 +1597,19 @@ def _default_name(handler: Callable[..., Any]) -> str:
     module = getattr(target, "__module__", None) or "handler"
     qualname = getattr(target, "__qualname__", None) or type(handler).__qualname__
     return f"{module}.{qualname}"
+
+
+def _check_publishes(publishes: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(publishes, str) or not isinstance(publishes, Sequence | set | frozenset):
+        raise TypeError(
+            "publishes= takes a list of topics, e.g. publishes=['research.complete'], "
+            f"got {publishes!r}"
+        )
+    for topic in publishes:
+        if not isinstance(topic, str):
+            raise TypeError(f"publishes= holds {topic!r}, which is not a topic str")
+        validate_pattern(topic)
+    return tuple(dict.fromkeys(publishes))
 
 
 def _check_handler(handler: Any) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from eventwire.backends.base import Backend, Consumer, ConsumerSpec, Delivery, Message
 from eventwire.envelope import EnvelopeError, decode
 from eventwire.event import Event
+from eventwire.observe import handling_record, notify
 from eventwire.topics import is_reserved, is_topic, pattern_matches
 
 if TYPE_CHECKING:
@@ -242,15 +243,26 @@ class Feeder:
                 if len(self._matches) >= _MATCH_CACHE_LIMIT:
                     self._matches.clear()
                 self._matches[event.topic] = matches
-            if matches:
+            if matches and (
+                event._target is None
+                or event._target == subscription.name
+                or event._target == subscription.group
+            ):
                 admitted.append((event, delivery))
             else:
+                # Not for this subscription: another's topic, or a retried dead letter meant
+                # for another subscription.
                 skipped.append(delivery)
         if subscription.idempotent and admitted:
             done = await self.consumer.handled([event.id for event, _ in admitted])
             if done:
                 self.duplicates += len(done)
                 skipped.extend(d for e, d in admitted if e.id in done)
+                if self.bus._observers:
+                    for event, _ in admitted:
+                        if event.id in done:
+                            record = handling_record(subscription, event, 0, "skipped", 0.0, None)
+                            notify(self.bus._observers, "skipped", subscription, event, record)
                 admitted = [(e, d) for e, d in admitted if e.id not in done]
         if skipped:
             self._acks.extend(skipped)

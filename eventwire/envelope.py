@@ -57,6 +57,8 @@ class _Envelope(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True)
     source: str | None = None
     reply_to: str | None = None
     payload_kind: str | None = None
+    trace: dict[str, str] | None = None
+    target: str | None = None
 
 
 def _json_form(value: Any) -> Any:
@@ -94,6 +96,8 @@ def _fields(event: Event[Any]) -> _Envelope:
         source=event.source,
         reply_to=event.reply_to,
         payload_kind=kind,
+        trace=dict(event._trace) if event._trace else None,
+        target=event._target,
     )
 
 
@@ -154,7 +158,7 @@ def _event_from(envelope: _Envelope) -> Event[Any]:
         raise EnvelopeError(f"unknown payload_kind {envelope.payload_kind!r}")
     if envelope.time.tzinfo is None:
         raise EnvelopeError("envelope time has no timezone; expected RFC 3339 with Z or offset")
-    return Event(
+    event: Event[Any] = Event(
         envelope.topic,
         payload,
         envelope.metadata,
@@ -166,6 +170,11 @@ def _event_from(envelope: _Envelope) -> Event[Any]:
         source=envelope.source,
         reply_to=envelope.reply_to,
     )
+    if envelope.trace:
+        event._trace = envelope.trace
+    if envelope.target is not None:
+        event._target = envelope.target
+    return event
 
 
 def decode(data: bytes | bytearray | memoryview | str) -> Event[Any]:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 P = TypeVar("P")
 
 _EMPTY_METADATA: Mapping[str, Any] = MappingProxyType({})
+_EMPTY_TRACE: Mapping[str, str] = MappingProxyType({})
 _sequence = itertools.count()
 # 30 random bits per process keep ids from different processes apart; the sequence keeps ids
 # from one process unique and ordered.
@@ -123,6 +124,10 @@ class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
     _causation_id: str | None = None
     _reply_to: str | None = None
     _epoch: _Epoch | None = None
+    # W3C trace context (``traceparent``/``tracestate``), set by tracing when published.
+    _trace: Mapping[str, str] | None = None
+    # The one subscription that handles this event (a dead letter sent back by a retry).
+    _target: str | None = None
 
     if TYPE_CHECKING:
 
@@ -194,6 +199,18 @@ class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
     def reply_to(self) -> str | None:
         """Set on events published by `EventBus.request`: where a handler's return value goes."""
         return self._reply_to
+
+    @property
+    def trace_context(self) -> Mapping[str, str]:
+        """The W3C trace context (``traceparent``, ``tracestate``) the event carries when
+        published with tracing on (see `eventwire.tracing`); empty otherwise."""
+        return self._trace or _EMPTY_TRACE
+
+    @property
+    def target(self) -> str | None:
+        """The name of the only subscription that handles this event, or None (every
+        matching subscription). Set on a dead letter sent back by ``eventwire dlq retry``."""
+        return self._target
 
     def replace(self, **changes: Any) -> Event[Any]:
         """A copy with the given fields changed (same id unless `id` is given)."""

@@ -27,6 +27,8 @@ from eventwire.errors import (
     PublishTimeoutError,
 )
 from eventwire.event import Event
+from eventwire.metrics import LatencyHistogram, Percentiles
+from eventwire.observe import Outcome, handling_record, notify, notify_finished
 from eventwire.payloads import PayloadConverter
 from eventwire.retry import NO_RETRY, Retry
 
@@ -62,6 +64,8 @@ class SubscriptionStats:
     in_flight: int
     queued: int
     handling_seconds: float
+    handling: Percentiles
+    """Percentiles of the time each finished event took (retries and backoff included)."""
 
     @property
     def mean_handling_seconds(self) -> float:
@@ -131,6 +135,7 @@ class Subscription:
         "_feeder",
         "_forget",
         "_handling_seconds",
+        "_histogram",
         "_in_flight",
         "_inbox",
         "_invoke",
@@ -153,6 +158,8 @@ class Subscription:
         "name",
         "overflow",
         "pattern",
+        "published_topics",
+        "publishes",
         "retried",
         "retry",
         "source",
@@ -177,6 +184,7 @@ class Subscription:
         converter: PayloadConverter | None,
         start: Start = "latest",
         idempotent: bool = False,
+        publishes: tuple[str, ...] = (),
     ) -> None:
         self.bus = bus
         self.pattern = pattern
@@ -191,6 +199,9 @@ class Subscription:
         # What `Event.source` says for events this subscription's handler publishes.
         self.source = source
         self._converter = converter
+        # Topics the handler publishes: declared (`publishes=`), and seen at run time.
+        self.publishes = publishes
+        self.published_topics: set[str] = set()
         self._invoke = self._make_invoker(handler)
         # Where a new durable subscription begins, and whether redeliveries of events it
         # already handled are skipped (broker backends; see EventBus.subscribe).
@@ -221,6 +232,7 @@ class Subscription:
         self.dead_lettered = 0
         self.dropped = 0
         self._handling_seconds = 0.0
+        self._histogram = LatencyHistogram()
 
     def __repr__(self) -> str:
         group = f", group={self.group!r}" if self.group else ""
@@ -247,7 +259,13 @@ class Subscription:
             in_flight=sum(1 for e in self._in_flight if e is not None),
             queued=queued,
             handling_seconds=self._handling_seconds,
+            handling=self._histogram.percentiles(),
         )
+
+    @property
+    def histogram(self) -> LatencyHistogram:
+        """Every finished event's handling time (live; for exporters such as Prometheus)."""
+        return self._histogram
 
     async def ready(self) -> None:
         """Return once the subscription receives events. On a broker backend, subscribing
@@ -422,15 +440,17 @@ class Subscription:
         feeder = self._feeder
         set_current = current_event.set
         clock = time.perf_counter
+        record_time = self._histogram.record
+        observers = self.bus._observers
         loop = asyncio.get_running_loop()
         # With concurrency > 1, the worker that takes a key first handles every later event
         # of that key, from `chain`, before it takes anything else: per-key order holds.
         chain: deque[Event[Any]] | None = None
         held_key: str | None = None
         streak = 0
-        # Busy time is read at the edges of a run of events, not around each one: the worker
-        # only suspends inside handlers, so the run's wall time is their handling time.
-        run_started = clock()
+        # One clock read per event: the worker only suspends inside handlers or when idle,
+        # so the time since the previous event finished is this event's handling time.
+        last = clock()
         while True:
             if chain:
                 event = chain.popleft()
@@ -446,7 +466,6 @@ class Subscription:
                         self._admit_waiting()
                 if not inbox:
                     in_flight[index] = None
-                    self._handling_seconds += clock() - run_started
                     if self._stopping:
                         return
                     streak = 0
@@ -456,7 +475,7 @@ class Subscription:
                     else:
                         inbox.idle.append(waiter)
                     await waiter
-                    run_started = clock()
+                    last = clock()
                     continue
                 event = inbox.popleft()
                 if self._putters:
@@ -476,7 +495,9 @@ class Subscription:
             in_flight[index] = event
             set_current(event)
             try:
-                if converter is None:
+                if observers:
+                    result = await self._observed(event, 1)
+                elif converter is None:
                     result = await invoke(event)
                 else:
                     result = await invoke(self._convert(event))
@@ -506,14 +527,47 @@ class Subscription:
             epoch.pending -= 1
             if not epoch.pending and epoch.waiters:
                 epoch.settle()
+            now = clock()
+            self._handling_seconds += now - last
+            record_time(now - last)
+            last = now
 
             streak += 1
             if streak >= _YIELD_EVERY:
                 streak = 0
                 in_flight[index] = None
-                self._handling_seconds += clock() - run_started
                 await asyncio.sleep(0)
-                run_started = clock()
+                last = clock()
+
+    async def _observed(self, event: Event[Any], attempt: int) -> Any:
+        """One handling attempt, reported to the bus's observers."""
+        observers = tuple(self.bus._observers)
+        tokens = notify(observers, "attempt_started", self, event, attempt)
+        started = time.perf_counter()
+        try:
+            if self._converter is None:
+                result = await self._invoke(event)
+            else:
+                result = await self._invoke(self._convert(event))
+        except BaseException as error:
+            seconds = time.perf_counter() - started
+            outcome: Outcome
+            if isinstance(error, asyncio.CancelledError) and _being_cancelled():
+                outcome, tried = "cancelled", attempt
+            elif isinstance(error, PayloadValidationError):
+                outcome, tried = "dead_lettered", 0
+            elif self.retry.should_retry(error, attempt):
+                outcome, tried = "retrying", attempt
+            else:
+                outcome, tried = "dead_lettered", attempt
+            record = handling_record(self, event, tried, outcome, seconds, error)
+            notify_finished(observers, "attempt_finished", tokens, self, event, record, error)
+            raise
+        record = handling_record(
+            self, event, attempt, "handled", time.perf_counter() - started, None
+        )
+        notify_finished(observers, "attempt_finished", tokens, self, event, record, None)
+        return result
 
     def _convert(self, event: Event[Any]) -> Event[Any]:
         assert self._converter is not None
@@ -548,7 +602,9 @@ class Subscription:
             await asyncio.sleep(retry.delay(attempt))
             attempt += 1
             try:
-                if self._converter is None:
+                if self.bus._observers:
+                    result = await self._observed(event, attempt)
+                elif self._converter is None:
                     result = await self._invoke(event)
                 else:
                     result = await self._invoke(self._convert(event))
@@ -576,6 +632,8 @@ class Subscription:
 
     def _discard(self, event: Event[Any]) -> None:
         self.dropped += 1
+        if self.bus._observers:
+            notify(self.bus._observers, "dropped", self, event)
         if event._reply_to is not None:
             self.bus._reply(
                 self,

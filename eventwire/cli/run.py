@@ -1,9 +1,4 @@
-"""The ``eventwire`` command line.
-
-Each command is a plain function registered on `app`; add one with ``@app.command()`` and
-it shows up in ``eventwire --help``. Commands import what they need lazily so that
-``eventwire --help`` stays fast as the list grows.
-"""
+"""Commands that run things: ``demo``, ``run``, ``publish`` and ``version``."""
 
 from __future__ import annotations
 
@@ -12,24 +7,8 @@ import logging
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-app = typer.Typer(
-    name="eventwire",
-    help=(
-        "eventwire: an asyncio publish/subscribe event bus for AI agents.\n\n"
-        "Example:\n\n"
-        "  eventwire demo"
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="markdown",
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-def _console() -> Console:
-    return Console(highlight=False)
+from eventwire.cli._app import app, console
 
 
 @app.command(
@@ -77,22 +56,22 @@ def demo(
     """
     from eventwire.demo import run_demo
 
-    console = _console()
+    out = console()
     if verbose:
         from rich.logging import RichHandler
 
         logging.basicConfig(
             level=logging.INFO,
             format="%(message)s",
-            handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+            handlers=[RichHandler(console=out, show_path=False, show_time=False)],
         )
     try:
-        asyncio.run(run_demo(console, queries=queries or None, url=url))
+        asyncio.run(run_demo(out, queries=queries or None, url=url))
     except (ValueError, ImportError, ConnectionError) as error:
-        console.print(f"[bold red]cannot run the demo:[/] {error}", markup=True, highlight=False)
+        out.print(f"[bold red]cannot run the demo:[/] {error}", markup=True, highlight=False)
         raise typer.Exit(2) from None
     except TimeoutError as error:
-        console.print(f"[bold red]demo did not finish:[/] {error}")
+        out.print(f"[bold red]demo did not finish:[/] {error}")
         raise typer.Exit(1) from None
 
 
@@ -131,11 +110,11 @@ def run(
     """
     from eventwire.runner import RunError, run_bus
 
-    console = _console()
+    out = console()
     try:
-        clean = asyncio.run(run_bus(target, url=url, grace=grace, console=console))
+        clean = asyncio.run(run_bus(target, url=url, grace=grace, console=out))
     except RunError as error:
-        console.print(f"error: {error}", markup=False, style="bold red")
+        out.print(f"error: {error}", markup=False, style="bold red")
         raise typer.Exit(2) from None
     if not clean:
         raise typer.Exit(1)
@@ -182,10 +161,10 @@ def publish(
     from eventwire.bus import URL_ENVIRONMENT_VARIABLE, EventBus
     from eventwire.errors import EventwireError
 
-    console = _console()
+    out = console()
 
     def fail(message: str) -> typer.Exit:
-        console.print(f"error: {message}", markup=False, style="bold red")
+        out.print(f"error: {message}", markup=False, style="bold red")
         return typer.Exit(2)
 
     try:
@@ -209,7 +188,7 @@ def publish(
         event_id = asyncio.run(send())
     except (EventwireError, ValueError, TypeError, ImportError, ConnectionError) as error:
         raise fail(str(error)) from None
-    console.print(event_id, markup=False)
+    out.print(event_id, markup=False)
 
 
 @app.command()
@@ -220,13 +199,4 @@ def version() -> None:
     """
     from eventwire import __version__
 
-    _console().print(f"eventwire {__version__}")
-
-
-def main() -> None:
-    """Entry point of the ``eventwire`` console script."""
-    app()
-
-
-if __name__ == "__main__":
-    main()
+    console().print(f"eventwire {__version__}")
