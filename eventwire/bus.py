@@ -86,6 +86,8 @@ _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 
 # Topics of request replies: one per requesting bus.
 _REPLY_PREFIX = "_bus.reply."
+# Patterns of per-process consumers (replies, stats requests), which drain() does not wait for.
+_PROCESS_PATTERNS = (_REPLY_PREFIX, "_bus.stats.")
 
 # Broker backends: the durable consumer that keeps every dead letter of the namespace until
 # `eventwire dlq` retries or purges it. Nothing in the bus fetches from it.
@@ -1298,7 +1300,7 @@ class EventBus:
                             f"{info.name} ({info.outstanding})"
                             for info in await backend.consumers()
                             if info.outstanding
-                            and not info.pattern.startswith(_REPLY_PREFIX)
+                            and not info.pattern.startswith(_PROCESS_PATTERNS)
                             and info.name != DLQ_CONSUMER
                         ]
                         if not owed and not sum(epoch.pending for epoch in self._epochs):
