@@ -36,6 +36,7 @@ from eventwire.errors import (
     BusNotRunningError,
     HandlerError,
     InboxFullError,
+    InvalidTopicError,
     NoReplyError,
     PublishTimeoutError,
     RemoteHandlerError,
@@ -1610,7 +1611,10 @@ def _check_publishes(publishes: Sequence[str]) -> tuple[str, ...]:
     for topic in publishes:
         if not isinstance(topic, str):
             raise TypeError(f"publishes= holds {topic!r}, which is not a topic str")
-        validate_pattern(topic)
+        try:
+            validate_pattern(topic)
+        except InvalidTopicError as error:
+            raise InvalidTopicError(f"publishes= {error}") from None
     return tuple(dict.fromkeys(publishes))
 
 
