@@ -26,6 +26,12 @@ from tests.test_delivery import (
     test_stuck_subscriber_does_not_delay_others_or_publish,
     test_wildcards_do_not_reach_bus_topics,
 )
+from tests.test_observe import (
+    test_a_targeted_event_reaches_only_its_subscription,
+    test_attempts_report_handled_retrying_and_dead_lettered,
+    test_topics_a_handler_publishes_are_learnt,
+    test_trace_context_set_at_publish_reaches_the_handler,
+)
 from tests.test_request import (
     test_failing_handler_raises_to_requester_instead_of_hanging,
     test_first_non_none_reply_wins_over_observers,
@@ -46,9 +52,11 @@ from tests.test_typed_payloads import (
 )
 
 __all__ = [
+    "test_a_targeted_event_reaches_only_its_subscription",
     "test_agent_publish_outside_handlers_sets_source",
     "test_agent_request",
     "test_agents_chain_with_causation_and_correlation_ids",
+    "test_attempts_report_handled_retrying_and_dead_lettered",
     "test_concurrency_runs_handlers_in_parallel",
     "test_dataclass_payload_is_converted",
     "test_drain_timeout_names_what_is_stuck",
@@ -78,6 +86,8 @@ __all__ = [
     "test_shorthand_publish_builds_the_event",
     "test_stuck_subscriber_does_not_delay_others_or_publish",
     "test_sync_handler_can_reply",
+    "test_topics_a_handler_publishes_are_learnt",
+    "test_trace_context_set_at_publish_reaches_the_handler",
     "test_typed_event_keeps_ids_and_metadata",
     "test_untyped_and_any_handlers_get_raw_payloads",
     "test_wildcards_do_not_reach_bus_topics",
