@@ -1,6 +1,7 @@
-"""Handling-time histograms: percentiles of every event's handling time, at a fixed cost.
+"""Handling-time histograms: percentiles of events' handling time, at a fixed cost.
 
-Each subscription records every event it finishes into a `LatencyHistogram`: log-spaced
+Each subscription records the events it finishes into a `LatencyHistogram` (every event over
+1 ms or after a pause; of fast events back to back, one in 8 with a weight of 8): log-spaced
 buckets, 16 per doubling (3 to 6% apart), from 1 µs to about 12 days. Recording is one
 `math.frexp` and a list increment; a percentile is exact to within one bucket: the reported
 value is the bucket's upper bound (capped at the true maximum), at most 6.25% above the true
@@ -47,20 +48,20 @@ class LatencyHistogram:
         self.total = 0.0
         self.max = 0.0
 
-    def record(self, seconds: float) -> None:
-        """Add one duration, in seconds."""
-        self.count += 1
-        self.total += seconds
+    def record(self, seconds: float, weight: int = 1) -> None:
+        """Add a duration, in seconds, standing for `weight` events (a sample of a busy run)."""
+        self.count += weight
+        self.total += seconds * weight
         if seconds > self.max:
             self.max = seconds
         micros = seconds * 1e6
         if micros <= 1.0:
-            self.counts[0] += 1
+            self.counts[0] += weight
             return
         # micros = m * 2**e with m in [0.5, 1): octave e-1, and 16 slices of [0.5, 1).
         mantissa, exponent = frexp(micros)
         index = 1 + (exponent - 1) * _SUB_BUCKETS + int((mantissa - 0.5) * 2 * _SUB_BUCKETS)
-        self.counts[index if index < _BUCKETS else _BUCKETS - 1] += 1
+        self.counts[index if index < _BUCKETS else _BUCKETS - 1] += weight
 
     def quantile(self, q: float) -> float:
         """The duration (seconds) below which a fraction `q` (0..1) of the recorded ones lie;
