@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
 
 if TYPE_CHECKING:
     from eventwire.event import Event
@@ -39,8 +40,7 @@ Outcome = Literal["handled", "retrying", "dead_lettered", "cancelled", "skipped"
 OUTCOMES: tuple[Outcome, ...] = ("handled", "retrying", "dead_lettered", "cancelled", "skipped")
 
 
-@dataclass(frozen=True, slots=True)
-class HandlingRecord:
+class HandlingRecord(msgspec.Struct, frozen=True, gc=False):
     """One handling attempt of one event by one subscription."""
 
     subscription: str
@@ -158,8 +158,9 @@ def notify_finished(
 ) -> None:
     """Call a ``*_finished`` method on every observer with its own token, in reverse order
     (the last started finishes first, so context managers nest)."""
-    for observer, token in reversed(list(zip(observers, tokens, strict=True))):
+    for index in range(len(observers) - 1, -1, -1):
+        observer = observers[index]
         try:
-            getattr(observer, method)(token, *args)
+            getattr(observer, method)(tokens[index], *args)
         except Exception:
             logger.warning("eventwire: observer %r failed in %s", observer, method, exc_info=True)
