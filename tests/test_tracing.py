@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import json
+import re
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -390,3 +393,60 @@ async def test_one_trace_across_two_processes_on_redis(spans: Spans, tmp_path: P
     )
     assert remote["handle user.query"]["attributes"]["eventwire.subscription"] == "researcher"
     assert remote["handle user.query"]["kind"] == "CONSUMER"
+
+
+async def test_an_event_published_again_links_to_its_first_publish(
+    traced: EventBus, spans: Spans
+) -> None:
+    received: list[Event[Any]] = []
+    traced.subscribe("again", received.append, name="collector")
+    await traced.publish("again", 1)
+    await traced.drain(timeout=5)
+    await traced.publish(received[0])
+    await traced.drain(timeout=5)
+
+    first, second = spans.named("publish again")
+    assert trace_id(first) != trace_id(second)
+    assert [link.context.span_id for link in second.links] == [span_id(first)]
+    assert received[1].id == received[0].id
+    assert received[1].trace_context != received[0].trace_context
+
+
+def docs_example() -> str:
+    text = (ROOT / "docs" / "tracing.md").read_text(encoding="utf-8")
+    section = text.split("## Example", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match, "docs/tracing.md has no python block under 'Example'"
+    return match.group(1)
+
+
+def test_the_docs_example_runs_as_shown(tmp_path: Path) -> None:
+    code = docs_example()
+    if "tracing" not in inspect.signature(EventBus).parameters:
+        # Until EventBus(tracing=True) exists: the same bus, traced by hand.
+        code = code.replace(
+            "bus = EventBus(tracing=True)\n",
+            "bus = EventBus()\n__import__('eventwire.tracing').tracing.instrument(bus)\n",
+        )
+    script = tmp_path / "example.py"
+    script.write_text(code, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "sent: Dear user, here are your notes on revenue" in lines
+    span_lines = [line.split() for line in lines if not line.startswith("sent:")]
+    names = [" ".join(words[4:6]) for words in span_lines]
+    assert sorted(names) == sorted(
+        [
+            "publish user.query",
+            "handle user.query",
+            "publish research.complete",
+            "handle research.complete",
+            "publish email",
+            "handle email",
+        ]
+    )
+    assert len({words[0] for words in span_lines}) == 1  # one trace
+    assert [words[6] for words in span_lines if words[4] == "handle"] == ["handled"] * 3
