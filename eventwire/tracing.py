@@ -25,7 +25,6 @@ except ImportError as missing:
         "pip install 'eventwire[otel]'"
     ) from missing
 
-from eventwire import __version__
 from eventwire.context import current_event
 from eventwire.observe import HandlingRecord, Observer, set_trace_context
 
@@ -73,6 +72,9 @@ class Tracing(Observer):
         *,
         propagator: TextMapPropagator | None = None,
     ) -> None:
+        # Imported here: eventwire.bus may import this module while the package initialises.
+        from eventwire import __version__
+
         self.tracer_provider = tracer_provider
         self._tracer = trace.get_tracer("eventwire", __version__, tracer_provider=tracer_provider)
         self._propagator = propagator or TraceContextTextMapPropagator()
@@ -88,7 +90,7 @@ class Tracing(Observer):
         attributes["messaging.operation.type"] = "send"
         links = None
         if event._trace:
-            # Published again (e.g. a dead letter sent back): the new trace links to the old.
+            # Published again as it is (e.g. an event received): link to its first publish.
             previous = trace.get_current_span(self._propagator.extract(event._trace))
             if previous.get_span_context().is_valid:
                 links = [trace.Link(previous.get_span_context())]
