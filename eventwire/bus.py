@@ -269,7 +269,8 @@ class EventBus:
     environment variable names another. Use it as
     ``async with bus:``: that starts the workers, and on exit waits for queued work (up to
     `close_grace` seconds) and closes. `publish_timeout` bounds how long `publish` waits for
-    room in a full inbox (None waits for ever).
+    room in a full inbox (None waits for ever). `tracing=True` makes an OpenTelemetry span of
+    every publish and handling attempt (`eventwire.tracing`; needs ``eventwire[otel]``).
     """
 
     def __init__(
@@ -280,6 +281,7 @@ class EventBus:
         close_grace: float = 10.0,
         redeliver_after: float = 30.0,
         max_event_bytes: int | None = DEFAULT_MAX_BYTES,
+        tracing: bool = False,
     ) -> None:
         if url is None:
             url = os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://"
@@ -316,6 +318,10 @@ class EventBus:
         self._reply_subscription: Subscription | None = None
         # See `observe`. A list mutated in place: workers keep a reference to it.
         self._observers: list[Observer] = []
+        if tracing:
+            from eventwire.tracing import Tracing
+
+            self.observe(Tracing())
 
     def __repr__(self) -> str:
         return f"<EventBus {self.safe_url} {self._state}, {len(self._subscriptions)} subscriptions>"

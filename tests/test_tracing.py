@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import inspect
 import json
 import re
 import subprocess
@@ -422,12 +421,7 @@ def docs_example() -> str:
 
 def test_the_docs_example_runs_as_shown(tmp_path: Path) -> None:
     code = docs_example()
-    if "tracing" not in inspect.signature(EventBus).parameters:
-        # Until EventBus(tracing=True) exists: the same bus, traced by hand.
-        code = code.replace(
-            "bus = EventBus(tracing=True)\n",
-            "bus = EventBus()\n__import__('eventwire.tracing').tracing.instrument(bus)\n",
-        )
+    assert "EventBus(tracing=True)" in code
     script = tmp_path / "example.py"
     script.write_text(code, encoding="utf-8")
     result = subprocess.run(
