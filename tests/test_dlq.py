@@ -4,6 +4,9 @@ being lost, retried to the subscription that gave up on them only, and purged.""
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -199,3 +202,20 @@ async def test_a_bus_that_is_not_running_is_refused(tmp_path: Path) -> None:
     dlq = DeadLetterQueue(EventBus(f"sqlite:///{tmp_path}/bus.db"))
     with pytest.raises(BusNotRunningError):
         await dlq.list()
+
+
+def test_the_guide_python_example_runs_as_shown(tmp_path: Path) -> None:
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "dlq.md").read_text("utf-8")
+    section = guide.split("## From Python", 1)[1]
+    code, expected = re.findall(r"```(?:python|text)\n(.*?)```", section, re.DOTALL)[:2]
+    (tmp_path / "example.py").write_text(code, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected
