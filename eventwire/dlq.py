@@ -352,9 +352,9 @@ class DeadLetterQueue:
 
         retried = 0
         skipped: dict[str, str] = {}
-        # Events this retry sent back: if one fails again at once, its new letter is not
-        # retried again by this same call.
-        sent: set[str] = set()
+        # (event id, subscription) sent back by this call: if one fails again at once, its new
+        # letter is left for the next retry rather than retried again by this same call.
+        sent: set[tuple[str | None, str | None]] = set()
 
         async def send(reader: _Reader, chosen: _Leased) -> None:
             nonlocal retried
@@ -363,11 +363,11 @@ class DeadLetterQueue:
                 reason = refusal(letter)
                 if reason is not None:
                     skipped[letter.id] = reason
-                elif letter.event_id not in sent:
+                elif (letter.event_id, letter.target) not in sent:
                     todo.append((delivery, letter))
             if todo:
                 await self._republish([letter for _, letter in todo])
-                sent.update(str(letter.event_id) for _, letter in todo)
+                sent.update((letter.event_id, letter.target) for _, letter in todo)
                 await reader.ack([delivery for delivery, _ in todo])
                 retried += len(todo)
 

@@ -109,6 +109,26 @@ async def test_a_group_gets_its_letters_back_and_one_member_handles_each(url: st
         assert [e.payload for e in first.handled + second.handled] == [1]
 
 
+async def test_one_event_given_up_by_two_subscriptions_makes_two_letters(url: str) -> None:
+    bus = new_bus(url)
+    first, second = Worker(), Worker()
+    bus.subscribe("mail.send", first.handle, name="smtp")
+    bus.subscribe("mail.send", second.handle, name="archive")
+    async with bus:
+        event = await bus.publish("mail.send", "hello")
+        await bus.drain(timeout=20)
+        dlq = DeadLetterQueue(bus, page_size=1)  # one letter per page
+        letters = await dlq.list()
+        assert sorted(letter.subscription or "" for letter in letters) == ["archive", "smtp"]
+        assert {letter.event_id for letter in letters} == {event.id}
+        with pytest.raises(DeadLetterNotFoundError, match="names 2 dead letters"):
+            await dlq.show(event.id)
+        first.fixed = second.fixed = True
+        assert (await dlq.retry(all=True)).retried == 2
+        await bus.drain(timeout=20)
+        assert [e.id for e in first.handled + second.handled] == [event.id, event.id]
+
+
 async def test_filters_select_by_subscription_topic_error_type_and_time(url: str) -> None:
     bus = new_bus(url)
 
