@@ -36,6 +36,9 @@ def payload_type_of(handler: Callable[..., Any]) -> Any | None:
         if "[" not in annotation:
             return None  # a bare `Event` (or anything unsubscripted) asks for no conversion
         target = getattr(handler, "__func__", handler)
+        if not inspect.isfunction(target) and callable(target):
+            # A callable object: its hints are those of its class's __call__.
+            target = getattr(type(target), "__call__", target)  # noqa: B004
         try:
             # Event and Any resolve even when the handler's module imports them only for
             # type checking.

@@ -152,3 +152,17 @@ def test_unusable_payload_annotation_is_a_clear_error() -> None:
 
     with pytest.raises(TypeError, match="cannot validate"):
         EventBus().subscribe("t", handler)
+
+
+async def test_a_callable_object_handler_with_string_annotations_is_accepted() -> None:
+    seen: list[int] = []
+
+    class Counter:
+        def __call__(self, event: Event[int]) -> None:
+            seen.append(event.payload)
+
+    async with EventBus() as bus:
+        bus.subscribe("n", Counter(), name="counter")
+        await bus.publish("n", "41")
+        await bus.drain(timeout=2)
+    assert seen == [41]
