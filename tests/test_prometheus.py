@@ -4,8 +4,17 @@ prometheus_client's own parser, reports what `bus.stats()` says."""
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
 import random
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,23 +37,25 @@ from eventwire.prometheus import (
     serve_metrics,
 )
 
+EVENTWIRE = str(Path(sys.executable).with_name("eventwire"))
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-async def scrape(server: MetricsServer) -> Samples:
+def scrape_url(url: str) -> Samples:
     """Every sample on the endpoint, by (sample name, labels)."""
-
-    def fetch() -> str:
-        with urllib.request.urlopen(server.url, timeout=10) as response:
-            assert response.status == 200
-            return bytes(response.read()).decode()
-
-    text = await asyncio.to_thread(fetch)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        text = bytes(response.read()).decode()
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+async def scrape(server: MetricsServer) -> Samples:
+    return await asyncio.to_thread(scrape_url, server.url)
 
 
 def labels(
@@ -190,3 +201,109 @@ def test_a_taken_port_is_an_error(bus: EventBus) -> None:
         taken.listen()
         with pytest.raises(OSError, match="in use"):
             serve_metrics(bus, taken.getsockname()[1])
+
+
+RUN_APP = textwrap.dedent(
+    """
+    from eventwire import Agent, Event, EventBus
+
+    bus = EventBus()
+
+    class Greeter(Agent):
+        async def on_start(self) -> None:
+            await self.publish("greet.start", "hello")
+
+    @bus.subscribe("greet.*", name="greetings")
+    async def greetings(event: Event[str]) -> None:
+        pass
+
+    bus.register(Greeter("greeter"))
+    """
+)
+
+
+def start_run(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], queue.Queue[str]]:
+    """`eventwire run greetapp:bus ARGS` in tmp_path, and a queue of its output lines."""
+    (tmp_path / "greetapp.py").write_text(RUN_APP, encoding="utf-8")
+    process = subprocess.Popen(
+        [EVENTWIRE, "run", "greetapp:bus", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return process, lines
+
+
+def line_with(lines: queue.Queue[str], marker: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        seen.append(line)
+        if marker in line:
+            return line
+    raise AssertionError(f"{marker!r} never printed; got {seen}")
+
+
+def test_eventwire_run_serves_metrics_while_the_app_runs(tmp_path: Path) -> None:
+    bus_url = f"sqlite:///{tmp_path}/bus.db"
+    process, lines = start_run(tmp_path, "--url", bus_url, "--metrics-port", "0", "--grace", "2")
+    try:
+        endpoint = line_with(lines, "eventwire: metrics on ").split(" on ", 1)[1]
+        for payload in ("one", "two"):
+            published = subprocess.run(
+                [EVENTWIRE, "publish", "greet.cli", payload, "--url", bus_url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert published.returncode == 0, published.stdout + published.stderr
+        handled = ("eventwire_events_handled_total", labels("greetings", "greet.*"))
+        count = ("eventwire_handling_seconds_count", labels("greetings", "greet.*"))
+        deadline = time.monotonic() + 30
+        while (samples := scrape_url(endpoint)).get(handled) != 3:  # start's own + the two
+            assert process.poll() is None, "eventwire run exited"
+            assert time.monotonic() < deadline, samples.get(handled)
+            time.sleep(0.05)
+        assert samples[count] == 3
+        info = frozenset(
+            {"backend": "sqlite", "namespace": "eventwire", "version": "0.1.0"}.items()
+        )
+        assert samples[("eventwire_info", info)] == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        line_with(lines, "eventwire: stopped, every event handled")
+        with pytest.raises(urllib.error.URLError):  # the endpoint went with the process
+            scrape_url(endpoint)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+def test_eventwire_run_with_a_taken_metrics_port_exits_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process, lines = start_run(tmp_path, "--metrics-port", str(port))
+        try:
+            assert process.wait(timeout=30) == 2
+            line_with(lines, f"cannot serve metrics on 127.0.0.1:{port}")
+        finally:
+            if process.poll() is None:
+                process.kill()
