@@ -4,11 +4,21 @@ dropped, in flight, inbox depth, and handling-time percentiles."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from eventwire import Event, EventBus, Retry
 from tests.conftest import wait_until
+from tests.services import free_port
 
 
 async def test_handled_counts_every_finished_event(bus: EventBus) -> None:
@@ -110,3 +120,61 @@ async def test_the_same_counters_on_a_durable_backend(tmp_path: Path) -> None:
         await wait_until(lambda: bus.stats()["durable"].handling.count == 4, timeout=10)
         stats = bus.stats()["durable"]
         assert (stats.handled, stats.failed, stats.retried, stats.dead_lettered) == (2, 4, 2, 2)
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+
+
+def doc_blocks() -> list[tuple[str, str]]:
+    """(language, text) of every fenced block of docs/metrics.md, in order."""
+    return re.findall(r"```(\w+)\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+
+
+def test_doc_python_examples_print_what_the_doc_shows(tmp_path: Path) -> None:
+    blocks = doc_blocks()
+    checked = 0
+    for (language, code), (next_language, shown) in itertools.pairwise(blocks):
+        if language != "python" or code.startswith("# shop.py"):
+            continue
+        assert next_language == "text", f"no output shown after:\n{code}"
+        script = tmp_path / f"example{checked}.py"
+        script.write_text(code, encoding="utf-8")
+        result = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == shown.splitlines()
+        checked += 1
+    assert checked == 2
+
+
+def test_doc_shell_session_runs_as_shown(tmp_path: Path) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("the session uses curl")
+    blocks = doc_blocks()
+    shop = next(code for language, code in blocks if code.startswith("# shop.py"))
+    session = next(code for language, code in blocks if language == "console")
+    (tmp_path / "shop.py").write_text(shop, encoding="utf-8")
+    commands = [line[2:] for line in session.splitlines() if line.startswith("$ ")]
+    port = str(free_port())  # the doc's 9464 may be taken here
+    script = "set -e\n" + "\n".join(commands).replace("9464", port) + "\nwait\n"
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "EVENTWIRE_URL"},
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        "COLUMNS": "120",
+        "NO_COLOR": "1",
+    }
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    handled = (
+        'eventwire_events_handled_total{group="",pattern="order.*",subscription="billing"} 1.0'
+    )
+    assert handled in result.stdout.splitlines()
+    row = next(line for line in result.stdout.splitlines() if line.startswith("   billing"))
+    assert row.split()[1:8] == ["1", "2", "1", "1", "0", "0", "0"]
+    assert "Dead letters kept: 1 (see eventwire dlq)" in result.stdout
+    document = json.loads((tmp_path / "stats.json").read_text(encoding="utf-8"))
+    assert document["subscriptions"][0]["name"] == "billing"
