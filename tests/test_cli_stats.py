@@ -183,11 +183,12 @@ async def test_stats_reports_a_running_process_and_the_broker_view(
         await destroy(url)
 
 
-def test_watch_with_json_prints_a_document_per_refresh_until_interrupted(
+async def test_watch_with_json_prints_a_document_per_refresh_until_interrupted(
     tmp_path: Path, run_app: Callable[[str], subprocess.Popen[str]]
 ) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     runner = run_app(url)
+    await wait_for_report(url, runner, lambda report: bool(report.processes))
     watcher = subprocess.Popen(
         [EVENTWIRE, "stats", "--url", url, "--watch", "--json", "--interval", "0.1"],
         stdout=subprocess.PIPE,
@@ -238,7 +239,13 @@ def test_unreachable_broker_and_bad_url_exit_2_without_the_password() -> None:
     assert "unknown bus URL scheme 'kafka'" in bad.stderr
 
 
-def test_nobody_answering_is_said_and_help_shows_examples(tmp_path: Path) -> None:
+async def test_nobody_answering_is_said_and_help_shows_examples(tmp_path: Path) -> None:
+    missing = cli("stats", "--url", f"sqlite:///{tmp_path}/typo.db")
+    assert missing.returncode == 2
+    assert "no SQLite bus at" in missing.stderr
+    assert not (tmp_path / "typo.db").exists()
+    async with EventBus(f"sqlite:///{tmp_path}/quiet.db"):
+        pass
     quiet = cli("stats", "--url", f"sqlite:///{tmp_path}/quiet.db", "--timeout", "0.2")
     assert quiet.returncode == 0, quiet.stderr
     assert "No process answered within 0.2s" in quiet.stdout

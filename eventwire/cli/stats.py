@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -63,11 +64,14 @@ def stats(
 
     target = bus_url(url)
     try:
-        scheme = parse_url(target).scheme
+        parsed = parse_url(target)
     except ValueError as error:
         fail(str(error))
-    if scheme == MEMORY:
+    if parsed.scheme == MEMORY:
         fail(_MEMORY_HELP)
+    if parsed.scheme == "sqlite" and not Path(parsed.path[1:]).is_file():
+        # Opening it would create an empty bus there: a typo must not look like an idle bus.
+        fail(f"no SQLite bus at {parsed.path[1:]!r} (from {parsed.redacted})")
     try:
         asyncio.run(
             _stats(target, watch=watch, interval=interval, timeout=timeout, as_json=as_json)
