@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from eventwire.backends import open_backend
 from eventwire.backends.base import Backend, Consumer, ConsumerInfo, ConsumerSpec, Message
+from eventwire.bus import _REPLY_PREFIX, DLQ_CONSUMER
 from eventwire.envelope import EnvelopeError, decode, encode
 from eventwire.event import Event
 
@@ -36,8 +37,6 @@ logger = logging.getLogger("eventwire")
 STATS_REQUEST_TOPIC = "_bus.stats.request"
 """Where `StatsClient` asks every process for its statistics."""
 _CONSUMER_PREFIX = "_eventwire.stats."
-_REPLY_PREFIX = "_bus.reply."  # as the bus's own request-reply topics
-_DLQ_CONSUMER = "_eventwire.dlq"  # eventwire.bus.DLQ_CONSUMER, without importing the bus
 _FETCH_WAIT = 1.0
 _PUBLISH_TIMEOUT = 5.0
 _RETRY_PAUSE_MAX = 5.0
@@ -295,20 +294,18 @@ class StatsClient(_Service):
                 break
             deliveries = await self._replies.fetch(64, left)
             for delivery in deliveries:
-                with contextlib.suppress(EnvelopeError):
-                    payload = decode(delivery.body).payload
-                    if isinstance(payload, dict) and payload.get("request") == request.id:
-                        answer = {k: v for k, v in payload.items() if k != "request"}
-                        answers[str(answer["process"]["id"])] = answer
+                answer = _answer_to(request.id, delivery.body)
+                if answer is not None:
+                    answers[answer["process"]["id"]] = answer
             if deliveries:
                 await self._replies.ack(deliveries)
         async with asyncio.timeout(_PUBLISH_TIMEOUT):
             infos = await self.backend.consumers()
         processes = sorted(
             answers.values(),
-            key=lambda p: (str(p["process"]["hostname"]), int(p["process"]["pid"])),
+            key=lambda p: (p["process"]["hostname"], p["process"]["pid"]),
         )
-        dead_letters = next((i.outstanding for i in infos if i.name == _DLQ_CONSUMER), None)
+        dead_letters = next((i.outstanding for i in infos if i.name == DLQ_CONSUMER), None)
         return StatsReport(
             url=self.backend.url.redacted,
             processes=processes,
@@ -317,10 +314,34 @@ class StatsClient(_Service):
         )
 
 
+def _answer_to(request_id: str, body: bytes) -> dict[str, Any] | None:
+    """The snapshot in a reply to request `request_id`; None for anything else (a late reply
+    to an earlier request, or what another producer put on the topic)."""
+    try:
+        payload = decode(body).payload
+    except EnvelopeError:
+        return None
+    if not isinstance(payload, dict) or payload.get("request") != request_id:
+        return None
+    process, subscriptions = payload.get("process"), payload.get("subscriptions")
+    if not isinstance(process, dict) or not isinstance(subscriptions, list):
+        return None
+    pid = process.get("pid")
+    return {
+        "process": {
+            **process,
+            "id": str(process.get("id")),
+            "hostname": str(process.get("hostname", "?")),
+            "pid": pid if isinstance(pid, int) else 0,
+        },
+        "subscriptions": subscriptions,
+    }
+
+
 def _is_subscription(info: ConsumerInfo) -> bool:
     """False for the bus's own consumers: dead letters, stats requests, request replies."""
     return not (
-        info.name == _DLQ_CONSUMER
+        info.name == DLQ_CONSUMER
         or info.name.startswith(_CONSUMER_PREFIX)
         or info.pattern.startswith(_REPLY_PREFIX)
     )

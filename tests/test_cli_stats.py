@@ -3,6 +3,7 @@ handles events, and another process reads its counters over that broker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,8 +17,10 @@ from typing import Any
 
 import pytest
 
-from eventwire import EventBus
+from eventwire import Event, EventBus
 from eventwire.backends import open_backend
+from eventwire.backends.base import Message
+from eventwire.envelope import encode
 from eventwire.stats_service import StatsClient, StatsReport, StatsResponder
 from tests.conformance.conftest import backend_url, destroy
 
@@ -183,12 +186,12 @@ async def test_stats_reports_a_running_process_and_the_broker_view(
         await destroy(url)
 
 
-async def test_watch_with_json_prints_a_document_per_refresh_until_interrupted(
+def test_watch_with_json_prints_a_document_per_refresh_until_interrupted(
     tmp_path: Path, run_app: Callable[[str], subprocess.Popen[str]]
 ) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     runner = run_app(url)
-    await wait_for_report(url, runner, lambda report: bool(report.processes))
+    asyncio.run(wait_for_report(url, runner, lambda report: bool(report.processes)))
     watcher = subprocess.Popen(
         [EVENTWIRE, "stats", "--url", url, "--watch", "--json", "--interval", "0.1"],
         stdout=subprocess.PIPE,
@@ -259,3 +262,28 @@ async def test_the_in_process_bus_has_no_responder_nor_client() -> None:
         StatsResponder(EventBus())
     with pytest.raises(ValueError, match="in-process"):
         StatsClient("memory://")
+
+
+async def test_a_responder_in_your_own_code_answers_and_junk_replies_are_ignored(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/bus.db"
+    async with EventBus(url) as bus:
+        bus.subscribe("own.*", lambda event: None, name="own")
+        await bus.publish("own.x", 1)
+        async with StatsResponder(bus) as responder, StatsClient(url) as client:
+            junk: Event[Any] = Event(client.reply_topic, {"request": "someone else's"})
+            await client.backend.publish(
+                [
+                    Message("junk-1", client.reply_topic, None, b"not an envelope"),
+                    Message(junk.id, junk.topic, None, encode(junk)),
+                ]
+            )
+            report = await client.collect(timeout=5)
+            assert responder.answered == 1
+        [process] = report.processes
+        assert process["process"]["pid"] == os.getpid()
+        assert process["process"]["url"] == url
+        [own] = process["subscriptions"]
+        assert own["name"] == "own"
+        assert own["handled"] + own["queued"] + own["in_flight"] == 1
