@@ -8,11 +8,15 @@ import inspect
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from eventwire.bus import URL_ENVIRONMENT_VARIABLE, EventBus
+from eventwire.stats_service import StatsResponder
+
+if TYPE_CHECKING:
+    from eventwire.prometheus import MetricsServer
 
 
 class RunError(Exception):
@@ -53,33 +57,55 @@ def load_bus(target: str) -> EventBus:
 
 
 async def run_bus(
-    target: str, *, url: str | None = None, grace: float = 10.0, console: Console | None = None
+    target: str,
+    *,
+    url: str | None = None,
+    grace: float = 10.0,
+    console: Console | None = None,
+    metrics_port: int | None = None,
+    metrics_addr: str = "127.0.0.1",
 ) -> bool:
-    """Run the bus named by `target` until SIGTERM or SIGINT; True if it closed clean."""
+    """Run the bus named by `target` until SIGTERM or SIGINT; True if it closed clean.
+
+    On a broker backend the process answers ``eventwire stats`` while it runs. With
+    `metrics_port` (0: any free port) it also serves Prometheus metrics."""
     console = console or Console(highlight=False)
     if url is not None:
         os.environ[URL_ENVIRONMENT_VARIABLE] = url
     bus = load_bus(target)
+    metrics = _serve_metrics(bus, metrics_port, metrics_addr)
+    responder: StatsResponder | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
         await bus.start()
+        if bus.backend is not None:
+            responder = StatsResponder(bus)
+            await responder.start()
         names = ", ".join(sorted(bus.subscriptions)) or "none"
         console.print(
             f"eventwire: running {len(bus.subscriptions)} subscription(s) on {bus.safe_url} "
             f"[{names}]; SIGTERM or Ctrl-C stops",
             markup=False,
         )
+        if metrics is not None:
+            console.print(f"eventwire: metrics on {metrics.url}", markup=False)
         await stop.wait()
         console.print(f"eventwire: stopping, up to {grace:g}s for queued work", markup=False)
+        if responder is not None:
+            await responder.close()  # before the bus closes the broker connection it uses
         report = await bus.close(grace=grace)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if responder is not None:
+            await responder.close()
         if bus.running:
             await bus.close(grace=0)
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
     if report.clean:
         console.print("eventwire: stopped, every event handled", markup=False)
     else:
@@ -89,3 +115,18 @@ async def run_bus(
             markup=False,
         )
     return report.clean
+
+
+def _serve_metrics(bus: EventBus, port: int | None, addr: str) -> MetricsServer | None:
+    if port is None:
+        return None
+    try:
+        from eventwire.prometheus import serve_metrics
+    except ImportError as error:
+        raise RunError(str(error)) from None
+    try:
+        return serve_metrics(bus, port, addr)
+    except OSError as error:
+        raise RunError(
+            f"cannot serve metrics on {addr}:{port}: {error.strerror or error}"
+        ) from None

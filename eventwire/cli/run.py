@@ -79,7 +79,8 @@ def demo(
     epilog=(
         "Examples:\n\n"
         "  eventwire run myapp.agents:bus\n\n"
-        "  eventwire run myapp.agents:bus --grace 30"
+        "  eventwire run myapp.agents:bus --grace 30\n\n"
+        "  eventwire run myapp.agents:bus --url sqlite:///bus.db --metrics-port 9464"
     )
 )
 def run(
@@ -102,18 +103,44 @@ def run(
         float,
         typer.Option(help="Seconds to let queued work finish on SIGTERM / Ctrl-C."),
     ] = 10.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics on this port (0: any free one) at /metrics; needs "
+            "eventwire[prometheus].",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_addr: Annotated[
+        str,
+        typer.Option("--metrics-addr", help="Address the metrics server listens on."),
+    ] = "127.0.0.1",
 ) -> None:
     """Run every agent and subscription registered on a bus until SIGTERM or Ctrl-C.
 
     Prints one status line on start, then shuts down gracefully on a signal: new events stop,
-    queued and in-flight work gets --grace seconds, and whatever is left is reported.
+    queued and in-flight work gets --grace seconds, and whatever is left is reported. On a
+    broker the process answers `eventwire stats`; --metrics-port also serves Prometheus metrics.
     """
+    from eventwire.backends.base import BackendConnectionError
     from eventwire.runner import RunError, run_bus
 
     out = console()
     try:
-        clean = asyncio.run(run_bus(target, url=url, grace=grace, console=out))
-    except RunError as error:
+        clean = asyncio.run(
+            run_bus(
+                target,
+                url=url,
+                grace=grace,
+                console=out,
+                metrics_port=metrics_port,
+                metrics_addr=metrics_addr,
+            )
+        )
+    except (RunError, BackendConnectionError) as error:
         out.print(f"error: {error}", markup=False, style="bold red")
         raise typer.Exit(2) from None
     if not clean:
