@@ -285,7 +285,7 @@ def build_document(
         if agent:
             who["agent"] = agent
         add_operation(
-            f"{publisher.name}.publishes.{topic}",
+            f"{publisher.name}.publishes.{channel_id}",
             {
                 "action": "send",
                 "channel": {"$ref": f"#/channels/{_pointer(channel_id)}"},
