@@ -1010,12 +1010,9 @@ def _render_builtin_svg(topology: Topology) -> str:
                     f"<title>{escape(f'{row.name} <- {row.pattern}')}</title>"
                     f'<rect x="{box.x + 4:.1f}" y="{top:.1f}" width="{box.width - 8:.1f}" '
                     f'height="{_ROW - 2:.1f}" rx="4"/>'
-                    f'<text x="{box.x + _PAD:.1f}" y="{top + _ROW * 0.7:.1f}">{escape(label)}'
-                    + (
-                        f'<tspan class="detail">\u00a0· {escape(details)}</tspan>'
-                        if details
-                        else ""
-                    )
+                    f'<text x="{box.x + _PAD:.1f}" y="{top + _ROW * 0.7:.1f}" xml:space="preserve">'
+                    f"{escape(label)}"
+                    + (f'<tspan class="detail">  · {escape(details)}</tspan>' if details else "")
                     + "</text></g>"
                 )
             out.append("</g>")
