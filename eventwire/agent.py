@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from eventwire.backends.base import Start
-from eventwire.context import current_event
+from eventwire.context import current_event, current_subscription
 from eventwire.errors import BusNotRunningError
 from eventwire.event import Event, new_event
 from eventwire.retry import Retry
@@ -137,12 +137,17 @@ class Agent:
         if isinstance(topic_or_event, Event):
             if topic_or_event.source is None:
                 topic_or_event = topic_or_event.replace(source=self.name)
-            return await bus.publish(topic_or_event, payload, metadata=metadata, key=key)
-        parent = current_event.get()
-        if not bus.running:
-            bus._check_accepting(parent)
-        event = new_event(topic_or_event, payload, metadata, key, parent, self.name)
-        await bus._dispatch(event, parent)
+            event = await bus.publish(topic_or_event, payload, metadata=metadata, key=key)
+        else:
+            parent = current_event.get()
+            if not bus.running:
+                bus._check_accepting(parent)
+            event = new_event(topic_or_event, payload, metadata, key, parent, self.name)
+            await bus._dispatch(event, parent)
+        subscription = current_subscription.get()
+        if subscription is not None and subscription.source == self.name:
+            # Learnt for `eventwire topology`, as bus.publish does for plain handlers.
+            subscription.published_topics.add(event.topic)
         return event
 
     async def request(

@@ -77,6 +77,9 @@ class _Narrator:
 class MainAgent(Agent):
     """The front door: turns user input into ``user.query`` events. It handles nothing."""
 
+    # What it publishes outside any handler, for `eventwire topology`.
+    publishes = ("user.query",)
+
     def __init__(self, narrator: _Narrator, name: str = "main") -> None:
         super().__init__(name)
         self._narrator = narrator
@@ -97,7 +100,7 @@ class ResearchAgent(Agent):
         super().__init__(name)
         self._narrator = narrator
 
-    @on("user.query")
+    @on("user.query", publishes=["research.complete"])
     async def handle_query(self, event: Event[str]) -> None:
         self._narrator.say("RESEARCH", "magenta", event, "searching internal reports")
         await asyncio.sleep(_RESEARCH_TIME)  # stands in for a model or search call

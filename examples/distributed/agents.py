@@ -47,7 +47,7 @@ async def audit(event: Event[UserQuery]) -> None:
 
 # -- the research process (run as many copies as you like) -------------------------------
 class ResearchAgent(Agent):
-    @on("user.query", retry=Retry(attempts=3, backoff=0.2))
+    @on("user.query", retry=Retry(attempts=3, backoff=0.2), publishes=["research.complete"])
     async def research(self, event: Event[UserQuery]) -> None:
         await asyncio.sleep(0.05)  # the LLM call
         query = event.payload
