@@ -143,7 +143,10 @@ class Agent:
             if not bus.running:
                 bus._check_accepting(parent)
             event = new_event(topic_or_event, payload, metadata, key, parent, self.name)
-            await bus._dispatch(event, parent)
+            if bus._observers:
+                await bus._publish_observed(event, parent)
+            else:
+                await bus._dispatch(event, parent)
         subscription = current_subscription.get()
         if subscription is not None and subscription.source == self.name:
             # Learnt for `eventwire topology`, as bus.publish does for plain handlers.

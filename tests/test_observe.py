@@ -278,3 +278,18 @@ async def test_a_backlog_of_slow_handlers_is_timed_one_by_one(bus: EventBus) -> 
     handling = bus.stats()["slow"].handling
     assert handling.count == 10
     assert handling.p50 >= 0.01  # every one took at least 10 ms, so the median did too
+
+
+async def test_agents_publishes_are_observed(bus: EventBus) -> None:
+    from eventwire import Agent, on
+
+    class Research(Agent):
+        @on("user.query")
+        async def research(self, event: Event[Any]) -> None:
+            await self.publish("research.complete", event.payload)
+
+    log = bus.observe(Log())
+    bus.register(Research(name="research"))
+    await bus.publish("user.query", "q")
+    await bus.drain(timeout=2)
+    assert ("publish_finished", "research.complete", None) in log.calls
