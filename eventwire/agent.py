@@ -69,6 +69,11 @@ class Agent:
     agent's name; override `on_start` / `on_stop` for set-up and tear-down.
     """
 
+    publishes: tuple[str, ...] = ()
+    """Topics the agent publishes outside its handlers (from `on_start`, an entry point),
+    for ``eventwire topology`` and ``eventwire asyncapi``; a handler declares its own with
+    ``@on(..., publishes=[...])``."""
+
     def __init__(self, name: str | None = None) -> None:
         self.name = name or type(self).__name__
         self._bus: EventBus | None = None
