@@ -23,6 +23,7 @@ from eventwire.backends.base import (
     Backend,
     BackendCapabilityError,
     Capabilities,
+    ConsumerInfo,
     ConsumerSpec,
     Delivery,
     Message,
@@ -93,6 +94,8 @@ _PROCESS_PATTERNS = (_REPLY_PREFIX, "_bus.stats.")
 # Broker backends: the durable consumer that keeps every dead letter of the namespace until
 # `eventwire dlq` retries or purges it. Nothing in the bus fetches from it.
 DLQ_CONSUMER = "_eventwire.dlq"
+# Names of consumers opened by eventwire's tools (dead letters, stats, history readers).
+TOOLING_PREFIX = "_eventwire."
 DLQ_PATTERN = "_dlq.>"
 
 # Read by EventBus() when no URL is given, so that one app runs unchanged on any backend.
@@ -1306,9 +1309,7 @@ class EventBus:
                         owed = [
                             f"{info.name} ({info.outstanding})"
                             for info in await backend.consumers()
-                            if info.outstanding
-                            and not info.pattern.startswith(_PROCESS_PATTERNS)
-                            and info.name != DLQ_CONSUMER
+                            if info.outstanding and not _is_tooling(info)
                         ]
                         if not owed and not sum(epoch.pending for epoch in self._epochs):
                             return
@@ -1431,8 +1432,7 @@ class EventBus:
             {
                 info.name
                 for info in await backend.consumers()
-                if not info.pattern.startswith(_REPLY_PREFIX)
-                and pattern_matches(info.pattern, event.topic)
+                if not _is_tooling(info) and pattern_matches(info.pattern, event.topic)
             }
         )
         if not reached:
@@ -1599,6 +1599,13 @@ class EventBus:
             )
             return self._backend is None
         return True
+
+
+def _is_tooling(info: ConsumerInfo) -> bool:
+    """A consumer of the bus's own machinery or tools (replies, stats, the dead-letter store,
+    history readers), which no application handler stands behind: drain() and request()
+    ignore it."""
+    return info.name.startswith(TOOLING_PREFIX) or info.pattern.startswith(_PROCESS_PATTERNS)
 
 
 def _default_name(handler: Callable[..., Any]) -> str:

@@ -282,3 +282,27 @@ async def test_close_gives_unfinished_events_back_at_once(bus_url: str) -> None:
     other.subscribe("work.item", lambda e: finished.append(e.payload), name="workers")
     async with other:
         await wait_until(lambda: sorted(finished) == list(range(5)), timeout=10)
+
+
+async def test_tool_consumers_are_not_waited_for_nor_asked(
+    bus_url: str, publisher: EventBus
+) -> None:
+    """A history reader, stats responder or the dead-letter store (`_eventwire.*`) holds
+    events no application handler will finish: drain() does not wait for them and request()
+    does not count them as someone who could answer."""
+    from eventwire.backends.base import ConsumerSpec
+    from eventwire.errors import NoReplyError
+
+    backend = publisher.backend
+    assert backend is not None
+    reader = await backend.consumer(
+        ConsumerSpec("_eventwire.test-reader", ">", "latest", 30.0, ephemeral=True)
+    )
+    try:
+        await publisher.publish("audit.entry", 1)  # outstanding for the reader, never acked
+        await publisher.drain(timeout=5)
+        with pytest.raises(NoReplyError, match="no subscription matches 'audit.entry'"):
+            await publisher.request("audit.entry", 2, timeout=5)
+    finally:
+        await reader.close()
+        await backend.delete_consumer("_eventwire.test-reader")
