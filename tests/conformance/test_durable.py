@@ -301,7 +301,7 @@ async def test_tool_consumers_are_not_waited_for_nor_asked(
     try:
         await publisher.publish("audit.entry", 1)  # outstanding for the reader, never acked
         await publisher.drain(timeout=5)
-        with pytest.raises(NoReplyError, match="no subscription matches 'audit.entry'"):
+        with pytest.raises(NoReplyError, match=r"no subscription matches 'audit\.entry'"):
             await publisher.request("audit.entry", 2, timeout=5)
     finally:
         await reader.close()
