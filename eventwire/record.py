@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from eventwire.event import Event
-from eventwire.observe import HandlingRecord, Observer
+from eventwire.observe import HandlingRecord, Observer, Outcome
 from eventwire.subscription import Subscription
 from eventwire.topics import pattern_matches, validate_pattern
 
@@ -204,10 +204,13 @@ class Recorder(Observer):
         validate_pattern(topic_pattern)
         return [event for event in self.events if pattern_matches(topic_pattern, event.topic)]
 
-    def handled_by(self, subscription: str | Subscription) -> list[HandlingRecord]:
-        """The successful handlings (``outcome="handled"``) by one subscription, in order."""
+    def handled_by(
+        self, subscription: str | Subscription, outcome: Outcome = "handled"
+    ) -> list[HandlingRecord]:
+        """The handling records of one subscription (a name or a `Subscription`) that ended
+        with `outcome` (by default: the handler returned), in order."""
         name = _name(subscription)
-        return [r for r in self.handlings if r.subscription == name and r.outcome == "handled"]
+        return [r for r in self.handlings if r.subscription == name and r.outcome == outcome]
 
     def lineage(self, correlation_id: str | Event[Any]) -> list[Any]:
         """The causation tree of one chain (an event's chain, or a correlation id): the
@@ -233,6 +236,7 @@ class Recorder(Observer):
         if given) are recorded, counting those recorded before the call; return the first
         `count` of them. After `timeout` seconds raise `AssertionError` listing what was
         seen."""
+        __tracebackhide__ = True  # pytest shows the test's line, not ours
         validate_pattern(topic_pattern)
 
         def matching() -> list[Event[Any]]:
@@ -254,19 +258,25 @@ class Recorder(Observer):
         raise AssertionError(self._report(summary + "."))
 
     async def wait_handled(
-        self, subscription: str | Subscription, count: int = 1, timeout: float = 5.0
+        self,
+        subscription: str | Subscription,
+        count: int = 1,
+        timeout: float = 5.0,
+        outcome: Outcome = "handled",
     ) -> list[HandlingRecord]:
         """Wait until `subscription` (a name or a `Subscription`) has handled `count` events
-        during the recording; return their records. After `timeout` seconds raise
-        `AssertionError` listing what was seen."""
+        during the recording (or, with e.g. ``outcome="dead_lettered"``, given up on them);
+        return their records. After `timeout` seconds raise `AssertionError` listing what was
+        seen."""
+        __tracebackhide__ = True  # pytest shows the test's line, not ours
         name = _name(subscription)
-        if await self._until(lambda: len(self.handled_by(name)) >= count, timeout):
-            return self.handled_by(name)[:count]
-        summary = (
-            f"wait_handled: waited {timeout}s for subscription {name!r} to handle {count} "
-            f"event(s); it handled {len(self.handled_by(name))}."
+        if await self._until(lambda: len(self.handled_by(name, outcome)) >= count, timeout):
+            return self.handled_by(name, outcome)[:count]
+        done = len(self.handled_by(name, outcome))
+        summary = f"wait_handled: waited {timeout}s for {_expectation(name, count, outcome)}"
+        raise AssertionError(
+            self._report(f"{summary}; {_tally(done, outcome)}." + self._unknown_subscription(name))
         )
-        raise AssertionError(self._report(summary + self._unknown_subscription(name)))
 
     # -- assertions -----------------------------------------------------------------------
 
@@ -275,6 +285,7 @@ class Recorder(Observer):
     ) -> list[Event[Any]]:
         """Assert that events on `topic_pattern` (with exactly this `payload`, if given) were
         recorded: `count` of them exactly, or at least one. Returns them."""
+        __tracebackhide__ = True  # pytest shows the test's line, not ours
         on_topic = self.of(topic_pattern)
         found = [e for e in on_topic if payload is _UNSET or e.payload == payload]
         if (len(found) >= 1) if count is None else (len(found) == count):
@@ -289,15 +300,19 @@ class Recorder(Observer):
             lines += [f"  {_line(e)}" for e in on_topic if e not in found][-_LAST_EVENTS:]
         raise AssertionError(self._report("\n".join(lines)))
 
-    def assert_handled(self, subscription: str | Subscription, count: int) -> None:
-        """Assert that `subscription` handled exactly `count` events during the recording."""
+    def assert_handled(
+        self, subscription: str | Subscription, count: int, outcome: Outcome = "handled"
+    ) -> None:
+        """Assert that `subscription` handled exactly `count` events during the recording
+        (or ended that many attempts with another `outcome`, e.g. ``"dead_lettered"``)."""
+        __tracebackhide__ = True  # pytest shows the test's line, not ours
         name = _name(subscription)
-        handled = self.handled_by(name)
+        handled = self.handled_by(name, outcome)
         if len(handled) == count:
             return
         lines = [
-            f"assert_handled: expected subscription {name!r} to handle exactly {count} "
-            f"event(s) during the recording; it handled {len(handled)}" + (":" if handled else ".")
+            f"assert_handled: expected {_expectation(name, count, outcome, exactly=True)} "
+            f"during the recording; {_tally(len(handled), outcome)}" + (":" if handled else ".")
         ]
         lines += [f"  {r.topic} {r.event_id}" for r in handled[-_LAST_EVENTS:]]
         raise AssertionError(self._report("\n".join(lines) + self._unknown_subscription(name)))
@@ -305,6 +320,7 @@ class Recorder(Observer):
     def assert_no_dead_letters(self) -> None:
         """Assert that no handler gave up on a recorded event: no ``dead_lettered`` handling
         and no ``_dlq.`` event. The message names each subscription and its error."""
+        __tracebackhide__ = True  # pytest shows the test's line, not ours
         letters = self._dead_letter_lines()
         if not letters:
             return
@@ -319,6 +335,7 @@ class Recorder(Observer):
         caused by `cause` (an event or its id), following causation ids: through any number
         of events in between, or, with ``direct=True``, published by `cause`'s own handler.
         Returns the (first) effect event."""
+        __tracebackhide__ = True  # pytest shows the test's line, not ours
         cause_id = cause.id if isinstance(cause, Event) else cause
         if isinstance(effect, Event):
             candidates, effect_text = [effect], f"{effect.topic} {effect.id}"
@@ -450,6 +467,17 @@ class Recorder(Observer):
 def _release(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _expectation(name: str, count: int, outcome: Outcome, *, exactly: bool = False) -> str:
+    how_many = f"exactly {count}" if exactly else str(count)
+    if outcome == "handled":
+        return f"subscription {name!r} to handle {how_many} event(s)"
+    return f"{how_many} attempt(s) of subscription {name!r} to end {outcome!r}"
+
+
+def _tally(done: int, outcome: Outcome) -> str:
+    return f"it handled {done}" if outcome == "handled" else f"{done} did"
 
 
 def _name(subscription: str | Subscription) -> str:
