@@ -240,14 +240,17 @@ async def test_dropped_events_are_recorded(bus: EventBus) -> None:
 
 async def test_lineage_uses_the_lineage_module(bus: EventBus) -> None:
     lineage = pytest.importorskip("eventwire.lineage")
+    from rich.tree import Tree
+
     chain(bus)
     async with bus.record() as seen:
         root = await bus.publish("user.query", "revenue")
-        await seen.wait_for("email.sent", timeout=2)
-    nodes = seen.lineage(root)
+        other = await bus.publish("user.query", "costs")
+        await seen.wait_for("email.sent", count=2, timeout=2)
+    nodes = seen.lineage(root)  # one chain: the root's, not the other query's
     assert len(nodes) == 1
-    assert nodes == seen.lineage(root.correlation_id)
-    lineage.render_lineage(nodes)
+    assert len(seen.lineage(other.correlation_id)) == 1
+    assert isinstance(lineage.render_lineage(nodes), Tree)
 
 
 # -- the recorder on real brokers --------------------------------------------------------
@@ -456,6 +459,18 @@ def test_bad_url_is_a_usage_error(inner: pytest.Pytester) -> None:
     result = inner.runpytest("--eventwire-url", "kafka://x:9092")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*unknown scheme 'kafka'*"])
+    inner.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.eventwire(urls="memory")
+        async def test_it(eventwire_url):
+            pass
+        """
+    )
+    result = inner.runpytest()
+    assert result.ret == pytest.ExitCode.INTERRUPTED  # a collection error names the test
+    result.stdout.fnmatch_lines(["*test_it: @pytest.mark.eventwire takes urls=[[]...[]]*"])
 
 
 # -- docs/testing.md ----------------------------------------------------------------------
