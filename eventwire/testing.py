@@ -26,7 +26,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
@@ -193,13 +193,14 @@ def _unavailable(message: str) -> None:
 
 def _with_unique_namespace(url: str) -> str:
     """`url` with ``?namespace=`` set to a new one (kept as a prefix if it had one)."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    given = dict(query).get("namespace")
+    # Split by hand: urlunsplit() would rewrite ``sqlite:////abs/path`` URLs.
+    base, _, query = url.partition("?")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    given = dict(pairs).get("namespace")
     prefix = f"{given}_" if given else "test_"
     namespace = f"{prefix[:50]}{uuid.uuid4().hex[:12]}"
-    query = [(k, v) for k, v in query if k != "namespace"] + [("namespace", namespace)]
-    return parts._replace(query=urlencode(query)).geturl()
+    pairs = [(k, v) for k, v in pairs if k != "namespace"] + [("namespace", namespace)]
+    return f"{base}?{urlencode(pairs)}"
 
 
 async def destroy_namespace(url: str) -> None:

@@ -454,6 +454,31 @@ def test_unreachable_broker_skips_naming_it_or_fails_under_ci(
     result.stdout.fnmatch_lines(["*Redis is not reachable*CI is set, so this fails*"])
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("sqlite:////abs/bus.db", r"sqlite:////abs/bus\.db\?namespace=test_[0-9a-f]{12}"),
+        (
+            "sqlite:///rel.db?poll=0.01",
+            r"sqlite:///rel\.db\?poll=0\.01&namespace=test_[0-9a-f]{12}",
+        ),
+        (
+            "redis://:p%40ss@127.0.0.1:6379/0?namespace=app",
+            r"redis://:p%40ss@127\.0\.0\.1:6379/0\?namespace=app_[0-9a-f]{12}",
+        ),
+        ("nats", r"nats://127\.0\.0\.1:4222\?namespace=test_[0-9a-f]{12}"),
+        ("memory", r"memory://"),
+    ],
+)
+def test_isolated_url_keeps_the_url_and_adds_a_namespace(given: str, expected: str) -> None:
+    from eventwire.testing import isolated_url
+
+    for service in ("redis", "nats"):
+        if given.startswith(service):
+            require_service(service)  # isolated_url() checks that it is reachable
+    assert re.fullmatch(expected, isolated_url(given))
+
+
 def test_bad_url_is_a_usage_error(inner: pytest.Pytester) -> None:
     inner.makepyfile("async def test_it(eventwire_url): pass")
     result = inner.runpytest("--eventwire-url", "kafka://x:9092")
