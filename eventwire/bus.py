@@ -73,6 +73,7 @@ from eventwire.topics import (
 
 if TYPE_CHECKING:
     from eventwire.agent import Agent
+    from eventwire.record import Recorder
 
 logger = logging.getLogger("eventwire")
 
@@ -846,6 +847,14 @@ class EventBus:
     def observers(self) -> tuple[Observer, ...]:
         """The observers registered with `observe`, in order."""
         return tuple(self._observers)
+
+    def record(self, pattern: str = ">") -> Recorder:
+        """A recorder of the events on topics matching `pattern` and of their handling, for
+        tests: ``async with bus.record("research.>") as seen: ... await seen.wait_for(...)``.
+        See `eventwire.record.Recorder` and docs/testing.md."""
+        from eventwire.record import Recorder
+
+        return Recorder(self, pattern)
 
     # -- routing ------------------------------------------------------------------------
 

@@ -7,10 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from eventwire import Event, EventBus
-from tests.conftest import wait_until
+from eventwire import EventBus
 
 EVENTWIRE = Path(sys.executable).parent / "eventwire"
 
@@ -30,12 +28,10 @@ async def test_published_events_reach_a_subscriber_with_payload_metadata_and_key
     as_text = cli("publish", "user.query", "just words", "--key", "u-2", "--url", url)
     assert as_json.returncode == 0, as_json.stderr
     assert as_text.returncode == 0, as_text.stderr
-    seen: list[Event[Any]] = []
     reader = EventBus(url)
-    reader.subscribe("user.*", seen.append, name="reader", start="earliest")
-    async with reader:
-        await wait_until(lambda: len(seen) == 2, timeout=10)
-    first, second = seen
+    reader.subscribe("user.*", lambda event: None, name="reader", start="earliest")
+    async with reader.record() as seen, reader:
+        first, second = await seen.wait_for("user.*", count=2, timeout=10)
     assert first.id == as_json.stdout.strip()
     assert (first.payload, dict(first.metadata)) == ({"text": "refund?"}, {"user_id": "u-1"})
     assert second.id == as_text.stdout.strip()

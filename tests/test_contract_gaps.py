@@ -169,20 +169,19 @@ async def test_timeout_applies_to_plain_function_handlers(bus: EventBus) -> None
     until the thread was released)."""
     release = threading.Event()
     started = threading.Event()
-    dead: list[Event[Any]] = []
 
     def blocking(event: Event[Any]) -> None:
         started.set()
         release.wait(10)
 
-    bus.subscribe("_dlq.slow", dead.append, name="dlq")
     sub = bus.subscribe("slow", blocking, name="blocking", timeout=0.05)
     try:
-        await bus.publish("slow", 1)
-        await wait_until(lambda: bool(dead), timeout=2)
+        async with bus.record() as seen:
+            await bus.publish("slow", 1)
+            [gave_up] = await seen.wait_handled(sub, outcome="dead_lettered", timeout=2)
         assert started.is_set()
         assert not release.is_set()  # dead-lettered while the thread still blocked
-        assert "timeout" in dead[0].metadata["error"]
+        assert "timeout" in str(gave_up.error)
         assert (sub.stats.handled, sub.stats.dead_lettered) == (0, 1)
     finally:
         release.set()
