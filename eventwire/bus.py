@@ -274,7 +274,9 @@ class EventBus:
     ``async with bus:``: that starts the workers, and on exit waits for queued work (up to
     `close_grace` seconds) and closes. `publish_timeout` bounds how long `publish` waits for
     room in a full inbox (None waits for ever). `tracing=True` makes an OpenTelemetry span of
-    every publish and handling attempt (`eventwire.tracing`; needs ``eventwire[otel]``).
+    every publish and handling attempt (`eventwire.tracing`; needs ``eventwire[otel]``);
+    `lineage=True` stores a record of every handling attempt on the broker, for
+    ``eventwire trace`` (`eventwire.lineage`).
     """
 
     def __init__(
@@ -286,6 +288,7 @@ class EventBus:
         redeliver_after: float = 30.0,
         max_event_bytes: int | None = DEFAULT_MAX_BYTES,
         tracing: bool = False,
+        lineage: bool = False,
     ) -> None:
         if url is None:
             url = os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://"
@@ -326,6 +329,11 @@ class EventBus:
             from eventwire.tracing import Tracing
 
             self.observe(Tracing())
+        self.lineage = lineage
+        if lineage:
+            from eventwire.lineage import LineageRecorder
+
+            self.observe(LineageRecorder(self))
 
     def __repr__(self) -> str:
         return f"<EventBus {self.safe_url} {self._state}, {len(self._subscriptions)} subscriptions>"

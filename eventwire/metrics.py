@@ -105,3 +105,12 @@ class LatencyHistogram:
         self.count += other.count
         self.total += other.total
         self.max = max(self.max, other.max)
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for people: ``850µs``, ``12.5ms``, ``3.20s``."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"

@@ -15,7 +15,6 @@ process's subscriptions (it records them when a handler here starts on them).
 from __future__ import annotations
 
 import asyncio
-import importlib
 from collections import Counter
 from collections.abc import Callable
 from types import TracebackType
@@ -28,6 +27,7 @@ from eventwire.topics import pattern_matches, validate_pattern
 
 if TYPE_CHECKING:
     from eventwire.bus import EventBus
+    from eventwire.lineage import LineageNode
 
 _DLQ_PREFIX = "_dlq."
 _FAILED = ("retrying", "dead_lettered", "cancelled")
@@ -212,16 +212,17 @@ class Recorder(Observer):
         name = _name(subscription)
         return [r for r in self.handlings if r.subscription == name and r.outcome == outcome]
 
-    def lineage(self, correlation_id: str | Event[Any]) -> list[Any]:
+    def lineage(self, correlation_id: str | Event[Any]) -> list[LineageNode]:
         """The causation tree of one chain (an event's chain, or a correlation id): the
         `eventwire.lineage.LineageNode` roots that `eventwire.lineage.build_lineage` builds
         from this recording; print them with `eventwire.lineage.render_lineage`."""
-        # Imported by name: the recorder itself needs nothing from the lineage module.
-        lineage = importlib.import_module("eventwire.lineage")
+        from eventwire.lineage import build_lineage
+
         if isinstance(correlation_id, Event):
             correlation_id = correlation_id.correlation_id
-        nodes: list[Any] = lineage.build_lineage(self.events, self.handlings, correlation_id)
-        return nodes
+        # Dead letters are kept apart from `events` (">" does not match `_dlq.` topics), but
+        # they are part of the chain.
+        return build_lineage([*self.events, *self.dead_letters], self.handlings, correlation_id)
 
     # -- waiting --------------------------------------------------------------------------
 

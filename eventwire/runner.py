@@ -64,15 +64,21 @@ async def run_bus(
     console: Console | None = None,
     metrics_port: int | None = None,
     metrics_addr: str = "127.0.0.1",
+    lineage: bool = False,
 ) -> bool:
     """Run the bus named by `target` until SIGTERM or SIGINT; True if it closed clean.
 
     On a broker backend the process answers ``eventwire stats`` while it runs. With
-    `metrics_port` (0: any free port) it also serves Prometheus metrics."""
+    `metrics_port` (0: any free port) it also serves Prometheus metrics; `lineage` stores
+    handling records for ``eventwire trace`` (as ``EventBus(lineage=True)``)."""
     console = console or Console(highlight=False)
     if url is not None:
         os.environ[URL_ENVIRONMENT_VARIABLE] = url
     bus = load_bus(target)
+    if lineage and not bus.lineage:
+        from eventwire.lineage import LineageRecorder
+
+        bus.observe(LineageRecorder(bus))
     metrics = _serve_metrics(bus, metrics_port, metrics_addr)
     responder: StatsResponder | None = None
     stop = asyncio.Event()

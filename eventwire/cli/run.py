@@ -80,7 +80,8 @@ def demo(
         "Examples:\n\n"
         "  eventwire run myapp.agents:bus\n\n"
         "  eventwire run myapp.agents:bus --grace 30\n\n"
-        "  eventwire run myapp.agents:bus --url sqlite:///bus.db --metrics-port 9464"
+        "  eventwire run myapp.agents:bus --url sqlite:///bus.db --metrics-port 9464\n\n"
+        "  eventwire run myapp.agents:bus --url sqlite:///bus.db --lineage"
     )
 )
 def run(
@@ -118,6 +119,14 @@ def run(
         str,
         typer.Option("--metrics-addr", help="Address the metrics server listens on."),
     ] = "127.0.0.1",
+    lineage: Annotated[
+        bool,
+        typer.Option(
+            "--lineage",
+            help="Store a record of every handling on the broker, for `eventwire trace` "
+            "(as EventBus(lineage=True)).",
+        ),
+    ] = False,
 ) -> None:
     """Run every agent and subscription registered on a bus until SIGTERM or Ctrl-C.
 
@@ -138,6 +147,7 @@ def run(
                 console=out,
                 metrics_port=metrics_port,
                 metrics_addr=metrics_addr,
+                lineage=lineage,
             )
         )
     except (RunError, BackendConnectionError) as error:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from eventwire.cli._app import UrlOption, app, bus_url, console, fail
+from eventwire.metrics import format_seconds
 
 if TYPE_CHECKING:
     from rich.console import Group, RenderableType
@@ -162,7 +163,7 @@ def _counter(field: str) -> Callable[[dict[str, Any]], str]:
 def _time(quantile: str) -> Callable[[dict[str, Any]], str]:
     def show(sub: dict[str, Any]) -> str:
         handling = sub["handling"]
-        return _duration(handling[quantile]) if handling["count"] else "-"
+        return format_seconds(handling[quantile]) if handling["count"] else "-"
 
     return show
 
@@ -231,11 +232,3 @@ def _broker_table(report: StatsReport) -> RenderableType:
         style = "red" if info.outstanding and not running else ""
         table.add_row(info.name, info.pattern, str(info.outstanding), Text(str(running), style))
     return table
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f}µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f}ms"
-    return f"{seconds:.2f}s"
