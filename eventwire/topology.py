@@ -4,7 +4,7 @@
 groups, ``publishes=[...]``) and what it learnt while it ran (`Subscription.published_topics`);
 `Topology.learn(events)` adds what events seen on a broker say (each event's `source` published
 its topic); `read_history(url, since=...)` fetches those events from a broker that keeps
-history. Renderers turn the model into text, Mermaid, Graphviz DOT or SVG.
+history (`eventwire.history`). Renderers turn the model into text, Mermaid, Graphviz DOT or SVG.
 
 Edges are of two kinds: a topic *feeds* a subscription (``subscribes``; a wildcard pattern links
 every known topic it matches and carries the pattern as its label) and a subscription or agent
@@ -14,19 +14,17 @@ time, in this process or in broker history); renderers draw learnt-only edges da
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
-import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Literal
 from xml.sax.saxutils import escape, quoteattr
 
+from eventwire.history import parse_since as parse_since
 from eventwire.topics import pattern_matches
 
 if TYPE_CHECKING:
@@ -386,27 +384,6 @@ def _declared(value: Any) -> tuple[str, ...]:
 
 # -- history --------------------------------------------------------------------------------
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_since(text: str, *, now: datetime | None = None) -> datetime:
-    """A start time from ``90s``, ``15m``, ``1h``, ``2d``, ``1w`` (ago) or an ISO 8601 time
-    (UTC when it has no offset). Raises `ValueError` with an example otherwise."""
-    now = now or datetime.now(UTC)
-    match = _DURATION.fullmatch(text)
-    if match:
-        amount = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-        return now - timedelta(seconds=amount)
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f"--since {text!r} is neither a duration (e.g. 30m, 1h, 2d) nor an ISO 8601 time "
-            "(e.g. 2026-01-31T09:00:00Z)"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
 
 async def read_history(
     url: str,
@@ -416,70 +393,23 @@ async def read_history(
     limit: int = 100_000,
     progress: Callable[[int], None] | None = None,
 ) -> list[Event[Any]]:
-    """The events a broker still holds from `since` on (application topics and dead letters).
+    """The events a broker still holds from `since` on (application topics and dead letters):
+    `eventwire.history.read_history`, with hints for ``eventwire topology`` in its errors."""
+    from eventwire.history import HistoryTimeoutError, HistoryUnavailableError
+    from eventwire.history import read_history as read
 
-    Opens short-lived (ephemeral) consumers that start at `since`, fetches and acknowledges
-    until the broker says none of them has anything left (or `limit` events, or `timeout`
-    seconds), and removes them. Live subscriptions are not touched. Raises `ValueError` for a
-    backend that keeps no history, `TimeoutError` (with what was read so far in its
-    ``events`` attribute) if the broker has more than `timeout` allows.
-    """
-    from eventwire.backends import open_backend, resolve_url
-    from eventwire.backends.base import ConsumerSpec
-    from eventwire.envelope import EnvelopeError, decode
-
-    backend = open_backend(resolve_url(url))
-    if backend is None or not backend.capabilities.replay:
-        scheme = url.partition(":")[0] or url
-        raise ValueError(
-            f"{scheme}:// keeps no history to learn from; give --url a sqlite://, redis:// or "
-            "nats:// bus (or leave it out to draw what the app declares)"
-        )
-    events: list[Event[Any]] = []
-    token = secrets.token_hex(4)
-    specs = [
-        ConsumerSpec(f"_eventwire.topology.{token}.{index}", pattern, since, 30.0, ephemeral=True)
-        for index, pattern in enumerate((">", "_dlq.>"))
-    ]
-    names = {spec.name for spec in specs}
     try:
-        async with asyncio.timeout(timeout):
-            await backend.connect()
-            consumers = [await backend.consumer(spec) for spec in specs]
-            try:
-                while len(events) < limit:
-                    fetched = 0
-                    for consumer in consumers:
-                        deliveries = await consumer.fetch(min(500, limit - len(events)), 0.05)
-                        fetched += len(deliveries)
-                        for delivery in deliveries:
-                            # Not an eventwire event: it says nothing of who sent it.
-                            with contextlib.suppress(EnvelopeError):
-                                events.append(decode(delivery.body))
-                        if deliveries:
-                            await consumer.ack(deliveries)
-                    if progress is not None and fetched:
-                        progress(len(events))
-                    if fetched:
-                        continue
-                    owed = sum(
-                        info.outstanding for info in await backend.consumers() if info.name in names
-                    )
-                    if not owed:
-                        break
-            finally:
-                for consumer in consumers:
-                    await consumer.close()
-    except TimeoutError:
-        error = TimeoutError(
-            f"reading the history of {backend.url.redacted} took more than {timeout:g}s "
-            f"({len(events)} events read); narrow --since or raise --timeout"
+        return await read(
+            url, since=since, timeout=timeout, limit=limit, progress=progress, purpose="topology"
         )
-        error.events = events  # type: ignore[attr-defined]
-        raise error from None
-    finally:
-        await backend.close()
-    return events
+    except HistoryUnavailableError as error:
+        raise HistoryUnavailableError(
+            f"{error} (or leave --url out to draw what the app declares)"
+        ) from None
+    except HistoryTimeoutError as error:
+        raise HistoryTimeoutError(
+            f"{error}; narrow --since or raise --timeout", error.events
+        ) from None
 
 
 # -- names for the diagram languages ---------------------------------------------------------
