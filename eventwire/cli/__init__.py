@@ -6,7 +6,7 @@ commands on it. Commands import what they need lazily, so ``eventwire --help`` s
 
 from __future__ import annotations
 
-from eventwire.cli import describe, dlq, run, stats  # noqa: F401  (registers their commands)
+from eventwire.cli import describe, dlq, inspect, run, stats  # noqa: F401  (registers their commands)
 from eventwire.cli._app import app
 
 
