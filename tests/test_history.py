@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,31 +23,26 @@ from eventwire.history import (
     parse_time,
     read_history,
 )
-from tests.services import require_service, unique_namespace, with_namespace
+from tests.conformance.conftest import backend_url, destroy
 
 HISTORY_KINDS = ["sqlite", "redis", "nats"]
 
 
-def bus_url(kind: str, tmp_path: Path) -> str:
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path}/bus.db"
-    service = "rabbitmq" if kind == "amqp" else kind
-    return with_namespace(require_service(service), unique_namespace())
+@contextlib.asynccontextmanager
+async def started(url: str, **options: Any) -> AsyncIterator[EventBus]:
+    """A started bus on `url`; its namespace is removed from the broker afterwards."""
+    try:
+        async with EventBus(url, **options) as bus:
+            yield bus
+    finally:
+        await destroy(url)
 
 
 @pytest.fixture
 async def running(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventBus]:
-    """A started bus on the parametrized broker; its namespace is destroyed afterwards."""
-    bus = EventBus(bus_url(request.param, tmp_path))
-    async with bus:
+    """A started bus on the parametrized broker."""
+    async with started(backend_url(request.param, tmp_path)) as bus:
         yield bus
-    backend = bus.backend
-    assert backend is not None
-    await backend.connect()
-    try:
-        await backend.destroy()
-    finally:
-        await backend.close()
 
 
 async def readers_left(bus: EventBus) -> list[str]:
