@@ -7,7 +7,7 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -21,48 +21,60 @@ from tests.test_history import started
 READY = "tailing "
 
 
-class Tail:
-    """A running ``eventwire tail``: its process and the stderr read so far."""
+class Command:
+    """A running ``eventwire`` command: its process and what it printed so far."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
-        self.stderr = ""
+        self.printed = {"stdout": "", "stderr": ""}
 
-    async def ready(self, timeout: float = 30) -> None:
-        """Wait for the line saying the consumer exists."""
-        assert self.process.stderr is not None
+    @property
+    def stderr(self) -> str:
+        return self.printed["stderr"]
+
+    async def ready(self, marker: str = READY, stream: str = "stderr", timeout: float = 30) -> None:
+        """Wait for `marker` on `stream` (by default, tail's line saying its consumer exists)."""
+        reader = self.process.stderr if stream == "stderr" else self.process.stdout
+        assert reader is not None
         async with asyncio.timeout(timeout):
-            while READY not in self.stderr:
-                line = await self.process.stderr.readline()
-                assert line, f"tail exited before it was ready: {self.stderr}"
-                self.stderr += line.decode()
+            while marker not in self.printed[stream]:
+                line = await reader.readline()
+                assert line, f"exited before printing {marker!r}: {self.printed}"
+                self.printed[stream] += line.decode()
 
     async def finish(self, timeout: float = 30) -> tuple[int, str]:
-        """(exit code, stdout) once it exits by itself."""
+        """(exit code, all of stdout) once it exits by itself."""
         stdout, stderr = await asyncio.wait_for(self.process.communicate(), timeout)
-        self.stderr += stderr.decode()
+        self.printed["stdout"] += stdout.decode()
+        self.printed["stderr"] += stderr.decode()
         assert self.process.returncode is not None
-        return self.process.returncode, stdout.decode()
+        return self.process.returncode, self.printed["stdout"]
 
 
 @asynccontextmanager
-async def tail(*args: str) -> AsyncIterator[Tail]:
+async def eventwire(*args: str, cwd: Path | None = None) -> AsyncIterator[Command]:
+    """``eventwire ARGS`` started in the background; killed on exit if still running."""
     environment = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    environment.pop("EVENTWIRE_URL", None)
     process = await asyncio.create_subprocess_exec(
         str(EVENTWIRE),
-        "tail",
         *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=environment,
+        cwd=cwd,
     )
     try:
-        yield Tail(process)
+        yield Command(process)
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def tail(*args: str) -> AbstractAsyncContextManager[Command]:
+    return eventwire("tail", *args)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "amqp"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 from eventwire import Event, EventBus
 from tests.conformance.conftest import backend_url
 from tests.test_cli_dlq import cli
+from tests.test_cli_tail import eventwire
 from tests.test_history import started
 from tests.test_lineage import wire_chain
 
@@ -145,3 +148,45 @@ def test_help_shows_examples() -> None:
     shown = cli("trace", "--help")
     assert shown.returncode == 0
     assert "eventwire trace 0190f3c2-8d4e-7b1a-9c3f-3a5c0e2f41d7 --json" in shown.stdout
+
+
+def docs_app() -> str:
+    """The app of the walk through in docs/cli.md."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text("utf-8")
+    match = re.search(r"```python\n(from eventwire .*?)```", text, re.DOTALL)
+    assert match, "docs/cli.md has no app under 'A walk through'"
+    return match.group(1)
+
+
+async def test_the_walk_through_of_the_docs_runs_as_shown(tmp_path: Path) -> None:
+    (tmp_path / "agents.py").write_text(docs_app(), encoding="utf-8")
+    url = "sqlite:///agents.db"  # relative: the commands run in tmp_path
+    app = eventwire("run", "agents:bus", "--url", url, "--lineage", cwd=tmp_path)
+    # Four handling records end the chain: research, email twice, archive.
+    records = eventwire("tail", "_bus.handled", "--url", url, "--count", "4", cwd=tmp_path)
+    async with app as running, records as handled:
+        await running.ready("running 3 subscription(s)", stream="stdout")
+        await handled.ready()
+        published = await asyncio.to_thread(
+            cli, "publish", "user.query", '{"text": "refund policy"}', "--url", url, cwd=tmp_path
+        )
+        assert published.returncode == 0, published.stderr
+        code, _ = await handled.finish()
+        assert code == 0, handled.stderr
+        shown = await asyncio.to_thread(
+            cli, "trace", published.stdout.strip(), "--url", url, cwd=tmp_path
+        )
+        running.process.send_signal(signal.SIGTERM)
+        code, _ = await running.finish()
+    assert code == 0, running.stderr
+    assert shown.returncode == 0, shown.stderr
+    for expected in (
+        "✓ research  handled  1 attempt",
+        "✗ archive  dead_lettered  1 attempt",
+        "(ValueError: archive is full)",
+        "✓ email  handled  2 attempts",
+        "(ConnectionError: smtp timeout)",
+        "_dlq.research.complete",
+        "email.sent",
+    ):
+        assert expected in shown.stdout, shown.stdout
