@@ -136,7 +136,7 @@ async def test_a_bus_without_history_is_a_clear_error(url: str) -> None:
         await read_history(url, since=datetime.now(UTC))
 
 
-@pytest.mark.parametrize("running", ["sqlite", "redis", "amqp"], indirect=True)
+@pytest.mark.parametrize("running", ["sqlite", "redis", "nats", "amqp"], indirect=True)
 async def test_follow_sees_what_is_published_after_it_starts(running: EventBus) -> None:
     await running.publish("live.a", "before")
     seen: list[Event[Any]] = []
