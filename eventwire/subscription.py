@@ -465,6 +465,10 @@ class Subscription:
         timed_seconds = 0.0
         fast_count = 0
         fast_seconds = 0.0
+        # The latest timed event under and over the fast threshold: what untimed events of a
+        # run most likely took.
+        fast_sample = 0.0
+        slow_sample = 0.0
         while True:
             if chain:
                 event = chain.popleft()
@@ -486,7 +490,7 @@ class Subscription:
                         untimed = streak - timed_count
                         run_seconds -= timed_seconds
                         if run_seconds > _FAST_HANDLER * untimed:
-                            self._record_untimed(untimed, run_seconds, timed_count, timed_seconds)
+                            self._record_untimed(untimed, run_seconds, fast_sample, slow_sample)
                             slow = True
                         else:
                             fast_count += untimed
@@ -574,6 +578,10 @@ class Subscription:
                     timed_count += 1
                     timed_seconds += elapsed
                     slow = elapsed > _FAST_HANDLER
+                    if slow:
+                        slow_sample = elapsed
+                    else:
+                        fast_sample = elapsed
                 if streak >= _YIELD_EVERY:
                     in_flight[index] = None
                     run_seconds = now - run_started
@@ -581,7 +589,7 @@ class Subscription:
                     untimed = streak - timed_count
                     if untimed:
                         self._record_untimed(
-                            untimed, run_seconds - timed_seconds, timed_count, timed_seconds
+                            untimed, run_seconds - timed_seconds, fast_sample, slow_sample
                         )
                     streak = timed_count = 0
                     timed_seconds = 0.0
@@ -599,19 +607,21 @@ class Subscription:
                     check_at = streak + 1
 
     def _record_untimed(
-        self, untimed: int, seconds: float, timed_count: int, timed_seconds: float
+        self, untimed: int, seconds: float, fast_sample: float, slow_sample: float
     ) -> None:
-        """Record `untimed` events of a run that took `seconds` together. Those timed in the
-        same run show what one usually takes; time beyond that went to one slow event (the
-        likeliest case: a slow handler among fast ones), so the tail and the maximum stay
-        close to right."""
-        typical = timed_seconds / timed_count if timed_count else 0.0
-        excess = seconds - typical * untimed
+        """Record `untimed` events of a run that took `seconds` together. Time beyond what
+        fast events take (`fast_sample`) went to slow ones: as many as it takes events like
+        the last slow one timed (`slow_sample`), or one if none was, so the tail and the
+        maximum stay close to right."""
+        excess = seconds - fast_sample * untimed
         if excess <= _FAST_HANDLER or untimed == 1:
             self._histogram.record(seconds / untimed, untimed)
             return
-        self._histogram.record(typical, untimed - 1)
-        self._histogram.record(excess + typical)
+        slow = round(excess / slow_sample) if slow_sample else 1
+        slow = min(max(slow, 1), untimed)
+        if untimed > slow:
+            self._histogram.record(fast_sample, untimed - slow)
+        self._histogram.record(excess / slow + fast_sample, slow)
 
     async def _observed(self, event: Event[Any], attempt: int) -> Any:
         """One handling attempt, reported to the bus's observers."""
