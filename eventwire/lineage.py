@@ -122,7 +122,8 @@ def _short(event_id: str | None) -> str:
     return "-" if event_id is None else event_id[-12:]
 
 
-def _preview(payload: Any, width: int = 60) -> str:
+def payload_preview(payload: Any, width: int = 60) -> str:
+    """A payload on one line, as JSON, cut at `width` characters."""
     if isinstance(payload, Event):
         text = f"<event {payload.topic} {_short(payload.id)}>"
     else:
@@ -159,7 +160,7 @@ def _event_label(node: LineageNode, start: datetime, marked: str | None) -> Text
         (event.topic, "bold cyan" if not event.topic.startswith("_dlq.") else "bold red"),
         f"  {_short(event.id)}",
         (f"  from {event.source}" if event.source else "", "dim"),
-        ("  " + escape(_preview(event.payload)), "dim"),
+        ("  " + escape(payload_preview(event.payload)), "dim"),
     )
     if marked is not None and event.id == marked:
         label.append("  ◀", style="bold yellow")

@@ -123,7 +123,7 @@ def _event_line(event: Event[Any], *, to: str | None = None) -> Any:
     payload."""
     from rich.text import Text
 
-    from eventwire.lineage import _preview  # the same preview as `eventwire trace`
+    from eventwire.lineage import payload_preview  # the same as `eventwire trace`
 
     return Text.assemble(
         (event.timestamp.astimezone().strftime("%H:%M:%S.%f")[:-3], "dim"),
@@ -135,7 +135,7 @@ def _event_line(event: Event[Any], *, to: str | None = None) -> Any:
         f"  id …{_short(event.id)}",
         (f"  cause …{_short(event.causation_id)}" if event.causation_id else "", "dim"),
         "  ",
-        _preview(event.payload),
+        payload_preview(event.payload),
     )
 
 
