@@ -89,8 +89,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 def parse_time(text: str, *, option: str = "--since", now: datetime | None = None) -> datetime:
     """A moment from an age (``90s``, ``15m``, ``2h``, ``1d``, ``1w``: that long ago), ``now``,
-    or an ISO 8601 date or time (UTC when it has no offset). Raises `ValueError` naming
-    `option`, with examples, otherwise."""
+    or an ISO 8601 date or time (local time when it has no offset, as a person typing it
+    means). Raises `ValueError` naming `option`, with examples, otherwise."""
     now = now or datetime.now(UTC)
     match = _DURATION.fullmatch(text)
     if match:
@@ -104,7 +104,7 @@ def parse_time(text: str, *, option: str = "--since", now: datetime | None = Non
             f"{option} {text!r} is neither a duration (e.g. 30m, 1h, 2d) nor an ISO 8601 time "
             "(e.g. 2026-01-31T09:00:00Z)"
         ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return moment if moment.tzinfo is not None else moment.astimezone()
 
 
 parse_since = parse_time

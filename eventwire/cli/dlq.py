@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
@@ -90,9 +89,6 @@ AllOption = Annotated[bool, typer.Option("--all", help="Every dead letter.")]
 YesOption = Annotated[
     bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (needed without a TTY).")
 ]
-
-_AGE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dlq_app.command(
@@ -353,18 +349,12 @@ def _filters(
 
 def _moment(option: str, text: str) -> datetime:
     """An age (``10m``: that long ago) or an ISO 8601 date/time (local time if naive)."""
-    age = _AGE.fullmatch(text.strip())
-    if age is not None:
-        seconds = float(age.group(1)) * _UNIT_SECONDS[age.group(2)]
-        return datetime.now(UTC) - timedelta(seconds=seconds)
+    from eventwire.history import parse_time
+
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        fail(
-            f"{option} {text!r} is neither an age (30s, 10m, 2h, 7d, 1w) nor an ISO date/time "
-            "(2026-01-31 or 2026-01-31T09:30:00Z)"
-        )
-    return moment.astimezone() if moment.tzinfo is None else moment
+        return parse_time(text, option=option)
+    except ValueError as problem:
+        fail(str(problem))
 
 
 def _check_selection(
