@@ -54,6 +54,7 @@ class Case:
 
 CASES = (
     Case("ew-off", "eventwire", "memory", "off", "eventwire, no observer"),
+    Case("ew-observer", "eventwire", "memory", "observer", "eventwire, a do-nothing `Observer`"),
     Case("ew-record", "eventwire", "memory", "record", 'eventwire, `bus.record(">")`'),
     Case("ew-api", "eventwire", "memory", "api", "eventwire, tracing, API only"),
     Case("ew-sdk", "eventwire", "memory", "sdk", "eventwire, tracing, SDK"),
@@ -80,8 +81,8 @@ CHAIN_SIZES = {
     ("eventwire", "memory"): (ChainSizes(20_000, 1_000), ChainSizes(2_000, 200)),
     # autogen-core handles some 10k messages/s untraced.
     ("autogen-core", "memory"): (ChainSizes(3_000, 300), ChainSizes(500, 50)),
-    ("eventwire", "redis"): (ChainSizes(3_000, 300, 100), ChainSizes(500, 100, 100)),
-    ("FastStream", "redis"): (ChainSizes(3_000, 300, 100), ChainSizes(500, 100, 100)),
+    ("eventwire", "redis"): (ChainSizes(5_000, 500, 100), ChainSizes(500, 100, 100)),
+    ("FastStream", "redis"): (ChainSizes(5_000, 500, 100), ChainSizes(500, 100, 100)),
 }
 VERIFY_ROOTS = 200
 # Calls per read measurement: (full, quick).
@@ -193,8 +194,13 @@ def off_key(case: Case) -> str:
 
 
 def per_run(samples: Samples, key: str, versus: str, how: str) -> list[float]:
-    """Within each run: `key`'s rate ÷ `versus`'s (``ratio``), or the time per chain that
-    `key` adds over `versus`, in µs (``overhead``)."""
+    """Within each run: `key`'s rate ÷ `versus`'s (``ratio``), or the wall time (``overhead``)
+    or CPU time (``cpu``) per chain that `key` adds over `versus`, in µs."""
+    if how == "cpu":
+        mine = values(samples, key, "cpu_us_per_chain")
+        return [
+            a - b for a, b in zip(mine, values(samples, versus, "cpu_us_per_chain"), strict=True)
+        ]
     mine, theirs = values(samples, key, "rate"), values(samples, versus, "rate")
     if how == "ratio":
         return [a / b for a, b in zip(mine, theirs, strict=True)]
@@ -205,28 +211,40 @@ def rate_text(rate: float) -> str:
     return f"{rate / 1e3:,.1f} k" if rate >= 1e4 else f"{rate:,.0f}"
 
 
+def median_range(each_run: list[float]) -> str:
+    """The median, and in brackets the lowest and highest run."""
+    middle = statistics.median(each_run)
+    return f"{middle:,.1f} ({min(each_run):,.0f} – {max(each_run):,.0f})"
+
+
 def chain_table(samples: Samples, spans: dict[str, dict[str, Any]], group: str) -> str:
     lines = [
-        "| Setup | chains/s ↑ | × untraced | added µs per chain ↓ | spans per chain "
-        "| µs per span | traces per chain |",
-        "|---|---|---|---|---|---|---|",
+        "| Setup | chains/s ↑ | × untraced | added wall µs per chain ↓ "
+        "| added CPU µs per chain ↓ | spans per chain | added CPU µs per span "
+        "| traces per chain |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for case in (c for c in CASES if c.group == group):
         rate = statistics.median(values(samples, case.key, "rate"))
         cells = [case.label, rate_text(rate)]
         base = off_key(case)
         if case.key == base:
-            cells += ["1", "–", "0", "–", "–"]
+            cpu = statistics.median(values(samples, case.key, "cpu_us_per_chain"))
+            cells += ["1", "–", f"– ({cpu:,.0f} in all)", "0", "–", "–"]
         else:
             ratio = statistics.median(per_run(samples, case.key, base, "ratio"))
-            added = statistics.median(per_run(samples, case.key, base, "overhead"))
-            cells += [f"{ratio:.2f}×", f"{added:,.1f}"]
+            cpu_runs = per_run(samples, case.key, base, "cpu")
+            cells += [
+                f"{ratio:.2f}×",
+                median_range(per_run(samples, case.key, base, "overhead")),
+                median_range(cpu_runs),
+            ]
             verified = spans.get(case.key)
             if verified is not None:
                 per_chain = verified["spans_per_root"]
                 cells += [
                     f"{per_chain:g}",
-                    f"{added / per_chain:,.1f}",
+                    f"{statistics.median(cpu_runs) / per_chain:,.1f}",
                     f"{verified['traces_per_root']:g}",
                 ]
             else:
@@ -236,14 +254,11 @@ def chain_table(samples: Samples, spans: dict[str, dict[str, Any]], group: str) 
 
 
 def comparison_table(samples: Samples, spans: dict[str, dict[str, Any]], group: str) -> str:
-    """eventwire against the peer of `group`, per run, then the median."""
+    """eventwire against the peer of `group`: medians over the runs of per-run figures."""
     ours = "ew" if group == "memory" else "ewr"
     peer = "ag" if group == "memory" else "fs"
     name = BY_KEY[f"{peer}-off"].library
-    lines = [
-        f"| | eventwire | {name} | eventwire vs {name} |",
-        "|---|---|---|---|",
-    ]
+    lines = [f"| | eventwire | {name} | eventwire vs {name} |", "|---|---|---|---|"]
     for mode, title in (("off", "chains/s untraced"), ("sdk", "chains/s traced (SDK)")):
         mine, theirs = f"{ours}-{mode}", f"{peer}-{mode}"
         ratio = statistics.median(per_run(samples, mine, theirs, "ratio"))
@@ -252,26 +267,25 @@ def comparison_table(samples: Samples, spans: dict[str, dict[str, Any]], group: 
             f"| {rate_text(statistics.median(values(samples, theirs, 'rate')))} "
             f"| {ratio:.2f}× the throughput |"
         )
-    for mode, title in (("api", "API only"), ("sdk", "SDK")):
-        mine = per_run(samples, f"{ours}-{mode}", f"{ours}-off", "overhead")
-        theirs = per_run(samples, f"{peer}-{mode}", f"{peer}-off", "overhead")
-        ratios = [b / a for a, b in zip(mine, theirs, strict=True) if a > 0]
-        relative = less_or_more(statistics.median(ratios)) if ratios else "n/a"
-        lines.append(
-            f"| added µs per chain, {title} | {statistics.median(mine):,.1f} "
-            f"| {statistics.median(theirs):,.1f} | {relative} |"
-        )
     ours_spans = spans[f"{ours}-sdk"]["spans_per_root"]
     peer_spans = spans[f"{peer}-sdk"]["spans_per_root"]
-    mine = statistics.median(per_run(samples, f"{ours}-sdk", f"{ours}-off", "overhead"))
-    theirs = statistics.median(per_run(samples, f"{peer}-sdk", f"{peer}-off", "overhead"))
+    for how, unit in (("overhead", "wall"), ("cpu", "CPU")):
+        for mode, title in (("api", "API only"), ("sdk", "SDK")):
+            mine = statistics.median(per_run(samples, f"{ours}-{mode}", f"{ours}-off", how))
+            theirs = statistics.median(per_run(samples, f"{peer}-{mode}", f"{peer}-off", how))
+            lines.append(
+                f"| added {unit} µs per chain, {title} | {mine:,.1f} | {theirs:,.1f} "
+                f"| {less_or_more(theirs / mine) if mine > 0 < theirs else 'n/a (noise)'} |"
+            )
     lines.append(
         f"| spans per chain (SDK) | {ours_spans:g} | {peer_spans:g} | "
         f"{'same' if ours_spans == peer_spans else 'differ: compare per span'} |"
     )
+    mine = statistics.median(per_run(samples, f"{ours}-sdk", f"{ours}-off", "cpu")) / ours_spans
+    theirs = statistics.median(per_run(samples, f"{peer}-sdk", f"{peer}-off", "cpu")) / peer_spans
     lines.append(
-        f"| added µs per span (SDK) | {mine / ours_spans:,.1f} | {theirs / peer_spans:,.1f} "
-        f"| {less_or_more((theirs / peer_spans) / (mine / ours_spans))} |"
+        f"| added CPU µs per span (SDK) | {mine:,.1f} | {theirs:,.1f} "
+        f"| {less_or_more(theirs / mine)} |"
     )
     return "\n".join(lines)
 
@@ -424,9 +438,14 @@ def report(samples: Samples, spans: dict[str, dict[str, Any]], env: str, quick: 
             "non-recording.",
             sizes_note(quick),
             f"## In process (median of {runs} run(s))",
-            "× untraced and added µs per chain are medians of per-run figures against the "
-            "same library's first row. µs per span = added µs per chain ÷ spans per chain. "
-            "Spans and traces per chain come from the verification pass.",
+            "× untraced and the added times are medians of per-run figures against the "
+            "same library's first row; in brackets, the lowest and highest run (a range "
+            "that spans 0 is noise). Wall: from the rates, 1/rate − 1/rate untraced. CPU: "
+            "the measuring process's CPU time (every thread, the span processor's too) per "
+            "chain, minus the untraced one; the untraced row shows its whole CPU time per "
+            "chain. Against a broker, wall time also holds waits on the broker, so CPU is "
+            "the steadier measure of what tracing adds. Per span: added CPU µs per chain ÷ "
+            "spans per chain. Spans and traces per chain come from the verification pass.",
             chain_table(samples, spans, "memory"),
             comparison_table(samples, spans, "memory"),
             f"## On Redis (median of {runs} run(s))",

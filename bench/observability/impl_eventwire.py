@@ -1,9 +1,14 @@
 """The chain on eventwire: in process (``memory://``) or on Redis Streams.
 
-Modes: ``off`` (plain bus), ``record`` (``bus.record(">")``, the test recorder, keeping every
-event and handling record), ``api`` (``EventBus(tracing=True)``, no SDK: non-recording
-spans), ``sdk`` (``EventBus(tracing=True)`` with the SDK provider installed globally, where
-eventwire's tracing looks it up).
+Modes:
+
+- ``off``: a plain bus;
+- ``observer``: ``bus.observe(Observer())``, an observer whose hooks do nothing: what the
+  observer hooks cost before any observer does work;
+- ``record``: ``bus.record(">")``, the test recorder, keeping every event and handling record;
+- ``api``: ``EventBus(tracing=True)`` without an SDK: non-recording spans;
+- ``sdk``: ``EventBus(tracing=True)`` with the SDK provider installed globally, where
+  eventwire's tracing looks it up.
 """
 
 from __future__ import annotations
@@ -15,16 +20,18 @@ from typing import Any
 from common import Metrics, expect
 
 from eventwire import Event, EventBus
+from eventwire.observe import Observer
 from observability.chain import ChainSizes, Tally, time_chains
 from observability.otel import Setup
 
 logging.getLogger("eventwire").setLevel(logging.ERROR)
 
-MODES = ("off", "record", "api", "sdk")
+MODES = ("off", "observer", "record", "api", "sdk")
 
 
 async def run(url: str, mode: str, sizes: ChainSizes, verify: bool) -> Metrics:
-    setup = Setup("off" if mode in ("off", "record") else mode, verify=verify)  # type: ignore[arg-type]
+    tracing = mode if mode in ("api", "sdk") else "off"
+    setup = Setup(tracing, verify=verify)  # type: ignore[arg-type]
     setup.install_globally()
     tally = Tally()
     bus = EventBus(url, tracing=setup.tracing != "off")
@@ -35,6 +42,8 @@ async def run(url: str, mode: str, sizes: ChainSizes, verify: bool) -> Metrics:
     async def on_research(event: Event[Any]) -> None:
         tally.hit()
 
+    if mode == "observer":
+        bus.observe(Observer())
     bus.subscribe("user.query", on_query, name="researcher")
     bus.subscribe("research.complete", on_research, name="reporter")
 
