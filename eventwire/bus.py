@@ -325,6 +325,9 @@ class EventBus:
         self._reply_subscription: Subscription | None = None
         # See `observe`. A list mutated in place: workers keep a reference to it.
         self._observers: list[Observer] = []
+        # True when a publish does more than queue in process (a broker or observers): one
+        # test on the in-process hot path instead of two.
+        self._indirect = self._backend is not None
         if tracing:
             from eventwire.tracing import Tracing
 
@@ -844,12 +847,14 @@ class EventBus:
             )
         if observer not in self._observers:
             self._observers.append(observer)
+            self._indirect = True
         return observer
 
     def unobserve(self, observer: Observer) -> None:
         """Stop calling `observer`. No error if it was not observing."""
         with contextlib.suppress(ValueError):
             self._observers.remove(observer)
+        self._indirect = self._backend is not None or bool(self._observers)
 
     @property
     def observers(self) -> tuple[Observer, ...]:
@@ -953,10 +958,10 @@ class EventBus:
                 event = new_event(topic_or_event, payload, metadata, key, parent, source)
         else:
             event = self._adopt(topic_or_event, payload, metadata, key, parent)
-        if self._observers:
-            await self._publish_observed(event, parent)
-            return event
-        if self._backend is not None:
+        if self._indirect:
+            if self._observers:
+                await self._publish_observed(event, parent)
+                return event
             if self._opening:
                 await self._store(event)
                 return event

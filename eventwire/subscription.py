@@ -50,6 +50,10 @@ _YIELD_EVERY = 256
 
 # While handlers take less than this, only a sample of events is timed (see `_work`).
 _FAST_HANDLER = 2e-5
+# Of fast events back to back, one in this many is timed, to notice handlers turning slow.
+_SAMPLE_EVERY = 16
+# Fast events of short runs are recorded at their mean once this many have gathered.
+_FOLD_EVERY = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +151,8 @@ class Subscription:
         "_putters",
         "_self_blocked",
         "_stopping",
+        "_unfolded",
+        "_unfolded_seconds",
         "_workers",
         "bus",
         "concurrency",
@@ -236,6 +242,9 @@ class Subscription:
         self.dropped = 0
         self._handling_seconds = 0.0
         self._histogram = LatencyHistogram()
+        # Fast events of short runs, folded into the histogram in batches (see `_work`).
+        self._unfolded = 0
+        self._unfolded_seconds = 0.0
 
     def __repr__(self) -> str:
         group = f", group={self.group!r}" if self.group else ""
@@ -250,6 +259,7 @@ class Subscription:
     def stats(self) -> SubscriptionStats:
         """Counters: handled, failed attempts, retries, dead letters, drops, depth."""
         queued = len(self._inbox) + (self.max_pending - self._inbox.capacity) + len(self._putters)
+        self._fold()
         return SubscriptionStats(
             name=self.name,
             pattern=self.pattern,
@@ -454,17 +464,16 @@ class Subscription:
         # Time is read at the edges of a run of events (the worker only suspends inside
         # handlers, so the run's wall time is their handling time), and around single events
         # only where that is cheap. A clock read costs a tenth of a fast handler, so while
-        # handlers are fast (under 20 µs) one event in 16 of a run is timed on its own and
-        # the rest are recorded at their run's mean, 16 or more at a time; while handlers are
-        # slower, every event is timed. Per event, the fast path adds nothing but the
+        # handlers are fast (under 20 µs) one event in 16 of a run is timed, to notice when
+        # they turn slow, and all are recorded at their run's mean, in batches of 64 or more
+        # (and whenever stats are read: see `_fold`); while handlers are slower, every event
+        # is timed and recorded on its own. Per event, the fast path adds nothing but the
         # `streak >= check_at` test that yielding needs anyway.
         run_started = started = clock()
         slow = timing = True
         check_at = 1
         timed_count = 0
         timed_seconds = 0.0
-        fast_count = 0
-        fast_seconds = 0.0
         # The latest timed event under and over the fast threshold: what untimed events of a
         # run most likely took.
         fast_sample = 0.0
@@ -493,15 +502,14 @@ class Subscription:
                             self._record_untimed(untimed, run_seconds, fast_sample, slow_sample)
                             slow = True
                         else:
-                            fast_count += untimed
-                            fast_seconds += run_seconds
-                            if fast_count >= 16:
-                                record_time(fast_seconds / fast_count, fast_count)
-                                fast_count = 0
-                                fast_seconds = 0.0
+                            # Folded in by the batch: a record per run would cost more than
+                            # the run's handlers when runs are short.
+                            self._unfolded += untimed
+                            self._unfolded_seconds += run_seconds
+                            if self._unfolded >= _FOLD_EVERY:
+                                self._fold()
                     if self._stopping:
-                        if fast_count:
-                            record_time(fast_seconds / fast_count, fast_count)
+                        self._fold()
                         return
                     streak = timed_count = 0
                     timed_seconds = 0.0
@@ -513,7 +521,7 @@ class Subscription:
                     await waiter
                     run_started = started = clock()
                     timing = slow
-                    check_at = 1 if slow else 15
+                    check_at = 1 if slow else _SAMPLE_EVERY - 1
                     continue
                 event = inbox.popleft()
                 if self._putters:
@@ -532,9 +540,6 @@ class Subscription:
             # (where this is cleared), so whoever looks at it sees the event in hand.
             in_flight[index] = event
             set_current(event)
-            timed = slow or not streak & 15
-            if timed:
-                started = clock()
             try:
                 if observers:
                     result = await self._observed(event, 1)
@@ -563,24 +568,25 @@ class Subscription:
                 failure = None
             if feeder is not None:
                 feeder.settled(event, finished)
-            epoch = event._epoch
-            assert epoch is not None
-            epoch.pending -= 1
-            if not epoch.pending and epoch.waiters:
-                epoch.settle()
+            epoch = event._epoch  # set when queued
+            epoch.pending -= 1  # type: ignore[union-attr]
+            if not epoch.pending and epoch.waiters:  # type: ignore[union-attr]
+                epoch.settle()  # type: ignore[union-attr]
 
             streak += 1
             if streak >= check_at:
                 now = clock()
                 if timing:  # the event just done was timed
                     elapsed = now - started
-                    record_time(elapsed)
-                    timed_count += 1
-                    timed_seconds += elapsed
                     slow = elapsed > _FAST_HANDLER
                     if slow:
+                        record_time(elapsed)
+                        timed_count += 1
+                        timed_seconds += elapsed
                         slow_sample = elapsed
                     else:
+                        # Counted with the run's untimed events: one record per sample would
+                        # cost more than the sampling saves.
                         fast_sample = elapsed
                 if streak >= _YIELD_EVERY:
                     in_flight[index] = None
@@ -596,15 +602,22 @@ class Subscription:
                     await asyncio.sleep(0)
                     run_started = started = clock()
                     timing = slow
-                    check_at = 1 if slow else 15
+                    check_at = 1 if slow else _SAMPLE_EVERY - 1
                 elif timing and not slow:
                     timing = False
-                    check_at = streak + 15
+                    check_at = streak + _SAMPLE_EVERY - 1
                 else:
                     # Time the next event, from now.
                     timing = True
                     started = now
                     check_at = streak + 1
+
+    def _fold(self) -> None:
+        """Record the fast events of short runs not recorded yet, at their mean."""
+        if self._unfolded:
+            self._histogram.record(self._unfolded_seconds / self._unfolded, self._unfolded)
+            self._unfolded = 0
+            self._unfolded_seconds = 0.0
 
     def _record_untimed(
         self, untimed: int, seconds: float, fast_sample: float, slow_sample: float
