@@ -9,8 +9,9 @@ moment), so it returns every event from `since` on that was stored before it fin
 
 Patterns follow the topic rules: ``>`` does not reach the bus's own ``_`` topics; name them
 with a pattern of their own (``_dlq.>`` dead letters, ``_bus.handled`` handling records).
-Only brokers that keep history (``capabilities.replay``: sqlite, redis, nats) can be read
-back; any broker can be followed live.
+Only brokers that keep history can be read back: sqlite, redis and nats always, RabbitMQ when
+its processes run with ``amqp://...?history=7d`` (see `eventwire.backends.amqp_history`); any
+broker can be followed live.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ _CLOSE_TIMEOUT = 5.0
 
 
 class HistoryUnavailableError(EventwireError, ValueError):
-    """The bus keeps no history to read (``memory://``, ``amqp://``)."""
+    """The bus keeps no history to read (``memory://``, ``amqp://`` without ``?history=``)."""
 
 
 class HistoryTimeoutError(EventwireError, TimeoutError):
@@ -126,21 +127,32 @@ def id_time(event_id: str) -> datetime | None:
 # -- opening --------------------------------------------------------------------------------
 
 
-def _backend_for(source: str | Backend, *, need_history: bool) -> Backend:
-    """The backend behind `source`; `HistoryUnavailableError` if it cannot serve the read."""
+def _backend_for(source: str | Backend) -> Backend:
+    """The backend behind `source`; `HistoryUnavailableError` for the in-process bus."""
     backend = source if isinstance(source, Backend) else open_backend(resolve_url(source))
     if backend is None:
         raise HistoryUnavailableError(
             "memory:// keeps no history outside the process: its events exist only in the "
-            "process that publishes them; give the URL of a broker (sqlite, redis, nats)"
-        )
-    if need_history and not backend.capabilities.replay:
-        raise HistoryUnavailableError(
-            f"{backend.url.scheme}:// keeps no history: {backend.url.redacted} delivers each "
-            "event to the consumers that exist when it is published and keeps nothing to read "
-            "back; a sqlite://, redis:// or nats:// bus does"
+            "process that publishes them; give the URL of a broker (sqlite, redis, nats, or "
+            "amqp with ?history=)"
         )
     return backend
+
+
+async def _check_history(backend: Backend) -> None:
+    if await backend.keeps_history():
+        return
+    if backend.url.scheme == "amqp":
+        raise HistoryUnavailableError(
+            f"amqp:// keeps no history unless asked to: {backend.url.redacted} has no "
+            "history stream. Run the app's processes with ?history=7d (how long to keep "
+            "events) in their URL; what is published from then on can be read back"
+        )
+    raise HistoryUnavailableError(
+        f"{backend.url.scheme}:// keeps no history: {backend.url.redacted} delivers each "
+        "event to the consumers that exist when it is published and keeps nothing to read "
+        "back; a sqlite://, redis:// or nats:// bus does"
+    )
 
 
 class _Tap:
@@ -158,7 +170,8 @@ class _Tap:
         self._owned = not isinstance(source, Backend)
         for pattern in patterns:
             validate_pattern(pattern)
-        self.backend = _backend_for(source, need_history=need_history)
+        self.backend = _backend_for(source)
+        self._need_history = need_history
         token = secrets.token_hex(4)
         self.specs = [
             ConsumerSpec(
@@ -190,6 +203,8 @@ class _Tap:
         try:
             if self._owned:
                 await self.backend.connect()
+            if self._need_history:
+                await _check_history(self.backend)
             for spec in self.specs:
                 self.consumers.append(await self.backend.consumer(spec))
         except BaseException:
@@ -232,7 +247,8 @@ class HistoryReader(_Tap):
     called with `read` as pages arrive. Reading ends once the broker reports nothing left for
     the reader (what is published meanwhile may still be read), or, with `until`, once a
     pattern's events are past `until` by more than producers' clocks can disagree. Raises
-    `HistoryUnavailableError` for a bus that keeps no history (memory://, amqp://).
+    `HistoryUnavailableError` for a bus that keeps no history (memory://, and amqp:// without
+    ``?history=``).
     """
 
     def __init__(

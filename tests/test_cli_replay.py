@@ -13,7 +13,7 @@ import pytest
 from eventwire import EventBus
 from eventwire.history import read_history
 from eventwire.record import Recorder
-from tests.conformance.conftest import backend_url
+from tests.conformance.conftest import backend_url, destroy
 from tests.test_cli_dlq import cli
 from tests.test_history import started
 
@@ -27,7 +27,7 @@ async def listening(url: str, pattern: str) -> AsyncIterator[Recorder]:
         yield seen
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats", "amqp-history"])
 async def test_replays_exactly_the_events_since_a_time_as_new_events(
     kind: str, tmp_path: Path
 ) -> None:
@@ -125,7 +125,10 @@ def test_the_in_process_bus_has_no_history_to_replay() -> None:
 
 def test_amqp_has_no_history_to_replay() -> None:
     url = backend_url("amqp", Path())
-    shown = cli("replay", "a.>", "--since", "1h", "--yes", "--url", url)
+    try:
+        shown = cli("replay", "a.>", "--since", "1h", "--yes", "--url", url)
+    finally:
+        asyncio.run(destroy(url))
     assert shown.returncode == 2
     assert "amqp:// keeps no history" in shown.stderr
     assert "guest:guest" not in shown.stderr

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from eventwire import Event, EventBus
-from tests.conformance.conftest import backend_url
+from tests.conformance.conftest import backend_url, destroy
 from tests.test_cli_dlq import cli
 from tests.test_cli_tail import eventwire
 from tests.test_history import started
@@ -33,7 +33,7 @@ async def trace(*args: str) -> Any:
     return await asyncio.to_thread(cli, "trace", *args)
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "amqp-history"])
 async def test_the_tree_shows_every_event_and_handling_of_the_chain(
     kind: str, tmp_path: Path
 ) -> None:
@@ -136,9 +136,14 @@ def test_buses_without_history_and_bad_ids_are_exit_2(tmp_path: Path) -> None:
     assert memory.returncode == 2
     assert "bus.record()" in memory.stderr
     assert "seen.lineage(" in memory.stderr
-    amqp = cli("trace", some_id, "--url", backend_url("amqp", tmp_path))
+    plain_rabbit = backend_url("amqp", tmp_path)
+    try:
+        amqp = cli("trace", some_id, "--url", plain_rabbit)
+    finally:
+        asyncio.run(destroy(plain_rabbit))
     assert amqp.returncode == 2
     assert "amqp:// keeps no history" in amqp.stderr
+    assert "?history=7d" in amqp.stderr
     not_an_id = cli("trace", "order-42", "--url", backend_url("sqlite", tmp_path))
     assert not_an_id.returncode == 2
     assert "give --since" in not_an_id.stderr

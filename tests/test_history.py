@@ -25,7 +25,7 @@ from eventwire.history import (
 )
 from tests.conformance.conftest import backend_url, destroy
 
-HISTORY_KINDS = ["sqlite", "redis", "nats"]
+HISTORY_KINDS = ["sqlite", "redis", "nats", "amqp-history"]
 
 
 @contextlib.asynccontextmanager
@@ -130,10 +130,14 @@ async def test_the_iterator_reports_progress_and_removes_its_consumers_when_left
     assert await readers_left(running) == []
 
 
-@pytest.mark.parametrize("url", ["memory://", "amqp://guest:guest@127.0.0.1:5672/"])
-async def test_a_bus_without_history_is_a_clear_error(url: str) -> None:
-    with pytest.raises(HistoryUnavailableError, match="keeps no history"):
-        await read_history(url, since=datetime.now(UTC))
+@pytest.mark.parametrize("kind", ["memory", "amqp"])
+async def test_a_bus_without_history_is_a_clear_error(kind: str, tmp_path: Path) -> None:
+    url = backend_url(kind, tmp_path)
+    try:
+        with pytest.raises(HistoryUnavailableError, match="keeps no history"):
+            await read_history(url, since=datetime.now(UTC))
+    finally:
+        await destroy(url)
 
 
 @pytest.mark.parametrize("running", ["sqlite", "redis", "nats", "amqp"], indirect=True)

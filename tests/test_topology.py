@@ -3,6 +3,7 @@ broker's history), each rendering, and the command through its real entry point.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import os
@@ -29,6 +30,7 @@ from eventwire.topology import (
     render_svg,
     render_text,
 )
+from tests.conformance.conftest import destroy
 from tests.services import require_service, unique_namespace, with_namespace
 
 APP = Path(__file__).parent / "data" / "topology_app.py"
@@ -226,10 +228,12 @@ async def test_history_needs_a_backend_that_keeps_it() -> None:
 def history_url(kind: str, tmp_path: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path}/bus.db"
+    if kind == "amqp-history":
+        return with_namespace(require_service("rabbitmq"), unique_namespace()) + "&history=1d"
     return with_namespace(require_service(kind), unique_namespace())
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats", "amqp-history"])
 async def test_edges_learnt_from_a_brokers_history(
     kind: str, tmp_path: Path, app: ModuleType
 ) -> None:
@@ -337,10 +341,17 @@ def test_command_errors_are_clear_and_exit_2(app_dir: Path) -> None:
     bad_format = cli(app_dir, "topology", "shop:bus", "--format", "png")
     assert bad_format.returncode == 2
     assert "--format must be one of" in bad_format.stderr
-    no_history = cli(app_dir, "topology", "shop:bus", "--url", "amqp://guest:s3cret@127.0.0.1/")
+    plain_rabbit = with_namespace(require_service("rabbitmq"), unique_namespace())
+    try:
+        no_history = cli(app_dir, "topology", "shop:bus", "--url", plain_rabbit)
+    finally:
+        asyncio.run(destroy(plain_rabbit))
     assert no_history.returncode == 2
     assert "keeps no history" in no_history.stderr
-    assert "s3cret" not in no_history.stdout + no_history.stderr
+    assert "?history=7d" in no_history.stderr
+    refused = cli(app_dir, "topology", "shop:bus", "--url", "amqp://guest:s3cret@127.0.0.1/")
+    assert refused.returncode == 2
+    assert "s3cret" not in refused.stdout + refused.stderr
     unreachable = cli(
         app_dir, "topology", "shop:bus", "--url", "redis://:s3cret@127.0.0.1:1/0", "--timeout", "3"
     )

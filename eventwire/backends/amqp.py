@@ -3,7 +3,9 @@
 URL: ``amqp://user:password@host:5672/vhost?namespace=app`` (vhost ``/`` when the path is empty
 or ``/``). Optional query parameters: ``prefetch`` (deliveries buffered per consumer, default
 64), ``connect_timeout`` (seconds per connection attempt, default 5), ``heartbeat`` (seconds,
-default 30). Needs RabbitMQ 3.9 or later (quorum queues and streams).
+default 30), ``history`` (keep a history stream for the tools that read the past: a max age such
+as ``7d``, or ``on``; see `eventwire.backends.amqp_history`). Needs RabbitMQ 3.9 or later
+(quorum queues and streams).
 
 What a namespace ``ns`` stores on the broker:
 
@@ -23,6 +25,8 @@ What a namespace ``ns`` stores on the broker:
   record it writes and reads back tells it has read everything before. It answers
   `consumers`, the pattern check of a reopened consumer (the first creation in the log wins a
   race) and what `destroy` deletes.
+- ``ns.history`` (with ``?history=``): a stream bound to both exchanges with ``#``, a copy of
+  every event for history reads (`eventwire.backends.amqp_history`).
 
 How the contract maps, and where RabbitMQ falls short (see `AmqpBackend.capabilities`):
 
@@ -32,6 +36,8 @@ How the contract maps, and where RabbitMQ falls short (see `AmqpBackend.capabili
   deduplicate: a publish retried after a lost confirm may be stored twice.
 - ``start="latest"`` is the moment the queue is bound. Queues keep no history: ``"earliest"``
   and a datetime raise `BackendCapabilityError` for a new consumer (an existing one resumes).
+  Tools' ephemeral readers that start in the past read the history stream instead, where
+  there is one.
 - A consumer subscribes when opened and buffers up to ``prefetch`` deliveries; `fetch` takes
   from that buffer, oldest first. A caller holding a whole window gets a fresh subscription
   beside the old one (a quorum queue ignores a raised ``basic.qos`` while consuming).
@@ -87,6 +93,12 @@ from aiormq.abc import ConfirmationFrameType
 from pamqp.common import FieldTable
 
 from eventwire.backends import BusURL
+from eventwire.backends.amqp_history import (
+    HistoryOption,
+    StreamReader,
+    declare_history_stream,
+    history_exists,
+)
 from eventwire.backends.base import (
     Backend,
     BackendCapabilityError,
@@ -210,6 +222,9 @@ class AmqpBackend(Backend):
         self.reserved_exchange = f"{ns}.reserved"
         self.delay_exchange = f"{ns}.delay"
         self.registry_stream = f"{ns}.registry"
+        self.history = HistoryOption(url)
+        self.history_stream = f"{ns}.history"
+        self._readers: set[StreamReader] = set()
         self._conn: AbstractConnection | None = None
         self._conn_lock = asyncio.Lock()
         self._publish_ch: AbstractChannel | None = None
@@ -282,6 +297,8 @@ class AmqpBackend(Backend):
             await ch.declare_queue(
                 self.registry_stream, durable=True, arguments={"x-queue-type": "stream"}
             )
+            if self.history.enabled:
+                await declare_history_stream(self, ch)
         self._topology_ok = True
 
     async def _connection(self, *, retry: bool = True) -> AbstractConnection:
@@ -447,6 +464,8 @@ class AmqpBackend(Backend):
         validate_pattern(spec.pattern)
         if not (spec.start in ("latest", "earliest") or isinstance(spec.start, datetime)):
             raise ValueError(f"start must be 'latest', 'earliest' or a datetime: {spec.start!r}")
+        if spec.ephemeral and spec.start != "latest":
+            return await self._history_reader(spec)
         queue = self.queue_name(spec.name)
         declare = partial(self._declare_consumer_queue, spec=spec, queue=queue)
         if spec.ephemeral:
@@ -482,6 +501,25 @@ class AmqpBackend(Backend):
         await consumer.start()
         self._open.add(consumer)
         return consumer
+
+    async def keeps_history(self) -> bool:
+        return await history_exists(self)
+
+    async def _history_reader(self, spec: ConsumerSpec) -> Consumer:
+        """A tool's read of the past (`eventwire.history`), from the history stream."""
+        if not await history_exists(self):
+            raise BackendCapabilityError(
+                f"amqp:// keeps no history here: {self.url.redacted} has no history stream; "
+                "run the app with ?history=7d (how long to keep events) in its URL"
+            )
+        reader = StreamReader(self, spec)
+        self._readers.add(reader)
+        try:
+            await reader.start()
+        except BaseException:
+            await reader.close()
+            raise
+        return reader
 
     def _binding(self, pattern: str) -> tuple[str, str]:
         """(exchange, binding key) of a consumer with `pattern`."""
@@ -543,6 +581,10 @@ class AmqpBackend(Backend):
             outstanding += sum(c.in_flight for c in self._open if c.spec.name == name)
             outstanding += self._delayed_count(name)
             infos.append(ConsumerInfo(name=name, pattern=pattern, outstanding=outstanding))
+        infos += [
+            ConsumerInfo(name=r.spec.name, pattern=r.spec.pattern, outstanding=r.outstanding)
+            for r in self._readers
+        ]
         return infos
 
     async def delete_consumer(self, name: str) -> None:
@@ -575,7 +617,7 @@ class AmqpBackend(Backend):
         self._delay_queues.add(ms)
 
     async def destroy(self) -> None:
-        for consumer in list(self._open):
+        for consumer in [*self._open, *self._readers]:
             with contextlib.suppress(Exception):
                 await consumer.close()
         await self._registry.ensure()
@@ -583,7 +625,7 @@ class AmqpBackend(Backend):
         await self._registry.stop()
         queues = [self.queue_name(name) for name in names]
         queues += [f"{self.delay_exchange}.{ms}" for ms in delays | self._delay_queues]
-        queues.append(self.registry_stream)
+        queues += [self.registry_stream, self.history_stream]
         for queue in queues:
             await self._admin(partial(_delete_queue, name=queue))
         for exchange in (self.exchange, self.reserved_exchange, self.delay_exchange):

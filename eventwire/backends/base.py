@@ -188,6 +188,12 @@ class Backend(abc.ABC):
     async def delete_consumer(self, name: str) -> None:
         """Remove a durable consumer and what it still holds. No error if there is none."""
 
+    async def keeps_history(self) -> bool:
+        """Whether tools can read back what was published (`eventwire.history`: trace,
+        replay, topology); asked once connected. Brokers that replay always can; others may
+        keep a log when configured to (``amqp://...?history=7d``)."""
+        return self.capabilities.replay
+
     @abc.abstractmethod
     async def destroy(self) -> None:
         """Remove everything this namespace stored on the broker (tests, `eventwire` admin)."""

@@ -606,3 +606,61 @@ async def test_fetch_continues_after_reconnect(opener: Opener) -> None:
         await consumer.ack(got)
         assert await consumer.fetch(1, 0.3) == []
         assert [c.outstanding for c in await flaky.consumers()] == [0]
+
+
+# -- history stream (?history=) ------------------------------------------------------------
+
+
+async def test_history_stream_reads_back_past_events_with_an_exact_end(opener: Opener) -> None:
+    backend = await opener(opener.url + "&history=1d")
+    await backend.publish(messages(("h1", "orders.new"), ("h2", "users.new"), ("h3", "orders.x")))
+    assert await backend.keeps_history()
+    reader = await backend.consumer(
+        ConsumerSpec("_eventwire.test.1", "orders.*", "earliest", ephemeral=True)
+    )
+    try:
+        got = await fetch_all(reader, 2)
+        assert bodies(got) == ["h1", "h3"]  # in stored order, filtered by the pattern
+        assert [d.topic for d in got] == ["orders.new", "orders.x"]
+        # The reader's own marker ends the read: then nothing is outstanding for it.
+        assert await reader.fetch(10, 1.0) == []
+        infos = {info.name: info.outstanding for info in await backend.consumers()}
+        assert infos["_eventwire.test.1"] == 0
+    finally:
+        await reader.close()
+    assert "_eventwire.test.1" not in {info.name for info in await backend.consumers()}
+
+
+async def test_history_reader_goes_on_after_its_channel_is_lost(opener: Opener) -> None:
+    backend = await opener(opener.url + "&history=on")
+    await backend.publish(messages(*[(f"e{n}", "t.x") for n in range(5)]))
+    reader = await backend.consumer(
+        ConsumerSpec("_eventwire.test.2", ">", "earliest", ephemeral=True)
+    )
+    try:
+        first = await fetch_all(reader, 5)
+        channel = reader._channel  # type: ignore[attr-defined]
+        assert channel is not None
+        await channel.close()
+        await backend.publish(messages(*[(f"e{n}", "t.x") for n in range(5, 8)]))
+        rest = await fetch_all(reader, 3)
+        assert bodies(first + rest) == [f"e{n}" for n in range(8)]  # none again, none lost
+    finally:
+        await reader.close()
+
+
+async def test_without_a_history_stream_a_read_is_refused_clearly(backend: AmqpBackend) -> None:
+    assert not await backend.keeps_history()
+    with pytest.raises(BackendCapabilityError, match=r"\?history=7d"):
+        await backend.consumer(ConsumerSpec("_eventwire.test.3", ">", "earliest", ephemeral=True))
+
+
+async def test_history_option_is_checked(opener: Opener) -> None:
+    with pytest.raises(ValueError, match=r"history='forever'.*e\.g\. history=7d"):
+        open_backend(opener.url + "&history=forever")
+    await opener(opener.url + "&history=1d")
+    other = open_backend(opener.url + "&history=2h")
+    assert other is not None
+    with pytest.raises(ValueError, match="same history= in every process"):
+        await other.connect()
+    await other.close()

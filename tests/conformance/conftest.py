@@ -24,6 +24,9 @@ def backend_url(backend: str, tmp_path: Path) -> str:
         return "memory://"
     if backend == "sqlite":
         return f"sqlite:///{tmp_path}/bus.db"
+    if backend == "amqp-history":
+        # RabbitMQ keeping a history stream, for the tools that read the past.
+        return backend_url("amqp", tmp_path) + "&history=1d"
     if importlib.util.find_spec(f"eventwire.backends.{backend}") is None:
         pytest.skip(f"the {backend}:// backend is not built yet")
     return with_namespace(require_service(_SERVICE_OF[backend]), unique_namespace())

@@ -1,0 +1,236 @@
+"""History on RabbitMQ: a stream every event is also routed to, read back by tools.
+
+RabbitMQ queues forget what they delivered, so `eventwire trace`, `replay` and the history
+readers (`eventwire.history`) have nothing to read on a plain ``amqp://`` bus. With
+``?history=<max age>`` in the URL (``7d``, ``12h``, ``30m``; ``on`` keeps everything), the
+backend declares a stream ``<namespace>.history`` bound to both of the namespace's exchanges
+with ``#``: the broker copies every published event into it, and a publish is confirmed only
+once the stream has stored it too. A stream is an append-only log that consumers read from
+any offset or time without removing anything, so readers see the past while the app's
+consumers are untouched.
+
+A reader (`StreamReader`) attaches at the first chunk at or after its start time and filters
+by pattern here, since a stream has no bindings of its own. To know where "now" is, it writes
+a marker into the stream through the default exchange (no application consumer sees it) once
+attached, and counts as outstanding until it has read its own marker: the read ends exactly
+at what was stored before it began, not at a quiet moment.
+
+Retention is RabbitMQ's ``x-max-age``: whole segments are removed once all they hold is older,
+so a stream keeps at least that much. Set it once per namespace: RabbitMQ refuses to
+re-declare a stream with another age (the error says so); delete the stream to change it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import secrets
+from collections import deque
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from eventwire.backends.base import Consumer, ConsumerSpec, Delivery
+from eventwire.errors import EventwireError
+from eventwire.topics import pattern_matches
+
+if TYPE_CHECKING:
+    from eventwire.backends import BusURL
+    from eventwire.backends.amqp import AmqpBackend
+
+_MARKER_HEADER = "eventwire-history-marker"
+_PREFETCH = 1000  # stream consumers need a prefetch; credit is given back on arrival
+_AGE = re.compile(r"([1-9][0-9]*)([smhd])")
+_RABBIT_UNITS = {"s": "s", "m": "m", "h": "h", "d": "D"}
+_ON = ("on", "true", "yes", "1")
+_OFF = ("off", "false", "no", "0")
+
+
+class HistoryOption:
+    """The ``?history=`` option of an ``amqp://`` URL: off, on (no age limit), or a max age."""
+
+    def __init__(self, url: BusURL) -> None:
+        value = url.query.get("history")
+        self.enabled = False
+        self.max_age: str | None = None  # RabbitMQ's x-max-age syntax: 7D, 12h, 30m, 10s
+        if value is None or value.lower() in _OFF:
+            return
+        self.enabled = True
+        if value.lower() in _ON:
+            return
+        match = _AGE.fullmatch(value.lower())
+        if match is None:
+            raise ValueError(
+                f"history={value!r} in {url.redacted!r}: give how long to keep events, as a "
+                "number and a unit (s, m, h, d), e.g. history=7d; or history=on to keep "
+                "everything, history=off for none"
+            )
+        self.max_age = match.group(1) + _RABBIT_UNITS[match.group(2)]
+
+    def arguments(self) -> dict[str, Any]:
+        """The stream's declaration arguments."""
+        arguments: dict[str, Any] = {"x-queue-type": "stream"}
+        if self.max_age is not None:
+            arguments["x-max-age"] = self.max_age
+        return arguments
+
+
+async def declare_history_stream(backend: AmqpBackend, ch: AbstractChannel) -> None:
+    """Create the namespace's history stream and route every event into it."""
+    option = backend.history
+    try:
+        stream = await ch.declare_queue(
+            backend.history_stream, durable=True, arguments=option.arguments()
+        )
+    except aiormq.exceptions.ChannelPreconditionFailed as error:
+        raise HistoryStreamMismatchError(
+            f"the history stream {backend.history_stream!r} on {backend.url.redacted} exists "
+            f"with other settings than history={backend.url.query.get('history')!r} asks for "
+            f"({error}); use the same history= in every process, or delete the stream to "
+            "change its retention"
+        ) from None
+    for exchange in (backend.exchange, backend.reserved_exchange):
+        await stream.bind(exchange, routing_key="#")
+
+
+async def history_exists(backend: AmqpBackend) -> bool:
+    """Whether the namespace has a history stream (made by any process with ``?history=``)."""
+
+    async def probe(ch: AbstractChannel) -> bool:
+        try:
+            await ch.declare_queue(backend.history_stream, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+    return await backend._admin(probe)
+
+
+class HistoryStreamMismatchError(EventwireError, ValueError):
+    """The history stream exists with another retention than the URL asks for."""
+
+
+class StreamReader(Consumer):
+    """A history read: the stream from `spec.start` on, filtered by `spec.pattern`.
+
+    Everything is acknowledged as it arrives (a stream keeps it regardless), so `ack`, `nak`
+    and `extend` do nothing. `outstanding` is what is buffered, plus one until the reader's
+    own marker came by."""
+
+    def __init__(self, backend: AmqpBackend, spec: ConsumerSpec) -> None:
+        self.backend = backend
+        self.spec = spec
+        self._token = secrets.token_hex(8)
+        self._buffer: deque[Delivery] = deque()
+        self._arrived = asyncio.Event()
+        self._channel: AbstractChannel | None = None
+        self._next_offset: int | None = None  # after a lost channel, resume here
+        self._at_end = False
+        self._marked = False
+        self._closed = False
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._buffer) + (0 if self._at_end else 1)
+
+    async def start(self) -> None:
+        """Attach to the stream (again, after a lost channel), then mark where now is."""
+        conn = await self.backend._connection()
+        ch = await conn.channel(publisher_confirms=False)
+        try:
+            await ch.set_qos(prefetch_count=_PREFETCH)
+            stream = await ch.get_queue(self.backend.history_stream, ensure=False)
+            await stream.consume(self._on_message, arguments={"x-stream-offset": self._offset()})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await ch.close()
+            raise
+        self._channel = ch
+        if not self._marked:
+            properties = aiormq.spec.Basic.Properties(
+                delivery_mode=2, headers={_MARKER_HEADER: self._token}
+            )
+            await self.backend._publish(
+                [("", self.backend.history_stream, b"", properties)], retry=True
+            )
+            self._marked = True
+
+    def _offset(self) -> Any:
+        if self._next_offset is not None:
+            return self._next_offset
+        start = self.spec.start
+        if isinstance(start, datetime):
+            return start  # an AMQP timestamp: the first chunk stored at or after it
+        return "first" if start == "earliest" else "next"
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        with contextlib.suppress(Exception):
+            await message.ack()  # credit for the stream consumer; the stream keeps it
+        if self._closed:
+            return
+        headers = message.headers or {}
+        offset = headers.get("x-stream-offset")
+        if isinstance(offset, int):
+            self._next_offset = offset + 1
+        marker = headers.get(_MARKER_HEADER)
+        if marker is not None:
+            if marker in (self._token, self._token.encode()):
+                self._at_end = True
+                self._arrived.set()
+            return
+        topic = message.routing_key or ""
+        if not message.exchange or not topic or not pattern_matches(self.spec.pattern, topic):
+            return
+        self._buffer.append(Delivery(topic=topic, body=bytes(message.body), attempt=1))
+        self._arrived.set()
+
+    def _attached(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    async def fetch(self, limit: int, wait: float) -> list[Delivery]:
+        if self._closed:
+            raise RuntimeError(f"history reader {self.spec.name!r} is closed")
+        if not self._buffer and not self._attached():
+            await self.start()  # the channel was lost: go on from the last offset read
+        if not self._buffer and wait > 0:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._arrived.wait()
+        out: list[Delivery] = []
+        while self._buffer and len(out) < limit:
+            out.append(self._buffer.popleft())
+        return out
+
+    async def ack(self, deliveries: Any, *, handled_ids: Any = ()) -> None:
+        return None
+
+    async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
+        return None
+
+    async def extend(self, deliveries: Any) -> None:
+        return None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.backend._readers.discard(self)
+        ch, self._channel = self._channel, None
+        self._buffer.clear()
+        if ch is not None and not ch.is_closed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await ch.close()
+
+
+__all__ = [
+    "HistoryOption",
+    "HistoryStreamMismatchError",
+    "StreamReader",
+    "declare_history_stream",
+    "history_exists",
+]
