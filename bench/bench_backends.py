@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from backends import BACKENDS, IMPLS, MODULES, NOT_APPLICABLE
-from backends.workload import AMQP_URL, NATS_URL, PAYLOAD_BYTES, REDIS_URL, Workload
+from backends.workload import (
+    AMQP_URL,
+    NATS_URL,
+    PAYLOAD_BYTES,
+    QUERY_VARIABLE,
+    REDIS_URL,
+    Workload,
+)
 from bench_core import cpu_model, cpu_probe_ms, git_revision, memory_total
 from common import worker_metrics
 
@@ -345,6 +352,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "command": command,
         "runs": args.runs,
         "events": {backend: events_for(backend, args) for backend in args.backends},
+        "eventwire_query": args.eventwire_query,
     }
 
 
@@ -470,10 +478,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--impls", default=",".join(IMPLS), help="comma-separated subset of implementations"
     )
+    parser.add_argument(
+        "--eventwire-query",
+        default="",
+        help="URL options added to eventwire's bus URLs, e.g. history=1d (RabbitMQ's history "
+        "stream): what an option costs",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     parser.add_argument("--json", type=Path, help="also write the raw and summary figures here")
     parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "IMPL"), help="internal")
     args = parser.parse_args(argv)
+    if args.eventwire_query:
+        # Read by the eventwire workers (backends/impl_eventwire.py), which inherit it.
+        os.environ[QUERY_VARIABLE] = args.eventwire_query
     args.backends = [b for b in args.backends.split(",") if b]
     args.impls = [i for i in args.impls.split(",") if i]
     unknown = [b for b in args.backends if b not in BACKENDS]

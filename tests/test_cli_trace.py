@@ -33,7 +33,7 @@ async def trace(*args: str) -> Any:
     return await asyncio.to_thread(cli, "trace", *args)
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis", "amqp-history"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats", "amqp-history"])
 async def test_the_tree_shows_every_event_and_handling_of_the_chain(
     kind: str, tmp_path: Path
 ) -> None:

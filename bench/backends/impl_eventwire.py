@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from common import Metrics
 from backends.workload import (
     AMQP_URL,
     NATS_URL,
+    QUERY_VARIABLE,
     REDIS_URL,
     TOPIC,
     Recorder,
@@ -33,7 +35,15 @@ logging.getLogger("eventwire").setLevel(logging.ERROR)
 
 @contextlib.contextmanager
 def bus_url(backend: str) -> Iterator[str]:
-    """The URL of a fresh, unique place on `backend`'s broker (a temporary file for SQLite)."""
+    """The URL of a fresh, unique place on `backend`'s broker (a temporary file for SQLite),
+    with the options of ``--eventwire-query``."""
+    with _bus_url(backend) as url:
+        extra = os.environ.get(QUERY_VARIABLE, "")
+        yield f"{url}{'&' if '?' in url else '?'}{extra}" if extra else url
+
+
+@contextlib.contextmanager
+def _bus_url(backend: str) -> Iterator[str]:
     namespace = unique_name("bench_ew")
     if backend == "sqlite":
         folder = tempfile.mkdtemp(prefix="eventwire-bench-")

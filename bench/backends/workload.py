@@ -26,6 +26,9 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 NATS_URL = "nats://127.0.0.1:4222"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
+# URL options added to eventwire's bus URLs (`bench_backends.py --eventwire-query`).
+QUERY_VARIABLE = "EVENTWIRE_BENCH_QUERY"
+
 TOPIC = "bench.x"
 PAYLOAD_BYTES = 1024
 # No handled event for this long while some are missing: the measurement failed.
