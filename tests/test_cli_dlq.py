@@ -240,3 +240,76 @@ def test_help_shows_examples(command: str) -> None:
     shown = cli("dlq", command, "--help")
     assert shown.returncode == 0
     assert f"eventwire dlq {command} " in shown.stdout
+
+
+def answer_prompt(args: list[str], answer: str, timeout: float = 30.0) -> tuple[int, str]:
+    """Run ``eventwire ARGS`` on a terminal, type `answer` at its confirmation prompt; its
+    exit status and everything it printed."""
+    import pty
+    import select
+    import time
+
+    parent, child = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "EVENTWIRE_URL"}
+    env.update(NO_COLOR="1", COLUMNS="200", TERM="dumb")
+    process = subprocess.Popen(
+        [EVENTWIRE, *args], stdin=child, stdout=child, stderr=child, env=env, close_fds=True
+    )
+    os.close(child)
+    seen = b""
+    answered = False
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([parent], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(parent, 4096)
+                except OSError:  # the terminal closed: the command is done
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            if not answered and b"[y/N]" in seen:
+                os.write(parent, answer.encode() + b"\n")
+                answered = True
+            if process.poll() is not None and not ready:
+                break
+        status = process.wait(timeout=max(deadline - time.monotonic(), 1.0))
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(parent)
+    assert answered, f"no confirmation prompt came; the command printed: {seen.decode()!r}"
+    return status, seen.decode(errors="replace")
+
+
+async def test_purge_asks_on_a_terminal_and_does_only_what_was_agreed(tmp_path: Path) -> None:
+    url = backend_url("sqlite", tmp_path)
+
+    async def always_fails(event: Event[Any]) -> None:
+        raise ValueError("cannot handle it")
+
+    async with EventBus(url) as bus:
+        bus.subscribe("orders.created", always_fails, name="billing", retry=Retry(attempts=1))
+        await bus.publish("orders.created", {"n": 1})
+        await bus.publish("orders.created", {"n": 2})
+        await bus.drain(timeout=20)
+    assert len(await letters(url)) == 2
+
+    status, shown = await asyncio.to_thread(
+        answer_prompt, ["dlq", "purge", "--all", "--url", url], "n"
+    )
+    assert status == 1, shown
+    assert "Purge 2 dead letter(s)" in shown
+    # The table of what would go came before the question.
+    assert shown.index("ATTEMPTS") < shown.index("Purge 2 dead letter(s)")
+    assert "nothing done" in shown
+    assert len(await letters(url)) == 2
+
+    status, shown = await asyncio.to_thread(
+        answer_prompt, ["dlq", "purge", "--all", "--url", url], "y"
+    )
+    assert status == 0, shown
+    assert "purged 2 dead letter(s)" in shown
+    assert await letters(url) == []
