@@ -40,6 +40,8 @@ SYSTEM = "eventwire"
 
 _PRODUCER = trace.SpanKind.PRODUCER
 _CONSUMER = trace.SpanKind.CONSUMER
+# Providers that record nothing: the API alone, with no SDK installed.
+_SILENT_PROVIDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 
 # The span context of the attempt that last finished in this worker task, and the id of its
 # event. What a worker publishes after the attempt (the dead letter, a reply to a request)
@@ -82,9 +84,20 @@ class Tracing(Observer):
     def __repr__(self) -> str:
         return f"Tracing(tracer_provider={self.tracer_provider!r})"
 
+    def _silent(self) -> bool:
+        """No SDK: spans would record nothing, so only the trace context is passed on (as
+        the API's non-recording spans would), at a fraction of the cost."""
+        provider = self.tracer_provider
+        if provider is None:
+            provider = trace.get_tracer_provider()  # an SDK may be set after the bus is built
+        return isinstance(provider, _SILENT_PROVIDERS)
+
     # -- publishing ---------------------------------------------------------------------
 
-    def publish_started(self, event: Event[Any]) -> trace.Span:
+    def publish_started(self, event: Event[Any]) -> trace.Span | None:
+        if self._silent():
+            self._pass_context_on(event)
+            return None
         attributes = _event_attributes(event)
         attributes["messaging.operation.name"] = "publish"
         attributes["messaging.operation.type"] = "send"
@@ -106,6 +119,21 @@ class Tracing(Observer):
         set_trace_context(event, carrier)
         return span
 
+    def _pass_context_on(self, event: Event[Any]) -> None:
+        """Without an SDK: the event carries the context it would be published in (the
+        current span's, else that of the event being handled), so a trace that came in from
+        a traced process goes on to the next one."""
+        if event._trace:
+            return  # published again as it is: it keeps its own
+        if trace.get_current_span().get_span_context().is_valid:
+            carrier: dict[str, str] = {}
+            self._propagator.inject(carrier)
+            set_trace_context(event, carrier)
+            return
+        handling = current_event.get()
+        if handling is not None and handling._trace:
+            set_trace_context(event, dict(handling._trace))
+
     def publish_finished(
         self, token: trace.Span | None, event: Event[Any], error: BaseException | None
     ) -> None:
@@ -119,7 +147,12 @@ class Tracing(Observer):
 
     def attempt_started(
         self, subscription: Subscription, event: Event[Any], attempt: int
-    ) -> tuple[trace.Span, Token[otel_context.Context]]:
+    ) -> tuple[trace.Span | None, Token[otel_context.Context]] | None:
+        if self._silent():
+            if not event._trace:
+                return None
+            # The incoming context is current for the handler, e.g. for its outgoing calls.
+            return None, otel_context.attach(self._parent_of(event))
         parent = self._parent_of(event)
         attributes = _handling_attributes(subscription, event)
         attributes["eventwire.attempt"] = attempt
@@ -131,7 +164,7 @@ class Tracing(Observer):
 
     def attempt_finished(
         self,
-        token: tuple[trace.Span, Token[otel_context.Context]] | None,
+        token: tuple[trace.Span | None, Token[otel_context.Context]] | None,
         subscription: Subscription,
         event: Event[Any],
         record: HandlingRecord,
@@ -141,6 +174,8 @@ class Tracing(Observer):
             return
         span, attached = token
         otel_context.detach(attached)
+        if span is None:
+            return
         span.set_attribute("eventwire.outcome", record.outcome)
         # As the record says: 0 when the handler never ran (the payload failed validation).
         span.set_attribute("eventwire.attempt", record.attempt)
@@ -162,6 +197,8 @@ class Tracing(Observer):
     ) -> None:
         """A zero-length handling span: the event reached `subscription`, its handler did
         not run."""
+        if self._silent():
+            return
         attributes = _handling_attributes(subscription, event)
         attributes["eventwire.attempt"] = 0
         attributes["eventwire.outcome"] = outcome

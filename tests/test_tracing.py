@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.propagate import inject
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from eventwire import Event, EventBus, InboxFullError, Retry
+from eventwire.observe import set_trace_context
 from eventwire.tracing import Tracing, instrument
 from tests.conftest import wait_until
 from tests.services import require_service, unique_namespace, with_namespace
@@ -444,3 +446,40 @@ def test_the_docs_example_runs_as_shown(tmp_path: Path) -> None:
     )
     assert len({words[0] for words in span_lines}) == 1  # one trace
     assert [words[6] for words in span_lines if words[4] == "handle"] == ["handled"] * 3
+
+
+async def test_without_an_sdk_the_trace_context_still_passes_through(spans: Spans) -> None:
+    """A process with tracing on but no SDK (the API's no-op provider) records nothing, yet a
+    trace that comes in from a traced process goes on to the next one, as the API's
+    non-recording spans would carry it."""
+    upstream = spans.provider.get_tracer("upstream")
+    with upstream.start_as_current_span("upstream publish") as span:
+        incoming: dict[str, str] = {}
+        inject(incoming)
+    traceparent = incoming["traceparent"]
+    assert format(span.get_span_context().trace_id, "032x") in traceparent
+
+    seen_in_handler: list[str] = []
+    forwarded: list[Event[Any]] = []
+    bus = EventBus()
+    tracing = bus.observe(Tracing(trace.NoOpTracerProvider()))
+
+    async def research(event: Event[Any]) -> None:
+        carrier: dict[str, str] = {}
+        inject(carrier)  # what an instrumented HTTP client would send on
+        seen_in_handler.append(carrier.get("traceparent", ""))
+        await bus.publish("research.complete", event.payload)
+
+    bus.subscribe("user.query", research, name="research")
+    bus.subscribe("research.complete", forwarded.append, name="email")
+    async with bus:
+        received = Event("user.query", "q")  # as decoded from a traced process's envelope
+        set_trace_context(received, incoming)
+        await bus.publish(received)
+        await bus.publish("user.query", "untraced")
+        await bus.drain(timeout=5)
+
+    assert tracing._silent()
+    assert seen_in_handler == [traceparent, ""]
+    assert [e.trace_context.get("traceparent") for e in forwarded] == [traceparent, None]
+    assert spans.names() == ["upstream publish"]  # nothing recorded in this process
