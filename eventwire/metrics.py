@@ -1,7 +1,7 @@
 """Handling-time histograms: percentiles of events' handling time, at a fixed cost.
 
 Each subscription records the events it finishes into a `LatencyHistogram` (each event on
-its own while handlers take over 20 µs; fast events back to back at their run's mean):
+its own while handlers take over 20 µs; fast events back to back at the mean of a batch):
 log-spaced buckets, 16 per doubling (3 to 6% apart), from 1 µs to about 12 days, kept sparse.
 Recording is one `math.frexp` and a dict update; a percentile is exact to within one bucket:
 the reported value is the bucket's upper bound (capped at the true maximum), at most 6.25%
@@ -106,6 +106,13 @@ class LatencyHistogram:
     def _sorted(self) -> list[tuple[int, int]]:
         # copy() runs without releasing the GIL: safe while the event loop's thread records.
         return sorted(self._counts.copy().items())
+
+    def copy(self) -> LatencyHistogram:
+        """An independent copy (consistent enough to read while the original records)."""
+        twin = LatencyHistogram()
+        twin._counts = self._counts.copy()
+        twin.count, twin.total, twin.max = self.count, self.total, self.max
+        return twin
 
     def merge(self, other: LatencyHistogram) -> None:
         """Add `other`'s durations to this one."""

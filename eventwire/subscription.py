@@ -259,7 +259,6 @@ class Subscription:
     def stats(self) -> SubscriptionStats:
         """Counters: handled, failed attempts, retries, dead letters, drops, depth."""
         queued = len(self._inbox) + (self.max_pending - self._inbox.capacity) + len(self._putters)
-        self._fold()
         return SubscriptionStats(
             name=self.name,
             pattern=self.pattern,
@@ -272,13 +271,20 @@ class Subscription:
             in_flight=sum(1 for e in self._in_flight if e is not None),
             queued=queued,
             handling_seconds=self._handling_seconds,
-            handling=self._histogram.percentiles(),
+            handling=self.histogram.percentiles(),
         )
 
     @property
     def histogram(self) -> LatencyHistogram:
-        """Every finished event's handling time (live; for exporters such as Prometheus)."""
-        return self._histogram
+        """Every finished event's handling time, as of now: a copy, safe to read from any
+        thread (for exporters such as Prometheus)."""
+        # Fast events still waiting to be folded in are added to the copy, never to the
+        # histogram itself: the reader may be on another thread than the workers.
+        snapshot = self._histogram.copy()
+        waiting, seconds = self._unfolded, self._unfolded_seconds
+        if waiting:
+            snapshot.record(seconds / waiting, waiting)
+        return snapshot
 
     async def ready(self) -> None:
         """Return once the subscription receives events. On a broker backend, subscribing
@@ -465,9 +471,9 @@ class Subscription:
         # handlers, so the run's wall time is their handling time), and around single events
         # only where that is cheap. A clock read costs a tenth of a fast handler, so while
         # handlers are fast (under 20 µs) one event in 16 of a run is timed, to notice when
-        # they turn slow, and all are recorded at their run's mean, in batches of 64 or more
-        # (and whenever stats are read: see `_fold`); while handlers are slower, every event
-        # is timed and recorded on its own. Per event, the fast path adds nothing but the
+        # they turn slow, and all are recorded at the mean of a batch of 64 or more (which
+        # reading `histogram` or `stats` adds to its copy); while handlers are slower, every
+        # event is timed and recorded on its own. Per event, the fast path adds nothing but the
         # `streak >= check_at` test that yielding needs anyway.
         run_started = started = clock()
         slow = timing = True

@@ -262,7 +262,7 @@ async def test_percentiles_count_every_event_of_a_fast_busy_subscription(bus: Ev
     await bus.drain(timeout=5)
     handling = bus.stats()["fast"].handling
     # Fast events are counted at their run's mean (one in 16 timed, to notice slow ones);
-    # none is lost, and reading the stats folds in what was waiting to be.
+    # none is lost, and reading the stats counts in what waits to be recorded.
     assert handling.count == 5_000
     assert handling.p50 < 0.001
 

@@ -307,3 +307,47 @@ def test_eventwire_run_with_a_taken_metrics_port_exits_2(tmp_path: Path) -> None
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+async def test_scraping_from_another_thread_never_changes_the_counts() -> None:
+    """The HTTP server scrapes on its own thread while the workers record: reading must not
+    write, or events are lost or counted twice."""
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, to meet the race
+    try:
+        async with EventBus() as bus:
+
+            async def fast(event: Event[int]) -> None: ...
+
+            subscription = bus.subscribe("t", fast, name="fast")
+            collector = EventwireCollector(bus)
+
+            def scrape() -> None:
+                try:
+                    while not stop.is_set():
+                        list(collector.collect())
+                except BaseException as error:  # pragma: no cover - reported below
+                    failures.append(error)
+
+            scraper = threading.Thread(target=scrape)
+            scraper.start()
+            try:
+                for _ in range(20_000):
+                    for n in range(3):  # short runs: the worker goes idle between them
+                        await bus.publish("t", n)
+                    await asyncio.sleep(0)
+                await bus.drain(timeout=30)
+            finally:
+                stop.set()
+                scraper.join(timeout=10)
+            stats = bus.stats()["fast"]
+            histogram = subscription.histogram
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+    assert stats.handled == 60_000
+    assert stats.handling.count == 60_000
+    assert histogram.count == 60_000
+    assert histogram.buckets()[-1][1] == 60_000  # the buckets add up to the count
