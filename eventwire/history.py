@@ -245,8 +245,9 @@ class HistoryReader(_Tap):
     Events come in the broker's order, pattern after pattern interleaved; `read` counts them
     and `skipped` counts stored messages that were not eventwire envelopes. `progress` is
     called with `read` as pages arrive. Reading ends once the broker reports nothing left for
-    the reader (what is published meanwhile may still be read), or, with `until`, once a
-    pattern's events are past `until` by more than producers' clocks can disagree. Raises
+    the reader (what is published meanwhile may still be read), or once a pattern's events are
+    past `until` (by default, the moment reading began: so a read ends on a busy bus too) by
+    more than producers' clocks can disagree. Raises
     `HistoryUnavailableError` for a bus that keeps no history (memory://, and amqp:// without
     ``?history=``).
     """
@@ -269,6 +270,9 @@ class HistoryReader(_Tap):
         super().__init__(source, patterns, start, purpose, need_history=True)
         self.since = since
         self.until = until
+        # Without `until`, the read still ends on a busy bus: at what it finds published well
+        # after it began (set when reading starts).
+        self._horizon = until
         self.limit = limit
         self.progress = progress
         self.read = 0
@@ -280,12 +284,15 @@ class HistoryReader(_Tap):
         return self.until is None or moment <= self.until
 
     def _beyond(self, event: Event[Any]) -> bool:
-        """Past `until` by more than clocks can disagree: nothing in range comes after it."""
-        return self.until is not None and event.timestamp > self.until + CLOCK_MARGIN
+        """Past `until` (or the read's start) by more than clocks can disagree: nothing in
+        range comes after it."""
+        return self._horizon is not None and event.timestamp > self._horizon + CLOCK_MARGIN
 
     async def __aiter__(self) -> AsyncIterator[Event[Any]]:
         if not self.consumers and self.specs:
             raise RuntimeError("use `async with HistoryReader(...) as reader:` before reading")
+        if self._horizon is None:
+            self._horizon = datetime.now(UTC)
         active = dict(zip(self.consumers, self.specs, strict=True))
         while active:
             fetched = False

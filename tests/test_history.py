@@ -82,6 +82,32 @@ async def test_reads_exactly_what_was_stored_in_range_then_stops(running: EventB
 
 
 @pytest.mark.parametrize("running", HISTORY_KINDS, indirect=True)
+async def test_a_read_ends_on_a_busy_bus(running: EventBus) -> None:
+    """Events keep coming while the read runs: it still ends, with everything stored before
+    it began, instead of chasing the publisher until its timeout."""
+    since = datetime.now(UTC)
+    stored = await running.publish_many(numbered("busy.a", 20))
+    stop = asyncio.Event()
+
+    async def keep_publishing() -> None:
+        n = 1_000
+        while not stop.is_set():
+            await running.publish("busy.a", {"n": n})  # far more often than a read polls
+            n += 1
+            await asyncio.sleep(0.005)
+
+    publisher = asyncio.create_task(keep_publishing())
+    try:
+        events = await read_history(running.url, patterns=["busy.>"], since=since, timeout=20)
+    finally:
+        stop.set()
+        await publisher
+    ids = [event.id for event in events]
+    assert ids[:20] == [event.id for event in stored]
+    assert await readers_left(running) == []
+
+
+@pytest.mark.parametrize("running", HISTORY_KINDS, indirect=True)
 async def test_a_body_that_is_not_an_envelope_is_skipped_and_counted(running: EventBus) -> None:
     since = datetime.now(UTC)
     await running.publish("junk.a", 1)

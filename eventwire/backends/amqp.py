@@ -347,7 +347,7 @@ class AmqpBackend(Backend):
     async def close(self) -> None:
         if self._closed:
             return
-        for consumer in list(self._open):
+        for consumer in [*self._open, *self._readers]:
             with contextlib.suppress(Exception):
                 await consumer.close()
         await self._registry.stop()

@@ -27,6 +27,7 @@ import contextlib
 import re
 import secrets
 from collections import deque
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -114,11 +115,14 @@ class HistoryStreamMismatchError(EventwireError, ValueError):
 
 
 class StreamReader(Consumer):
-    """A history read: the stream from `spec.start` on, filtered by `spec.pattern`.
+    """A history read: the stream from `spec.start` on, filtered by `spec.pattern`, up to the
+    reader's own marker.
 
-    Everything is acknowledged as it arrives (a stream keeps it regardless), so `ack`, `nak`
-    and `extend` do nothing. `outstanding` is what is buffered, plus one until the reader's
-    own marker came by."""
+    Matching messages stay unacknowledged until `fetch` hands them out, so the prefetch bounds
+    what waits here however slowly the caller reads; the rest is acknowledged (credit given
+    back) as it arrives. At the marker the reader stops consuming: what comes after it was
+    published after the read began. `outstanding` is what is buffered, plus one until the
+    marker came by."""
 
     def __init__(self, backend: AmqpBackend, spec: ConsumerSpec) -> None:
         self.backend = backend
@@ -127,10 +131,13 @@ class StreamReader(Consumer):
         self._buffer: deque[Delivery] = deque()
         self._arrived = asyncio.Event()
         self._channel: AbstractChannel | None = None
-        self._next_offset: int | None = None  # after a lost channel, resume here
+        self._consumer_tag: str | None = None
+        self._attached = False
+        self._last_offset: int | None = None  # of the last message that arrived
         self._at_end = False
         self._marked = False
         self._closed = False
+        self._stopping: asyncio.Task[None] | None = None
 
     @property
     def outstanding(self) -> int:
@@ -142,13 +149,20 @@ class StreamReader(Consumer):
         ch = await conn.channel(publisher_confirms=False)
         try:
             await ch.set_qos(prefetch_count=_PREFETCH)
+            underlay = await ch.get_underlay_channel()
+            # The broker cancels a consumer whose stream was deleted or moved: attach again.
+            underlay.on_consumer_cancel_callbacks.add(self._detached)
             stream = await ch.get_queue(self.backend.history_stream, ensure=False)
-            await stream.consume(self._on_message, arguments={"x-stream-offset": self._offset()})
+            offset = self._offset()
+            self._buffer.clear()  # they belonged to the lost channel: read again from the first
+            self._consumer_tag = await stream.consume(
+                self._on_message, arguments={"x-stream-offset": offset}
+            )
         except BaseException:
             with contextlib.suppress(Exception):
                 await ch.close()
             raise
-        self._channel = ch
+        self._channel, self._attached = ch, True
         if not self._marked:
             properties = aiormq.spec.Basic.Properties(
                 delivery_mode=2, headers={_MARKER_HEADER: self._token}
@@ -158,44 +172,63 @@ class StreamReader(Consumer):
             )
             self._marked = True
 
+    def _detached(self, *_: object) -> None:
+        self._attached = False
+        self._arrived.set()
+
     def _offset(self) -> Any:
-        if self._next_offset is not None:
-            return self._next_offset
+        """Where to attach: the first message not handed out yet, else the start."""
+        if self._buffer and self._buffer[0].handle[1] is not None:
+            return self._buffer[0].handle[1]
+        if self._last_offset is not None:
+            return self._last_offset + 1
         start = self.spec.start
         if isinstance(start, datetime):
             return start  # an AMQP timestamp: the first chunk stored at or after it
         return "first" if start == "earliest" else "next"
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        with contextlib.suppress(Exception):
-            await message.ack()  # credit for the stream consumer; the stream keeps it
-        if self._closed:
-            return
+        if self._closed or self._at_end:
+            return  # never ack on a channel being closed: the broker would drop the connection
+        # Everything before the first await: deliveries arrive in order, and stay in order.
         headers = message.headers or {}
         offset = headers.get("x-stream-offset")
-        if isinstance(offset, int):
-            self._next_offset = offset + 1
+        if not isinstance(offset, int):
+            offset = None
+        else:
+            self._last_offset = offset
         marker = headers.get(_MARKER_HEADER)
         if marker is not None:
             if marker in (self._token, self._token.encode()):
-                self._at_end = True
+                self._at_end = True  # what follows was published after the read began
                 self._arrived.set()
-            return
-        topic = message.routing_key or ""
-        if not message.exchange or not topic or not pattern_matches(self.spec.pattern, topic):
-            return
-        self._buffer.append(Delivery(topic=topic, body=bytes(message.body), attempt=1))
-        self._arrived.set()
+                self._stopping = asyncio.get_running_loop().create_task(self._stop_consuming())
+                return
+        else:
+            topic = message.routing_key or ""
+            if message.exchange and topic and pattern_matches(self.spec.pattern, topic):
+                # Acknowledged when handed out (`ack`): the prefetch bounds what waits here.
+                delivery = Delivery(topic, bytes(message.body), 1, handle=(message, offset))
+                self._buffer.append(delivery)
+                self._arrived.set()
+                return
+        with contextlib.suppress(Exception):
+            await message.ack()  # credit for the stream consumer; the stream keeps it
 
-    def _attached(self) -> bool:
-        return self._channel is not None and not self._channel.is_closed
+    async def _stop_consuming(self) -> None:
+        ch, tag = self._channel, self._consumer_tag
+        if ch is None or ch.is_closed or tag is None:
+            return
+        with contextlib.suppress(Exception):
+            underlay = await ch.get_underlay_channel()
+            await underlay.basic_cancel(tag)
 
     async def fetch(self, limit: int, wait: float) -> list[Delivery]:
         if self._closed:
             raise RuntimeError(f"history reader {self.spec.name!r} is closed")
-        if not self._buffer and not self._attached():
-            await self.start()  # the channel was lost: go on from the last offset read
-        if not self._buffer and wait > 0:
+        if not self._at_end and not self._is_attached():
+            await self.start()  # the channel was lost: go on from the first offset not read
+        if not self._buffer and not self._at_end and wait > 0:
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -205,13 +238,23 @@ class StreamReader(Consumer):
             out.append(self._buffer.popleft())
         return out
 
-    async def ack(self, deliveries: Any, *, handled_ids: Any = ()) -> None:
-        return None
+    def _is_attached(self) -> bool:
+        return self._attached and self._channel is not None and not self._channel.is_closed
+
+    async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Any = ()) -> None:
+        """Give the stream its credit back for what was read."""
+        if self._closed:
+            return
+        for delivery in deliveries:
+            message = delivery.handle[0] if isinstance(delivery.handle, tuple) else None
+            if message is not None and message.channel is not None:
+                with contextlib.suppress(Exception):
+                    await message.ack()
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         return None
 
-    async def extend(self, deliveries: Any) -> None:
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
         return None
 
     async def close(self) -> None:
@@ -219,12 +262,19 @@ class StreamReader(Consumer):
             return
         self._closed = True
         self.backend._readers.discard(self)
-        ch, self._channel = self._channel, None
         self._buffer.clear()
+        self._arrived.set()
+        ch, self._channel = self._channel, None
         if ch is not None and not ch.is_closed:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
+                    await self._cancel(ch)
                     await ch.close()
+
+    async def _cancel(self, ch: AbstractChannel) -> None:
+        if self._consumer_tag is not None and not self._at_end:
+            underlay = await ch.get_underlay_channel()
+            await underlay.basic_cancel(self._consumer_tag)
 
 
 __all__ = [

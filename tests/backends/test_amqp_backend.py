@@ -20,6 +20,7 @@ from eventwire.backends.base import (
     BackendConnectionError,
     Consumer,
     ConsumerSpec,
+    Delivery,
 )
 from tests.backends.helpers import bodies, connect_error, fetch_all, messages
 from tests.services import require_service, unique_namespace, with_namespace
@@ -631,22 +632,70 @@ async def test_history_stream_reads_back_past_events_with_an_exact_end(opener: O
     assert "_eventwire.test.1" not in {info.name for info in await backend.consumers()}
 
 
+async def read_stream(reader: Consumer, count: int, timeout: float = 10.0) -> list[Delivery]:
+    """Fetch and acknowledge, as history readers do, until `count` deliveries came."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"only {len(got)} of {count} came"
+        batch = await reader.fetch(count - len(got), 0.5)
+        await reader.ack(batch)
+        got += batch
+    return got
+
+
 async def test_history_reader_goes_on_after_its_channel_is_lost(opener: Opener) -> None:
     backend = await opener(opener.url + "&history=on")
-    await backend.publish(messages(*[(f"e{n}", "t.x") for n in range(5)]))
-    reader = await backend.consumer(
-        ConsumerSpec("_eventwire.test.2", ">", "earliest", ephemeral=True)
-    )
+    total = 3_000  # more than the reader's prefetch: some are still on the broker
+    await backend.publish(messages(*[(f"e{n}", "t.x") for n in range(total)]))
+    spec = ConsumerSpec("_eventwire.test.2", ">", "earliest", ephemeral=True)
+    reader = await backend.consumer(spec)
     try:
-        first = await fetch_all(reader, 5)
+        first = await read_stream(reader, 500)
         channel = reader._channel  # type: ignore[attr-defined]
         assert channel is not None
         await channel.close()
-        await backend.publish(messages(*[(f"e{n}", "t.x") for n in range(5, 8)]))
-        rest = await fetch_all(reader, 3)
-        assert bodies(first + rest) == [f"e{n}" for n in range(8)]  # none again, none lost
+        rest = await read_stream(reader, total - 500)
+        assert bodies(first + rest) == [f"e{n}" for n in range(total)]  # none twice, none lost
+        assert await reader.fetch(10, 1.0) == []
+        assert reader.outstanding == 0  # type: ignore[attr-defined]
     finally:
         await reader.close()
+
+
+async def test_a_read_ends_at_what_was_there_when_it_began(opener: Opener) -> None:
+    """On a busy bus the read still ends: what is published after it began is not part of
+    it, and a slow reader does not pull the whole stream into memory."""
+    backend = await opener(opener.url + "&history=1d")
+    await backend.publish(messages(*[(f"old{n}", "t.x") for n in range(2_000)]))
+    spec = ConsumerSpec("_eventwire.test.4", ">", "earliest", ephemeral=True)
+    reader = await backend.consumer(spec)
+    try:
+        await backend.publish(messages(*[(f"new{n}", "t.x") for n in range(50)]))
+        buffer = reader._buffer  # type: ignore[attr-defined]
+
+        async def window_full() -> bool:
+            return len(buffer) >= 1_000
+
+        await eventually(window_full)  # a slow reader: nothing fetched yet
+        await backend.publish(messages(("later", "t.x")))  # a round trip: more had time to come
+        assert len(buffer) == 1_000  # the prefetch: the rest waits on the broker
+        got = await read_stream(reader, 2_000)
+        assert bodies(got) == [f"old{n}" for n in range(2_000)]
+        assert await reader.fetch(100, 1.0) == []
+        assert reader.outstanding == 0  # type: ignore[attr-defined]
+    finally:
+        await reader.close()
+    # Closing a reader midway, while what it does not want pours in (and is acknowledged),
+    # leaves the backend's connection, which the app's consumers share, working.
+    connection = backend._conn
+    assert connection is not None
+    spec = ConsumerSpec("_eventwire.test.5", "nothing.here", "earliest", ephemeral=True)
+    early = await backend.consumer(spec)
+    await early.close()
+    await backend.publish(messages(("after", "t.x")))  # a round trip after the close
+    assert backend._conn is connection
+    assert not connection.is_closed
 
 
 async def test_without_a_history_stream_a_read_is_refused_clearly(backend: AmqpBackend) -> None:
