@@ -12,8 +12,11 @@ consumers are untouched.
 A reader (`StreamReader`) attaches at the first chunk at or after its start time and filters
 by pattern here, since a stream has no bindings of its own. To know where "now" is, it writes
 a marker into the stream through the default exchange (no application consumer sees it) once
-attached, and counts as outstanding until it has read its own marker: the read ends exactly
-at what was stored before it began, not at a quiet moment.
+attached, counts as outstanding until it has read its own marker, and stops consuming there:
+the read ends exactly at what was stored before it began, not at a quiet moment, however busy
+the bus. What it wants is acknowledged only when handed out, so the prefetch bounds what it
+holds; after a lost channel (or a broker cancel) it attaches again at the first offset not
+handed out yet.
 
 Retention is RabbitMQ's ``x-max-age``: whole segments are removed once all they hold is older,
 so a stream keeps at least that much. Set it once per namespace: RabbitMQ refuses to
