@@ -223,8 +223,11 @@ async def test_nak_by_a_consumer_that_lost_the_delivery_is_ignored(
     assert taken.attempt == 2
     await slow.nak(stale, 0)
     await slow.extend([stale])
-    assert await slow.fetch(5, 0.2) == []
+    # Acknowledged at once, so that no lease can run out meanwhile on a slow machine: had the
+    # stale nak put the message back, it would still come now.
     await fast.ack([taken])
+    assert await slow.fetch(5, 0.3) == []
+    assert await fast.fetch(5, 0.1) == []
 
 
 async def test_attempts_count_every_redelivery(backend: RedisBackend) -> None:
