@@ -380,12 +380,18 @@ class Follower(_Tap):
     def __init__(self, source: str | Backend, pattern: str, *, purpose: str = "tail") -> None:
         super().__init__(source, [pattern], "latest", purpose, need_history=False)
         self.pattern = pattern
+        self._stopped = False
+
+    def stop(self) -> None:
+        """End the iteration at its next turn (within a second), also when a cancellation of
+        the task reading it was swallowed by the broker's client library."""
+        self._stopped = True
 
     async def __aiter__(self) -> AsyncIterator[Event[Any]]:
         if not self.consumers:
             raise RuntimeError("use `async with follow(...) as events:` before reading")
         consumer = self.consumers[0]
-        while True:
+        while not self._stopped:
             deliveries = await consumer.fetch(_PAGE, 1.0)
             if not deliveries:
                 continue

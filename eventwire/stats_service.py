@@ -105,6 +105,7 @@ class StatsResponder(_Service):
         self._started = time.time()
         self._consumer: Consumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.answered = 0
 
     def process(self) -> dict[str, Any]:
@@ -133,6 +134,7 @@ class StatsResponder(_Service):
         """Open the consumer (requests published from now on are answered) and serve."""
         if self._task is not None:
             return
+        self._closing = False
         spec = ConsumerSpec(
             name=f"{_CONSUMER_PREFIX}{self.id}",
             pattern=STATS_REQUEST_TOPIC,
@@ -146,6 +148,7 @@ class StatsResponder(_Service):
 
     async def close(self) -> None:
         """Stop answering and remove the consumer. Idempotent."""
+        self._closing = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -160,7 +163,9 @@ class StatsResponder(_Service):
 
     async def _serve(self, consumer: Consumer) -> None:
         pause = 0.1
-        while True:
+        # Not `while True`: a client library may swallow the cancellation that `close` sends
+        # (when it races with the library's own timeout); the loop then ends at its next turn.
+        while not self._closing:
             try:
                 deliveries = await consumer.fetch(16, _FETCH_WAIT)
                 for delivery in deliveries:

@@ -178,3 +178,34 @@ def test_doc_shell_session_runs_as_shown(tmp_path: Path) -> None:
     assert "Dead letters kept: 1 (see eventwire dlq)" in result.stdout
     document = json.loads((tmp_path / "stats.json").read_text(encoding="utf-8"))
     assert document["subscriptions"][0]["name"] == "billing"
+
+
+async def test_the_stats_responder_closes_even_if_a_cancellation_is_swallowed(
+    tmp_path: Path,
+) -> None:
+    """Broker client libraries can swallow a cancellation that races with their own timeout
+    (seen with redis-py under load: `eventwire run` then never exited). Closing must not
+    depend on the cancellation arriving."""
+    from eventwire.stats_service import StatsResponder
+
+    async with EventBus(f"sqlite:///{tmp_path}/bus.db") as bus:
+        responder = StatsResponder(bus)
+        await responder.start()
+        consumer = responder._consumer
+        assert consumer is not None
+        real_fetch = consumer.fetch
+        entered = asyncio.Event()
+        swallowed: list[bool] = []
+
+        async def fetch(limit: int, wait: float) -> list[Any]:
+            entered.set()
+            try:
+                return await real_fetch(limit, wait)
+            except asyncio.CancelledError:
+                swallowed.append(True)  # what a library racing its own timeout does
+                return []
+
+        consumer.fetch = fetch  # type: ignore[method-assign]
+        await asyncio.wait_for(entered.wait(), timeout=10)
+        await asyncio.wait_for(responder.close(), timeout=10)
+    assert swallowed == [True]

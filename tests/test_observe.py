@@ -173,11 +173,11 @@ async def test_without_observers_events_carry_no_trace_context(bus: EventBus) ->
 
 
 async def test_a_targeted_event_reaches_only_its_subscription(bus: EventBus) -> None:
-    seen: list[str] = []
+    seen: list[tuple[str, int]] = []
 
     def recorder(name: str) -> Any:
         async def handler(event: Event[Any]) -> None:
-            seen.append(name)
+            seen.append((name, event.payload["n"]))
 
         return handler
 
@@ -191,10 +191,10 @@ async def test_a_targeted_event_reaches_only_its_subscription(bus: EventBus) -> 
     to_group = Event("order.placed", {"n": 2})
     to_group._target = "analytics"
     await bus.publish(to_group)
-    await bus.drain(timeout=2)
-    assert seen[0] == "shipping"
-    assert len(seen) == 2
-    assert seen[1] in ("g1", "g2")
+    await bus.drain(timeout=10)
+    # Different subscriptions run independently: in any order, each event reached only its
+    # target (and one member of the group).
+    assert sorted(seen) in ([("g1", 2), ("shipping", 1)], [("g2", 2), ("shipping", 1)])
 
 
 def test_publishes_is_checked_and_kept() -> None:

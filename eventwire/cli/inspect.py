@@ -240,7 +240,9 @@ def tail(
                         if count is not None and shown >= count:
                             return
 
-                await _until_stopped(asyncio.ensure_future(show()), stop, timeout)
+                await _until_stopped(
+                    asyncio.ensure_future(show()), stop, timeout, before_cancel=events.stop
+                )
         finally:
             for signum in signals:
                 loop.remove_signal_handler(signum)
@@ -249,14 +251,20 @@ def tail(
 
 
 async def _until_stopped(
-    work: asyncio.Future[None], stop: asyncio.Event, timeout: float | None
+    work: asyncio.Future[None],
+    stop: asyncio.Event,
+    timeout: float | None,
+    *,
+    before_cancel: Callable[[], None] | None = None,
 ) -> None:
-    """Wait for `work`, a signal (`stop`) or `timeout`; cancel what is left; raise what
-    `work` raised."""
+    """Wait for `work`, a signal (`stop`) or `timeout`; cancel what is left (calling
+    `before_cancel` first: a cancellation may be swallowed); raise what `work` raised."""
     stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait((work, stopped), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        if before_cancel is not None:
+            before_cancel()
         for future in (work, stopped):
             future.cancel()
         await asyncio.gather(work, stopped, return_exceptions=True)

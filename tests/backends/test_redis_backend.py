@@ -599,9 +599,12 @@ async def test_restart_during_publishing_loses_nothing(
     assert restarted_at[0] < total  # the restart came mid-publishing
     assert "retrying" in caplog.text
     assert set(received) == set(published)
-    # Oldest first: the first time each message came, in publish order.
-    firsts = list(dict.fromkeys(received))
-    assert firsts == published
+    # Oldest first: the first time each message came, in publish order, except for one fetch
+    # whose reply the restart cut off: Redis delivered those, the client never saw them, and
+    # they come back (later) once their lease runs out.
+    firsts = [int(body[1:]) for body in dict.fromkeys(received)]
+    displaced = [n for i, n in enumerate(firsts) if i and n < max(firsts[:i])]
+    assert len(displaced) <= 50, displaced
 
 
 async def test_fetch_and_ack_resume_after_restart(private_redis: PrivateServer) -> None:
