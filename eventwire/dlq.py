@@ -503,6 +503,7 @@ class DeadLetterQueue:
         try:
             yield reader
         finally:
+            reader.leasing = False
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
@@ -563,6 +564,7 @@ class _Reader:
         # id(delivery) -> delivery: leased and not acknowledged, kept alive by keep_leases
         self._held: dict[int, Delivery] = {}
         self._seen: set[str] = set()
+        self.leasing = True
 
     async def next_page(self) -> list[tuple[Delivery, DeadLetter]]:
         """The next letters not read before; ``[]`` once the queue is read to its end."""
@@ -600,9 +602,10 @@ class _Reader:
 
     async def keep_leases(self, ack_wait: float) -> None:
         every = max(ack_wait / 3, 0.05)
-        while True:
+        # Also a flag: the broker's client may swallow a cancellation racing its own timeout.
+        while self.leasing:
             await asyncio.sleep(every)
-            if self._held:
+            if self._held and self.leasing:
                 try:
                     await self.consumer.extend(list(self._held.values()))
                 except Exception:

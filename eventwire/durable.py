@@ -127,6 +127,7 @@ class Feeder:
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._leaser: asyncio.Task[None] | None = None
+        self._leasing = False
         self._stopped = False
         # topic -> whether it matches the pattern (brokers may over-deliver)
         self._matches: dict[str, bool] = {}
@@ -145,6 +146,7 @@ class Feeder:
         name = self.subscription.name
         self._tasks = [loop.create_task(self._fetch_loop(), name=f"eventwire:{name}:fetch")]
         # Until close(): what this process holds needs its leases also while it finishes.
+        self._leasing = True
         self._leaser = loop.create_task(self._keep_leases(), name=f"eventwire:{name}:leases")
 
     async def stop_fetching(self) -> None:
@@ -162,6 +164,7 @@ class Feeder:
         `forget` also deletes the durable consumer from the broker."""
         await self.stop_fetching()
         if self._leaser is not None:
+            self._leasing = False
             self._leaser.cancel()
             await asyncio.wait([self._leaser])
             self._leaser = None
@@ -280,9 +283,10 @@ class Feeder:
     async def _keep_leases(self) -> None:
         assert self.consumer is not None
         every = max(self.spec.ack_wait / 3, 0.05)
-        while True:
+        # Also a flag: the broker's client may swallow a cancellation racing its own timeout.
+        while self._leasing:
             await asyncio.sleep(every)
-            if self._held:
+            if self._held and self._leasing:
                 try:
                     await self.consumer.extend([delivery for _, delivery in self._held.values()])
                 except Exception:
