@@ -73,25 +73,27 @@ class LatencyHistogram:
         0.0 when nothing was recorded."""
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"quantile q must be between 0 and 1, got {q!r}")
-        if not self.count:
-            return 0.0
-        rank = max(1, ceil(q * self.count))  # nearest-rank definition
-        seen = 0
-        for index, count in self._sorted():
-            seen += count
-            if seen >= rank:
-                return min(_bucket_upper_bound(index), self.max)
-        return self.max
+        return self._quantile(self.buckets(), q)
 
     def percentiles(self) -> Percentiles:
         """p50, p90, p99 and the maximum."""
+        pairs = self.buckets()  # once for all three
         return Percentiles(
             count=self.count,
-            p50=self.quantile(0.5),
-            p90=self.quantile(0.9),
-            p99=self.quantile(0.99),
+            p50=self._quantile(pairs, 0.5),
+            p90=self._quantile(pairs, 0.9),
+            p99=self._quantile(pairs, 0.99),
             max=self.max,
         )
+
+    def _quantile(self, pairs: list[tuple[float, int]], q: float) -> float:
+        if not self.count:
+            return 0.0
+        rank = max(1, ceil(q * self.count))  # nearest-rank definition
+        for upper_bound, seen in pairs:
+            if seen >= rank:
+                return min(upper_bound, self.max)
+        return self.max
 
     def buckets(self) -> list[tuple[float, int]]:
         """Cumulative ``(upper bound in seconds, count)`` pairs of the non-empty range, for

@@ -148,6 +148,8 @@ class StreamReader(Consumer):
 
     async def start(self) -> None:
         """Attach to the stream (again, after a lost channel), then mark where now is."""
+        # A channel whose consumer the broker cancelled is still open: not left behind.
+        await self._close_channel(cancel=False)
         conn = await self.backend._connection()
         ch = await conn.channel(publisher_confirms=False)
         try:
@@ -267,17 +269,18 @@ class StreamReader(Consumer):
         self.backend._readers.discard(self)
         self._buffer.clear()
         self._arrived.set()
+        await self._close_channel(cancel=not self._at_end)
+
+    async def _close_channel(self, *, cancel: bool) -> None:
+        """Close the channel, cancelling the consumer first (`cancel`) so that nothing more
+        arrives while it closes."""
         ch, self._channel = self._channel, None
         if ch is not None and not ch.is_closed:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
-                    await self._cancel(ch)
+                    if cancel and self._consumer_tag is not None:
+                        await (await ch.get_underlay_channel()).basic_cancel(self._consumer_tag)
                     await ch.close()
-
-    async def _cancel(self, ch: AbstractChannel) -> None:
-        if self._consumer_tag is not None and not self._at_end:
-            underlay = await ch.get_underlay_channel()
-            await underlay.basic_cancel(self._consumer_tag)
 
 
 __all__ = [
