@@ -2,60 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, TypeVar, Unpack
 
-from eventwire.backends.base import Start
-from eventwire.context import current_event, current_subscription
+from eventwire.bus import EventBus, PlannedSubscription
 from eventwire.errors import BusNotRunningError
-from eventwire.event import Event, new_event
-from eventwire.retry import Retry
-from eventwire.subscription import DEFAULT_MAX_PENDING, Overflow, Subscription
+from eventwire.event import Event
+from eventwire.options import SubscriptionKeywords, SubscriptionOptions
+from eventwire.subscription import Subscription
 from eventwire.topics import validate_pattern
-
-if TYPE_CHECKING:
-    from eventwire.bus import EventBus
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _ON_ATTRIBUTE = "__eventwire_on__"
 
 
-def on(
-    pattern: str,
-    *,
-    name: str | None = None,
-    group: str | None = None,
-    concurrency: int = 1,
-    retry: Retry | None = None,
-    timeout: float | None = None,
-    max_pending: int = DEFAULT_MAX_PENDING,
-    overflow: Overflow = "block",
-    start: Start = "latest",
-    idempotent: bool = False,
-    publishes: Sequence[str] = (),
-) -> Callable[[F], F]:
+def on(pattern: str, **options: Unpack[SubscriptionKeywords]) -> Callable[[F], F]:
     """Mark an `Agent` method as the handler of `pattern`; same options as `subscribe`.
 
     The subscription is named ``<agent name>.<method name>`` unless `name` is given.
     """
     validate_pattern(pattern)
-    options: dict[str, Any] = {
-        "name": name,
-        "group": group,
-        "concurrency": concurrency,
-        "retry": retry,
-        "timeout": timeout,
-        "overflow": overflow,
-        "max_pending": max_pending,
-        "start": start,
-        "idempotent": idempotent,
-        "publishes": publishes,
-    }
+    built = SubscriptionOptions.of(**options)
 
     def mark(method: F) -> F:
-        marks: list[tuple[str, dict[str, Any]]] = getattr(method, _ON_ATTRIBUTE, [])
-        setattr(method, _ON_ATTRIBUTE, [*marks, (pattern, options)])
+        marks: list[tuple[str, SubscriptionOptions]] = getattr(method, _ON_ATTRIBUTE, [])
+        setattr(method, _ON_ATTRIBUTE, [*marks, (pattern, built)])
         return method
 
     return mark
@@ -97,37 +70,32 @@ class Agent:
     async def on_stop(self) -> None:
         """Called when the bus begins to close, before queued work is finished."""
 
-    def _attach(self, bus: EventBus) -> None:
+    def planned_subscriptions(self) -> list[PlannedSubscription]:
+        """The subscriptions of this agent's ``@on`` methods, named ``<agent>.<method>``
+        unless ``@on`` names them (`EventBus.register` makes them)."""
         if self._bus is not None:
             raise ValueError(f"agent {self.name!r} is already registered on {self._bus!r}")
-        handlers: list[tuple[str, str, dict[str, Any]]] = []
+        planned: list[PlannedSubscription] = []
+        seen: set[str] = set()
         for cls in reversed(type(self).__mro__):
             for attribute, value in vars(cls).items():
                 for pattern, options in getattr(value, _ON_ATTRIBUTE, ()):
-                    handlers.append((attribute, pattern, options))
-        created: list[Subscription] = []
-        try:
-            seen: set[str] = set()
-            for attribute, pattern, options in handlers:
-                base = options["name"] or f"{self.name}.{attribute}"
-                name, number = base, 2
-                while name in seen:
-                    name, number = f"{base}#{number}", number + 1
-                seen.add(name)
-                created.append(
-                    bus._subscribe(
-                        pattern,
-                        getattr(self, attribute),
-                        source=self.name,
-                        **{**options, "name": name},
+                    base = options.name or f"{self.name}.{attribute}"
+                    name, number = base, 2
+                    while name in seen:
+                        name, number = f"{base}#{number}", number + 1
+                    seen.add(name)
+                    planned.append(
+                        PlannedSubscription(
+                            pattern, getattr(self, attribute), replace(options, name=name)
+                        )
                     )
-                )
-        except BaseException:
-            for subscription in created:
-                bus._remove_subscription(subscription)
-            raise
+        return planned
+
+    def bind(self, bus: EventBus, subscriptions: list[Subscription]) -> None:
+        """Called by `EventBus.register` with the subscriptions it made for this agent."""
         self._bus = bus
-        self.subscriptions = created
+        self.subscriptions = subscriptions
 
     async def publish(
         self,
@@ -138,25 +106,9 @@ class Agent:
         key: str | None = None,
     ) -> Event[Any]:
         """Publish through the agent's bus, with `source` set to this agent's name."""
-        bus = self.bus
-        if isinstance(topic_or_event, Event):
-            if topic_or_event.source is None:
-                topic_or_event = topic_or_event.replace(source=self.name)
-            event = await bus.publish(topic_or_event, payload, metadata=metadata, key=key)
-        else:
-            parent = current_event.get()
-            if not bus.running:
-                bus._check_accepting(parent)
-            event = new_event(topic_or_event, payload, metadata, key, parent, self.name)
-            if bus._observers:
-                await bus._publish_observed(event, parent)
-            else:
-                await bus._dispatch(event, parent)
-        subscription = current_subscription.get()
-        if subscription is not None and subscription.source == self.name:
-            # Learnt for `eventwire topology`, as bus.publish does for plain handlers.
-            subscription.published_topics.add(event.topic)
-        return event
+        return await self.bus.publish(
+            topic_or_event, payload, metadata=metadata, key=key, source=self.name
+        )
 
     async def request(
         self,
@@ -168,4 +120,6 @@ class Agent:
         timeout: float | None,
     ) -> Any:
         """`EventBus.request` through the agent's bus, with `source` set to this agent."""
-        return await self.bus._request_as(topic, payload, metadata, key, timeout, source=self.name)
+        return await self.bus.request(
+            topic, payload, metadata=metadata, key=key, timeout=timeout, source=self.name
+        )

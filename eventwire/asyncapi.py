@@ -340,8 +340,8 @@ def _servers(buses: Sequence[EventBus]) -> dict[str, Any]:
     servers: dict[str, Any] = {}
     for bus in buses:
         backend = bus.backend
-        if backend is None:
-            continue
+        if not backend.capabilities.durable:
+            continue  # in process: no server to name
         url = backend.url
         host = url.host or "localhost"
         if url.port is not None:

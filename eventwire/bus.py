@@ -1,4 +1,12 @@
-"""The event bus: publish events on topics, subscribe handlers to patterns."""
+"""The event bus: publish events on topics, subscribe handlers to patterns.
+
+`EventBus` is the facade an application uses. It owns the bus's lifecycle and its
+subscriptions by name; the rest belongs to the parts it builds and hands to each other: the
+backend (where events travel: in process, or through a broker), the drain tracker
+(`eventwire.drain`), the requests waiting for replies (`eventwire.requests`), the dead-letter
+publisher (`eventwire.deadletter`) and the observers (`eventwire.observe`). Whatever the
+backend, the bus runs the same code: the backend is the only part that differs.
+"""
 
 from __future__ import annotations
 
@@ -8,241 +16,82 @@ import contextlib
 import inspect
 import logging
 import os
-import secrets
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from time import time_ns
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Literal,
+    Protocol,
+    TypeVar,
+    Unpack,
+    overload,
+    runtime_checkable,
+)
 
 from eventwire.backends import open_backend, resolve_url
 from eventwire.backends.base import (
-    MEMORY_CAPABILITIES,
+    DLQ_CONSUMER,
+    TOOLING_PREFIX,
     Backend,
     BackendCapabilityError,
+    BusServices,
     Capabilities,
-    ConsumerInfo,
-    ConsumerSpec,
-    Delivery,
-    Message,
-    Start,
 )
-from eventwire.context import current_event, current_subscription
-from eventwire.durable import BatchPublisher, Feeder, foreign_dead_letter
-from eventwire.envelope import DEFAULT_MAX_BYTES, EnvelopeError, encode
-from eventwire.errors import (
-    BusClosedError,
-    BusNotRunningError,
-    HandlerError,
-    InboxFullError,
-    InvalidTopicError,
-    NoReplyError,
-    PublishTimeoutError,
-    RemoteHandlerError,
+from eventwire.context import current_event
+from eventwire.deadletter import DLQ_PATTERN, DeadLetters
+from eventwire.drain import DrainTracker
+from eventwire.envelope import DEFAULT_MAX_BYTES
+from eventwire.errors import BusClosedError, BusNotRunningError, NoReplyError, PublishTimeoutError
+from eventwire.event import (
+    ATOMIC_TYPES,
+    EMPTY_METADATA,
+    Event,
+    build,
+    event_class,
+    freeze_metadata,
+    new_event,
+    sequence,
 )
-from eventwire.event import _ATOMIC as ATOMIC_TYPES
-from eventwire.event import _EMPTY_METADATA as EMPTY_METADATA
-from eventwire.event import Event, new_event
-from eventwire.event import _build as build_event
-from eventwire.event import _event_class as event_class
-from eventwire.event import _freeze as freeze_metadata
-from eventwire.event import _sequence as event_sequence
 from eventwire.observe import Observer, notify, notify_finished
+from eventwire.options import Start, SubscriptionKeywords, SubscriptionOptions
 from eventwire.payloads import make_converter, payload_type_of
-from eventwire.retry import Retry
+from eventwire.requests import REPLY_PREFIX, Requests
 from eventwire.subscription import (
-    DEFAULT_MAX_PENDING,
-    OVERFLOW_POLICIES,
     Handler,
-    Inbox,
-    Overflow,
     Subscription,
+    SubscriptionServices,
     SubscriptionStats,
-    _Unsubscribed,
+    current_subscription,
 )
-from eventwire.topics import (
-    SINGLE,
-    TAIL,
-    TopicTrie,
-    pattern_matches,
-    validate_pattern,
-    validate_topic,
-)
+from eventwire.topics import validate_pattern, validate_topic
 
 if TYPE_CHECKING:
-    from eventwire.agent import Agent
     from eventwire.record import Recorder
+
+__all__ = [
+    "DLQ_CONSUMER",
+    "DLQ_PATTERN",
+    "REPLY_PREFIX",
+    "TOOLING_PREFIX",
+    "URL_ENVIRONMENT_VARIABLE",
+    "CloseReport",
+    "EventBus",
+    "UnhandledEvent",
+]
 
 logger = logging.getLogger("eventwire")
 
 H = TypeVar("H", bound=Callable[..., Any])
-A = TypeVar("A", bound="Agent")
+A = TypeVar("A", bound="Registrable")
 Obs = TypeVar("Obs", bound=Observer)
-
-# Past this many distinct topics the route cache starts over, so that an unbounded topic space
-# (ids in topic names) cannot grow memory without bound.
-_ROUTE_CACHE_LIMIT = 100_000
 
 _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 
-# Topics of request replies: one per requesting bus.
-_REPLY_PREFIX = "_bus.reply."
-# Patterns of per-process consumers (replies, stats requests), which drain() does not wait for.
-_PROCESS_PATTERNS = (_REPLY_PREFIX, "_bus.stats.")
-
-# Broker backends: the durable consumer that keeps every dead letter of the namespace until
-# `eventwire dlq` retries or purges it. Nothing in the bus fetches from it.
-DLQ_CONSUMER = "_eventwire.dlq"
-# Names of consumers opened by eventwire's tools (dead letters, stats, history readers).
-TOOLING_PREFIX = "_eventwire."
-DLQ_PATTERN = "_dlq.>"
-
 # Read by EventBus() when no URL is given, so that one app runs unchanged on any backend.
 URL_ENVIRONMENT_VARIABLE = "EVENTWIRE_URL"
-
-
-class _Epoch:
-    """Deliveries owed for events published between two `drain()` calls, and their causes."""
-
-    __slots__ = ("pending", "retired", "waiters")
-
-    def __init__(self) -> None:
-        self.pending = 0
-        # Set once drain() has seen it settle: later publishes must not count against it.
-        self.retired = False
-        self.waiters: list[asyncio.Future[None]] = []
-
-    def settle(self, error: BaseException | None = None) -> None:
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            if waiter.done():
-                continue
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
-
-    async def wait(self) -> None:
-        if self.pending:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.waiters.append(waiter)
-            await waiter
-
-
-class _GroupRoute:
-    """Competing consumers of one group that match one topic: each event goes to one."""
-
-    __slots__ = ("members", "next")
-
-    def __init__(self, members: list[Subscription]) -> None:
-        self.members = members
-        self.next = 0
-
-    def pick(self, key: str | None) -> Inbox:
-        members = self.members
-        count = len(members)
-        if key is not None:
-            # Same key, same member: per-key order holds across the group. crc32, not hash():
-            # the same in every process, whatever its hash seed.
-            return members[zlib.crc32(key.encode()) % count]._inbox
-        start = self.next
-        for offset in range(count):
-            inbox = members[(start + offset) % count]._inbox
-            if len(inbox) < inbox.capacity:
-                self.next = (start + offset + 1) % count
-                return inbox
-        self.next = (start + 1) % count
-        return members[start]._inbox
-
-
-def _release(epoch: _Epoch, deliveries: int) -> None:
-    epoch.pending -= deliveries
-    if not epoch.pending and epoch.waiters:
-        epoch.settle()
-
-
-class _Stall:
-    """A publish that found a full inbox with overflow='block' and must wait to go on."""
-
-    __slots__ = ("count", "epoch", "event", "index", "targets")
-
-    def __init__(
-        self,
-        event: Event[Any],
-        targets: tuple[Inbox, ...] | list[Inbox],
-        index: int,
-        count: int,
-        epoch: _Epoch,
-    ) -> None:
-        self.event = event
-        self.targets = targets
-        self.index = index
-        self.count = count
-        self.epoch = epoch
-
-
-class _GroupedRoute:
-    """A route with competing groups. Routes without groups are plain tuples of inboxes,
-    one object less for publish to look through."""
-
-    __slots__ = ("groups", "inboxes")
-
-    def __init__(self, inboxes: tuple[Inbox, ...], groups: tuple[_GroupRoute, ...]):
-        self.inboxes = inboxes
-        self.groups = groups
-
-    def targets(self, key: str | None) -> list[Inbox]:
-        return [*self.inboxes, *(group.pick(key) for group in self.groups)]
-
-
-_Route = tuple[Inbox, ...] | _GroupedRoute
-
-
-class _PendingRequest:
-    __slots__ = ("delivered", "error", "expected", "finished", "future", "topic")
-
-    def __init__(self, future: asyncio.Future[Any], topic: str) -> None:
-        self.future = future
-        self.topic = topic
-        self.expected: int | None = None
-        self.delivered: list[str] = []
-        self.finished = 0
-        self.error: tuple[str, BaseException] | None = None
-
-    def outcome(self, subscription: str, result: Any, error: BaseException | None) -> None:
-        if self.future.done():
-            return
-        self.finished += 1
-        if error is None and result is not None:
-            self.future.set_result(result)
-            return
-        if error is not None and self.error is None:
-            self.error = (subscription, error)
-        self.check_complete()
-
-    def check_complete(self) -> None:
-        if self.future.done() or self.expected is None or self.finished < self.expected:
-            return
-        if self.error is not None:
-            name, error = self.error
-            kind = getattr(error, "error_type", None) or type(error).__name__
-            failure = HandlerError(
-                f"request on {self.topic!r} failed in handler {name!r}: {kind}: {error}",
-                subscription=name,
-                error=f"{kind}: {error}",
-            )
-            failure.__cause__ = error
-            self.future.set_exception(failure)
-        else:
-            self.future.set_exception(
-                NoReplyError(
-                    f"request on {self.topic!r}: every handler that received it "
-                    f"({', '.join(self.delivered)}) finished without returning a reply "
-                    "(a handler's non-None return value is its reply)"
-                )
-            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,23 +115,52 @@ class CloseReport:
         return not self.unhandled
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedSubscription:
+    """A subscription an agent asks its bus for (`Registrable.planned_subscriptions`)."""
+
+    pattern: str
+    handler: Handler
+    options: SubscriptionOptions
+
+
+@runtime_checkable
+class Registrable(Protocol):
+    """What `EventBus.register` takes: an `eventwire.Agent`."""
+
+    name: str
+    subscriptions: list[Subscription]
+
+    def planned_subscriptions(self) -> list[PlannedSubscription]: ...
+
+    def bind(self, bus: EventBus, subscriptions: list[Subscription]) -> None: ...
+
+    async def on_start(self) -> None: ...
+
+    async def on_stop(self) -> None: ...
+
+
 class EventBus:
     """Publish events on topics; subscribe handlers to topic patterns.
 
     ``EventBus()`` is the in-process bus (``memory://``), unless the ``EVENTWIRE_URL``
-    environment variable names another. Use it as
+    environment variable names another; ``EventBus("nats://...")`` runs the same code on a
+    broker, and ``EventBus(backend=...)`` on a backend instance of your own. Use it as
     ``async with bus:``: that starts the workers, and on exit waits for queued work (up to
     `close_grace` seconds) and closes. `publish_timeout` bounds how long `publish` waits for
-    room in a full inbox (None waits for ever). `tracing=True` makes an OpenTelemetry span of
-    every publish and handling attempt (`eventwire.tracing`; needs ``eventwire[otel]``);
-    `lineage=True` stores a record of every handling attempt on the broker, for
-    ``eventwire trace`` (`eventwire.lineage`).
+    room in a full inbox or for a broker's confirmation (None waits for ever).
+    `redeliver_after` is how long a broker keeps an event leased to a process that stopped
+    answering. `max_event_bytes` bounds an encoded event on a broker. `tracing=True` makes an
+    OpenTelemetry span of every publish and handling attempt (`eventwire.tracing`; needs
+    ``eventwire[otel]``); `lineage=True` stores a record of every handling attempt on the
+    broker, for ``eventwire trace`` (`eventwire.lineage`).
     """
 
     def __init__(
         self,
         url: str | None = None,
         *,
+        backend: Backend | None = None,
         publish_timeout: float | None = 30.0,
         close_grace: float = 10.0,
         redeliver_after: float = 30.0,
@@ -290,53 +168,78 @@ class EventBus:
         tracing: bool = False,
         lineage: bool = False,
     ) -> None:
-        if url is None:
-            url = os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://"
-        self.url = resolve_url(url)
-        self._backend: Backend | None = open_backend(self.url)
+        if backend is None:
+            if url is None:
+                url = os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://"
+            self.url = resolve_url(url)
+            backend = open_backend(self.url)
+        elif url is not None:
+            raise ValueError("EventBus() takes a url or a backend=, not both")
+        elif not isinstance(backend, Backend):
+            raise TypeError(
+                f"backend= takes an eventwire Backend instance, got {type(backend).__name__}"
+            )
+        else:
+            self.url = backend.url.redacted
         if not redeliver_after > 0:
             raise ValueError(f"redeliver_after must be > 0 seconds, got {redeliver_after!r}")
-        self.redeliver_after = redeliver_after
-        self.max_event_bytes = max_event_bytes
         if publish_timeout is not None and publish_timeout <= 0:
             raise ValueError(f"publish_timeout must be > 0 seconds or None, got {publish_timeout}")
         if close_grace < 0:
             raise ValueError(f"close_grace must be >= 0 seconds, got {close_grace}")
+        self.redeliver_after = redeliver_after
+        self.max_event_bytes = max_event_bytes
         self.publish_timeout = publish_timeout
         self.close_grace = close_grace
-        self._subscriptions: dict[str, Subscription] = {}
-        self._trie: TopicTrie[Subscription] = TopicTrie()
-        self._routes: dict[str, _Route] = {}
+
         self._state = _NEW
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._epoch = _Epoch()
-        self._epochs: list[_Epoch] = [self._epoch]
-        self._requests: dict[str, _PendingRequest] = {}
-        self._reply_topic = f"{_REPLY_PREFIX}{secrets.token_hex(6)}"
+        self._closed = asyncio.Event()
+        self._close_report: CloseReport | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        # See `observe`. A list mutated in place: workers and backends keep a reference to it.
+        self._observers: list[Observer] = []
+        self._tracker = DrainTracker()
+        self._requests = Requests(self.publish, self._track)
+        self._dead_letters = DeadLetters(self.publish)
+        self._backend = backend
+        backend.bind(
+            BusServices(
+                tracker=self._tracker,
+                dead_letters=self._dead_letters,
+                observers=self._observers,
+                publish_timeout=publish_timeout,
+                redeliver_after=redeliver_after,
+                max_event_bytes=max_event_bytes,
+                track=self._track,
+            )
+        )
+        # The backend's publish, bound once: the hot path of the library.
+        self._send = backend.send
+        self._subscriptions: dict[str, Subscription] = {}
+        self._services = SubscriptionServices(
+            observers=self._observers,
+            dead_letters=self._dead_letters,
+            requests=self._requests,
+            unsubscribe=self._unsubscribe,
+        )
         # Unsubscribed subscriptions whose workers still finish queued events.
         self._draining: set[Subscription] = set()
-        self._agents: dict[str, Agent] = {}
-        self._close_report: CloseReport | None = None
-        self._closed = asyncio.Event()
-        self._background: set[asyncio.Task[Any]] = set()
-        # Broker backends only.
-        self._publisher: BatchPublisher | None = None
+        # Subscriptions whose backend is still creating something for them (a durable
+        # consumer): this bus's publishes wait for them, so they see every later event.
         self._opening: set[asyncio.Task[None]] = set()
         self._reply_subscription: Subscription | None = None
-        # See `observe`. A list mutated in place: workers keep a reference to it.
-        self._observers: list[Observer] = []
-        # True when a publish does more than queue in process (a broker or observers): one
-        # test on the in-process hot path instead of two.
-        self._indirect = self._backend is not None
+        self._agents: dict[str, Registrable] = {}
+        # True when a publish does more than hand the event to the backend (observers, or
+        # subscriptions opening): one test on the hot path instead of two.
+        self._indirect = False
         if tracing:
             from eventwire.tracing import Tracing
 
             self.observe(Tracing())
-        self.lineage = lineage
+        self.lineage = False
         if lineage:
-            from eventwire.lineage import LineageRecorder
-
-            self.observe(LineageRecorder(self))
+            self.record_lineage()
 
     def __repr__(self) -> str:
         return f"<EventBus {self.safe_url} {self._state}, {len(self._subscriptions)} subscriptions>"
@@ -344,16 +247,17 @@ class EventBus:
     @property
     def safe_url(self) -> str:
         """The bus URL with any password replaced by ``***``: safe to print and log."""
-        return self._backend.url.redacted if self._backend is not None else self.url
+        return self._backend.url.redacted
 
     @property
     def capabilities(self) -> Capabilities:
         """What this bus's backend guarantees beyond the common contract (README table)."""
-        return self._backend.capabilities if self._backend is not None else MEMORY_CAPABILITIES
+        return self._backend.capabilities
 
     @property
-    def backend(self) -> Backend | None:
-        """The broker backend, or None for the in-process bus."""
+    def backend(self) -> Backend:
+        """Where this bus's events travel (`eventwire.backends.memory.MemoryBackend` for the
+        in-process bus)."""
         return self._backend
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -370,35 +274,12 @@ class EventBus:
         if self._state != _NEW:
             raise BusClosedError("this EventBus was closed and cannot restart; create a new one")
         self._loop = asyncio.get_running_loop()
-        if self._backend is not None:
-            await self._backend.connect()
-            self._publisher = BatchPublisher(self._backend, self.publish_timeout)
-            try:
-                await self._keep_dead_letters(self._backend)
-                for subscription in list(self._subscriptions.values()):
-                    await self._open_feeder(subscription)
-            except BaseException:
-                await self._backend.close()
-                raise
+        await self._backend.start()
         self._state = _RUNNING
         for subscription in list(self._subscriptions.values()):
-            subscription._start(self._loop)
-            if subscription._feeder is not None:
-                subscription._feeder.start()
+            subscription.begin(self._loop)
         for agent in list(self._agents.values()):
             await agent.on_start()
-
-    async def _keep_dead_letters(self, backend: Backend) -> None:
-        # Dead letters are kept by a consumer nobody fetches from, so that `eventwire dlq`
-        # finds every one since the namespace's first start, on every broker.
-        spec = ConsumerSpec(
-            name=DLQ_CONSUMER,
-            pattern=DLQ_PATTERN,
-            start="earliest" if backend.capabilities.replay else "latest",
-            ack_wait=self.redeliver_after,
-        )
-        consumer = await backend.consumer(spec)
-        await consumer.close()
 
     async def __aenter__(self) -> EventBus:
         await self.start()
@@ -431,10 +312,7 @@ class EventBus:
                 "finish, that one included; signal your main task to close the bus instead"
             )
         if self._state == _NEW:
-            self._state = _CLOSED
-            self._close_report = CloseReport()
-            self._closed.set()
-            return self._close_report
+            return self._closed_now(CloseReport())
         grace = self.close_grace if grace is None else grace
         # Agents say goodbye while they may still publish.
         for agent in list(self._agents.values()):
@@ -447,12 +325,8 @@ class EventBus:
         started = loop.time()
         try:
             async with asyncio.timeout(grace):
-                # Broker backends: fetch no more; finish what this process holds.
-                for subscription in list(self._subscriptions.values()):
-                    if subscription._feeder is not None:
-                        await subscription._feeder.stop_fetching()
-                for epoch in list(self._epochs):
-                    await epoch.wait()
+                await self._backend.stop_fetching()  # a broker's: finish what this process holds
+                await self._tracker.wait_all()
         except TimeoutError:
             pass
         finally:
@@ -467,7 +341,9 @@ class EventBus:
                 len(unhandled),
                 waited,
                 grace,
-                "" if self._backend is None else f"; returned to {self.safe_url} for redelivery",
+                f"; returned to {self.safe_url} for redelivery"
+                if self.capabilities.durable
+                else "",
                 ", ".join(f"{u.subscription}<-{u.event.topic} ({u.state})" for u in unhandled[:10])
                 + (" ..." if len(unhandled) > 10 else ""),
             )
@@ -477,54 +353,33 @@ class EventBus:
         unhandled: list[UnhandledEvent] = []
         workers: list[asyncio.Task[None]] = []
         for subscription in [*self._subscriptions.values(), *self._draining]:
-            for event, state in subscription._stop_now():
+            for event, state in subscription.stop_now():
                 unhandled.append(UnhandledEvent(subscription.name, event, state))  # type: ignore[arg-type]
-            workers.extend(subscription._workers)
-        feeders = [
-            s._feeder
-            for s in [*self._subscriptions.values(), *self._draining]
-            if s._feeder is not None
-        ]
+            workers.extend(subscription.workers)
         self._draining.clear()
         if workers:
             # Bounded: a handler that swallows its cancellation must not hang close().
             _, stubborn = await asyncio.wait(workers, timeout=1.0)
             for task in stubborn:
                 logger.error("eventwire: %s ignored cancellation at close", task.get_name())
-        if self._backend is not None:
-            await self._close_backend(feeders)
-        for pending in self._requests.values():
-            if not pending.future.done():
-                pending.future.set_exception(
-                    BusClosedError(
-                        f"the bus closed before request on {pending.topic!r} got a reply"
-                    )
-                )
-        abandoned = (
-            BusClosedError(f"the bus closed with {len(unhandled)} event(s) unhandled")
-            if unhandled
-            else None
-        )
-        for epoch in self._epochs:
-            epoch.pending = 0
-            epoch.settle(abandoned)  # a drain() still waiting learns the work was abandoned
-        self._state = _CLOSED
-        self._close_report = CloseReport(tuple(unhandled))
-        self._closed.set()
-        return self._close_report
-
-    async def _close_backend(self, feeders: list[Feeder]) -> None:
-        """Acknowledge what was handled, give back what was not, disconnect."""
-        assert self._backend is not None
         for task in list(self._opening):
             task.cancel()
         try:
-            for feeder in feeders:
-                await feeder.close()
-            if self._publisher is not None:
-                await self._publisher.close()
+            await self._backend.stop()
         finally:
-            await self._backend.close()
+            self._requests.close()
+            self._tracker.abandon(
+                BusClosedError(f"the bus closed with {len(unhandled)} event(s) unhandled")
+                if unhandled
+                else None  # a drain() still waiting learns the work was abandoned
+            )
+        return self._closed_now(CloseReport(tuple(unhandled)))
+
+    def _closed_now(self, report: CloseReport) -> CloseReport:
+        self._state = _CLOSED
+        self._close_report = report
+        self._closed.set()
+        return report
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         """Keep a background task alive until done, and log it if it fails."""
@@ -540,55 +395,19 @@ class EventBus:
 
     @overload
     def subscribe(
-        self,
-        pattern: str,
-        handler: None = None,
-        *,
-        name: str | None = None,
-        group: str | None = None,
-        concurrency: int = 1,
-        retry: Retry | None = None,
-        timeout: float | None = None,
-        max_pending: int = DEFAULT_MAX_PENDING,
-        overflow: Overflow = "block",
-        start: Start = "latest",
-        idempotent: bool = False,
-        publishes: Sequence[str] = (),
+        self, pattern: str, handler: None = None, **options: Unpack[SubscriptionKeywords]
     ) -> Callable[[H], H]: ...
 
     @overload
     def subscribe(
-        self,
-        pattern: str,
-        handler: Handler,
-        *,
-        name: str | None = None,
-        group: str | None = None,
-        concurrency: int = 1,
-        retry: Retry | None = None,
-        timeout: float | None = None,
-        max_pending: int = DEFAULT_MAX_PENDING,
-        overflow: Overflow = "block",
-        start: Start = "latest",
-        idempotent: bool = False,
-        publishes: Sequence[str] = (),
+        self, pattern: str, handler: Handler, **options: Unpack[SubscriptionKeywords]
     ) -> Subscription: ...
 
     def subscribe(
         self,
         pattern: str,
         handler: Handler | None = None,
-        *,
-        name: str | None = None,
-        group: str | None = None,
-        concurrency: int = 1,
-        retry: Retry | None = None,
-        timeout: float | None = None,
-        max_pending: int = DEFAULT_MAX_PENDING,
-        overflow: Overflow = "block",
-        start: Start = "latest",
-        idempotent: bool = False,
-        publishes: Sequence[str] = (),
+        **options: Unpack[SubscriptionKeywords],
     ) -> Subscription | Callable[[H], H]:
         """Subscribe `handler` to every topic matching `pattern`.
 
@@ -614,200 +433,143 @@ class EventBus:
         ``publishes=["research.complete"]``), for ``eventwire topology`` and ``asyncapi``;
         topics it is seen publishing at run time are added in `Subscription.published_topics`.
         """
-        options: dict[str, Any] = dict(
-            name=name,
-            group=group,
-            concurrency=concurrency,
-            retry=retry,
-            timeout=timeout,
-            max_pending=max_pending,
-            overflow=overflow,
-            start=start,
-            idempotent=idempotent,
-            publishes=publishes,
-        )
+        validate_pattern(pattern)
+        built = SubscriptionOptions.of(**options)
         if handler is None:
-            validate_pattern(pattern)
 
             def decorator(function: H) -> H:
-                subscription = self._subscribe(pattern, function, **options)
+                subscription = self.add_subscription(pattern, function, built)
                 with contextlib.suppress(AttributeError, TypeError):
                     function.__eventwire_subscription__ = subscription  # type: ignore[attr-defined]
                 return function
 
             return decorator
-        return self._subscribe(pattern, handler, **options)
+        return self.add_subscription(pattern, handler, built)
 
-    def _subscribe(
+    def add_subscription(
         self,
         pattern: str,
         handler: Handler,
+        options: SubscriptionOptions,
         *,
-        name: str | None,
-        group: str | None,
-        concurrency: int,
-        retry: Retry | None,
-        timeout: float | None,
-        max_pending: int,
-        overflow: Overflow,
         source: str | None = None,
-        start: Start = "latest",
-        idempotent: bool = False,
-        publishes: Sequence[str] = (),
     ) -> Subscription:
-        if self._state in (_CLOSING, _CLOSED):
-            raise BusClosedError(f"cannot subscribe to {pattern!r}: the bus is {self._state}")
-        validate_pattern(pattern)
-        _check_handler(handler)
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(
-                f"overflow must be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, "
-                f"got {overflow!r}"
-            )
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-        if retry is not None and not isinstance(retry, Retry):
-            raise TypeError(f"retry must be a Retry(...), got {type(retry).__name__}")
-        if group is not None and (not isinstance(group, str) or not group):
-            raise ValueError(f"group must be a non-empty str or None, got {group!r}")
-        self._check_start(start)
-        declared = _check_publishes(publishes)
-        if name is None:
-            name = self._unique_default_name(_default_name(handler))
-        elif not isinstance(name, str) or not name:
-            raise ValueError(f"name must be a non-empty str, got {name!r}")
-        elif name in self._subscriptions:
-            raise ValueError(
-                f"a subscription named {name!r} already exists on this bus; pass another "
-                "name=, or the same group= to make them competing consumers"
-            )
-        payload_type = payload_type_of(handler)
-        converter = make_converter(payload_type, name) if payload_type is not None else None
-        subscription = Subscription(
-            self,
-            pattern,
-            handler,
-            name=name,
-            group=group,
-            concurrency=concurrency,
-            retry=retry,
-            timeout=timeout,
-            max_pending=max_pending,
-            overflow=overflow,
-            source=source or name,
-            converter=converter,
-            start=start,
-            idempotent=bool(idempotent),
-            publishes=declared,
-        )
-        self._subscriptions[name] = subscription
-        if self._backend is not None:
-            subscription._feeder = Feeder(self, subscription, self._consumer_spec(subscription))
-            if self._state == _RUNNING:
-                # Opened before any later publish of this process goes out (publish waits
-                # for it), so a new subscription sees every event published after it.
-                opening = asyncio.get_running_loop().create_task(
-                    self._open_and_start(subscription), name=f"eventwire:{name}:open"
-                )
-                self._opening.add(opening)
-                opening.add_done_callback(self._opening.discard)
-                subscription._opening = opening
-                self._track(opening)
-            return subscription
-        self._trie.add(pattern, subscription)
-        self._refresh_routes(pattern)
-        if self._state == _RUNNING:
-            assert self._loop is not None
-            subscription._start(self._loop)
+        """`subscribe` with its options already built; `source` is what events its handler
+        publishes say in `Event.source` (default: the subscription's name)."""
+        subscription = self._plan([(pattern, handler, options, source)])[0]
+        self._install(subscription)
         return subscription
 
-    def _check_start(self, start: Start) -> None:
-        if isinstance(start, datetime):
-            if start.tzinfo is None:
+    def _plan(
+        self, wanted: Sequence[tuple[str, Handler, SubscriptionOptions, str | None]]
+    ) -> list[Subscription]:
+        """Build and check subscriptions, all before any is installed: a bad one raises with
+        none of them on the bus."""
+        if self._state in (_CLOSING, _CLOSED):
+            raise BusClosedError(f"cannot subscribe: the bus is {self._state}")
+        planned: list[Subscription] = []
+        taken = dict(self._subscriptions)
+        for pattern, handler, options, source in wanted:
+            validate_pattern(pattern)
+            _check_handler(handler)
+            self._check_start(options.start)
+            name = options.name
+            if name is None:
+                name = _unique_default_name(_default_name(handler), taken)
+            elif name in taken:
                 raise ValueError(
-                    "start= datetime must be timezone-aware, e.g. datetime.now(timezone.utc)"
+                    f"a subscription named {name!r} already exists on this bus; pass another "
+                    "name=, or the same group= to make them competing consumers"
                 )
-        elif start not in ("latest", "earliest"):
-            raise ValueError(f"start must be 'latest', 'earliest' or a datetime, got {start!r}")
-        if start == "latest":
-            return
-        if self._backend is None:
-            raise BackendCapabilityError(
-                f"start={start!r} replays history, and the in-process bus keeps none; use a "
-                "durable backend such as 'sqlite:///bus.db', or start='latest'"
+            _check_identity(name, options.group, taken.values())
+            payload_type = payload_type_of(handler)
+            subscription = Subscription(
+                pattern,
+                handler,
+                options,
+                name=name,
+                source=source or name,
+                converter=make_converter(payload_type, name) if payload_type is not None else None,
+                services=self._services,
             )
-        if not self._backend.capabilities.replay:
-            raise BackendCapabilityError(
-                f"start={start!r} replays history, which the {self._backend.scheme}:// backend "
-                "cannot do (see the capability table in the README); use start='latest'"
-            )
+            taken[name] = subscription
+            planned.append(subscription)
+        return planned
 
-    def _consumer_spec(self, subscription: Subscription) -> ConsumerSpec:
-        return ConsumerSpec(
-            name=subscription.group or subscription.name,
-            pattern=subscription.pattern,
-            start=subscription.start,
-            ack_wait=self.redeliver_after,
-            ephemeral=subscription.pattern.startswith(_REPLY_PREFIX),
-        )
-
-    async def _open_feeder(self, subscription: Subscription) -> None:
-        feeder = subscription._feeder
-        assert feeder is not None
-        backend = self._backend_or_fail()
-        if subscription.idempotent and not backend.capabilities.idempotent:
-            raise BackendCapabilityError(
-                f"subscription {subscription.name!r} is idempotent=True, but the "
-                f"{backend.scheme}:// backend cannot record handled event ids"
-            )
-        await feeder.open()
-
-    async def _open_and_start(self, subscription: Subscription) -> None:
+    def _install(self, subscription: Subscription) -> None:
+        self._subscriptions[subscription.name] = subscription
         try:
-            await self._open_feeder(subscription)
+            opening = self._backend.attach(subscription)
+        except BaseException:
+            del self._subscriptions[subscription.name]
+            raise
+        if opening is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._finish_opening(subscription, opening),
+                name=f"eventwire:{subscription.name}:open",
+            )
+            subscription.opening = task
+            self._opening.add(task)
+            self._indirect = True
+            task.add_done_callback(self._opened)
+            self._track(task)
+        elif self._state == _RUNNING:
+            assert self._loop is not None
+            subscription.begin(self._loop)
+
+    async def _finish_opening(self, subscription: Subscription, opening: Any) -> None:
+        try:
+            await opening
         except Exception:
             logger.exception(
                 "eventwire: could not open the durable subscription %s on %s",
                 subscription.name,
-                self._backend_or_fail().url.redacted,
+                self.safe_url,
             )
-            subscription._active = False
-            self._subscriptions.pop(subscription.name, None)
+            if self._subscriptions.get(subscription.name) is subscription:
+                del self._subscriptions[subscription.name]
+            await subscription.unsubscribe(drain=False)
             raise
-        if self._state == _RUNNING and subscription._active:
+        if self._state == _RUNNING and subscription.active:
             assert self._loop is not None
-            assert subscription._feeder is not None
-            subscription._start(self._loop)
-            subscription._feeder.start()
+            subscription.begin(self._loop)
 
-    def _backend_or_fail(self) -> Backend:
-        if self._backend is None:
-            raise RuntimeError("this bus runs in-process and has no broker backend")
-        return self._backend
+    def _opened(self, task: asyncio.Task[None]) -> None:
+        self._opening.discard(task)
+        self._indirect = bool(self._observers) or bool(self._opening)
 
-    def _unique_default_name(self, base: str) -> str:
-        if base not in self._subscriptions:
-            return base
-        number = 2
-        while f"{base}#{number}" in self._subscriptions:
-            number += 1
-        return f"{base}#{number}"
+    def _check_start(self, start: Start) -> None:
+        if start == "latest" or self.capabilities.replay:
+            return
+        raise BackendCapabilityError(
+            f"start={start!r} replays history, which the {self._backend.scheme}:// backend "
+            "cannot do (see the capability table in the README); use start='latest', or a "
+            "backend that keeps history such as 'sqlite:///bus.db'"
+        )
 
-    def _remove_subscription(self, subscription: Subscription) -> None:
+    async def _unsubscribe(self, subscription: Subscription, drain: bool, forget: bool) -> None:
         if self._subscriptions.get(subscription.name) is subscription:
             del self._subscriptions[subscription.name]
-        if subscription._workers and not all(task.done() for task in subscription._workers):
+        await self._backend.detach(subscription)
+        if not drain:
+            self._backend.give_back(subscription, subscription.inbox.take_all())
+        workers = subscription.workers
+        if workers and not all(task.done() for task in workers):
             self._draining.add(subscription)
-            gathered = asyncio.gather(*subscription._workers, return_exceptions=True)
+            gathered = asyncio.gather(*workers, return_exceptions=True)
             gathered.add_done_callback(lambda _: self._draining.discard(subscription))
-        if subscription._feeder is not None:
-            return  # not in the trie: its events come from the broker
-        self._trie.remove(subscription.pattern, subscription)
-        self._refresh_routes(subscription.pattern)
+        await subscription.finish()
+        if subscription.in_own_handler():
+            # Its own worker cannot wait for itself: let go once the workers are done.
+            self._track(
+                asyncio.get_running_loop().create_task(self._release_later(subscription, forget))
+            )
+            return
+        await self._backend.release(subscription, forget=forget)
+
+    async def _release_later(self, subscription: Subscription, forget: bool) -> None:
+        await subscription.stopped()
+        await self._backend.release(subscription, forget=forget)
 
     @property
     def subscriptions(self) -> Mapping[str, Subscription]:
@@ -816,16 +578,19 @@ class EventBus:
 
     def register(self, agent: A) -> A:
         """Subscribe every ``@on`` method of `agent`, as ``<agent name>.<method name>``."""
-        from eventwire.agent import Agent
-
-        if not isinstance(agent, Agent):
+        if not isinstance(agent, Registrable):
             raise TypeError(f"register() takes an Agent, got {type(agent).__name__}")
         if agent.name in self._agents:
             raise ValueError(
                 f"an agent named {agent.name!r} is already registered on this bus; "
                 "give each agent a distinct name="
             )
-        agent._attach(self)
+        planned = self._plan(
+            [(p.pattern, p.handler, p.options, agent.name) for p in agent.planned_subscriptions()]
+        )
+        agent.bind(self, planned)
+        for subscription in planned:
+            self._install(subscription)
         self._agents[agent.name] = agent
         if self._state == _RUNNING:
             assert self._loop is not None
@@ -854,12 +619,33 @@ class EventBus:
         """Stop calling `observer`. No error if it was not observing."""
         with contextlib.suppress(ValueError):
             self._observers.remove(observer)
-        self._indirect = self._backend is not None or bool(self._observers)
+        self._indirect = bool(self._observers) or bool(self._opening)
 
     @property
     def observers(self) -> tuple[Observer, ...]:
         """The observers registered with `observe`, in order."""
         return tuple(self._observers)
+
+    def record_lineage(self) -> None:
+        """Store a record of every handling attempt from now on, for ``eventwire trace``
+        (what ``lineage=True`` does; `eventwire.lineage`). Idempotent."""
+        if self.lineage:
+            return
+        from eventwire.lineage import LineageRecorder
+
+        self.observe(LineageRecorder(self._publish_soon))
+        self.lineage = True
+
+    @property
+    def owed(self) -> int:
+        """Deliveries this process has taken and not finished (queued or being handled), as
+        `drain()` counts them."""
+        return self._tracker.pending
+
+    @property
+    def agents(self) -> Mapping[str, Registrable]:
+        """Registered agents by name (a live, read-only view)."""
+        return MappingProxyType(self._agents)
 
     def record(self, pattern: str = ">") -> Recorder:
         """A recorder of the events on topics matching `pattern` and of their handling, for
@@ -869,39 +655,7 @@ class EventBus:
 
         return Recorder(self, pattern)
 
-    # -- routing ------------------------------------------------------------------------
-
-    def _refresh_routes(self, pattern: str) -> None:
-        """Bring the route cache up to date after `pattern` gained or lost a subscription."""
-        if SINGLE in pattern or TAIL in pattern:
-            self._routes.clear()
-        else:
-            # An exact pattern is a topic: resolve it now, so that the first publish to a
-            # declared topic pays no more than any other.
-            self._routes.pop(pattern, None)
-            self._route(pattern)
-
-    def _route(self, topic: str) -> _Route:
-        cached = self._routes.get(topic)
-        if cached is not None:
-            return cached
-        validate_topic(topic)
-        solo: list[Inbox] = []
-        grouped: dict[str, list[Subscription]] = {}
-        for subscription in self._trie.match(topic):
-            if subscription.group is None:
-                solo.append(subscription._inbox)
-            else:
-                grouped.setdefault(subscription.group, []).append(subscription)
-        route: _Route = (
-            _GroupedRoute(tuple(solo), tuple(_GroupRoute(m) for m in grouped.values()))
-            if grouped
-            else tuple(solo)
-        )
-        if len(self._routes) >= _ROUTE_CACHE_LIMIT:
-            self._routes.clear()
-        self._routes[topic] = route
-        return route
+    # -- publishing ---------------------------------------------------------------------
 
     def _check_accepting(self, parent: Event[Any] | None) -> None:
         if self._state == _RUNNING:
@@ -922,21 +676,24 @@ class EventBus:
         *,
         metadata: Mapping[str, Any] | None = None,
         key: str | None = None,
+        source: str | None = None,
     ) -> Event[Any]:
         """Publish an `Event`, or build one from ``(topic, payload, metadata=, key=)``.
 
         Returns the published event once it is queued for every matching subscription
-        (waiting for room where an inbox is full and its overflow policy is ``"block"``).
-        Handlers never run inside this call.
+        (waiting for room where an inbox is full and its overflow policy is ``"block"``), or
+        on a broker once the broker has stored it. Handlers never run inside this call.
+        `source` names the publisher in `Event.source` (an agent does this for you; inside a
+        handler it defaults to the handler's subscription).
         """
         parent = current_event.get()
         if self._state is not _RUNNING:
             self._check_accepting(parent)
         event: Event[Any]
         if type(topic_or_event) is str:
-            if parent is None:
+            if parent is None and source is None:
                 # new_event() inlined: the root publish is the hottest path of the library.
-                event = build_event(
+                event = build(
                     Event
                     if type(payload) in ATOMIC_TYPES and not metadata
                     else event_class(payload, metadata),
@@ -946,46 +703,59 @@ class EventBus:
                     key,
                     None,
                     time_ns(),
-                    next(event_sequence),
+                    next(sequence),
                 )
             else:
-                subscription = current_subscription.get()
-                if subscription is not None:
-                    source = subscription.source
-                    subscription.published_topics.add(topic_or_event)
-                else:
-                    source = None
+                source = self._publisher_source(topic_or_event, source)
                 event = new_event(topic_or_event, payload, metadata, key, parent, source)
         else:
-            event = self._adopt(topic_or_event, payload, metadata, key, parent)
+            event = self._adopt(topic_or_event, payload, metadata, key, parent, source)
         if self._indirect:
-            if self._observers:
-                await self._publish_observed(event, parent)
-                return event
-            if self._opening:
-                await self._store(event)
-                return event
-            # _store() inlined: one coroutine less per publish on the durable hot path.
-            stored = self._send(event)
-            try:
-                await stored
-            except TimeoutError:
-                raise self._not_stored(event) from None
+            await self._publish_indirect(event, parent)
             return event
-        queued = self._enqueue(event, parent)
-        if type(queued) is _Stall:
-            await self._enqueue_waiting(queued)
+        sent = self._send(event, parent)
+        if type(sent) is not int:
+            await sent  # type: ignore[misc]
         return event
 
-    async def _publish_observed(self, event: Event[Any], parent: Event[Any] | None) -> None:
+    def _publisher_source(self, topic: str, source: str | None) -> str | None:
+        """Who publishes, for `Event.source`: `source` if given, else the subscription whose
+        handler runs this code; that subscription learns the topic (`published_topics`)."""
+        subscription = current_subscription.get()
+        if subscription is not None and (source is None or source == subscription.source):
+            subscription.published_topics.add(topic)
+            return subscription.source
+        return source
+
+    async def _publish_indirect(self, event: Event[Any], parent: Event[Any] | None) -> None:
+        if self._opening:
+            # Subscriptions made earlier by this process must exist before their events do.
+            await asyncio.gather(*self._opening, return_exceptions=True)
+        if not self._observers:
+            sent = self._send(event, parent)
+            if type(sent) is not int:
+                await sent  # type: ignore[misc]
+            return
         observers = tuple(self._observers)
         tokens = notify(observers, "publish_started", event)
         try:
-            await self._dispatch(event, parent)
+            sent = self._send(event, parent)
+            if type(sent) is not int:
+                await sent  # type: ignore[misc]
         except BaseException as error:
             notify_finished(observers, "publish_finished", tokens, event, error)
             raise
         notify_finished(observers, "publish_finished", tokens, event, None)
+
+    def _publish_soon(self, event: Event[Any]) -> asyncio.Future[Any] | None:
+        """Publish `event` without waiting (an observer's own records): it is queued at once,
+        so that a drain() or close() that follows waits for it. Returns what to wait on."""
+        if self._state not in (_RUNNING, _CLOSING):
+            raise BusNotRunningError("the bus is not running")
+        sent = self._send(event, None)
+        if type(sent) is int:
+            return None
+        return asyncio.ensure_future(sent)  # type: ignore[arg-type]
 
     async def publish_many(self, items: Iterable[Event[Any] | tuple[str, Any]]) -> list[Event[Any]]:
         """Publish several events in order: each item an `Event` or a ``(topic, payload)``
@@ -1009,64 +779,18 @@ class EventBus:
                 if subscription is not None:
                     subscription.published_topics.add(topic)
             else:
-                events.append(self._adopt(item, None, None, None, parent))
+                events.append(self._adopt(item, None, None, None, parent, None))
+        for event in events:
+            validate_topic(event.topic)
         if self._observers:
-            for event in events:
-                validate_topic(event._topic)
             # One publish after another, each seen by the observers (its own span).
             for event in events:
-                await self._publish_observed(event, parent)
+                await self._publish_indirect(event, parent)
             return events
-        if self._backend is None:
-            for event in events:
-                queued = self._enqueue(event, parent)
-                if type(queued) is _Stall:
-                    await self._enqueue_waiting(queued)
-            return events
-        assert self._publisher is not None
-        messages = [
-            Message(event.id, event._topic, event._key, self._encode(event)) for event in events
-        ]
         if self._opening:
             await asyncio.gather(*self._opening, return_exceptions=True)
-        stored = [self._publisher.enqueue(message) for message in messages]
-        for event, future in zip(events, stored, strict=True):
-            try:
-                # Stored in order, one batch after another: most of these are already done.
-                await future
-            except TimeoutError:
-                for rest in stored:
-                    rest.cancel()  # those not sent yet are withdrawn
-                raise self._not_stored(event) from None
+        await self._backend.send_many(events, parent)
         return events
-
-    def _encode(self, event: Event[Any]) -> bytes:
-        validate_topic(event._topic)
-        # Encoded first: a payload with no JSON form fails here, before anything is sent.
-        return encode(event, max_bytes=self.max_event_bytes)
-
-    async def _store(self, event: Event[Any]) -> None:
-        """Broker backends: return once the broker has stored `event`."""
-        if self._opening:
-            # Subscriptions made earlier by this process must exist before their events do.
-            await asyncio.gather(*self._opening, return_exceptions=True)
-        try:
-            await self._send(event)
-        except TimeoutError:
-            raise self._not_stored(event) from None
-
-    def _send(self, event: Event[Any]) -> asyncio.Future[None]:
-        """Hand `event` to the batch publisher; the future resolves once it is stored."""
-        assert self._publisher is not None
-        body = self._encode(event)
-        return self._publisher.enqueue(Message(event.id, event._topic, event._key, body))
-
-    def _not_stored(self, event: Event[Any]) -> PublishTimeoutError:
-        return PublishTimeoutError(
-            f"publish to {event._topic!r} was not confirmed stored by {self.safe_url} "
-            f"within publish_timeout={self.publish_timeout}s (is the broker reachable?); it "
-            "may or may not have been stored"
-        )
 
     def _adopt(
         self,
@@ -1075,147 +799,22 @@ class EventBus:
         metadata: Mapping[str, Any] | None,
         key: str | None,
         parent: Event[Any] | None,
+        source: str | None,
     ) -> Event[Any]:
         if not isinstance(value, Event):
             raise TypeError(
                 "publish() takes a topic str and a payload, or an Event; "
                 f"got {type(value).__name__}: {value!r}"
             )
-        event: Event[Any] = value
         if payload is not None or metadata is not None or key is not None:
             raise TypeError(
                 "publish(event) takes no payload, metadata or key: they are the event's own; "
                 "use event.replace(...) to change them"
             )
-        if parent is not None and event.id == parent.id:
-            # event.replace(...) of the event being handled: a new event, not its own cause.
-            fresh: Event[Any] = Event(
-                event._topic,
-                event._payload,
-                event._metadata,
-                key=event._key,
-                source=event._source,
-                reply_to=event._reply_to,
-            )
-            event = fresh
-        fill_cause = parent is not None and event._causation_id is None
-        fill_source = event._source is None and parent is not None
-        if event._epoch is None and not fill_cause and not fill_source:
-            return event
-        # Published before, or needs its chain filled in: publish a copy, same id.
-        adopted = event._copy(event._payload)
-        adopted._epoch = None
-        if fill_cause:
-            assert parent is not None
-            adopted._causation_id = parent.id
-            if event._correlation_id is None:
-                adopted._correlation_id = parent.correlation_id
-        if fill_source:
-            subscription = current_subscription.get()
-            adopted._source = subscription.source if subscription is not None else None
-            if subscription is not None:
-                subscription.published_topics.add(adopted._topic)
-        return adopted
-
-    async def _dispatch(self, event: Event[Any], parent: Event[Any] | None) -> int:
-        """Queue `event` for every matching subscription; the number of deliveries."""
-        if self._backend is not None:
-            await self._store(event)
-            return 1
-        queued = self._enqueue(event, parent)
-        if type(queued) is _Stall:
-            await self._enqueue_waiting(queued)
-            return queued.count
-        return queued  # type: ignore[return-value]
-
-    def _enqueue(self, event: Event[Any], parent: Event[Any] | None) -> int | _Stall:
-        """Queue without waiting: the number of deliveries, or where it must wait for room."""
-        route = self._routes.get(event._topic)
-        if route is None:
-            route = self._route(event._topic)
-        targets = route if type(route) is tuple else route.targets(event._key)  # type: ignore[union-attr]
-        if event._target is not None:
-            targets = self._targeted(targets, event._target)
-        count = len(targets)
-        if not count:
-            return 0
-        epoch = self._epoch
-        if parent is not None and parent._epoch is not None and not parent._epoch.retired:
-            epoch = parent._epoch  # a follow-up counts with its cause
-        event._epoch = epoch
-        epoch.pending += count
-        for inbox in targets:
-            if len(inbox) < inbox.capacity:
-                inbox.append(event)
-                if inbox.idle is not None:
-                    inbox.wake_one()
-                continue
-            return _Stall(event, targets, targets.index(inbox), count, epoch)
-        return count
-
-    def _targeted(self, targets: Any, target: str) -> tuple[Inbox, ...]:
-        """Of the inboxes an event goes to, the one of the subscription (or group) it is
-        meant for: a dead letter sent back by a retry goes to no other subscriber."""
-        chosen = [
-            inbox
-            for inbox in targets
-            if inbox.subscription.name == target or inbox.subscription.group == target
-        ]
-        if not chosen:
-            logger.warning(
-                "eventwire: an event is meant for subscription %r, which this bus does not "
-                "have among those matching its topic; nobody handles it",
-                target,
-            )
-        return tuple(chosen[:1])
-
-    async def _enqueue_waiting(self, stall: _Stall) -> None:
-        """Go on queueing an event that met a full inbox, as each overflow policy says."""
-        event, targets, epoch = stall.event, stall.targets, stall.epoch
-        refused: InboxFullError | None = None
-        loop = asyncio.get_running_loop()
-        for index in range(stall.index, len(targets)):
-            inbox = targets[index]
-            subscription = inbox.subscription
-            waiter: asyncio.Future[None] | None = None
-            try:
-                if not subscription._active:
-                    _release(epoch, 1)  # unsubscribed since the route was read
-                elif len(inbox) < inbox.capacity and not subscription._putters:
-                    inbox.append(event)
-                    if inbox.idle is not None:
-                        inbox.wake_one()
-                elif (
-                    subscription.overflow == "drop_oldest"
-                    and not subscription._putters
-                    and (inbox or subscription._keys)  # room may be held by parked events
-                ):
-                    subscription._drop_oldest_for(event)
-                elif subscription.overflow == "error":
-                    _release(epoch, 1)
-                    refused = refused or subscription._full_error(
-                        event,
-                        "its overflow policy is 'error' (the event was still queued for every "
-                        "other matching subscription)",
-                    )
-                else:
-                    waiter = loop.create_future()
-                    await subscription._put_waiting(event, self.publish_timeout, waiter)
-            except _Unsubscribed:
-                _release(epoch, 1)
-            except BaseException:
-                # Not queued here nor for the rest: they are owed nothing, unless this inbox
-                # let the event in just as the publish was cancelled.
-                admitted = (
-                    waiter is not None
-                    and waiter.done()
-                    and not waiter.cancelled()
-                    and waiter.exception() is None
-                )
-                _release(epoch, len(targets) - index - admitted)
-                raise
-        if refused is not None:
-            raise refused
+        if parent is not None or source is not None:
+            learned = self._publisher_source(value.topic, source)
+            source = learned if value.source is None else None
+        return value.caused_by(parent, source)
 
     def publish_threadsafe(
         self,
@@ -1278,76 +877,42 @@ class EventBus:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until every event published so far, and every event their handlers published
-        in turn, has been handled or dead-lettered. Raises `TimeoutError` after `timeout`."""
+        in turn, has been handled or dead-lettered; on a broker, in every process. Raises
+        `TimeoutError` after `timeout`, naming what is still owed."""
         if current_event.get() is not None:
             raise RuntimeError(
                 "drain() was called from inside a handler and would wait for that handler "
                 "itself; call it from the code that publishes"
             )
-        if self._backend is not None:
-            await self._drain_durable(timeout)
-            return
-        owed = [epoch for epoch in self._epochs if epoch.pending]
-        for epoch in self._epochs:
-            if not epoch.pending:
-                epoch.retired = True
-        self._epoch = _Epoch()
-        self._epochs = [*owed, self._epoch]
-        if not owed:
-            return
+        owed = self._tracker.rotate()
+        elsewhere: list[str] = []
         try:
             async with asyncio.timeout(timeout):
                 for epoch in owed:
                     await epoch.wait()
-        except TimeoutError:
-            busy = {
-                name: stats
-                for name, stats in self.stats().items()
-                if stats.queued or stats.in_flight
-            }
-            detail = ", ".join(
-                f"{name} ({s.queued} queued, {s.in_flight} in flight)" for name, s in busy.items()
-            )
-            raise TimeoutError(
-                f"drain() timed out after {timeout}s with "
-                f"{sum(e.pending for e in owed)} deliveries still owed: {detail or 'none queued'}"
-            ) from None
-
-    async def _drain_durable(self, timeout: float | None) -> None:
-        """Broker backends: wait until no durable subscription of the namespace, in any
-        process, has events waiting or being handled (replies to requests excepted)."""
-        backend = self._backend_or_fail()
-        owed: list[str] = []
-        pause = 0.002
-        try:
-            async with asyncio.timeout(timeout):
+                pause = 0.002
                 while True:
                     if self._opening:
                         await asyncio.gather(*self._opening, return_exceptions=True)
-                    if self._publisher is not None:
-                        await self._publisher.close()  # what is being sent counts
-                    local = sum(epoch.pending for epoch in self._epochs)
-                    if not local:
-                        owed = [
-                            f"{info.name} ({info.outstanding})"
-                            for info in await backend.consumers()
-                            if info.outstanding and not _is_tooling(info)
-                        ]
-                        if not owed and not sum(epoch.pending for epoch in self._epochs):
-                            return
-                    else:
-                        owed = [
-                            f"{name} ({stats.queued} queued, {stats.in_flight} in flight here)"
-                            for name, stats in self.stats().items()
-                            if stats.queued or stats.in_flight
-                        ]
+                    await self._backend.flush()  # what is being sent counts
+                    elsewhere = await self._backend.outstanding()
+                    if not elsewhere:
+                        return
                     # Other processes' progress has no event to wait on: poll, backing off.
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 0.05)
         except TimeoutError:
+            here = [
+                f"{name} ({s.queued} queued, {s.in_flight} in flight here)"
+                for name, s in self.stats().items()
+                if s.queued or s.in_flight
+            ]
+            owed_here = sum(epoch.pending for epoch in owed)
             raise TimeoutError(
-                f"drain() timed out after {timeout}s with events still owed on "
-                f"{backend.url.redacted}: {', '.join(owed) or 'none seen'}"
+                f"drain() timed out after {timeout}s with "
+                + (f"{owed_here} deliveries still owed: " if owed_here else "events still owed: ")
+                + (", ".join([*here, *(f"{e} on {self.safe_url}" for e in elsewhere)]))
+                + ("" if here or elsewhere else "none queued")
             ) from None
 
     async def request(
@@ -1358,6 +923,7 @@ class EventBus:
         metadata: Mapping[str, Any] | None = None,
         key: str | None = None,
         timeout: float | None,
+        source: str | None = None,
     ) -> Any:
         """Publish and return the first reply: the first non-None value a handler returns.
 
@@ -1365,269 +931,38 @@ class EventBus:
         (naming the handler, with its exception as `__cause__`) if the handlers failed,
         and `NoReplyError` if nothing matches the topic or every handler returned None.
         """
-        return await self._request_as(topic, payload, metadata, key, timeout, source=None)
-
-    async def _request_as(
-        self,
-        topic: str,
-        payload: Any,
-        metadata: Mapping[str, Any] | None,
-        key: str | None,
-        timeout: float | None,
-        *,
-        source: str | None,
-    ) -> Any:
-        """`request` with `source` given (an agent's name) or, when None, taken from the
-        handler running this code."""
         parent = current_event.get()
-        if self._state != _RUNNING:
+        if self._state is not _RUNNING:
             self._check_accepting(parent)
-        if source is None and parent is not None:
-            subscription = current_subscription.get()
-            source = subscription.source if subscription is not None else None
-        event = new_event(topic, payload, metadata, key, parent, source, reply_to=self._reply_topic)
-        return await self._request(event, parent, timeout)
-
-    async def _request(
-        self, event: Event[Any], parent: Event[Any] | None, timeout: float | None
-    ) -> Any:
-        loop = asyncio.get_running_loop()
-        pending = _PendingRequest(loop.create_future(), event.topic)
-        if self._backend is not None:
-            return await self._request_durable(event, pending, timeout)
-        self._requests[event.id] = pending
-        try:
-            route = self._route(event.topic)
-            count = await self._dispatch(event, parent)
-            if not count:
-                raise NoReplyError(
-                    f"no subscription matches {event.topic!r}, so nothing can answer this "
-                    "request; subscribe a handler to it first"
-                )
-            if isinstance(route, _GroupedRoute):
-                pending.delivered = [i.subscription.name for i in route.inboxes]
-                pending.delivered += [g.members[0].group or "" for g in route.groups]
-            else:
-                pending.delivered = [i.subscription.name for i in route]
-            pending.expected = count
-            return await self._await_reply(event, pending, timeout)
-        finally:
-            self._requests.pop(event.id, None)
-
-    async def _await_reply(
-        self, event: Event[Any], pending: _PendingRequest, timeout: float | None
-    ) -> Any:
-        pending.check_complete()
-        try:
-            async with asyncio.timeout(timeout) as scope:
-                return await asyncio.shield(pending.future)
-        except TimeoutError:
-            if not scope.expired():
-                raise
-            raise TimeoutError(
-                f"no reply to request on {event.topic!r} within {timeout}s; it reached "
-                f"{', '.join(pending.delivered) or 'no known subscription'} and "
-                f"{pending.finished} of them finished"
-            ) from None
-
-    async def _request_durable(
-        self, event: Event[Any], pending: _PendingRequest, timeout: float | None
-    ) -> Any:
-        """Broker backends: the request goes through the broker to whichever process runs
-        each matching subscription; replies come back on this bus's own reply topic."""
-        backend = self._backend_or_fail()
+        if parent is not None or source is not None:
+            source = self._publisher_source(topic, source)
+        validate_topic(topic)
+        event = new_event(
+            topic, payload, metadata, key, parent, source, reply_to=self._requests.reply_topic
+        )
         if self._reply_subscription is None:
-            self._reply_subscription = self._subscribe(
-                self._reply_topic,
-                self._on_reply,
-                name=self._reply_topic,
-                group=None,
-                concurrency=1,
-                retry=None,
-                timeout=None,
-                max_pending=DEFAULT_MAX_PENDING,
-                overflow="block",
+            # Handlers in other processes answer through the broker, on this bus's topic.
+            self._reply_subscription = self.add_subscription(
+                self._requests.reply_topic,
+                self._requests.on_reply,
+                SubscriptionOptions(name=self._requests.reply_topic),
             )
         if self._opening:
             await asyncio.gather(*self._opening, return_exceptions=True)
-        reached = sorted(
-            {
-                info.name
-                for info in await backend.consumers()
-                if not _is_tooling(info) and pattern_matches(info.pattern, event.topic)
-            }
-        )
-        if not reached:
+        receivers = await self._backend.receivers(topic)
+        if not receivers:
             raise NoReplyError(
-                f"no subscription matches {event.topic!r} on {backend.url.redacted}, so nothing "
-                "can answer this request; subscribe a handler to it first"
+                f"no subscription matches {topic!r}"
+                + ("" if not self.capabilities.durable else f" on {self.safe_url}")
+                + ", so nothing can answer this request; subscribe a handler to it first"
             )
-        pending.delivered = reached
-        pending.expected = len(reached)
-        self._requests[event.id] = pending
+        pending = self._requests.open(event)
         try:
-            await self._store(event)
-            return await self._await_reply(event, pending, timeout)
+            pending.expect(receivers)
+            await self._publish_indirect(event, parent)
+            return await pending.wait(timeout)
         finally:
-            self._requests.pop(event.id, None)
-
-    async def _on_reply(self, event: Event[Any]) -> None:
-        reply = event.payload
-        if not isinstance(reply, dict):
-            return
-        pending = self._requests.get(str(reply.get("request")))
-        if pending is None:
-            return  # its requester gave up (timeout) or it is a late second answer
-        error = reply.get("error")
-        pending.outcome(
-            str(reply.get("subscription")),
-            reply.get("result"),
-            RemoteHandlerError(str(error), str(reply.get("error_type"))) if error else None,
-        )
-
-    async def _send_reply(
-        self,
-        subscription: Subscription,
-        event: Event[Any],
-        result: Any,
-        error: BaseException | None,
-    ) -> None:
-        assert event.reply_to is not None
-        reply: dict[str, Any] = {
-            "request": event.id,
-            "subscription": subscription.group or subscription.name,
-            "result": None,
-            "error": None,
-            "error_type": None,
-        }
-        if error is not None:
-            reply["error"] = str(error)
-            reply["error_type"] = type(error).__name__
-        else:
-            reply["result"] = result
-        try:
-            try:
-                await self.publish(event.reply_to, reply)
-            except (TypeError, ValueError) as unencodable:
-                reply.update(
-                    result=None,
-                    error=f"the reply could not be sent: {unencodable}",
-                    error_type=type(unencodable).__name__,
-                )
-                await self.publish(event.reply_to, reply)
-        except Exception:
-            logger.exception("eventwire: could not send the reply to request %s", event.id)
-
-    def _reply(
-        self,
-        subscription: Subscription,
-        event: Event[Any],
-        result: Any,
-        error: BaseException | None,
-    ) -> None:
-        if self._backend is not None:
-            if event._reply_to is not None and event._reply_to.startswith(_REPLY_PREFIX):
-                self._track(
-                    asyncio.get_running_loop().create_task(
-                        self._send_reply(subscription, event, result, error)
-                    )
-                )
-            return
-        pending = self._requests.get(event.id)
-        if pending is not None:
-            pending.outcome(subscription.name, result, error)
-
-    # -- failures -----------------------------------------------------------------------
-
-    async def _dead_letter(
-        self, subscription: Subscription, event: Event[Any], error: BaseException, attempts: int
-    ) -> bool:
-        """Publish the dead letter and a `_bus.error` notice; False if a broker backend could
-        not store them (the event then goes back to the broker, to be tried again)."""
-        description = f"{type(error).__name__}: {error}"
-        logger.error(
-            "eventwire: %s gave up on %s %s after %d attempt(s): %s",
-            subscription.name,
-            event.topic,
-            event.id,
-            attempts,
-            description,
-            exc_info=None if attempts == 0 else (type(error), error, error.__traceback__),
-        )
-        details: dict[str, Any] = {
-            "error": description,
-            "error_type": type(error).__name__,
-            "subscription": subscription.name,
-            "attempts": attempts,
-        }
-        if subscription.group is not None:
-            details["group"] = subscription.group
-        topic = event.topic
-        return await self._publish_dead_letter(
-            subscription,
-            event.id,
-            topic,
-            None if topic.startswith("_dlq.") else (f"_dlq.{topic}", event),
-            details,
-        )
-
-    async def _dead_letter_foreign(
-        self, subscription: Subscription, delivery: Delivery, error: EnvelopeError
-    ) -> bool:
-        """A message on the broker that is not a valid envelope: to the DLQ with the reason."""
-        dlq_topic, payload = foreign_dead_letter(delivery, error)
-        subscription.failed += 1
-        subscription.dead_lettered += 1
-        logger.error(
-            "eventwire: %s received a message on %r that is not an eventwire envelope (%s); "
-            "sent to %s",
-            subscription.name,
-            delivery.topic,
-            error,
-            dlq_topic,
-        )
-        details = {
-            "error": f"EnvelopeError: {error}",
-            "error_type": "EnvelopeError",
-            "subscription": subscription.name,
-            "attempts": 0,
-        }
-        return await self._publish_dead_letter(
-            subscription, None, delivery.topic, (dlq_topic, payload), details
-        )
-
-    async def _publish_dead_letter(
-        self,
-        subscription: Subscription,
-        event_id: str | None,
-        topic: str,
-        letter: tuple[str, Any] | None,
-        details: dict[str, Any],
-    ) -> bool:
-        try:
-            if letter is not None:
-                await self.publish(letter[0], letter[1], metadata=details)
-            if not topic.startswith("_bus."):
-                await self.publish(
-                    "_bus.error",
-                    {**details, "topic": topic, "event_id": event_id},
-                    metadata={"subscription": subscription.name},
-                )
-        except Exception:
-            logger.exception(
-                "eventwire: could not publish the dead letter of %s for %s",
-                event_id or f"a malformed message on {topic!r}",
-                subscription.name,
-            )
-            return self._backend is None
-        return True
-
-
-def _is_tooling(info: ConsumerInfo) -> bool:
-    """A consumer of the bus's own machinery or tools (replies, stats, the dead-letter store,
-    history readers), which no application handler stands behind: drain() and request()
-    ignore it."""
-    return info.name.startswith(TOOLING_PREFIX) or info.pattern.startswith(_PROCESS_PATTERNS)
+            self._requests.forget(event)
 
 
 def _default_name(handler: Callable[..., Any]) -> str:
@@ -1637,20 +972,31 @@ def _default_name(handler: Callable[..., Any]) -> str:
     return f"{module}.{qualname}"
 
 
-def _check_publishes(publishes: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(publishes, str) or not isinstance(publishes, Sequence | set | frozenset):
-        raise TypeError(
-            "publishes= takes a list of topics, e.g. publishes=['research.complete'], "
-            f"got {publishes!r}"
+def _unique_default_name(base: str, taken: Mapping[str, Any]) -> str:
+    if base not in taken:
+        return base
+    number = 2
+    while f"{base}#{number}" in taken:
+        number += 1
+    return f"{base}#{number}"
+
+
+def _check_identity(name: str, group: str | None, others: Iterable[Subscription]) -> None:
+    """A subscription's identity on a broker is its group, else its name: refuse one that
+    would share another's without being in its group (on every backend alike)."""
+    identity = group or name
+    for other in others:
+        if (other.group or other.name) != identity or (group is not None and group == other.group):
+            continue
+        if group is None:
+            clash = f"the name {name!r} is the group of subscription {other.name!r}"
+        else:
+            clash = f"its group {group!r} is the name of subscription {other.name!r}"
+        raise ValueError(
+            f"subscription {name!r} cannot be added: {clash}, and on a broker both would "
+            "share one durable consumer (each event would reach only one of them); give the "
+            "subscription another name or group"
         )
-    for topic in publishes:
-        if not isinstance(topic, str):
-            raise TypeError(f"publishes= holds {topic!r}, which is not a topic str")
-        try:
-            validate_pattern(topic)
-        except InvalidTopicError as error:
-            raise InvalidTopicError(f"publishes= {error}") from None
-    return tuple(dict.fromkeys(publishes))
 
 
 def _check_handler(handler: Any) -> None:

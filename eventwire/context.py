@@ -7,11 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from eventwire.event import Event
-    from eventwire.subscription import Subscription
 
 # The event whose handler is running in this task or thread (None outside handlers).
 current_event: ContextVar[Event[Any] | None] = ContextVar("eventwire_event", default=None)
-# The subscription whose worker this task is (set once per worker, not per event).
-current_subscription: ContextVar[Subscription | None] = ContextVar(
-    "eventwire_subscription", default=None
-)

@@ -193,7 +193,7 @@ async def run_demo(
     queries = list(DEFAULT_QUERIES) if queries is None else list(queries)
 
     bus = EventBus(url or "memory://")
-    where = "an in-process event bus" if bus.backend is None else bus.safe_url
+    where = bus.safe_url if bus.capabilities.durable else "an in-process event bus"
 
     # Plain functions are enough for subscribers that keep no state of their own.
     @bus.subscribe("user.query", name="audit")

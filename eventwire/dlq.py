@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from eventwire.backends.base import Backend, Consumer, ConsumerSpec, Delivery, Message
+from eventwire.backends.base import Consumer, ConsumerSpec, Delivery, Message
+from eventwire.backends.broker import BrokerBackend
 from eventwire.bus import DLQ_CONSUMER, DLQ_PATTERN
 from eventwire.envelope import EnvelopeError, decode, encode
 from eventwire.errors import BusNotRunningError, EventwireError, PublishTimeoutError
@@ -242,16 +243,16 @@ class DeadLetterQueue:
     """
 
     def __init__(self, bus: EventBus, *, page_size: int = PAGE_SIZE) -> None:
-        if bus.backend is None:
+        if not isinstance(bus.backend, BrokerBackend):
             raise DeadLetterError(MEMORY_EXPLANATION)
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size!r}")
         self.bus = bus
         self.page_size = page_size
 
-    def _backend(self) -> Backend:
+    def _backend(self) -> BrokerBackend:
         backend = self.bus.backend
-        assert backend is not None
+        assert isinstance(backend, BrokerBackend)
         if not self.bus.running:
             raise BusNotRunningError(
                 "DeadLetterQueue needs a running bus: use it inside `async with bus:`"
@@ -462,7 +463,9 @@ class DeadLetterQueue:
         for letter in letters:
             event = letter.event
             assert event is not None
-            meant: Event[Any] = msgspec.structs.replace(event, _target=letter.target, _epoch=None)
+            meant: Event[Any] = msgspec.structs.replace(
+                event, target=letter.target, drain_epoch=None
+            )
             # No size limit: the event was stored at this size before.
             body = encode(meant, max_bytes=None)
             messages.append(Message(letter.id + RETRY_SUFFIX, event.topic, event.key, body))

@@ -96,8 +96,8 @@ def _fields(event: Event[Any]) -> _Envelope:
         source=event.source,
         reply_to=event.reply_to,
         payload_kind=kind,
-        trace=dict(event._trace) if event._trace else None,
-        target=event._target,
+        trace=dict(event.trace_context) if event.trace_context else None,
+        target=event.target,
     )
 
 
@@ -169,11 +169,9 @@ def _event_from(envelope: _Envelope) -> Event[Any]:
         key=envelope.key,
         source=envelope.source,
         reply_to=envelope.reply_to,
+        trace_context=envelope.trace,
+        target=envelope.target,
     )
-    if envelope.trace:
-        event._trace = envelope.trace
-    if envelope.target is not None:
-        event._target = envelope.target
     return event
 
 

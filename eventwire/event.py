@@ -11,15 +11,16 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
+from msgspec.structs import force_setattr
 
 if TYPE_CHECKING:
-    from eventwire.bus import _Epoch
+    from eventwire.drain import Epoch
 
 P = TypeVar("P")
 
-_EMPTY_METADATA: Mapping[str, Any] = MappingProxyType({})
-_EMPTY_TRACE: Mapping[str, str] = MappingProxyType({})
-_sequence = itertools.count()
+EMPTY_METADATA: Mapping[str, Any] = MappingProxyType({})
+EMPTY_TRACE: Mapping[str, str] = MappingProxyType({})
+sequence = itertools.count()
 # 30 random bits per process keep ids from different processes apart; the sequence keeps ids
 # from one process unique and ordered.
 _NODE = secrets.randbits(30) << 32
@@ -43,12 +44,13 @@ def _format_id(ns: int, seq: int) -> str:
 
 
 _StructMeta: type = type(msgspec.Struct)
-# Builds an event from its fields in declaration order, skipping the public signature.
-_build = _StructMeta.__call__
+# Builds an event from its fields in declaration order, skipping the public signature
+# (the bus's fast path; its callers pass every field in order).
+build = _StructMeta.__call__
 
 
 class _EventMeta(_StructMeta):  # type: ignore[misc]
-    """Gives `Event` its public constructor; the struct itself takes private fields."""
+    """Gives `Event` its public constructor; the struct itself takes its fields in order."""
 
     def __call__(
         cls,
@@ -63,6 +65,8 @@ class _EventMeta(_StructMeta):  # type: ignore[misc]
         key: str | None = None,
         source: str | None = None,
         reply_to: str | None = None,
+        trace_context: Mapping[str, str] | None = None,
+        target: str | None = None,
     ) -> Any:
         if not isinstance(topic, str):
             raise TypeError(f"Event topic must be a str, got {type(topic).__name__}: {topic!r}")
@@ -78,10 +82,10 @@ class _EventMeta(_StructMeta):  # type: ignore[misc]
                 )
             delta = timestamp - _EPOCH_UTC
             ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
-        frozen = _freeze(metadata)
+        frozen = freeze_metadata(metadata)
         if cls is Event:
-            cls = _event_class(payload, frozen)
-        return _build(
+            cls = event_class(payload, frozen)
+        return build(
             cls,
             topic,
             payload,
@@ -89,15 +93,18 @@ class _EventMeta(_StructMeta):  # type: ignore[misc]
             key,
             source,
             ns,
-            next(_sequence),
+            next(sequence),
             id,
             correlation_id,
             causation_id,
             reply_to,
+            None,
+            MappingProxyType(dict(trace_context)) if trace_context else EMPTY_TRACE,
+            target,
         )
 
 
-class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
+class Event(msgspec.Struct, Generic[P], gc=False, frozen=True, metaclass=_EventMeta):
     """An immutable event: a `topic`, a `payload` and read-only `metadata`.
 
     `id` (a time-sortable UUIDv7 string) and `timestamp` (UTC) are filled in at creation;
@@ -107,27 +114,40 @@ class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
     asks the bus to validate and convert the payload to `Model`.
     """
 
-    # Public fields are read-only properties over private fields: an event is shared by every
-    # subscriber it fans out to, so none of them may change what the others see. The struct is
-    # not tracked by the garbage collector (gc=False), so queued events cost no collector time;
-    # events whose payload or metadata could lead back to them (anything but plain values) are
-    # built as `_TrackedEvent`, which the collector does see, so reference cycles are freed.
-    _topic: str
-    _payload: P
-    _metadata: Mapping[str, Any]
-    _key: str | None
-    _source: str | None
-    _ns: int
-    _seq: int
+    # The struct is frozen: an event is shared by every subscriber it fans out to, so none of
+    # them may change what the others see. It is not tracked by the garbage collector
+    # (gc=False), so queued events cost no collector time; events whose payload or metadata
+    # could lead back to them (anything but plain values) are built as `_TrackedEvent`, which
+    # the collector does see, so reference cycles are freed.
+    topic: str
+    """The topic the event is published on, e.g. ``user.query``."""
+    payload: P
+    """The event's content: any value, or a validated model for a typed handler."""
+    metadata: Mapping[str, Any]
+    """Read-only key/value annotations (user id, session id, ...)."""
+    key: str | None
+    """Ordering key: events with the same key are handled one at a time, in order."""
+    source: str | None
+    """Name of the subscription or agent that published it; None from outside a handler."""
+    created_ns: int
+    """When the event was created, in nanoseconds since the Unix epoch (see `timestamp`)."""
+    sequence: int
+    """Creation order within this process: events created later have a higher number."""
     _id: str | None = None
     _correlation_id: str | None = None
-    _causation_id: str | None = None
-    _reply_to: str | None = None
-    _epoch: _Epoch | None = None
-    # W3C trace context (``traceparent``/``tracestate``), set by tracing when published.
-    _trace: Mapping[str, str] | None = None
-    # The one subscription that handles this event (a dead letter sent back by a retry).
-    _target: str | None = None
+    causation_id: str | None = None
+    """The id of the event whose handler published this one; None for a root event."""
+    reply_to: str | None = None
+    """Set on events published by `EventBus.request`: where a handler's return value goes."""
+    drain_epoch: Epoch | None = None
+    """The bus's bookkeeping: the `drain()` epoch this event counts in while it is queued in
+    this process (`eventwire.drain`); never sent anywhere."""
+    trace_context: Mapping[str, str] = EMPTY_TRACE
+    """The W3C trace context (``traceparent``, ``tracestate``) the event carries when
+    published with tracing on (see `eventwire.tracing`); empty otherwise."""
+    target: str | None = None
+    """The name of the only subscription that handles this event, or None (every matching
+    subscription). Set on a dead letter sent back by ``eventwire dlq retry``."""
 
     if TYPE_CHECKING:
 
@@ -144,22 +164,9 @@ class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
             key: str | None = None,
             source: str | None = None,
             reply_to: str | None = None,
+            trace_context: Mapping[str, str] | None = None,
+            target: str | None = None,
         ) -> None: ...
-
-    @property
-    def topic(self) -> str:
-        """The topic the event is published on, e.g. ``user.query``."""
-        return self._topic
-
-    @property
-    def payload(self) -> P:
-        """The event's content: any value, or a validated model for a typed handler."""
-        return self._payload
-
-    @property
-    def metadata(self) -> Mapping[str, Any]:
-        """Read-only key/value annotations (user id, session id, ...)."""
-        return self._metadata
 
     @property
     def id(self) -> str:
@@ -167,64 +174,35 @@ class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
         event_id = self._id
         if event_id is None:
             # Formatting is deferred to first use: most in-process events never need the text.
-            event_id = self._id = _format_id(self._ns, self._seq)
+            event_id = _format_id(self.created_ns, self.sequence)
+            force_setattr(self, "_id", event_id)
         return event_id
 
     @property
     def timestamp(self) -> datetime:
         """When the event was created, timezone-aware UTC."""
-        return datetime.fromtimestamp(self._ns // 1000 / 1_000_000, UTC)
+        return datetime.fromtimestamp(self.created_ns // 1000 / 1_000_000, UTC)
 
     @property
     def correlation_id(self) -> str:
         """Shared by every event of one chain; the id of the chain's first event."""
         return self._correlation_id or self.id
 
-    @property
-    def causation_id(self) -> str | None:
-        """The id of the event whose handler published this one; None for a root event."""
-        return self._causation_id
-
-    @property
-    def key(self) -> str | None:
-        """Ordering key: events with the same key are handled one at a time, in order."""
-        return self._key
-
-    @property
-    def source(self) -> str | None:
-        """Name of the subscription or agent that published it; None from outside a handler."""
-        return self._source
-
-    @property
-    def reply_to(self) -> str | None:
-        """Set on events published by `EventBus.request`: where a handler's return value goes."""
-        return self._reply_to
-
-    @property
-    def trace_context(self) -> Mapping[str, str]:
-        """The W3C trace context (``traceparent``, ``tracestate``) the event carries when
-        published with tracing on (see `eventwire.tracing`); empty otherwise."""
-        return self._trace or _EMPTY_TRACE
-
-    @property
-    def target(self) -> str | None:
-        """The name of the only subscription that handles this event, or None (every
-        matching subscription). Set on a dead letter sent back by ``eventwire dlq retry``."""
-        return self._target
-
     def replace(self, **changes: Any) -> Event[Any]:
         """A copy with the given fields changed (same id unless `id` is given)."""
         fields: dict[str, Any] = {
-            "topic": self._topic,
-            "payload": self._payload,
-            "metadata": self._metadata,
+            "topic": self.topic,
+            "payload": self.payload,
+            "metadata": self.metadata,
             "id": self.id,
             "timestamp": None,
             "correlation_id": self._correlation_id,
-            "causation_id": self._causation_id,
-            "key": self._key,
-            "source": self._source,
-            "reply_to": self._reply_to,
+            "causation_id": self.causation_id,
+            "key": self.key,
+            "source": self.source,
+            "reply_to": self.reply_to,
+            "trace_context": self.trace_context,
+            "target": self.target,
         }
         unknown = set(changes) - set(fields)
         if unknown:
@@ -233,79 +211,108 @@ class Event(msgspec.Struct, Generic[P], gc=False, metaclass=_EventMeta):
         fields.update(changes)
         event: Event[Any] = Event(**fields)
         if keep_time:
-            event._ns = self._ns
+            force_setattr(event, "created_ns", self.created_ns)
         return event
 
-    def _copy(self, payload: Any) -> Event[Any]:
-        """Same event, other payload object (typed conversion); keeps drain accounting."""
-        cls = _event_class(payload, self._metadata)
+    def with_payload(self, payload: Any) -> Event[Any]:
+        """Same event (same id, same drain accounting), another payload object: what a typed
+        handler receives after conversion."""
+        cls = event_class(payload, self.metadata)
         if cls is type(self) or cls is Event:
-            return msgspec.structs.replace(self, _payload=payload)
+            return msgspec.structs.replace(self, payload=payload)
         fields = list(msgspec.structs.astuple(self))
         fields[1] = payload
-        return _build(cls, *fields)  # type: ignore[no-any-return]
+        return build(cls, *fields)  # type: ignore[no-any-return]
+
+    def caused_by(self, parent: Event[Any] | None, source: str | None) -> Event[Any]:
+        """The event to publish for this one: itself when it needs nothing, otherwise a
+        copy (same id) with its chain filled in from `parent` (the event being handled) and
+        its `source` (the publishing subscription or agent), and no drain accounting."""
+        if parent is not None and self.id == parent.id:
+            # event.replace(...) of the event being handled: a new event, not its own cause.
+            return Event(
+                self.topic,
+                self.payload,
+                self.metadata,
+                key=self.key,
+                source=self.source,
+                reply_to=self.reply_to,
+            ).caused_by(parent, source)
+        fill_cause = parent is not None and self.causation_id is None
+        fill_source = self.source is None and source is not None
+        if self.drain_epoch is None and not fill_cause and not fill_source:
+            return self
+        changes: dict[str, Any] = {"drain_epoch": None}
+        if fill_cause:
+            assert parent is not None
+            changes["causation_id"] = parent.id
+            if self._correlation_id is None:
+                changes["_correlation_id"] = parent.correlation_id
+        if fill_source:
+            changes["source"] = source
+        return msgspec.structs.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """The event's fields as a plain dict (payload and metadata as they are)."""
         return {
             "id": self.id,
-            "topic": self._topic,
-            "payload": self._payload,
-            "metadata": dict(self._metadata),
+            "topic": self.topic,
+            "payload": self.payload,
+            "metadata": dict(self.metadata),
             "timestamp": self.timestamp,
             "correlation_id": self.correlation_id,
-            "causation_id": self._causation_id,
-            "key": self._key,
-            "source": self._source,
-            "reply_to": self._reply_to,
+            "causation_id": self.causation_id,
+            "key": self.key,
+            "source": self.source,
+            "reply_to": self.reply_to,
         }
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Event):
             return NotImplemented
-        return self._ns == other._ns and self.to_dict() == other.to_dict()
+        return self.created_ns == other.created_ns and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
         return hash(self.id)
 
     def __rich_repr__(self) -> list[tuple[str, Any]]:
         return [
-            ("topic", self._topic),
-            ("payload", self._payload),
-            ("metadata", dict(self._metadata)),
+            ("topic", self.topic),
+            ("payload", self.payload),
+            ("metadata", dict(self.metadata)),
             ("id", self.id),
-            ("causation_id", self._causation_id),
-            ("key", self._key),
-            ("source", self._source),
+            ("causation_id", self.causation_id),
+            ("key", self.key),
+            ("source", self.source),
         ]
 
     def __repr__(self) -> str:
-        parts = [f"topic={self._topic!r}", f"payload={self._payload!r}"]
-        if self._metadata:
-            parts.append(f"metadata={dict(self._metadata)!r}")
+        parts = [f"topic={self.topic!r}", f"payload={self.payload!r}"]
+        if self.metadata:
+            parts.append(f"metadata={dict(self.metadata)!r}")
         parts.append(f"id={self.id!r}")
-        if self._causation_id is not None:
-            parts.append(f"causation_id={self._causation_id!r}")
-        if self._key is not None:
-            parts.append(f"key={self._key!r}")
-        if self._source is not None:
-            parts.append(f"source={self._source!r}")
+        if self.causation_id is not None:
+            parts.append(f"causation_id={self.causation_id!r}")
+        if self.key is not None:
+            parts.append(f"key={self.key!r}")
+        if self.source is not None:
+            parts.append(f"source={self.source!r}")
         return f"Event({', '.join(parts)})"
 
 
-class _TrackedEvent(Event[P], gc=True):  # type: ignore[metaclass]
+class _TrackedEvent(Event[P], gc=True, frozen=True):  # type: ignore[metaclass]
     """An event whose payload or metadata may hold references back to it (a cycle), so the
     garbage collector must see it. Events with plain-value payloads skip that cost."""
 
 
 # Values that cannot refer back to an event, so an event holding only these cannot be part of a
 # reference cycle and may stay out of the garbage collector's sight.
-_ATOMIC = frozenset({str, int, float, bool, type(None), bytes})
+ATOMIC_TYPES = frozenset({str, int, float, bool, type(None), bytes})
 
 
-def _event_class(payload: Any, metadata: Mapping[str, Any] | None) -> type[Event[Any]]:
-    if type(payload) in _ATOMIC and (
-        not metadata or all(type(value) in _ATOMIC for value in metadata.values())
+def event_class(payload: Any, metadata: Mapping[str, Any] | None) -> type[Event[Any]]:
+    if type(payload) in ATOMIC_TYPES and (
+        not metadata or all(type(value) in ATOMIC_TYPES for value in metadata.values())
     ):
         return Event
     return _TrackedEvent
@@ -314,9 +321,9 @@ def _event_class(payload: Any, metadata: Mapping[str, Any] | None) -> type[Event
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _freeze(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
+def freeze_metadata(metadata: Mapping[str, Any] | None) -> Mapping[str, Any]:
     if not metadata:
-        return _EMPTY_METADATA
+        return EMPTY_METADATA
     if not isinstance(metadata, Mapping):
         raise TypeError(
             f"Event metadata must be a mapping (dict), got {type(metadata).__name__}: {metadata!r}"
@@ -334,15 +341,15 @@ def new_event(
     reply_to: str | None = None,
 ) -> Event[Any]:
     """The bus's fast constructor: skips argument checks that publish already made."""
-    return _build(  # type: ignore[no-any-return]
-        _event_class(payload, metadata),
+    return build(  # type: ignore[no-any-return]
+        event_class(payload, metadata),
         topic,
         payload,
-        _freeze(metadata) if metadata else _EMPTY_METADATA,
+        freeze_metadata(metadata) if metadata else EMPTY_METADATA,
         key,
         source,
         time.time_ns(),
-        next(_sequence),
+        next(sequence),
         None,
         None if parent is None else parent.correlation_id,
         None if parent is None else parent.id,

@@ -27,6 +27,7 @@ from typing import Any, Self
 
 from eventwire.backends import open_backend, resolve_url
 from eventwire.backends.base import Backend, Consumer, ConsumerSpec, Delivery, Start
+from eventwire.backends.broker import BrokerBackend
 from eventwire.envelope import EnvelopeError, decode
 from eventwire.errors import EventwireError
 from eventwire.event import Event
@@ -127,10 +128,10 @@ def id_time(event_id: str) -> datetime | None:
 # -- opening --------------------------------------------------------------------------------
 
 
-def _backend_for(source: str | Backend) -> Backend:
+def _backend_for(source: str | Backend) -> BrokerBackend:
     """The backend behind `source`; `HistoryUnavailableError` for the in-process bus."""
     backend = source if isinstance(source, Backend) else open_backend(resolve_url(source))
-    if backend is None:
+    if not isinstance(backend, BrokerBackend):
         raise HistoryUnavailableError(
             "memory:// keeps no history outside the process: its events exist only in the "
             "process that publishes them; give the URL of a broker (sqlite, redis, nats, or "
@@ -139,7 +140,7 @@ def _backend_for(source: str | Backend) -> Backend:
     return backend
 
 
-async def _check_history(backend: Backend) -> None:
+async def _check_history(backend: BrokerBackend) -> None:
     if await backend.keeps_history():
         return
     if backend.url.scheme == "amqp":

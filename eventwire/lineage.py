@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 from rich.markup import escape
@@ -24,11 +24,10 @@ from rich.tree import Tree
 
 from eventwire.event import Event, new_event
 from eventwire.metrics import format_seconds
-from eventwire.observe import HandlingRecord, Observer
+from eventwire.observe import HandlingRecord, Observer, SubscriptionInfo
 
-if TYPE_CHECKING:
-    from eventwire.bus import EventBus
-    from eventwire.subscription import Subscription
+# Publishes an event without waiting; returns what to wait on, if anything (the bus's).
+PublishSoon = Callable[[Event[Any]], "asyncio.Future[Any] | None"]
 
 logger = logging.getLogger("eventwire")
 
@@ -247,17 +246,18 @@ class LineageRecorder(Observer):
     in-process subscribers of `HANDLED_TOPIC` (the bus keeps no history: use `bus.record()`).
     """
 
-    def __init__(self, bus: EventBus) -> None:
-        self.bus = bus
+    def __init__(self, publish_soon: PublishSoon) -> None:
+        self._publish_soon = publish_soon
+        self._waiting: set[asyncio.Future[Any]] = set()
         self.failed = 0
 
     def __repr__(self) -> str:
-        return f"LineageRecorder({self.bus!r})"
+        return f"LineageRecorder(failed={self.failed})"
 
     def attempt_finished(
         self,
         token: Any,
-        subscription: Subscription,
+        subscription: SubscriptionInfo,
         event: Event[Any],
         record: HandlingRecord,
         error: BaseException | None,
@@ -265,31 +265,29 @@ class LineageRecorder(Observer):
         self._store(subscription, event, record)
 
     def skipped(
-        self, subscription: Subscription, event: Event[Any], record: HandlingRecord
+        self, subscription: SubscriptionInfo, event: Event[Any], record: HandlingRecord
     ) -> None:
         self._store(subscription, event, record)
 
-    def _store(self, subscription: Subscription, event: Event[Any], record: HandlingRecord) -> None:
+    def _store(
+        self, subscription: SubscriptionInfo, event: Event[Any], record: HandlingRecord
+    ) -> None:
         if _is_bookkeeping(event):
             return
-        bus = self.bus
         entry = new_event(HANDLED_TOPIC, record.to_dict(), None, None, event, subscription.name)
-        if bus._backend is None:
-            # Only in-process listeners can get it; a task, since their inbox may be full.
-            task = asyncio.get_running_loop().create_task(bus._dispatch(entry, None))
-            task.add_done_callback(self._sent)
-            bus._track(task)
-            return
-        if bus._publisher is None:
-            return  # not started
-        # Enqueued at once (no task): a drain() or close() that follows waits for it.
         try:
-            bus._send(entry).add_done_callback(self._sent)
+            # Queued at once: a drain() or close() that follows waits for it.
+            waiting = self._publish_soon(entry)
         except Exception as failure:  # the bus is closing: say so, never break handling
             self.failed += 1
             logger.warning("eventwire: a handling record could not be stored: %s", failure)
+            return
+        if waiting is not None:
+            self._waiting.add(waiting)
+            waiting.add_done_callback(self._sent)
 
     def _sent(self, future: asyncio.Future[Any]) -> None:
+        self._waiting.discard(future)
         if future.cancelled() or future.exception() is None:
             return
         self.failed += 1

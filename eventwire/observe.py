@@ -14,13 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import msgspec
+from msgspec.structs import force_setattr
+
+from eventwire.event import EMPTY_TRACE
 
 if TYPE_CHECKING:
     from eventwire.event import Event
-    from eventwire.subscription import Subscription
 
 logger = logging.getLogger("eventwire")
 
@@ -36,6 +39,34 @@ Outcome = Literal["handled", "retrying", "dead_lettered", "cancelled", "skipped"
 - ``skipped``: never run: an ``idempotent=True`` duplicate, or a retried dead letter meant
   for another subscription.
 """
+
+
+class SubscriptionInfo(Protocol):
+    """What observers are told of the subscription handling an event (a `Subscription`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def pattern(self) -> str: ...
+
+    @property
+    def group(self) -> str | None: ...
+
+
+ObserverT = TypeVar("ObserverT", bound="Observer")
+
+
+class Observable(Protocol):
+    """What observers can be registered with (an `EventBus`)."""
+
+    def observe(self, observer: ObserverT) -> ObserverT: ...
+
+    def unobserve(self, observer: Any) -> None: ...
+
+    @property
+    def observers(self) -> tuple[Observer, ...]: ...
+
 
 OUTCOMES: tuple[Outcome, ...] = ("handled", "retrying", "dead_lettered", "cancelled", "skipped")
 
@@ -75,7 +106,7 @@ class HandlingRecord(msgspec.Struct, frozen=True, gc=False):
 
 
 def handling_record(
-    subscription: Subscription,
+    subscription: SubscriptionInfo,
     event: Event[Any],
     attempt: int,
     outcome: Outcome,
@@ -112,14 +143,16 @@ class Observer:
     def publish_finished(self, token: Any, event: Event[Any], error: BaseException | None) -> None:
         """The publish returned (`error` is None) or raised `error`."""
 
-    def attempt_started(self, subscription: Subscription, event: Event[Any], attempt: int) -> Any:
+    def attempt_started(
+        self, subscription: SubscriptionInfo, event: Event[Any], attempt: int
+    ) -> Any:
         """A handler is about to run `event` (`attempt` counts from 1)."""
         return None
 
     def attempt_finished(
         self,
         token: Any,
-        subscription: Subscription,
+        subscription: SubscriptionInfo,
         event: Event[Any],
         record: HandlingRecord,
         error: BaseException | None,
@@ -127,18 +160,18 @@ class Observer:
         """The attempt ended, as `record` says; `error` is what the handler raised."""
 
     def skipped(
-        self, subscription: Subscription, event: Event[Any], record: HandlingRecord
+        self, subscription: SubscriptionInfo, event: Event[Any], record: HandlingRecord
     ) -> None:
         """`event` reached `subscription` but its handler was not run (see `Outcome`)."""
 
-    def dropped(self, subscription: Subscription, event: Event[Any]) -> None:
+    def dropped(self, subscription: SubscriptionInfo, event: Event[Any]) -> None:
         """`event` was dropped from a full inbox (``overflow="drop_oldest"``)."""
 
 
 def set_trace_context(event: Event[Any], carrier: dict[str, str]) -> None:
     """Attach a W3C trace context (``traceparent``, ``tracestate``) to an event being
     published; only valid inside `Observer.publish_started`, before the event is shared."""
-    event._trace = carrier or None
+    force_setattr(event, "trace_context", MappingProxyType(carrier) if carrier else EMPTY_TRACE)
 
 
 def notify(observers: Sequence[Observer], method: str, *args: Any) -> list[Any]:

@@ -175,8 +175,8 @@ class EventwireCollector(Collector):
         info.add_metric(
             [],
             {
-                "backend": backend.scheme if backend is not None else "memory",
-                "namespace": backend.namespace if backend is not None else "",
+                "backend": backend.scheme,
+                "namespace": backend.namespace,
                 "version": _version(),
             },
         )

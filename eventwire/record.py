@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from eventwire.event import Event
-from eventwire.observe import HandlingRecord, Observer, Outcome
+from eventwire.observe import HandlingRecord, Observable, Observer, Outcome, SubscriptionInfo
 from eventwire.subscription import Subscription
 from eventwire.topics import pattern_matches, validate_pattern
 
 if TYPE_CHECKING:
-    from eventwire.bus import EventBus
     from eventwire.lineage import LineageNode
 
 _DLQ_PREFIX = "_dlq."
@@ -35,6 +34,13 @@ _FAILED = ("retrying", "dead_lettered", "cancelled")
 _LAST_EVENTS = 8
 _LAST_FAILURES = 10
 _PAYLOAD_CHARS = 80
+
+
+class RecordedBus(Observable, Protocol):
+    """What a `Recorder` records (an `EventBus`)."""
+
+    @property
+    def subscriptions(self) -> Mapping[str, Subscription]: ...
 
 
 class _Unset:
@@ -63,7 +69,7 @@ class Recorder(Observer):
     seen instead.
     """
 
-    def __init__(self, bus: EventBus, pattern: str = ">") -> None:
+    def __init__(self, bus: RecordedBus, pattern: str = ">") -> None:
         validate_pattern(pattern)
         self.bus = bus
         self.pattern = pattern
@@ -116,14 +122,16 @@ class Recorder(Observer):
         if error is None:
             self._note(event)
 
-    def attempt_started(self, subscription: Subscription, event: Event[Any], attempt: int) -> Any:
+    def attempt_started(
+        self, subscription: SubscriptionInfo, event: Event[Any], attempt: int
+    ) -> Any:
         self._note(event)
         return None
 
     def attempt_finished(
         self,
         token: Any,
-        subscription: Subscription,
+        subscription: SubscriptionInfo,
         event: Event[Any],
         record: HandlingRecord,
         error: BaseException | None,
@@ -131,12 +139,12 @@ class Recorder(Observer):
         self._note_handling(record)
 
     def skipped(
-        self, subscription: Subscription, event: Event[Any], record: HandlingRecord
+        self, subscription: SubscriptionInfo, event: Event[Any], record: HandlingRecord
     ) -> None:
         self._note(event)
         self._note_handling(record)
 
-    def dropped(self, subscription: Subscription, event: Event[Any]) -> None:
+    def dropped(self, subscription: SubscriptionInfo, event: Event[Any]) -> None:
         if self._recording and pattern_matches(self.pattern, event.topic):
             self.drops.append(DroppedEvent(subscription.name, event))
             self._wake()

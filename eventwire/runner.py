@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from eventwire.backends.broker import BrokerBackend
 from eventwire.bus import URL_ENVIRONMENT_VARIABLE, EventBus
 from eventwire.stats_service import StatsResponder
 
@@ -75,10 +76,8 @@ async def run_bus(
     if url is not None:
         os.environ[URL_ENVIRONMENT_VARIABLE] = url
     bus = load_bus(target)
-    if lineage and not bus.lineage:
-        from eventwire.lineage import LineageRecorder
-
-        bus.observe(LineageRecorder(bus))
+    if lineage:
+        bus.record_lineage()
     metrics = _serve_metrics(bus, metrics_port, metrics_addr)
     responder: StatsResponder | None = None
     stop = asyncio.Event()
@@ -87,7 +86,7 @@ async def run_bus(
         loop.add_signal_handler(signum, stop.set)
     try:
         await bus.start()
-        if bus.backend is not None:
+        if isinstance(bus.backend, BrokerBackend):
             responder = StatsResponder(bus)
             await responder.start()
         names = ", ".join(sorted(bus.subscriptions)) or "none"

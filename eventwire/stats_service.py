@@ -23,8 +23,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
 from eventwire.backends import open_backend
-from eventwire.backends.base import Backend, Consumer, ConsumerInfo, ConsumerSpec, Message
-from eventwire.bus import _REPLY_PREFIX, DLQ_CONSUMER
+from eventwire.backends.base import Consumer, ConsumerInfo, ConsumerSpec, Message
+from eventwire.backends.broker import BrokerBackend
+from eventwire.bus import DLQ_CONSUMER, REPLY_PREFIX
 from eventwire.envelope import EnvelopeError, decode, encode
 from eventwire.event import Event
 
@@ -92,13 +93,13 @@ class StatsResponder(_Service):
 
     def __init__(self, bus: EventBus) -> None:
         backend = bus.backend
-        if backend is None:
+        if not isinstance(backend, BrokerBackend):
             raise ValueError(
                 "the in-process bus (memory://) cannot be asked from other processes; "
                 "read bus.stats() in the process itself"
             )
         self.bus = bus
-        self._backend: Backend = backend
+        self._backend: BrokerBackend = backend
         self.id = secrets.token_hex(6)
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
@@ -186,7 +187,7 @@ class StatsResponder(_Service):
         except EnvelopeError:
             return  # not ours to understand; acknowledged with the rest
         reply_to = request.reply_to
-        if reply_to is None or not reply_to.startswith(_REPLY_PREFIX):
+        if reply_to is None or not reply_to.startswith(REPLY_PREFIX):
             return
         answer: Event[Any] = Event(reply_to, {"request": request.id, **self.snapshot()})
         message = Message(answer.id, answer.topic, None, encode(answer, max_bytes=None))
@@ -244,13 +245,13 @@ class StatsClient(_Service):
 
     def __init__(self, url: str) -> None:
         backend = open_backend(url)
-        if backend is None:
+        if not isinstance(backend, BrokerBackend):
             raise ValueError(
                 "memory:// is the in-process bus: it lives inside its own process, which no "
                 "other process can ask"
             )
-        self.backend: Backend = backend
-        self.reply_topic = f"{_REPLY_PREFIX}{secrets.token_hex(6)}"
+        self.backend: BrokerBackend = backend
+        self.reply_topic = f"{REPLY_PREFIX}{secrets.token_hex(6)}"
         self._replies: Consumer | None = None
 
     async def start(self) -> None:
@@ -348,7 +349,7 @@ def _is_subscription(info: ConsumerInfo) -> bool:
     return not (
         info.name == DLQ_CONSUMER
         or info.name.startswith(_CONSUMER_PREFIX)
-        or info.pattern.startswith(_REPLY_PREFIX)
+        or info.pattern.startswith(REPLY_PREFIX)
     )
 
 

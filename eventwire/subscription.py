@@ -2,7 +2,10 @@
 
 Each subscription is isolated: its inbox, workers, retries and failures never delay another
 subscription. Workers drain whatever their inbox holds in a tight loop, and only park on a
-future when it is empty.
+future when it is empty. Where the events come from is the backend's business: the
+in-process backend appends to the inbox as events are published, a broker backend fills it
+from its durable consumer and, through the subscription's `lease`, hears of every event
+finished (to acknowledge it) or given up without a stored dead letter (to deliver it again).
 """
 
 from __future__ import annotations
@@ -15,40 +18,35 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Protocol
 
-from eventwire.backends.base import Start
-from eventwire.context import current_event, current_subscription
-from eventwire.errors import (
-    BusClosedError,
-    InboxFullError,
-    PayloadValidationError,
-    PublishTimeoutError,
-)
+from eventwire.context import current_event
+from eventwire.deadletter import DeadLetters
+from eventwire.errors import InboxFullError, PayloadValidationError
 from eventwire.event import Event
+from eventwire.inbox import Inbox, Overflow
 from eventwire.metrics import LatencyHistogram, Percentiles
-from eventwire.observe import Outcome, handling_record, notify, notify_finished
+from eventwire.observe import Observer, Outcome, handling_record, notify, notify_finished
+from eventwire.options import Start, SubscriptionOptions
 from eventwire.payloads import PayloadConverter
-from eventwire.retry import NO_RETRY, Retry
-
-if TYPE_CHECKING:
-    from eventwire.bus import EventBus
-    from eventwire.durable import Feeder
+from eventwire.requests import Requests
 
 logger = logging.getLogger("eventwire")
 
-Overflow = Literal["block", "drop_oldest", "error"]
-OVERFLOW_POLICIES: tuple[str, ...] = ("block", "drop_oldest", "error")
 Handler = Callable[[Event[Any]], Any]
 
-DEFAULT_MAX_PENDING = 10_000
+# The subscription whose worker this task is (set once per worker, not per event).
+current_subscription: ContextVar[Subscription | None] = ContextVar(
+    "eventwire_subscription", default=None
+)
 
 # A worker hands control back to the event loop after this many events in a row, so that one
 # busy subscription whose handlers never suspend cannot starve the others.
 _YIELD_EVERY = 256
 
-# While handlers take less than this, only a sample of events is timed (see `_work`).
+# While handlers take less than this, only a sample of events is timed (see `_RunTimer`).
 _FAST_HANDLER = 2e-5
 # Of fast events back to back, one in this many is timed, to notice handlers turning slow.
 _SAMPLE_EVERY = 16
@@ -82,12 +80,33 @@ class SubscriptionStats:
         return self.handling_seconds / finished if finished else 0.0
 
 
+class Lease(Protocol):
+    """What a broker backend hears of the events it fed into a subscription."""
+
+    def settled(self, event: Event[Any], finished: bool) -> None:
+        """`event` was handled or dead-lettered (`finished`), or its dead letter could not
+        be stored (it must be delivered again later)."""
+        ...
+
+    async def record_handled(self, event: Event[Any]) -> None:
+        """Idempotent subscriptions: `event` was handled; remember it at once."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscriptionServices:
+    """What a subscription uses of its bus, handed to it when it is built."""
+
+    observers: list[Observer]
+    """The bus's observers (the live list: observers added later are seen)."""
+    dead_letters: DeadLetters
+    requests: Requests
+    unsubscribe: Callable[[Subscription, bool, bool], Awaitable[None]]
+    """Takes the subscription off the bus: (subscription, drain, forget)."""
+
+
 class _HandlerTimeout(TimeoutError):
     pass
-
-
-class _Unsubscribed(Exception):
-    """Tells a blocked publisher that the subscription it waited for is gone."""
 
 
 def _being_cancelled() -> bool:
@@ -105,31 +124,6 @@ def _is_async_callable(handler: Callable[..., Any]) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
-class Inbox(deque[Event[Any]]):
-    """A subscription's queue of events. It also carries what a publish checks (room left,
-    parked workers), so that queueing an event touches one object."""
-
-    __slots__ = ("capacity", "idle", "subscription")
-
-    def __init__(self, subscription: Subscription, capacity: int) -> None:
-        super().__init__()
-        self.subscription = subscription
-        # Room for queued events; lowered while events wait behind a busy key.
-        self.capacity = capacity
-        # Parked workers' wake-up futures; None (not an empty list) when no worker is parked.
-        self.idle: list[asyncio.Future[None]] | None = None
-
-    def wake_one(self) -> None:
-        idle = self.idle
-        while idle:
-            waiter = idle.pop()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-        if not idle:
-            self.idle = None
-
-
 class Subscription:
     """A handler subscribed to a topic pattern. Created by `EventBus.subscribe`."""
 
@@ -139,22 +133,15 @@ class Subscription:
         "_active",
         "_converter",
         "_executor",
-        "_feeder",
-        "_forget",
         "_handling_seconds",
         "_histogram",
         "_in_flight",
-        "_inbox",
         "_invoke",
-        "_keys",
-        "_opening",
-        "_putters",
-        "_self_blocked",
+        "_services",
         "_stopping",
         "_unfolded",
         "_unfolded_seconds",
         "_workers",
-        "bus",
         "concurrency",
         "dead_lettered",
         "dropped",
@@ -163,8 +150,12 @@ class Subscription:
         "handled",
         "handler",
         "idempotent",
+        "inbox",
+        "lease",
         "max_pending",
         "name",
+        "opening",
+        "options",
         "overflow",
         "pattern",
         "published_topics",
@@ -178,62 +169,48 @@ class Subscription:
 
     def __init__(
         self,
-        bus: EventBus,
         pattern: str,
         handler: Handler,
+        options: SubscriptionOptions,
         *,
         name: str,
-        group: str | None,
-        concurrency: int,
-        retry: Retry | None,
-        timeout: float | None,
-        max_pending: int,
-        overflow: Overflow,
         source: str,
         converter: PayloadConverter | None,
-        start: Start = "latest",
-        idempotent: bool = False,
-        publishes: tuple[str, ...] = (),
+        services: SubscriptionServices,
     ) -> None:
-        self.bus = bus
         self.pattern = pattern
         self.handler = handler
+        self.options = options
         self.name = name
-        self.group = group
-        self.concurrency = concurrency
-        self.retry = retry or NO_RETRY
-        self.timeout = timeout
-        self.max_pending = max_pending
-        self.overflow: Overflow = overflow
+        self.group = options.group
+        self.concurrency = options.concurrency
+        self.retry = options.retry
+        self.timeout = options.timeout
+        self.max_pending = options.max_pending
+        self.overflow: Overflow = options.overflow
+        # Where a new durable subscription begins, and whether redeliveries of events it
+        # already handled are skipped (broker backends; see EventBus.subscribe).
+        self.start: Start = options.start
+        self.idempotent = options.idempotent
         # What `Event.source` says for events this subscription's handler publishes.
         self.source = source
         self._converter = converter
+        self._services = services
         # Topics the handler publishes: declared (`publishes=`), and seen at run time.
-        self.publishes = publishes
+        self.publishes = options.publishes
         self.published_topics: set[str] = set()
         self._invoke = self._make_invoker(handler)
-        # Where a new durable subscription begins, and whether redeliveries of events it
-        # already handled are skipped (broker backends; see EventBus.subscribe).
-        self.start: Start = start
-        self.idempotent = idempotent
-        # Set on broker backends: fills the inbox from the broker, acknowledges what is done.
-        self._feeder: Feeder | None = None
-        self._forget = False
-        # Broker backends: creating the durable consumer, when subscribed on a running bus.
-        self._opening: asyncio.Task[None] | None = None
+        # Set by a broker backend: hears of every event finished (see `Lease`).
+        self.lease: Lease | None = None
+        # Set by a broker backend while it creates the durable consumer in the background.
+        self.opening: asyncio.Task[None] | None = None
 
-        self._inbox = Inbox(self, max_pending)
-        # Publishers waiting for room, oldest first. Invariant: while any wait, the inbox is
-        # full, so the publish fast path need not look at this deque.
-        self._putters: deque[tuple[asyncio.Future[None], Event[Any]]] = deque()
+        self.inbox = Inbox(self, options.max_pending, options.overflow)
         self._workers: list[asyncio.Task[None]] = []
-        self._in_flight: list[Event[Any] | None] = [None] * concurrency
-        self._keys: dict[str, deque[Event[Any]]] = {}
+        self._in_flight: list[Event[Any] | None] = [None] * options.concurrency
         self._active = True
         self._stopping = False
         self._executor: ThreadPoolExecutor | None = None
-        # Workers of this subscription blocked publishing into its own full inbox.
-        self._self_blocked = 0
 
         self.handled = 0
         self.failed = 0
@@ -242,7 +219,7 @@ class Subscription:
         self.dropped = 0
         self._handling_seconds = 0.0
         self._histogram = LatencyHistogram()
-        # Fast events of short runs, folded into the histogram in batches (see `_work`).
+        # Fast events of short runs, folded into the histogram in batches (see `_RunTimer`).
         self._unfolded = 0
         self._unfolded_seconds = 0.0
 
@@ -256,9 +233,13 @@ class Subscription:
         return self._active
 
     @property
+    def workers(self) -> tuple[asyncio.Task[None], ...]:
+        """The worker tasks, while started."""
+        return tuple(self._workers)
+
+    @property
     def stats(self) -> SubscriptionStats:
         """Counters: handled, failed attempts, retries, dead letters, drops, depth."""
-        queued = len(self._inbox) + (self.max_pending - self._inbox.capacity) + len(self._putters)
         return SubscriptionStats(
             name=self.name,
             pattern=self.pattern,
@@ -269,7 +250,7 @@ class Subscription:
             dead_lettered=self.dead_lettered,
             dropped=self.dropped,
             in_flight=sum(1 for e in self._in_flight if e is not None),
-            queued=queued,
+            queued=self.inbox.queued,
             handling_seconds=self._handling_seconds,
             handling=self.histogram.percentiles(),
         )
@@ -291,8 +272,8 @@ class Subscription:
         while the bus runs creates its durable consumer in the background (later publishes of
         this bus wait for it by themselves); await this before another process publishes
         events it must see. Raises what creating it raised (e.g. a pattern conflict)."""
-        if self._opening is not None:
-            await asyncio.shield(self._opening)
+        if self.opening is not None:
+            await asyncio.shield(self.opening)
 
     async def unsubscribe(self, *, drain: bool = True, forget: bool = False) -> None:
         """Stop receiving new events. With `drain` (the default) events already queued are
@@ -306,61 +287,31 @@ class Subscription:
         """
         if not self._active:
             return
-        self._forget = forget
         self._active = False
-        self.bus._remove_subscription(self)
-        # Publishers blocked on this inbox: their event is no longer owed to it.
-        for waiter, _ in self._putters:
-            if not waiter.done():
-                waiter.set_exception(_Unsubscribed())
-        self._putters.clear()
-        feeder = self._feeder
-        if feeder is not None:
-            await feeder.stop_fetching()
-        if not drain and feeder is not None:
-            # Not lost: the feeder gives them back to the broker when it closes.
-            for event in self._take_queued():
-                self._settle_locally(event)
-        elif not drain:
-            while self._inbox:
-                self._discard(self._inbox.popleft())
-            for chain in self._keys.values():
-                while chain:
-                    self._discard(chain.popleft())
-                    self._inbox.capacity += 1
+        self.inbox.refuse_waiting()
+        await self._services.unsubscribe(self, drain, forget)
+
+    def in_own_handler(self) -> bool:
+        """True when called from one of this subscription's handlers."""
+        return current_subscription.get() is self
+
+    async def finish(self) -> None:
+        """Unsubscribed: let the workers handle what is queued, then stop; returns when they
+        have (at once when called from this subscription's own handler)."""
         self._stopping = True
-        self._wake_all()
-        if current_subscription.get() is self or not self._workers:
-            if feeder is not None:
-                self.bus._track(asyncio.get_running_loop().create_task(self._close_feeder()))
-            return
+        self.inbox.wake_all()
+        if self._workers and not self.in_own_handler():
+            await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def stopped(self) -> None:
+        """Return when every worker has ended."""
         await asyncio.gather(*self._workers, return_exceptions=True)
-        await self._close_feeder()
 
-    async def _close_feeder(self) -> None:
-        if self._feeder is not None:
-            if current_subscription.get() is self:
-                await asyncio.gather(*self._workers, return_exceptions=True)
-            await self._feeder.close(forget=self._forget)
-
-    def _take_queued(self) -> list[Event[Any]]:
-        """Remove and return every queued (not in-flight) event."""
-        taken = list(self._inbox)
-        self._inbox.clear()
-        for chain in self._keys.values():
-            taken.extend(chain)
-            self._inbox.capacity += len(chain)
-            chain.clear()
-        return taken
-
-    def _settle_locally(self, event: Event[Any]) -> None:
-        epoch = event._epoch
+    def release(self, event: Event[Any]) -> None:
+        """`event` is no longer owed by this process (given back to its broker)."""
+        epoch = event.drain_epoch
         if epoch is not None:
-            epoch.pending -= 1
-            if not epoch.pending and epoch.waiters:
-                epoch.settle()
-
-    # -- handler invocation -------------------------------------------------------------
+            epoch.release()
 
     def _make_invoker(self, handler: Handler) -> Callable[[Event[Any]], Awaitable[Any]]:
         timeout = self.timeout
@@ -420,7 +371,8 @@ class Subscription:
 
     # -- workers ------------------------------------------------------------------------
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def begin(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the workers (the bus does, when it starts or when subscribed while running)."""
         if self._workers or not self._active:
             return
         self._stopping = False
@@ -432,115 +384,56 @@ class Subscription:
             for index in range(self.concurrency)
         ]
 
-    def _wake_all(self) -> None:
-        idle, self._inbox.idle = self._inbox.idle or [], None
-        for waiter in idle:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _admit_waiting(self) -> None:
-        """Room was made: move the longest-waiting blocked publisher's event in."""
-        while self._putters and len(self._inbox) < self._inbox.capacity:
-            waiter, event = self._putters.popleft()
-            if waiter.done():  # its publisher gave up (timeout or cancellation)
-                continue
-            self._inbox.append(event)
-            waiter.set_result(None)
-            if self._inbox.idle:
-                self._inbox.wake_one()
-
     async def _work(self, index: int) -> None:
+        # One loop on purpose: it runs once per event, and a call per event costs the in-process
+        # bus measurable throughput. What is not per event lives in methods: waiting when idle
+        # (`_idle`), taking a key (`_hold_key`), timing (`_RunTimer`), failures (`_failed`).
         current_subscription.set(self)
-        inbox = self._inbox
+        inbox = self.inbox
         in_flight = self._in_flight
-        keys = self._keys if self.concurrency > 1 else None
-        invoke = self._invoke
-        converter = self._converter
-        feeder = self._feeder
-        set_current = current_event.set
-        clock = time.perf_counter
-        record_time = self._histogram.record
-        observers = self.bus._observers
-        loop = asyncio.get_running_loop()
         # With concurrency > 1, the worker that takes a key first handles every later event
         # of that key, from `chain`, before it takes anything else: per-key order holds.
+        keys = inbox.parked if self.concurrency > 1 else None
+        invoke = self._invoke
+        converter = self._converter
+        lease = self.lease
+        observers = self._services.observers
+        requests = self._services.requests
+        set_current = current_event.set
+        timer = _RunTimer(self)
         chain: deque[Event[Any]] | None = None
         held_key: str | None = None
         streak = 0
-        # Time is read at the edges of a run of events (the worker only suspends inside
-        # handlers, so the run's wall time is their handling time), and around single events
-        # only where that is cheap. A clock read costs a tenth of a fast handler, so while
-        # handlers are fast (under 20 µs) one event in 16 of a run is timed, to notice when
-        # they turn slow, and all are recorded at the mean of a batch of 64 or more (which
-        # reading `histogram` or `stats` adds to its copy); while handlers are slower, every
-        # event is timed and recorded on its own. Per event, the fast path adds nothing but the
-        # `streak >= check_at` test that yielding needs anyway.
-        run_started = started = clock()
-        slow = timing = True
-        check_at = 1
-        timed_count = 0
-        timed_seconds = 0.0
-        # The latest timed event under and over the fast threshold: what untimed events of a
-        # run most likely took.
-        fast_sample = 0.0
-        slow_sample = 0.0
+        check_at = timer.begin()
         while True:
             if chain:
                 event = chain.popleft()
-                self._inbox.capacity += 1
-                if self._putters:
-                    self._admit_waiting()
+                inbox.capacity += 1
+                if inbox.putters:
+                    inbox.admit_waiting()
             else:
                 if held_key is not None:
                     assert keys is not None
                     del keys[held_key]
                     chain = held_key = None
-                    if self._putters:
-                        self._admit_waiting()
+                    if inbox.putters:
+                        inbox.admit_waiting()
                 if not inbox:
                     in_flight[index] = None
-                    run_seconds = clock() - run_started
-                    self._handling_seconds += run_seconds
-                    if streak > timed_count:
-                        untimed = streak - timed_count
-                        run_seconds -= timed_seconds
-                        if run_seconds > _FAST_HANDLER * untimed:
-                            self._record_untimed(untimed, run_seconds, fast_sample, slow_sample)
-                            slow = True
-                        else:
-                            # Folded in by the batch: a record per run would cost more than
-                            # the run's handlers when runs are short.
-                            self._unfolded += untimed
-                            self._unfolded_seconds += run_seconds
-                            if self._unfolded >= _FOLD_EVERY:
-                                self._fold()
-                    if self._stopping:
-                        self._fold()
+                    timer.end(streak)
+                    if not await self._idle():
                         return
-                    streak = timed_count = 0
-                    timed_seconds = 0.0
-                    waiter: asyncio.Future[None] = loop.create_future()
-                    if inbox.idle is None:
-                        inbox.idle = [waiter]
-                    else:
-                        inbox.idle.append(waiter)
-                    await waiter
-                    run_started = started = clock()
-                    timing = slow
-                    check_at = 1 if slow else _SAMPLE_EVERY - 1
+                    streak = 0
+                    check_at = timer.begin()
                     continue
                 event = inbox.popleft()
-                if self._putters:
-                    self._admit_waiting()
-                if keys is not None and event._key is not None:
-                    busy = keys.get(event._key)
-                    if busy is not None:
-                        # Another worker holds this key: wait behind it, in order.
-                        busy.append(event)
-                        self._inbox.capacity -= 1
-                        continue
-                    held_key = event._key
-                    keys[held_key] = chain = deque()
+                if inbox.putters:
+                    inbox.admit_waiting()
+                if keys is not None and event.key is not None:
+                    chain = self._hold_key(event, keys)
+                    if chain is None:
+                        continue  # parked behind the worker that holds its key
+                    held_key = event.key
 
             # Left set after handling: a worker only suspends inside a handler or when idle
             # (where this is cleared), so whoever looks at it sees the event in hand.
@@ -562,61 +455,59 @@ class Subscription:
             else:
                 failure = None
                 self.handled += 1
-                if feeder is not None and self.idempotent:
-                    await feeder.record_handled(event)
-                if event._reply_to is not None:
-                    self.bus._reply(self, event, result, None)
+                if lease is not None and self.idempotent:
+                    await lease.record_handled(event)
+                if event.reply_to is not None:
+                    requests.reply(self, event, result, None)
             finished = True
             if failure is not None:
                 # Retried outside the `except` block, so that a retry does not run with the
                 # first error as its exception context.
                 finished = await self._failed(event, failure)
                 failure = None
-            if feeder is not None:
-                feeder.settled(event, finished)
-            epoch = event._epoch  # set when queued
+            if lease is not None:
+                lease.settled(event, finished)
+            epoch = event.drain_epoch  # set when queued
             epoch.pending -= 1  # type: ignore[union-attr]
             if not epoch.pending and epoch.waiters:  # type: ignore[union-attr]
                 epoch.settle()  # type: ignore[union-attr]
 
             streak += 1
             if streak >= check_at:
-                now = clock()
-                if timing:  # the event just done was timed
-                    elapsed = now - started
-                    slow = elapsed > _FAST_HANDLER
-                    if slow:
-                        record_time(elapsed)
-                        timed_count += 1
-                        timed_seconds += elapsed
-                        slow_sample = elapsed
-                    else:
-                        # Counted with the run's untimed events: one record per sample would
-                        # cost more than the sampling saves.
-                        fast_sample = elapsed
-                if streak >= _YIELD_EVERY:
+                check_at = timer.checkpoint(streak)
+                if not check_at:
+                    # A long run: let the other tasks of the loop have a turn.
                     in_flight[index] = None
-                    run_seconds = now - run_started
-                    self._handling_seconds += run_seconds
-                    untimed = streak - timed_count
-                    if untimed:
-                        self._record_untimed(
-                            untimed, run_seconds - timed_seconds, fast_sample, slow_sample
-                        )
-                    streak = timed_count = 0
-                    timed_seconds = 0.0
+                    streak = 0
                     await asyncio.sleep(0)
-                    run_started = started = clock()
-                    timing = slow
-                    check_at = 1 if slow else _SAMPLE_EVERY - 1
-                elif timing and not slow:
-                    timing = False
-                    check_at = streak + _SAMPLE_EVERY - 1
-                else:
-                    # Time the next event, from now.
-                    timing = True
-                    started = now
-                    check_at = streak + 1
+                    check_at = timer.begin()
+
+    async def _idle(self) -> bool:
+        """Nothing queued: wait for an event; False when the subscription is stopping."""
+        if self._stopping:
+            self._fold()
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.inbox.park(waiter)
+        await waiter
+        return True
+
+    def _hold_key(
+        self, event: Event[Any], keys: dict[str, deque[Event[Any]]]
+    ) -> deque[Event[Any]] | None:
+        """Take `event`'s key for this worker: the chain where later events of the key will
+        wait for it; None when another worker holds the key (`event` then waits behind it,
+        in order, holding room in the inbox)."""
+        key = event.key
+        assert key is not None
+        busy = keys.get(key)
+        if busy is not None:
+            busy.append(event)
+            self.inbox.capacity -= 1
+            return None
+        chain: deque[Event[Any]] = deque()
+        keys[key] = chain
+        return chain
 
     def _fold(self) -> None:
         """Record the fast events of short runs not recorded yet, at their mean."""
@@ -644,7 +535,7 @@ class Subscription:
 
     async def _observed(self, event: Event[Any], attempt: int) -> Any:
         """One handling attempt, reported to the bus's observers."""
-        observers = tuple(self.bus._observers)
+        observers = tuple(self._services.observers)
         tokens = notify(observers, "attempt_started", self, event, attempt)
         started = time.perf_counter()
         try:
@@ -674,10 +565,10 @@ class Subscription:
 
     def _convert(self, event: Event[Any]) -> Event[Any]:
         assert self._converter is not None
-        payload = self._converter(event._payload)
-        if payload is event._payload:
+        payload = self._converter(event.payload)
+        if payload is event.payload:
             return event
-        typed = event._copy(payload)
+        typed = event.with_payload(payload)
         current_event.set(typed)
         return typed
 
@@ -696,7 +587,7 @@ class Subscription:
             logger.info(
                 "eventwire: %s failed on %s (attempt %d/%d): %s: %s; retrying",
                 self.name,
-                event._topic,
+                event.topic,
                 attempt,
                 retry.attempts,
                 type(error).__name__,
@@ -705,7 +596,7 @@ class Subscription:
             await asyncio.sleep(retry.delay(attempt))
             attempt += 1
             try:
-                if self.bus._observers:
+                if self._services.observers:
                     result = await self._observed(event, attempt)
                 elif self._converter is None:
                     result = await self._invoke(event)
@@ -720,25 +611,28 @@ class Subscription:
                 error = again
                 continue
             self.handled += 1
-            if self._feeder is not None and self.idempotent:
-                await self._feeder.record_handled(event)
-            if event._reply_to is not None:
-                self.bus._reply(self, event, result, None)
+            if self.lease is not None and self.idempotent:
+                await self.lease.record_handled(event)
+            if event.reply_to is not None:
+                self._services.requests.reply(self, event, result, None)
             return True
         self.dead_lettered += 1
-        stored = await self.bus._dead_letter(self, event, error, attempt)
-        if event._reply_to is not None:
-            self.bus._reply(self, event, None, error)
+        stored = await self._services.dead_letters.dead_letter(self, event, error, attempt)
+        if event.reply_to is not None:
+            self._services.requests.reply(self, event, None, error)
         return stored
 
-    # -- overflow and shutdown ----------------------------------------------------------
+    # -- dropping and stopping -----------------------------------------------------------
 
-    def _discard(self, event: Event[Any]) -> None:
+    def drop(self, event: Event[Any]) -> int:
+        """Discard `event` unhandled (a full inbox, or unsubscribed with ``drain=False``),
+        counted; returns how many were dropped so far."""
         self.dropped += 1
-        if self.bus._observers:
-            notify(self.bus._observers, "dropped", self, event)
-        if event._reply_to is not None:
-            self.bus._reply(
+        observers = self._services.observers
+        if observers:
+            notify(observers, "dropped", self, event)
+        if event.reply_to is not None:
+            self._services.requests.reply(
                 self,
                 event,
                 None,
@@ -748,102 +642,118 @@ class Subscription:
                     event=event,
                 ),
             )
-        epoch = event._epoch
-        if epoch is not None:
-            epoch.pending -= 1
-            if not epoch.pending and epoch.waiters:
-                epoch.settle()
+        self.release(event)
+        return self.dropped
 
-    def _drop_oldest_for(self, event: Event[Any]) -> None:
-        if self._inbox:
-            oldest = self._inbox.popleft()
-        else:
-            # All the room is taken by events waiting behind busy keys: drop the oldest.
-            chain = min((c for c in self._keys.values() if c), key=lambda c: c[0]._seq)
-            oldest = chain.popleft()
-            self._inbox.capacity += 1
-        self._discard(oldest)
-        if self.dropped == 1 or self.dropped % 1000 == 0:
-            logger.warning(
-                "eventwire: inbox of %s is full (max_pending=%d): dropped its oldest event "
-                "(%d dropped so far; raise max_pending or use overflow='block')",
-                self.name,
-                self.max_pending,
-                self.dropped,
-            )
-        self._inbox.append(event)
-        if self._inbox.idle:
-            self._inbox.wake_one()
-
-    def _full_error(self, event: Event[Any], why: str) -> InboxFullError:
-        return InboxFullError(
-            f"inbox of subscription {self.name!r} is full ({self.max_pending} events waiting): "
-            f"{why}",
-            subscription=self.name,
-            event=event,
-        )
-
-    async def _put_waiting(
-        self, event: Event[Any], timeout: float | None, waiter: asyncio.Future[None]
-    ) -> None:
-        """Wait for room (overflow='block'), first come first served. `waiter` is resolved
-        once the event is let into the inbox."""
-        own = current_subscription.get() is self
-        if own and self._self_blocked + 1 >= self.concurrency:
-            raise self._full_error(
-                event,
-                "its own handler is publishing to it, and with every worker waiting for room "
-                "it would deadlock; raise max_pending, or use overflow='drop_oldest' or 'error'",
-            )
-        self._putters.append((waiter, event))
-        self._self_blocked += own
-        try:
-            if timeout is None:
-                await waiter
-            else:
-                async with asyncio.timeout(timeout):
-                    await waiter
-        except TimeoutError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                return  # admitted just as the timeout fired: the event is queued
-            raise PublishTimeoutError(
-                f"publish to {event._topic!r} waited {timeout}s for room in the full inbox of "
-                f"subscription {self.name!r} (max_pending={self.max_pending}); that subscriber "
-                "is slow or stuck. Raise publish_timeout or max_pending, or choose "
-                "overflow='drop_oldest' or 'error' for it"
-            ) from None
-        finally:
-            self._self_blocked -= own
-            if not waiter.done():
-                waiter.cancel()
-
-    def _stop_now(self) -> list[tuple[Event[Any], str]]:
+    def stop_now(self) -> list[tuple[Event[Any], str]]:
         """Cancel the workers; return what they had not handled, with where it was."""
-        left: list[tuple[Event[Any], str]] = []
-        for event in self._in_flight:
-            if event is not None:
-                left.append((event, "in_flight"))
-        for parked in self._keys.values():
-            left.extend((event, "queued") for event in parked)
-        left.extend((event, "queued") for event in self._inbox)
-        for waiter, event in self._putters:
-            if not waiter.done():
-                left.append((event, "queued"))
-        self._inbox.clear()
-        self._keys.clear()
-        self._inbox.idle = None  # the parked workers are cancelled below, their futures with them
+        left: list[tuple[Event[Any], str]] = [
+            (event, "in_flight") for event in self._in_flight if event is not None
+        ]
+        left.extend((event, "queued") for event in self.inbox.close())
         self._stopping = True
         for task in self._workers:
             task.cancel()
-        for waiter, event in self._putters:
-            if not waiter.done():
-                waiter.set_exception(
-                    BusClosedError(
-                        f"the bus closed while publish to {event._topic!r} waited for room "
-                        f"in the inbox of {self.name!r}"
-                    )
-                )
-        self._putters.clear()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         return left
+
+
+class _RunTimer:
+    """Times one worker's runs of events for the subscription's histogram.
+
+    Time is read at the edges of a run of events (the worker only suspends inside handlers,
+    so the run's wall time is their handling time), and around single events only where that
+    is cheap. A clock read costs a tenth of a fast handler, so while handlers are fast (under
+    20 µs) one event in 16 of a run is timed, to notice when they turn slow, and all are
+    recorded at the mean of a batch of 64 or more (which reading `histogram` or `stats` adds
+    to its copy); while handlers are slower, every event is timed and recorded on its own.
+    Per event, the worker pays nothing but the ``streak >= check_at`` test that yielding
+    needs anyway.
+    """
+
+    __slots__ = (
+        "fast_sample",
+        "run_started",
+        "slow",
+        "slow_sample",
+        "started",
+        "subscription",
+        "timed_count",
+        "timed_seconds",
+        "timing",
+    )
+
+    def __init__(self, subscription: Subscription) -> None:
+        self.subscription = subscription
+        self.slow = True
+        self.timing = True
+        self.run_started = self.started = 0.0
+        self.timed_count = 0
+        self.timed_seconds = 0.0
+        # The latest timed event under and over the fast threshold: what untimed events of a
+        # run most likely took.
+        self.fast_sample = 0.0
+        self.slow_sample = 0.0
+
+    def begin(self) -> int:
+        """A run starts; returns after how many events to call `checkpoint`."""
+        self.run_started = self.started = time.perf_counter()
+        self.timing = self.slow
+        self.timed_count = 0
+        self.timed_seconds = 0.0
+        return 1 if self.slow else _SAMPLE_EVERY - 1
+
+    def checkpoint(self, streak: int) -> int:
+        """`streak` events of the run are done; returns when to check next, or 0 when the
+        run is long enough that the worker should yield (it was recorded)."""
+        now = time.perf_counter()
+        subscription = self.subscription
+        if self.timing:  # the event just done was timed
+            elapsed = now - self.started
+            self.slow = elapsed > _FAST_HANDLER
+            if self.slow:
+                subscription._histogram.record(elapsed)
+                self.timed_count += 1
+                self.timed_seconds += elapsed
+                self.slow_sample = elapsed
+            else:
+                # Counted with the run's untimed events: one record per sample would cost
+                # more than the sampling saves.
+                self.fast_sample = elapsed
+        if streak >= _YIELD_EVERY:
+            run_seconds = now - self.run_started
+            subscription._handling_seconds += run_seconds
+            untimed = streak - self.timed_count
+            if untimed:
+                subscription._record_untimed(
+                    untimed, run_seconds - self.timed_seconds, self.fast_sample, self.slow_sample
+                )
+            return 0
+        if self.timing and not self.slow:
+            self.timing = False
+            return streak + _SAMPLE_EVERY - 1
+        # Time the next event, from now.
+        self.timing = True
+        self.started = now
+        return streak + 1
+
+    def end(self, streak: int) -> None:
+        """The inbox is empty after `streak` events: record the run."""
+        subscription = self.subscription
+        run_seconds = time.perf_counter() - self.run_started
+        subscription._handling_seconds += run_seconds
+        if streak <= self.timed_count:
+            return
+        untimed = streak - self.timed_count
+        run_seconds -= self.timed_seconds
+        if run_seconds > _FAST_HANDLER * untimed:
+            subscription._record_untimed(untimed, run_seconds, self.fast_sample, self.slow_sample)
+            self.slow = True
+        else:
+            # Folded in by the batch: a record per run would cost more than the run's
+            # handlers when runs are short.
+            subscription._unfolded += untimed
+            subscription._unfolded_seconds += run_seconds
+            if subscription._unfolded >= _FOLD_EVERY:
+                subscription._fold()

@@ -208,8 +208,6 @@ async def destroy_namespace(url: str) -> None:
     from eventwire.backends import open_backend
 
     backend = open_backend(url)
-    if backend is None:
-        return
     try:
         await backend.connect()
         await backend.destroy()

@@ -139,7 +139,7 @@ class Topology:
         from eventwire.payloads import payload_type_of
 
         owners: dict[str, str] = {}
-        for agent in bus._agents.values():
+        for agent in bus.agents.values():
             self._add_node(Node(_agent_id(agent.name), "agent", agent.name))
             for subscription in agent.subscriptions:
                 owners[subscription.name] = agent.name

@@ -11,6 +11,7 @@ agents run in different processes.
 
 from __future__ import annotations
 
+import importlib.metadata
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
@@ -26,12 +27,16 @@ except ImportError as missing:
     ) from missing
 
 from eventwire.context import current_event
-from eventwire.observe import HandlingRecord, Observer, set_trace_context
+from eventwire.observe import (
+    HandlingRecord,
+    Observable,
+    Observer,
+    SubscriptionInfo,
+    set_trace_context,
+)
 
 if TYPE_CHECKING:
-    from eventwire.bus import EventBus
     from eventwire.event import Event
-    from eventwire.subscription import Subscription
 
 __all__ = ["SYSTEM", "Tracing", "instrument"]
 
@@ -74,11 +79,8 @@ class Tracing(Observer):
         *,
         propagator: TextMapPropagator | None = None,
     ) -> None:
-        # Imported here: eventwire.bus may import this module while the package initialises.
-        from eventwire import __version__
-
         self.tracer_provider = tracer_provider
-        self._tracer = trace.get_tracer("eventwire", __version__, tracer_provider=tracer_provider)
+        self._tracer = trace.get_tracer("eventwire", _version(), tracer_provider=tracer_provider)
         self._propagator = propagator or TraceContextTextMapPropagator()
 
     def __repr__(self) -> str:
@@ -102,13 +104,13 @@ class Tracing(Observer):
         attributes["messaging.operation.name"] = "publish"
         attributes["messaging.operation.type"] = "send"
         links = None
-        if event._trace:
+        if event.trace_context:
             # Published again as it is (e.g. an event received): link to its first publish.
-            previous = trace.get_current_span(self._propagator.extract(event._trace))
+            previous = trace.get_current_span(self._propagator.extract(event.trace_context))
             if previous.get_span_context().is_valid:
                 links = [trace.Link(previous.get_span_context())]
         span = self._tracer.start_span(
-            f"publish {event._topic}",
+            f"publish {event.topic}",
             context=_publish_parent(self._propagator),
             kind=_PRODUCER,
             attributes=attributes,
@@ -123,7 +125,7 @@ class Tracing(Observer):
         """Without an SDK: the event carries the context it would be published in (the
         current span's, else that of the event being handled), so a trace that came in from
         a traced process goes on to the next one."""
-        if event._trace:
+        if event.trace_context:
             return  # published again as it is: it keeps its own
         if trace.get_current_span().get_span_context().is_valid:
             carrier: dict[str, str] = {}
@@ -131,8 +133,8 @@ class Tracing(Observer):
             set_trace_context(event, carrier)
             return
         handling = current_event.get()
-        if handling is not None and handling._trace:
-            set_trace_context(event, dict(handling._trace))
+        if handling is not None and handling.trace_context:
+            set_trace_context(event, dict(handling.trace_context))
 
     def publish_finished(
         self, token: trace.Span | None, event: Event[Any], error: BaseException | None
@@ -146,10 +148,10 @@ class Tracing(Observer):
     # -- handling -----------------------------------------------------------------------
 
     def attempt_started(
-        self, subscription: Subscription, event: Event[Any], attempt: int
+        self, subscription: SubscriptionInfo, event: Event[Any], attempt: int
     ) -> tuple[trace.Span | None, Token[otel_context.Context]] | None:
         if self._silent():
-            if not event._trace:
+            if not event.trace_context:
                 return None
             # The incoming context is current for the handler, e.g. for its outgoing calls.
             return None, otel_context.attach(self._parent_of(event))
@@ -157,7 +159,7 @@ class Tracing(Observer):
         attributes = _handling_attributes(subscription, event)
         attributes["eventwire.attempt"] = attempt
         span = self._tracer.start_span(
-            f"handle {event._topic}", context=parent, kind=_CONSUMER, attributes=attributes
+            f"handle {event.topic}", context=parent, kind=_CONSUMER, attributes=attributes
         )
         # Current for the handler (the same task; a thread handler gets a copy of it).
         return span, otel_context.attach(trace.set_span_in_context(span, parent))
@@ -165,7 +167,7 @@ class Tracing(Observer):
     def attempt_finished(
         self,
         token: tuple[trace.Span | None, Token[otel_context.Context]] | None,
-        subscription: Subscription,
+        subscription: SubscriptionInfo,
         event: Event[Any],
         record: HandlingRecord,
         error: BaseException | None,
@@ -185,15 +187,15 @@ class Tracing(Observer):
         span.end()
 
     def skipped(
-        self, subscription: Subscription, event: Event[Any], record: HandlingRecord
+        self, subscription: SubscriptionInfo, event: Event[Any], record: HandlingRecord
     ) -> None:
         self._mark(subscription, event, "skipped", None)
 
-    def dropped(self, subscription: Subscription, event: Event[Any]) -> None:
+    def dropped(self, subscription: SubscriptionInfo, event: Event[Any]) -> None:
         self._mark(subscription, event, "dropped", "dropped from a full inbox (drop_oldest)")
 
     def _mark(
-        self, subscription: Subscription, event: Event[Any], outcome: str, error: str | None
+        self, subscription: SubscriptionInfo, event: Event[Any], outcome: str, error: str | None
     ) -> None:
         """A zero-length handling span: the event reached `subscription`, its handler did
         not run."""
@@ -203,7 +205,7 @@ class Tracing(Observer):
         attributes["eventwire.attempt"] = 0
         attributes["eventwire.outcome"] = outcome
         span = self._tracer.start_span(
-            f"handle {event._topic}",
+            f"handle {event.topic}",
             context=self._parent_of(event),
             kind=_CONSUMER,
             attributes=attributes,
@@ -229,29 +231,29 @@ def _publish_parent(propagator: TextMapPropagator) -> otel_context.Context | Non
     last = _last_attempt.get()
     if last is not None and last[0] == handling.id:
         return trace.set_span_in_context(trace.NonRecordingSpan(last[1]))
-    if handling._trace:
-        return propagator.extract(handling._trace)
+    if handling.trace_context:
+        return propagator.extract(handling.trace_context)
     return None
 
 
 def _event_attributes(event: Event[Any]) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         "messaging.system": SYSTEM,
-        "messaging.destination.name": event._topic,
+        "messaging.destination.name": event.topic,
         "messaging.message.id": event.id,
         "messaging.message.conversation_id": event.correlation_id,
         "eventwire.correlation_id": event.correlation_id,
     }
-    if event._causation_id is not None:
-        attributes["eventwire.causation_id"] = event._causation_id
-    if event._key is not None:
-        attributes["eventwire.key"] = event._key
-    if event._source is not None:
-        attributes["eventwire.source"] = event._source
+    if event.causation_id is not None:
+        attributes["eventwire.causation_id"] = event.causation_id
+    if event.key is not None:
+        attributes["eventwire.key"] = event.key
+    if event.source is not None:
+        attributes["eventwire.source"] = event.source
     return attributes
 
 
-def _handling_attributes(subscription: Subscription, event: Event[Any]) -> dict[str, Any]:
+def _handling_attributes(subscription: SubscriptionInfo, event: Event[Any]) -> dict[str, Any]:
     attributes = _event_attributes(event)
     attributes["messaging.operation.name"] = "handle"
     attributes["messaging.operation.type"] = "process"
@@ -269,7 +271,7 @@ def _record_error(span: trace.Span, error: BaseException) -> None:
     span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
-def instrument(bus: EventBus, tracer_provider: trace.TracerProvider | None = None) -> Tracing:
+def instrument(bus: Observable, tracer_provider: trace.TracerProvider | None = None) -> Tracing:
     """Trace `bus` (``bus.observe(Tracing(tracer_provider))``); returns the observer.
 
     A bus already traced by a `Tracing` observer is left as it is and that observer is
@@ -285,3 +287,11 @@ def instrument(bus: EventBus, tracer_provider: trace.TracerProvider | None = Non
                 )
             return observer
     return bus.observe(Tracing(tracer_provider))
+
+
+def _version() -> str:
+    """eventwire's version, as installed."""
+    try:
+        return importlib.metadata.version("eventwire")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
-from importlib import import_module
 from pathlib import Path
 
-from eventwire.backends.base import MEMORY_CAPABILITIES, Backend, Capabilities
+from eventwire.backends import SCHEMES, backend_class
+from eventwire.backends.base import Capabilities
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = {
@@ -17,18 +17,12 @@ ROWS = {
     "idempotent": "`idempotent=True`",
     "cross_process_drain": "`drain()` waits for other processes",
 }
-BACKENDS = {"sqlite": "SqliteBackend", "redis": "RedisBackend", "nats": "NatsBackend"}
-BACKENDS["amqp"] = "AmqpBackend"
 # Claims about several processes mean nothing for the in-process bus.
 _SINGLE_PROCESS = ("key_order_across_processes", "cross_process_drain")
 
 
 def declared() -> dict[str, Capabilities]:
-    table = {"memory": MEMORY_CAPABILITIES}
-    for scheme, class_name in BACKENDS.items():
-        backend: type[Backend] = getattr(import_module(f"eventwire.backends.{scheme}"), class_name)
-        table[scheme] = backend.capabilities
-    return table
+    return {scheme: backend_class(scheme).capabilities for scheme in SCHEMES}
 
 
 def render() -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from eventwire import Event
+from eventwire.backends.broker import BrokerBackend
 from eventwire.bus import DLQ_CONSUMER
 from tests.conformance.conftest import backend_url
 from tests.test_cli_dlq import EVENTWIRE, cli
@@ -131,7 +132,7 @@ async def test_a_signal_stops_it_cleanly_and_removes_its_consumer(
         running.process.send_signal(stop)
         code, _ = await running.finish()
         backend = bus.backend
-        assert backend is not None
+        assert isinstance(backend, BrokerBackend)
         left = [info.name for info in await backend.consumers()]
     assert code == 0, running.stderr
     assert left == [DLQ_CONSUMER]

@@ -16,6 +16,7 @@ import pytest
 
 from eventwire import BusNotRunningError, Event, EventBus, Retry
 from eventwire.backends.base import Message
+from eventwire.backends.broker import BrokerBackend
 from eventwire.dlq import (
     DeadLetterError,
     DeadLetterNotFoundError,
@@ -183,7 +184,7 @@ async def test_named_letters_are_checked_before_anything_is_done(url: str) -> No
         with pytest.raises(DeadLetterError, match="say which letters"):
             await dlq.purge()
         # Its subscription gone from the broker, a retried event would reach nobody.
-        assert bus.backend is not None
+        assert isinstance(bus.backend, BrokerBackend)
         await bus.backend.delete_consumer("worker")
         with pytest.raises(DeadLetterError, match="'worker' no longer exists"):
             await dlq.retry([letters[1].id])
@@ -198,7 +199,7 @@ async def test_a_malformed_message_is_listed_with_its_body_and_can_only_be_purge
     bus = new_bus(url)
     bus.subscribe("raw.in", Worker().handle, name="reader")
     async with bus:
-        assert bus.backend is not None
+        assert isinstance(bus.backend, BrokerBackend)
         await bus.backend.publish([Message("foreign-1", "raw.in", None, b"not json at all")])
         await bus.drain(timeout=20)  # the reader dead-letters it before acknowledging it
         dlq = DeadLetterQueue(bus)

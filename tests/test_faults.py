@@ -64,7 +64,7 @@ async def test_publish_cancelled_just_after_admission_keeps_drain_honest(bus: Ev
     gates[0].set_result(None)
     with pytest.raises(asyncio.CancelledError):
         await blocked
-    assert all(epoch.pending >= 0 for epoch in bus._epochs)
+    assert bus.owed == 2  # event 1 in flight, event 2 queued: admitted, so still owed
     draining = asyncio.ensure_future(bus.drain(timeout=2))
     gates[1].set_result(None)
     await asyncio.sleep(0.01)
@@ -182,7 +182,7 @@ async def test_drop_oldest_never_blocks_when_keys_fill_the_room(bus: EventBus) -
     await wait_until(lambda: bus.stats()["k"].in_flight == 1)
     for n in (1, 2):  # the free worker parks these behind key "a": the room is used up
         await bus.publish("k", n, key="a")
-    await wait_until(lambda: not sub._inbox and sub._inbox.capacity == 0)
+    await wait_until(lambda: not sub.inbox and sub.inbox.capacity == 0)
     for n in range(3, 7):
         await asyncio.wait_for(bus.publish("k", n, key="a"), 1)
     assert bus.stats()["k"].dropped == 4

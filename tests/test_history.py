@@ -13,6 +13,7 @@ import pytest
 
 from eventwire import EventBus
 from eventwire.backends.base import Backend, Message
+from eventwire.backends.broker import BrokerBackend
 from eventwire.bus import DLQ_CONSUMER
 from eventwire.event import Event
 from eventwire.history import (
@@ -47,7 +48,7 @@ async def running(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 
 async def readers_left(bus: EventBus) -> list[str]:
     backend = bus.backend
-    assert backend is not None
+    assert isinstance(backend, BrokerBackend)
     names = [info.name for info in await backend.consumers()]
     return [name for name in names if name.startswith("_eventwire.") and name != DLQ_CONSUMER]
 
@@ -112,7 +113,7 @@ async def test_a_body_that_is_not_an_envelope_is_skipped_and_counted(running: Ev
     since = datetime.now(UTC)
     await running.publish("junk.a", 1)
     backend = running.backend
-    assert backend is not None
+    assert isinstance(backend, BrokerBackend)
     await backend.publish([Message("raw-1", "junk.a", None, b"\x00 not an envelope")])
     await running.publish("junk.a", 2)
 

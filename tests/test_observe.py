@@ -185,11 +185,9 @@ async def test_a_targeted_event_reaches_only_its_subscription(bus: EventBus) -> 
     bus.subscribe("order.placed", recorder("shipping"), name="shipping")
     bus.subscribe("order.*", recorder("g1"), name="g1", group="analytics")
     bus.subscribe("order.*", recorder("g2"), name="g2", group="analytics")
-    retried = Event("order.placed", {"n": 1})
-    retried._target = "shipping"
+    retried = Event("order.placed", {"n": 1}, target="shipping")
     await bus.publish(retried)
-    to_group = Event("order.placed", {"n": 2})
-    to_group._target = "analytics"
+    to_group = Event("order.placed", {"n": 2}, target="analytics")
     await bus.publish(to_group)
     await bus.drain(timeout=10)
     # Different subscriptions run independently: in any order, each event reached only its

@@ -122,7 +122,7 @@ async def test_scraped_counters_and_gauges_match_bus_stats(
     assert samples[("eventwire_handler_failures_total", flaky_labels)] == 4
     assert samples[("eventwire_retries_total", flaky_labels)] == 2
     assert samples[("eventwire_dead_letters_total", flaky_labels)] == 2
-    info = frozenset({"backend": "memory", "namespace": "", "version": "0.1.0"}.items())
+    info = frozenset({"backend": "memory", "namespace": "eventwire", "version": "0.1.0"}.items())
     assert samples[("eventwire_info", info)] == 1
     release.set()
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from eventwire import EventBus
+from eventwire.backends.broker import BrokerBackend
 from eventwire.topology import (
     Topology,
     parse_since,
@@ -253,7 +254,7 @@ async def test_edges_learnt_from_a_brokers_history(
     assert edge(topology.view(), "subscription:analytics", "topic:_dlq.>").seen == 3
 
     scanner = EventBus(url)
-    assert scanner.backend is not None
+    assert isinstance(scanner.backend, BrokerBackend)
     await scanner.backend.connect()
     try:
         left = [c.name for c in await scanner.backend.consumers()]

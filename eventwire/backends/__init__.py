@@ -1,85 +1,87 @@
-"""Where events travel. Each backend is one module behind one interface (`base.Backend`);
-the bus picks one from its URL. ``memory://`` (the default) needs none: the bus delivers
-in-process itself."""
+"""Where events travel. Each backend is one module behind one interface (`base.Backend`),
+the in-process ``memory://`` bus included; the bus picks one by its URL's scheme.
+
+Schemes are looked up in a registry: eventwire's own backends, then those other packages
+declare in the ``eventwire.backends`` entry-point group, as ``scheme = "module:Class"``::
+
+    [project.entry-points."eventwire.backends"]
+    kafka = "eventwire_kafka:KafkaBackend"
+
+and those registered at run time with `register_backend`.
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
-from urllib.parse import SplitResult, parse_qsl, urlsplit
+
+from eventwire.backends.url import BusURL, parse_url
 
 if TYPE_CHECKING:
     from eventwire.backends.base import Backend
 
-MEMORY = "memory"
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "MEMORY",
+    "SCHEMES",
+    "BusURL",
+    "backend_class",
+    "open_backend",
+    "parse_url",
+    "register_backend",
+    "require_extra",
+    "resolve_url",
+]
 
+MEMORY = "memory"
+ENTRY_POINT_GROUP = "eventwire.backends"
+
+# scheme -> "module:Class" of eventwire's own backends.
+_BUILT_IN: dict[str, str] = {
+    "memory": "eventwire.backends.memory:MemoryBackend",
+    "sqlite": "eventwire.backends.sqlite:SqliteBackend",
+    "redis": "eventwire.backends.redis:RedisBackend",
+    "nats": "eventwire.backends.nats:NatsBackend",
+    "amqp": "eventwire.backends.amqp:AmqpBackend",
+}
 # scheme -> (module the backend imports, the extra that installs it)
 _EXTRAS: dict[str, tuple[str, str]] = {
     "redis": ("redis", "redis"),
     "nats": ("nats", "nats"),
     "amqp": ("aio_pika", "rabbitmq"),
 }
-# scheme -> module of eventwire.backends that implements it
-_MODULES: dict[str, str] = {
-    "sqlite": "sqlite",
-    "redis": "redis",
-    "nats": "nats",
-    "amqp": "amqp",
-}
-SCHEMES = ("memory", *_MODULES)
+SCHEMES = tuple(_BUILT_IN)
+
+# Backends registered by `register_backend`: scheme -> class or "module:Class".
+_registered: dict[str, type[Backend] | str] = {}
 
 
-@dataclass(frozen=True, slots=True)
-class BusURL:
-    """A parsed bus URL. `redacted` is safe to print: its password is replaced."""
-
-    scheme: str
-    redacted: str
-    host: str | None
-    port: int | None
-    path: str
-    username: str | None
-    password: str | None
-    query: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+def register_backend(scheme: str, backend: type[Backend] | str) -> None:
+    """Make ``scheme://`` URLs open `backend` (a `Backend` subclass, or ``"module:Class"``
+    imported on first use). Overrides a built-in or entry-point backend of that scheme."""
+    if not scheme.isidentifier() or scheme.lower() != scheme:
+        raise ValueError(f"a backend scheme is a lowercase identifier, got {scheme!r}")
+    _registered[scheme] = backend
 
 
-def _redact(parts: SplitResult, url: str) -> str:
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    where = parts.netloc.rsplit("@", 1)[-1]  # host[:port] as written, even if malformed
-    return parts._replace(netloc=f"{user}:***@{where}").geturl()
+def _declared() -> dict[str, str]:
+    """Backends declared by installed packages in the entry-point group."""
+    return {point.name: point.value for point in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def parse_url(url: str) -> BusURL:
-    """Parse and check a bus URL; raise `ValueError` naming what is wrong (never its
-    password)."""
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"bus URL must be a non-empty str such as 'memory://', got {url!r}")
-    parts = urlsplit(url)
-    if "://" not in url or not parts.scheme:
-        raise ValueError(
-            "malformed bus URL: expected scheme://..., e.g. 'memory://', "
-            "'sqlite:///var/lib/app/bus.db' or 'nats://127.0.0.1:4222'"
-        )
-    redacted = _redact(parts, url)
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"bus URL {redacted!r} has an invalid port") from None
-    return BusURL(
-        scheme=parts.scheme.lower(),
-        redacted=redacted,
-        host=parts.hostname,
-        port=port,
-        path=parts.path,
-        username=parts.username,
-        password=parts.password,
-        query=MappingProxyType(dict(parse_qsl(parts.query))),
-    )
+def _target(scheme: str) -> type[Backend] | str | None:
+    if scheme in _registered:
+        return _registered[scheme]
+    if scheme in _BUILT_IN:
+        return _BUILT_IN[scheme]
+    return _declared().get(scheme)
+
+
+def known_schemes() -> list[str]:
+    """Every scheme a URL may use here: built in, declared by packages, registered."""
+    return list(dict.fromkeys([*_BUILT_IN, *_declared(), *_registered]))
 
 
 def require_extra(scheme: str) -> None:
@@ -96,34 +98,36 @@ def resolve_url(url: str) -> str:
     """Check a bus URL (and that its backend's client is installed); return it normalised.
     Raises `ValueError` naming what is wrong, `ImportError` naming the extra to install."""
     parsed = parse_url(url)
-    if parsed.scheme == MEMORY:
+    if parsed.scheme == MEMORY and _target(MEMORY) == _BUILT_IN[MEMORY]:
         return "memory://"
-    if parsed.scheme not in _MODULES:
+    if _target(parsed.scheme) is None:
         raise ValueError(
             f"unknown bus URL scheme {parsed.scheme!r} in {parsed.redacted!r}; supported: "
-            + ", ".join(f"'{scheme}://'" for scheme in SCHEMES)
+            + ", ".join(f"'{scheme}://'" for scheme in known_schemes())
         )
     require_extra(parsed.scheme)
     return url
 
 
-def open_backend(url: str) -> Backend | None:
-    """The backend for `url` (not yet connected), or None for the in-process bus."""
-    parsed = parse_url(resolve_url(url))
-    if parsed.scheme == MEMORY:
-        return None
-    from importlib import import_module
-
+def backend_class(scheme: str) -> type[Backend]:
+    """The backend class that opens ``scheme://`` URLs."""
     from eventwire.backends.base import Backend
 
-    module = import_module(f"eventwire.backends.{_MODULES[parsed.scheme]}")
-    backend_class = next(
-        value
-        for value in vars(module).values()
-        if isinstance(value, type)
-        and issubclass(value, Backend)
-        and value is not Backend
-        and getattr(value, "scheme", None) == parsed.scheme
-    )
-    backend: Backend = backend_class(parsed)
-    return backend
+    target = _target(scheme)
+    if target is None:
+        raise ValueError(f"no backend is registered for the {scheme!r} scheme")
+    if isinstance(target, str):
+        module_name, _, class_name = target.partition(":")
+        found = getattr(importlib.import_module(module_name), class_name, None)
+        if not (isinstance(found, type) and issubclass(found, Backend)):
+            raise TypeError(
+                f"the backend of {scheme}:// ({target}) is not an eventwire Backend subclass"
+            )
+        target = found
+    return target
+
+
+def open_backend(url: str) -> Backend:
+    """The backend for `url`, not yet connected."""
+    parsed = parse_url(resolve_url(url))
+    return backend_class(parsed.scheme)(parsed)

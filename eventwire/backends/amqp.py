@@ -92,7 +92,6 @@ from aio_pika.abc import (
 from aiormq.abc import ConfirmationFrameType
 from pamqp.common import FieldTable
 
-from eventwire.backends import BusURL
 from eventwire.backends.amqp_history import (
     HistoryOption,
     StreamReader,
@@ -100,7 +99,6 @@ from eventwire.backends.amqp_history import (
     history_exists,
 )
 from eventwire.backends.base import (
-    Backend,
     BackendCapabilityError,
     BackendConnectionError,
     Capabilities,
@@ -111,6 +109,8 @@ from eventwire.backends.base import (
     Message,
     safe_name,
 )
+from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.url import BusURL
 from eventwire.topics import TAIL, validate_pattern
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class _Backoff:
         self.delay = min(self.delay * 2, _MAX_BACKOFF)
 
 
-class AmqpBackend(Backend):
+class AmqpBackend(BrokerBackend):
     """RabbitMQ: topic exchanges, a quorum queue per durable consumer, a registry stream."""
 
     scheme: ClassVar[str] = "amqp"
@@ -224,7 +224,7 @@ class AmqpBackend(Backend):
         self.registry_stream = f"{ns}.registry"
         self.history = HistoryOption(url)
         self.history_stream = f"{ns}.history"
-        self._readers: set[StreamReader] = set()
+        self.readers: set[StreamReader] = set()
         self._conn: AbstractConnection | None = None
         self._conn_lock = asyncio.Lock()
         self._publish_ch: AbstractChannel | None = None
@@ -255,7 +255,7 @@ class AmqpBackend(Backend):
         self._closed = False
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await self._connection(retry=False)
+                await self.connection(retry=False)
                 # Read the consumer registry now: opening consumers is faster afterwards.
                 await self._registry.ensure()
         except _RETRYABLE as exc:
@@ -301,7 +301,7 @@ class AmqpBackend(Backend):
                 await declare_history_stream(self, ch)
         self._topology_ok = True
 
-    async def _connection(self, *, retry: bool = True) -> AbstractConnection:
+    async def connection(self, *, retry: bool = True) -> AbstractConnection:
         """A live connection, reconnecting (with backoff, until cancelled) when it was lost."""
         conn = self._conn
         if _alive(conn) and self._topology_ok:
@@ -347,7 +347,7 @@ class AmqpBackend(Backend):
     async def close(self) -> None:
         if self._closed:
             return
-        for consumer in [*self._open, *self._readers]:
+        for consumer in [*self._open, *self.readers]:
             with contextlib.suppress(Exception):
                 await consumer.close()
         await self._registry.stop()
@@ -357,7 +357,7 @@ class AmqpBackend(Backend):
     async def _admin_channel(self) -> AbstractChannel:
         ch = self._admin_ch
         if ch is None or ch.is_closed:
-            conn = await self._connection()
+            conn = await self.connection()
             ch = self._admin_ch = await conn.channel(publisher_confirms=False)
         return ch
 
@@ -365,7 +365,7 @@ class AmqpBackend(Backend):
         if self._closed:
             raise BackendConnectionError(f"backend for {self.url.redacted} is closed")
 
-    async def _admin(self, operation: Callable[[AbstractChannel], Awaitable[T]]) -> T:
+    async def admin(self, operation: Callable[[AbstractChannel], Awaitable[T]]) -> T:
         """Run one declare/delete, retrying through lost connections (not through channel
         errors such as a missing queue: those are raised)."""
         backoff = _Backoff()
@@ -388,7 +388,7 @@ class AmqpBackend(Backend):
             async with self._publish_lock:
                 ch = self._publish_ch
                 if ch is None or ch.is_closed:
-                    conn = await self._connection()
+                    conn = await self.connection()
                     ch = self._publish_ch = await conn.channel(publisher_confirms=True)
         return ch
 
@@ -401,9 +401,9 @@ class AmqpBackend(Backend):
             properties = aiormq.spec.Basic.Properties(message_id=message.id, delivery_mode=2)
             items.append((exchange, message.topic, message.body, properties))
         for start in range(0, len(items), _PUBLISH_CHUNK):
-            await self._publish(items[start : start + _PUBLISH_CHUNK], retry=True)
+            await self.publish_raw(items[start : start + _PUBLISH_CHUNK], retry=True)
 
-    async def _publish(
+    async def publish_raw(
         self,
         items: Sequence[tuple[str, str, bytes, aiormq.spec.Basic.Properties]],
         *,
@@ -469,7 +469,7 @@ class AmqpBackend(Backend):
         queue = self.queue_name(spec.name)
         declare = partial(self._declare_consumer_queue, spec=spec, queue=queue)
         if spec.ephemeral:
-            await self._admin(declare)
+            await self.admin(declare)
         else:
             await self._registry.ensure()
             pattern = self._registry.view()[0].get(spec.name)
@@ -483,12 +483,12 @@ class AmqpBackend(Backend):
                 # process registered the name first with another pattern, the binding made
                 # meanwhile only over-delivered to its queue (the bus filters), and is removed.
                 record = {"op": "consumer", "name": spec.name, "pattern": spec.pattern}
-                await asyncio.gather(self._registry.append(record), self._admin(declare))
+                await asyncio.gather(self._registry.append(record), self.admin(declare))
                 pattern = self._registry.view()[0].get(spec.name, spec.pattern)
                 if pattern != spec.pattern:
-                    await self._admin(partial(self._unbind, spec=spec, queue=queue))
+                    await self.admin(partial(self._unbind, spec=spec, queue=queue))
             else:
-                await self._admin(declare)  # again: its creator may have died before declaring
+                await self.admin(declare)  # again: its creator may have died before declaring
             if pattern != spec.pattern:
                 raise ValueError(
                     f"durable subscription {spec.name!r} already exists with pattern "
@@ -513,7 +513,7 @@ class AmqpBackend(Backend):
                 "run the app with ?history=7d (how long to keep events) in its URL"
             )
         reader = StreamReader(self, spec)
-        self._readers.add(reader)
+        self.readers.add(reader)
         try:
             await reader.start()
         except BaseException:
@@ -549,7 +549,7 @@ class AmqpBackend(Backend):
 
     async def _ready_count(self, queue: str) -> int:
         try:
-            declared = await self._admin(lambda ch: ch.declare_queue(queue, passive=True))
+            declared = await self.admin(lambda ch: ch.declare_queue(queue, passive=True))
         except aiormq.exceptions.ChannelNotFoundEntity:
             return 0
         return int(declared.declaration_result.message_count or 0)
@@ -583,7 +583,7 @@ class AmqpBackend(Backend):
             infos.append(ConsumerInfo(name=name, pattern=pattern, outstanding=outstanding))
         infos += [
             ConsumerInfo(name=r.spec.name, pattern=r.spec.pattern, outstanding=r.outstanding)
-            for r in self._readers
+            for r in self.readers
         ]
         return infos
 
@@ -592,7 +592,7 @@ class AmqpBackend(Backend):
         if name in self._registry.view()[0]:
             await self._registry.append({"op": "delete", "name": name})
         queue = self.queue_name(name)
-        await self._admin(lambda ch: ch.queue_delete(queue))
+        await self.admin(lambda ch: ch.queue_delete(queue))
         self._delayed.pop(name, None)
 
     async def _ensure_delay_queue(self, ms: int) -> None:
@@ -610,14 +610,14 @@ class AmqpBackend(Backend):
                 self.delay_exchange, arguments={"x-match": "all", _DELAY_HEADER: str(ms)}
             )
 
-        await self._admin(declare)
+        await self.admin(declare)
         await self._registry.ensure()
         if ms not in self._registry.view()[1]:
             await self._registry.append({"op": "delay", "ms": ms})
         self._delay_queues.add(ms)
 
     async def destroy(self) -> None:
-        for consumer in [*self._open, *self._readers]:
+        for consumer in [*self._open, *self.readers]:
             with contextlib.suppress(Exception):
                 await consumer.close()
         await self._registry.ensure()
@@ -627,9 +627,9 @@ class AmqpBackend(Backend):
         queues += [f"{self.delay_exchange}.{ms}" for ms in delays | self._delay_queues]
         queues += [self.registry_stream, self.history_stream]
         for queue in queues:
-            await self._admin(partial(_delete_queue, name=queue))
+            await self.admin(partial(_delete_queue, name=queue))
         for exchange in (self.exchange, self.reserved_exchange, self.delay_exchange):
-            await self._admin(partial(_delete_exchange, name=exchange))
+            await self.admin(partial(_delete_exchange, name=exchange))
         self._registry.reset()
         self._delay_queues.clear()
         self._delayed.clear()
@@ -689,7 +689,7 @@ class _AmqpConsumer(Consumer):
             await self._subscribe(ch)
             return
         self._reset()
-        conn = await self.backend._connection()
+        conn = await self.backend.connection()
         ch = await conn.channel(publisher_confirms=False)
         try:
             await ch.set_qos(prefetch_count=self.backend._prefetch)
@@ -965,7 +965,7 @@ class _AmqpConsumer(Consumer):
         )
         # Not retried on another connection: losing this one gives the original back already.
         body = bytes(message.body)
-        await self.backend._publish(
+        await self.backend.publish_raw(
             [(self.backend.delay_exchange, self.queue, body, properties)], retry=False
         )
         self.backend._delayed.setdefault(self.spec.name, []).append(
@@ -1002,7 +1002,7 @@ class _AmqpConsumer(Consumer):
             # Best effort: if the broker is out of reach, the queue expires by itself.
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
-                    await self.backend._admin(partial(_delete_queue, name=self.queue))
+                    await self.backend.admin(partial(_delete_queue, name=self.queue))
 
 
 class _Registry:
@@ -1066,7 +1066,7 @@ class _Registry:
             await self._close_channel()
             # Read it all again from the start (the stream may even have been recreated).
             self._records.clear()
-            conn = await self.backend._connection()
+            conn = await self.backend.connection()
             ch = await conn.channel(publisher_confirms=False)
             try:
                 await ch.set_qos(prefetch_count=1000)  # streams need a prefetch to consume
@@ -1108,7 +1108,7 @@ class _Registry:
         try:
             body = json.dumps({**record, "id": record_id}).encode()
             properties = aiormq.spec.Basic.Properties(delivery_mode=2)
-            await self.backend._publish(
+            await self.backend.publish_raw(
                 [("", self.backend.registry_stream, body, properties)], retry=True
             )
             backoff = _Backoff()

@@ -30,12 +30,12 @@ import contextlib
 import re
 import secrets
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from eventwire.backends.base import Consumer, ConsumerSpec, Delivery
 from eventwire.errors import EventwireError
@@ -43,7 +43,6 @@ from eventwire.topics import pattern_matches
 
 if TYPE_CHECKING:
     from eventwire.backends import BusURL
-    from eventwire.backends.amqp import AmqpBackend
 
 _MARKER_HEADER = "eventwire-history-marker"
 _PREFETCH = 1000  # stream consumers need a prefetch; credit is given back on arrival
@@ -51,6 +50,31 @@ _AGE = re.compile(r"([1-9][0-9]*)([smhd])")
 _RABBIT_UNITS = {"s": "s", "m": "m", "h": "h", "d": "D"}
 _ON = ("on", "true", "yes", "1")
 _OFF = ("off", "false", "no", "0")
+
+
+T = TypeVar("T")
+
+
+class StreamHost(Protocol):
+    """What history streams need of the RabbitMQ backend (an `AmqpBackend`)."""
+
+    url: BusURL
+    history: HistoryOption
+    history_stream: str
+    exchange: str
+    reserved_exchange: str
+    readers: set[StreamReader]
+
+    async def connection(self, *, retry: bool = True) -> AbstractConnection: ...
+
+    async def admin(self, operation: Callable[[AbstractChannel], Awaitable[T]]) -> T: ...
+
+    async def publish_raw(
+        self,
+        items: Sequence[tuple[str, str, bytes, aiormq.spec.Basic.Properties]],
+        *,
+        retry: bool,
+    ) -> None: ...
 
 
 class HistoryOption:
@@ -82,7 +106,7 @@ class HistoryOption:
         return arguments
 
 
-async def declare_history_stream(backend: AmqpBackend, ch: AbstractChannel) -> None:
+async def declare_history_stream(backend: StreamHost, ch: AbstractChannel) -> None:
     """Create the namespace's history stream and route every event into it."""
     option = backend.history
     try:
@@ -100,7 +124,7 @@ async def declare_history_stream(backend: AmqpBackend, ch: AbstractChannel) -> N
         await stream.bind(exchange, routing_key="#")
 
 
-async def history_exists(backend: AmqpBackend) -> bool:
+async def history_exists(backend: StreamHost) -> bool:
     """Whether the namespace has a history stream (made by any process with ``?history=``)."""
 
     async def probe(ch: AbstractChannel) -> bool:
@@ -110,7 +134,7 @@ async def history_exists(backend: AmqpBackend) -> bool:
             return False
         return True
 
-    return await backend._admin(probe)
+    return await backend.admin(probe)
 
 
 class HistoryStreamMismatchError(EventwireError, ValueError):
@@ -127,7 +151,7 @@ class StreamReader(Consumer):
     published after the read began. `outstanding` is what is buffered, plus one until the
     marker came by."""
 
-    def __init__(self, backend: AmqpBackend, spec: ConsumerSpec) -> None:
+    def __init__(self, backend: StreamHost, spec: ConsumerSpec) -> None:
         self.backend = backend
         self.spec = spec
         self._token = secrets.token_hex(8)
@@ -150,7 +174,7 @@ class StreamReader(Consumer):
         """Attach to the stream (again, after a lost channel), then mark where now is."""
         # A channel whose consumer the broker cancelled is still open: not left behind.
         await self._close_channel(cancel=False)
-        conn = await self.backend._connection()
+        conn = await self.backend.connection()
         ch = await conn.channel(publisher_confirms=False)
         try:
             await ch.set_qos(prefetch_count=_PREFETCH)
@@ -172,7 +196,7 @@ class StreamReader(Consumer):
             properties = aiormq.spec.Basic.Properties(
                 delivery_mode=2, headers={_MARKER_HEADER: self._token}
             )
-            await self.backend._publish(
+            await self.backend.publish_raw(
                 [("", self.backend.history_stream, b"", properties)], retry=True
             )
             self._marked = True
@@ -266,7 +290,7 @@ class StreamReader(Consumer):
         if self._closed:
             return
         self._closed = True
-        self.backend._readers.discard(self)
+        self.backend.readers.discard(self)
         self._buffer.clear()
         self._arrived.set()
         await self._close_channel(cancel=not self._at_end)

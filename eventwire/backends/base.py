@@ -1,27 +1,37 @@
-"""The one interface every broker backend implements.
+"""The one interface every backend implements, and what the broker backends share.
 
-A backend only moves bytes: it stores published envelopes durably and hands each durable
-consumer's messages to one of the processes running it, with acknowledgement and redelivery.
-Everything else (topic rules, inboxes, workers, retry with backoff, dead letters, typed
-payloads, causation ids) stays in the bus, written once, so that every backend keeps the same
-contract. The in-process ``memory://`` bus needs no backend at all: its publish appends straight
-to the subscribers' inboxes.
+`Backend` is what the bus talks to, whichever backend it has: it takes published events and
+fills subscriptions' inboxes with them. The in-process ``memory://`` backend does both at once
+(a publish appends the event to the matching inboxes, by reference). Broker backends derive
+from `eventwire.backends.broker.BrokerBackend`, which implements `Backend` once on top of a
+small bytes-level interface each broker module provides: store encoded envelopes durably
+(`publish`), and hand each durable consumer's messages to one of the processes running it,
+with acknowledgement and redelivery (`Consumer`). Everything else (topic rules, inboxes,
+workers, retry with backoff, dead letters, typed payloads, causation ids) stays above, written
+once, so that every backend keeps the same contract.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from eventwire.backends import BusURL
+from eventwire.backends.url import BusURL
 from eventwire.errors import EventwireError
+from eventwire.options import Start as Start  # re-exported: backends and tools use it
 
-Start = Literal["latest", "earliest"] | datetime
+if TYPE_CHECKING:
+    from eventwire.deadletter import DeadLetters
+    from eventwire.drain import DrainTracker
+    from eventwire.event import Event
+    from eventwire.observe import Observer
+    from eventwire.subscription import Subscription
+
 
 DEFAULT_NAMESPACE = "eventwire"
 _NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -55,14 +65,13 @@ class Capabilities:
     """`drain()` also waits for work that other processes are doing."""
 
 
-# The in-process bus: nothing outlives the process, and there is only one process.
-MEMORY_CAPABILITIES = Capabilities(
-    durable=False,
-    replay=False,
-    key_order_across_processes=False,
-    idempotent=True,  # trivially: nothing is ever delivered twice
-    cross_process_drain=False,
-)
+# Names of consumers opened by eventwire's tools (dead letters, stats, history readers).
+TOOLING_PREFIX = "_eventwire."
+# The durable consumer that keeps every dead letter of a namespace until `eventwire dlq`
+# retries or purges it. Nothing in the bus fetches from it.
+DLQ_CONSUMER = "_eventwire.dlq"
+# Patterns of per-process consumers (replies, stats requests), which drain() does not wait for.
+PROCESS_PATTERNS = ("_bus.reply.", "_bus.stats.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +158,32 @@ class Consumer(abc.ABC):
         """Stop fetching. Deliveries not acknowledged go back to the broker."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BusServices:
+    """What a backend uses of the bus it serves, handed to it by `Backend.bind`."""
+
+    tracker: DrainTracker
+    """Where every event queued in this process is counted until handled (drain)."""
+    dead_letters: DeadLetters
+    observers: list[Observer]
+    """The bus's observers (the live list)."""
+    publish_timeout: float | None
+    redeliver_after: float
+    max_event_bytes: int | None
+    """Largest encoded event a broker backend sends (None: no limit)."""
+    track: Callable[[asyncio.Task[Any]], None]
+    """Keeps a background task alive until done, and logs it if it fails."""
+
+
 class Backend(abc.ABC):
-    """Stores envelopes and delivers them to durable consumers; one subclass per broker."""
+    """Moves events from publishers to subscriptions' inboxes; one subclass per transport.
+
+    The bus calls, in this order: `bind`, `attach` for each subscription made before start,
+    `start`; then `send`/`send_many`, `attach`/`detach`/`give_back`/`release` as
+    subscriptions come and go, `receivers` (requests), `flush` and `outstanding` (drain);
+    and at close `stop_fetching`, then `stop`. Tools that only read or administer a broker
+    call `connect`, `consumers`, `delete_consumer`, `destroy` and `close` alone.
+    """
 
     scheme: ClassVar[str]
     capabilities: ClassVar[Capabilities]
@@ -158,6 +191,24 @@ class Backend(abc.ABC):
     def __init__(self, url: BusURL) -> None:
         self.url = url
         self.namespace = namespace_of(url)
+        self._services: BusServices | None = None
+
+    @property
+    def services(self) -> BusServices:
+        if self._services is None:
+            raise RuntimeError(f"this {self.scheme}:// backend serves no bus (bind it first)")
+        return self._services
+
+    def bind(self, services: BusServices) -> None:
+        """Serve the bus whose `services` these are. A backend serves one bus."""
+        if self._services is not None and self._services is not services:
+            raise ValueError(
+                f"this {self.scheme}:// backend already serves another EventBus; "
+                "give each bus a backend of its own"
+            )
+        self._services = services
+
+    # -- connection ---------------------------------------------------------------------
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -168,17 +219,68 @@ class Backend(abc.ABC):
     async def close(self) -> None:
         """Disconnect. Idempotent."""
 
-    @abc.abstractmethod
-    async def publish(self, messages: Sequence[Message]) -> None:
-        """Return once every message is stored by the broker (commit, XADD reply, PubAck,
-        publisher confirm). Retries through lost connections until cancelled (the bus bounds
-        it with its `publish_timeout`)."""
+    async def start(self) -> None:
+        """The bus starts: connect, and begin feeding the subscriptions attached so far."""
+        await self.connect()
+
+    async def stop_fetching(self) -> None:  # noqa: B027 (a hook: nothing to do by default)
+        """The bus is closing: take no new events for this process's subscriptions."""
+
+    async def stop(self) -> None:
+        """The bus closed: acknowledge what was handled, give back what was not, close."""
+        await self.close()
+
+    # -- events -------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def consumer(self, spec: ConsumerSpec) -> Consumer:
-        """Open (creating if new) the durable consumer `spec.name`. Raise `ValueError` if
-        it exists with another pattern; raise `BackendCapabilityError` for a `start` the
-        broker cannot replay from."""
+    def send(self, event: Event[Any], cause: Event[Any] | None) -> int | Awaitable[Any]:
+        """Publish `event` (`cause` is the event being handled, if any). Returns the number
+        of deliveries made at once, or an awaitable to wait for before the publish returns
+        (room in a full inbox, the broker's confirmation). Raises at once for an event that
+        can never be sent."""
+
+    async def send_many(self, events: Sequence[Event[Any]], cause: Event[Any] | None) -> None:
+        """Publish `events` in order."""
+        for event in events:
+            sent = self.send(event, cause)
+            if type(sent) is not int:
+                await sent  # type: ignore[misc]
+
+    async def flush(self) -> None:  # noqa: B027 (a hook: nothing to do by default)
+        """Return once what was sent so far has left this process."""
+
+    # -- subscriptions ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def attach(self, subscription: Subscription) -> Awaitable[None] | None:
+        """Deliver matching events to `subscription` from now on. Returns an awaitable when
+        something must be created first on a running bus (a durable consumer): the bus waits
+        for it before its next publish and before starting the subscription's workers."""
+
+    @abc.abstractmethod
+    async def detach(self, subscription: Subscription) -> None:
+        """Deliver nothing more to `subscription` (unsubscribed); what it holds stays."""
+
+    @abc.abstractmethod
+    def give_back(self, subscription: Subscription, events: Sequence[Event[Any]]) -> None:
+        """`subscription` was unsubscribed without draining: these queued events will not be
+        handled here (dropped in process; left for redelivery by a broker)."""
+
+    async def release(self, subscription: Subscription, *, forget: bool) -> None:  # noqa: B027 (a hook: nothing to do by default)
+        """`subscription`'s workers ended: let go of what it held; `forget` also removes its
+        durable state (and backlog) from the broker."""
+
+    @abc.abstractmethod
+    async def receivers(self, topic: str) -> list[str]:
+        """The subscriptions (a group once, by its name) that an event on `topic` reaches
+        now, in any process: who is expected to answer a request."""
+
+    @abc.abstractmethod
+    async def outstanding(self) -> list[str]:
+        """What is still owed to subscriptions beyond what this process counts, as text for
+        messages (``"name (12)"``): empty once every process's subscriptions are idle."""
+
+    # -- administration -----------------------------------------------------------------
 
     @abc.abstractmethod
     async def consumers(self) -> list[ConsumerInfo]:
@@ -196,7 +298,14 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def destroy(self) -> None:
-        """Remove everything this namespace stored on the broker (tests, `eventwire` admin)."""
+        """Remove everything this namespace stored (tests, `eventwire` admin)."""
+
+
+def is_tooling(info: ConsumerInfo) -> bool:
+    """A consumer of the bus's own machinery or tools (replies, stats, the dead-letter store,
+    history readers), which no application handler stands behind: drain() and request()
+    ignore it."""
+    return info.name.startswith(TOOLING_PREFIX) or info.pattern.startswith(PROCESS_PATTERNS)
 
 
 def namespace_of(url: BusURL) -> str:

@@ -54,9 +54,7 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from eventwire.backends import BusURL
 from eventwire.backends.base import (
-    Backend,
     BackendCapabilityError,
     BackendConnectionError,
     Capabilities,
@@ -67,6 +65,8 @@ from eventwire.backends.base import (
     Message,
     safe_name,
 )
+from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.url import BusURL
 from eventwire.errors import EventwireError
 from eventwire.topics import is_reserved, validate_pattern
 
@@ -148,7 +148,7 @@ def _reconnect_delay(servers: list[Server], info: dict[str, Any]) -> tuple[Serve
     return server, delay * random.uniform(0.5, 1.0)
 
 
-class NatsBackend(Backend):
+class NatsBackend(BrokerBackend):
     """Events in a NATS JetStream stream; see the module docstring."""
 
     scheme = "nats"

@@ -70,9 +70,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from eventwire.backends import BusURL
 from eventwire.backends.base import (
-    Backend,
     BackendConnectionError,
     Capabilities,
     Consumer,
@@ -82,6 +80,8 @@ from eventwire.backends.base import (
     Message,
     safe_name,
 )
+from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.url import BusURL
 from eventwire.topics import validate_pattern
 
 logger = logging.getLogger("eventwire")
@@ -614,7 +614,7 @@ def _start_id(start: Any) -> str:
     raise ValueError(f"start must be 'latest', 'earliest' or a datetime, got {start!r}")
 
 
-class RedisBackend(Backend):
+class RedisBackend(BrokerBackend):
     """Redis Streams: one stream per namespace, one consumer group per durable consumer."""
 
     scheme = "redis"

@@ -20,9 +20,7 @@ from pathlib import Path
 from time import time_ns
 from typing import Literal
 
-from eventwire.backends import BusURL
 from eventwire.backends.base import (
-    Backend,
     BackendCapabilityError,
     BackendConnectionError,
     Capabilities,
@@ -32,12 +30,14 @@ from eventwire.backends.base import (
     Delivery,
     Message,
 )
+from eventwire.backends.broker import BrokerBackend
 from eventwire.backends.sqlite_log import Leased, SqliteLog
+from eventwire.backends.url import BusURL
 
 _DEFAULT_POLL = 0.05
 
 
-class SqliteBackend(Backend):
+class SqliteBackend(BrokerBackend):
     """Events in one SQLite file; see the module docstring."""
 
     scheme = "sqlite"

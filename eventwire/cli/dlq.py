@@ -303,7 +303,7 @@ def _with_queue(url: str | None, work: Callable[[DeadLetterQueue], Awaitable[T]]
         bus = EventBus(bus_url(url))
     except (ValueError, ImportError) as error:
         fail(str(error))
-    if bus.backend is None:
+    if not bus.capabilities.durable:
         fail(MEMORY_EXPLANATION)
 
     async def run() -> T:

@@ -22,6 +22,7 @@ from eventwire.backends.base import (
     ConsumerSpec,
     Delivery,
 )
+from eventwire.backends.broker import BrokerBackend
 from tests.backends.helpers import bodies, connect_error, fetch_all, messages
 from tests.services import require_service, unique_namespace, with_namespace
 
@@ -545,7 +546,7 @@ async def test_namespaces_do_not_see_each_other(backend: AmqpBackend, opener: Op
 
 async def test_connect_to_a_closed_port_names_the_redacted_url() -> None:
     backend = open_backend(f"amqp://admin:s3cr3t-pw@127.0.0.1:1/?namespace={unique_namespace()}")
-    assert backend is not None
+    assert isinstance(backend, BrokerBackend)
     message = await connect_error(backend)
     assert "amqp://admin:***@127.0.0.1:1/" in message
     assert "s3cr3t-pw" not in message
@@ -555,7 +556,7 @@ async def test_connect_to_a_closed_port_names_the_redacted_url() -> None:
 
 async def test_connect_with_wrong_credentials(opener: Opener) -> None:
     backend = open_backend("amqp://guest:not-the-password@127.0.0.1:5672/?namespace=x")
-    assert backend is not None
+    assert isinstance(backend, BrokerBackend)
     with pytest.raises(BackendConnectionError) as info:
         await backend.connect()
     assert "not-the-password" not in str(info.value)

@@ -23,6 +23,7 @@ from eventwire.backends.base import (
     Delivery,
     Message,
 )
+from eventwire.backends.broker import BrokerBackend
 from eventwire.backends.redis import RedisBackend, RedisConsumer
 from tests.backends.helpers import bodies, connect_error, fetch_all, messages
 from tests.services import (
@@ -521,7 +522,7 @@ async def test_prune_removes_idle_consumers_with_nothing_pending(
 async def test_connect_to_a_closed_port_names_the_redacted_url() -> None:
     port = free_port()
     backend = open_backend(f"redis://:s3cret-pw@127.0.0.1:{port}/0?namespace=x")
-    assert backend is not None
+    assert isinstance(backend, BrokerBackend)
     message = await connect_error(backend)
     assert f"redis://:***@127.0.0.1:{port}/0?namespace=x" in message
     assert "s3cret-pw" not in message
@@ -530,7 +531,7 @@ async def test_connect_to_a_closed_port_names_the_redacted_url() -> None:
 
 async def test_wrong_password_raises_backend_connection_error() -> None:
     backend = open_backend(with_namespace("redis://user:wrong-pw@127.0.0.1:6379/0", "x"))
-    assert backend is not None
+    assert isinstance(backend, BrokerBackend)
     with pytest.raises(BackendConnectionError) as raised:
         await backend.connect()
     assert "wrong-pw" not in str(raised.value)

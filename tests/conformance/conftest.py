@@ -35,8 +35,6 @@ def backend_url(backend: str, tmp_path: Path) -> str:
 async def destroy(url: str) -> None:
     """Remove what a test stored on its broker."""
     backend = open_backend(url)
-    if backend is None:
-        return
     with contextlib.suppress(Exception):
         await backend.connect()
         await backend.destroy()

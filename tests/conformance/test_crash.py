@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from eventwire import Event, EventBus
+from eventwire.backends.broker import BrokerBackend
 
 DURABLE = ("sqlite", "redis", "nats", "amqp")
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +72,7 @@ async def test_a_consumer_killed_mid_stream_loses_nothing(
 ) -> None:
     output = tmp_path / "handled.txt"
     async with EventBus(bus_url) as bus:
-        assert bus.backend is not None
+        assert isinstance(bus.backend, BrokerBackend)
         idempotent = bus.backend.capabilities.idempotent
         flags = ["--idempotent"] if idempotent else []
         first = spawn(processes, "tests.conformance.crash_worker", bus_url, str(output), *flags)

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from eventwire import Event, EventBus
+from eventwire import Event, EventBus, HandlerError, RemoteHandlerError
 from eventwire.backends.base import BackendCapabilityError, Message
+from eventwire.backends.broker import BrokerBackend
 from eventwire.envelope import encode
 from tests.conftest import wait_until
 
@@ -86,7 +87,7 @@ async def test_replay_from_earliest_and_from_a_time(bus_url: str, publisher: Eve
     since: list[int] = []
     bus = new_bus(bus_url)
     backend = bus.backend
-    assert backend is not None
+    assert isinstance(backend, BrokerBackend)
     if not backend.capabilities.replay:
         with pytest.raises(BackendCapabilityError, match="replay"):
             bus.subscribe("audit.log", lambda e: None, name="history", start="earliest")
@@ -149,11 +150,12 @@ async def test_idempotent_subscription_handles_a_redelivered_event_once(
     counts: dict[str, int] = {}
     bus = new_bus(bus_url)
     backend = bus.backend
-    assert backend is not None
+    assert isinstance(backend, BrokerBackend)
     if not backend.capabilities.idempotent:
-        bus.subscribe("pay.*", lambda e: None, name="payer", idempotent=True)
+        # Refused at once, when subscribing, not later when the bus starts.
         with pytest.raises(BackendCapabilityError, match="handled event ids"):
-            await bus.start()
+            bus.subscribe("pay.*", lambda e: None, name="payer", idempotent=True)
+        assert "payer" not in bus.subscriptions
         return
 
     async def pay(event: Event[Any]) -> None:
@@ -175,7 +177,7 @@ async def test_idempotent_subscription_handles_a_redelivered_event_once(
 async def test_a_malformed_message_goes_to_the_dlq_and_the_consumer_goes_on(
     bus: EventBus,
 ) -> None:
-    if bus.backend is None:
+    if not isinstance(bus.backend, BrokerBackend):
         pytest.skip("memory:// has no foreign producers")
     seen: list[int] = []
     dead: list[Event[Any]] = []
@@ -294,7 +296,7 @@ async def test_tool_consumers_are_not_waited_for_nor_asked(
     from eventwire.errors import NoReplyError
 
     backend = publisher.backend
-    assert backend is not None
+    assert isinstance(backend, BrokerBackend)
     reader = await backend.consumer(
         ConsumerSpec("_eventwire.test-reader", ">", "latest", 30.0, ephemeral=True)
     )
@@ -306,3 +308,35 @@ async def test_tool_consumers_are_not_waited_for_nor_asked(
     finally:
         await reader.close()
         await backend.delete_consumer("_eventwire.test-reader")
+
+
+async def test_a_request_answered_by_another_process(bus_url: str, publisher: EventBus) -> None:
+    # `publisher` stands for another process: its requests travel through the broker, and
+    # so do the answers (the first non-None) and failures (named, with their type).
+    worker = new_bus(bus_url)
+    watched: list[str] = []
+
+    async def double(event: Event[int]) -> int:
+        return event.payload * 2
+
+    async def broken(event: Event[Any]) -> None:
+        raise ZeroDivisionError("division by zero")
+
+    async def watch(event: Event[Any]) -> None:
+        watched.append(event.topic)
+
+    worker.subscribe("math.double", double, name="doubler")
+    worker.subscribe("math.div", broken, name="divider-1", group="dividers")
+    worker.subscribe("_bus.>", watch, name="watcher")
+    async with worker:
+        assert await publisher.request("math.double", 21, timeout=10) == 42
+        with pytest.raises(HandlerError) as failure:
+            await publisher.request("math.div", 1, timeout=10)
+        assert failure.value.subscription == "divider-1"
+        cause = failure.value.__cause__
+        assert isinstance(cause, RemoteHandlerError)
+        assert cause.error_type == "ZeroDivisionError"
+        await publisher.publish("_bus.note", "seen")
+        await wait_until(lambda: "_bus.note" in watched, timeout=10)
+    # The replies crossed the broker on the requester's reply topic, seen by no one else.
+    assert not [topic for topic in watched if topic.startswith("_bus.reply.")]

@@ -1,0 +1,651 @@
+"""What every broker backend shares: `BrokerBackend` implements the bus's `Backend` interface
+once, on top of the bytes-level methods each broker module provides (`publish` encoded
+envelopes, open a durable `Consumer`, list and delete consumers).
+
+Publishes are encoded, batched while a batch is in flight (`BatchPublisher`) and return once
+the broker has stored them. Each durable consumer this process runs is fed by one `Feeder`,
+which fills the inboxes of the subscriptions behind it (one, or the members of a group in this
+process) from the broker, never more than a bounded window at a time, keeps the leases of what
+it holds alive, and acknowledges each event once its handler succeeded or it was
+dead-lettered. What it still holds when it stops goes back to the broker.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+from msgspec.structs import force_setattr
+
+from eventwire.backends.base import (
+    DLQ_CONSUMER,
+    Backend,
+    BackendCapabilityError,
+    Consumer,
+    ConsumerSpec,
+    Delivery,
+    Message,
+    is_tooling,
+)
+from eventwire.deadletter import DLQ_PATTERN
+from eventwire.envelope import decode as decode_envelope
+from eventwire.envelope import encode
+from eventwire.errors import PublishTimeoutError
+from eventwire.event import Event
+from eventwire.observe import handling_record, notify
+from eventwire.requests import REPLY_PREFIX
+from eventwire.routing import member_for_key
+from eventwire.subscription import Subscription
+from eventwire.topics import pattern_matches, validate_topic
+
+logger = logging.getLogger("eventwire")
+
+# Most deliveries one consumer holds in this process at once (queued and in flight). The rest
+# of its backlog stays in the broker, free for the consumer's other processes.
+FETCH_WINDOW = 512
+# Topics whose match against a pattern one feeder remembers, before starting over.
+_MATCH_CACHE_LIMIT = 10_000
+# Waiting publishes sent to the broker in one round trip.
+PUBLISH_BATCH = 1000
+# How long closing waits to hand unfinished deliveries back to the broker.
+_GIVE_BACK_TIMEOUT = 5.0
+
+
+class Backoff:
+    """Pauses between attempts at something that keeps failing: doubling from `first` up
+    to `longest`, and back to `first` after a success."""
+
+    __slots__ = ("first", "longest", "pause")
+
+    def __init__(self, first: float = 0.1, longest: float = 5.0) -> None:
+        self.first = first
+        self.longest = longest
+        self.pause = first
+
+    async def wait(self) -> None:
+        """Sleep for the current pause, and double it for next time."""
+        pause = self.pause
+        self.pause = min(pause * 2, self.longest)
+        await asyncio.sleep(pause)
+
+    def reset(self) -> None:
+        self.pause = self.first
+
+
+class BrokerBackend(Backend):
+    """A backend on a message broker; subclasses implement the bytes-level methods."""
+
+    def __init__(self, url: Any) -> None:
+        super().__init__(url)
+        # Durable consumer name -> the feeder this process runs for it.
+        self._feeders: dict[str, Feeder] = {}
+        self._publisher: BatchPublisher | None = None
+        self._started = False
+
+    # -- what each broker module implements ---------------------------------------------
+
+    @abc.abstractmethod
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Return once every message is stored by the broker (commit, XADD reply, PubAck,
+        publisher confirm). Retries through lost connections until cancelled (the bus bounds
+        it with its `publish_timeout`)."""
+
+    @abc.abstractmethod
+    async def consumer(self, spec: ConsumerSpec) -> Consumer:
+        """Open (creating if new) the durable consumer `spec.name`. Raise `ValueError` if
+        it exists with another pattern; raise `BackendCapabilityError` for a `start` the
+        broker cannot replay from."""
+
+    # -- serving a bus ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.connect()
+        self._publisher = BatchPublisher(self, self.services.publish_timeout)
+        try:
+            await self._keep_dead_letters()
+            for feeder in list(self._feeders.values()):
+                await feeder.open()
+        except BaseException:
+            await self.close()
+            raise
+        self._started = True
+        for feeder in self._feeders.values():
+            feeder.start()
+
+    async def _keep_dead_letters(self) -> None:
+        # Dead letters are kept by a consumer nobody fetches from, so that `eventwire dlq`
+        # finds every one since the namespace's first start, on every broker.
+        spec = ConsumerSpec(
+            name=DLQ_CONSUMER,
+            pattern=DLQ_PATTERN,
+            start="earliest" if self.capabilities.replay else "latest",
+            ack_wait=self.services.redeliver_after,
+        )
+        consumer = await self.consumer(spec)
+        await consumer.close()
+
+    async def stop_fetching(self) -> None:
+        for feeder in list(self._feeders.values()):
+            await feeder.stop_fetching()
+
+    async def stop(self) -> None:
+        try:
+            for feeder in list(self._feeders.values()):
+                await feeder.close()
+            if self._publisher is not None:
+                await self._publisher.close()
+        finally:
+            self._started = False
+            await self.close()
+
+    # -- events -------------------------------------------------------------------------
+
+    def _message(self, event: Event[Any]) -> Message:
+        validate_topic(event.topic)
+        # Encoded first: a payload with no JSON form fails here, before anything is sent.
+        body = encode(event, max_bytes=self.services.max_event_bytes)
+        return Message(event.id, event.topic, event.key, body)
+
+    def send(self, event: Event[Any], cause: Event[Any] | None) -> Awaitable[None]:
+        publisher = self._publisher
+        if publisher is None:
+            raise RuntimeError(f"the {self.scheme}:// backend is not started")
+        return self._stored(event, publisher.enqueue(self._message(event)))
+
+    async def _stored(self, event: Event[Any], stored: asyncio.Future[None]) -> None:
+        try:
+            await stored
+        except TimeoutError:
+            raise self._not_stored(event) from None
+
+    def _not_stored(self, event: Event[Any]) -> PublishTimeoutError:
+        return PublishTimeoutError(
+            f"publish to {event.topic!r} was not confirmed stored by {self.url.redacted} "
+            f"within publish_timeout={self.services.publish_timeout}s (is the broker "
+            "reachable?); it may or may not have been stored"
+        )
+
+    async def send_many(self, events: Sequence[Event[Any]], cause: Event[Any] | None) -> None:
+        publisher = self._publisher
+        if publisher is None:
+            raise RuntimeError(f"the {self.scheme}:// backend is not started")
+        messages = [self._message(event) for event in events]
+        stored = [publisher.enqueue(message) for message in messages]
+        for event, future in zip(events, stored, strict=True):
+            try:
+                # Stored in order, one batch after another: most of these are already done.
+                await future
+            except TimeoutError:
+                for rest in stored:
+                    rest.cancel()  # those not sent yet are withdrawn
+                raise self._not_stored(event) from None
+
+    async def flush(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.close()
+
+    # -- subscriptions ------------------------------------------------------------------
+
+    def attach(self, subscription: Subscription) -> Awaitable[None] | None:
+        if subscription.idempotent and not self.capabilities.idempotent:
+            raise BackendCapabilityError(
+                f"subscription {subscription.name!r} is idempotent=True, but the "
+                f"{self.scheme}:// backend cannot record handled event ids"
+            )
+        name = subscription.group or subscription.name
+        feeder = self._feeders.get(name)
+        if feeder is not None:
+            if feeder.spec.pattern != subscription.pattern:
+                raise ValueError(
+                    f"group {name!r} already subscribes to {feeder.spec.pattern!r} in this "
+                    f"process; on {self.scheme}:// a group is one durable consumer with one "
+                    f"pattern, so {subscription.name!r} cannot join it with "
+                    f"{subscription.pattern!r}: use the same pattern, or another group"
+                )
+            feeder.add(subscription)
+            return None
+        spec = ConsumerSpec(
+            name=name,
+            pattern=subscription.pattern,
+            start=subscription.start,
+            ack_wait=self.services.redeliver_after,
+            ephemeral=subscription.pattern.startswith(REPLY_PREFIX),
+        )
+        feeder = Feeder(self, spec)
+        feeder.add(subscription)
+        self._feeders[name] = feeder
+        return self._open_running(feeder) if self._started else None
+
+    async def _open_running(self, feeder: Feeder) -> None:
+        try:
+            await feeder.open()
+        except BaseException:
+            if self._feeders.get(feeder.spec.name) is feeder:
+                del self._feeders[feeder.spec.name]
+            raise
+        if self._started and feeder.members:
+            feeder.start()
+
+    async def detach(self, subscription: Subscription) -> None:
+        feeder = self._feeder_of(subscription)
+        if feeder is None:
+            return
+        feeder.remove(subscription)
+        if not feeder.members:
+            await feeder.stop_fetching()
+
+    def give_back(self, subscription: Subscription, events: Sequence[Event[Any]]) -> None:
+        feeder = self._feeder_of(subscription)
+        for event in events:
+            subscription.release(event)
+            if feeder is not None:
+                feeder.give_back(event)
+
+    async def release(self, subscription: Subscription, *, forget: bool) -> None:
+        feeder = self._feeder_of(subscription)
+        if feeder is None or feeder.members:
+            return
+        if self._feeders.get(feeder.spec.name) is feeder:
+            del self._feeders[feeder.spec.name]
+        await feeder.close(forget=forget)
+
+    def _feeder_of(self, subscription: Subscription) -> Feeder | None:
+        return self._feeders.get(subscription.group or subscription.name)
+
+    async def receivers(self, topic: str) -> list[str]:
+        return sorted(
+            {
+                info.name
+                for info in await self.consumers()
+                if not is_tooling(info) and pattern_matches(info.pattern, topic)
+            }
+        )
+
+    async def outstanding(self) -> list[str]:
+        return [
+            f"{info.name} ({info.outstanding})"
+            for info in await self.consumers()
+            if info.outstanding and not is_tooling(info)
+        ]
+
+
+class BatchPublisher:
+    """Stores events through a backend, sending those published meanwhile in one batch while
+    a batch is in flight: concurrent publishers share round trips (group commit).
+
+    Each publish has a deadline (`timeout` seconds, None for none): one that is not stored by
+    then raises `TimeoutError`. Deadlines are enforced per batch, not per publish, so that
+    the common case costs no timer per event."""
+
+    def __init__(self, backend: BrokerBackend, timeout: float | None) -> None:
+        self._backend = backend
+        self._timeout = timeout
+        self._waiting: list[tuple[Message, asyncio.Future[None], float | None]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def enqueue(self, message: Message) -> asyncio.Future[None]:
+        """Queue `message`; the future resolves once it is stored. Cancelled before its
+        batch is sent, it is not sent; cancelled after, it may have been stored."""
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[None] = loop.create_future()
+        deadline = None if self._timeout is None else loop.time() + self._timeout
+        self._waiting.append((message, stored, deadline))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send(), name="eventwire:publisher")
+        return stored
+
+    async def _send(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                now = loop.time()
+                batch: list[tuple[Message, asyncio.Future[None]]] = []
+                earliest: float | None = None
+                taken = 0
+                for message, stored, deadline in self._waiting:
+                    if len(batch) == PUBLISH_BATCH:
+                        break
+                    taken += 1
+                    if stored.done():
+                        continue  # its publisher was cancelled: withdrawn
+                    if deadline is not None:
+                        if deadline <= now:
+                            stored.set_exception(TimeoutError())
+                            continue
+                        earliest = deadline if earliest is None else min(earliest, deadline)
+                    batch.append((message, stored))
+                del self._waiting[:taken]
+                if not batch:
+                    continue
+                try:
+                    async with asyncio.timeout_at(earliest):
+                        await self._backend.publish([message for message, _ in batch])
+                except Exception as error:
+                    failure = TimeoutError() if isinstance(error, TimeoutError) else error
+                    for _, stored in batch:
+                        if not stored.done():
+                            stored.set_exception(failure)
+                else:
+                    for _, stored in batch:
+                        if not stored.done():
+                            stored.set_result(None)
+        finally:
+            self._sender = None
+
+    async def close(self) -> None:
+        """Wait for what is being sent; nothing new is taken."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
+
+
+class Feeder:
+    """Feeds the subscriptions behind one durable consumer in this process (one
+    subscription, or the members of a group) and acknowledges what they finished.
+
+    In a group, same-key events always go to the same member, as in process: per-key order
+    holds across the group."""
+
+    def __init__(self, backend: BrokerBackend, spec: ConsumerSpec) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.members: list[Subscription] = []
+        self.window = FETCH_WINDOW
+        self.consumer: Consumer | None = None
+        # id(event) -> (event, its delivery): everything this process holds of the consumer.
+        self._held: dict[int, tuple[Event[Any], Delivery]] = {}
+        self._acks: list[Delivery] = []
+        self._handled_ids: list[str] = []
+        self._acker: asyncio.Task[None] | None = None
+        self._room = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._leaser: asyncio.Task[None] | None = None
+        self._leasing = False
+        self._stopped = False
+        self._next_member = 0
+        # topic -> whether it matches the pattern (brokers may over-deliver)
+        self._matches: dict[str, bool] = {}
+        self.duplicates = 0
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def add(self, subscription: Subscription) -> None:
+        self.members.append(subscription)
+        subscription.lease = self
+        self.window = min(min(m.max_pending for m in self.members), FETCH_WINDOW)
+
+    def remove(self, subscription: Subscription) -> None:
+        if subscription in self.members:
+            self.members.remove(subscription)
+
+    async def open(self) -> None:
+        self.consumer = await self.backend.consumer(self.spec)
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        self._stopped = False
+        loop = asyncio.get_running_loop()
+        name = self.spec.name
+        self._tasks = [loop.create_task(self._fetch_loop(), name=f"eventwire:{name}:fetch")]
+        # Until close(): what this process holds needs its leases also while it finishes.
+        self._leasing = True
+        self._leaser = loop.create_task(self._keep_leases(), name=f"eventwire:{name}:leases")
+
+    async def stop_fetching(self) -> None:
+        self._stopped = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # A client library may swallow a cancellation that races with its own timeout;
+            # the loop then ends at its next turn, when it sees `_stopped`.
+            await asyncio.wait(tasks)
+
+    async def close(self, *, forget: bool = False) -> None:
+        """Acknowledge what was finished, give back what was not, close the consumer;
+        `forget` also deletes the durable consumer from the broker."""
+        await self.stop_fetching()
+        if self._leaser is not None:
+            self._leasing = False
+            self._leaser.cancel()
+            await asyncio.wait([self._leaser])
+            self._leaser = None
+        await self._flush_acks()
+        consumer, self.consumer = self.consumer, None
+        if consumer is None:
+            return
+        left = [delivery for _, delivery in self._held.values()]
+        self._held.clear()
+        if left:
+            # Given back at once for another process to take; if the broker is unreachable
+            # they come back by themselves once their lease runs out.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
+                    await asyncio.gather(
+                        *(consumer.nak(delivery, 0.0) for delivery in left),
+                        return_exceptions=True,
+                    )
+        try:
+            await consumer.close()
+            if forget:
+                await self.backend.delete_consumer(self.spec.name)
+        except Exception:
+            logger.exception("eventwire: closing the consumer of %s failed", self.spec.name)
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        assert self.consumer is not None
+        backoff = Backoff()
+        while not self._stopped:
+            free = self.window - len(self._held)
+            if free < max(1, self.window // 4):
+                # Fetch in batches: wait until a quarter of the window is free again.
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                deliveries = await self.consumer.fetch(free, 1.0)
+                if self._stopped or not self.members:
+                    await asyncio.gather(
+                        *(self.consumer.nak(delivery, 0.0) for delivery in deliveries),
+                        return_exceptions=True,
+                    )
+                    return
+                await self._admit(deliveries)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning(
+                    "eventwire: fetching for %s failed; retrying in %.1fs",
+                    self.spec.name,
+                    backoff.pause,
+                    exc_info=True,
+                )
+                await backoff.wait()
+                continue
+            backoff.reset()
+
+    def _wants(self, subscription: Subscription, event: Event[Any]) -> bool:
+        """Whether `event` is for this consumer: brokers may over-deliver (a `#` matching no
+        token, `>` reaching `_` topics); request replies go to their requester alone; a
+        retried dead letter goes to its one subscription."""
+        topic = event.topic
+        matches = self._matches.get(topic)
+        if matches is None:
+            pattern = self.spec.pattern
+            matches = pattern_matches(pattern, topic) and (
+                not topic.startswith(REPLY_PREFIX) or pattern.startswith(REPLY_PREFIX)
+            )
+            if len(self._matches) >= _MATCH_CACHE_LIMIT:
+                self._matches.clear()
+            self._matches[topic] = matches
+        target = event.target
+        return matches and (
+            target is None or target == subscription.name or target == subscription.group
+        )
+
+    def _member_for(self, event: Event[Any]) -> Subscription:
+        members = self.members
+        if len(members) == 1:
+            return members[0]
+        if event.target is not None:
+            for member in members:
+                if member.name == event.target:
+                    return member
+        if event.key is not None:
+            return members[member_for_key(event.key, len(members))]
+        # Otherwise the next member with room, in turn.
+        count = len(members)
+        start = self._next_member
+        for offset in range(count):
+            member = members[(start + offset) % count]
+            if len(member.inbox) < member.inbox.capacity:
+                self._next_member = (start + offset + 1) % count
+                return member
+        self._next_member = (start + 1) % count
+        return members[start % count]
+
+    async def _admit(self, deliveries: list[Delivery]) -> None:
+        assert self.consumer is not None
+        services = self.backend.services
+        skipped: list[Delivery] = []
+        admitted: list[tuple[Event[Any], Delivery, Subscription]] = []
+        for delivery in deliveries:
+            try:
+                event = decode_envelope(delivery.body)
+            except Exception as error:  # whatever decoding raised: this message alone fails
+                if await self._dead_letter_foreign(delivery, error):
+                    skipped.append(delivery)
+                else:
+                    await self.consumer.nak(delivery, 1.0)
+                continue
+            member = self._member_for(event)
+            if self._wants(member, event):
+                admitted.append((event, delivery, member))
+            else:
+                # Not for this subscription: another's topic, or a retried dead letter meant
+                # for another subscription.
+                skipped.append(delivery)
+        if admitted and any(member.idempotent for _, _, member in admitted):
+            done = await self.consumer.handled([event.id for event, _, _ in admitted])
+            if done:
+                self.duplicates += len(done)
+                skipped.extend(d for e, d, _ in admitted if e.id in done)
+                if services.observers:
+                    for event, _, member in admitted:
+                        if event.id in done:
+                            record = handling_record(member, event, 0, "skipped", 0.0, None)
+                            notify(services.observers, "skipped", member, event, record)
+                admitted = [(e, d, m) for e, d, m in admitted if e.id not in done]
+        if skipped:
+            self._acks.extend(skipped)
+            self._schedule_acks()
+        epoch = services.tracker.current
+        woken: set[int] = set()
+        for event, delivery, member in admitted:
+            force_setattr(event, "drain_epoch", epoch)
+            epoch.pending += 1
+            self._held[id(event)] = (event, delivery)
+            inbox = member.inbox
+            inbox.append(event)
+            if inbox.idle is not None and id(inbox) not in woken:
+                woken.add(id(inbox))
+                inbox.wake_all()
+
+    async def _dead_letter_foreign(self, delivery: Delivery, error: Exception) -> bool:
+        """A message that is not an eventwire envelope: to the DLQ with the reason."""
+        member = self.members[0]
+        member.failed += 1
+        member.dead_lettered += 1
+        why = str(error) if str(error) else type(error).__name__
+        return await self.backend.services.dead_letters.foreign(
+            member, delivery.topic, delivery.body, why
+        )
+
+    async def _keep_leases(self) -> None:
+        assert self.consumer is not None
+        every = max(self.spec.ack_wait / 3, 0.05)
+        # Also a flag: the broker's client may swallow a cancellation racing its own timeout.
+        while self._leasing:
+            await asyncio.sleep(every)
+            if self._held and self._leasing:
+                try:
+                    await self.consumer.extend([delivery for _, delivery in self._held.values()])
+                except Exception:
+                    logger.warning(
+                        "eventwire: extending leases for %s failed", self.spec.name, exc_info=True
+                    )
+
+    # -- finishing (the subscriptions' `Lease`) ------------------------------------------
+
+    async def record_handled(self, event: Event[Any]) -> None:
+        """Idempotent subscriptions: record at once that `event` was handled, before its
+        (batched) acknowledgement, so that a redelivery after a crash in between is skipped.
+        Recording may fail (broker down): the event is then acknowledged with its id later."""
+        if self.consumer is None:
+            return
+        try:
+            await self.consumer.ack([], handled_ids=[event.id])
+        except Exception:
+            logger.warning("eventwire: recording %s as handled failed", event.id, exc_info=True)
+            self._handled_ids.append(event.id)
+
+    def settled(self, event: Event[Any], finished: bool) -> None:
+        """Called by the worker once `event` was handled or dead-lettered (`finished`), or
+        could not be dead-lettered (it goes back to the broker for a later attempt)."""
+        held = self._held.pop(id(event), None)
+        if held is None:
+            return
+        delivery = held[1]
+        if finished:
+            self._acks.append(delivery)
+            self._schedule_acks()
+        elif self.consumer is not None:
+            task = asyncio.get_running_loop().create_task(self.consumer.nak(delivery, 1.0))
+            self.backend.services.track(task)
+        if len(self._held) <= self.window - max(1, self.window // 4):
+            self._room.set()
+
+    def give_back(self, event: Event[Any]) -> None:
+        """A queued event its subscription will not handle: back to the broker now."""
+        held = self._held.pop(id(event), None)
+        if held is not None and self.consumer is not None:
+            task = asyncio.get_running_loop().create_task(self.consumer.nak(held[1], 0.0))
+            self.backend.services.track(task)
+            self._room.set()
+
+    def _schedule_acks(self) -> None:
+        if self._acker is None:
+            self._acker = asyncio.get_running_loop().create_task(
+                self._flush_acks(), name=f"eventwire:{self.spec.name}:acks"
+            )
+
+    async def _flush_acks(self) -> None:
+        backoff = Backoff()
+        try:
+            while self._acks and self.consumer is not None:
+                acks, self._acks = self._acks, []
+                handled, self._handled_ids = self._handled_ids, []
+                try:
+                    await self.consumer.ack(acks, handled_ids=handled)
+                except Exception:
+                    # Unacknowledged work is delivered again (at least once), never lost.
+                    logger.warning(
+                        "eventwire: acknowledging %d event(s) for %s failed; retrying",
+                        len(acks),
+                        self.spec.name,
+                        exc_info=True,
+                    )
+                    self._acks[:0] = acks
+                    self._handled_ids[:0] = handled
+                    await backoff.wait()
+        finally:
+            if asyncio.current_task() is self._acker:
+                self._acker = None
