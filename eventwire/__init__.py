@@ -23,7 +23,7 @@ from eventwire.event import Event
 from eventwire.retry import Retry
 from eventwire.subscription import Subscription, SubscriptionStats
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it
 
 __all__ = [
     "Agent",

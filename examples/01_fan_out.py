@@ -1,6 +1,6 @@
 """Step 1 - publish/subscribe basics: one event, two subscribers, neither aware of the other.
 
-Run it with:  python examples/01_fan_out.py
+Run it with:  .venv/bin/python examples/01_fan_out.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Step 2 - an audit logger: keep a compliance record of everything users ask and do.
 
-Run it with:  python examples/02_audit_logger.py
+Run it with:  .venv/bin/python examples/02_audit_logger.py
 """
 
 from __future__ import annotations

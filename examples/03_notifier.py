@@ -1,6 +1,6 @@
 """Step 3 - a notifier: alert people about the events that matter, without slowing anyone.
 
-Run it with:  python examples/03_notifier.py
+Run it with:  .venv/bin/python examples/03_notifier.py
 """
 
 from __future__ import annotations

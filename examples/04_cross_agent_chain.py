@@ -1,7 +1,7 @@
 """Step 4 - agents talking through events: research finishes, email follows, and the ids
 on every event let you trace one user's query through the whole chain.
 
-Run it with:  python examples/04_cross_agent_chain.py
+Run it with:  .venv/bin/python examples/04_cross_agent_chain.py
 """
 
 from __future__ import annotations

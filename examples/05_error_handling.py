@@ -1,7 +1,7 @@
 """Step 5 - failures stay contained: retries for the transient ones, a dead-letter queue for
 the rest, and the healthy subscribers never notice either.
 
-Run it with:  python examples/05_error_handling.py
+Run it with:  .venv/bin/python examples/05_error_handling.py
 """
 
 from __future__ import annotations

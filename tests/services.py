@@ -40,7 +40,7 @@ def require_service(name: str) -> str:
     """The service's bus URL; skip (or, under CI=true, fail) when it is unreachable."""
     host, port, url = SERVICES[name]
     if not reachable(host, port):
-        message = f"{name} is not reachable on {host}:{port} (start it: see DEVELOPERS.md)"
+        message = f"{name} is not reachable on {host}:{port} (start it: see CONTRIBUTING.md)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from eventwire import Event, EventBus, Retry
+from tests.clone import fresh_shell, like_a_clone
 from tests.conftest import wait_until
 from tests.services import free_port
 
@@ -158,15 +158,14 @@ def test_doc_shell_session_runs_as_shown(tmp_path: Path) -> None:
     commands = [line[2:] for line in session.splitlines() if line.startswith("$ ")]
     port = str(free_port())  # the doc's 9464 may be taken here
     script = "set -e\n" + "\n".join(commands).replace("9464", port) + "\nwait\n"
-    venv_bin = str(Path(sys.executable).parent)
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "EVENTWIRE_URL"},
-        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
-        "COLUMNS": "120",
-        "NO_COLOR": "1",
-    }
+    env = {**fresh_shell(), "COLUMNS": "120", "NO_COLOR": "1"}
     result = subprocess.run(
-        ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
+        ["bash", "-c", script],
+        cwd=like_a_clone(tmp_path),  # the session calls .venv/bin/eventwire, as the doc shows
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     handled = (

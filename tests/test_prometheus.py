@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from eventwire import Event, EventBus, Retry
+from eventwire import Event, EventBus, Retry, __version__
 from eventwire.metrics import LatencyHistogram
 from tests.conftest import wait_until
 
@@ -122,7 +122,9 @@ async def test_scraped_counters_and_gauges_match_bus_stats(
     assert samples[("eventwire_handler_failures_total", flaky_labels)] == 4
     assert samples[("eventwire_retries_total", flaky_labels)] == 2
     assert samples[("eventwire_dead_letters_total", flaky_labels)] == 2
-    info = frozenset({"backend": "memory", "namespace": "eventwire", "version": "0.1.0"}.items())
+    info = frozenset(
+        {"backend": "memory", "namespace": "eventwire", "version": __version__}.items()
+    )
     assert samples[("eventwire_info", info)] == 1
     release.set()
 
@@ -189,7 +191,7 @@ async def test_info_names_a_durable_backend_and_its_namespace(tmp_path: Path) ->
             samples = await scrape(server)
         finally:
             server.close()
-    info = frozenset({"backend": "sqlite", "namespace": "shop", "version": "0.1.0"}.items())
+    info = frozenset({"backend": "sqlite", "namespace": "shop", "version": __version__}.items())
     assert samples[("eventwire_info", info)] == 1
     # The process's own metrics come along, as from any Prometheus client.
     assert any(name == "process_cpu_seconds_total" for name, _ in samples)
@@ -281,7 +283,7 @@ def test_eventwire_run_serves_metrics_while_the_app_runs(tmp_path: Path) -> None
             time.sleep(0.05)
         assert samples[count] == 3
         info = frozenset(
-            {"backend": "sqlite", "namespace": "eventwire", "version": "0.1.0"}.items()
+            {"backend": "sqlite", "namespace": "eventwire", "version": __version__}.items()
         )
         assert samples[("eventwire_info", info)] == 1
         process.send_signal(signal.SIGTERM)

@@ -1,4 +1,5 @@
-"""Commands that run things: ``demo``, ``run``, ``publish`` and ``version``."""
+"""Commands that run things: ``demo``, ``run``, ``publish``, and ``version`` (also
+``eventwire --version``)."""
 
 from __future__ import annotations
 
@@ -236,4 +237,26 @@ def version() -> None:
     """
     from eventwire import __version__
 
-    console().print(f"eventwire {__version__}")
+    console().print(f"eventwire {__version__}", markup=False)
+
+
+def _print_version_and_exit(requested: bool) -> None:
+    if requested:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _options_of_every_command(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version_and_exit,
+            is_eager=True,
+            help="Print the installed eventwire version and exit.",
+        ),
+    ] = False,
+) -> None:
+    # Options given before the command name (`eventwire --version`); commands read none.
+    pass

@@ -1,6 +1,6 @@
 """Publish user queries into the distributed pipeline and wait until it has handled them.
 
-python examples/distributed/ask.py --url URL "What is our refund policy?" ...
+.venv/bin/python examples/distributed/ask.py --url URL "What is our refund policy?" ...
 """
 
 from __future__ import annotations
