@@ -45,6 +45,28 @@ async def refusal_on_memory(topic: str, *, subscribe: bool = False) -> str:
         return await refusal(memory, topic, subscribe=subscribe)
 
 
+class AlwaysFailing:
+    """A handler that raises every time, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, event: Event[Any]) -> None:
+        self.calls += 1
+        raise RuntimeError("always fails")
+
+
+TWO_ATTEMPTS = Retry(attempts=2, backoff=0.001)
+
+
+def check_letter(letters: list[Event[Any]], published: Event[Any]) -> None:
+    """`letters` holds one dead letter: that of `published`."""
+    [letter] = letters
+    assert letter.topic == DEAD_LETTER_PREFIX + published.topic
+    assert isinstance(letter.payload, Event)
+    assert letter.payload.id == published.id
+
+
 def recorder(ids: list[str]) -> Any:
     """A handler appending the id of every event it receives to `ids`."""
 
@@ -71,30 +93,19 @@ async def test_a_topic_at_the_limit_reaches_patterns_at_the_limit(bus: EventBus)
 
 
 async def test_the_dead_letter_of_a_topic_at_the_limit_is_stored(bus: EventBus) -> None:
-    calls = 0
-
-    async def failing(event: Event[Any]) -> None:
-        nonlocal calls
-        calls += 1
-        raise RuntimeError("always fails")
-
+    failing = AlwaysFailing()
     letters: list[Event[Any]] = []
     picked: list[Event[Any]] = []
     bus.subscribe("_dlq.>", letters.append, name="all-letters")
     # The longest dead-letter pattern: on RabbitMQ its binding key is 255 bytes.
     bus.subscribe(DEAD_LETTER_PREFIX + TAIL_PATTERN, picked.append, name="these-letters")
-    subscription = bus.subscribe(
-        LONGEST, failing, name="failing", retry=Retry(attempts=2, backoff=0.001)
-    )
+    subscription = bus.subscribe(LONGEST, failing, name="failing", retry=TWO_ATTEMPTS)
     published = await bus.publish(LONGEST, {"n": 1})
     await wait_until(lambda: bool(letters and picked), timeout=20)
     await bus.drain(timeout=20)
-    for seen in (letters, picked):
-        [letter] = seen
-        assert letter.topic == DEAD_LETTER_PREFIX + LONGEST
-        assert isinstance(letter.payload, Event)
-        assert letter.payload.id == published.id
-    assert calls == 2
+    check_letter(letters, published)
+    check_letter(picked, published)
+    assert failing.calls == 2
     assert subscription.dead_lettered == 1
 
 
@@ -169,25 +180,15 @@ async def test_a_dead_letter_that_cannot_be_stored_is_neither_silent_nor_a_loop(
     limit = 4096
     payload = "x" * 3800
     assert len(encode(new_event("big.event", payload, None, None, None, None))) < limit
-    calls = 0
-
-    async def failing(event: Event[Any]) -> None:
-        nonlocal calls
-        calls += 1
-        raise RuntimeError("always fails")
-
+    failing = AlwaysFailing()
     letters: list[Event[Any]] = []
     async with EventBus(
         bus_url, close_grace=2.0, redeliver_after=5.0, max_event_bytes=limit
     ) as big_bus:
         big_bus.subscribe("_dlq.>", letters.append, name="letters")
-        subscription = big_bus.subscribe(
-            "big.event", failing, name="failing", retry=Retry(attempts=2, backoff=0.001)
-        )
+        subscription = big_bus.subscribe("big.event", failing, name="failing", retry=TWO_ATTEMPTS)
         published = await big_bus.publish("big.event", payload)
         await wait_until(lambda: bool(letters), timeout=10)
-        [letter] = letters
-        assert isinstance(letter.payload, Event)
-        assert letter.payload.id == published.id
-        assert calls == 2
+        check_letter(letters, published)
+        assert failing.calls == 2
         assert subscription.dead_lettered == 1
