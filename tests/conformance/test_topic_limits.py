@@ -5,16 +5,21 @@ is refused at publish and at subscribe with the same error, and leaves the bus w
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from eventwire import Event, EventBus, InvalidTopicError, Retry
+from eventwire.backends import open_backend
+from eventwire.backends.base import BackendConnectionError, ConsumerSpec, Message
 from eventwire.envelope import encode
 from eventwire.event import new_event
 from eventwire.topics import DEAD_LETTER_PREFIX, MAX_TOPIC_BYTES
 
+from ..backends.helpers import bodies, fetch_all, messages_on
 from ..conftest import wait_until
+from .conftest import backend_url
 
 # A topic at the limit whose last token is one character, so that patterns at the limit
 # match it with either wildcard in place of that token.
@@ -192,3 +197,29 @@ async def test_a_dead_letter_that_cannot_be_stored_is_neither_silent_nor_a_loop(
         check_letter(letters, published)
         assert failing.calls == 2
         assert subscription.dead_lettered == 1
+
+
+async def test_nats_replaces_a_connection_the_server_closed_on_a_protocol_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subject past the server's 4 KB protocol line (which the bus no longer sends) makes
+    the server close the connection, and nats-py give it up: the backend raises the server's
+    error to the publish that caused it and goes on with a new connection."""
+    backend = open_backend(backend_url("nats", tmp_path))
+    assert backend is not None
+    await backend.connect()
+    try:
+        consumer = await backend.consumer(ConsumerSpec("orders", "orders.*"))
+        too_long = Message("too-long", "orders." + "x" * 5_000, None, b"too-long")
+        with pytest.raises(BackendConnectionError, match="maximum control line exceeded"):
+            await asyncio.wait_for(backend.publish([too_long]), 15)
+        async with asyncio.timeout(15):
+            await backend.publish(messages_on("orders.created", "after"))
+        after = await fetch_all(consumer, 1)
+        assert bodies(after) == ["after"]
+        await consumer.ack(after)
+        assert "closed the connection" in caplog.text
+        assert "opened a new connection" in caplog.text
+    finally:
+        await backend.destroy()
+        await backend.close()
