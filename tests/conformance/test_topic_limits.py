@@ -5,6 +5,8 @@ is refused at publish and at subscribe with the same error, and leaves the bus w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 
 from eventwire import Event, EventBus, InvalidTopicError, Retry
 from eventwire.backends import open_backend
-from eventwire.backends.base import BackendConnectionError, ConsumerSpec, Message
+from eventwire.backends.base import Backend, BackendConnectionError, ConsumerSpec, Message
 from eventwire.envelope import encode
 from eventwire.event import new_event
 from eventwire.topics import DEAD_LETTER_PREFIX, MAX_TOPIC_BYTES
@@ -70,6 +72,19 @@ def check_letter(letters: list[Event[Any]], published: Event[Any]) -> None:
     assert letter.topic == DEAD_LETTER_PREFIX + published.topic
     assert isinstance(letter.payload, Event)
     assert letter.payload.id == published.id
+
+
+@contextlib.asynccontextmanager
+async def connected_backend(name: str, tmp_path: Path) -> AsyncIterator[Backend]:
+    """A connected backend of its own namespace, removed afterwards."""
+    backend = open_backend(backend_url(name, tmp_path))
+    assert backend is not None
+    await backend.connect()
+    try:
+        yield backend
+    finally:
+        await backend.destroy()
+        await backend.close()
 
 
 def recorder(ids: list[str]) -> Any:
@@ -205,10 +220,7 @@ async def test_nats_replaces_a_connection_the_server_closed_on_a_protocol_error(
     """A subject past the server's 4 KB protocol line (which the bus no longer sends) makes
     the server close the connection, and nats-py give it up: the backend raises the server's
     error to the publish that caused it and goes on with a new connection."""
-    backend = open_backend(backend_url("nats", tmp_path))
-    assert backend is not None
-    await backend.connect()
-    try:
+    async with connected_backend("nats", tmp_path) as backend:
         consumer = await backend.consumer(ConsumerSpec("orders", "orders.*"))
         too_long = Message("too-long", "orders." + "x" * 5_000, None, b"too-long")
         with pytest.raises(BackendConnectionError, match="maximum control line exceeded"):
@@ -218,8 +230,14 @@ async def test_nats_replaces_a_connection_the_server_closed_on_a_protocol_error(
         after = await fetch_all(consumer, 1)
         assert bodies(after) == ["after"]
         await consumer.ack(after)
-        assert "closed the connection" in caplog.text
-        assert "opened a new connection" in caplog.text
-    finally:
-        await backend.destroy()
-        await backend.close()
+    assert "closed the connection" in caplog.text
+    assert "opened a new connection" in caplog.text
+
+
+async def test_amqp_refuses_a_topic_whose_dead_letter_would_not_fit_a_routing_key(
+    tmp_path: Path,
+) -> None:
+    # 251 bytes fit a routing key, but its dead letter's 256 bytes would not.
+    async with connected_backend("amqp", tmp_path) as backend:
+        with pytest.raises(InvalidTopicError, match="is 251 bytes long"):
+            await backend.publish([Message("fits", "a" * 251, None, b"fits")])
