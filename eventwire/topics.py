@@ -4,6 +4,10 @@ Topics are dot-separated tokens of ``[A-Za-z0-9_-]``. Patterns may use ``*`` (ex
 token) and ``>`` (one or more trailing tokens, last only), as in NATS. Topics whose first token
 starts with ``_`` belong to the bus (``_dlq.…``, ``_bus.…``): a pattern only reaches them when
 its own first token starts with ``_``.
+
+A topic or pattern is at most `MAX_TOPIC_BYTES` bytes of UTF-8 (a dead-letter topic, ``_dlq.``
+followed by the topic, counts without its prefix), so that every topic, its dead letter and
+every pattern fit every broker; see `MAX_TOPIC_BYTES`.
 """
 
 from __future__ import annotations
@@ -22,10 +26,50 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 _TOPIC = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 _TOKEN_RULE = "each dot-separated token must be one or more of A-Z a-z 0-9 _ -"
 
+DEAD_LETTER_PREFIX = "_dlq."
+"""A dead letter of topic ``t`` is published on ``_dlq.t``."""
+
+# The tightest broker is RabbitMQ: a routing key (the topic) and a binding key (the pattern,
+# whose trailing '>' is bound as '*.#', 2 bytes more) hold 255 bytes, and a dead letter's
+# topic, or a pattern picking dead letters, carries the 5 bytes of '_dlq.' on top.
+# NATS subjects are '<namespace>.' + topic: at most 64 + 1 + 5 + 248 bytes, far inside the
+# server's 4 KB protocol line; SQLite and Redis store the topic as a value of any length.
+_AMQP_KEY_BYTES = 255
+_TAIL_BINDING_GROWTH = len("*.#") - len(TAIL)
+MAX_TOPIC_BYTES = _AMQP_KEY_BYTES - len(DEAD_LETTER_PREFIX) - _TAIL_BINDING_GROWTH
+"""The longest topic or pattern in UTF-8 bytes (248), the same on every backend. A topic
+starting with ``_dlq.`` may be that much longer, so that every topic's dead letter is legal."""
+
+
+def _limit_of(text: str) -> int:
+    if text.startswith(DEAD_LETTER_PREFIX):
+        return MAX_TOPIC_BYTES + len(DEAD_LETTER_PREFIX)
+    return MAX_TOPIC_BYTES
+
+
+def _length_problem(text: str, kind: str) -> str | None:
+    size = len(text.encode("utf-8", "surrogatepass"))
+    limit = _limit_of(text)
+    if size <= limit:
+        return None
+    shown = text if len(text) <= 40 else text[:40] + "…"
+    after_prefix = (
+        f" ({MAX_TOPIC_BYTES} after {DEAD_LETTER_PREFIX!r})" if limit > MAX_TOPIC_BYTES else ""
+    )
+    return (
+        f"{kind} {shown!r} is {size} bytes long (UTF-8), over the limit of {limit}{after_prefix}: "
+        "shorten it, e.g. move ids or details into the payload or the key (the limit is the "
+        f"same on every backend and leaves room for the {DEAD_LETTER_PREFIX!r} prefix of dead "
+        "letters)"
+    )
+
 
 def _describe_problem(text: str, kind: str, allow_wildcards: bool) -> str:
     if not text:
         return f"{kind} must not be empty"
+    too_long = _length_problem(text, kind)
+    if too_long is not None:
+        return too_long
     tokens = text.split(".")
     for index, token in enumerate(tokens):
         if not token:
@@ -55,15 +99,23 @@ def _describe_problem(text: str, kind: str, allow_wildcards: bool) -> str:
 
 def is_topic(text: object) -> bool:
     """Whether `text` is a valid concrete topic (no error: for input from outside)."""
-    return isinstance(text, str) and _TOPIC.fullmatch(text) is not None
+    # A match is ASCII: its length in characters is its length in bytes.
+    return (
+        isinstance(text, str)
+        and _TOPIC.fullmatch(text) is not None
+        and len(text) <= _limit_of(text)
+    )
 
 
 def validate_topic(topic: str) -> str:
     """Return `topic` if it is a valid concrete topic, else raise `InvalidTopicError`."""
-    if isinstance(topic, str) and _TOPIC.fullmatch(topic):
+    # A match is ASCII: its length in characters is its length in bytes.
+    if isinstance(topic, str) and len(topic) <= MAX_TOPIC_BYTES and _TOPIC.fullmatch(topic):
         return topic
     if not isinstance(topic, str):
         raise InvalidTopicError(f"topic must be a str, got {type(topic).__name__}: {topic!r}")
+    if is_topic(topic):
+        return topic  # a dead letter's topic, allowed the length of its prefix on top
     raise InvalidTopicError(_describe_problem(topic, "topic", allow_wildcards=False))
 
 
@@ -71,6 +123,9 @@ def validate_pattern(pattern: str) -> str:
     """Return `pattern` if it is a valid subscription pattern, else raise `InvalidTopicError`."""
     if not isinstance(pattern, str):
         raise InvalidTopicError(f"pattern must be a str, got {type(pattern).__name__}: {pattern!r}")
+    too_long = _length_problem(pattern, "pattern")
+    if too_long is not None:
+        raise InvalidTopicError(too_long)
     if _TOPIC.fullmatch(pattern):
         return pattern
     tokens = pattern.split(".")

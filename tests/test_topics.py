@@ -5,7 +5,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from eventwire import InvalidTopicError
-from eventwire.topics import TopicTrie, pattern_matches, validate_pattern, validate_topic
+from eventwire.topics import (
+    DEAD_LETTER_PREFIX,
+    MAX_TOPIC_BYTES,
+    TopicTrie,
+    is_topic,
+    pattern_matches,
+    validate_pattern,
+    validate_topic,
+)
 
 
 @pytest.mark.parametrize("topic", ["user.query", "a", "A-b_c.9", "_dlq.user.query", "x.y.z.w"])
@@ -150,3 +158,87 @@ def test_trie_match_visits_only_reachable_branches() -> None:
         TopicTrie._walk = original  # type: ignore[method-assign]
     # root, "topic", "1234": the other 9,999 subscriptions are never looked at
     assert len(visited) == 3
+
+
+def topic_of_bytes(size: int, prefix: str = "") -> str:
+    """A valid topic of exactly `size` bytes: `prefix`, then 'a.' tokens, then one token."""
+    body = size - len(prefix)
+    return prefix + "a." * ((body - 1) // 2) + "b" * (2 - body % 2)
+
+
+def test_topic_of_bytes_builds_the_asked_length() -> None:
+    for size in (1, 2, 3, 10, MAX_TOPIC_BYTES, MAX_TOPIC_BYTES + 1):
+        topic = topic_of_bytes(size)
+        assert len(topic.encode()) == size
+        assert is_topic(topic) is (size <= MAX_TOPIC_BYTES)
+
+
+def test_the_limit_leaves_room_for_the_dead_letter_prefix_on_a_255_byte_key() -> None:
+    # RabbitMQ's routing and binding keys hold 255 bytes; a trailing '>' binds as '*.#'.
+    dead_letter_pattern = DEAD_LETTER_PREFIX + topic_of_bytes(MAX_TOPIC_BYTES - 2) + ".>"
+    validate_pattern(dead_letter_pattern)
+    assert len(dead_letter_pattern.replace(">", "*.#").encode()) <= 255
+
+
+def test_a_topic_and_a_pattern_at_the_limit_pass() -> None:
+    topic = topic_of_bytes(MAX_TOPIC_BYTES)
+    assert validate_topic(topic) == topic
+    assert validate_pattern(topic) == topic
+    pattern = topic_of_bytes(MAX_TOPIC_BYTES - 2) + ".>"
+    assert validate_pattern(pattern) == pattern
+    assert is_topic(topic)
+
+
+@pytest.mark.parametrize("kind", ["topic", "pattern"])
+def test_one_byte_over_the_limit_names_the_length_the_limit_and_what_to_do(kind: str) -> None:
+    text = topic_of_bytes(MAX_TOPIC_BYTES + 1)
+    validate = validate_topic if kind == "topic" else validate_pattern
+    with pytest.raises(InvalidTopicError) as info:
+        validate(text)
+    message = str(info.value)
+    assert message.startswith(f"{kind} '{text[:40]}…' is {MAX_TOPIC_BYTES + 1} bytes long")
+    assert f"over the limit of {MAX_TOPIC_BYTES}:" in message
+    assert "shorten it" in message
+    assert "\n" not in message
+    assert not is_topic(text)
+
+
+def test_a_pattern_with_wildcards_over_the_limit_is_refused() -> None:
+    pattern = topic_of_bytes(MAX_TOPIC_BYTES - 1) + ".*"
+    with pytest.raises(InvalidTopicError, match=f"is {MAX_TOPIC_BYTES + 1} bytes long"):
+        validate_pattern(pattern)
+
+
+def test_the_limit_counts_utf8_bytes_not_characters() -> None:
+    # Two bytes per 'é': fewer characters than the limit, more bytes.
+    text = "é" * (MAX_TOPIC_BYTES // 2 + 1)
+    assert len(text) < MAX_TOPIC_BYTES
+    size = len(text.encode())
+    for validate in (validate_topic, validate_pattern):
+        with pytest.raises(InvalidTopicError, match=f"is {size} bytes long"):
+            validate(text)
+
+
+def test_dead_letter_topics_may_carry_their_prefix_on_top_of_the_limit() -> None:
+    longest = topic_of_bytes(MAX_TOPIC_BYTES)
+    dead_letter = DEAD_LETTER_PREFIX + longest
+    assert validate_topic(dead_letter) == dead_letter
+    assert validate_pattern(dead_letter) == dead_letter
+    assert is_topic(dead_letter)
+    over = DEAD_LETTER_PREFIX + topic_of_bytes(MAX_TOPIC_BYTES + 1)
+    limit = MAX_TOPIC_BYTES + len(DEAD_LETTER_PREFIX)
+    for validate in (validate_topic, validate_pattern):
+        with pytest.raises(InvalidTopicError, match=f"over the limit of {limit} "):
+            validate(over)
+    assert not is_topic(over)
+
+
+def test_only_one_dead_letter_prefix_is_allowed_on_top() -> None:
+    doubled = DEAD_LETTER_PREFIX + DEAD_LETTER_PREFIX + topic_of_bytes(MAX_TOPIC_BYTES)
+    with pytest.raises(InvalidTopicError, match="bytes long"):
+        validate_topic(doubled)
+
+
+def test_other_reserved_topics_get_no_allowance() -> None:
+    with pytest.raises(InvalidTopicError, match=f"over the limit of {MAX_TOPIC_BYTES}:"):
+        validate_topic("_bus." + topic_of_bytes(MAX_TOPIC_BYTES - 4))

@@ -11,6 +11,11 @@ Layout on the server, per namespace ``ns``:
 - KV bucket ``eventwire_<ns>_handled`` (created on first use, 7-day TTL) holds handled event
   ids under ``<consumer>.<event id>``.
 
+When the server closes the connection on an error of its own (a ``-ERR`` such as a protocol
+line over its limit), nats-py gives the connection up for good; the backend then opens a new
+one, logs the server's error, and raises it to the publishes that were in flight (each may or
+may not have been stored: the event id deduplicates a retry).
+
 Optional URL settings: ``?max_age=<seconds>`` caps how long the stream keeps events (default:
 forever) and ``?replicas=<n>`` sets its replication in a cluster (default 1). Both apply only
 when the stream is created.
@@ -102,6 +107,12 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
 )
+# A connection nats-py closed after a server error is replaced (see `NatsBackend._reopen`):
+# retried like the transient errors, until `close()`.
+_TRANSIENT_OR_REPLACED: tuple[type[BaseException], ...] = (
+    *_TRANSIENT,
+    nats.errors.ConnectionClosedError,
+)
 
 
 class _LenientClient(Client):
@@ -176,6 +187,8 @@ class NatsBackend(BrokerBackend):
         self._kv: KeyValue | None = None
         # Set (and replaced) when the connection drops: requests in flight on it give up.
         self._lost = asyncio.Event()
+        # Opens a new connection when the server closed the current one for good.
+        self._reopening: asyncio.Task[None] | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -222,11 +235,21 @@ class NatsBackend(BrokerBackend):
         async def on_disconnect() -> None:
             lost, self._lost = self._lost, asyncio.Event()
             lost.set()
-            if self._nc is nc:  # not when closing
+            # Not when closing, nor when nats-py gave the connection up (see on_closed).
+            if self._nc is nc and not nc.is_closed:
                 logger.warning("eventwire: lost NATS at %s; reconnecting", self.url.redacted)
 
         async def on_reconnect() -> None:
             logger.warning("eventwire: reconnected to NATS at %s", self.url.redacted)
+
+        async def on_closed() -> None:
+            if self._nc is nc:  # not closed by close(): nats-py gave up after a server error
+                logger.warning(
+                    "eventwire: NATS at %s closed the connection (%s); opening a new one",
+                    self.url.redacted,
+                    nc.last_error,
+                )
+                self._reopen_soon()
 
         user = unquote(self.url.username) if self.url.username else None
         password = unquote(self.url.password) if self.url.password is not None else None
@@ -238,6 +261,7 @@ class NatsBackend(BrokerBackend):
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                closed_cb=on_closed,
                 connect_timeout=_ATTEMPT_TIMEOUT,
                 max_reconnect_attempts=-1,
                 reconnect_to_server_handler=_reconnect_delay,
@@ -309,8 +333,49 @@ class NatsBackend(BrokerBackend):
             # Another process may have created it meanwhile (with other settings).
             await js.stream_info(self.stream)
 
+    def _reopen_soon(self) -> None:
+        """Start replacing the connection, closed for good by nats-py, unless already doing so."""
+        if self._reopening is None or self._reopening.done():
+            self._reopening = asyncio.get_running_loop().create_task(
+                self._reopen(self.nc), name="eventwire:nats:reopen"
+            )
+
+    async def _reopen(self, closed: _LenientClient) -> None:
+        backoff = _Backoff()
+        failures = 0
+        while self._nc is closed:
+            fresh = _LenientClient()
+            try:
+                await self._open(fresh)
+            except Exception as error:
+                with contextlib.suppress(Exception):
+                    await fresh.close()
+                failures += 1
+                # Warned once; the server may be down for a while.
+                logger.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "eventwire: opening a new connection to NATS at %s failed (%s); retrying",
+                    self.url.redacted,
+                    error,
+                )
+                await backoff.pause()
+                continue
+            if self._nc is not closed:  # close() was called meanwhile
+                await fresh.close()
+                return
+            self._nc, self._js, self._kv = fresh, fresh.jetstream(timeout=_REQUEST_TIMEOUT), None
+            logger.warning("eventwire: opened a new connection to NATS at %s", self.url.redacted)
+
+    def _closed_by_server(self, link: _LenientClient) -> bool:
+        """Whether `link` was given up by nats-py after a server error (not by `close()`)."""
+        return link.is_closed and self._nc is not None
+
     async def close(self) -> None:
         nc, self._nc, self._js, self._kv = self._nc, None, None, None
+        reopening, self._reopening = self._reopening, None
+        if reopening is not None and not reopening.done():
+            reopening.cancel()
+            await asyncio.wait({reopening})
         if nc is not None:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -318,11 +383,11 @@ class NatsBackend(BrokerBackend):
     # -- publishing ------------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> None:
-        js = self.js
         waiting = list(messages)
         backoff = _Backoff()
         while waiting:
             await self._connected()
+            link, js = self.nc, self.js
             failed: list[Message] = []
             last: BaseException | None = None
             for start in range(0, len(waiting), _PUBLISH_WINDOW):
@@ -335,6 +400,16 @@ class NatsBackend(BrokerBackend):
                     results: list[BaseException | None] = await self._on_this_link(stored)
                 except nats.errors.ConnectionReconnectingError as error:
                     results = [error] * len(window)
+                if self._closed_by_server(link) and any(
+                    isinstance(result, BaseException) for result in results
+                ):
+                    # Retrying what may have caused the error could close the next one too.
+                    raise BackendConnectionError(
+                        f"NATS at {self.url.redacted} closed the connection ({link.last_error}) "
+                        f"while {len(window)} event(s) were being stored, from {window[0].id!r} "
+                        f"on {window[0].topic[:40]!r}: they may not be stored; publish them "
+                        "again (a new connection is being opened)"
+                    )
                 for message, result in zip(window, results, strict=True):
                     if isinstance(result, BaseException):
                         if isinstance(result, nats.errors.ConnectionClosedError):
@@ -371,7 +446,7 @@ class NatsBackend(BrokerBackend):
         backoff = _Backoff()
         while not self.nc.is_connected:
             if self.nc.is_closed:
-                raise BackendConnectionError(f"the connection to {self.url.redacted} is closed")
+                self._reopen_soon()
             await backoff.pause()
 
     async def _on_this_link(self, call: Awaitable[T]) -> T:
@@ -406,8 +481,14 @@ class NatsBackend(BrokerBackend):
         while True:
             try:
                 return await self._on_this_link(call())
-            except _TRANSIENT as error:
-                if loop.time() >= deadline or self.nc.is_closed:
+            except _TRANSIENT_OR_REPLACED as error:
+                if self._nc is None:
+                    raise BackendConnectionError(
+                        f"{what} failed: the connection to {self.url.redacted} is closed"
+                    ) from error
+                if self._nc.is_closed:
+                    self._reopen_soon()
+                if loop.time() >= deadline:
                     raise BackendConnectionError(
                         f"{what} failed on NATS at {self.url.redacted}: "
                         f"{type(error).__name__}: {error}"
@@ -533,10 +614,9 @@ class NatsBackend(BrokerBackend):
     async def _bucket(self, create: bool) -> KeyValue | None:
         if self._kv is not None:
             return self._kv
-        js = self.js
         try:
             self._kv = await self._retry(
-                "opening the handled-ids bucket", lambda: js.key_value(self.bucket)
+                "opening the handled-ids bucket", lambda: self.js.key_value(self.bucket)
             )
         except nats.js.errors.NotFoundError:
             if not create:
@@ -551,18 +631,19 @@ class NatsBackend(BrokerBackend):
             )
             try:
                 self._kv = await self._retry(
-                    "creating the handled-ids bucket", lambda: js.create_key_value(config)
+                    "creating the handled-ids bucket", lambda: self.js.create_key_value(config)
                 )
             except nats.js.errors.APIError:
-                self._kv = await js.key_value(self.bucket)  # created by another process
+                self._kv = await self.js.key_value(self.bucket)  # created by another process
         return self._kv
 
     async def _record_handled(self, durable: str, event_ids: Sequence[str]) -> None:
-        kv = await self._bucket(create=True)
-        assert kv is not None
         keys = [f"{durable}.{_id_key(event_id)}" for event_id in dict.fromkeys(event_ids)]
 
         async def put(window: list[str]) -> None:
+            # The bucket is looked up on every try: a new connection needs a new handle.
+            kv = await self._bucket(create=True)
+            assert kv is not None
             await _gather_all(kv.put(key, b"") for key in window)
 
         for start in range(0, len(keys), _PUBLISH_WINDOW):
@@ -570,13 +651,12 @@ class NatsBackend(BrokerBackend):
             await self._retry("recording handled ids", functools.partial(put, window))
 
     async def _handled(self, durable: str, event_ids: Sequence[str]) -> set[str]:
-        kv = await self._bucket(create=False)
-        if kv is None or not event_ids:
+        if not event_ids or await self._bucket(create=False) is None:
             return set()
         unique = list(dict.fromkeys(event_ids))
         found: set[str] = set()
 
-        async def known(event_id: str) -> bool:
+        async def known(kv: KeyValue, event_id: str) -> bool:
             try:
                 await kv.get(f"{durable}.{_id_key(event_id)}")
             except nats.js.errors.NotFoundError:  # KeyNotFoundError, also a deleted key
@@ -584,7 +664,9 @@ class NatsBackend(BrokerBackend):
             return True
 
         async def look_up(window: list[str]) -> list[bool]:
-            return await _gather_all(known(event_id) for event_id in window)
+            kv = await self._bucket(create=False)  # on every try, as in _record_handled
+            assert kv is not None
+            return await _gather_all(known(kv, event_id) for event_id in window)
 
         for start in range(0, len(unique), _PUBLISH_WINDOW):
             window = unique[start : start + _PUBLISH_WINDOW]
@@ -622,8 +704,9 @@ class _NatsConsumer(Consumer):
         self._spec = spec
         self._durable = durable
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{backend.stream}.{durable}"
-        self._inbox = backend.nc.new_inbox()
+        self._inbox = ""
         self._sub: Subscription | None = None
+        self._link: _LenientClient | None = None  # the connection `_sub` is on
         self._buffer: deque[tuple[float, Msg]] = deque()
         self._pull: _Pull | None = None
         self._pulls = 0
@@ -635,7 +718,11 @@ class _NatsConsumer(Consumer):
         self._wants_reserved = spec.pattern.startswith("_")
 
     async def _subscribe(self) -> None:
-        self._sub = await self._backend.nc.subscribe(f"{self._inbox}.*", cb=self._on_message)
+        """Subscribe to a new inbox on the backend's current connection."""
+        link = self._backend.nc
+        self._inbox = link.new_inbox()
+        self._sub = await link.subscribe(f"{self._inbox}.*", cb=self._on_message)
+        self._link = link
 
     async def _on_message(self, msg: Msg) -> None:
         pull = self._pull
@@ -667,8 +754,9 @@ class _NatsConsumer(Consumer):
         else:
             request["expires"] = int(expires * 1e9)
         self._pull = pull
+        link = self._backend.nc
         try:
-            await self._backend.nc.publish(
+            await link.publish(
                 self._next_subject,
                 json.dumps(request).encode(),
                 reply=f"{self._inbox}.{pull.token}",
@@ -678,6 +766,8 @@ class _NatsConsumer(Consumer):
         except TimeoutError:
             return None
         except nats.errors.ConnectionClosedError as error:
+            if self._backend._closed_by_server(link):
+                return None  # the next fetch waits for the new connection
             raise BackendConnectionError(
                 f"the connection to {self._backend.url.redacted} is closed"
             ) from error
@@ -713,16 +803,18 @@ class _NatsConsumer(Consumer):
             return []
 
     async def _wait_connected(self, deadline: float) -> bool:
-        nc = self._backend.nc
+        """Wait until connected (False at `deadline`); on a new connection, subscribe anew."""
+        backend = self._backend
         loop = asyncio.get_running_loop()
-        while not nc.is_connected:
-            if nc.is_closed:
-                raise BackendConnectionError(
-                    f"the connection to {self._backend.url.redacted} is closed"
-                )
+        while not backend.nc.is_connected:
+            if backend.nc.is_closed:
+                backend._reopen_soon()
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0.0)))
+        if self._link is not backend.nc:
+            # Pulls are answered on the connection that sent them: the old inbox is gone.
+            await self._subscribe()
         return True
 
     async def _check_exists(self) -> None:
@@ -733,7 +825,7 @@ class _NatsConsumer(Consumer):
             return
         except nats.js.errors.NotFoundError:
             pass
-        except _TRANSIENT:
+        except _TRANSIENT_OR_REPLACED:
             return  # the server is slow or restarting: the next fetch tries again
         if self._spec.ephemeral:
             # Removed after a long pause in fetching (see _EPHEMERAL_INACTIVE): start again.
@@ -765,10 +857,11 @@ class _NatsConsumer(Consumer):
     async def _settle(self, msgs: Iterable[Msg], payload: bytes, *, quiet: bool = False) -> None:
         """Send `payload` (+ACK, -NAK, +WPI) for every message and wait until JetStream has
         processed each (it answers an ack sent as a request once applied)."""
-        nc = self._backend.nc
+        backend = self._backend
         replies = list(dict.fromkeys(msg.reply for msg in msgs))
 
         async def send(window: list[str]) -> None:
+            nc = backend.nc  # on every try: the connection may have been replaced
             await _gather_all(
                 nc.request(reply, payload, timeout=_REQUEST_TIMEOUT) for reply in window
             )
@@ -804,19 +897,19 @@ class _NatsConsumer(Consumer):
             # Acks are published, not requested: one flush (a PING round trip) per batch
             # instead of a reply per ack. An ack lost on the way means a redelivery (at least
             # once), never a loss.
-            nc = self._backend.nc
             await self._backend._retry(
                 f"acknowledging {len(msgs)} deliveries",
-                functools.partial(self._publish_acks, nc, msgs),
+                functools.partial(self._publish_acks, self._backend, msgs),
             )
         for msg in msgs:
             self._held.pop(msg.reply, None)
 
     @staticmethod
-    async def _publish_acks(nc: Any, msgs: Sequence[Msg]) -> None:
+    async def _publish_acks(backend: NatsBackend, msgs: Sequence[Msg]) -> None:
+        nc = backend.nc  # on every try: the connection may have been replaced
         for reply in dict.fromkeys(msg.reply for msg in msgs):
             await nc.publish(reply, b"+ACK")
-        await nc.flush(timeout=_REQUEST_TIMEOUT)
+        await nc.flush(timeout=int(_REQUEST_TIMEOUT))
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         [msg] = self._msgs([delivery])
