@@ -9,17 +9,26 @@ the same way, its raw body kept in the payload.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from eventwire.envelope import PayloadTooLargeError, UnencodablePayloadError, encode
+from eventwire.errors import InvalidTopicError
 from eventwire.event import Event
 from eventwire.observe import SubscriptionInfo
-from eventwire.topics import is_reserved, is_topic
+from eventwire.topics import DEAD_LETTER_PREFIX, is_reserved, is_topic
 
 logger = logging.getLogger("eventwire")
 
-DLQ_PREFIX = "_dlq."
+DLQ_PREFIX = DEAD_LETTER_PREFIX
+# Where a letter goes whose own topic cannot carry the prefix (a foreign producer's topic).
+MALFORMED_TOPIC = f"{DLQ_PREFIX}_malformed"
+# Error texts kept in a letter's metadata are cut at this many characters.
+ERROR_TEXT_LIMIT = 2000
+# What a letter keeps of a payload too big to store: its first characters, size and hash.
+PREVIEW_CHARACTERS = 1000
 # Where every dead letter of a namespace is kept on a broker (`eventwire dlq`).
 DLQ_PATTERN = "_dlq.>"
 
@@ -37,7 +46,7 @@ class DeadLetters:
     ) -> bool:
         """Publish the dead letter of `event` and a `_bus.error` notice; False if they could
         not be stored (the event must then be tried again later, not acknowledged)."""
-        description = f"{type(error).__name__}: {error}"
+        description = _cut(f"{type(error).__name__}: {error}")
         logger.error(
             "eventwire: %s gave up on %s %s after %d attempt(s): %s",
             subscription.name,
@@ -88,23 +97,80 @@ class DeadLetters:
         letter: tuple[str, Any] | None,
         details: Mapping[str, Any],
     ) -> bool:
-        try:
-            if letter is not None:
+        """Store the letter and the notice. True once the letter is stored, or could never
+        be (logged: the event is not handled again for ever); False when the broker failed
+        for now (the event goes back to it, to be tried again later)."""
+        if letter is not None:
+            try:
                 await self._publish(letter[0], letter[1], metadata=details)
-            if not topic.startswith("_bus."):
+            except (UnencodablePayloadError, PayloadTooLargeError, InvalidTopicError) as refused:
+                # It can never be stored as it is: store what can be, and say what was cut.
+                letter, details = _reduced(letter, details, refused)
+                try:
+                    await self._publish(letter[0], letter[1], metadata=details)
+                except Exception:
+                    logger.exception(
+                        "eventwire: the dead letter of %s for %s could not be stored even "
+                        "without its payload; it is dropped",
+                        event_id or f"a malformed message on {topic!r}",
+                        subscription.name,
+                    )
+                    return True
+                logger.error(
+                    "eventwire: the dead letter of %s for %s was stored without its payload (%s)",
+                    event_id or f"a malformed message on {topic!r}",
+                    subscription.name,
+                    refused,
+                )
+            except Exception:
+                logger.exception(
+                    "eventwire: could not store the dead letter of %s for %s; the event goes "
+                    "back to be tried again",
+                    event_id or f"a malformed message on {topic!r}",
+                    subscription.name,
+                )
+                return False
+        if not topic.startswith("_bus."):
+            try:
                 await self._publish(
                     "_bus.error",
                     {**details, "topic": topic, "event_id": event_id},
                     metadata={"subscription": subscription.name},
                 )
-        except Exception:
-            logger.exception(
-                "eventwire: could not publish the dead letter of %s for %s",
-                event_id or f"a malformed message on {topic!r}",
-                subscription.name,
-            )
-            return False
+            except Exception:
+                # The letter is stored: a lost notice is logged, never a reason to retry.
+                logger.warning("eventwire: could not publish the _bus.error notice", exc_info=True)
         return True
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= ERROR_TEXT_LIMIT else text[:ERROR_TEXT_LIMIT] + " [cut]"
+
+
+def _reduced(
+    letter: tuple[str, Any], details: Mapping[str, Any], refused: Exception
+) -> tuple[tuple[str, Any], dict[str, Any]]:
+    """A letter that can be stored in place of one that cannot: the event without its
+    payload (its size, hash and first characters instead), on `_dlq._malformed` if its
+    topic was the problem."""
+    topic, content = letter
+    if isinstance(refused, InvalidTopicError):
+        topic = MALFORMED_TOPIC
+    kept: dict[str, Any] = {**details, "payload_dropped": _cut(str(refused))}
+    if isinstance(content, Event):
+        try:
+            raw = encode(content, max_bytes=None)
+        except Exception:
+            raw = repr(content.payload).encode()
+        summary = {
+            "bytes": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "preview": raw[:PREVIEW_CHARACTERS].decode("utf-8", "replace"),
+        }
+        content = content.replace(payload=summary, metadata={})
+    else:
+        content = {"dropped": True}
+    return (topic, content), kept
 
 
 def foreign_letter(topic: str, body: bytes, why: str) -> tuple[str, dict[str, Any]]:

@@ -644,7 +644,7 @@ def parse(delivery: Delivery) -> DeadLetter:
     if event is not None:
         topic = event.topic
     elif isinstance(payload, dict):
-        # A message that was not an envelope (see eventwire.durable.foreign_dead_letter).
+        # A message that was not an envelope (see eventwire.deadletter.foreign_letter).
         topic = str(payload.get("topic") or topic)
         body, body_base64 = (
             _text_or_none(payload.get("body")),

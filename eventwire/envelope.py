@@ -125,6 +125,32 @@ def encode(event: Event[Any], *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> b
     return data
 
 
+# Envelope bytes besides the payload, at most, for an event with no metadata: a string
+# payload shorter than (limit - this) / 6 fits whatever it escapes to.
+_ENVELOPE_OVERHEAD = 1024
+# The widest JSON escape of one character (\u00XX) is six bytes.
+_WIDEST_ESCAPE = 6
+
+
+def check_encodable(event: Event[Any], *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> None:
+    """Raise what `encode` would raise for `event` (`UnencodablePayloadError`,
+    `PayloadTooLargeError`), without encoding it where that is sure to succeed: the
+    in-process bus refuses exactly what a broker refuses, at the cost of a type test for
+    small plain payloads."""
+    payload = event.payload
+    kind = type(payload)
+    if not event.metadata:
+        if kind is int or payload is None or kind is bool:
+            return
+        if (
+            kind is str
+            and max_bytes is not None
+            and len(payload) * _WIDEST_ESCAPE + _ENVELOPE_OVERHEAD <= max_bytes
+        ):
+            return
+    encode(event, max_bytes=max_bytes)
+
+
 def _has_non_finite(event: Event[Any]) -> bool:
     pending: list[Any] = [event.payload, dict(event.metadata)]
     while pending:

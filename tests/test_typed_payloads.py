@@ -7,6 +7,7 @@ import pytest
 from pydantic import BaseModel
 
 from eventwire import Event, EventBus
+from eventwire.envelope import UnencodablePayloadError
 
 
 class UserQuery(BaseModel):
@@ -136,13 +137,15 @@ async def test_types_pydantic_cannot_validate_are_checked_by_class(bus: EventBus
     bus.subscribe("broken", broken, name="broken")
     bus.subscribe("opaque", takes_opaque, name="opaque")
     original = await bus.publish("broken", 1)
-    thing = Opaque()
-    await bus.publish("opaque", thing)
+    # An Opaque has no JSON form, so no backend can carry it: refused at publish, in process
+    # as on a broker; what can be sent is still checked against the handler's type.
+    with pytest.raises(UnencodablePayloadError):
+        await bus.publish("opaque", Opaque())
     await bus.publish("opaque", None)
     await bus.publish("opaque", "not opaque")
     await bus.drain(timeout=2)
     assert [letter.id for letter in letters] == [original.id]
-    assert opaque == [thing, None]
+    assert opaque == [None]
     assert "is a str, not the tests.test_typed_payloads.Opaque | None" in dead[0].metadata["error"]
 
 

@@ -17,6 +17,7 @@ from msgspec.structs import force_setattr
 from eventwire.backends.base import Backend, Capabilities, ConsumerInfo
 from eventwire.backends.url import BusURL, parse_url
 from eventwire.drain import Epoch
+from eventwire.envelope import check_encodable
 from eventwire.errors import InboxFullError
 from eventwire.event import Event
 from eventwire.inbox import Inbox, Unsubscribed
@@ -51,6 +52,9 @@ class MemoryBackend(Backend):
     # -- events -------------------------------------------------------------------------
 
     def send(self, event: Event[Any], cause: Event[Any] | None) -> int | Awaitable[Any]:
+        # What a broker would refuse is refused here too, before anything is queued.
+        if type(event.payload) is not int or event.metadata:
+            check_encodable(event, max_bytes=self.services.max_event_bytes)
         route = self._routes.get(event.topic)
         if route is None:
             route = self.router.route(event.topic)
@@ -75,6 +79,12 @@ class MemoryBackend(Backend):
                 continue
             return self._put_rest(event, targets[index:], epoch)
         return count
+
+    async def send_many(self, events: Sequence[Event[Any]], cause: Event[Any] | None) -> None:
+        max_bytes = self.services.max_event_bytes
+        for event in events:  # all checked first: a bad one is refused with none sent
+            check_encodable(event, max_bytes=max_bytes)
+        await super().send_many(events, cause)
 
     async def _put_rest(self, event: Event[Any], targets: Sequence[Inbox], epoch: Epoch) -> int:
         """Go on queueing an event that met a full inbox, as each overflow policy says."""
