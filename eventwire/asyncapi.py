@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from eventwire.topology import DEAD_LETTERS, Topology
+from eventwire.topology import DEAD_LETTERS, Node, Topology
 
 if TYPE_CHECKING:
     from eventwire.bus import EventBus
@@ -101,6 +101,7 @@ class _Builder:
         self.channels: dict[str, dict[str, Any]] = {}
         self.messages: dict[str, dict[str, Any]] = {}
         self.schemas: dict[str, Any] = {}
+        self.operations: dict[str, Any] = {}
         self._message_of_type: dict[int, str] = {}
         self._types: list[Any] = []  # keeps the types alive while their id() is a key
 
@@ -172,6 +173,13 @@ class _Builder:
         }
         return {"$ref": f"#/channels/{_pointer(channel_id)}/messages/{_pointer(message)}"}
 
+    def operation(self, base: str, operation: dict[str, Any]) -> None:
+        """Add `operation` under an id made from `base`, numbered if `base` is taken."""
+        name, number = _identifier(base), 2
+        while name in self.operations:
+            name, number = f"{_identifier(base)}_{number}", number + 1
+        self.operations[name] = operation
+
     def references(self, channel_id: str) -> list[dict[str, str]]:
         """References to every message of a channel, for an operation."""
         return [
@@ -220,15 +228,16 @@ def build_document(
     for bus in buses:
         subscriptions.update(bus.subscriptions)
     builder = _Builder()
-    operations: dict[str, Any] = {}
+    _add_topic_channels(builder, shown, subscriptions)
+    _add_receive_operations(builder, shown, subscriptions)
+    _add_send_operations(builder, shown)
+    return _document(builder, _servers(buses), title, version, description)
 
-    def add_operation(base: str, operation: dict[str, Any]) -> None:
-        name, number = _identifier(base), 2
-        while name in operations:
-            name, number = f"{_identifier(base)}_{number}", number + 1
-        operations[name] = operation
 
-    # Channels of every topic, with the messages of the typed handlers that receive them.
+def _add_topic_channels(
+    builder: _Builder, shown: Topology, subscriptions: dict[str, Subscription]
+) -> None:
+    """A channel per topic, with the messages of the typed handlers that receive it."""
     for node in shown.of_kind("topic"):
         channel_id = builder.channel(
             node.name, "Dead letters of every topic." if node.name == DEAD_LETTERS else None
@@ -241,6 +250,11 @@ def build_document(
         for payload_type in [t for t in types if t is not None] or [None]:
             builder.attach(channel_id, builder.message_for(payload_type))
 
+
+def _add_receive_operations(
+    builder: _Builder, shown: Topology, subscriptions: dict[str, Subscription]
+) -> None:
+    """A receive operation per subscription of these buses, on its pattern's channel."""
     for node in shown.of_kind("subscription"):
         subscription = subscriptions.get(node.name)
         if subscription is None or node.pattern is None:
@@ -253,14 +267,6 @@ def build_document(
             references = builder.references(channel_id)
         else:
             references = [builder.attach(channel_id, builder.message_for(payload_type))]
-        details: dict[str, Any] = {"name": node.name, "pattern": node.pattern}
-        if node.group:
-            details["group"] = node.group
-        if node.agent:
-            details["agent"] = node.agent
-        details["concurrency"] = subscription.concurrency
-        if subscription.idempotent:
-            details["idempotent"] = True
         operation: dict[str, Any] = {
             "action": "receive",
             "channel": {"$ref": f"#/channels/{_pointer(channel_id)}"},
@@ -269,9 +275,25 @@ def build_document(
         summary = _summary(subscription)
         if summary:
             operation["summary"] = summary
-        operation["x-eventwire-subscription"] = details
-        add_operation(node.name, operation)
+        operation["x-eventwire-subscription"] = _subscription_extension(node, subscription)
+        builder.operation(node.name, operation)
 
+
+def _subscription_extension(node: Node, subscription: Subscription) -> dict[str, Any]:
+    """What `x-eventwire-subscription` says: name, pattern, and the options that are set."""
+    details: dict[str, Any] = {"name": node.name, "pattern": node.pattern}
+    if node.group:
+        details["group"] = node.group
+    if node.agent:
+        details["agent"] = node.agent
+    details["concurrency"] = subscription.concurrency
+    if subscription.idempotent:
+        details["idempotent"] = True
+    return details
+
+
+def _add_send_operations(builder: _Builder, shown: Topology) -> None:
+    """A send operation per topic a subscription or agent publishes, declared or learnt."""
     for edge in shown.edges:
         if edge.kind != "publishes":
             continue
@@ -284,7 +306,7 @@ def build_document(
         agent = publisher.name if publisher.kind == "agent" else publisher.agent
         if agent:
             who["agent"] = agent
-        add_operation(
+        builder.operation(
             f"{publisher.name}.publishes.{channel_id}",
             {
                 "action": "send",
@@ -296,6 +318,15 @@ def build_document(
             },
         )
 
+
+def _document(
+    builder: _Builder,
+    servers: dict[str, Any],
+    title: str,
+    version: str,
+    description: str | None,
+) -> dict[str, Any]:
+    """The whole document around what `builder` collected."""
     document: dict[str, Any] = {
         "asyncapi": ASYNCAPI_VERSION,
         "info": {
@@ -306,13 +337,12 @@ def build_document(
             "declared publishes.",
         },
     }
-    servers = _servers(buses)
     if servers:
         document["servers"] = servers
     document.update(
         defaultContentType="application/json",
         channels=builder.channels,
-        operations=operations,
+        operations=builder.operations,
         components={
             "schemas": builder.schemas,
             "messages": builder.messages,

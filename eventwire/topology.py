@@ -701,12 +701,31 @@ def _svg_lines(node: Node) -> list[str]:
     return [node.name, *_subscription_details(node)] if node.kind == "subscription" else [node.name]
 
 
-def _layout(topology: Topology) -> tuple[list[_Box], list[tuple[Edge, list[_Box], bool]]]:
+# An edge as the layout draws it: the edge, its boxes from source to target through any
+# waypoints, and whether it runs backwards (closes a cycle).
+_Chain = tuple[Edge, list[_Box], bool]
+# An edge between boxes: source box key, target box key, the edge.
+_Link = tuple[str, str, Edge]
+
+
+def _layout(topology: Topology) -> tuple[list[_Box], list[_Chain]]:
     """Layered layout: boxes in columns by longest path, ordered by barycentres, with
     waypoints (dummy boxes) on edges that cross columns. Returns boxes and, per edge, its
     chain of boxes and whether it runs backwards (a cycle)."""
+    boxes, where = _boxes(topology)
+    links = [(where[e.source], where[e.target], e) for e in topology.edges]
+    _assign_layers(boxes, links)
+    all_boxes, chains = _chains(boxes, links)
+    columns = _ordered_columns(all_boxes, chains)
+    _place(columns)
+    return all_boxes, chains
+
+
+def _boxes(topology: Topology) -> tuple[dict[str, _Box], dict[str, str]]:
+    """A sized box per agent (its subscriptions as rows), plain subscription and topic, by
+    key; and for each node id, the key of the box it is drawn in."""
     boxes: dict[str, _Box] = {}
-    where: dict[str, str] = {}  # node id -> box key
+    where: dict[str, str] = {}
     agents, plain, topics = _owned(topology)
     for agent in agents:
         members = topology.members(agent.name)
@@ -718,27 +737,34 @@ def _layout(topology: Topology) -> tuple[list[_Box], list[tuple[Edge, list[_Box]
         boxes[node.id] = _Box(node.id, node.kind, node.name, node=node)
         where[node.id] = node.id
     for box in boxes.values():
-        if box.kind == "agent":
-            texts = [f"agent {box.title}"] + [
-                " · ".join([_short_name(r), *_subscription_details(r)]) for r in box.rows
-            ]
-            box.height = _ROW * 1.3 + _ROW * len(box.rows) + (_PAD / 2 if box.rows else 0)
-        else:
-            assert box.node is not None
-            texts = _svg_lines(box.node)
-            box.height = _ROW * len(texts) + _PAD / 2
-        box.width = max(len(t) for t in texts) * _CHAR + 2 * _PAD
+        _size(box)
+    return boxes, where
 
-    links = [(where[e.source], where[e.target], e) for e in topology.edges]
-    # Cycles are broken by a depth-first search: an edge back into the current path is laid
-    # out as if reversed.
-    successors: dict[str, list[str]] = {key: [] for key in boxes}
+
+def _size(box: _Box) -> None:
+    """Set the box's width and height to fit its text."""
+    if box.kind == "agent":
+        texts = [f"agent {box.title}"] + [
+            " · ".join([_short_name(r), *_subscription_details(r)]) for r in box.rows
+        ]
+        box.height = _ROW * 1.3 + _ROW * len(box.rows) + (_PAD / 2 if box.rows else 0)
+    else:
+        assert box.node is not None
+        texts = _svg_lines(box.node)
+        box.height = _ROW * len(texts) + _PAD / 2
+    box.width = max(len(t) for t in texts) * _CHAR + 2 * _PAD
+
+
+def _back_links(keys: Iterable[str], links: list[_Link]) -> set[tuple[str, str]]:
+    """The links a depth-first search finds going back into its current path: laying them
+    out as if reversed breaks every cycle."""
+    successors: dict[str, list[str]] = {key: [] for key in keys}
     for source, target, _ in links:
         if source != target:
             successors[source].append(target)
-    state: dict[str, int] = {}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
     back: set[tuple[str, str]] = set()
-    for root in boxes:
+    for root in successors:
         if root in state:
             continue
         stack = [(root, iter(successors[root]))]
@@ -754,6 +780,12 @@ def _layout(topology: Topology) -> tuple[list[_Box], list[tuple[Edge, list[_Box]
             elif child not in state:
                 state[child] = 1
                 stack.append((child, iter(successors[child])))
+    return back
+
+
+def _assign_layers(boxes: dict[str, _Box], links: list[_Link]) -> None:
+    """Put each box in the column of its longest path from a box nothing points to."""
+    back = _back_links(boxes, links)
     forward = [(s, t) if (s, t) not in back else (t, s) for s, t, _ in links if s != t]
     predecessors: dict[str, list[str]] = {key: [] for key in boxes}
     for source, target in forward:
@@ -769,7 +801,11 @@ def _layout(topology: Topology) -> tuple[list[_Box], list[tuple[Edge, list[_Box]
     for key, box in boxes.items():
         box.layer = depth(key)
 
-    chains: list[tuple[Edge, list[_Box], bool]] = []
+
+def _chains(boxes: dict[str, _Box], links: list[_Link]) -> tuple[list[_Box], list[_Chain]]:
+    """Every box, waypoints included, and each link's chain of boxes: a waypoint in each
+    column the link crosses."""
+    chains: list[_Chain] = []
     all_boxes = list(boxes.values())
     for source, target, edge in links:
         start, end = boxes[source], boxes[target]
@@ -784,7 +820,12 @@ def _layout(topology: Topology) -> tuple[list[_Box], list[tuple[Edge, list[_Box]
             chain[1:] = reversed(chain[1:])
         chain.append(end)
         chains.append((edge, chain, reverse))
+    return all_boxes, chains
 
+
+def _ordered_columns(all_boxes: list[_Box], chains: list[_Chain]) -> dict[int, list[_Box]]:
+    """The boxes by column, each column ordered by sweeping left and right in turn, moving
+    each box to the mean position of its neighbours in the column swept from."""
     columns: dict[int, list[_Box]] = {}
     for position, box in enumerate(all_boxes):
         box.order = position
@@ -810,7 +851,11 @@ def _layout(topology: Topology) -> tuple[list[_Box], list[tuple[Edge, list[_Box]
             column.sort(key=lambda b: b.order)
             for index, box in enumerate(column):
                 box.order = index
+    return columns
 
+
+def _place(columns: dict[int, list[_Box]]) -> None:
+    """Set each box's x and y: columns left to right, each centred vertically."""
     x = _PAD
     heights = {
         level: sum(b.height for b in column) + _GAP_Y * (len(column) - 1)
@@ -826,7 +871,6 @@ def _layout(topology: Topology) -> tuple[list[_Box], list[tuple[Edge, list[_Box]
             box.y = y
             y += box.height + _GAP_Y
         x += width + _GAP_X
-    return all_boxes, chains
 
 
 def render_svg(topology: Topology, *, engine: str = "auto") -> str:
