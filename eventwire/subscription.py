@@ -384,7 +384,7 @@ class Subscription:
             for index in range(self.concurrency)
         ]
 
-    async def _work(self, index: int) -> None:
+    async def _work(self, index: int) -> None:  # noqa: C901, PLR0912, PLR0915
         # One loop on purpose: it runs once per event, and a call per event costs the in-process
         # bus measurable throughput. What is not per event lives in methods: waiting when idle
         # (`_idle`), taking a key (`_hold_key`), timing (`_RunTimer`), failures (`_failed`).

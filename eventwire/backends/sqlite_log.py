@@ -271,7 +271,7 @@ class SqliteLog:
             if leased or not more:
                 return leased
 
-    def _lease(
+    def _lease(  # noqa: C901  (the leasing query, one transaction; split with the key-order fix)
         self, db: sqlite3.Connection, name: str, holder: str, limit: int, lease_seconds: float
     ) -> tuple[list[Leased], bool]:
         now = time.time()
