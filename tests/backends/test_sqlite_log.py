@@ -85,14 +85,19 @@ def test_nak_with_delay(log: SqliteLog) -> None:
     assert [d.attempts for d in log.fetch("c", "p")] == [2]
 
 
-def test_same_key_waits_for_the_earlier_delivery(log: SqliteLog) -> None:
+def test_a_key_stays_with_the_holder_of_its_earlier_deliveries(log: SqliteLog) -> None:
     log.ensure_consumer("c", "t")
     log.append(rows(("1", "t", "k"), ("2", "t", "k"), ("3", "t", "other")))
     first = log.fetch("c", "p1")
-    assert [d.event_id for d in first] == ["1", "3"]
-    assert log.fetch("c", "p2") == []  # "2" waits behind "1"
-    log.ack("c", [first[0].seq])
-    assert [d.event_id for d in log.fetch("c", "p2")] == ["2"]
+    assert [d.event_id for d in first] == ["1", "2", "3"]  # publish order, keys and all
+    log.append(rows(("4", "t", "k"), ("5", "t", None), ("6", "t", "k")))
+    assert [d.event_id for d in log.fetch("c", "p2")] == ["5"]  # "4" and "6" wait for p1's k
+    assert log.fetch("c", "p1") == []  # blocked for p1 too: they come after "5" now
+    assert log.ack("c", [first[0].seq]) == 0  # "2" is still owed ahead of them
+    assert log.fetch("c", "p2") == []
+    assert log.ack("c", [first[1].seq]) == 1  # "4" unblocked
+    assert [(d.event_id, d.attempts) for d in log.fetch("c", "p2")] == [("4", 1), ("6", 1)]
+    assert log.fetch("c", "p1") == []
 
 
 def test_state_survives_reopening(tmp_path: Path) -> None:
@@ -221,21 +226,25 @@ def test_extend_renews_only_the_holders_leases(log: SqliteLog) -> None:
 # -- per-key order -----------------------------------------------------------------------------
 
 
-def test_a_blocked_delivery_waits_through_naks_and_expiry_of_the_first(log: SqliteLog) -> None:
+def test_blocked_deliveries_wait_through_naks_and_expiry_and_follow_the_first(
+    log: SqliteLog,
+) -> None:
     log.ensure_consumer("c", "t")
     log.append(rows(("1", "t", "k"), ("2", "t", "k"), ("3", "t", "k")))
-    [first] = log.fetch("c", "p1", lease_seconds=0.1)
+    [first] = log.fetch("c", "p1", limit=1)
+    assert log.fetch("c", "p2") == []  # "2" and "3" are stored blocked behind p1's "1"
+    log.nak("c", first.seq, delay=60)
+    assert log.fetch("c", "p2") == []  # "1" waits, still ahead of them
     log.nak("c", first.seq, delay=0)
-    [again] = log.fetch("c", "p2", lease_seconds=0.1)  # the first again, never "2"
-    assert (again.event_id, again.attempts) == ("1", 2)
+    got = log.fetch("c", "p2", lease_seconds=0.1)
+    assert [(d.event_id, d.attempts) for d in got] == [("1", 2), ("2", 1), ("3", 1)]
     time.sleep(0.15)  # the lease itself is what this test is about
-    assert [d.event_id for d in log.fetch("c", "p3")] == ["1"]
-    assert log.ack("c", [first.seq]) == 1  # "2" unblocked
-    [second] = log.fetch("c", "p1")
-    assert second.event_id == "2"
-    assert log.fetch("c", "p2") == []
-    assert log.ack("c", [second.seq]) == 1
-    assert [d.event_id for d in log.fetch("c", "p2")] == ["3"]
+    assert [(d.event_id, d.attempts) for d in log.fetch("c", "p3", limit=1)] == [("1", 3)]
+    assert log.fetch("c", "p4") == []  # "2" and "3" are visible, but "1" is p3's
+    again = log.fetch("c", "p3")
+    assert [(d.event_id, d.attempts) for d in again] == [("2", 2), ("3", 2)]
+    assert log.ack("c", [first.seq, *(d.seq for d in again)]) == 0
+    assert log.pending("c") == 0
 
 
 def test_per_key_order_with_many_keys_and_competing_holders(log: SqliteLog) -> None:
@@ -255,23 +264,30 @@ def test_per_key_order_with_many_keys_and_competing_holders(log: SqliteLog) -> N
             specs.append((f"free{len(specs)}-0", "orders.placed", None))  # no key
     for start in range(0, len(specs), 400):
         log.append(rows(*specs[start : start + 400]))
-    held: dict[str, Leased] = {}  # key (or id of an unkeyed event) -> delivery being handled
+    # key (or id of an unkeyed event) -> the holder leasing it and what it holds of it, oldest
+    # first (a holder handles a key's deliveries in order, as the bus does in a process)
+    held: dict[str, tuple[str, list[Leased]]] = {}
     handled: dict[str, list[str]] = defaultdict(list)
     done: list[str] = []
     for turn in range(10_000):
-        batch = log.fetch("c", f"p{turn % 3}", limit=97)
-        for delivery in batch:
+        holder = f"p{turn % 3}"
+        for delivery in log.fetch("c", holder, limit=97):
             key = delivery.event_id.rsplit("-", 1)[0]
-            assert key not in held, f"{key} leased twice at once"
-            held[key] = delivery
-        # Handlers finish about half of what is held, in any order.
-        finished = shuffle.sample(sorted(held.values(), key=lambda d: d.seq), len(held) // 2 + 1)
-        for delivery in finished:
-            key = delivery.event_id.rsplit("-", 1)[0]
+            owner, queue = held.setdefault(key, (holder, []))
+            assert owner == holder, f"{key} leased to {owner} and {holder} at once"
+            assert not queue or queue[-1].seq < delivery.seq, f"{key} leased out of order"
+            queue.append(delivery)
+        # Handlers finish the oldest delivery of about half the keys held, keys in any order.
+        busy = sorted(held)
+        finished = []
+        for key in shuffle.sample(busy, len(busy) // 2 + 1) if busy else []:
+            delivery = held[key][1].pop(0)
+            if not held[key][1]:
+                del held[key]
             handled[key].append(delivery.event_id)
-            del held[key]
             done.append(delivery.event_id)
-        log.ack("c", [d.seq for d in finished])
+            finished.append(delivery.seq)
+        log.ack("c", finished)
         if not held and log.pending("c") == 0 and not log.fetch("c", "p", limit=1):
             break
     assert sorted(done) == sorted(event_id for event_id, _, _ in specs)  # each exactly once
@@ -291,7 +307,11 @@ def _keyed_worker(path: str, holder: str, start: Any, out: multiprocessing.Queue
                 break
             time.sleep(0.001)
             continue
-        for delivery in reversed(batch):  # any order: a batch holds one event per key
+        # Keys in any order, each key's own deliveries in order (as the bus does).
+        by_key: dict[str, list[Leased]] = defaultdict(list)
+        for delivery in batch:
+            by_key[delivery.event_id.split("-")[0]].append(delivery)
+        for delivery in itertools.chain.from_iterable(reversed(by_key.values())):
             began = time.monotonic()
             time.sleep(0.0005)  # handling
             spans.append((delivery.event_id, began, time.monotonic()))
@@ -304,7 +324,7 @@ def test_per_key_order_holds_across_processes(tmp_path: Path) -> None:
     path = str(tmp_path / "bus.db")
     log = SqliteLog(path)
     log.ensure_consumer("keyed", "k.>")
-    # Runs of three events of a key: a batch of five would hold several of one key.
+    # Runs of three events of a key: a batch of five holds several of one key.
     log.append(
         rows(
             *(
