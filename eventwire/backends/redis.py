@@ -606,8 +606,9 @@ def _start_id(start: Any) -> str:
     if start == "earliest":
         return "0-0"
     if isinstance(start, datetime):
-        moment = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
-        ms = int(moment.timestamp() * 1000)
+        if start.tzinfo is None:
+            raise ValueError("start= datetime must be timezone-aware (e.g. UTC)")
+        ms = int(start.timestamp() * 1000)
         # Stream ids are "<ms>-<seq>" of the server clock at XADD: the group starts just
         # before the first id of that millisecond.
         return f"{ms - 1}-18446744073709551615" if ms > 0 else "0-0"
@@ -920,7 +921,7 @@ class RedisConsumer(Consumer):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(wait, 0.0)
         pause = _RETRY_PAUSE
-        while True:
+        while not self._closed:
             try:
                 if loop.time() >= self._next_prune:
                     await self.prune()
@@ -943,6 +944,12 @@ class RedisConsumer(Consumer):
                     self._claim_cursor = _text(reply[2])
                     self._next_reclaim = loop.time() + self._reclaim_every
                 if reply[0]:
+                    if self._closed:
+                        # Closed while this fetch ran: what it took goes back at once (an
+                        # inbox's went with its group).
+                        if not self.spec.ephemeral:
+                            await self._release()
+                        return []
                     return _unpack_deliveries(reply[0], int(reply[1]))
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -970,6 +977,8 @@ class RedisConsumer(Consumer):
                 pause = _RETRY_PAUSE
             except redis_errors.ResponseError as error:
                 if "NOGROUP" in str(error):
+                    if self._closed:
+                        return []  # an inbox, removed by its close meanwhile
                     raise LookupError(
                         f"durable consumer {self.spec.name!r} no longer exists in namespace "
                         f"{backend.namespace!r} of {backend.url.redacted} (deleted?)"
@@ -983,6 +992,7 @@ class RedisConsumer(Consumer):
                 pause = await self._pause(pause, deadline)
                 if pause < 0:
                     return []
+        return []  # closed meanwhile
 
     async def _pause(self, pause: float, deadline: float) -> float:
         """Sleep before retrying a lost connection; -1 when the fetch's wait is over."""
@@ -1067,14 +1077,7 @@ class RedisConsumer(Consumer):
         # What this consumer still holds is due again now, for the group's other consumers;
         # if Redis is unreachable it comes back after ack_wait instead.
         try:
-            await backend.retrying(
-                lambda: backend.release_script(
-                    backend.client,
-                    [backend.stream, self._delayed, self._wake],
-                    [self.group, self.name],
-                ),
-                self._deadline(),
-            )
+            await self._release()
         except BackendConnectionError:
             logger.warning(
                 "eventwire: could not hand back the deliveries of %s to %s; they return after "
@@ -1082,3 +1085,14 @@ class RedisConsumer(Consumer):
                 self.spec.name,
                 backend.url.redacted,
             )
+
+    async def _release(self) -> None:
+        backend = self.backend
+        await backend.retrying(
+            lambda: backend.release_script(
+                backend.client,
+                [backend.stream, self._delayed, self._wake],
+                [self.group, self.name],
+            ),
+            self._deadline(),
+        )

@@ -408,13 +408,14 @@ class SqliteLog:
 
         return self._state(run)
 
-    def nak(self, name: str, seq: int, *, delay: float = 0.0) -> None:
-        """Make a leased delivery visible again after `delay` seconds."""
+    def nak(self, name: str, seq: int, holder: str, *, delay: float = 0.0) -> None:
+        """Make a delivery `holder` leases visible again after `delay` seconds. Nothing if it
+        was leased to another holder meanwhile (its lease had run out here)."""
         self._state(
             lambda db: db.execute(
                 "UPDATE deliveries SET visible_at = ?, leased_by = NULL"
-                " WHERE consumer = ? AND seq = ? AND visible_at != ?",
-                (time.time() + delay, name, seq, _BLOCKED),
+                " WHERE consumer = ? AND seq = ? AND leased_by = ?",
+                (time.time() + delay, name, seq, holder),
             )
         )
 

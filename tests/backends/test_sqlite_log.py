@@ -79,9 +79,9 @@ def test_nak_with_delay(log: SqliteLog) -> None:
     log.ensure_consumer("c", "t")
     log.append(rows(("1", "t", None)))
     [delivery] = log.fetch("c", "p")
-    log.nak("c", delivery.seq, delay=60)
+    log.nak("c", delivery.seq, "p", delay=0.1)
     assert log.fetch("c", "p") == []
-    log.nak("c", delivery.seq, delay=0)
+    time.sleep(0.15)  # the delay itself is what this test is about
     assert [d.attempts for d in log.fetch("c", "p")] == [2]
 
 
@@ -201,7 +201,7 @@ def test_visible_again_comes_before_new_events_and_counts_attempts(log: SqliteLo
     log.append(rows(("1", "t", None), ("2", "t", None)))
     [one] = log.fetch("c", "p", limit=1)
     log.append(rows(("3", "t", None)))
-    log.nak("c", one.seq)
+    log.nak("c", one.seq, "p")
     again = log.fetch("c", "p", limit=10)
     assert [(d.event_id, d.attempts) for d in again] == [("1", 2), ("2", 1), ("3", 1)]
     log.release("c", "p")
@@ -233,9 +233,11 @@ def test_blocked_deliveries_wait_through_naks_and_expiry_and_follow_the_first(
     log.append(rows(("1", "t", "k"), ("2", "t", "k"), ("3", "t", "k")))
     [first] = log.fetch("c", "p1", limit=1)
     assert log.fetch("c", "p2") == []  # "2" and "3" are stored blocked behind p1's "1"
-    log.nak("c", first.seq, delay=60)
+    log.nak("c", first.seq, "p2", delay=0)  # not p2's to give back: nothing changes
+    assert log.fetch("c", "p2") == []
+    log.nak("c", first.seq, "p1", delay=0.1)
     assert log.fetch("c", "p2") == []  # "1" waits, still ahead of them
-    log.nak("c", first.seq, delay=0)
+    time.sleep(0.15)  # the delay itself is what this test is about
     got = log.fetch("c", "p2", lease_seconds=0.1)
     assert [(d.event_id, d.attempts) for d in got] == [("1", 2), ("2", 1), ("3", 1)]
     time.sleep(0.15)  # the lease itself is what this test is about
