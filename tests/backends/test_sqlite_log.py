@@ -1,4 +1,7 @@
-"""The SQLite event log under the sqlite:// backend: durability, leases, competing processes."""
+"""The SQLite event log under the sqlite:// backend (`eventwire.backends.sqlite_log`): what
+only it has, called directly: ids stored once, competing processes on one file, the cost of a
+fetch over a large backlog, per-key order across processes, group commits and its file layout.
+The contract every backend keeps is in test_backend_contract.py."""
 
 from __future__ import annotations
 
@@ -37,91 +40,6 @@ def test_append_is_idempotent_per_id(log: SqliteLog) -> None:
     assert log.append(rows(("a", "t.x", None), ("b", "t.x", None))) == 2
     assert log.append(rows(("a", "t.x", None), ("c", "t.x", None), ("c", "t.x", None))) == 1
     assert [d.event_id for d in log.fetch("c", "p")] == ["a", "b", "c"]
-
-
-def test_consumer_starts_latest_by_default_and_earliest_on_request(log: SqliteLog) -> None:
-    log.append(rows(("old", "t.x", None)))
-    log.ensure_consumer("late", "t.*")
-    log.ensure_consumer("history", "t.*", start="earliest")
-    log.append(rows(("new", "t.x", None)))
-    assert [d.event_id for d in log.fetch("late", "p1")] == ["new"]
-    assert [d.event_id for d in log.fetch("history", "p1")] == ["old", "new"]
-
-
-def test_start_at_a_time(log: SqliteLog) -> None:
-    log.append([("before", "t", None, 100, b"")])
-    log.append([("after", "t", None, 300, b"")])
-    log.ensure_consumer("from-200", "t", start=200)
-    assert [d.event_id for d in log.fetch("from-200", "p")] == ["after"]
-
-
-def test_pattern_filters_and_wildcard_rules_hold(log: SqliteLog) -> None:
-    log.ensure_consumer("c", "user.*")
-    log.append(rows(("1", "user.query", None), ("2", "user.query.x", None), ("3", "other", None)))
-    assert [d.event_id for d in log.fetch("c", "p")] == ["1"]
-
-
-def test_lease_hides_a_delivery_until_ack_or_expiry(log: SqliteLog) -> None:
-    log.ensure_consumer("c", "t")
-    log.append(rows(("1", "t", None)))
-    [first] = log.fetch("c", "p1", lease_seconds=0.2)
-    assert first.attempts == 1
-    assert log.fetch("c", "p2") == []  # leased to p1
-    time.sleep(0.25)  # the lease itself is what this test is about
-    [again] = log.fetch("c", "p2")
-    assert (again.event_id, again.attempts) == ("1", 2)  # redelivered after the lease ran out
-    log.ack("c", [again.seq])
-    assert log.pending("c") == 0
-    assert log.fetch("c", "p1") == []
-
-
-def test_nak_with_delay(log: SqliteLog) -> None:
-    log.ensure_consumer("c", "t")
-    log.append(rows(("1", "t", None)))
-    [delivery] = log.fetch("c", "p")
-    log.nak("c", delivery.seq, "p", delay=0.1)
-    assert log.fetch("c", "p") == []
-    time.sleep(0.15)  # the delay itself is what this test is about
-    assert [d.attempts for d in log.fetch("c", "p")] == [2]
-
-
-def test_a_key_stays_with_the_holder_of_its_earlier_deliveries(log: SqliteLog) -> None:
-    log.ensure_consumer("c", "t")
-    log.append(rows(("1", "t", "k"), ("2", "t", "k"), ("3", "t", "other")))
-    first = log.fetch("c", "p1")
-    assert [d.event_id for d in first] == ["1", "2", "3"]  # publish order, keys and all
-    log.append(rows(("4", "t", "k"), ("5", "t", None), ("6", "t", "k")))
-    assert [d.event_id for d in log.fetch("c", "p2")] == ["5"]  # "4" and "6" wait for p1's k
-    assert log.fetch("c", "p1") == []  # blocked for p1 too: they come after "5" now
-    assert log.ack("c", [first[0].seq]) == 0  # "2" is still owed ahead of them
-    assert log.fetch("c", "p2") == []
-    assert log.ack("c", [first[1].seq]) == 1  # "4" unblocked
-    assert [(d.event_id, d.attempts) for d in log.fetch("c", "p2")] == [("4", 1), ("6", 1)]
-    assert log.fetch("c", "p1") == []
-
-
-def test_state_survives_reopening(tmp_path: Path) -> None:
-    path = tmp_path / "bus.db"
-    log = SqliteLog(path)
-    log.ensure_consumer("c", "t")
-    log.append(rows(("1", "t", None), ("2", "t", None)))
-    [one, _] = log.fetch("c", "p", lease_seconds=0)
-    log.ack("c", [one.seq], handled_ids=["1"])
-    log.close()
-    reopened = SqliteLog(path)
-    assert [d.event_id for d in reopened.fetch("c", "p")] == ["2"]
-    assert reopened.was_handled("c", "1")
-    assert not reopened.was_handled("c", "2")
-    reopened.close()
-
-
-def test_changing_a_durable_pattern_is_refused(log: SqliteLog) -> None:
-    log.ensure_consumer("c", "a.*")
-    log.ensure_consumer("c", "a.*")  # the same again is fine (a restart)
-    with pytest.raises(ValueError, match=r"already exists with pattern 'a\.\*'"):
-        log.ensure_consumer("c", "b.*")
-    with pytest.raises(LookupError, match="no durable subscription named 'nope'"):
-        log.fetch("nope", "p")
 
 
 def _compete(path: str, holder: str, start: Any, out: multiprocessing.Queue[list[str]]) -> None:
@@ -224,6 +142,21 @@ def test_extend_renews_only_the_holders_leases(log: SqliteLog) -> None:
 
 
 # -- per-key order -----------------------------------------------------------------------------
+
+
+def test_a_key_stays_with_the_holder_of_its_earlier_deliveries(log: SqliteLog) -> None:
+    log.ensure_consumer("c", "t")
+    log.append(rows(("1", "t", "k"), ("2", "t", "k"), ("3", "t", "other")))
+    first = log.fetch("c", "p1")
+    assert [d.event_id for d in first] == ["1", "2", "3"]  # publish order, keys and all
+    log.append(rows(("4", "t", "k"), ("5", "t", None), ("6", "t", "k")))
+    assert [d.event_id for d in log.fetch("c", "p2")] == ["5"]  # "4" and "6" wait for p1's k
+    assert log.fetch("c", "p1") == []  # blocked for p1 too: they come after "5" now
+    assert log.ack("c", [first[0].seq]) == 0  # "2" is still owed ahead of them
+    assert log.fetch("c", "p2") == []
+    assert log.ack("c", [first[1].seq]) == 1  # "4" unblocked
+    assert [(d.event_id, d.attempts) for d in log.fetch("c", "p2")] == [("4", 1), ("6", 1)]
+    assert log.fetch("c", "p1") == []
 
 
 def test_blocked_deliveries_wait_through_naks_and_expiry_and_follow_the_first(
@@ -361,22 +294,6 @@ def test_per_key_order_holds_across_processes(tmp_path: Path) -> None:
 
 
 # -- bookkeeping -------------------------------------------------------------------------------
-
-
-def test_handled_ids_and_outstanding_counts(log: SqliteLog) -> None:
-    log.ensure_consumer("c", "t.*")
-    log.ensure_consumer("idle", "none")
-    log.append(rows(*((f"e{n}", "t.x", None) for n in range(600)), ("x", "other", None)))
-    batch = log.fetch("c", "p", limit=550)
-    log.ack("c", [d.seq for d in batch[:500]], handled_ids=[d.event_id for d in batch[:500]])
-    assert log.handled_among("c", [f"e{n}" for n in range(490, 520)]) == {
-        f"e{n}" for n in range(490, 500)
-    }
-    assert log.handled_among("idle", ["e1"]) == set()
-    assert log.consumers() == [("c", "t.*", 100), ("idle", "none", 0)]
-    log.delete_consumer("c")
-    assert log.consumers() == [("idle", "none", 0)]
-    assert log.handled_among("c", ["e1"]) == set()
 
 
 def test_writes_queued_together_commit_together_and_fail_alone(log: SqliteLog) -> None:
