@@ -1108,18 +1108,29 @@ class _Registry:
         try:
             body = json.dumps({**record, "id": record_id}).encode()
             properties = aiormq.spec.Basic.Properties(delivery_mode=2)
-            await self.backend.publish_raw(
-                [("", self.backend.registry_stream, body, properties)], retry=True
-            )
             backoff = _Backoff()
+            published = False
             while True:
                 self.backend._check_open()
                 try:
+                    if not published:
+                        # Declares the stream again if it was destroyed: a record sent to a
+                        # queue that does not exist is dropped without an error.
+                        await self.backend.connection()
+                        await self.backend.publish_raw(
+                            [("", self.backend.registry_stream, body, properties)], retry=True
+                        )
+                        published = True
                     await self._tail()
                     async with asyncio.timeout(5.0):
                         await asyncio.shield(waiter)
                     return
                 except _RETRYABLE as exc:
+                    if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+                        # The stream is gone (another process destroyed the namespace), and
+                        # the record with it: declare it again, then write the record again.
+                        self.backend._topology_ok = False
+                        published = False
                     # The tail was lost or stalled: read the stream again from the start.
                     log.warning("eventwire: re-reading %s: %s", self.backend.registry_stream, exc)
                     await self._close_channel()

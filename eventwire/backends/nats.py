@@ -93,6 +93,10 @@ _EPHEMERAL_INACTIVE = 60.0
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 _ACK_PREFIX = "$JS.ACK."
+# Part of ack_wait after which a consumer counts a delivery it holds (since it came or was last
+# extended) as lost: JetStream may have delivered it to another process already. JetStream's
+# clock started a little earlier than ours, when it sent the message.
+_LEASE_SURE = 0.9
 _DIRECT_ID = re.compile(r"[A-Za-z0-9_=-]{1,200}")
 
 # Errors that a reconnect or a JetStream restart cures: retry them.
@@ -711,8 +715,9 @@ class _NatsConsumer(Consumer):
         self._pull: _Pull | None = None
         self._pulls = 0
         self._lock = asyncio.Lock()
-        # Deliveries handed out and not yet acked or naked, by ack subject: given back on close.
-        self._held: dict[str, Msg] = {}
+        # Deliveries handed out and not yet acked or naked, by ack subject, with when their
+        # lease last started here: given back on close.
+        self._held: dict[str, tuple[float, Msg]] = {}
         self._closed = False
         # Broker wildcards also reach the bus's own `_` topics; only `_` patterns want them.
         self._wants_reserved = spec.pattern.startswith("_")
@@ -848,7 +853,7 @@ class _NatsConsumer(Consumer):
             if is_reserved(topic) and not self._wants_reserved:
                 skipped.append(msg)
                 continue
-            self._held[msg.reply] = msg
+            self._held[msg.reply] = (arrived, msg)
             taken.append(Delivery(topic, msg.data, _attempt(msg), msg))
         if skipped:
             await self._settle(skipped, b"+ACK", quiet=True)
@@ -911,16 +916,37 @@ class _NatsConsumer(Consumer):
             await nc.publish(reply, b"+ACK")
         await nc.flush(timeout=int(_REQUEST_TIMEOUT))
 
+    def _still_held(self, msgs: Iterable[Msg]) -> list[Msg]:
+        """Those of `msgs` whose lease this consumer surely still holds. JetStream takes a
+        nak or an extend of a delivery it has given to another process since as that
+        process's own: it must not be sent then."""
+        lost = self._lost_before()
+        return [
+            msg
+            for msg in msgs
+            if (held := self._held.get(msg.reply)) is not None and held[0] > lost
+        ]
+
+    def _lost_before(self) -> float:
+        """A delivery whose lease last started here before this time may be lost."""
+        return asyncio.get_running_loop().time() - self._spec.ack_wait * _LEASE_SURE
+
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         [msg] = self._msgs([delivery])
         payload = b"-NAK"
         if delay > 0:
             payload += b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
-        await self._settle([msg], payload)
+        if self._still_held([msg]):
+            await self._settle([msg], payload)
         self._held.pop(msg.reply, None)
 
     async def extend(self, deliveries: Sequence[Delivery]) -> None:
-        await self._settle(self._msgs(deliveries), b"+WPI")
+        renewed = asyncio.get_running_loop().time()
+        msgs = self._still_held(self._msgs(deliveries))
+        await self._settle(msgs, b"+WPI")
+        for msg in msgs:
+            if msg.reply in self._held:
+                self._held[msg.reply] = (renewed, msg)
 
     async def handled(self, event_ids: Sequence[str]) -> set[str]:
         return await self._backend._handled(self._durable, event_ids)
@@ -950,8 +976,10 @@ class _NatsConsumer(Consumer):
                     exc_info=True,
                 )
             return
-        # Give back at once what this process holds, rather than after ack_wait.
-        back = [*self._held.values(), *(msg for _, msg in self._buffer)]
+        # Give back at once what this process holds, rather than after ack_wait (what it held
+        # too long may be another process's now).
+        lost = self._lost_before()
+        back = [msg for since, msg in [*self._held.values(), *self._buffer] if since > lost]
         self._held.clear()
         self._buffer.clear()
         if back:

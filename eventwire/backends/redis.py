@@ -606,8 +606,9 @@ def _start_id(start: Any) -> str:
     if start == "earliest":
         return "0-0"
     if isinstance(start, datetime):
-        moment = start if start.tzinfo is not None else start.replace(tzinfo=UTC)
-        ms = int(moment.timestamp() * 1000)
+        if start.tzinfo is None:
+            raise ValueError("start= datetime must be timezone-aware (e.g. UTC)")
+        ms = int(start.timestamp() * 1000)
         # Stream ids are "<ms>-<seq>" of the server clock at XADD: the group starts just
         # before the first id of that millisecond.
         return f"{ms - 1}-18446744073709551615" if ms > 0 else "0-0"
@@ -916,63 +917,27 @@ class RedisConsumer(Consumer):
         self._check_open()
         if limit <= 0:
             return []
-        backend = self.backend
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(wait, 0.0)
         pause = _RETRY_PAUSE
-        while True:
+        while not self._closed:
             try:
-                if loop.time() >= self._next_prune:
-                    await self.prune()
-                reclaim = loop.time() >= self._next_reclaim
-                reply = await backend.fetch_script(
-                    backend.client,
-                    [backend.stream, self._delayed, self._wake],
-                    [
-                        self.group,
-                        self.name,
-                        limit,
-                        self.spec.pattern,
-                        "1" if reclaim else "0",
-                        self._min_idle_ms,
-                        self._claim_cursor,
-                        _SCAN_BUDGET,
-                    ],
-                )
-                if reclaim:
-                    self._claim_cursor = _text(reply[2])
-                    self._next_reclaim = loop.time() + self._reclaim_every
+                reply = await self._take(limit)
                 if reply[0]:
-                    return _unpack_deliveries(reply[0], int(reply[1]))
+                    return await self._taken(reply)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return []
-                if int(reply[3]):
-                    continue
-                last_id, wake_id, due_ms, now_ms = reply[4:8]
-                block = min(remaining, _MAX_BLOCK, max(self._next_reclaim - loop.time(), 0.001))
-                if int(due_ms) >= 0:
-                    block = min(block, max((int(due_ms) - int(now_ms)) / 1000, 0.001))
-                # Wakes for any new entry of the stream or a bump of the group's wake stream.
-                await _command(
-                    backend.client,
-                    "XREAD",
-                    "COUNT",
-                    1,
-                    "BLOCK",
-                    max(1, int(block * 1000)),
-                    "STREAMS",
-                    backend.stream,
-                    self._wake,
-                    last_id,
-                    wake_id,
-                )
+                if not int(reply[3]):  # nothing more to scan: wait for news
+                    await self._wait_for_news(reply, remaining)
                 pause = _RETRY_PAUSE
             except redis_errors.ResponseError as error:
                 if "NOGROUP" in str(error):
+                    if self._closed:
+                        return []  # an inbox, removed by its close meanwhile
                     raise LookupError(
                         f"durable consumer {self.spec.name!r} no longer exists in namespace "
-                        f"{backend.namespace!r} of {backend.url.redacted} (deleted?)"
+                        f"{self.backend.namespace!r} of {self.backend.url.redacted} (deleted?)"
                     ) from error
                 if not isinstance(error, _RETRYABLE):
                     raise
@@ -983,6 +948,65 @@ class RedisConsumer(Consumer):
                 pause = await self._pause(pause, deadline)
                 if pause < 0:
                     return []
+        return []  # closed meanwhile
+
+    async def _take(self, limit: int) -> Any:
+        """One run of the fetch script: redeliveries due, then new matching entries."""
+        backend = self.backend
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_prune:
+            await self.prune()
+        reclaim = loop.time() >= self._next_reclaim
+        reply = await backend.fetch_script(
+            backend.client,
+            [backend.stream, self._delayed, self._wake],
+            [
+                self.group,
+                self.name,
+                limit,
+                self.spec.pattern,
+                "1" if reclaim else "0",
+                self._min_idle_ms,
+                self._claim_cursor,
+                _SCAN_BUDGET,
+            ],
+        )
+        if reclaim:
+            self._claim_cursor = _text(reply[2])
+            self._next_reclaim = loop.time() + self._reclaim_every
+        return reply
+
+    async def _taken(self, reply: Any) -> list[Delivery]:
+        if self._closed:
+            # Closed while this fetch ran: what it took goes back at once (an inbox's went
+            # with its group).
+            if not self.spec.ephemeral:
+                await self._release()
+            return []
+        return _unpack_deliveries(reply[0], int(reply[1]))
+
+    async def _wait_for_news(self, reply: Any, remaining: float) -> None:
+        """Block until a new entry of the stream, a bump of the group's wake stream, a
+        delayed delivery falling due or the next reclaim, at most `remaining` seconds."""
+        backend = self.backend
+        loop = asyncio.get_running_loop()
+        last_id, wake_id, due_ms, now_ms = reply[4:8]
+        block = min(remaining, _MAX_BLOCK, max(self._next_reclaim - loop.time(), 0.001))
+        if int(due_ms) >= 0:
+            block = min(block, max((int(due_ms) - int(now_ms)) / 1000, 0.001))
+        await _command(
+            backend.client,
+            "XREAD",
+            "COUNT",
+            1,
+            "BLOCK",
+            max(1, int(block * 1000)),
+            "STREAMS",
+            backend.stream,
+            self._wake,
+            last_id,
+            wake_id,
+        )
 
     async def _pause(self, pause: float, deadline: float) -> float:
         """Sleep before retrying a lost connection; -1 when the fetch's wait is over."""
@@ -1067,14 +1091,7 @@ class RedisConsumer(Consumer):
         # What this consumer still holds is due again now, for the group's other consumers;
         # if Redis is unreachable it comes back after ack_wait instead.
         try:
-            await backend.retrying(
-                lambda: backend.release_script(
-                    backend.client,
-                    [backend.stream, self._delayed, self._wake],
-                    [self.group, self.name],
-                ),
-                self._deadline(),
-            )
+            await self._release()
         except BackendConnectionError:
             logger.warning(
                 "eventwire: could not hand back the deliveries of %s to %s; they return after "
@@ -1082,3 +1099,14 @@ class RedisConsumer(Consumer):
                 self.spec.name,
                 backend.url.redacted,
             )
+
+    async def _release(self) -> None:
+        backend = self.backend
+        await backend.retrying(
+            lambda: backend.release_script(
+                backend.client,
+                [backend.stream, self._delayed, self._wake],
+                [self.group, self.name],
+            ),
+            self._deadline(),
+        )

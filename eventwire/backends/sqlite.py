@@ -129,20 +129,30 @@ class _SqliteConsumer(Consumer):
         self._backend = backend
         self._spec = spec
         self._holder = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._closed = False
 
     async def fetch(self, limit: int, wait: float) -> list[Delivery]:
         backend, spec = self._backend, self._spec
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        while True:
+        while not self._closed:
             published = backend._published
-            leased = await asyncio.to_thread(
-                backend.log.fetch,
-                spec.name,
-                self._holder,
-                limit=limit,
-                lease_seconds=spec.ack_wait,
-            )
+            try:
+                leased = await asyncio.to_thread(
+                    backend.log.fetch,
+                    spec.name,
+                    self._holder,
+                    limit=limit,
+                    lease_seconds=spec.ack_wait,
+                )
+            except LookupError:
+                if self._closed:
+                    return []  # an inbox, removed by its close meanwhile
+                raise
+            if leased and self._closed:
+                # Closed while this fetch ran: what it took goes back at once.
+                await self._give_back()
+                return []
             if leased:
                 return [Delivery(item.topic, item.body, item.attempts, item) for item in leased]
             left = deadline - loop.time()
@@ -153,6 +163,7 @@ class _SqliteConsumer(Consumer):
                     await published.wait()
             except TimeoutError:
                 pass
+        return []
 
     async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
         seqs = [_leased(d).seq for d in deliveries]
@@ -165,7 +176,7 @@ class _SqliteConsumer(Consumer):
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         await asyncio.to_thread(
-            self._backend.log.nak, self._spec.name, _leased(delivery).seq, delay=delay
+            self._backend.log.nak, self._spec.name, _leased(delivery).seq, self._holder, delay=delay
         )
         if delay <= 0:
             self._backend._wake()
@@ -180,9 +191,15 @@ class _SqliteConsumer(Consumer):
         return await asyncio.to_thread(self._backend.log.handled_among, self._spec.name, event_ids)
 
     async def close(self) -> None:
+        self._closed = True
         if self._spec.ephemeral:
             await self._backend.delete_consumer(self._spec.name)
-        elif self._backend._log is not None:
+        else:
+            await self._give_back()
+        self._backend._wake()  # a fetch of this consumer in progress ends now
+
+    async def _give_back(self) -> None:
+        if self._backend._log is not None:
             await asyncio.to_thread(self._backend.log.release, self._spec.name, self._holder)
             self._backend._wake()
 

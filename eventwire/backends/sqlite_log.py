@@ -13,11 +13,14 @@ operation runs in a transaction of one file and returns once that has committed
   cursor over them: only as many as it leases, so a fetch costs the same whatever the backlog;
 - `ack` removes deliveries; `nak` makes one visible again after a delay; a delivery whose lease
   runs out (its process died) becomes visible again by itself, to any process of the consumer;
-- competing processes of one consumer never hold the same delivery at the same time, and a
-  delivery with a `key` is not leased while an earlier one of the same key is leased or
-  waiting, so per-key order holds across processes. This is kept incrementally: a keyed event
-  that finds an earlier delivery of its key owed is stored *blocked* (never visible), and
-  acknowledging the first owed delivery of a key unblocks the next one.
+- competing processes of one consumer never hold the same delivery at the same time, and the
+  deliveries of one `key` are leased to one holder at a time, oldest first, so per-key order
+  holds across processes (the holder handles what it leased of a key in order, as the bus
+  does within a process). A keyed event whose key's owed deliveries are all leased to the
+  fetching holder is leased to it as well: a holder's fetches keep publish order whatever the
+  keys. One whose key is owed elsewhere (leased to another holder, or waiting) is stored
+  *blocked* (never visible); acknowledging the last delivery owed ahead of a key's blocked
+  ones unblocks the first of them, and whoever leases it takes the blocked ones after it too.
 
 Events are only ever appended, with sequence numbers in commit order (appends hold the write
 lock of the events file), so reading past a cursor sees a prefix of the log.
@@ -63,8 +66,8 @@ _EVENTS_SCHEMA = (
 )
 # Deliveries are the events a consumer took past its cursor and has not acknowledged yet.
 # `visible_at` is when one may be leased (again): 0 once waiting, a lease's expiry, a nak's
-# delay, or +inf while it is blocked behind an earlier delivery of its key (of the deliveries
-# owed for a key, only the first is ever visible).
+# delay, or +inf while it is blocked behind earlier deliveries of its key (a key's blocked
+# deliveries always come after all its others).
 _CONSUMERS_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS consumers (
         name TEXT PRIMARY KEY,
@@ -271,7 +274,7 @@ class SqliteLog:
             if leased or not more:
                 return leased
 
-    def _lease(  # noqa: C901  (the leasing query, one transaction; split with the key-order fix)
+    def _lease(
         self, db: sqlite3.Connection, name: str, holder: str, limit: int, lease_seconds: float
     ) -> tuple[list[Leased], bool]:
         now = time.time()
@@ -280,16 +283,11 @@ class SqliteLog:
         if row is None:
             raise LookupError(f"no durable subscription named {name!r}; create it first")
         pattern, cursor = row
+        # Deliveries visible again, all before the cursor: they come first.
+        again = _lease_again(db, name, holder, limit, now)
         leased: list[Leased] = []
-        # Deliveries visible again: all before the cursor, so they come first. The index range
-        # holds only these, not those leased or blocked, however many the consumer owes.
-        again = db.execute(
-            "SELECT seq FROM deliveries INDEXED BY deliveries_visible"
-            " WHERE consumer = ? AND visible_at <= ? ORDER BY seq LIMIT ?",
-            (name, now, limit),
-        ).fetchall()
         if again:
-            visible = _json([seq for (seq,) in again])
+            visible = _json(again)
             db.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, visible_at = ?, leased_by = ?"
                 " WHERE consumer = ? AND seq IN (SELECT value FROM json_each(?))",
@@ -309,8 +307,8 @@ class SqliteLog:
         if need <= 0:
             return leased, False
         # New events past the cursor: matching ones become deliveries, leased at once unless
-        # an earlier delivery of their key is owed (then stored blocked).
-        owed: dict[str, bool] = {}  # key -> an earlier delivery of it is owed
+        # their key is owed elsewhere (then stored blocked).
+        ours: dict[str, bool] = {}  # key -> every delivery of it owed is leased to `holder`
         taken: list[int] = []  # new deliveries leased now
         blocked: list[int] = []  # new deliveries stored blocked
         scanned = 0
@@ -325,28 +323,28 @@ class SqliteLog:
                 " ORDER BY seq LIMIT ?",
                 (cursor, count),
             ).fetchall()
-            keys = {row[3] for row in rows if row[3] is not None and row[3] not in owed}
+            keys = {row[3] for row in rows if row[3] is not None and row[3] not in ours}
             if keys:
-                # Which of these keys have a delivery owed already: one query for all.
-                found = {
+                # Which of these keys have a delivery owed that is not leased to `holder`: one
+                # query for all (it stops at the first such delivery of each key).
+                elsewhere = {
                     key
                     for (key,) in db.execute(
                         "SELECT value FROM json_each(?2) WHERE EXISTS"
-                        " (SELECT 1 FROM deliveries WHERE consumer = ?1 AND key = value)",
-                        (name, _json(list(keys))),
+                        " (SELECT 1 FROM deliveries WHERE consumer = ?1 AND key = value"
+                        " AND (leased_by IS NOT ?3 OR visible_at <= ?4))",
+                        (name, _json(list(keys)), holder, now),
                     )
                 }
-                owed.update((key, key in found) for key in keys)
+                ours.update((key, key not in elsewhere) for key in keys)
             for seq, event_id, topic, key, body in rows:
                 cursor = seq
                 scanned += 1
                 if not self._matches_pattern(pattern, topic):
                     continue
-                if key is not None:
-                    if owed[key]:
-                        blocked.append(seq)
-                        continue
-                    owed[key] = True
+                if key is not None and not ours[key]:
+                    blocked.append(seq)
+                    continue
                 taken.append(seq)
                 leased.append(Leased(name, seq, event_id, topic, body, 1))
                 need -= 1
@@ -410,13 +408,14 @@ class SqliteLog:
 
         return self._state(run)
 
-    def nak(self, name: str, seq: int, *, delay: float = 0.0) -> None:
-        """Make a leased delivery visible again after `delay` seconds."""
+    def nak(self, name: str, seq: int, holder: str, *, delay: float = 0.0) -> None:
+        """Make a delivery `holder` leases visible again after `delay` seconds. Nothing if it
+        was leased to another holder meanwhile (its lease had run out here)."""
         self._state(
             lambda db: db.execute(
                 "UPDATE deliveries SET visible_at = ?, leased_by = NULL"
-                " WHERE consumer = ? AND seq = ? AND visible_at != ?",
-                (time.time() + delay, name, seq, _BLOCKED),
+                " WHERE consumer = ? AND seq = ? AND leased_by = ?",
+                (time.time() + delay, name, seq, holder),
             )
         )
 
@@ -511,6 +510,85 @@ class SqliteLog:
 
         self._state(run)
         self._events(lambda db: db.execute("DELETE FROM events"))
+
+
+def _lease_again(
+    db: sqlite3.Connection, name: str, holder: str, limit: int, now: float
+) -> list[int]:
+    """Up to `limit` deliveries of consumer `name` that `holder` may lease again (nak, lease
+    run out, release, unblocked), oldest first. One with a key only if its key is free for
+    `holder` (`_key_free`); then also the key's blocked deliveries, which wait for nothing
+    else once every earlier one is `holder`'s. Reads only: the caller leases them."""
+    chosen: list[int] = []
+    mine: set[int] = set()
+    keys: set[str] = set()  # keys of the deliveries chosen
+    last = 0
+    while len(chosen) < limit:
+        wanted = limit - len(chosen)
+        # The index range holds only deliveries visible now, not those leased or blocked,
+        # however many the consumer owes.
+        rows = db.execute(
+            "SELECT seq, key FROM deliveries INDEXED BY deliveries_visible"
+            " WHERE consumer = ? AND visible_at <= ? AND seq > ? ORDER BY seq LIMIT ?",
+            (name, now, last, wanted),
+        ).fetchall()
+        for seq, key in rows:
+            last = seq
+            if key is None:
+                chosen.append(seq)
+            elif _key_free(db, name, key, holder, now, mine, before=seq):
+                chosen.append(seq)
+                mine.add(seq)
+                keys.add(key)
+        if len(rows) < wanted:
+            break
+    for key in keys:
+        if len(chosen) >= limit:
+            break
+        # Every delivery of the key that is not blocked is (now) leased to `holder`.
+        if _key_free(db, name, key, holder, now, mine, before=_BLOCKED):
+            chosen.extend(
+                blocked
+                for (blocked,) in db.execute(
+                    "SELECT seq FROM deliveries WHERE consumer = ? AND key = ?"
+                    " AND visible_at = ? ORDER BY seq LIMIT ?",
+                    (name, key, _BLOCKED, limit - len(chosen)),
+                )
+            )
+    return sorted(chosen)
+
+
+def _key_free(
+    db: sqlite3.Connection,
+    name: str,
+    key: str,
+    holder: str,
+    now: float,
+    mine: set[int],
+    *,
+    before: float,
+) -> bool:
+    """Whether `holder` may lease a delivery of `key` at `before`: every delivery of the key
+    still owed before it is leased to `holder` (or in `mine`, chosen for it in this fetch),
+    and no other holder leases one. Only the deliveries ahead of the key's blocked ones are
+    read: blocked deliveries always come last, and nobody leases them."""
+    rows = db.execute(
+        "SELECT seq, visible_at, leased_by FROM deliveries WHERE consumer = ? AND key = ?"
+        " ORDER BY seq",
+        (name, key),
+    )
+    try:
+        for seq, visible_at, leased_by in rows:
+            if visible_at == _BLOCKED:
+                return True
+            if seq == before or seq in mine:
+                continue
+            held = visible_at > now and leased_by is not None
+            if (held and leased_by != holder) or (seq < before and not held):
+                return False
+        return True
+    finally:
+        rows.close()
 
 
 def _has_work(db: sqlite3.Connection, name: str, now: float) -> bool:
