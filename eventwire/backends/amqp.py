@@ -107,6 +107,7 @@ from eventwire.backends.base import (
     ConsumerSpec,
     Delivery,
     Message,
+    SubscriptionConflictError,
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
@@ -490,11 +491,7 @@ class AmqpBackend(BrokerBackend):
             else:
                 await self.admin(declare)  # again: its creator may have died before declaring
             if pattern != spec.pattern:
-                raise ValueError(
-                    f"durable subscription {spec.name!r} already exists with pattern "
-                    f"{pattern!r}, not {spec.pattern!r}; use another name, or remove the old "
-                    "one first"
-                )
+                raise SubscriptionConflictError(spec.name, pattern, spec.pattern, self.url)
         consumer = _AmqpConsumer(self, spec, queue)
         # Subscribe at once: competing consumers take turns from the start (and consuming
         # keeps an ephemeral queue from expiring).
@@ -547,12 +544,14 @@ class AmqpBackend(BrokerBackend):
         await declared.bind(exchange, routing_key=key)
         return declared
 
-    async def _ready_count(self, queue: str) -> int:
+    async def _queue_counts(self, queue: str) -> tuple[int, int]:
+        """Messages ready in `queue`, and consumers attached to it (one per process)."""
         try:
             declared = await self.admin(lambda ch: ch.declare_queue(queue, passive=True))
         except aiormq.exceptions.ChannelNotFoundEntity:
-            return 0
-        return int(declared.declaration_result.message_count or 0)
+            return 0, 0
+        result = declared.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
 
     def _delayed_count(self, name: str) -> int:
         # A delayed copy counts here until it is delivered again here, or a while after it
@@ -577,10 +576,12 @@ class AmqpBackend(BrokerBackend):
         await self._registry.ensure()
         infos = []
         for name, pattern in sorted(self._registry.view()[0].items()):
-            outstanding = await self._ready_count(self.queue_name(name))
+            # RabbitMQ knows which processes run a queue: each holds a consumer on it while
+            # its connection lives (a killed process's goes with its connection).
+            outstanding, processes = await self._queue_counts(self.queue_name(name))
             outstanding += sum(c.in_flight for c in self._open if c.spec.name == name)
             outstanding += self._delayed_count(name)
-            infos.append(ConsumerInfo(name=name, pattern=pattern, outstanding=outstanding))
+            infos.append(ConsumerInfo(name, pattern, outstanding, processes=processes))
         infos += [
             ConsumerInfo(name=r.spec.name, pattern=r.spec.pattern, outstanding=r.outstanding)
             for r in self.readers

@@ -42,6 +42,21 @@ class BackendConnectionError(EventwireError, ConnectionError):
     (never its password)."""
 
 
+class SubscriptionConflictError(EventwireError, ValueError):
+    """A durable subscription exists on the broker under this name with another pattern."""
+
+    def __init__(self, name: str, existing: str, wanted: str, url: BusURL) -> None:
+        super().__init__(
+            f"durable subscription {name!r} already exists on {url.redacted} with pattern "
+            f"{existing!r}, not {wanted!r}: give this one another name, or delete the old one "
+            f"and its backlog with `eventwire subscriptions delete {name} --url "
+            f"'{url.redacted}'`"
+        )
+        self.name = name
+        self.existing = existing
+        self.wanted = wanted
+
+
 class BackendCapabilityError(EventwireError, NotImplementedError):
     """A subscription asked for something its backend's broker cannot do (see the capability
     table in the README)."""
@@ -125,6 +140,16 @@ class ConsumerInfo:
     pattern: str
     outstanding: int
     """Messages matching it that are not acknowledged yet: waiting or being handled."""
+    processes: int | None = None
+    """Processes consuming it now (0: none, its backlog waits for one); None: not known."""
+    last_active: float | None = None
+    """When a process last showed it consumed it (Unix time), if known."""
+
+    @property
+    def live(self) -> bool:
+        """Some process consumes it now (or that is not known): drain() and request() wait
+        for it. One nobody consumes keeps its backlog for the next process to run it."""
+        return self.processes is None or self.processes > 0
 
 
 class Consumer(abc.ABC):
@@ -285,6 +310,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def consumers(self) -> list[ConsumerInfo]:
         """Every durable consumer of the namespace, with its outstanding count."""
+
+    async def subscriptions(self) -> list[ConsumerInfo]:
+        """Every subscription of the namespace, with its backlog, the processes running it
+        and when one was last heard from (``eventwire subscriptions``)."""
+        return await self.consumers()
 
     @abc.abstractmethod
     async def delete_consumer(self, name: str) -> None:

@@ -16,16 +16,23 @@ import abc
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
+import time
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 from msgspec.structs import force_setattr
 
 from eventwire.backends.base import (
     DLQ_CONSUMER,
+    TOOLING_PREFIX,
     Backend,
     BackendCapabilityError,
     Consumer,
+    ConsumerInfo,
     ConsumerSpec,
     Delivery,
     Message,
@@ -53,6 +60,21 @@ _MATCH_CACHE_LIMIT = 10_000
 PUBLISH_BATCH = 1000
 # How long closing waits to hand unfinished deliveries back to the broker.
 _GIVE_BACK_TIMEOUT = 5.0
+# A process says which durable consumers it runs this often; one not heard from for
+# PRESENCE_TTL seconds is gone (killed, frozen, cut off), and drain() and request() stop
+# waiting for the consumers only it ran.
+PRESENCE_EVERY = 1.0
+PRESENCE_TTL = 5.0
+# How long a look at who is present is reused (drain() polls much faster than beats come).
+_PRESENCE_CACHE = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Who runs one durable consumer: live processes, and when one was last heard from."""
+
+    processes: int
+    last_seen: float
 
 
 class Backoff:
@@ -79,12 +101,21 @@ class Backoff:
 class BrokerBackend(Backend):
     """A backend on a message broker; subclasses implement the bytes-level methods."""
 
+    tracks_presence: ClassVar[bool] = False
+    """True when the broker module records which processes run each consumer (`beat`)."""
+
     def __init__(self, url: Any) -> None:
         super().__init__(url)
         # Durable consumer name -> the feeder this process runs for it.
         self._feeders: dict[str, Feeder] = {}
         self._publisher: BatchPublisher | None = None
         self._started = False
+        # This process, as its presence records name it.
+        self.process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._heart: asyncio.Task[None] | None = None
+        self._beating = False
+        self._announced: tuple[str, ...] = ()
+        self._presence_cache: tuple[float, dict[str, Presence]] | None = None
 
     # -- what each broker module implements ---------------------------------------------
 
@@ -99,6 +130,19 @@ class BrokerBackend(Backend):
         """Open (creating if new) the durable consumer `spec.name`. Raise `ValueError` if
         it exists with another pattern; raise `BackendCapabilityError` for a `start` the
         broker cannot replay from."""
+
+    async def beat(self, process: str, consumers: Sequence[str]) -> None:
+        """Record that `process` runs `consumers` now (every `PRESENCE_EVERY` seconds).
+        A broker that knows its consumers' processes itself (`ConsumerInfo.processes`)
+        needs nothing here."""
+
+    async def leave(self, process: str, consumers: Sequence[str]) -> None:
+        """`process` stopped running `consumers` (it closed)."""
+
+    async def presences(self) -> dict[str, list[float]]:
+        """When each process running each consumer was last heard from: consumer name ->
+        the times (Unix) of the latest beat of each process that ran it."""
+        return {}
 
     # -- serving a bus ------------------------------------------------------------------
 
@@ -115,6 +159,44 @@ class BrokerBackend(Backend):
         self._started = True
         for feeder in self._feeders.values():
             feeder.start()
+        if self.tracks_presence:
+            await self._announce()  # before start() returns: others see it running at once
+            self._beating = True
+            self._heart = asyncio.get_running_loop().create_task(
+                self._keep_beating(), name="eventwire:presence"
+            )
+
+    async def _announce(self) -> None:
+        """Say which consumers this process runs now, and which it stopped running."""
+        running = tuple(sorted(name for name, f in self._feeders.items() if f.members))
+        try:
+            if running or self._announced:
+                await self.beat(self.process, running)
+                gone = [name for name in self._announced if name not in running]
+                if gone:
+                    await self.leave(self.process, gone)
+                self._announced = running
+        except Exception:
+            logger.warning("eventwire: announcing this process failed", exc_info=True)
+
+    async def _keep_beating(self) -> None:
+        # Also a flag: the broker's client may swallow a cancellation racing its own timeout.
+        while self._beating:
+            await asyncio.sleep(PRESENCE_EVERY)
+            if self._beating:
+                await self._announce()
+
+    async def _stop_beating(self) -> None:
+        self._beating = False
+        heart, self._heart = self._heart, None
+        if heart is not None:
+            heart.cancel()
+            await asyncio.wait([heart])
+        if self._announced:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
+                    await self.leave(self.process, self._announced)
+            self._announced = ()
 
     async def _keep_dead_letters(self) -> None:
         # Dead letters are kept by a consumer nobody fetches from, so that `eventwire dlq`
@@ -134,6 +216,7 @@ class BrokerBackend(Backend):
 
     async def stop(self) -> None:
         try:
+            await self._stop_beating()
             for feeder in list(self._feeders.values()):
                 await feeder.close()
             if self._publisher is not None:
@@ -229,6 +312,8 @@ class BrokerBackend(Backend):
             raise
         if self._started and feeder.members:
             feeder.start()
+            if self.tracks_presence:
+                await self._announce()
 
     async def detach(self, subscription: Subscription) -> None:
         feeder = self._feeder_of(subscription)
@@ -256,21 +341,60 @@ class BrokerBackend(Backend):
     def _feeder_of(self, subscription: Subscription) -> Feeder | None:
         return self._feeders.get(subscription.group or subscription.name)
 
+    async def subscriptions(self) -> list[ConsumerInfo]:
+        """Every durable consumer of the namespace with its backlog, how many processes run
+        it now and when one was last heard from (`eventwire subscriptions`)."""
+        infos = await self.consumers()
+        if not self.tracks_presence:
+            return infos
+        seen = await self._presence()
+        return [_with_presence(info, seen.get(info.name)) for info in infos]
+
+    async def _presence(self) -> dict[str, Presence]:
+        now = time.monotonic()
+        cached = self._presence_cache
+        if cached is not None and now - cached[0] < _PRESENCE_CACHE:
+            return cached[1]
+        wall = time.time()
+        presence = {
+            name: Presence(sum(1 for t in times if wall - t < PRESENCE_TTL), max(times))
+            for name, times in (await self.presences()).items()
+            if times
+        }
+        self._presence_cache = (now, presence)
+        return presence
+
+    def _runs_here(self, name: str) -> bool:
+        feeder = self._feeders.get(name)
+        return feeder is not None and bool(feeder.members)
+
+    async def _live(self) -> list[ConsumerInfo]:
+        """Consumers some process runs now (this one included), tools' own excepted."""
+        return [
+            info
+            for info in await self.subscriptions()
+            if not is_tooling(info) and (info.live or self._runs_here(info.name))
+        ]
+
     async def receivers(self, topic: str) -> list[str]:
         return sorted(
-            {
-                info.name
-                for info in await self.consumers()
-                if not is_tooling(info) and pattern_matches(info.pattern, topic)
-            }
+            {info.name for info in await self._live() if pattern_matches(info.pattern, topic)}
         )
 
     async def outstanding(self) -> list[str]:
         return [
-            f"{info.name} ({info.outstanding})"
-            for info in await self.consumers()
-            if info.outstanding and not is_tooling(info)
+            f"{info.name} ({info.outstanding})" for info in await self._live() if info.outstanding
         ]
+
+
+def _with_presence(info: ConsumerInfo, presence: Presence | None) -> ConsumerInfo:
+    if presence is None:
+        if info.processes is not None or info.name.startswith(TOOLING_PREFIX):
+            return info
+        # Never announced: no process has run it since presence was recorded.
+        return replace(info, processes=0)
+    processes = presence.processes if info.processes is None else info.processes
+    return replace(info, processes=processes, last_active=presence.last_seen)
 
 
 class BatchPublisher:

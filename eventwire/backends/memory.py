@@ -141,7 +141,7 @@ class MemoryBackend(Backend):
             stats = subscription.stats
             before = infos.get(name)
             outstanding = stats.queued + stats.in_flight + (before.outstanding if before else 0)
-            infos[name] = ConsumerInfo(name, subscription.pattern, outstanding)
+            infos[name] = ConsumerInfo(name, subscription.pattern, outstanding, processes=1)
         return list(infos.values())
 
     async def delete_consumer(self, name: str) -> None:

@@ -31,6 +31,7 @@ import json
 import logging
 import random
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ from eventwire.backends.base import (
     ConsumerSpec,
     Delivery,
     Message,
+    SubscriptionConflictError,
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
@@ -87,6 +89,8 @@ _SETTLE_DEADLINE = 10.0  # acks/naks/extends retried this long before raising
 _PUBLISH_WINDOW = 512  # publishes in flight at once (one round trip per window)
 _GRACE = 0.5  # round-trip allowance past a fetch's `wait` when the server is slow
 _HANDLED_TTL = 7 * 24 * 3600.0
+# How long the presence of a process that stopped is remembered ("last active").
+_PRESENCE_KEPT = 7 * 24 * 3600.0
 # A request-reply inbox left behind by a dead process is removed after this long without
 # fetches, so that `drain()` in other processes does not wait for its messages forever.
 _EPHEMERAL_INACTIVE = 60.0
@@ -167,6 +171,7 @@ class NatsBackend(BrokerBackend):
     """Events in a NATS JetStream stream; see the module docstring."""
 
     scheme = "nats"
+    tracks_presence = True
     capabilities = Capabilities(
         durable=True,
         replay=True,
@@ -182,6 +187,9 @@ class NatsBackend(BrokerBackend):
         self.stream = f"eventwire_{self.namespace}"
         self.prefix = f"{self.namespace}."
         self.bucket = f"eventwire_{self.namespace}_handled"
+        # Which processes run which consumers (`beat`): key <consumer>.<process>.
+        self.presence_bucket = f"eventwire_{self.namespace}_presence"
+        self._presence_kv: KeyValue | None = None
         self.max_age = _number(url, "max_age", 0.0)
         self.replicas = int(_number(url, "replicas", 1))
         if self.max_age < 0 or self.replicas < 1:
@@ -368,6 +376,7 @@ class NatsBackend(BrokerBackend):
                 await fresh.close()
                 return
             self._nc, self._js, self._kv = fresh, fresh.jetstream(timeout=_REQUEST_TIMEOUT), None
+            self._presence_kv = None
             logger.warning("eventwire: opened a new connection to NATS at %s", self.url.redacted)
 
     def _closed_by_server(self, link: _LenientClient) -> bool:
@@ -376,6 +385,7 @@ class NatsBackend(BrokerBackend):
 
     async def close(self) -> None:
         nc, self._nc, self._js, self._kv = self._nc, None, None, None
+        self._presence_kv = None
         reopening, self._reopening = self._reopening, None
         if reopening is not None and not reopening.done():
             reopening.cancel()
@@ -526,10 +536,7 @@ class NatsBackend(BrokerBackend):
                     raise
         existing = _pattern_of(info, self.prefix)
         if existing != spec.pattern:
-            raise ValueError(
-                f"durable subscription {spec.name!r} already exists with pattern {existing!r}, "
-                f"not {spec.pattern!r}; use another name, or remove the old one first"
-            )
+            raise SubscriptionConflictError(spec.name, existing, spec.pattern, self.url)
         config = info.config
         if config.ack_wait is not None and abs(config.ack_wait - spec.ack_wait) > 1e-3:
             config.ack_wait = spec.ack_wait
@@ -598,11 +605,79 @@ class NatsBackend(BrokerBackend):
             )
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await self._retry(
+                f"forgetting who ran {name!r}",
+                lambda: self.js.purge_stream(
+                    f"KV_{self.presence_bucket}",
+                    subject=f"$KV.{self.presence_bucket}.{durable}.>",
+                ),
+            )
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._retry(
                 f"forgetting handled ids of {name!r}",
                 lambda: self.js.purge_stream(
                     f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.{durable}.>"
                 ),
             )
+
+    # -- presence ----------------------------------------------------------------------------
+
+    async def _presence_store(self) -> KeyValue:
+        # Looked up on every call after a reconnection: a new connection needs a new handle.
+        if self._presence_kv is not None:
+            return self._presence_kv
+        try:
+            kv = await self.js.key_value(self.presence_bucket)
+        except nats.js.errors.NotFoundError:
+            config = KeyValueConfig(
+                bucket=self.presence_bucket,
+                description=f"eventwire processes running consumers of {self.namespace}",
+                history=1,
+                ttl=_PRESENCE_KEPT,
+                storage=StorageType.FILE,
+                replicas=self.replicas,
+            )
+            try:
+                kv = await self.js.create_key_value(config)
+            except nats.js.errors.APIError:
+                kv = await self.js.key_value(self.presence_bucket)  # made by another process
+        self._presence_kv = kv
+        return kv
+
+    async def beat(self, process: str, consumers: Sequence[str]) -> None:
+        await self._mark(process, consumers, time.time())
+
+    async def leave(self, process: str, consumers: Sequence[str]) -> None:
+        await self._mark(process, consumers, -time.time())
+
+    async def _mark(self, process: str, consumers: Sequence[str], seen: float) -> None:
+        async def put_all() -> None:
+            kv = await self._presence_store()
+            await _gather_all(
+                kv.put(
+                    f"{safe_name(name)}.{safe_name(process)}",
+                    json.dumps({"consumer": name, "seen": seen}).encode(),
+                )
+                for name in consumers
+            )
+
+        await self._retry("announcing this process", put_all)
+
+    async def presences(self) -> dict[str, list[float]]:
+        async def read_all() -> list[bytes]:
+            kv = await self._presence_store()
+            try:
+                keys = await kv.keys()
+            except nats.js.errors.NoKeysError:
+                return []
+            entries = await asyncio.gather(*(kv.get(key) for key in keys), return_exceptions=True)
+            return [e.value for e in entries if not isinstance(e, BaseException) and e.value]
+
+        found: dict[str, list[float]] = {}
+        for value in await self._retry("reading who runs what", read_all):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                record = json.loads(value)
+                found.setdefault(str(record["consumer"]), []).append(float(record["seen"]))
+        return found
 
     async def destroy(self) -> None:
         with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -611,7 +686,12 @@ class NatsBackend(BrokerBackend):
             await self._retry(
                 "deleting the handled-ids bucket", lambda: self.js.delete_key_value(self.bucket)
             )
-        self._kv = None
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._retry(
+                "deleting the presence bucket",
+                lambda: self.js.delete_key_value(self.presence_bucket),
+            )
+        self._kv = self._presence_kv = None
 
     # -- handled ids -----------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ import logging
 import os
 import socket
 import struct
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -78,6 +79,7 @@ from eventwire.backends.base import (
     ConsumerSpec,
     Delivery,
     Message,
+    SubscriptionConflictError,
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
@@ -615,10 +617,17 @@ def _start_id(start: Any) -> str:
     raise ValueError(f"start must be 'latest', 'earliest' or a datetime, got {start!r}")
 
 
+# Between a consumer's name and a process's in the presence hash's fields.
+_FIELD_SEPARATOR = "\x1f"
+# How long the presence of a process that stopped is remembered ("last active").
+_PRESENCE_KEPT = 7 * 86_400.0
+
+
 class RedisBackend(BrokerBackend):
     """Redis Streams: one stream per namespace, one consumer group per durable consumer."""
 
     scheme = "redis"
+    tracks_presence = True
     capabilities = Capabilities(
         # Stored by Redis before publish returns; surviving a Redis restart is the server's
         # persistence setting (AOF, see the module docstring).
@@ -647,6 +656,9 @@ class RedisBackend(BrokerBackend):
         self._prefix = prefix
         self.stream = prefix + "events"
         self.registry = prefix + "consumers"
+        # consumer \x1f process -> when the process last said it ran the consumer (negative:
+        # when it stopped running it).
+        self.presence_key = prefix + "presence"
         self._client: Redis | None = None
         self._publish = _Script(_PUBLISH)
         self._seen = _Script(_SEEN)
@@ -819,11 +831,7 @@ class RedisBackend(BrokerBackend):
             deadline=asyncio.get_running_loop().time() + _OP_RETRY_SECONDS,
         )
         if int(reply[0]) == 0:
-            raise ValueError(
-                f"durable consumer {spec.name!r} already exists with pattern "
-                f"{_text(reply[1])!r}, not {spec.pattern!r}; use another name, or delete "
-                "the old one first"
-            )
+            raise SubscriptionConflictError(spec.name, _text(reply[1]), spec.pattern, self.url)
         consumer = RedisConsumer(self, spec, group)
         await consumer.prune()
         return consumer
@@ -860,6 +868,53 @@ class RedisBackend(BrokerBackend):
             lambda: self._delete(self.client, keys, [name, group]),
             asyncio.get_running_loop().time() + _OP_RETRY_SECONDS,
         )
+        client = self.client
+        fields = [
+            field
+            for field in await _command(client, "HKEYS", self.presence_key)
+            if _text(field).split(_FIELD_SEPARATOR, 1)[0] == name
+        ]
+        if fields:
+            await _command(client, "HDEL", self.presence_key, *fields)
+
+    async def beat(self, process: str, consumers: Sequence[str]) -> None:
+        await self._mark(process, consumers, time.time())
+
+    async def leave(self, process: str, consumers: Sequence[str]) -> None:
+        await self._mark(process, consumers, -time.time())
+
+    async def _mark(self, process: str, consumers: Sequence[str], seen: float) -> None:
+        if not consumers:
+            return
+        fields: list[Any] = []
+        for name in consumers:
+            fields += [f"{name}{_FIELD_SEPARATOR}{process}", repr(seen)]
+        client = self.client
+        await self.retrying(
+            lambda: _command(client, "HSET", self.presence_key, *fields),
+            asyncio.get_running_loop().time() + _OP_RETRY_SECONDS,
+        )
+
+    async def presences(self) -> dict[str, list[float]]:
+        client = self.client
+        stored: dict[Any, Any] = await self.retrying(
+            lambda: _command(client, "HGETALL", self.presence_key),
+            asyncio.get_running_loop().time() + _OP_RETRY_SECONDS,
+        )
+        found: dict[str, list[float]] = {}
+        stale: list[Any] = []
+        horizon = time.time() - _PRESENCE_KEPT
+        for field, value in stored.items():
+            name = _text(field).split(_FIELD_SEPARATOR, 1)[0]
+            seen = float(_text(value))
+            if abs(seen) < horizon:
+                stale.append(field)  # a process gone for long: forget it
+            else:
+                found.setdefault(name, []).append(seen)
+        if stale:
+            with contextlib.suppress(*_RETRYABLE):
+                await _command(client, "HDEL", self.presence_key, *stale)
+        return found
 
     async def destroy(self) -> None:
         client = self.client

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -29,9 +30,10 @@ from eventwire.backends.base import (
     ConsumerSpec,
     Delivery,
     Message,
+    SubscriptionConflictError,
 )
 from eventwire.backends.broker import BrokerBackend
-from eventwire.backends.sqlite_log import Leased, SqliteLog
+from eventwire.backends.sqlite_log import Leased, PatternConflictError, SqliteLog
 from eventwire.backends.url import BusURL
 
 _DEFAULT_POLL = 0.05
@@ -41,6 +43,7 @@ class SqliteBackend(BrokerBackend):
     """Events in one SQLite file; see the module docstring."""
 
     scheme = "sqlite"
+    tracks_presence = True
     capabilities = Capabilities(
         durable=True,
         replay=True,
@@ -110,7 +113,12 @@ class SqliteBackend(BrokerBackend):
             start = int(spec.start.timestamp() * 1_000_000_000)
         else:
             start = spec.start
-        await asyncio.to_thread(self.log.ensure_consumer, spec.name, spec.pattern, start)
+        try:
+            await asyncio.to_thread(self.log.ensure_consumer, spec.name, spec.pattern, start)
+        except PatternConflictError as conflict:
+            raise SubscriptionConflictError(
+                spec.name, conflict.existing, spec.pattern, self.url
+            ) from None
         return _SqliteConsumer(self, spec)
 
     async def consumers(self) -> list[ConsumerInfo]:
@@ -119,6 +127,18 @@ class SqliteBackend(BrokerBackend):
 
     async def delete_consumer(self, name: str) -> None:
         await asyncio.to_thread(self.log.delete_consumer, name)
+
+    async def beat(self, process: str, consumers: Sequence[str]) -> None:
+        await asyncio.to_thread(self.log.mark_presence, process, consumers, time.time())
+
+    async def leave(self, process: str, consumers: Sequence[str]) -> None:
+        await asyncio.to_thread(self.log.mark_presence, process, consumers, -time.time())
+
+    async def presences(self) -> dict[str, list[float]]:
+        found: dict[str, list[float]] = {}
+        for name, seen in await asyncio.to_thread(self.log.presences):
+            found.setdefault(name, []).append(seen)
+        return found
 
     async def destroy(self) -> None:
         await asyncio.to_thread(self.log.destroy)

@@ -94,6 +94,16 @@ _CONSUMERS_SCHEMA = (
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 _TABLES = ("events", "consumers", "deliveries", "handled")
+# Which processes run which consumers (made on first use: files of this schema version made
+# before it have none).
+_PRESENCE_SCHEMA = """CREATE TABLE IF NOT EXISTS presence (
+    consumer TEXT NOT NULL,
+    process TEXT NOT NULL,
+    seen REAL NOT NULL,
+    PRIMARY KEY (consumer, process)
+) WITHOUT ROWID"""
+# How long the presence of a process that stopped is remembered ("last active").
+_PRESENCE_KEPT = 7 * 86_400.0
 
 _BLOCKED = float("inf")
 # Rows one INSERT statement stores (a statement binds at most 999 values on old SQLite). Each
@@ -122,6 +132,19 @@ class Leased:
     topic: str
     body: bytes
     attempts: int
+
+
+class PatternConflictError(ValueError):
+    """A consumer exists under this name with another pattern."""
+
+    def __init__(self, name: str, existing: str, wanted: str) -> None:
+        super().__init__(
+            f"durable subscription {name!r} already exists with pattern {existing!r}, "
+            f"not {wanted!r}; use another name, or remove the old one first"
+        )
+        self.name = name
+        self.existing = existing
+        self.wanted = wanted
 
 
 class SchemaError(RuntimeError):
@@ -231,10 +254,7 @@ class SqliteLog:
             row = db.execute("SELECT pattern FROM consumers WHERE name = ?", (name,)).fetchone()
             if row is not None:
                 if row[0] != pattern:
-                    raise ValueError(
-                        f"durable subscription {name!r} already exists with pattern {row[0]!r}, "
-                        f"not {pattern!r}; use another name, or remove the old one first"
-                    )
+                    raise PatternConflictError(name, row[0], pattern)
                 return
             if start == "earliest":
                 cursor = 0
@@ -493,11 +513,38 @@ class SqliteLog:
         )
         return int(row[0])
 
+    def mark_presence(self, process: str, consumers: Sequence[str], seen: float) -> None:
+        """Record when `process` last said it runs each of `consumers` (negative: when it
+        stopped), and forget processes gone for over a week."""
+
+        def run(db: sqlite3.Connection) -> None:
+            db.execute(_PRESENCE_SCHEMA)
+            db.executemany(
+                "INSERT OR REPLACE INTO presence (consumer, process, seen) VALUES (?, ?, ?)",
+                [(name, process, seen) for name in consumers],
+            )
+            db.execute("DELETE FROM presence WHERE abs(seen) < ?", (abs(seen) - _PRESENCE_KEPT,))
+
+        self._state(run)
+
+    def presences(self) -> list[tuple[str, float]]:
+        """``(consumer, seen)`` of every process's latest word on every consumer."""
+
+        def run(db: sqlite3.Connection) -> list[tuple[str, float]]:
+            try:
+                return db.execute("SELECT consumer, seen FROM presence").fetchall()
+            except sqlite3.OperationalError:
+                return []  # no process has announced itself yet: no table
+
+        return self._read(run)
+
     def delete_consumer(self, name: str) -> None:
         def run(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM consumers WHERE name = ?", (name,))
             db.execute("DELETE FROM deliveries WHERE consumer = ?", (name,))
             db.execute("DELETE FROM handled WHERE consumer = ?", (name,))
+            db.execute(_PRESENCE_SCHEMA)
+            db.execute("DELETE FROM presence WHERE consumer = ?", (name,))
 
         self._state(run)
 
@@ -505,7 +552,8 @@ class SqliteLog:
         """Remove every consumer, delivery and event."""
 
         def run(db: sqlite3.Connection) -> None:
-            for table in ("consumers", "deliveries", "handled"):
+            db.execute(_PRESENCE_SCHEMA)
+            for table in ("consumers", "deliveries", "handled", "presence"):
                 db.execute(f"DELETE FROM {table}")
 
         self._state(run)

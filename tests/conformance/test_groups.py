@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from eventwire import Event, EventBus, HandlerError
+from eventwire import Event, EventBus, HandlerError, NoReplyError
 
 KEYS = ("k1", "k2", "k3")
 
@@ -90,3 +90,25 @@ async def test_reply_traffic_is_not_seen_by_bus_topic_subscribers(bus: EventBus)
     await bus.drain(timeout=10)
     assert "_bus.note" in seen, "the watcher works"
     assert not [topic for topic in seen if topic.startswith("_bus.reply.")]
+
+
+async def test_drain_and_request_do_not_wait_for_a_subscription_nobody_runs(
+    bus: EventBus,
+) -> None:
+    # A subscription unsubscribed here (and run by no other process) keeps its backlog on a
+    # broker, for the next process to run it; drain() and request() do not wait for it.
+    async def handle(event: Event[Any]) -> str:
+        return "answer"
+
+    gone = bus.subscribe("orders.*", handle, name="left-behind")
+    await bus.publish("orders.new", 1)
+    await bus.drain(timeout=15)
+    await gone.unsubscribe()
+    await bus.publish("orders.new", 2)
+    await bus.drain(timeout=5)  # before, a broker's drain waited for it until the timeout
+    with pytest.raises(NoReplyError):
+        await asyncio.wait_for(bus.request("orders.new", 3, timeout=30), 5)
+    if bus.capabilities.durable:
+        [kept] = [s for s in await bus.backend.subscriptions() if s.name == "left-behind"]
+        assert kept.processes == 0
+        assert kept.outstanding >= 1, "its backlog stays for the next process to run it"
