@@ -7,9 +7,9 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,8 +18,6 @@ from eventwire.cli._app import UrlOption, app, bus_url, console, error_console, 
 if TYPE_CHECKING:
     from eventwire.event import Event
     from eventwire.history import History, HistoryReader
-
-T = TypeVar("T")
 
 _IN_PROCESS = (
     "memory:// is the in-process bus: its events live only inside the process that publishes "
@@ -90,20 +88,6 @@ def _moment(text: str, option: str) -> datetime:
         fail(str(error))
 
 
-def _run(work: Callable[[], Coroutine[Any, Any, T]], target: str) -> T:
-    """Run `work`, turning a broker that cannot serve it into a clear message and exit 2."""
-    from eventwire.backends import parse_url
-    from eventwire.backends.base import BackendCapabilityError, BackendConnectionError
-    from eventwire.history import HistoryUnavailableError
-
-    try:
-        return asyncio.run(work())
-    except (HistoryUnavailableError, BackendConnectionError, BackendCapabilityError) as error:
-        fail(str(error))
-    except OSError as error:
-        fail(f"cannot reach {parse_url(target).redacted}: {error}")
-
-
 def _short(event_id: str | None) -> str:
     return "-" if event_id is None else event_id[-_SHORT:]
 
@@ -147,7 +131,10 @@ async def _read(reader: HistoryReader, timeout: float) -> History:
 
     events = History()
     progress = Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), console=error_console(), transient=True
+        SpinnerColumn(),
+        TextColumn("{task.description}", markup=False),
+        console=error_console(),
+        transient=True,
     )
     task = progress.add_task(f"reading history of {reader.where}", total=None)
     try:
@@ -247,7 +234,7 @@ def tail(
             for signum in signals:
                 loop.remove_signal_handler(signum)
 
-    _run(watch, target)
+    asyncio.run(watch())
 
 
 async def _until_stopped(
@@ -377,7 +364,7 @@ def replay(
             markup=False,
         )
 
-    _run(work, target)
+    asyncio.run(work())
 
 
 def _confirm(question: str) -> None:
@@ -498,7 +485,7 @@ def trace(
             events, where = await _chain_history(target, root_time - CLOCK_MARGIN, timeout)
         return events, correlation, marked
 
-    events, correlation, marked = _run(work, target)
+    events, correlation, marked = asyncio.run(work())
     nodes = build_lineage(events, handling_records(events), correlation)
     if not any(node.handlings for root in nodes for node in root.walk()):
         error_console().print(_NO_HANDLINGS, markup=False, style="yellow")

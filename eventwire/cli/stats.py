@@ -109,10 +109,11 @@ async def _stats(
 
 async def _watch(client: StatsClient, interval: float, timeout: float) -> None:
     from rich.live import Live
+    from rich.text import Text
 
     out = console()
     with Live(console=out, auto_refresh=False, transient=False) as live:
-        live.update(f"asking {client.backend.url.redacted} ...", refresh=True)
+        live.update(Text(f"asking {client.backend.url.redacted} ..."), refresh=True)
         while True:
             report = await client.collect(timeout)
             view = render(report, timeout, width=out.width, footer="refreshing; Ctrl-C stops")
@@ -212,7 +213,7 @@ def _process_table(report: StatsReport, title: str, columns: Sequence[_Column]) 
             table.add_row(Text("  (no subscription)", style="dim"))
         for sub in snapshot["subscriptions"]:
             name = sub["name"] if not sub["group"] else f"{sub['name']} ({sub['group']})"
-            table.add_row(f"  {name}", *(show(sub) for _, show in columns))
+            table.add_row(Text(f"  {name}"), *(Text(show(sub)) for _, show in columns))
     return table
 
 
@@ -230,5 +231,10 @@ def _broker_table(report: StatsReport) -> RenderableType:
         running = report.running(info.name)
         # Events owed with no process to handle them: worth a glance.
         style = "red" if info.outstanding and not running else ""
-        table.add_row(info.name, info.pattern, str(info.outstanding), Text(str(running), style))
+        table.add_row(
+            Text(info.name),
+            Text(info.pattern),
+            Text(str(info.outstanding)),
+            Text(str(running), style),
+        )
     return table
