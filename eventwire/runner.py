@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from eventwire.bus import URL_ENVIRONMENT_VARIABLE, EventBus
+from eventwire.errors import EventwireError
 from eventwire.stats_service import StatsResponder
 
 if TYPE_CHECKING:
@@ -100,7 +101,12 @@ async def run_bus(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await bus.start()
+        try:
+            await bus.start()
+        except (EventwireError, ValueError, TypeError, OSError):
+            raise  # eventwire's own start-up errors say what is wrong already
+        except Exception as exc:  # the app's code raised, e.g. an agent's on_start
+            raise RunError(f"starting {target!r} raised {type(exc).__name__}: {exc}") from exc
         if bus.backend is not None:
             responder = StatsResponder(bus)
             await responder.start()

@@ -17,7 +17,7 @@ from typer.core import TyperCommand
 from typer.exceptions import TyperException
 from typer.models import CommandFunctionType
 
-# Set to 1 to get the traceback of an unexpected error instead of its one-line summary.
+# Set to 1 to get the traceback of an error instead of its one-line summary.
 TRACEBACK_VARIABLE = "EVENTWIRE_TRACEBACK"
 # Width of output that is not a terminal: wide enough that rich never wraps a line itself.
 _UNWRAPPED_WIDTH = 100_000
@@ -144,7 +144,7 @@ class RunnerCommand(TyperCommand):
             raise
         except Exception as error:
             if os.environ.get(TRACEBACK_VARIABLE) and not isinstance(error, CommandError):
-                raise
+                raise  # where it came from, for a bug report or the app's own bug
             from eventwire.bus import URL_ENVIRONMENT_VARIABLE
 
             urls = (ctx.params.get("url"), os.environ.get(URL_ENVIRONMENT_VARIABLE))
