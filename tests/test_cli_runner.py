@@ -197,3 +197,13 @@ def test_no_password_is_printed() -> None:
     assert redact("amqp://guest:guest@h/ refused guest", ["amqp://guest:guest@h/"]) == (
         "amqp://guest:***@h/ refused ***"
     )
+
+
+@pytest.mark.parametrize("command", ["replay", "trace", "topology", "asyncapi"])
+def test_help_says_rabbitmq_keeps_history_with_the_url_option(command: str) -> None:
+    shown = cli(command, "--help", env={"COLUMNS": "300"})
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "not amqp" not in text
+    assert "amqp" in text
+    assert "?history=" in text

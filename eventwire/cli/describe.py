@@ -31,9 +31,9 @@ HistoryUrlOption = Annotated[
     str | None,
     typer.Option(
         "--url",
-        help="Also learn who publishes what from the events this broker still holds: sqlite, "
-        "redis, nats, or amqp whose app runs with ?history= (e.g. "
-        "amqp://guest:guest@127.0.0.1:5672/?history=7d), e.g. sqlite:///bus.db.",
+        help="Also learn who publishes what from the events this broker still holds, e.g. "
+        "sqlite:///bus.db: sqlite, redis, nats, or amqp when the app runs with ?history= in "
+        "its URL (amqp://guest:guest@127.0.0.1:5672/?history=7d).",
         show_default=False,
     ),
 ]

@@ -30,8 +30,9 @@ _TAIL_MEMORY = (
 _TRACE_MEMORY = (
     f"{_IN_PROCESS}, and it keeps no history. In a test or a script, record the chain with "
     "`async with bus.record() as seen:` and print `render_lineage(seen.lineage(event))` "
-    "(eventwire.lineage); or run the app on a sqlite, redis or nats broker with "
-    "EventBus(url, lineage=True) and give that URL here"
+    "(eventwire.lineage); or run the app on a broker that keeps history (sqlite, redis, nats, "
+    "or amqp with ?history=7d in the app's URL) with EventBus(url, lineage=True) and give "
+    "that URL here"
 )
 _NO_HANDLINGS = (
     "note: handlings were not recorded, so only the events are shown. Run the agents with "
@@ -312,7 +313,8 @@ def replay(
     Each is published as a new event (a new id) with the same payload, key and metadata plus
     `replayed_from` (the original's id); its causation id is the original's, so `eventwire
     trace` shows it under the original. The subscriptions running now handle them like any
-    event. Needs a broker that keeps history: sqlite, redis or nats (not amqp).
+    event. Needs a broker that keeps history: sqlite, redis, nats, or amqp when the app's
+    processes run with ?history= in their URL (amqp://guest:guest@127.0.0.1:5672/?history=7d).
     """
     from eventwire.history import HistoryReader
     from eventwire.topics import is_reserved, is_topic
@@ -450,9 +452,10 @@ def trace(
     subscription did with each event (outcome, attempts, time, last error) and its dead
     letters. The event named by ID is marked.
 
-    Reads the broker's history (sqlite, redis or nats): application topics, dead letters and
-    the handling records the agents store when run with EventBus(url, lineage=True) or
-    `eventwire run --lineage`.
+    Reads the broker's history (sqlite, redis, nats, or amqp when the app's processes run with
+    ?history= in their URL, e.g. amqp://guest:guest@127.0.0.1:5672/?history=7d): application
+    topics, dead letters and the handling records the agents store when run with
+    EventBus(url, lineage=True) or `eventwire run --lineage`.
     """
     from eventwire.history import CLOCK_MARGIN, id_time
     from eventwire.lineage import build_lineage, handling_records, lineage_to_dict, render_lineage
