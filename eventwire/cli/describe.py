@@ -142,10 +142,7 @@ def topology(
     buses = _load(targets)
     model = Topology.from_bus(*buses)
     model.learn(_history(url, since, timeout))
-    try:
-        text = render(model.view(internal=all_topics), format, engine=engine)
-    except ValueError as error:
-        fail(str(error))
+    text = render(model.view(internal=all_topics), format, engine=engine)
     _write(text, output, f"the {format} topology")
 
 

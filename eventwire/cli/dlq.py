@@ -331,10 +331,7 @@ def _moment(option: str, text: str) -> datetime:
     """An age (``10m``: that long ago) or an ISO 8601 date/time (local time if naive)."""
     from eventwire.history import parse_time
 
-    try:
-        return parse_time(text, option=option)
-    except ValueError as problem:
-        fail(str(problem))
+    return parse_time(text, option=option)
 
 
 def _check_selection(

@@ -61,13 +61,9 @@ def stats(
     runs it, and the dead letters kept for `eventwire dlq`.
     """
     from eventwire.backends import MEMORY, parse_url
-    from eventwire.backends.base import BackendConnectionError
 
     target = bus_url(url)
-    try:
-        parsed = parse_url(target)
-    except ValueError as error:
-        fail(str(error))
+    parsed = parse_url(target)
     if parsed.scheme == MEMORY:
         fail(_MEMORY_HELP)
     if parsed.scheme == "sqlite" and not Path(parsed.path[1:]).is_file():
@@ -79,10 +75,8 @@ def stats(
         )
     except KeyboardInterrupt:
         return  # --watch ends with Ctrl-C
-    except (BackendConnectionError, ConnectionError, TimeoutError) as error:
-        fail(f"cannot read stats from the broker: {error or type(error).__name__}")
-    except (ValueError, ImportError) as error:
-        fail(str(error))
+    except TimeoutError as error:
+        fail(f"cannot read stats from {parsed.redacted}: {error or 'it did not answer in time'}", 1)
 
 
 async def _collect(client: StatsClient, timeout: float) -> StatsReport:
