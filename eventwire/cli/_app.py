@@ -1,7 +1,7 @@
 """The typer application every command module registers on, and what the commands share:
 the consoles they print on, the bus URL option, and the one runner every command goes
 through, which turns whatever a command raises into one line on standard error and an exit
-code (see `EXIT_CODES`)."""
+code (see `exit_codes`)."""
 
 from __future__ import annotations
 
@@ -70,25 +70,19 @@ def explain(error: Exception, urls: Iterable[str | None] = ()) -> tuple[int, str
     of any URL in the message are replaced by ``***``."""
     message = str(error) or type(error).__name__
     if isinstance(error, CommandError):
-        code = error.code
+        return error.code, redact(_one_line(message), urls)
+    row = next((row for row in exit_codes() if isinstance(error, row[0])), None)
+    if row is None:
+        code = 1
+        message = (
+            f"unexpected {type(error).__name__}: {message} (set {TRACEBACK_VARIABLE}=1 to see "
+            "the traceback)"
+        )
     else:
-        known = (code for kinds, code in exit_codes() if isinstance(error, kinds))
-        code = next(known, 0)
-        if not code:
-            code = 1
-            message = (
-                f"unexpected {type(error).__name__}: {message} (set {TRACEBACK_VARIABLE}=1 "
-                "to see the traceback)"
-            )
-        elif isinstance(error, ConnectionError) and not isinstance(error, _eventwire_error()):
+        kinds, code = row
+        if kinds is ConnectionError:  # a client library's own: say which broker
             message = f"cannot reach {_where(urls)}: {message}"
     return code, redact(_one_line(message), urls)
-
-
-def _eventwire_error() -> type[Exception]:
-    from eventwire.errors import EventwireError
-
-    return EventwireError
 
 
 def _where(urls: Iterable[str | None]) -> str:
@@ -121,8 +115,7 @@ def redact(text: str, urls: Iterable[str | None] = ()) -> str:
             password = urlsplit(url or "").password
         except ValueError:
             continue
-        for secret in {password, unquote(password or "")} - {None, ""}:
-            assert secret is not None
+        for secret in {password, unquote(password)} if password else ():
             text = re.sub(rf"(?<![/\w]){re.escape(secret)}(?!\w)", "***", text)
     return text
 
