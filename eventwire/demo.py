@@ -172,7 +172,7 @@ def _summary_table(stats: Mapping[str, SubscriptionStats]) -> Table:
     table.add_column("Mean (ms)", justify="right")
     for name, s in stats.items():
         table.add_row(
-            name,
+            Text(name),
             str(s.handled),
             str(s.retried),
             Text(str(s.dead_lettered), style="bold red" if s.dead_lettered else ""),
@@ -239,9 +239,15 @@ async def run_demo(
     # dead letters never surprise a catch-all `>` subscriber.
     bus.subscribe("_dlq.>", watch_dead_letters, name="dlq-watcher")
 
-    console.rule(f"[bold]eventwire demo[/]: agents on {where}")
+    title = Text.assemble(("eventwire demo", "bold"), f": agents on {where}")
+    if console.is_terminal:
+        console.rule(title)
+    else:
+        console.print(title)  # piped: a rule would be as wide as the (unbounded) width
     console.print(
-        "[dim]qN names a query's chain: every event it sets off shares its correlation_id.[/]"
+        "qN names a query's chain: every event it sets off shares its correlation_id.",
+        style="dim",
+        markup=False,
     )
     started = time.perf_counter()
     with _count_library_logs() as log_counts:
@@ -264,10 +270,13 @@ async def run_demo(
         f"{len(queries)} queries -> {emails} emails, {dead} dead letters on _dlq.user.query; "
         f"all done in {elapsed * 1000:.0f} ms",
         highlight=False,
+        markup=False,
     )
     if log_counts:
         logged = ", ".join(f"{count} {level}" for level, count in sorted(log_counts.items()))
         console.print(
-            f"[dim]The bus also logged {logged} record(s); `eventwire demo -v` shows them.[/]"
+            f"The bus also logged {logged} record(s); `eventwire demo -v` shows them.",
+            style="dim",
+            markup=False,
         )
     return stats

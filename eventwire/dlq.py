@@ -69,6 +69,8 @@ PAGE_SIZE = 256
 _SETTLE_WAIT = 0.5
 # Suffix of the broker message id of a retry (see the module docstring).
 RETRY_SUFFIX = ".retry"
+# Longest a count of the letters asks the broker again while it gives only an upper bound.
+COUNT_PATIENCE = 30.0
 
 MEMORY_EXPLANATION = (
     "the in-process bus (memory://) keeps no dead letters outside the process: they are "
@@ -231,6 +233,19 @@ def _selection(
     return _Selection(tuple(ids), subscription, topic, error_type, since, until)
 
 
+async def count_dead_letters(
+    backend: BrokerBackend, *, patience: float = COUNT_PATIENCE
+) -> int | None:
+    """How many dead letters `backend` keeps, leased ones included; None if it has no
+    dead-letter consumer yet. While the broker's count is only an upper bound (Redis counts
+    a long backlog a chunk per call), asks again, for up to `patience` seconds."""
+    deadline = asyncio.get_running_loop().time() + patience
+    while True:
+        info = next((i for i in await backend.consumers() if i.name == DLQ_CONSUMER), None)
+        if info is None or info.exact or asyncio.get_running_loop().time() >= deadline:
+            return None if info is None else info.outstanding
+
+
 class DeadLetterQueue:
     """The dead letters of a running bus on a broker backend (sqlite, redis, nats, amqp).
 
@@ -262,10 +277,7 @@ class DeadLetterQueue:
     async def size(self) -> int:
         """How many letters the queue holds (leased ones included), as the broker counts.
         On amqp:// letters leased by another process are not counted."""
-        for info in await self._backend().consumers():
-            if info.name == DLQ_CONSUMER:
-                return info.outstanding
-        return 0
+        return await count_dead_letters(self._backend()) or 0
 
     async def list(
         self,

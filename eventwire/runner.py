@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread
+import contextvars
+import functools
 import importlib
 import inspect
 import os
+import queue
+import selectors
 import signal
+import socket
 import sys
+import threading
+from collections.abc import Collection
+from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from eventwire.backends.broker import BrokerBackend
 from eventwire.bus import URL_ENVIRONMENT_VARIABLE, EventBus
+from eventwire.errors import EventwireError
 from eventwire.stats_service import StatsResponder
 
 if TYPE_CHECKING:
@@ -36,8 +47,12 @@ def load_bus(target: str) -> EventBus:
         sys.path.insert(0, os.getcwd())  # like `python -m`: the app is usually right here
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not f"{module_name}.".startswith(f"{exc.name}."):
+            raise RunError(f"importing {target!r} raised ModuleNotFoundError: {exc}") from exc
         raise RunError(f"cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the app's module raised while being imported
+        raise RunError(f"importing {target!r} raised {type(exc).__name__}: {exc}") from exc
     value: Any = module
     for part in attribute.split("."):
         try:
@@ -85,7 +100,12 @@ async def run_bus(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await bus.start()
+        try:
+            await bus.start()
+        except (EventwireError, ValueError, TypeError, OSError):
+            raise  # eventwire's own start-up errors say what is wrong already
+        except Exception as exc:  # the app's code raised, e.g. an agent's on_start
+            raise RunError(f"starting {target!r} raised {type(exc).__name__}: {exc}") from exc
         if isinstance(bus.backend, BrokerBackend):
             responder = StatsResponder(bus)
             await responder.start()
@@ -135,3 +155,82 @@ def _serve_metrics(bus: EventBus, port: int | None, addr: str) -> MetricsServer 
         raise RunError(
             f"cannot serve metrics on {addr}:{port}: {error.strerror or error}"
         ) from None
+
+
+# Where threads and pools do their own work: a thread with no frame elsewhere is idle (a pool
+# worker waiting for work, or exiting as its pool shut down) or finishing a call (setting
+# its future's result, waking the event loop), unless a pool is running a call of its own.
+_MACHINERY = tuple(
+    os.path.abspath(path)
+    for path in (
+        threading.__file__,
+        queue.__file__,
+        selectors.__file__,
+        socket.__file__,
+        os.path.dirname(concurrent.futures.__file__) + os.sep,
+        os.path.dirname(asyncio.__file__) + os.sep,
+    )
+)
+_PACKAGE = str(Path(__file__).resolve().parent)
+# Plain-function handlers run in threads named after their subscription (see
+# `eventwire.subscription`): "eventwire-<subscription>_<n>".
+_HANDLER_THREAD_PREFIX = "eventwire-"
+
+
+def stuck_threads(started_before: Collection[threading.Thread]) -> list[str]:
+    """One line per thread not in `started_before` that is still busy and would keep the
+    interpreter from exiting, naming its subscription (or the thread) and the function it is
+    in, with the line for Python code: "subscription 'billing' is still in charge at
+    app.py:12"."""
+    frames = sys._current_frames()
+    stuck = []
+    for thread in threading.enumerate():
+        if thread in started_before or thread.daemon or not thread.is_alive():
+            continue
+        where = _busy_in(frames.get(thread.ident or -1))
+        if where is None:
+            continue
+        name = thread.name
+        if name.startswith(_HANDLER_THREAD_PREFIX):
+            subscription = name.removeprefix(_HANDLER_THREAD_PREFIX).rpartition("_")[0]
+            stuck.append(f"subscription {subscription!r} is still in {where}")
+        else:
+            stuck.append(f"thread {name!r} is still in {where}")
+    return stuck
+
+
+def _busy_in(frame: FrameType | None) -> str | None:
+    """What a thread whose innermost frame is `frame` is busy with; None if it is idle."""
+    stack: list[FrameType] = []
+    while frame is not None:
+        stack.append(frame)
+        frame = frame.f_back
+    stack.reverse()  # outermost first
+    own = [f for f in stack if not os.path.abspath(f.f_code.co_filename).startswith(_MACHINERY)]
+    if own:
+        # The app's function (not eventwire's wrapper around it), where it is now.
+        outside = [f for f in own if not f.f_code.co_filename.startswith(_PACKAGE)]
+        handler = (outside or own)[0]
+        return f"{handler.f_code.co_qualname} at {handler.f_code.co_filename}:{handler.f_lineno}"
+    # A pool worker inside a call that has no Python frame (time.sleep handed to
+    # asyncio.to_thread): its innermost frame is the work item's run(); name the call.
+    work: Any = (
+        stack[-1].f_locals.get("self") if stack and stack[-1].f_code.co_name == "run" else None
+    )
+    if callable(getattr(work, "fn", None)):
+        return _call_name(work.fn, getattr(work, "args", ()))
+    return None
+
+
+def _call_name(call: Any, args: tuple[Any, ...]) -> str:
+    """The function a pool runs as ``call(*args)``, through partials and `Context.run`."""
+    while True:
+        if isinstance(call, functools.partial):
+            call, args = call.func, (*call.args, *args)
+        elif isinstance(getattr(call, "__self__", None), contextvars.Context) and args:
+            call, args = args[0], args[1:]
+        else:
+            break
+    module = getattr(call, "__module__", None)
+    name = getattr(call, "__qualname__", None) or repr(call)
+    return f"{module}.{name}" if module else name

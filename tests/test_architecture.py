@@ -141,8 +141,10 @@ def _defined_private_names(tree: ast.Module) -> set[str]:
     return {name for name in names if name.startswith("_") and not name.startswith("__")}
 
 
-# Public despite the underscore: the named-tuple API.
-_CONVENTIONALLY_PUBLIC = frozenset({"_replace", "_asdict", "_fields", "_make"})
+# Public despite the underscore: the named-tuple API, and documented functions of os and sys.
+_CONVENTIONALLY_PUBLIC = frozenset(
+    {"_replace", "_asdict", "_fields", "_make", "_exit", "_current_frames"}
+)
 
 
 def _foreign_private_attributes() -> list[str]:

@@ -43,8 +43,8 @@ async def run(*args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(cli, *args)
 
 
-async def letters(url: str) -> list[dict[str, Any]]:
-    listed = await run("dlq", "list", "--json", "--url", url)
+async def letters(url: str, *options: str) -> list[dict[str, Any]]:
+    listed = await run("dlq", "list", "--json", "--url", url, *options)
     assert listed.returncode == 0, listed.stderr
     found: list[dict[str, Any]] = json.loads(listed.stdout)
     return found
@@ -313,3 +313,25 @@ async def test_purge_asks_on_a_terminal_and_does_only_what_was_agreed(tmp_path: 
     assert status == 0, shown
     assert "purged 2 dead letter(s)" in shown
     assert await letters(url) == []
+
+
+BURST = 1500  # events and letters: past the 1,000 entries Redis counts per call
+
+
+async def test_counts_are_right_right_after_a_burst(url: str) -> None:
+    async def reject(event: Event[Any]) -> None:
+        raise ValueError("rejected")
+
+    bus = EventBus(url, close_grace=2.0, redeliver_after=5.0)
+    bus.subscribe("burst.item", reject, name="rejecter")
+    async with bus:
+        await bus.publish_many([("burst.item", n) for n in range(BURST)])
+        await bus.drain(timeout=120)
+        # Before anything reads the dead letters (reading moves the queue's position).
+        stats = await run("stats", "--json", "--timeout", "0.1", "--url", url)
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["dead_letters"] == BURST
+        table = await run("dlq", "list", "--limit", "5", "--url", url)
+        assert table.returncode == 0, table.stderr
+        assert f"(the queue holds {BURST}; raise --limit)" in table.stdout
+        assert len(await letters(url, "--limit", str(2 * BURST))) == BURST

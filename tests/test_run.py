@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from eventwire import EventBus
+from tests.services import require_service, unique_namespace, with_namespace
 
 EVENTWIRE = str(Path(sys.executable).with_name("eventwire"))
 
@@ -116,7 +117,8 @@ def test_run_reports_bad_targets(tmp_path: Path) -> None:
             check=False,
         )
         assert result.returncode == 2, (target, result.stdout, result.stderr)
-        assert message in result.stdout, (target, result.stdout)
+        assert message in result.stderr, (target, result.stderr)
+        assert result.stdout == "", (target, result.stdout)
 
 
 def test_url_option_and_environment_choose_the_backend(
@@ -139,3 +141,124 @@ def test_url_option_and_environment_choose_the_backend(
     )
     assert result.returncode != 0
     assert "unknown bus URL scheme 'kafka'" in result.stdout + result.stderr
+
+
+STARTUP_ERRORS = {
+    "signature": (
+        """
+        from eventwire import EventBus
+
+        bus = EventBus()
+
+        @bus.subscribe("a.b", name="two_args")
+        async def two_args(first, second): ...
+        """,
+        "must accept the event as its one positional argument",
+    ),
+    "raising": (
+        """
+        raise RuntimeError("settings.toml is missing")
+        """,
+        "importing 'raising:bus' raised RuntimeError: settings.toml is missing",
+    ),
+}
+
+
+def run_app(tmp_path: Path, module: str, source: str) -> subprocess.CompletedProcess[str]:
+    """``eventwire run <module>:bus`` on `source` saved as `module`.py, to its end."""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+    return subprocess.run(
+        [EVENTWIRE, "run", f"{module}:bus"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: "), result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # no traceback
+
+
+@pytest.mark.parametrize("module", sorted(STARTUP_ERRORS))
+def test_startup_errors_are_one_line_and_exit_2(tmp_path: Path, module: str) -> None:
+    source, message = STARTUP_ERRORS[module]
+    assert_one_line_error(run_app(tmp_path, module, source), message)
+
+
+def test_an_unsupported_capability_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    url = with_namespace(require_service("rabbitmq"), unique_namespace())
+    app = f"""
+        from eventwire import EventBus
+
+        bus = EventBus({url!r})
+
+        @bus.subscribe("a.b", name="once", idempotent=True)
+        async def once(event): ...
+        """
+    result = run_app(tmp_path, "idempotent", app)
+    assert_one_line_error(result, "idempotent=True, but the amqp:// backend cannot")
+    assert "guest:guest" not in result.stderr
+
+
+STUCK = textwrap.dedent(
+    """
+    import asyncio
+    import time
+    from eventwire import Agent, Event, EventBus
+
+    bus = EventBus()
+
+    class Starter(Agent):
+        async def on_start(self) -> None:
+            await self.publish("work", 1)
+
+    @bus.subscribe("work", name="blocking")
+    def blocking(event: Event[int]) -> None:
+        print("[BLOCKING] started", flush=True)
+        time.sleep(3600)  # line 15: a plain function the bus cannot interrupt
+
+    @bus.subscribe("work", name="offloaded")
+    async def offloaded(event: Event[int]) -> None:
+        print("[OFFLOADED] started", flush=True)
+        await asyncio.to_thread(time.sleep, 3600)
+
+    bus.register(Starter("starter"))
+    """
+)
+
+
+def test_a_stuck_plain_function_does_not_keep_run_alive_past_the_grace(tmp_path: Path) -> None:
+    (tmp_path / "stuckapp.py").write_text(STUCK, encoding="utf-8")
+    process = subprocess.Popen(
+        [EVENTWIRE, "run", "stuckapp:bus", "--grace", "0.3"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = ""
+        while "[BLOCKING]" not in seen or "[OFFLOADED]" not in seen:
+            # Both handlers are in their threads (their lines may interleave).
+            seen += "\n".join(read_until(process, "started"))
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)  # hung for ever before
+    finally:
+        process.kill()
+    assert process.returncode == 1, err
+    assert "eventwire: stopped with 2 unhandled event(s)" in out
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert (
+        f"error: subscription 'blocking' is still in blocking at {tmp_path / 'stuckapp.py'}:15 "
+        "after the 0.3s grace period"
+    ) in errors, err
+    assert "error: thread 'asyncio_0' is still in time.sleep after the 0.3s grace period" in (
+        errors
+    ), err
+    assert errors[-1].startswith("error: exiting without waiting for them"), err

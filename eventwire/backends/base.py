@@ -140,6 +140,9 @@ class ConsumerInfo:
     pattern: str
     outstanding: int
     """Messages matching it that are not acknowledged yet: waiting or being handled."""
+    exact: bool = True
+    """False when `outstanding` is only an upper bound (never 0 while messages wait): the
+    broker could not count them all in one go; asking again counts further."""
     processes: int | None = None
     """Processes consuming it now (0: none, its backlog waits for one); None: not known."""
     last_active: float | None = None

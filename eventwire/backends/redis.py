@@ -19,6 +19,8 @@ that touch several keys stay valid on Redis Cluster:
 - ``{ns}:handled:<group>``: sorted set of handled event ids by time, trimmed after 7 days.
 - ``{ns}:wake:<group>``: a one-entry stream that nak and close bump, so fetchers blocked on the
   events stream wake up for entries handed back.
+- ``{ns}:tally:<group>``: hash, how far `consumers()` counted the group's unread entries
+  (kept only for long backlogs, such as the dead-letter consumer's, which nothing reads).
 - ``{ns}:dedup:<event id>``: only with ``dedup_window``: a marker with that TTL.
 
 Publishing runs one Lua script per up to 1,000 messages, all of a batch in one round trip;
@@ -113,7 +115,7 @@ _ENTRY = struct.Struct(">IIII")
 # New entries one fetch script examines at most (matching or not), so a script never blocks
 # Redis for long when a consumer skips a large backlog of other topics.
 _SCAN_BUDGET = 1000
-# Entries `consumers()` reads past a group's position to count the matching ones exactly.
+# Entries `consumers()` reads past a group's position per call to count the matching ones.
 _COUNT_SCAN = 1000
 # Longest single XREAD block: also how often an idle fetcher re-runs the fetch script.
 _MAX_BLOCK = 1.0
@@ -453,12 +455,33 @@ end
 return removed
 """
 
-# KEYS: stream, delayed key per group. ARGV: scan limit, then group, pattern per group.
-# Returns the outstanding count per group: pending + delayed + unread entries that match.
+# KEYS: stream, then delayed and tally keys per group. ARGV: scan limit, then group, pattern
+# per group. Returns per group the outstanding count (pending + delayed + unread entries that
+# match) and 1 if it is exact, 0 if it is an upper bound (more unread entries than `limit`
+# were left to look at: asking again goes on from there).
+#
+# Unread entries are counted from the group's position on, at most `limit` per call; a tally
+# key keeps how far the count went (while the position stays: the dead-letter consumer's
+# never moves between two `eventwire dlq` reads) so that the next call only looks at what
+# came since. Entries deleted or trimmed since the tally began start it again.
 _STATS = (
     _LUA_TOPICS
     + r"""
 local limit = tonumber(ARGV[1])
+local function after(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not (am and bm) then return true end
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
+local deleted = nil
+local stream = redis.pcall('XINFO', 'STREAM', KEYS[1])
+if not (type(stream) == 'table' and stream.err) then
+  for i = 1, #stream, 2 do
+    if stream[i] == 'max-deleted-entry-id' then deleted = stream[i + 1] end
+  end
+end
 local groups = {}
 local info = redis.pcall('XINFO', 'GROUPS', KEYS[1])
 if not (type(info) == 'table' and info.err) then
@@ -469,34 +492,51 @@ if not (type(info) == 'table' and info.err) then
   end
 end
 local out = {}
-for k = 2, #KEYS do
-  local group, pattern = ARGV[2 * k - 2], ARGV[2 * k - 1]
-  local n = redis.call('ZCARD', KEYS[k])
+for k = 1, (#KEYS - 1) / 2 do
+  local delayed, tally = KEYS[2 * k], KEYS[2 * k + 1]
+  local group, pattern = ARGV[2 * k], ARGV[2 * k + 1]
+  local n, exact = redis.call('ZCARD', delayed), 1
   local f = groups[group]
-  if f then
+  if f and f['lag'] ~= 0 then
     n = n + f['pending']
-    if f['lag'] ~= 0 then
-      local rest = redis.call('XRANGE', KEYS[1], '(' .. f['last-delivered-id'], '+', 'COUNT', limit)
-      for _, e in ipairs(rest) do
-        if matches(pattern, topic_of(e[2])) then n = n + 1 end
-      end
-      if #rest == limit then
-        -- Past the scanned window: count the rest as matching (an upper bound, never 0).
-        if f['lag'] then n = n + math.max(f['lag'] - limit, 1) else n = n + 1 end
-      end
+    local position = f['last-delivered-id']
+    local from, seen, matched = position, 0, 0
+    local t = redis.call('HMGET', tally, 'position', 'pattern', 'to', 'seen', 'matched')
+    if t[1] == position and t[2] == pattern and not (deleted and after(deleted, position)) then
+      from, seen, matched = t[3], tonumber(t[4]), tonumber(t[5])
     end
+    local rest = redis.call('XRANGE', KEYS[1], '(' .. from, '+', 'COUNT', limit)
+    for _, e in ipairs(rest) do
+      if matches(pattern, topic_of(e[2])) then matched = matched + 1 end
+    end
+    seen = seen + #rest
+    if #rest > 0 then from = rest[#rest][1] end
+    n = n + matched
+    if #rest == limit then
+      exact = 0  -- past what was counted: count the rest as matching (never 0)
+      if f['lag'] then n = n + math.max(f['lag'] - seen, 1) else n = n + 1 end
+    end
+    if seen >= limit then
+      -- Worth keeping: counting it again would take at least one more call.
+      redis.call('HSET', tally, 'position', position, 'pattern', pattern, 'to', from,
+        'seen', seen, 'matched', matched)
+    elseif t[1] then
+      redis.call('DEL', tally)
+    end
+  elseif f then
+    n = n + f['pending']
   end
-  out[#out + 1] = n
+  out[#out + 1] = {n, exact}
 end
 return out
 """
 )
 
-# KEYS: stream, registry, delayed, handled, wake. ARGV: name, group.
+# KEYS: stream, registry, delayed, handled, wake, tally. ARGV: name, group.
 _DELETE = r"""
 redis.pcall('XGROUP', 'DESTROY', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 return 1
 """
 
@@ -845,14 +885,15 @@ class RedisBackend(BrokerBackend):
         entries = sorted((_text(name), _text(pattern)) for name, pattern in registry.items())
         if not entries:
             return []
-        keys = [self.stream] + [self.key("delayed", safe_name(name)) for name, _ in entries]
+        keys = [self.stream]
         args: list[Any] = [_COUNT_SCAN]
         for name, pattern in entries:
+            keys += [self.key("delayed", safe_name(name)), self.key("tally", safe_name(name))]
             args += [safe_name(name), pattern]
         counts = await self.retrying(lambda: self._stats(client, keys, args), deadline)
         return [
-            ConsumerInfo(name=name, pattern=pattern, outstanding=int(count))
-            for (name, pattern), count in zip(entries, counts, strict=True)
+            ConsumerInfo(name, pattern, outstanding=int(count), exact=bool(int(exact)))
+            for (name, pattern), (count, exact) in zip(entries, counts, strict=True)
         ]
 
     async def delete_consumer(self, name: str) -> None:
@@ -863,6 +904,7 @@ class RedisBackend(BrokerBackend):
             self.key("delayed", group),
             self.key("handled", group),
             self.key("wake", group),
+            self.key("tally", group),
         ]
         await self.retrying(
             lambda: self._delete(self.client, keys, [name, group]),

@@ -31,8 +31,9 @@ HistoryUrlOption = Annotated[
     str | None,
     typer.Option(
         "--url",
-        help="Also learn who publishes what from the events this broker still holds (sqlite, "
-        "redis or nats: a backend with history), e.g. sqlite:///bus.db.",
+        help="Also learn who publishes what from the events this broker still holds, e.g. "
+        "sqlite:///bus.db: sqlite, redis, nats, or amqp when the app runs with ?history= in "
+        "its URL (amqp://guest:guest@127.0.0.1:5672/?history=7d).",
         show_default=False,
     ),
 ]
@@ -46,17 +47,9 @@ TimeoutOption = Annotated[
 
 
 def _load(targets: list[str]) -> list[EventBus]:
-    from eventwire.runner import RunError, load_bus
+    from eventwire.runner import load_bus
 
-    buses = []
-    for target in targets:
-        try:
-            buses.append(load_bus(target))
-        except RunError as error:
-            fail(str(error))
-        except Exception as error:  # the app's module raised while being imported
-            fail(f"importing {target!r} raised {type(error).__name__}: {error}")
-    return buses
+    return [load_bus(target) for target in targets]
 
 
 def _history(url: str | None, since: str, timeout: float) -> list[Event[Any]]:
@@ -65,16 +58,14 @@ def _history(url: str | None, since: str, timeout: float) -> list[Event[Any]]:
         return []
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from eventwire.backends.base import BackendConnectionError
-    from eventwire.errors import EventwireError
     from eventwire.topology import parse_since, read_history
 
-    try:
-        start = parse_since(since)
-    except ValueError as error:
-        fail(str(error))
+    start = parse_since(since)
     progress = Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), console=error_console(), transient=True
+        SpinnerColumn(),
+        TextColumn("{task.description}", markup=False),
+        console=error_console(),
+        transient=True,
     )
     with progress:
         task = progress.add_task("reading history", total=None)
@@ -88,8 +79,6 @@ def _history(url: str | None, since: str, timeout: float) -> list[Event[Any]]:
             error_console().print(f"warning: {error}", markup=False, style="yellow")
             events: list[Event[Any]] = getattr(error, "events", [])
             return events
-        except (BackendConnectionError, EventwireError, ValueError, ImportError) as error:
-            fail(str(error))
 
 
 def _write(text: str, output: Path | None, what: str) -> None:
@@ -153,10 +142,7 @@ def topology(
     buses = _load(targets)
     model = Topology.from_bus(*buses)
     model.learn(_history(url, since, timeout))
-    try:
-        text = render(model.view(internal=all_topics), format, engine=engine)
-    except ValueError as error:
-        fail(str(error))
+    text = render(model.view(internal=all_topics), format, engine=engine)
     _write(text, output, f"the {format} topology")
 
 

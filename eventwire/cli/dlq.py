@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from eventwire.cli._app import UrlOption, app, bus_url, console, error_console, fail
+from eventwire.cli._app import App, UrlOption, app, bus_url, console, error_console, fail
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-dlq_app = typer.Typer(
+dlq_app = App(
     name="dlq",
     help=(
         "Inspect, retry and purge the dead letters kept on a broker: the events a "
@@ -286,23 +286,12 @@ def purge(
 
 
 def _with_queue(url: str | None, work: Callable[[DeadLetterQueue], Awaitable[T]]) -> T:
-    """Run `work` on the dead-letter queue of the bus at `url`, turning failures into clear
-    messages and exit codes (1: no such letter or it cannot be done, 2: bad input or no
-    broker)."""
-    from eventwire.backends.base import BackendConnectionError
+    """Run `work` on the dead-letter queue of the bus at `url` (the runner turns failures
+    into messages and exit codes: 1 for no such letter, 2 for bad input or no broker)."""
     from eventwire.bus import EventBus
-    from eventwire.dlq import (
-        MEMORY_EXPLANATION,
-        DeadLetterError,
-        DeadLetterNotFoundError,
-        DeadLetterQueue,
-    )
-    from eventwire.errors import EventwireError
+    from eventwire.dlq import MEMORY_EXPLANATION, DeadLetterQueue
 
-    try:
-        bus = EventBus(bus_url(url))
-    except (ValueError, ImportError) as error:
-        fail(str(error))
+    bus = EventBus(bus_url(url))
     if not bus.capabilities.durable:
         fail(MEMORY_EXPLANATION)
 
@@ -310,16 +299,7 @@ def _with_queue(url: str | None, work: Callable[[DeadLetterQueue], Awaitable[T]]
         async with bus:
             return await work(DeadLetterQueue(bus))
 
-    try:
-        return asyncio.run(run())
-    except (DeadLetterNotFoundError, DeadLetterError) as error:
-        fail(str(error), 1)
-    except BackendConnectionError as error:
-        fail(str(error))
-    except (EventwireError, ValueError, TimeoutError) as error:
-        fail(str(error), 1)
-    except OSError as error:
-        fail(f"cannot reach {bus.safe_url}: {error}")
+    return asyncio.run(run())
 
 
 def _filters(
@@ -351,10 +331,7 @@ def _moment(option: str, text: str) -> datetime:
     """An age (``10m``: that long ago) or an ISO 8601 date/time (local time if naive)."""
     from eventwire.history import parse_time
 
-    try:
-        return parse_time(text, option=option)
-    except ValueError as problem:
-        fail(str(problem))
+    return parse_time(text, option=option)
 
 
 def _check_selection(
@@ -404,7 +381,7 @@ def _progress(done_word: str | None = None) -> Iterator[Progress]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     bar = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         console=error_console(),
@@ -422,6 +399,7 @@ def _progress(done_word: str | None = None) -> Iterator[Progress]:
 
 def _table(letters: Sequence[DeadLetter]) -> Table:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("ID", "AGE", "TOPIC", "SUBSCRIPTION", "ATTEMPTS", "ERROR"):
@@ -429,13 +407,19 @@ def _table(letters: Sequence[DeadLetter]) -> Table:
             column, overflow="fold", justify="right" if column == "ATTEMPTS" else "left"
         )
     for letter in letters:
+        # Text, not markup: an error such as "pip install 'eventwire[redis]'" shows as is.
         table.add_row(
-            letter.short_id,
-            _age(letter.dead_lettered_at),
-            letter.topic,
-            letter.target or "-",
-            str(letter.attempts),
-            letter.error,
+            *map(
+                Text,
+                (
+                    letter.short_id,
+                    _age(letter.dead_lettered_at),
+                    letter.topic,
+                    letter.target or "-",
+                    str(letter.attempts),
+                    letter.error,
+                ),
+            )
         )
     return table
 

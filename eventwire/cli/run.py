@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated
+import os
+import sys
+import threading
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from eventwire.cli._app import app, console
+from eventwire.cli._app import app, console, error_console, fail
 
 
 @app.command(
@@ -66,14 +69,7 @@ def demo(
             format="%(message)s",
             handlers=[RichHandler(console=out, show_path=False, show_time=False)],
         )
-    try:
-        asyncio.run(run_demo(out, queries=queries or None, url=url))
-    except (ValueError, ImportError, ConnectionError) as error:
-        out.print(f"[bold red]cannot run the demo:[/] {error}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
-    except TimeoutError as error:
-        out.print(f"[bold red]demo did not finish:[/] {error}")
-        raise typer.Exit(1) from None
+    asyncio.run(run_demo(out, queries=queries or None, url=url))
 
 
 @app.command(
@@ -135,27 +131,53 @@ def run(
     queued and in-flight work gets --grace seconds, and whatever is left is reported. On a
     broker the process answers `eventwire stats`; --metrics-port also serves Prometheus metrics.
     """
-    from eventwire.backends.base import BackendConnectionError
-    from eventwire.runner import RunError, run_bus
+    from eventwire.runner import run_bus, stuck_threads
 
-    out = console()
-    try:
-        clean = asyncio.run(
+    started_before = set(threading.enumerate())
+    with asyncio.Runner() as runner:
+        clean = runner.run(
             run_bus(
                 target,
                 url=url,
                 grace=grace,
-                console=out,
+                console=console(),
                 metrics_port=metrics_port,
                 metrics_addr=metrics_addr,
                 lineage=lineage,
             )
         )
-    except (RunError, BackendConnectionError) as error:
-        out.print(f"error: {error}", markup=False, style="bold red")
-        raise typer.Exit(2) from None
+        # Checked before the runner closes: closing waits for the loop's default executor,
+        # whose stuck threads would hang it as the handlers' own threads hang the exit.
+        stuck = stuck_threads(started_before)
+        if stuck:
+            _exit_leaving(stuck, grace)
     if not clean:
         raise typer.Exit(1)
+
+
+def _exit_leaving(stuck: list[str], grace: float) -> NoReturn:
+    """Say which handlers are still running after the grace period, and end the process
+    without waiting for their threads (a thread cannot be interrupted, and the interpreter
+    would wait for it at exit, for ever)."""
+    errors = error_console()
+    for where in stuck:
+        errors.print(
+            f"error: {where} after the {grace:g}s grace period",
+            markup=False,
+            style="bold red",
+            soft_wrap=True,
+        )
+    errors.print(
+        f"error: exiting without waiting for {'it' if len(stuck) == 1 else 'them'}: a thread "
+        "cannot be interrupted; make the handler return in time, or raise --grace",
+        markup=False,
+        style="bold red",
+        soft_wrap=True,
+    )
+    logging.shutdown()  # flush the app's log handlers: os._exit skips interpreter cleanup
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(1)
 
 
 @app.command(
@@ -163,7 +185,9 @@ def run(
         "Examples:\n\n"
         '  eventwire publish user.query \'{"text": "refund policy?"}\' --url sqlite:///bus.db\n\n'
         "  eventwire publish user.query 'plain text' -m user_id=u-1 --key u-1 "
-        "--url nats://127.0.0.1:4222"
+        "--url nats://127.0.0.1:4222\n\n"
+        "  eventwire publish orders.created @order.json --url redis://127.0.0.1:6379/0\n\n"
+        "  cat notes.md | eventwire publish notes.added - --text --url sqlite:///bus.db"
     )
 )
 def publish(
@@ -171,7 +195,8 @@ def publish(
     payload: Annotated[
         str,
         typer.Argument(
-            help="The payload: a JSON document, or (if it is not JSON) the text itself.",
+            help="The payload: a JSON document, or the text itself; '-' reads it from standard "
+            "input, '@PATH' from the file PATH.",
             show_default=False,
         ),
     ],
@@ -183,50 +208,103 @@ def publish(
     url: Annotated[
         str | None,
         typer.Option(
-            "--url", help="The bus to publish on (default: $EVENTWIRE_URL).", show_default=False
+            "--url",
+            help="The broker to publish on, e.g. sqlite:///bus.db (default: $EVENTWIRE_URL; "
+            "one of them is required).",
+            show_default=False,
         ),
     ] = None,
+    as_text: Annotated[
+        bool,
+        typer.Option(
+            "--text", help="Send the payload as a plain string, even if it is or looks like JSON."
+        ),
+    ] = False,
 ) -> None:
     """Publish one event and print its id once the broker has stored it.
 
     The payload is parsed as JSON when it is JSON (an object, a list, a number, true/false/null
-    or a quoted string), and sent as text otherwise. On the in-process default (memory://) no
-    other process can see the event, so give --url (or set EVENTWIRE_URL) to a broker.
+    or a quoted string) and sent as text otherwise; text that starts like JSON ({, [ or ") but
+    does not parse is refused, so that a typo is not sent as a string: fix it, or pass --text.
+    Publishing needs the broker the app runs on (--url or EVENTWIRE_URL): the in-process bus
+    (memory://) would end with this command, heard by no one.
     """
-    import json
-    import os
+    from eventwire.bus import EventBus
 
-    from eventwire.bus import URL_ENVIRONMENT_VARIABLE, EventBus
-    from eventwire.errors import EventwireError
-
-    out = console()
-
-    def fail(message: str) -> typer.Exit:
-        out.print(f"error: {message}", markup=False, style="bold red")
-        return typer.Exit(2)
-
-    try:
-        value = json.loads(payload)
-    except ValueError:
-        value = payload
+    target = _broker_to_publish_on(url)
     entries: dict[str, str] = {}
     for entry in metadata or []:
         name, separator, text = entry.partition("=")
         if not separator or not name:
-            raise fail(f"metadata {entry!r} is not key=value, e.g. -m user_id=u-1")
+            fail(f"metadata {entry!r} is not key=value, e.g. -m user_id=u-1")
         entries[name] = text
-    target = url or os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://"
+    value = _payload(payload, as_text=as_text)
 
     async def send() -> str:
         async with EventBus(target) as bus:
             event = await bus.publish(topic, value, metadata=entries or None, key=key)
             return event.id
 
+    console().print(asyncio.run(send()), markup=False)
+
+
+def _broker_to_publish_on(url: str | None) -> str:
+    from eventwire.backends import MEMORY, parse_url
+    from eventwire.bus import URL_ENVIRONMENT_VARIABLE
+
+    target = url or os.environ.get(URL_ENVIRONMENT_VARIABLE)
+    if not target:
+        fail(
+            f"no broker to publish on: pass --url (e.g. --url sqlite:///bus.db) or set "
+            f"{URL_ENVIRONMENT_VARIABLE} to the URL your app runs on"
+        )
+    if parse_url(target).scheme == MEMORY:
+        fail(
+            "memory:// is the in-process bus: an event published on it by this command ends "
+            "with the command, heard by no one; pass --url (or set "
+            f"{URL_ENVIRONMENT_VARIABLE}) to the broker your app runs on, e.g. sqlite:///bus.db"
+        )
+    return target
+
+
+def _payload(argument: str, *, as_text: bool) -> Any:
+    """The value PAYLOAD stands for: its text ('-': standard input, '@PATH': a file's)
+    as JSON if it is JSON, else as a string."""
+    import json
+    from pathlib import Path
+
+    if argument == "-" or argument.startswith("@"):
+        source = "standard input" if argument == "-" else argument[1:]
+        try:
+            text = sys.stdin.read() if argument == "-" else Path(source).read_text("utf-8")
+        except UnicodeDecodeError:
+            fail(f"the payload from {source} is not UTF-8 text")
+        except OSError as error:
+            fail(f"cannot read the payload from {source}: {error.strerror or error}")
+        # As `$(cat file)` would: the line end that closes a file is not part of the text.
+        text = text.removesuffix("\n").removesuffix("\r")
+    else:
+        text = argument
+    if as_text:
+        return text
     try:
-        event_id = asyncio.run(send())
-    except (EventwireError, ValueError, TypeError, ImportError, ConnectionError) as error:
-        raise fail(str(error)) from None
-    out.print(event_id, markup=False)
+        return json.loads(text, parse_constant=_not_json)
+    except ValueError as error:
+        if text.lstrip()[:1] in _JSON_STARTS:
+            fail(
+                f"the payload looks like JSON but does not parse: {error}; fix it, or pass "
+                "--text to send it as a plain string"
+            )
+        return text
+
+
+# How JSON that is a document, not a bare word or number, begins.
+_JSON_STARTS = ("{", "[", '"')
+
+
+def _not_json(constant: str) -> Any:
+    # NaN and Infinity are not JSON (brokers refuse them): such a payload is text.
+    raise ValueError(f"{constant} is not JSON")
 
 
 @app.command()
