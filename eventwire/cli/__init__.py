@@ -6,7 +6,14 @@ commands on it. Commands import what they need lazily, so ``eventwire --help`` s
 
 from __future__ import annotations
 
-from eventwire.cli import describe, dlq, inspect, run, stats  # noqa: F401  (registers their commands)
+from eventwire.cli import (  # noqa: F401  (registers their commands)
+    describe,
+    dlq,
+    inspect,
+    run,
+    stats,
+    subscriptions,
+)
 from eventwire.cli._app import app
 
 
