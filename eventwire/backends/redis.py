@@ -18,7 +18,8 @@ that touch several keys stay valid on Redis Cluster:
   time in ms; they left the group's pending list and are claimed back when due.
 - ``{ns}:handled:<group>``: sorted set of handled event ids by time, trimmed after 7 days.
 - ``{ns}:wake:<group>``: a one-entry stream that nak and close bump, so fetchers blocked on the
-  events stream wake up for entries handed back.
+  events stream wake up for entries handed back; the group reads it (XREADGROUP) beside the
+  events stream.
 - ``{ns}:dedup:<event id>``: only with ``dedup_window``: a marker with that TTL.
 
 Publishing runs one Lua script per up to 1,000 messages, all of a batch in one round trip;
@@ -28,8 +29,13 @@ delayed entries, takes over entries other consumers held longer than ``ack_wait`
 (XAUTOCLAIM), then reads new entries (XREADGROUP) and acknowledges at once those whose topic
 the pattern does not match, so they are never pending and never counted as outstanding. It
 replies with one packed string per delivery (attempt, entry id, topic, body): redis-py's
-parser reads one element per delivery instead of a nested reply of every field. Between
-scripts a fetcher blocks on XREAD of the events and wake streams.
+parser reads one element per delivery instead of a nested reply of every field. When the
+script finds nothing, a fetcher waits in a blocking XREADGROUP on the events stream and the
+group's wake stream: a new entry is claimed and returned by that one command (its topic
+checked here, entries of other topics acknowledged), without another script call, until the
+script is due again: after a bump of the wake stream, when a delayed entry it reported falls
+due, when it is time to look for deliveries held too long by others (``ack_wait``/4, at most
+1 s), or when a read brings a backlog (32 entries or more), which the script reads in bulk.
 
 Deduplication. Redis cannot deduplicate by itself. A publish whose reply was lost (the
 connection broke) is retried; before the retry, a script scans the stream entries added since
@@ -56,6 +62,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import socket
 import struct
@@ -82,7 +89,7 @@ from eventwire.backends.base import (
     Message,
     safe_name,
 )
-from eventwire.topics import validate_pattern
+from eventwire.topics import is_topic, pattern_matches, validate_pattern
 
 logger = logging.getLogger("eventwire")
 
@@ -113,8 +120,11 @@ _ENTRY = struct.Struct(">IIII")
 _SCAN_BUDGET = 1000
 # Entries `consumers()` reads past a group's position to count the matching ones exactly.
 _COUNT_SCAN = 1000
-# Longest single XREAD block: also how often an idle fetcher re-runs the fetch script.
+# Longest single blocking read: also how often an idle fetcher re-runs the fetch script.
 _MAX_BLOCK = 1.0
+# Most new entries a blocking XREADGROUP takes; a read that fills it means a backlog, which
+# the fetch script then reads (its packed reply is cheaper to parse in bulk).
+_READ_COUNT = 32
 _CONNECT_TIMEOUT = 3.0
 _SOCKET_TIMEOUT = 10.0
 # Consumers (dead processes) with nothing pending and idle this long are removed from a group.
@@ -518,8 +528,15 @@ class _Script:
 
 
 async def _command(client: Any, *args: Any) -> Any:
-    """One raw command (redis-py's `execute_command` is untyped)."""
-    return await client.execute_command(*args)
+    """One raw command (redis-py's `execute_command` is untyped). A cancellation that
+    redis-py swallowed (one landing as the reply came in) is raised here, so that a reader's
+    task stops when cancelled rather than going on with its next command."""
+    task = asyncio.current_task()
+    cancelling = task.cancelling() if task is not None else 0
+    reply = await client.execute_command(*args)
+    if task is not None and task.cancelling() > cancelling:
+        raise asyncio.CancelledError
+    return reply
 
 
 def _stage(pipe: Any, *args: Any) -> None:
@@ -775,6 +792,15 @@ class RedisBackend(Backend):
             args = [self._maxlen, self._dedup_window, *_pack_messages(chunk)]
             calls.append(["EVALSHA", self._publish.sha, len(keys), *keys, *args])
         client = self.client
+        if len(calls) == 1:
+            # One script call (up to 1,000 messages): a plain command, without a pipeline
+            # object and its reset, a third of the client's work for a single publish.
+            try:
+                await _command(client, *calls[0])
+            except redis_errors.NoScriptError:  # a restarted server lost its scripts
+                await _command(client, "SCRIPT", "LOAD", self._publish.source)
+                await _command(client, *calls[0])
+            return
         loaded = False
         while calls:
             pipe: Any = client.pipeline(transaction=False)
@@ -895,6 +921,11 @@ class RedisConsumer(Consumer):
         self._reclaim_every = min(max(spec.ack_wait / 4, 0.05), _MAX_BLOCK)
         self._next_reclaim = 0.0
         self._claim_cursor = "0-0"
+        # Whether the next fetch runs the script (first, after a delivery by it or a bump of
+        # the wake stream), and when the next delayed entry it knows of is due (loop time).
+        self._scan = True
+        self._due_at = math.inf
+        self._wake_group = False
         self._next_prune = 0.0
         self._closed = False
 
@@ -924,52 +955,39 @@ class RedisConsumer(Consumer):
             try:
                 if loop.time() >= self._next_prune:
                     await self.prune()
-                reclaim = loop.time() >= self._next_reclaim
-                reply = await backend.fetch_script(
-                    backend.client,
-                    [backend.stream, self._delayed, self._wake],
-                    [
-                        self.group,
-                        self.name,
-                        limit,
-                        self.spec.pattern,
-                        "1" if reclaim else "0",
-                        self._min_idle_ms,
-                        self._claim_cursor,
-                        _SCAN_BUDGET,
-                    ],
-                )
-                if reclaim:
-                    self._claim_cursor = _text(reply[2])
-                    self._next_reclaim = loop.time() + self._reclaim_every
-                if reply[0]:
-                    return _unpack_deliveries(reply[0], int(reply[1]))
+                now = loop.time()
+                scanned = False
+                if self._scan or now >= self._next_reclaim or now >= self._due_at:
+                    deliveries = await self._run_script(limit, loop)
+                    if deliveries:
+                        return deliveries
+                    scanned = True
+                    if self._scan:
+                        if loop.time() >= deadline:
+                            return []
+                        continue  # the script's scan budget ran out: more to look at
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 and scanned:
                     return []
-                if int(reply[3]):
-                    continue
-                last_id, wake_id, due_ms, now_ms = reply[4:8]
-                block = min(remaining, _MAX_BLOCK, max(self._next_reclaim - loop.time(), 0.001))
-                if int(due_ms) >= 0:
-                    block = min(block, max((int(due_ms) - int(now_ms)) / 1000, 0.001))
-                # Wakes for any new entry of the stream or a bump of the group's wake stream.
-                await _command(
-                    backend.client,
-                    "XREAD",
-                    "COUNT",
-                    1,
-                    "BLOCK",
-                    max(1, int(block * 1000)),
-                    "STREAMS",
-                    backend.stream,
-                    self._wake,
-                    last_id,
-                    wake_id,
+                block = min(
+                    remaining,
+                    _MAX_BLOCK,
+                    max(self._next_reclaim - loop.time(), 0.001),
+                    max(self._due_at - loop.time(), 0.001),
                 )
+                deliveries = await self._read_new(limit, block if remaining > 0 else None)
+                if deliveries:
+                    return deliveries
+                if loop.time() >= deadline:
+                    return []
                 pause = _RETRY_PAUSE
             except redis_errors.ResponseError as error:
                 if "NOGROUP" in str(error):
+                    if not self._scan:
+                        # Maybe only the wake stream's group is missing: the script tells.
+                        self._scan = True
+                        self._wake_group = False
+                        continue
                     raise LookupError(
                         f"durable consumer {self.spec.name!r} no longer exists in namespace "
                         f"{backend.namespace!r} of {backend.url.redacted} (deleted?)"
@@ -983,6 +1001,85 @@ class RedisConsumer(Consumer):
                 pause = await self._pause(pause, deadline)
                 if pause < 0:
                     return []
+
+    async def _run_script(self, limit: int, loop: asyncio.AbstractEventLoop) -> list[Delivery]:
+        """Due naks, deliveries held too long by others, then new entries (filtered in
+        Redis): the fetch script. Learns when the next delayed entry is due."""
+        backend = self.backend
+        reclaim = loop.time() >= self._next_reclaim
+        reply = await backend.fetch_script(
+            backend.client,
+            [backend.stream, self._delayed, self._wake],
+            [
+                self.group,
+                self.name,
+                limit,
+                self.spec.pattern,
+                "1" if reclaim else "0",
+                self._min_idle_ms,
+                self._claim_cursor,
+                _SCAN_BUDGET,
+            ],
+        )
+        if reclaim:
+            self._claim_cursor = _text(reply[2])
+            self._next_reclaim = loop.time() + self._reclaim_every
+        if not self._wake_group:
+            await self._create_wake_group()
+        if reply[0]:
+            # What is due now was taken up to `limit`: look again before blocking.
+            self._scan = True
+            return _unpack_deliveries(reply[0], int(reply[1]))
+        self._scan = bool(int(reply[3]))
+        due_ms, now_ms = int(reply[6]), int(reply[7])
+        self._due_at = math.inf if due_ms < 0 else loop.time() + (due_ms - now_ms) / 1000
+        return []
+
+    async def _create_wake_group(self) -> None:
+        """The group's reader of the wake stream, so that one blocking XREADGROUP waits for
+        new entries and for entries handed back (nak, close) at once."""
+        with contextlib.suppress(redis_errors.ResponseError):  # BUSYGROUP: there already
+            await _command(
+                self.backend.client, "XGROUP", "CREATE", self._wake, self.group, "$", "MKSTREAM"
+            )
+        self._wake_group = True
+
+    async def _read_new(self, limit: int, block: float | None) -> list[Delivery]:
+        """New entries, waiting up to `block` seconds for some (None: no wait): XREADGROUP
+        claims them as they arrive, with no script call in between. Entries for other topics
+        are acknowledged at once; a bump of the wake stream makes the next fetch run the
+        script (entries were handed back)."""
+        backend = self.backend
+        client = backend.client
+        args: list[Any] = ["GROUP", self.group, self.name, "COUNT", min(limit, _READ_COUNT)]
+        if block is not None:
+            args += ["BLOCK", max(1, int(block * 1000))]
+        args += ["STREAMS", backend.stream, self._wake, ">", ">"]
+        reply = await _command(client, "XREADGROUP", *args)
+        if not reply:
+            return []
+        streams = reply.items() if isinstance(reply, dict) else reply
+        deliveries: list[Delivery] = []
+        skipped: list[Any] = []
+        pattern = self.spec.pattern
+        for name, entries in streams:
+            if _text(name) != backend.stream:
+                self._scan = True
+                await _command(client, "XACK", self._wake, self.group, *(e[0] for e in entries))
+                continue
+            if len(entries) >= _READ_COUNT:
+                self._scan = True  # a backlog: the script reads it in bulk
+            for entry_id, fields in entries:
+                topic_raw = fields.get(b"topic") if fields else None
+                topic = None if topic_raw is None else _text(topic_raw)
+                if topic is None or not is_topic(topic) or pattern_matches(pattern, topic):
+                    body = fields.get(b"body", b"") if fields else b""
+                    deliveries.append(Delivery(topic or "", body, 1, _text(entry_id)))
+                else:
+                    skipped.append(entry_id)
+        if skipped:
+            await _command(client, "XACK", backend.stream, self.group, *skipped)
+        return deliveries
 
     async def _pause(self, pause: float, deadline: float) -> float:
         """Sleep before retrying a lost connection; -1 when the fetch's wait is over."""
