@@ -417,19 +417,30 @@ class AmqpBackend(BrokerBackend):
             self._check_open()
             try:
                 underlay = await (await self._publish_channel()).get_underlay_channel()
-                # Tasks start in creation order and queue on the channel's FIFO lock before
-                # writing, so the broker receives the batch in order.
-                tasks = [
-                    asyncio.ensure_future(
-                        underlay.basic_publish(
-                            body, exchange=exchange, routing_key=key, properties=props
+                results: list[ConfirmationFrameType | BaseException | None]
+                if len(pending) == 1:
+                    # One publish (the common awaited case): no task and gather around it.
+                    exchange, key, body, props = pending[0]
+                    try:
+                        results = [
+                            await underlay.basic_publish(
+                                body, exchange=exchange, routing_key=key, properties=props
+                            )
+                        ]
+                    except Exception as exc:  # as gather(return_exceptions=True) would
+                        results = [exc]
+                else:
+                    # Tasks start in creation order and queue on the channel's FIFO lock
+                    # before writing, so the broker receives the batch in order.
+                    tasks = [
+                        asyncio.ensure_future(
+                            underlay.basic_publish(
+                                body, exchange=exchange, routing_key=key, properties=props
+                            )
                         )
-                    )
-                    for exchange, key, body, props in pending
-                ]
-                results: list[ConfirmationFrameType | BaseException | None] = list(
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                )
+                        for exchange, key, body, props in pending
+                    ]
+                    results = list(await asyncio.gather(*tasks, return_exceptions=True))
             except _RETRYABLE as exc:
                 results = [exc] * len(pending)
             failed = []

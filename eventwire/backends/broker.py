@@ -237,9 +237,9 @@ class BrokerBackend(Backend):
         publisher = self._publisher
         if publisher is None:
             raise RuntimeError(f"the {self.scheme}:// backend is not started")
-        return self._stored(event, publisher.enqueue(self._message(event)))
+        return self._confirmed(event, publisher.enqueue(self._message(event)))
 
-    async def _stored(self, event: Event[Any], stored: asyncio.Future[None]) -> None:
+    async def _confirmed(self, event: Event[Any], stored: asyncio.Future[None]) -> None:
         try:
             await stored
         except TimeoutError:

@@ -197,8 +197,9 @@ class NatsBackend(BrokerBackend):
         self._nc: _LenientClient | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
-        # Set (and replaced) when the connection drops: requests in flight on it give up.
-        self._lost = asyncio.Event()
+        # Done (and replaced) when the connection drops: requests in flight on it give up.
+        # A future, not an Event: waiting for it beside a request takes no extra task.
+        self._lost: asyncio.Future[None] | None = None
         # Opens a new connection when the server closed the current one for good.
         self._reopening: asyncio.Task[None] | None = None
 
@@ -220,7 +221,7 @@ class NatsBackend(BrokerBackend):
         if self._nc is not None:
             return
         nc = _LenientClient()
-        self._lost = asyncio.Event()
+        self._lost = asyncio.get_running_loop().create_future()
         try:
             await self._open(nc)
         except BaseException:
@@ -245,8 +246,9 @@ class NatsBackend(BrokerBackend):
                 logger.warning("eventwire: NATS at %s: %r", self.url.redacted, error)
 
         async def on_disconnect() -> None:
-            lost, self._lost = self._lost, asyncio.Event()
-            lost.set()
+            lost, self._lost = self._lost, asyncio.get_running_loop().create_future()
+            if lost is not None and not lost.done():
+                lost.set_result(None)
             # Not when closing, nor when nats-py gave the connection up (see on_closed).
             if self._nc is nc and not nc.is_closed:
                 logger.warning("eventwire: lost NATS at %s; reconnecting", self.url.redacted)
@@ -406,12 +408,19 @@ class NatsBackend(BrokerBackend):
             last: BaseException | None = None
             for start in range(0, len(waiting), _PUBLISH_WINDOW):
                 window = waiting[start : start + _PUBLISH_WINDOW]
-                # Every publish of the window is sent before the first PubAck is awaited.
-                stored = asyncio.gather(
-                    *(self._store(js, message) for message in window), return_exceptions=True
-                )
+                results: list[BaseException | None]
                 try:
-                    results: list[BaseException | None] = await self._on_this_link(stored)
+                    if len(window) == 1:
+                        # One publish (the common awaited case): no gather around it.
+                        results = [await self._on_this_link(self._stored(js, window[0]))]
+                    else:
+                        # Every publish of the window is sent before the first PubAck is
+                        # awaited.
+                        stored = asyncio.gather(
+                            *(self._store(js, message) for message in window),
+                            return_exceptions=True,
+                        )
+                        results = await self._on_this_link(stored)
                 except nats.errors.ConnectionReconnectingError as error:
                     results = [error] * len(window)
                 if self._closed_by_server(link) and any(
@@ -455,6 +464,14 @@ class NatsBackend(BrokerBackend):
             headers={"Nats-Msg-Id": message.id},
         )
 
+    async def _stored(self, js: JetStreamContext, message: Message) -> BaseException | None:
+        """`_store`, with its failure returned rather than raised (as gather would)."""
+        try:
+            await self._store(js, message)
+        except Exception as error:
+            return error
+        return None
+
     async def _connected(self) -> None:
         """Wait (forever, with backoff) until the client is connected."""
         backoff = _Backoff()
@@ -468,13 +485,13 @@ class NatsBackend(BrokerBackend):
         answer will never come, and a retry on the next connection need not wait for the
         request timeout first."""
         lost = self._lost
+        assert lost is not None
         task = asyncio.ensure_future(call)
-        waiter = asyncio.ensure_future(lost.wait())
         gave_up = False
+        either: set[asyncio.Future[Any]] = {task, lost}
         try:
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            waiter.cancel()
             if not task.done():
                 gave_up = True
                 task.cancel()
@@ -880,9 +897,11 @@ class _NatsConsumer(Consumer):
                     left = deadline - loop.time()
                     if left < 0.01:
                         return []
+                    # Returned as soon as it came: the next fetch asks for what else is
+                    # ready, after this one is on its way to the handler.
                     await self._request(1, left + _GRACE, expires=left)
-                    if self._buffer and limit > 1:
-                        await self._request(limit - len(self._buffer), _GRACE)
+                    if self._buffer:
+                        return await self._take(limit)
                 if loop.time() >= deadline:
                     return await self._take(limit)
             return []
@@ -992,9 +1011,10 @@ class _NatsConsumer(Consumer):
     @staticmethod
     async def _publish_acks(backend: NatsBackend, msgs: Sequence[Msg]) -> None:
         nc = backend.nc  # on every try: the connection may have been replaced
+        # No flush (a PING round trip): the client writes them out at its next turn, and
+        # JetStream applies acks asynchronously anyway, so a PONG proved nothing more.
         for reply in dict.fromkeys(msg.reply for msg in msgs):
             await nc.publish(reply, b"+ACK")
-        await nc.flush(timeout=int(_REQUEST_TIMEOUT))
 
     def _still_held(self, msgs: Iterable[Msg]) -> list[Msg]:
         """Those of `msgs` whose lease this consumer surely still holds. JetStream takes a

@@ -18,7 +18,8 @@ that touch several keys stay valid on Redis Cluster:
   time in ms; they left the group's pending list and are claimed back when due.
 - ``{ns}:handled:<group>``: sorted set of handled event ids by time, trimmed after 7 days.
 - ``{ns}:wake:<group>``: a one-entry stream that nak and close bump, so fetchers blocked on the
-  events stream wake up for entries handed back.
+  events stream wake up for entries handed back; the group reads it (XREADGROUP) beside the
+  events stream.
 - ``{ns}:tally:<group>``: hash, how far `consumers()` counted the group's unread entries
   (kept only for long backlogs, such as the dead-letter consumer's, which nothing reads).
 - ``{ns}:dedup:<event id>``: only with ``dedup_window``: a marker with that TTL.
@@ -30,8 +31,13 @@ delayed entries, takes over entries other consumers held longer than ``ack_wait`
 (XAUTOCLAIM), then reads new entries (XREADGROUP) and acknowledges at once those whose topic
 the pattern does not match, so they are never pending and never counted as outstanding. It
 replies with one packed string per delivery (attempt, entry id, topic, body): redis-py's
-parser reads one element per delivery instead of a nested reply of every field. Between
-scripts a fetcher blocks on XREAD of the events and wake streams.
+parser reads one element per delivery instead of a nested reply of every field. When the
+script finds nothing, a fetcher waits in a blocking XREADGROUP on the events stream and the
+group's wake stream: a new entry is claimed and returned by that one command (its topic
+checked here, entries of other topics acknowledged), without another script call, until the
+script is due again: after a bump of the wake stream, when a delayed entry it reported falls
+due, when it is time to look for deliveries held too long by others (``ack_wait``/4, at most
+1 s), or when a read brings a backlog (32 entries or more), which the script reads in bulk.
 
 Deduplication. Redis cannot deduplicate by itself. A publish whose reply was lost (the
 connection broke) is retried; before the retry, a script scans the stream entries added since
@@ -58,6 +64,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import socket
 import struct
@@ -86,7 +93,7 @@ from eventwire.backends.base import (
 )
 from eventwire.backends.broker import BrokerBackend
 from eventwire.backends.url import BusURL
-from eventwire.topics import validate_pattern
+from eventwire.topics import is_topic, pattern_matches, validate_pattern
 
 logger = logging.getLogger("eventwire")
 
@@ -117,8 +124,11 @@ _ENTRY = struct.Struct(">IIII")
 _SCAN_BUDGET = 1000
 # Entries `consumers()` reads past a group's position per call to count the matching ones.
 _COUNT_SCAN = 1000
-# Longest single XREAD block: also how often an idle fetcher re-runs the fetch script.
+# Longest single blocking read: also how often an idle fetcher re-runs the fetch script.
 _MAX_BLOCK = 1.0
+# Most new entries a blocking XREADGROUP takes; a read that fills it means a backlog, which
+# the fetch script then reads (its packed reply is cheaper to parse in bulk).
+_READ_COUNT = 32
 _CONNECT_TIMEOUT = 3.0
 _SOCKET_TIMEOUT = 10.0
 # Consumers (dead processes) with nothing pending and idle this long are removed from a group.
@@ -560,8 +570,15 @@ class _Script:
 
 
 async def _command(client: Any, *args: Any) -> Any:
-    """One raw command (redis-py's `execute_command` is untyped)."""
-    return await client.execute_command(*args)
+    """One raw command (redis-py's `execute_command` is untyped). A cancellation that
+    redis-py swallowed (one landing as the reply came in) is raised here, so that a reader's
+    task stops when cancelled rather than going on with its next command."""
+    task = asyncio.current_task()
+    cancelling = task.cancelling() if task is not None else 0
+    reply = await client.execute_command(*args)
+    if task is not None and task.cancelling() > cancelling:
+        raise asyncio.CancelledError
+    return reply
 
 
 def _stage(pipe: Any, *args: Any) -> None:
@@ -828,6 +845,15 @@ class RedisBackend(BrokerBackend):
             args = [self._maxlen, self._dedup_window, *_pack_messages(chunk)]
             calls.append(["EVALSHA", self._publish.sha, len(keys), *keys, *args])
         client = self.client
+        if len(calls) == 1:
+            # One script call (up to 1,000 messages): a plain command, without a pipeline
+            # object and its reset, a third of the client's work for a single publish.
+            try:
+                await _command(client, *calls[0])
+            except redis_errors.NoScriptError:  # a restarted server lost its scripts
+                await _command(client, "SCRIPT", "LOAD", self._publish.source)
+                await _command(client, *calls[0])
+            return
         loaded = False
         while calls:
             pipe: Any = client.pipeline(transaction=False)
@@ -993,6 +1019,11 @@ class RedisConsumer(Consumer):
         self._reclaim_every = min(max(spec.ack_wait / 4, 0.05), _MAX_BLOCK)
         self._next_reclaim = 0.0
         self._claim_cursor = "0-0"
+        # Whether the next fetch runs the script (first, after a delivery by it or a bump of
+        # the wake stream), and when the next delayed entry it knows of is due (loop time).
+        self._scan = True
+        self._due_at = math.inf
+        self._wake_group = False
         self._next_prune = 0.0
         self._closed = False
 
@@ -1014,24 +1045,23 @@ class RedisConsumer(Consumer):
         self._check_open()
         if limit <= 0:
             return []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(wait, 0.0)
+        deadline = asyncio.get_running_loop().time() + max(wait, 0.0)
         pause = _RETRY_PAUSE
         while not self._closed:
             try:
-                reply = await self._take(limit)
-                if reply[0]:
-                    return await self._taken(reply)
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return []
-                if not int(reply[3]):  # nothing more to scan: wait for news
-                    await self._wait_for_news(reply, remaining)
+                found = await self._fetch_turn(limit, deadline)
+                if found is not None:
+                    return found
                 pause = _RETRY_PAUSE
             except redis_errors.ResponseError as error:
                 if "NOGROUP" in str(error):
                     if self._closed:
                         return []  # an inbox, removed by its close meanwhile
+                    if not self._scan:
+                        # Maybe only the wake stream's group is missing: the script tells.
+                        self._scan = True
+                        self._wake_group = False
+                        continue
                     raise LookupError(
                         f"durable consumer {self.spec.name!r} no longer exists in namespace "
                         f"{self.backend.namespace!r} of {self.backend.url.redacted} (deleted?)"
@@ -1047,12 +1077,49 @@ class RedisConsumer(Consumer):
                     return []
         return []  # closed meanwhile
 
-    async def _take(self, limit: int) -> Any:
-        """One run of the fetch script: redeliveries due, then new matching entries."""
-        backend = self.backend
+    async def _fetch_turn(self, limit: int, deadline: float) -> list[Delivery] | None:
+        """One turn of `fetch`: the script when redeliveries or a backlog may wait, else a
+        blocking read of new entries. The deliveries (or ``[]`` once the wait is over), or
+        None to take another turn."""
         loop = asyncio.get_running_loop()
         if loop.time() >= self._next_prune:
             await self.prune()
+        now = loop.time()
+        scanned = False
+        if self._scan or now >= self._next_reclaim or now >= self._due_at:
+            deliveries = await self._run_script(limit, loop)
+            if deliveries:
+                return await self._handed(deliveries)
+            scanned = True
+            if self._scan:  # the script's scan budget ran out: more to look at
+                return [] if loop.time() >= deadline else None
+        remaining = deadline - loop.time()
+        if remaining <= 0 and scanned:
+            return []
+        block = min(
+            remaining,
+            _MAX_BLOCK,
+            max(self._next_reclaim - loop.time(), 0.001),
+            max(self._due_at - loop.time(), 0.001),
+        )
+        deliveries = await self._read_new(limit, block if remaining > 0 else None)
+        if deliveries:
+            return await self._handed(deliveries)
+        return [] if loop.time() >= deadline else None
+
+    async def _handed(self, deliveries: list[Delivery]) -> list[Delivery]:
+        if self._closed:
+            # Closed while this fetch ran: what it took goes back at once (an inbox's went
+            # with its group).
+            if not self.spec.ephemeral:
+                await self._release()
+            return []
+        return deliveries
+
+    async def _run_script(self, limit: int, loop: asyncio.AbstractEventLoop) -> list[Delivery]:
+        """Due naks, deliveries held too long by others, then new entries (filtered in
+        Redis): the fetch script. Learns when the next delayed entry is due."""
+        backend = self.backend
         reclaim = loop.time() >= self._next_reclaim
         reply = await backend.fetch_script(
             backend.client,
@@ -1071,39 +1138,62 @@ class RedisConsumer(Consumer):
         if reclaim:
             self._claim_cursor = _text(reply[2])
             self._next_reclaim = loop.time() + self._reclaim_every
-        return reply
+        if not self._wake_group:
+            await self._create_wake_group()
+        if reply[0]:
+            # What is due now was taken up to `limit`: look again before blocking.
+            self._scan = True
+            return _unpack_deliveries(reply[0], int(reply[1]))
+        self._scan = bool(int(reply[3]))
+        due_ms, now_ms = int(reply[6]), int(reply[7])
+        self._due_at = math.inf if due_ms < 0 else loop.time() + (due_ms - now_ms) / 1000
+        return []
 
-    async def _taken(self, reply: Any) -> list[Delivery]:
-        if self._closed:
-            # Closed while this fetch ran: what it took goes back at once (an inbox's went
-            # with its group).
-            if not self.spec.ephemeral:
-                await self._release()
-            return []
-        return _unpack_deliveries(reply[0], int(reply[1]))
+    async def _create_wake_group(self) -> None:
+        """The group's reader of the wake stream, so that one blocking XREADGROUP waits for
+        new entries and for entries handed back (nak, close) at once."""
+        with contextlib.suppress(redis_errors.ResponseError):  # BUSYGROUP: there already
+            await _command(
+                self.backend.client, "XGROUP", "CREATE", self._wake, self.group, "$", "MKSTREAM"
+            )
+        self._wake_group = True
 
-    async def _wait_for_news(self, reply: Any, remaining: float) -> None:
-        """Block until a new entry of the stream, a bump of the group's wake stream, a
-        delayed delivery falling due or the next reclaim, at most `remaining` seconds."""
+    async def _read_new(self, limit: int, block: float | None) -> list[Delivery]:
+        """New entries, waiting up to `block` seconds for some (None: no wait): XREADGROUP
+        claims them as they arrive, with no script call in between. Entries for other topics
+        are acknowledged at once; a bump of the wake stream makes the next fetch run the
+        script (entries were handed back)."""
         backend = self.backend
-        loop = asyncio.get_running_loop()
-        last_id, wake_id, due_ms, now_ms = reply[4:8]
-        block = min(remaining, _MAX_BLOCK, max(self._next_reclaim - loop.time(), 0.001))
-        if int(due_ms) >= 0:
-            block = min(block, max((int(due_ms) - int(now_ms)) / 1000, 0.001))
-        await _command(
-            backend.client,
-            "XREAD",
-            "COUNT",
-            1,
-            "BLOCK",
-            max(1, int(block * 1000)),
-            "STREAMS",
-            backend.stream,
-            self._wake,
-            last_id,
-            wake_id,
-        )
+        client = backend.client
+        args: list[Any] = ["GROUP", self.group, self.name, "COUNT", min(limit, _READ_COUNT)]
+        if block is not None:
+            args += ["BLOCK", max(1, int(block * 1000))]
+        args += ["STREAMS", backend.stream, self._wake, ">", ">"]
+        reply = await _command(client, "XREADGROUP", *args)
+        if not reply:
+            return []
+        streams = reply.items() if isinstance(reply, dict) else reply
+        deliveries: list[Delivery] = []
+        skipped: list[Any] = []
+        pattern = self.spec.pattern
+        for name, entries in streams:
+            if _text(name) != backend.stream:
+                self._scan = True
+                await _command(client, "XACK", self._wake, self.group, *(e[0] for e in entries))
+                continue
+            if len(entries) >= _READ_COUNT:
+                self._scan = True  # a backlog: the script reads it in bulk
+            for entry_id, fields in entries:
+                topic_raw = fields.get(b"topic") if fields else None
+                topic = None if topic_raw is None else _text(topic_raw)
+                if topic is None or not is_topic(topic) or pattern_matches(pattern, topic):
+                    body = fields.get(b"body", b"") if fields else b""
+                    deliveries.append(Delivery(topic or "", body, 1, _text(entry_id)))
+                else:
+                    skipped.append(entry_id)
+        if skipped:
+            await _command(client, "XACK", backend.stream, self.group, *skipped)
+        return deliveries
 
     async def _pause(self, pause: float, deadline: float) -> float:
         """Sleep before retrying a lost connection; -1 when the fetch's wait is over."""

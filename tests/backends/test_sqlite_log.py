@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from eventwire.backends import sqlite_log
-from eventwire.backends.sqlite_log import Leased, SchemaError, SqliteLog
+from eventwire.backends.sqlite_log import Leased, PatternConflictError, SchemaError, SqliteLog
 
 
 def rows(*specs: tuple[str, str, str | None]) -> list[tuple[str, str, str | None, int, bytes]]:
@@ -321,7 +321,7 @@ def test_writes_queued_together_commit_together_and_fail_alone(log: SqliteLog) -
         assert len(writer._queue) == 3
     for thread in threads:
         thread.join(5)
-    assert [type(error) for error in errors] == [ValueError]
+    assert [type(error) for error in errors] == [PatternConflictError]
     assert [name for name, _, _ in log.consumers()] == ["c", "d", "e"]
 
 
