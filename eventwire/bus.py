@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import inspect
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from time import time_ns
 from types import MappingProxyType, TracebackType
@@ -36,7 +35,6 @@ from eventwire.backends.base import (
     DLQ_CONSUMER,
     TOOLING_PREFIX,
     Backend,
-    BackendCapabilityError,
     BusServices,
     Capabilities,
 )
@@ -56,13 +54,12 @@ from eventwire.event import (
     sequence,
 )
 from eventwire.observe import Observer, notify, notify_finished
-from eventwire.options import Start, SubscriptionKeywords, SubscriptionOptions
-from eventwire.payloads import make_converter, payload_type_of
+from eventwire.options import SubscriptionKeywords, SubscriptionOptions
+from eventwire.registry import SubscriptionRegistry
 from eventwire.requests import REPLY_PREFIX, Requests
 from eventwire.subscription import (
     Handler,
     Subscription,
-    SubscriptionServices,
     SubscriptionStats,
     current_subscription,
 )
@@ -216,18 +213,19 @@ class EventBus:
         )
         # The backend's publish, bound once: the hot path of the library.
         self._send = backend.send
-        self._subscriptions: dict[str, Subscription] = {}
-        self._services = SubscriptionServices(
+        self._registry = SubscriptionRegistry(
+            backend,
             observers=self._observers,
             dead_letters=self._dead_letters,
             requests=self._requests,
-            unsubscribe=self._unsubscribe,
+            running_loop=self._running_loop,
+            closing=self._closing_state,
+            track=self._track,
+            opening_changed=self._reconsider_indirect,
         )
-        # Unsubscribed subscriptions whose workers still finish queued events.
-        self._draining: set[Subscription] = set()
-        # Subscriptions whose backend is still creating something for them (a durable
-        # consumer): this bus's publishes wait for them, so they see every later event.
-        self._opening: set[asyncio.Task[None]] = set()
+        # The registry's own dict and set: read on the publish path without a call.
+        self._subscriptions = self._registry.by_name
+        self._opening = self._registry.opening
         self._reply_subscription: Subscription | None = None
         self._agents: dict[str, Registrable] = {}
         # True when a publish does more than hand the event to the backend (observers, or
@@ -352,11 +350,10 @@ class EventBus:
     async def _stop_all(self) -> CloseReport:
         unhandled: list[UnhandledEvent] = []
         workers: list[asyncio.Task[None]] = []
-        for subscription in [*self._subscriptions.values(), *self._draining]:
+        for subscription in self._registry.all_for_closing():
             for event, state in subscription.stop_now():
                 unhandled.append(UnhandledEvent(subscription.name, event, state))  # type: ignore[arg-type]
             workers.extend(subscription.workers)
-        self._draining.clear()
         if workers:
             # Bounded: a handler that swallows its cancellation must not hang close().
             _, stubborn = await asyncio.wait(workers, timeout=1.0)
@@ -456,120 +453,18 @@ class EventBus:
     ) -> Subscription:
         """`subscribe` with its options already built; `source` is what events its handler
         publishes say in `Event.source` (default: the subscription's name)."""
-        subscription = self._plan([(pattern, handler, options, source)])[0]
-        self._install(subscription)
+        [subscription] = self._registry.plan([(pattern, handler, options, source)])
+        self._registry.install(subscription)
         return subscription
 
-    def _plan(
-        self, wanted: Sequence[tuple[str, Handler, SubscriptionOptions, str | None]]
-    ) -> list[Subscription]:
-        """Build and check subscriptions, all before any is installed: a bad one raises with
-        none of them on the bus."""
-        if self._state in (_CLOSING, _CLOSED):
-            raise BusClosedError(f"cannot subscribe: the bus is {self._state}")
-        planned: list[Subscription] = []
-        taken = dict(self._subscriptions)
-        for pattern, handler, options, source in wanted:
-            validate_pattern(pattern)
-            _check_handler(handler)
-            self._check_start(options.start)
-            name = options.name
-            if name is None:
-                name = _unique_default_name(_default_name(handler), taken)
-            elif name in taken:
-                raise ValueError(
-                    f"a subscription named {name!r} already exists on this bus; pass another "
-                    "name=, or the same group= to make them competing consumers"
-                )
-            _check_identity(name, options.group, taken.values())
-            payload_type = payload_type_of(handler)
-            subscription = Subscription(
-                pattern,
-                handler,
-                options,
-                name=name,
-                source=source or name,
-                converter=make_converter(payload_type, name) if payload_type is not None else None,
-                services=self._services,
-            )
-            taken[name] = subscription
-            planned.append(subscription)
-        return planned
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop if self._state == _RUNNING else None
 
-    def _install(self, subscription: Subscription) -> None:
-        self._subscriptions[subscription.name] = subscription
-        try:
-            opening = self._backend.attach(subscription)
-        except BaseException:
-            del self._subscriptions[subscription.name]
-            raise
-        if opening is not None:
-            task = asyncio.get_running_loop().create_task(
-                self._finish_opening(subscription, opening),
-                name=f"eventwire:{subscription.name}:open",
-            )
-            subscription.opening = task
-            self._opening.add(task)
-            self._indirect = True
-            task.add_done_callback(self._opened)
-            self._track(task)
-        elif self._state == _RUNNING:
-            assert self._loop is not None
-            subscription.begin(self._loop)
+    def _closing_state(self) -> str | None:
+        return self._state if self._state in (_CLOSING, _CLOSED) else None
 
-    async def _finish_opening(self, subscription: Subscription, opening: Any) -> None:
-        try:
-            await opening
-        except Exception:
-            logger.exception(
-                "eventwire: could not open the durable subscription %s on %s",
-                subscription.name,
-                self.safe_url,
-            )
-            if self._subscriptions.get(subscription.name) is subscription:
-                del self._subscriptions[subscription.name]
-            await subscription.unsubscribe(drain=False)
-            raise
-        if self._state == _RUNNING and subscription.active:
-            assert self._loop is not None
-            subscription.begin(self._loop)
-
-    def _opened(self, task: asyncio.Task[None]) -> None:
-        self._opening.discard(task)
-        self._indirect = bool(self._observers) or bool(self._opening)
-
-    def _check_start(self, start: Start) -> None:
-        if start == "latest" or self.capabilities.replay:
-            return
-        raise BackendCapabilityError(
-            f"start={start!r} replays history, which the {self._backend.scheme}:// backend "
-            "cannot do (see the capability table in the README); use start='latest', or a "
-            "backend that keeps history such as 'sqlite:///bus.db'"
-        )
-
-    async def _unsubscribe(self, subscription: Subscription, drain: bool, forget: bool) -> None:
-        if self._subscriptions.get(subscription.name) is subscription:
-            del self._subscriptions[subscription.name]
-        await self._backend.detach(subscription)
-        if not drain:
-            self._backend.give_back(subscription, subscription.inbox.take_all())
-        workers = subscription.workers
-        if workers and not all(task.done() for task in workers):
-            self._draining.add(subscription)
-            gathered = asyncio.gather(*workers, return_exceptions=True)
-            gathered.add_done_callback(lambda _: self._draining.discard(subscription))
-        await subscription.finish()
-        if subscription.in_own_handler():
-            # Its own worker cannot wait for itself: let go once the workers are done.
-            self._track(
-                asyncio.get_running_loop().create_task(self._release_later(subscription, forget))
-            )
-            return
-        await self._backend.release(subscription, forget=forget)
-
-    async def _release_later(self, subscription: Subscription, forget: bool) -> None:
-        await subscription.stopped()
-        await self._backend.release(subscription, forget=forget)
+    def _reconsider_indirect(self) -> None:
+        self._indirect = bool(self._observers) or bool(self._registry.opening)
 
     @property
     def subscriptions(self) -> Mapping[str, Subscription]:
@@ -585,12 +480,12 @@ class EventBus:
                 f"an agent named {agent.name!r} is already registered on this bus; "
                 "give each agent a distinct name="
             )
-        planned = self._plan(
+        planned = self._registry.plan(
             [(p.pattern, p.handler, p.options, agent.name) for p in agent.planned_subscriptions()]
         )
         agent.bind(self, planned)
         for subscription in planned:
-            self._install(subscription)
+            self._registry.install(subscription)
         self._agents[agent.name] = agent
         if self._state == _RUNNING:
             assert self._loop is not None
@@ -619,7 +514,7 @@ class EventBus:
         """Stop calling `observer`. No error if it was not observing."""
         with contextlib.suppress(ValueError):
             self._observers.remove(observer)
-        self._indirect = bool(self._observers) or bool(self._opening)
+        self._reconsider_indirect()
 
     @property
     def observers(self) -> tuple[Observer, ...]:
@@ -728,9 +623,8 @@ class EventBus:
         return source
 
     async def _publish_indirect(self, event: Event[Any], parent: Event[Any] | None) -> None:
-        if self._opening:
-            # Subscriptions made earlier by this process must exist before their events do.
-            await asyncio.gather(*self._opening, return_exceptions=True)
+        # Subscriptions made earlier by this process must exist before their events do.
+        await self._registry.wait_opened()
         if not self._observers:
             sent = self._send(event, parent)
             if type(sent) is not int:
@@ -787,8 +681,7 @@ class EventBus:
             for event in events:
                 await self._publish_indirect(event, parent)
             return events
-        if self._opening:
-            await asyncio.gather(*self._opening, return_exceptions=True)
+        await self._registry.wait_opened()
         await self._backend.send_many(events, parent)
         return events
 
@@ -892,8 +785,7 @@ class EventBus:
                     await epoch.wait()
                 pause = 0.002
                 while True:
-                    if self._opening:
-                        await asyncio.gather(*self._opening, return_exceptions=True)
+                    await self._registry.wait_opened()
                     await self._backend.flush()  # what is being sent counts
                     elsewhere = await self._backend.outstanding()
                     if not elsewhere:
@@ -947,8 +839,7 @@ class EventBus:
                 self._requests.on_reply,
                 SubscriptionOptions(name=self._requests.reply_topic),
             )
-        if self._opening:
-            await asyncio.gather(*self._opening, return_exceptions=True)
+        await self._registry.wait_opened()
         receivers = await self._backend.receivers(topic)
         if not receivers:
             raise NoReplyError(
@@ -963,53 +854,3 @@ class EventBus:
             return await pending.wait(timeout)
         finally:
             self._requests.forget(event)
-
-
-def _default_name(handler: Callable[..., Any]) -> str:
-    target = getattr(handler, "__func__", handler)
-    module = getattr(target, "__module__", None) or "handler"
-    qualname = getattr(target, "__qualname__", None) or type(handler).__qualname__
-    return f"{module}.{qualname}"
-
-
-def _unique_default_name(base: str, taken: Mapping[str, Any]) -> str:
-    if base not in taken:
-        return base
-    number = 2
-    while f"{base}#{number}" in taken:
-        number += 1
-    return f"{base}#{number}"
-
-
-def _check_identity(name: str, group: str | None, others: Iterable[Subscription]) -> None:
-    """A subscription's identity on a broker is its group, else its name: refuse one that
-    would share another's without being in its group (on every backend alike)."""
-    identity = group or name
-    for other in others:
-        if (other.group or other.name) != identity or (group is not None and group == other.group):
-            continue
-        if group is None:
-            clash = f"the name {name!r} is the group of subscription {other.name!r}"
-        else:
-            clash = f"its group {group!r} is the name of subscription {other.name!r}"
-        raise ValueError(
-            f"subscription {name!r} cannot be added: {clash}, and on a broker both would "
-            "share one durable consumer (each event would reach only one of them); give the "
-            "subscription another name or group"
-        )
-
-
-def _check_handler(handler: Any) -> None:
-    if not callable(handler):
-        raise TypeError(f"handler must be callable, got {type(handler).__name__}: {handler!r}")
-    try:
-        signature = inspect.signature(handler)
-    except (TypeError, ValueError):
-        return
-    try:
-        signature.bind(object())
-    except TypeError:
-        raise TypeError(
-            f"handler {getattr(handler, '__qualname__', handler)!r} must accept the event as "
-            f"its one positional argument; its signature is {signature}"
-        ) from None
