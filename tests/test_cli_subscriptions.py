@@ -3,7 +3,11 @@ durable subscriptions with their backlog, the processes running them, and deleti
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +16,7 @@ import pytest
 
 from eventwire import Event, EventBus
 from tests.conformance.conftest import backend_url, destroy
-from tests.test_cli_dlq import cli, run
+from tests.test_cli_dlq import EVENTWIRE, cli, run
 
 BROKERS = ("sqlite", "redis", "nats", "amqp")
 
@@ -89,3 +93,45 @@ def test_memory_keeps_no_subscriptions() -> None:
         "error: the in-process bus (memory://) keeps no durable subscriptions: give the URL "
         "of a broker with --url or EVENTWIRE_URL"
     ]
+
+
+async def test_drain_stops_waiting_for_a_process_that_was_killed(url: str, tmp_path: Path) -> None:
+    # A worker process runs `slow`, then is killed (no goodbye): once it is no longer heard
+    # from, drain() does not wait for its subscription, whose backlog stays on the broker.
+    (tmp_path / "killed_app.py").write_text(
+        "import asyncio\n"
+        "from eventwire import EventBus\n"
+        "bus = EventBus()\n"
+        "async def slow(event):\n"
+        "    await asyncio.sleep(3600)\n"
+        "bus.subscribe('jobs.*', slow, name='slow')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "EVENTWIRE_URL"}
+    worker = await asyncio.create_subprocess_exec(
+        EVENTWIRE,
+        "run",
+        "killed_app:bus",
+        "--url",
+        url,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(30):
+            # Polls the broker (through the CLI): there is no event to wait on.
+            while (await listed(url)).get("slow", {}).get("processes") != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+        worker.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(worker.wait(), 10)
+        async with EventBus(url) as publisher:
+            await publisher.publish("jobs.run", 1)
+            await publisher.drain(timeout=30)  # before, it waited for `slow` until the timeout
+        after = await listed(url)
+        assert after["slow"]["processes"] == 0
+        assert after["slow"]["backlog"] >= 1
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await asyncio.wait_for(worker.wait(), 10)
