@@ -31,7 +31,7 @@ import re
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aiormq
@@ -53,6 +53,9 @@ _OFF = ("off", "false", "no", "0")
 
 
 T = TypeVar("T")
+
+# How far RabbitMQ's clock, which stamps stream chunks, may lag the reader's.
+BROKER_CLOCK_LAG = timedelta(minutes=2)
 
 
 class StreamHost(Protocol):
@@ -213,7 +216,11 @@ class StreamReader(Consumer):
             return self._last_offset + 1
         start = self.spec.start
         if isinstance(start, datetime):
-            return start  # an AMQP timestamp: the first chunk stored at or after it
+            # An AMQP timestamp: the first chunk the broker stamped at or after it. Its clock
+            # may lag this one's (an Erlang VM corrects a clock step slowly), so attach
+            # earlier: the reader drops events before its own start by their timestamps.
+            return start - BROKER_CLOCK_LAG
+        return "first" if start == "earliest" else "next"
         return "first" if start == "earliest" else "next"
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:

@@ -118,9 +118,12 @@ def list_letters(
     filters = _filters(subscription, topic, error, since, until)
 
     async def read(dlq: DeadLetterQueue) -> tuple[list[DeadLetter], int]:
+        # Counted first: a reader gives back what it read when it closes, and a broker may
+        # not count those again for a moment (RabbitMQ requeues them asynchronously).
+        size = await dlq.size()
         with _progress() as progress:
             letters = await dlq.list(limit=limit, on_progress=progress, **filters)
-        return letters, await dlq.size()
+        return letters, size
 
     letters, size = _with_queue(url, read)
     out = console()
