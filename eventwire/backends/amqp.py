@@ -99,6 +99,7 @@ from eventwire.backends.amqp_history import (
     history_exists,
 )
 from eventwire.backends.base import (
+    EPHEMERAL_KEPT,
     BackendCapabilityError,
     BackendConnectionError,
     Capabilities,
@@ -108,14 +109,18 @@ from eventwire.backends.base import (
     Delivery,
     Message,
     SubscriptionConflictError,
+    retry_backoff,
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
-from eventwire.backends.url import BusURL
+from eventwire.backends.url import BusURL, URLOptions
 from eventwire.topics import TAIL, validate_pattern, validate_topic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# The ``?option=`` settings an amqp:// URL takes (besides ``namespace``).
+OPTIONS = ("prefetch", "connect_timeout", "heartbeat", "history")
 
 # Errors after which an operation is worth retrying on a fresh channel or connection.
 _RETRYABLE: tuple[type[BaseException], ...] = (
@@ -129,12 +134,10 @@ _TOPIC_HEADER = "eventwire-topic"
 _ATTEMPT_HEADER = "eventwire-attempt"
 _DELAY_HEADER = "eventwire-delay"
 _MAX_DELAY_MS = 24 * 24 * 3600 * 1000  # fits the 32-bit TTL RabbitMQ accepts
-_EPHEMERAL_EXPIRES_MS = 60_000
 # RabbitMQ 4 drops a quorum queue message after 20 returns unless told otherwise; the bus
 # decides when to give up (its retry policy and dead letters), so the limit is set out of reach.
 _DELIVERY_LIMIT = 1_000_000
 _PUBLISH_CHUNK = 1000
-_MAX_BACKOFF = 2.0
 
 
 def _binding_key(pattern: str) -> str:
@@ -181,16 +184,6 @@ def _int_header(headers: dict[str, Any], name: str) -> int:
     return 0
 
 
-class _Backoff:
-    def __init__(self) -> None:
-        self.delay = 0.05
-
-    async def sleep(self, limit: float | None = None) -> None:
-        delay = self.delay if limit is None else max(0.0, min(self.delay, limit))
-        await asyncio.sleep(delay)
-        self.delay = min(self.delay * 2, _MAX_BACKOFF)
-
-
 class AmqpBackend(BrokerBackend):
     """RabbitMQ: topic exchanges, a quorum queue per durable consumer, a registry stream."""
 
@@ -210,10 +203,10 @@ class AmqpBackend(BrokerBackend):
 
     def __init__(self, url: BusURL) -> None:
         super().__init__(url)
-        query = url.query
-        self._prefetch = _positive_int(query, "prefetch", 64, url)
-        self._connect_timeout = _positive_float(query, "connect_timeout", 5.0, url)
-        self._heartbeat = _positive_int(query, "heartbeat", 30, url)
+        options = URLOptions(url, OPTIONS)
+        self._prefetch = options.integer("prefetch", 64, minimum=1)
+        self._connect_timeout = options.duration("connect_timeout", 5.0, above=True)
+        self._heartbeat = options.integer("heartbeat", 30, minimum=1)
         self._login = unquote(url.username) if url.username else "guest"
         self._password = unquote(url.password) if url.password is not None else "guest"
         path = url.path[1:] if url.path.startswith("/") else url.path
@@ -223,7 +216,7 @@ class AmqpBackend(BrokerBackend):
         self.reserved_exchange = f"{ns}.reserved"
         self.delay_exchange = f"{ns}.delay"
         self.registry_stream = f"{ns}.registry"
-        self.history = HistoryOption(url)
+        self.history = HistoryOption(options)
         self.history_stream = f"{ns}.history"
         self.readers: set[StreamReader] = set()
         self._conn: AbstractConnection | None = None
@@ -309,7 +302,7 @@ class AmqpBackend(BrokerBackend):
             assert conn is not None
             return conn
         async with self._conn_lock:
-            backoff = _Backoff()
+            backoff = retry_backoff()
             while True:
                 self._check_open()
                 conn = self._conn
@@ -323,7 +316,7 @@ class AmqpBackend(BrokerBackend):
                         if not retry:
                             raise
                         log.warning("eventwire: declaring on %s: %s", self.url.redacted, exc)
-                        await backoff.sleep()
+                        await backoff.wait()
                         continue
                 await self._drop_connection()
                 try:
@@ -335,7 +328,7 @@ class AmqpBackend(BrokerBackend):
                     log.warning(
                         "eventwire: reconnecting to %s: %s", self.url.redacted, self._describe(exc)
                     )
-                    await backoff.sleep()
+                    await backoff.wait()
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -369,7 +362,7 @@ class AmqpBackend(BrokerBackend):
     async def admin(self, operation: Callable[[AbstractChannel], Awaitable[T]]) -> T:
         """Run one declare/delete, retrying through lost connections (not through channel
         errors such as a missing queue: those are raised)."""
-        backoff = _Backoff()
+        backoff = retry_backoff()
         while True:
             self._check_open()
             ch = await self._admin_channel()
@@ -379,7 +372,7 @@ class AmqpBackend(BrokerBackend):
                 raise
             except _RETRYABLE as exc:
                 log.warning("eventwire: retrying on %s: %s", self.url.redacted, exc)
-                await backoff.sleep()
+                await backoff.wait()
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -412,7 +405,7 @@ class AmqpBackend(BrokerBackend):
     ) -> None:
         """Publish pipelined and wait for every confirm; retry what failed (if `retry`)."""
         pending = list(items)
-        backoff = _Backoff()
+        backoff = retry_backoff()
         while pending:
             self._check_open()
             try:
@@ -468,7 +461,7 @@ class AmqpBackend(BrokerBackend):
                 error,
             )
             pending = failed
-            await backoff.sleep()
+            await backoff.wait()
 
     # -- consumers -------------------------------------------------------------------------
 
@@ -543,7 +536,7 @@ class AmqpBackend(BrokerBackend):
     ) -> AbstractQueue:
         if spec.ephemeral:
             declared = await ch.declare_queue(
-                queue, durable=False, arguments={"x-expires": _EPHEMERAL_EXPIRES_MS}
+                queue, durable=False, arguments={"x-expires": int(EPHEMERAL_KEPT * 1000)}
             )
         else:
             declared = await ch.declare_queue(
@@ -831,7 +824,7 @@ class _AmqpConsumer(Consumer):
             return []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, wait)
-        backoff = _Backoff()
+        backoff = retry_backoff()
         while True:
             if self._closed:
                 return []  # closed while waiting
@@ -849,7 +842,7 @@ class _AmqpConsumer(Consumer):
                 if loop.time() >= deadline:
                     return []
                 log.warning("eventwire: consumer %r: %s", self.spec.name, exc)
-                await backoff.sleep(deadline - loop.time())
+                await backoff.wait(deadline - loop.time())
                 continue
             if self._buffer:
                 out: list[Delivery] = []
@@ -1120,7 +1113,7 @@ class _Registry:
         try:
             body = json.dumps({**record, "id": record_id}).encode()
             properties = aiormq.spec.Basic.Properties(delivery_mode=2)
-            backoff = _Backoff()
+            backoff = retry_backoff()
             published = False
             while True:
                 self.backend._check_open()
@@ -1146,7 +1139,7 @@ class _Registry:
                     # The tail was lost or stalled: read the stream again from the start.
                     log.warning("eventwire: re-reading %s: %s", self.backend.registry_stream, exc)
                     await self._close_channel()
-                    await backoff.sleep()
+                    await backoff.wait()
         finally:
             self._waiters.pop(record_id, None)
 
@@ -1168,29 +1161,3 @@ async def _delete_queue(ch: AbstractChannel, *, name: str) -> object:
 
 async def _delete_exchange(ch: AbstractChannel, *, name: str) -> object:
     return await ch.exchange_delete(name)
-
-
-def _positive_int(query: Any, name: str, default: int, url: BusURL) -> int:
-    value = query.get(name)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number <= 0:
-        raise ValueError(f"{name}={value!r} in {url.redacted!r} must be a positive integer")
-    return number
-
-
-def _positive_float(query: Any, name: str, default: float, url: BusURL) -> float:
-    value = query.get(name)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        number = 0.0
-    if not number > 0:
-        raise ValueError(f"{name}={value!r} in {url.redacted!r} must be a positive number")
-    return number

@@ -42,7 +42,7 @@ from eventwire.errors import EventwireError
 from eventwire.topics import pattern_matches
 
 if TYPE_CHECKING:
-    from eventwire.backends import BusURL
+    from eventwire.backends.url import BusURL, URLOptions
 
 _MARKER_HEADER = "eventwire-history-marker"
 _PREFETCH = 1000  # stream consumers need a prefetch; credit is given back on arrival
@@ -83,8 +83,8 @@ class StreamHost(Protocol):
 class HistoryOption:
     """The ``?history=`` option of an ``amqp://`` URL: off, on (no age limit), or a max age."""
 
-    def __init__(self, url: BusURL) -> None:
-        value = url.query.get("history")
+    def __init__(self, options: URLOptions) -> None:
+        value = options.text("history")
         self.enabled = False
         self.max_age: str | None = None  # RabbitMQ's x-max-age syntax: 7D, 12h, 30m, 10s
         if value is None or value.lower() in _OFF:
@@ -94,10 +94,10 @@ class HistoryOption:
             return
         match = _AGE.fullmatch(value.lower())
         if match is None:
-            raise ValueError(
-                f"history={value!r} in {url.redacted!r}: give how long to keep events, as a "
-                "number and a unit (s, m, h, d), e.g. history=7d; or history=on to keep "
-                "everything, history=off for none"
+            raise options.invalid(
+                "history",
+                "how long to keep events, as a number and a unit (s, m, h, d), e.g. "
+                "history=7d; or history=on to keep everything, history=off for none",
             )
         self.max_age = match.group(1) + _RABBIT_UNITS[match.group(2)]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import random
 import re
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
@@ -87,6 +88,78 @@ TOOLING_PREFIX = "_eventwire."
 DLQ_CONSUMER = "_eventwire.dlq"
 # Patterns of per-process consumers (replies, stats requests), which drain() does not wait for.
 PROCESS_PATTERNS = ("_bus.reply.", "_bus.stats.")
+
+
+# -- rules every broker backend keeps -----------------------------------------------------
+# Each is written once here; the broker modules apply it with their broker's own means (a
+# TTL, a trimmed sorted set, a DELETE, a queue argument).
+
+HANDLED_KEPT = 7 * 86_400.0
+"""Seconds an event id acknowledged as handled (``idempotent=True``) is kept at least: the
+same event delivered or published again within that time is skipped. Brokers that expire
+records (Redis, NATS) forget it afterwards."""
+
+PRESENCE_KEPT = 7 * 86_400.0
+"""Seconds the presence record of a process that stopped running a durable consumer is kept:
+it is the "last active" of ``eventwire subscriptions`` until then."""
+
+EPHEMERAL_KEPT = 60.0
+"""Seconds after which the broker removes a request-reply inbox (an ephemeral consumer)
+that nothing fetched from: one left behind by a dead process does not hold messages that
+`drain()` in other processes would wait for."""
+
+OPERATION_RETRY_DEADLINE = 10.0
+"""Seconds that ack, nak, extend, handled and administration calls retry through lost
+connections before raising `BackendConnectionError`: long enough to ride out a broker
+restart, well within a delivery's default ``ack_wait`` (30 s), so a lease held meanwhile
+is not lost. Publish and fetch retry until cancelled or their own deadline instead."""
+
+RETRY_FIRST_PAUSE = 0.05
+RETRY_LONGEST_PAUSE = 2.0
+"""The `Backoff` of broker modules' retries: the first pause (seconds) after a failure, and
+the longest it doubles to while failures go on."""
+
+
+class Backoff:
+    """Pauses between attempts at something that keeps failing: doubling from `first` up
+    to `longest`, and back to `first` after a success. With `jitter`, each pause is drawn
+    between half and all of its length, so that processes cut off together do not all
+    retry at the same instant."""
+
+    __slots__ = ("first", "jitter", "longest", "pause")
+
+    def __init__(self, first: float = 0.1, longest: float = 5.0, *, jitter: bool = False) -> None:
+        self.first = first
+        self.longest = longest
+        self.jitter = jitter
+        self.pause = first
+
+    async def wait(self, limit: float | None = None) -> None:
+        """Sleep for the current pause (at most `limit` seconds, when given: a deadline's
+        remaining time), and double it for next time."""
+        pause = self.pause
+        self.pause = min(pause * 2, self.longest)
+        if self.jitter:
+            pause *= random.uniform(0.5, 1.0)
+        if limit is not None:
+            pause = max(0.0, min(pause, limit))
+        await asyncio.sleep(pause)
+
+    def reset(self) -> None:
+        """A success: the next failure pauses `first` again."""
+        self.pause = self.first
+
+    def after(self, failures: int) -> float:
+        """The pause after `failures` failures in a row (for a client library's own
+        reconnect hook, which asks for a delay rather than sleeping)."""
+        pause = min(self.longest, self.first * 2.0 ** min(max(failures, 0), 32))
+        return pause * random.uniform(0.5, 1.0) if self.jitter else pause
+
+
+def retry_backoff() -> Backoff:
+    """The backoff of a broker module retrying through lost connections: from
+    `RETRY_FIRST_PAUSE` to `RETRY_LONGEST_PAUSE`, with jitter."""
+    return Backoff(RETRY_FIRST_PAUSE, RETRY_LONGEST_PAUSE, jitter=True)
 
 
 @dataclass(frozen=True, slots=True)

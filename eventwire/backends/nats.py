@@ -8,17 +8,17 @@ Layout on the server, per namespace ``ns``:
 - one durable pull consumer per subscription name (`safe_name`), filtered on ``<ns>.<pattern>``
   (eventwire's ``*`` and ``>`` are NATS's), explicit acks, unlimited redeliveries (the bus
   dead-letters); its description records the subscription's name and pattern;
-- KV bucket ``eventwire_<ns>_handled`` (created on first use, 7-day TTL) holds handled event
-  ids under ``<consumer>.<event id>``.
+- KV bucket ``eventwire_<ns>_handled`` (created on first use, TTL `base.HANDLED_KEPT`: 7 days)
+  holds handled event ids under ``<consumer>.<event id>``.
 
 When the server closes the connection on an error of its own (a ``-ERR`` such as a protocol
 line over its limit), nats-py gives the connection up for good; the backend then opens a new
 one, logs the server's error, and raises it to the publishes that were in flight (each may or
 may not have been stored: the event id deduplicates a retry).
 
-Optional URL settings: ``?max_age=<seconds>`` caps how long the stream keeps events (default:
-forever) and ``?replicas=<n>`` sets its replication in a cluster (default 1). Both apply only
-when the stream is created.
+Optional URL settings: ``?max_age=<duration>`` (seconds, or ``12h``, ``7d``...) caps how long
+the stream keeps events (default 0: forever) and ``?replicas=<n>`` sets its replication in a
+cluster (default 1). Both apply only when the stream is created.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import contextlib
 import functools
 import json
 import logging
-import random
 import re
 import time
 from collections import deque
@@ -61,6 +60,10 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 
 from eventwire.backends.base import (
+    EPHEMERAL_KEPT,
+    HANDLED_KEPT,
+    OPERATION_RETRY_DEADLINE,
+    PRESENCE_KEPT,
     BackendCapabilityError,
     BackendConnectionError,
     Capabilities,
@@ -70,10 +73,11 @@ from eventwire.backends.base import (
     Delivery,
     Message,
     SubscriptionConflictError,
+    retry_backoff,
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
-from eventwire.backends.url import BusURL
+from eventwire.backends.url import BusURL, URLOptions
 from eventwire.errors import EventwireError
 from eventwire.topics import is_reserved, validate_pattern
 
@@ -82,20 +86,13 @@ logger = logging.getLogger("eventwire")
 T = TypeVar("T")
 
 _DEFAULT_PORT = 4222
+# The ``?option=`` settings a nats:// URL takes (besides ``namespace``).
+OPTIONS = ("max_age", "replicas")
 _CONNECT_TIMEOUT = 5.0  # the whole of connect(), first attempt to stream ready
 _ATTEMPT_TIMEOUT = 2  # one TCP connect attempt
 _REQUEST_TIMEOUT = 5.0  # one JetStream API call, publish or ack round trip
-_SETTLE_DEADLINE = 10.0  # acks/naks/extends retried this long before raising
 _PUBLISH_WINDOW = 512  # publishes in flight at once (one round trip per window)
 _GRACE = 0.5  # round-trip allowance past a fetch's `wait` when the server is slow
-_HANDLED_TTL = 7 * 24 * 3600.0
-# How long the presence of a process that stopped is remembered ("last active").
-_PRESENCE_KEPT = 7 * 24 * 3600.0
-# A request-reply inbox left behind by a dead process is removed after this long without
-# fetches, so that `drain()` in other processes does not wait for its messages forever.
-_EPHEMERAL_INACTIVE = 60.0
-_BACKOFF_MIN = 0.05
-_BACKOFF_MAX = 2.0
 _ACK_PREFIX = "$JS.ACK."
 # Part of ack_wait after which a consumer counts a delivery it holds (since it came or was last
 # extended) as lost: JetStream may have delivered it to another process already. JetStream's
@@ -149,22 +146,10 @@ def _utf8(raw: bytes) -> bytes:
     return raw.decode("utf-8", "replace").encode()
 
 
-class _Backoff:
-    """Exponential pauses with jitter between retries."""
-
-    def __init__(self) -> None:
-        self._next = _BACKOFF_MIN
-
-    async def pause(self) -> None:
-        await asyncio.sleep(self._next * random.uniform(0.5, 1.0))
-        self._next = min(self._next * 2, _BACKOFF_MAX)
-
-
 def _reconnect_delay(servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
     """nats-py's reconnect hook: reconnect forever, backing off per failed attempt."""
     server = min(servers, key=lambda s: s.reconnects)
-    delay = min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** min(server.reconnects, 8))
-    return server, delay * random.uniform(0.5, 1.0)
+    return server, retry_backoff().after(server.reconnects)
 
 
 class NatsBackend(BrokerBackend):
@@ -190,10 +175,9 @@ class NatsBackend(BrokerBackend):
         # Which processes run which consumers (`beat`): key <consumer>.<process>.
         self.presence_bucket = f"eventwire_{self.namespace}_presence"
         self._presence_kv: KeyValue | None = None
-        self.max_age = _number(url, "max_age", 0.0)
-        self.replicas = int(_number(url, "replicas", 1))
-        if self.max_age < 0 or self.replicas < 1:
-            raise ValueError(f"max_age= must be >= 0 and replicas= >= 1 in {url.redacted!r}")
+        options = URLOptions(url, OPTIONS)
+        self.max_age = options.duration("max_age", 0.0)
+        self.replicas = options.integer("replicas", 1, minimum=1)
         self._nc: _LenientClient | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
@@ -355,7 +339,7 @@ class NatsBackend(BrokerBackend):
             )
 
     async def _reopen(self, closed: _LenientClient) -> None:
-        backoff = _Backoff()
+        backoff = retry_backoff()
         failures = 0
         while self._nc is closed:
             fresh = _LenientClient()
@@ -372,7 +356,7 @@ class NatsBackend(BrokerBackend):
                     self.url.redacted,
                     error,
                 )
-                await backoff.pause()
+                await backoff.wait()
                 continue
             if self._nc is not closed:  # close() was called meanwhile
                 await fresh.close()
@@ -400,7 +384,7 @@ class NatsBackend(BrokerBackend):
 
     async def publish(self, messages: Sequence[Message]) -> None:
         waiting = list(messages)
-        backoff = _Backoff()
+        backoff = retry_backoff()
         while waiting:
             await self._connected()
             link, js = self.nc, self.js
@@ -453,7 +437,7 @@ class NatsBackend(BrokerBackend):
                     len(waiting),
                     last,
                 )
-                await backoff.pause()
+                await backoff.wait()
 
     async def _store(self, js: JetStreamContext, message: Message) -> None:
         await js.publish(
@@ -474,11 +458,11 @@ class NatsBackend(BrokerBackend):
 
     async def _connected(self) -> None:
         """Wait (forever, with backoff) until the client is connected."""
-        backoff = _Backoff()
+        backoff = retry_backoff()
         while not self.nc.is_connected:
             if self.nc.is_closed:
                 self._reopen_soon()
-            await backoff.pause()
+            await backoff.wait()
 
     async def _on_this_link(self, call: Awaitable[T]) -> T:
         """Await `call`, but give up at once if the connection it went out on is lost: its
@@ -505,10 +489,10 @@ class NatsBackend(BrokerBackend):
         return task.result()
 
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """`call()`, retried through transient errors for up to `_SETTLE_DEADLINE` seconds."""
+        """`call()`, retried through transient errors for `OPERATION_RETRY_DEADLINE` seconds."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + _SETTLE_DEADLINE
-        backoff = _Backoff()
+        deadline = loop.time() + OPERATION_RETRY_DEADLINE
+        backoff = retry_backoff()
         while True:
             try:
                 return await self._on_this_link(call())
@@ -524,7 +508,7 @@ class NatsBackend(BrokerBackend):
                         f"{what} failed on NATS at {self.url.redacted}: "
                         f"{type(error).__name__}: {error}"
                     ) from error
-            await backoff.pause()
+            await backoff.wait()
 
     # -- consumers -------------------------------------------------------------------------
 
@@ -584,7 +568,7 @@ class NatsBackend(BrokerBackend):
             config.deliver_policy = DeliverPolicy.BY_START_TIME
             config.opt_start_time = spec.start.astimezone(UTC)
         if spec.ephemeral:
-            config.inactive_threshold = max(_EPHEMERAL_INACTIVE, 2 * spec.ack_wait)
+            config.inactive_threshold = max(EPHEMERAL_KEPT, 2 * spec.ack_wait)
         return config
 
     async def _consumer_info(self, durable: str) -> NatsConsumerInfo | None:
@@ -649,7 +633,7 @@ class NatsBackend(BrokerBackend):
                 bucket=self.presence_bucket,
                 description=f"eventwire processes running consumers of {self.namespace}",
                 history=1,
-                ttl=_PRESENCE_KEPT,
+                ttl=PRESENCE_KEPT,
                 storage=StorageType.FILE,
                 replicas=self.replicas,
             )
@@ -726,7 +710,7 @@ class NatsBackend(BrokerBackend):
                 bucket=self.bucket,
                 description=f"eventwire handled event ids of namespace {self.namespace}",
                 history=1,
-                ttl=_HANDLED_TTL,
+                ttl=HANDLED_KEPT,
                 storage=StorageType.FILE,
                 replicas=self.replicas,
             )
@@ -932,7 +916,7 @@ class _NatsConsumer(Consumer):
         except _TRANSIENT_OR_REPLACED:
             return  # the server is slow or restarting: the next fetch tries again
         if self._spec.ephemeral:
-            # Removed after a long pause in fetching (see _EPHEMERAL_INACTIVE): start again.
+            # Removed after a long pause in fetching (see EPHEMERAL_KEPT): start again.
             await backend._open_consumer(self._spec, self._durable)
             return
         raise LookupError(
@@ -1072,7 +1056,7 @@ class _NatsConsumer(Consumer):
                     "eventwire: could not delete the inbox consumer %s; NATS removes it after "
                     "%.0fs",
                     self._spec.name,
-                    max(_EPHEMERAL_INACTIVE, 2 * self._spec.ack_wait),
+                    max(EPHEMERAL_KEPT, 2 * self._spec.ack_wait),
                     exc_info=True,
                 )
             return
@@ -1103,16 +1087,6 @@ async def _gather_all(calls: Iterable[Awaitable[T]]) -> list[T]:
         if isinstance(result, BaseException):
             raise result
     return results  # type: ignore[return-value]
-
-
-def _number(url: BusURL, name: str, default: float) -> float:
-    raw = url.query.get(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}= in {url.redacted!r} must be a number") from None
 
 
 def _described(info: NatsConsumerInfo) -> dict[str, Any]:

@@ -16,7 +16,8 @@ that touch several keys stay valid on Redis Cluster:
   sharing the group split its entries.
 - ``{ns}:delayed:<group>``: sorted set of nak'ed entries (``"<entry id> <attempts>"``) by due
   time in ms; they left the group's pending list and are claimed back when due.
-- ``{ns}:handled:<group>``: sorted set of handled event ids by time, trimmed after 7 days.
+- ``{ns}:handled:<group>``: sorted set of handled event ids by time, trimmed after
+  `base.HANDLED_KEPT` (7 days).
 - ``{ns}:wake:<group>``: a one-entry stream that nak and close bump, so fetchers blocked on the
   events stream wake up for entries handed back; the group reads it (XREADGROUP) beside the
   events stream.
@@ -81,7 +82,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from eventwire.backends.base import (
+    HANDLED_KEPT,
+    OPERATION_RETRY_DEADLINE,
+    PRESENCE_KEPT,
     BackendConnectionError,
+    Backoff,
     Capabilities,
     Consumer,
     ConsumerInfo,
@@ -89,10 +94,11 @@ from eventwire.backends.base import (
     Delivery,
     Message,
     SubscriptionConflictError,
+    retry_backoff,
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
-from eventwire.backends.url import BusURL
+from eventwire.backends.url import BusURL, URLOptions
 from eventwire.topics import is_topic, pattern_matches, validate_pattern
 
 logger = logging.getLogger("eventwire")
@@ -100,8 +106,9 @@ logger = logging.getLogger("eventwire")
 T = TypeVar("T")
 
 DEFAULT_DEDUP_WINDOW = 0
-# Handled ids are kept at least this long (the contract says 7 days).
-HANDLED_RETENTION_MS = 7 * 24 * 3600 * 1000
+# The ``?option=`` settings a redis:// URL takes (besides ``namespace``).
+OPTIONS = ("dedup_window", "maxlen")
+_HANDLED_KEPT_MS = int(HANDLED_KEPT * 1000)
 # Messages per publish script call (and bytes, past which a call takes no further message).
 _PUBLISH_CHUNK = 1000
 _PUBLISH_BYTES = 4 << 20
@@ -134,11 +141,6 @@ _SOCKET_TIMEOUT = 10.0
 # Consumers (dead processes) with nothing pending and idle this long are removed from a group.
 _PRUNE_IDLE_MS = 3600 * 1000
 _PRUNE_EVERY = 600.0
-# Bounded retrying of ack, nak, extend and handled (fetch and publish retry until their
-# deadline or cancellation).
-_OP_RETRY_SECONDS = 3.0
-_RETRY_PAUSE = 0.05
-_RETRY_PAUSE_MAX = 1.0
 
 # Failures that a reconnect (or waiting for a restarted server) can cure.
 _RETRYABLE: tuple[type[BaseException], ...] = (
@@ -676,8 +678,6 @@ def _start_id(start: Any) -> str:
 
 # Between a consumer's name and a process's in the presence hash's fields.
 _FIELD_SEPARATOR = "\x1f"
-# How long the presence of a process that stopped is remembered ("last active").
-_PRESENCE_KEPT = 7 * 86_400.0
 
 
 class RedisBackend(BrokerBackend):
@@ -707,8 +707,9 @@ class RedisBackend(BrokerBackend):
             raise ValueError(
                 f"the database in {url.redacted!r} must be a number such as /0, got {path!r}"
             ) from None
-        self._dedup_window = self._int_option("dedup_window", DEFAULT_DEDUP_WINDOW)
-        self._maxlen = self._int_option("maxlen", 0)
+        options = URLOptions(url, OPTIONS)
+        self._dedup_window = options.integer("dedup_window", DEFAULT_DEDUP_WINDOW)
+        self._maxlen = options.integer("maxlen", 0)
         prefix = "{" + self.namespace + "}:"
         self._prefix = prefix
         self.stream = prefix + "events"
@@ -727,18 +728,6 @@ class RedisBackend(BrokerBackend):
         self.extend_script = _Script(_EXTEND)
         self.release_script = _Script(_RELEASE)
         self.prune_script = _Script(_PRUNE)
-
-    def _int_option(self, name: str, default: int) -> int:
-        raw = self.url.query.get(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise ValueError(f"{name} in {self.url.redacted!r} must be an integer >= 0")
-        return value
 
     def key(self, kind: str, group: str) -> str:
         """The key of one of a group's structures (``delayed``, ``handled``, ``wake``)."""
@@ -793,13 +782,13 @@ class RedisBackend(BrokerBackend):
         """Run `operation`, retrying lost connections with backoff until `deadline` (loop
         time) or forever; past the deadline, raises `BackendConnectionError`."""
         loop = asyncio.get_running_loop()
-        pause = _RETRY_PAUSE
+        backoff = retry_backoff()
         warned = False
         while True:
             try:
                 return await operation()
             except _RETRYABLE as error:
-                if deadline is not None and loop.time() + pause > deadline:
+                if deadline is not None and loop.time() + backoff.pause > deadline:
                     raise BackendConnectionError(
                         f"lost the connection to Redis at {self.url.redacted}: {error}"
                     ) from error
@@ -810,8 +799,7 @@ class RedisBackend(BrokerBackend):
                         error,
                     )
                     warned = True
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _RETRY_PAUSE_MAX)
+                await backoff.wait()
 
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
@@ -894,7 +882,7 @@ class RedisBackend(BrokerBackend):
             lambda: self._create(
                 self.client, [self.stream, self.registry], [spec.name, group, spec.pattern, start]
             ),
-            deadline=asyncio.get_running_loop().time() + _OP_RETRY_SECONDS,
+            deadline=asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
         )
         if int(reply[0]) == 0:
             raise SubscriptionConflictError(spec.name, _text(reply[1]), spec.pattern, self.url)
@@ -904,7 +892,7 @@ class RedisBackend(BrokerBackend):
 
     async def consumers(self) -> list[ConsumerInfo]:
         client = self.client
-        deadline = asyncio.get_running_loop().time() + _OP_RETRY_SECONDS
+        deadline = asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE
         registry: dict[Any, Any] = await self.retrying(
             lambda: _command(client, "HGETALL", self.registry), deadline
         )
@@ -934,7 +922,7 @@ class RedisBackend(BrokerBackend):
         ]
         await self.retrying(
             lambda: self._delete(self.client, keys, [name, group]),
-            asyncio.get_running_loop().time() + _OP_RETRY_SECONDS,
+            asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
         )
         client = self.client
         fields = [
@@ -960,18 +948,18 @@ class RedisBackend(BrokerBackend):
         client = self.client
         await self.retrying(
             lambda: _command(client, "HSET", self.presence_key, *fields),
-            asyncio.get_running_loop().time() + _OP_RETRY_SECONDS,
+            asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
         )
 
     async def presences(self) -> dict[str, list[float]]:
         client = self.client
         stored: dict[Any, Any] = await self.retrying(
             lambda: _command(client, "HGETALL", self.presence_key),
-            asyncio.get_running_loop().time() + _OP_RETRY_SECONDS,
+            asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
         )
         found: dict[str, list[float]] = {}
         stale: list[Any] = []
-        horizon = time.time() - _PRESENCE_KEPT
+        horizon = time.time() - PRESENCE_KEPT
         for field, value in stored.items():
             name = _text(field).split(_FIELD_SEPARATOR, 1)[0]
             seen = float(_text(value))
@@ -1046,13 +1034,13 @@ class RedisConsumer(Consumer):
         if limit <= 0:
             return []
         deadline = asyncio.get_running_loop().time() + max(wait, 0.0)
-        pause = _RETRY_PAUSE
+        backoff = retry_backoff()
         while not self._closed:
             try:
                 found = await self._fetch_turn(limit, deadline)
                 if found is not None:
                     return found
-                pause = _RETRY_PAUSE
+                backoff.reset()
             except redis_errors.ResponseError as error:
                 if "NOGROUP" in str(error):
                     if self._closed:
@@ -1068,12 +1056,10 @@ class RedisConsumer(Consumer):
                     ) from error
                 if not isinstance(error, _RETRYABLE):
                     raise
-                pause = await self._pause(pause, deadline)
-                if pause < 0:
+                if not await self._pause(backoff, deadline):
                     return []
             except _RETRYABLE:
-                pause = await self._pause(pause, deadline)
-                if pause < 0:
+                if not await self._pause(backoff, deadline):
                     return []
         return []  # closed meanwhile
 
@@ -1195,16 +1181,16 @@ class RedisConsumer(Consumer):
             await _command(client, "XACK", backend.stream, self.group, *skipped)
         return deliveries
 
-    async def _pause(self, pause: float, deadline: float) -> float:
-        """Sleep before retrying a lost connection; -1 when the fetch's wait is over."""
+    async def _pause(self, backoff: Backoff, deadline: float) -> bool:
+        """Sleep before retrying a lost connection; False when the fetch's wait is over."""
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
-            return -1.0
-        await asyncio.sleep(min(pause, remaining))
-        return min(pause * 2, _RETRY_PAUSE_MAX)
+            return False
+        await backoff.wait(remaining)
+        return True
 
     def _deadline(self) -> float:
-        return asyncio.get_running_loop().time() + _OP_RETRY_SECONDS
+        return asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE
 
     async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
         if not deliveries and not handled_ids:
@@ -1226,9 +1212,9 @@ class RedisConsumer(Consumer):
             for event_id in handled_ids:
                 pairs += (now, event_id)
             _stage(pipe, "ZADD", self._handled, *pairs)
-            _stage(pipe, "ZREMRANGEBYSCORE", self._handled, "-inf", now - HANDLED_RETENTION_MS)
+            _stage(pipe, "ZREMRANGEBYSCORE", self._handled, "-inf", now - _HANDLED_KEPT_MS)
             # The whole set goes a day after its last write (a consumer nobody runs).
-            _stage(pipe, "PEXPIRE", self._handled, HANDLED_RETENTION_MS + 86_400_000)
+            _stage(pipe, "PEXPIRE", self._handled, _HANDLED_KEPT_MS + 86_400_000)
             try:
                 await pipe.execute()
             finally:

@@ -6,7 +6,8 @@ and consuming never wait for each other's write lock; a publish returns once its
 has committed. Several processes on one machine may share the files: processes running the same
 subscription lease its deliveries, and a delivery whose lease runs out (its process died) goes
 to another. Consumers in this process are woken at once by a publish from this process;
-other processes' publishes are seen within `poll` seconds (``?poll=0.05`` in the URL).
+other processes' publishes are seen within `poll` seconds (``?poll=0.05`` or ``?poll=50ms`` in
+the URL).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from eventwire.backends.base import (
 )
 from eventwire.backends.broker import BrokerBackend
 from eventwire.backends.sqlite_log import Leased, PatternConflictError, SqliteLog
-from eventwire.backends.url import BusURL
+from eventwire.backends.url import BusURL, URLOptions
 
 _DEFAULT_POLL = 0.05
+# The ``?option=`` settings a sqlite:// URL takes (besides ``namespace``).
+OPTIONS = ("poll",)
 
 
 class SqliteBackend(BrokerBackend):
@@ -61,12 +64,7 @@ class SqliteBackend(BrokerBackend):
             )
         # sqlite:///bus.db is relative to the working directory, sqlite:////tmp/bus.db absolute.
         self.path = Path(url.path[1:])
-        try:
-            self.poll = float(url.query.get("poll", _DEFAULT_POLL))
-        except ValueError:
-            raise ValueError(f"poll= in {url.redacted!r} must be a number of seconds") from None
-        if not self.poll > 0:
-            raise ValueError(f"poll= in {url.redacted!r} must be > 0 seconds")
+        self.poll = URLOptions(url, OPTIONS).duration("poll", _DEFAULT_POLL, above=True)
         self._log: SqliteLog | None = None
         # Set by every publish of this process, so that its own consumers need not poll.
         self._published = asyncio.Event()

@@ -46,6 +46,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
+from eventwire.backends.base import PRESENCE_KEPT
 from eventwire.topics import pattern_matches, validate_pattern
 
 # `PRAGMA user_version` of both files. A file made by an earlier eventwire (one file, whose
@@ -102,8 +103,6 @@ _PRESENCE_SCHEMA = """CREATE TABLE IF NOT EXISTS presence (
     seen REAL NOT NULL,
     PRIMARY KEY (consumer, process)
 ) WITHOUT ROWID"""
-# How long the presence of a process that stopped is remembered ("last active").
-_PRESENCE_KEPT = 7 * 86_400.0
 
 _BLOCKED = float("inf")
 # Rows one INSERT statement stores (a statement binds at most 999 values on old SQLite). Each
@@ -523,7 +522,7 @@ class SqliteLog:
                 "INSERT OR REPLACE INTO presence (consumer, process, seen) VALUES (?, ?, ?)",
                 [(name, process, seen) for name in consumers],
             )
-            db.execute("DELETE FROM presence WHERE abs(seen) < ?", (abs(seen) - _PRESENCE_KEPT,))
+            db.execute("DELETE FROM presence WHERE abs(seen) < ?", (abs(seen) - PRESENCE_KEPT,))
 
         self._state(run)
 

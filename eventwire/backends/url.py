@@ -3,10 +3,20 @@ once, with a redacted form that is safe to print."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import SplitResult, parse_qsl, urlsplit
+
+# Options every scheme takes (read by `eventwire.backends.base.namespace_of`).
+COMMON_OPTIONS = ("namespace",)
+# ``?poll=50ms``: a number, then an optional unit (seconds when there is none).
+_DURATION = re.compile(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(ms|s|m|h|d)?")
+_DURATION_FORMS = "seconds, or with a unit: 50ms, 2s, 5m, 12h, 7d"
+_SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,5 +65,112 @@ def parse_url(url: str) -> BusURL:
         path=parts.path,
         username=parts.username,
         password=parts.password,
-        query=MappingProxyType(dict(parse_qsl(parts.query))),
+        # Blank values kept: ``?poll=`` is refused as a bad value, not ignored.
+        query=MappingProxyType(dict(parse_qsl(parts.query, keep_blank_values=True))),
     )
+
+
+class URLOptions:
+    """The ``?option=value`` settings of a bus URL, read through one checked reader.
+
+    Built with the options a scheme takes (`COMMON_OPTIONS` are added), it refuses any other
+    (a typo such as ``?namspace=x`` is an error, not a setting silently ignored). Each reader
+    returns the option's value or its default, and raises one `ValueError` naming the option,
+    the bad value, what is accepted and the URL (redacted) when the value does not fit.
+    """
+
+    __slots__ = ("known", "url")
+
+    def __init__(self, url: BusURL, known: Iterable[str]) -> None:
+        self.url = url
+        self.known = frozenset((*COMMON_OPTIONS, *known))
+        for name in sorted(url.query):
+            if name not in self.known:
+                raise self._unknown(name)
+
+    def _unknown(self, name: str) -> ValueError:
+        close = difflib.get_close_matches(name, self.known, n=1)
+        hint = f" (did you mean {close[0]}=?)" if close else ""
+        accepted = ", ".join(f"{option}=" for option in sorted(self.known))
+        return ValueError(
+            f"unknown option {name}= in {self.url.redacted!r}{hint}: "
+            f"{self.url.scheme}:// URLs take {accepted}"
+        )
+
+    def invalid(self, name: str, accepted: str) -> ValueError:
+        """The error for option `name`, whose value is not what `accepted` describes."""
+        return ValueError(
+            f"{name}={self.url.query.get(name)!r} in {self.url.redacted!r}: {name}= on "
+            f"{self.url.scheme}:// must be {accepted}"
+        )
+
+    def text(self, name: str) -> str | None:
+        """The option as written (None when absent), for a syntax of the scheme's own."""
+        if name not in self.known:
+            raise KeyError(f"{name!r} is not an option of {self.url.scheme}:// URLs")
+        return self.url.query.get(name)
+
+    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+        """A whole number >= `minimum`."""
+        value = self._checked(name, _whole, minimum, False, "a whole number")
+        return default if value is None else int(value)
+
+    def number(
+        self, name: str, default: float, *, minimum: float = 0.0, above: bool = False
+    ) -> float:
+        """A finite number >= `minimum` (> `minimum` when `above`)."""
+        value = self._checked(name, _number, minimum, above, "a number")
+        return default if value is None else value
+
+    def duration(
+        self, name: str, default: float, *, minimum: float = 0.0, above: bool = False
+    ) -> float:
+        """Seconds: a number, optionally with a unit (``50ms``, ``2s``, ``5m``, ``12h``,
+        ``7d``), >= `minimum` (> `minimum` when `above`)."""
+        value = self._checked(name, _seconds, minimum, above, _DURATION_FORMS)
+        return default if value is None else value
+
+    def choice(self, name: str, default: str, choices: Iterable[str]) -> str:
+        """One of `choices` (compared without case)."""
+        raw = self.text(name)
+        if raw is None:
+            return default
+        allowed = tuple(choices)
+        if raw.lower() not in allowed:
+            raise self.invalid(name, "one of " + ", ".join(allowed))
+        return raw.lower()
+
+    def _checked(
+        self, name: str, parse: Callable[[str], float], minimum: float, above: bool, what: str
+    ) -> float | None:
+        """The option parsed (None when absent); an error unless finite and in bounds."""
+        raw = self.text(name)
+        if raw is None:
+            return None
+        value = parse(raw.strip().lower())
+        if math.isfinite(value) and (value > minimum if above else value >= minimum):
+            return value
+        raise self.invalid(name, f"{'>' if above else '>='} {minimum:g} ({what})")
+
+
+def _whole(raw: str) -> float:
+    """`raw` as a whole number, NaN when it is not one."""
+    try:
+        return int(raw)
+    except ValueError:
+        return math.nan
+
+
+def _number(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        return math.nan
+
+
+def _seconds(raw: str) -> float:
+    """``50ms``, ``2s``, ``5m``, ``12h``, ``7d`` or a plain number of seconds; NaN if none."""
+    match = _DURATION.fullmatch(raw)
+    if match is None:
+        return math.nan
+    return float(match.group(1)) * _SECONDS_PER_UNIT[match.group(2) or "s"]
