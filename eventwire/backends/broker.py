@@ -31,6 +31,7 @@ from eventwire.backends.base import (
     TOOLING_PREFIX,
     Backend,
     BackendCapabilityError,
+    Backoff,
     Consumer,
     ConsumerInfo,
     ConsumerSpec,
@@ -75,27 +76,6 @@ class Presence:
 
     processes: int
     last_seen: float
-
-
-class Backoff:
-    """Pauses between attempts at something that keeps failing: doubling from `first` up
-    to `longest`, and back to `first` after a success."""
-
-    __slots__ = ("first", "longest", "pause")
-
-    def __init__(self, first: float = 0.1, longest: float = 5.0) -> None:
-        self.first = first
-        self.longest = longest
-        self.pause = first
-
-    async def wait(self) -> None:
-        """Sleep for the current pause, and double it for next time."""
-        pause = self.pause
-        self.pause = min(pause * 2, self.longest)
-        await asyncio.sleep(pause)
-
-    def reset(self) -> None:
-        self.pause = self.first
 
 
 class BrokerBackend(Backend):
