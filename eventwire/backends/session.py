@@ -196,7 +196,8 @@ class ConsumerSession:
     # -- finishing ------------------------------------------------------------------------
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledge `deliveries` now (held or not); raises what the broker raised."""
+        """Acknowledge `deliveries` now, and stop holding those held under themselves;
+        raises what the broker raised."""
         await self.consumer.ack(deliveries)
         for delivery in deliveries:
             self._held.pop(id(delivery), None)
@@ -282,7 +283,9 @@ class ConsumerSession:
         """Stop fetching and keeping leases, send pending acknowledgements, give back what is
         still held (at once, for another process to take; if the broker is unreachable it
         comes back by itself once its lease runs out), and close the consumer. Raises what
-        closing the consumer raised."""
+        closing the consumer raised. Idempotent."""
+        if self._closed:
+            return
         await self.stop_running()
         self._closed = True
         leaser, self._leaser = self._leaser, None
