@@ -27,7 +27,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from eventwire.backends.base import Consumer, ConsumerSpec, Delivery, Message
+from eventwire.backends.base import ConsumerSpec, Delivery, Message
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.session import ConsumerSession
 from eventwire.bus import DLQ_CONSUMER, DLQ_PATTERN
 from eventwire.envelope import EnvelopeError, decode, encode
 from eventwire.errors import BusNotRunningError, EventwireError, PublishTimeoutError
@@ -45,8 +45,6 @@ from eventwire.topics import is_topic, pattern_matches, validate_pattern
 
 if TYPE_CHECKING:
     from eventwire.bus import EventBus
-
-logger = logging.getLogger("eventwire")
 
 __all__ = [
     "DeadLetter",
@@ -507,22 +505,17 @@ class DeadLetterQueue:
         back to the broker at once."""
         backend = self._backend()
         expected = await self.size()
-        consumer = await backend.consumer(self._spec())
-        reader = _Reader(consumer, self.page_size, expected, on_progress)
+        spec = self._spec()
+        # No retries: a failing broker is reported to whoever reads the queue.
+        session = ConsumerSession(await backend.consumer(spec), spec, retry=False)
+        reader = _Reader(session, self.page_size, expected, on_progress)
         # Counts that are exact across processes (what drain() relies on) are exact enough to
         # stop reading without waiting once they are reached.
         reader.exact = backend.capabilities.cross_process_drain
-        keeper = asyncio.get_running_loop().create_task(
-            reader.keep_leases(self.bus.redeliver_after), name="eventwire:dlq:leases"
-        )
         try:
             yield reader
         finally:
-            reader.leasing = False
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            await consumer.close()
+            await session.close()
 
     @contextlib.asynccontextmanager
     async def _named(
@@ -563,23 +556,24 @@ class DeadLetterQueue:
 
 
 class _Reader:
-    """Reads the dead-letter consumer to its end, one page of leased letters at a time,
-    keeping the leases of everything it has not finished with."""
+    """Reads the dead-letter consumer to its end, one page of leased letters at a time; its
+    session keeps the leases of everything not finished with."""
 
     def __init__(
-        self, consumer: Consumer, page_size: int, expected: int, on_progress: Progress | None
+        self,
+        session: ConsumerSession,
+        page_size: int,
+        expected: int,
+        on_progress: Progress | None,
     ) -> None:
-        self.consumer = consumer
+        self.session = session
         self.page_size = page_size
         self.expected = expected
         self.on_progress = on_progress
         self.exact = True
         self.read = 0
         self.acted = 0
-        # id(delivery) -> delivery: leased and not acknowledged, kept alive by keep_leases
-        self._held: dict[int, Delivery] = {}
         self._seen: set[str] = set()
-        self.leasing = True
 
     async def next_page(self) -> list[tuple[Delivery, DeadLetter]]:
         """The next letters not read before; ``[]`` once the queue is read to its end."""
@@ -587,12 +581,12 @@ class _Reader:
             # Past the count taken at the start, only what is there right now; before it,
             # wait a little for deliveries still on their way.
             wait = 0.0 if self.exact and self.read >= self.expected else _SETTLE_WAIT
-            deliveries = await self.consumer.fetch(self.page_size, wait)
+            deliveries = await self.session.fetch(self.page_size, wait)
             if not deliveries:
                 return []
             page = []
             for delivery in deliveries:
-                self._held[id(delivery)] = delivery
+                self.session.hold(delivery, delivery)
                 letter = parse(delivery)
                 if letter.id in self._seen:
                     continue  # delivered to us again (a lease lapsed): already read
@@ -605,26 +599,13 @@ class _Reader:
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Remove these letters from the queue for good."""
-        await self.consumer.ack(deliveries)
-        for delivery in deliveries:
-            self._held.pop(id(delivery), None)
+        await self.session.ack(deliveries)
         self.acted += len(deliveries)
         self._report()
 
     def _report(self) -> None:
         if self.on_progress is not None:
             self.on_progress(self.read, max(self.expected, self.read), self.acted)
-
-    async def keep_leases(self, ack_wait: float) -> None:
-        every = max(ack_wait / 3, 0.05)
-        # Also a flag: the broker's client may swallow a cancellation racing its own timeout.
-        while self.leasing:
-            await asyncio.sleep(every)
-            if self._held and self.leasing:
-                try:
-                    await self.consumer.extend(list(self._held.values()))
-                except Exception:
-                    logger.warning("eventwire: extending dead-letter leases failed", exc_info=True)
 
 
 def parse(delivery: Delivery) -> DeadLetter:

@@ -26,8 +26,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from eventwire.backends import open_backend, resolve_url
-from eventwire.backends.base import Backend, Consumer, ConsumerSpec, Delivery, Start
+from eventwire.backends.base import Backend, ConsumerSpec, Delivery, Start
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.session import ConsumerSession
 from eventwire.envelope import EnvelopeError, decode
 from eventwire.errors import EventwireError
 from eventwire.event import Event
@@ -180,7 +181,7 @@ class _Tap:
             )
             for index, pattern in enumerate(dict.fromkeys(patterns))
         ]
-        self.consumers: list[Consumer] = []
+        self.sessions: list[ConsumerSession] = []
         self.skipped = 0
 
     @property
@@ -207,17 +208,19 @@ class _Tap:
             if self._need_history:
                 await _check_history(self.backend)
             for spec in self.specs:
-                self.consumers.append(await self.backend.consumer(spec))
+                # No retries: a read reports a failing broker rather than wait for it.
+                consumer = await self.backend.consumer(spec)
+                self.sessions.append(ConsumerSession(consumer, spec, retry=False))
         except BaseException:
             await self._close()
             raise
 
     async def _close(self) -> None:
-        consumers, self.consumers = self.consumers, []
+        sessions, self.sessions = self.sessions, []
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT):
-                for consumer in consumers:
-                    await consumer.close()
+                for session in sessions:
+                    await session.close()
         except (TimeoutError, OSError, EventwireError) as error:
             # The broker is gone: nats and amqp expire ephemeral consumers by themselves.
             logger.warning("eventwire: could not remove a reader from %s: %s", self.where, error)
@@ -290,28 +293,28 @@ class HistoryReader(_Tap):
         return self._horizon is not None and event.timestamp > self._horizon + CLOCK_MARGIN
 
     async def __aiter__(self) -> AsyncIterator[Event[Any]]:
-        if not self.consumers and self.specs:
+        if not self.sessions and self.specs:
             raise RuntimeError("use `async with HistoryReader(...) as reader:` before reading")
         if self._horizon is None:
             self._horizon = datetime.now(UTC)
-        active = dict(zip(self.consumers, self.specs, strict=True))
+        active = list(self.sessions)
         while active:
             fetched = False
-            for consumer in list(active):
+            for session in list(active):
                 if self.limit is not None and self.read >= self.limit:
                     return
                 want = _PAGE if self.limit is None else min(_PAGE, self.limit - self.read)
-                deliveries = await consumer.fetch(want, _POLL)
+                deliveries = await session.fetch(want, _POLL)
                 if not deliveries:
                     continue
                 fetched = True
-                await consumer.ack(deliveries)
+                await session.ack(deliveries)
                 for delivery in deliveries:
                     event = self._decode(delivery)
                     if event is None:
                         continue
-                    if self._beyond(event):
-                        active.pop(consumer, None)
+                    if self._beyond(event) and session in active:
+                        active.remove(session)
                     if not self._admits(event):
                         continue
                     self.read += 1
@@ -322,7 +325,7 @@ class HistoryReader(_Tap):
                     self.progress(self.read)
             if fetched:
                 continue
-            names = {spec.name for spec in active.values()}
+            names = {session.name for session in active}
             infos = await self.backend.consumers()
             if not any(info.outstanding for info in infos if info.name in names):
                 return
@@ -381,22 +384,19 @@ class Follower(_Tap):
     def __init__(self, source: str | Backend, pattern: str, *, purpose: str = "tail") -> None:
         super().__init__(source, [pattern], "latest", purpose, need_history=False)
         self.pattern = pattern
-        self._stopped = False
 
     def stop(self) -> None:
         """End the iteration at its next turn (within a second), also when a cancellation of
         the task reading it was swallowed by the broker's client library."""
-        self._stopped = True
+        for session in self.sessions:
+            session.stop()
 
     async def __aiter__(self) -> AsyncIterator[Event[Any]]:
-        if not self.consumers:
+        if not self.sessions:
             raise RuntimeError("use `async with follow(...) as events:` before reading")
-        consumer = self.consumers[0]
-        while not self._stopped:
-            deliveries = await consumer.fetch(_PAGE, 1.0)
-            if not deliveries:
-                continue
-            await consumer.ack(deliveries)
+        session = self.sessions[0]
+        async for deliveries in session.batches(_PAGE, 1.0):
+            await session.ack(deliveries)
             for delivery in deliveries:
                 event = self._decode(delivery)
                 if event is not None:

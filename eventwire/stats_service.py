@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Self
 from eventwire.backends import open_backend
 from eventwire.backends.base import Consumer, ConsumerInfo, ConsumerSpec, Message
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.session import ConsumerSession
 from eventwire.bus import DLQ_CONSUMER, REPLY_PREFIX
 from eventwire.envelope import EnvelopeError, decode, encode
 from eventwire.event import Event
@@ -40,7 +41,6 @@ STATS_REQUEST_TOPIC = "_bus.stats.request"
 _CONSUMER_PREFIX = "_eventwire.stats."
 _FETCH_WAIT = 1.0
 _PUBLISH_TIMEOUT = 5.0
-_RETRY_PAUSE_MAX = 5.0
 
 
 def subscription_stats(stats: SubscriptionStats) -> dict[str, Any]:
@@ -104,9 +104,8 @@ class StatsResponder(_Service):
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
         self._started = time.time()
+        self._session: ConsumerSession | None = None
         self._consumer: Consumer | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self.answered = 0
 
     def process(self) -> dict[str, Any]:
@@ -133,9 +132,8 @@ class StatsResponder(_Service):
 
     async def start(self) -> None:
         """Open the consumer (requests published from now on are answered) and serve."""
-        if self._task is not None:
+        if self._session is not None:
             return
-        self._closing = False
         spec = ConsumerSpec(
             name=f"{_CONSUMER_PREFIX}{self.id}",
             pattern=STATS_REQUEST_TOPIC,
@@ -143,43 +141,33 @@ class StatsResponder(_Service):
             ephemeral=True,
         )
         self._consumer = await self._backend.consumer(spec)
-        self._task = asyncio.get_running_loop().create_task(
-            self._serve(self._consumer), name="eventwire:stats"
-        )
+        # Fetching retries through a broker that is away: the backends reconnect by themselves.
+        self._session = ConsumerSession(self._consumer, spec)
+        self._session.run(self._serve, name="eventwire:stats")
 
     async def close(self) -> None:
         """Stop answering and remove the consumer. Idempotent."""
-        self._closing = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
+        session, self._session = self._session, None
+        self._consumer = None
+        if session is not None:
             try:
-                await consumer.close()
+                await session.close()
             except Exception as error:
                 logger.warning("eventwire: could not remove the stats consumer: %s", error)
 
-    async def _serve(self, consumer: Consumer) -> None:
-        pause = 0.1
-        # Not `while True`: a client library may swallow the cancellation that `close` sends
-        # (when it races with the library's own timeout); the loop then ends at its next turn.
-        while not self._closing:
-            try:
-                deliveries = await consumer.fetch(16, _FETCH_WAIT)
-                for delivery in deliveries:
+    async def _serve(self) -> None:
+        session = self._session
+        assert session is not None
+        async for deliveries in session.batches(16, _FETCH_WAIT):
+            for delivery in deliveries:
+                try:
                     await self._answer(delivery.body)
-                if deliveries:
-                    await consumer.ack(deliveries)
-            except Exception as error:
-                # Broker away: the backends retry their own connections; wait and go on.
-                logger.warning("eventwire: stats responder: %s: %s", type(error).__name__, error)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _RETRY_PAUSE_MAX)
-            else:
-                pause = 0.1
+                except Exception as error:
+                    # Unanswered, the request's client times out waiting: nothing to redo.
+                    logger.warning(
+                        "eventwire: stats responder: %s: %s", type(error).__name__, error
+                    )
+            session.ack_later(deliveries)
 
     async def _answer(self, body: bytes) -> None:
         try:
@@ -252,17 +240,17 @@ class StatsClient(_Service):
             )
         self.backend: BrokerBackend = backend
         self.reply_topic = f"{REPLY_PREFIX}{secrets.token_hex(6)}"
-        self._replies: Consumer | None = None
+        self._replies: ConsumerSession | None = None
 
     async def start(self) -> None:
         """Connect and open this client's reply inbox."""
         await self.backend.connect()
+        spec = ConsumerSpec(
+            name=self.reply_topic, pattern=self.reply_topic, start="latest", ephemeral=True
+        )
         try:
-            self._replies = await self.backend.consumer(
-                ConsumerSpec(
-                    name=self.reply_topic, pattern=self.reply_topic, start="latest", ephemeral=True
-                )
-            )
+            # No retries: collecting is bounded by its timeout.
+            self._replies = ConsumerSession(await self.backend.consumer(spec), spec, retry=False)
         except BaseException:
             await self.backend.close()
             raise

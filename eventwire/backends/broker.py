@@ -39,6 +39,8 @@ from eventwire.backends.base import (
     Message,
     is_tooling,
 )
+from eventwire.backends.session import GIVE_BACK_TIMEOUT, ConsumerSession
+from eventwire.backends.session import Backoff as Backoff  # re-exported: backends use it
 from eventwire.deadletter import DLQ_PATTERN
 from eventwire.envelope import decode as decode_envelope
 from eventwire.envelope import encode
@@ -59,8 +61,6 @@ FETCH_WINDOW = 512
 _MATCH_CACHE_LIMIT = 10_000
 # Waiting publishes sent to the broker in one round trip.
 PUBLISH_BATCH = 1000
-# How long closing waits to hand unfinished deliveries back to the broker.
-_GIVE_BACK_TIMEOUT = 5.0
 # A process says which durable consumers it runs this often; one not heard from for
 # PRESENCE_TTL seconds is gone (killed, frozen, cut off), and drain() and request() stop
 # waiting for the consumers only it ran.
@@ -174,7 +174,7 @@ class BrokerBackend(Backend):
             await asyncio.wait([heart])
         if self._announced:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
+                async with asyncio.timeout(GIVE_BACK_TIMEOUT):
                     await self.leave(self.process, self._announced)
             self._announced = ()
 
@@ -448,7 +448,8 @@ class BatchPublisher:
 
 class Feeder:
     """Feeds the subscriptions behind one durable consumer in this process (one
-    subscription, or the members of a group) and acknowledges what they finished.
+    subscription, or the members of a group) and acknowledges what they finished, through
+    one `ConsumerSession` (fetching, leases, acknowledgements, giving back).
 
     In a group, same-key events always go to the same member, as in process: per-key order
     holds across the group."""
@@ -458,17 +459,8 @@ class Feeder:
         self.spec = spec
         self.members: list[Subscription] = []
         self.window = FETCH_WINDOW
-        self.consumer: Consumer | None = None
-        # id(event) -> (event, its delivery): everything this process holds of the consumer.
-        self._held: dict[int, tuple[Event[Any], Delivery]] = {}
-        self._acks: list[Delivery] = []
-        self._handled_ids: list[str] = []
-        self._acker: asyncio.Task[None] | None = None
+        self.session: ConsumerSession | None = None
         self._room = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._leaser: asyncio.Task[None] | None = None
-        self._leasing = False
-        self._stopped = False
         self._next_member = 0
         # topic -> whether it matches the pattern (brokers may over-deliver)
         self._matches: dict[str, bool] = {}
@@ -476,7 +468,7 @@ class Feeder:
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        return 0 if self.session is None else self.session.held
 
     def add(self, subscription: Subscription) -> None:
         self.members.append(subscription)
@@ -488,55 +480,24 @@ class Feeder:
             self.members.remove(subscription)
 
     async def open(self) -> None:
-        self.consumer = await self.backend.consumer(self.spec)
+        self.session = ConsumerSession(await self.backend.consumer(self.spec), self.spec)
 
     def start(self) -> None:
-        if self._tasks:
-            return
-        self._stopped = False
-        loop = asyncio.get_running_loop()
-        name = self.spec.name
-        self._tasks = [loop.create_task(self._fetch_loop(), name=f"eventwire:{name}:fetch")]
-        # Until close(): what this process holds needs its leases also while it finishes.
-        self._leasing = True
-        self._leaser = loop.create_task(self._keep_leases(), name=f"eventwire:{name}:leases")
+        assert self.session is not None
+        self.session.run(self._fetch_loop, name=f"eventwire:{self.spec.name}:fetch")
 
     async def stop_fetching(self) -> None:
-        self._stopped = True
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            # A client library may swallow a cancellation that races with its own timeout;
-            # the loop then ends at its next turn, when it sees `_stopped`.
-            await asyncio.wait(tasks)
+        if self.session is not None:
+            await self.session.stop_running()
 
     async def close(self, *, forget: bool = False) -> None:
         """Acknowledge what was finished, give back what was not, close the consumer;
         `forget` also deletes the durable consumer from the broker."""
-        await self.stop_fetching()
-        if self._leaser is not None:
-            self._leasing = False
-            self._leaser.cancel()
-            await asyncio.wait([self._leaser])
-            self._leaser = None
-        await self._flush_acks()
-        consumer, self.consumer = self.consumer, None
-        if consumer is None:
+        session, self.session = self.session, None
+        if session is None:
             return
-        left = [delivery for _, delivery in self._held.values()]
-        self._held.clear()
-        if left:
-            # Given back at once for another process to take; if the broker is unreachable
-            # they come back by themselves once their lease runs out.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
-                    await asyncio.gather(
-                        *(consumer.nak(delivery, 0.0) for delivery in left),
-                        return_exceptions=True,
-                    )
         try:
-            await consumer.close()
+            await session.close()
             if forget:
                 await self.backend.delete_consumer(self.spec.name)
         except Exception:
@@ -545,29 +506,26 @@ class Feeder:
     # -- fetching ---------------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        assert self.consumer is not None
+        session = self.session
+        assert session is not None
         backoff = Backoff()
-        while not self._stopped:
-            free = self.window - len(self._held)
+        while not session.stopped:
+            free = self.window - session.held
             if free < max(1, self.window // 4):
                 # Fetch in batches: wait until a quarter of the window is free again.
                 self._room.clear()
                 await self._room.wait()
                 continue
+            deliveries = await session.fetch(free, 1.0)
+            if not self.members:
+                await session.give_back_now(deliveries)
+                return
             try:
-                deliveries = await self.consumer.fetch(free, 1.0)
-                if self._stopped or not self.members:
-                    await asyncio.gather(
-                        *(self.consumer.nak(delivery, 0.0) for delivery in deliveries),
-                        return_exceptions=True,
-                    )
-                    return
-                await self._admit(deliveries)
-            except asyncio.CancelledError:
-                raise
+                await self._admit(session, deliveries)
             except Exception:
+                # Not taken in: they come again once their leases run out.
                 logger.warning(
-                    "eventwire: fetching for %s failed; retrying in %.1fs",
+                    "eventwire: taking in events for %s failed; retrying in %.1fs",
                     self.spec.name,
                     backoff.pause,
                     exc_info=True,
@@ -616,8 +574,7 @@ class Feeder:
         self._next_member = (start + 1) % count
         return members[start % count]
 
-    async def _admit(self, deliveries: list[Delivery]) -> None:
-        assert self.consumer is not None
+    async def _admit(self, session: ConsumerSession, deliveries: list[Delivery]) -> None:
         services = self.backend.services
         skipped: list[Delivery] = []
         admitted: list[tuple[Event[Any], Delivery, Subscription]] = []
@@ -628,7 +585,7 @@ class Feeder:
                 if await self._dead_letter_foreign(delivery, error):
                     skipped.append(delivery)
                 else:
-                    await self.consumer.nak(delivery, 1.0)
+                    await session.consumer.nak(delivery, 1.0)
                 continue
             member = self._member_for(event)
             if self._wants(member, event):
@@ -638,7 +595,7 @@ class Feeder:
                 # for another subscription.
                 skipped.append(delivery)
         if admitted and any(member.idempotent for _, _, member in admitted):
-            done = await self.consumer.handled([event.id for event, _, _ in admitted])
+            done = await session.consumer.handled([event.id for event, _, _ in admitted])
             if done:
                 self.duplicates += len(done)
                 skipped.extend(d for e, d, _ in admitted if e.id in done)
@@ -649,14 +606,13 @@ class Feeder:
                             notify(services.observers, "skipped", member, event, record)
                 admitted = [(e, d, m) for e, d, m in admitted if e.id not in done]
         if skipped:
-            self._acks.extend(skipped)
-            self._schedule_acks()
+            session.ack_later(skipped)
         epoch = services.tracker.current
         woken: set[int] = set()
         for event, delivery, member in admitted:
             force_setattr(event, "drain_epoch", epoch)
             epoch.pending += 1
-            self._held[id(event)] = (event, delivery)
+            session.hold(event, delivery)
             inbox = member.inbox
             inbox.append(event)
             if inbox.idle is not None and id(inbox) not in woken:
@@ -673,83 +629,32 @@ class Feeder:
             member, delivery.topic, delivery.body, why
         )
 
-    async def _keep_leases(self) -> None:
-        assert self.consumer is not None
-        every = max(self.spec.ack_wait / 3, 0.05)
-        # Also a flag: the broker's client may swallow a cancellation racing its own timeout.
-        while self._leasing:
-            await asyncio.sleep(every)
-            if self._held and self._leasing:
-                try:
-                    await self.consumer.extend([delivery for _, delivery in self._held.values()])
-                except Exception:
-                    logger.warning(
-                        "eventwire: extending leases for %s failed", self.spec.name, exc_info=True
-                    )
-
     # -- finishing (the subscriptions' `Lease`) ------------------------------------------
 
     async def record_handled(self, event: Event[Any]) -> None:
         """Idempotent subscriptions: record at once that `event` was handled, before its
         (batched) acknowledgement, so that a redelivery after a crash in between is skipped.
         Recording may fail (broker down): the event is then acknowledged with its id later."""
-        if self.consumer is None:
-            return
-        try:
-            await self.consumer.ack([], handled_ids=[event.id])
-        except Exception:
-            logger.warning("eventwire: recording %s as handled failed", event.id, exc_info=True)
-            self._handled_ids.append(event.id)
+        if self.session is not None:
+            await self.session.record_handled(event.id)
 
     def settled(self, event: Event[Any], finished: bool) -> None:
         """Called by the worker once `event` was handled or dead-lettered (`finished`), or
         could not be dead-lettered (it goes back to the broker for a later attempt)."""
-        held = self._held.pop(id(event), None)
-        if held is None:
+        session = self.session
+        if session is None:
             return
-        delivery = held[1]
         if finished:
-            self._acks.append(delivery)
-            self._schedule_acks()
-        elif self.consumer is not None:
-            task = asyncio.get_running_loop().create_task(self.consumer.nak(delivery, 1.0))
-            self.backend.services.track(task)
-        if len(self._held) <= self.window - max(1, self.window // 4):
+            delivery = session.release(event)
+            if delivery is None:
+                return
+            session.ack_later([delivery])
+        elif not session.give_back(event, 1.0):
+            return
+        if session.held <= self.window - max(1, self.window // 4):
             self._room.set()
 
     def give_back(self, event: Event[Any]) -> None:
         """A queued event its subscription will not handle: back to the broker now."""
-        held = self._held.pop(id(event), None)
-        if held is not None and self.consumer is not None:
-            task = asyncio.get_running_loop().create_task(self.consumer.nak(held[1], 0.0))
-            self.backend.services.track(task)
+        if self.session is not None and self.session.give_back(event, 0.0):
             self._room.set()
-
-    def _schedule_acks(self) -> None:
-        if self._acker is None:
-            self._acker = asyncio.get_running_loop().create_task(
-                self._flush_acks(), name=f"eventwire:{self.spec.name}:acks"
-            )
-
-    async def _flush_acks(self) -> None:
-        backoff = Backoff()
-        try:
-            while self._acks and self.consumer is not None:
-                acks, self._acks = self._acks, []
-                handled, self._handled_ids = self._handled_ids, []
-                try:
-                    await self.consumer.ack(acks, handled_ids=handled)
-                except Exception:
-                    # Unacknowledged work is delivered again (at least once), never lost.
-                    logger.warning(
-                        "eventwire: acknowledging %d event(s) for %s failed; retrying",
-                        len(acks),
-                        self.spec.name,
-                        exc_info=True,
-                    )
-                    self._acks[:0] = acks
-                    self._handled_ids[:0] = handled
-                    await backoff.wait()
-        finally:
-            if asyncio.current_task() is self._acker:
-                self._acker = None

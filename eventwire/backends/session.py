@@ -1,0 +1,301 @@
+"""One process's session on a durable consumer: the one consume loop of eventwire.
+
+The subscriptions' feeder (`eventwire.backends.broker.Feeder`) and every tool that reads a
+broker (dead letters, history, ``eventwire tail``, stats) use a `ConsumerSession` on the
+`Consumer` they opened, rather than a fetch loop of their own. It fetches (retrying with
+`Backoff` through errors, when asked to), holds deliveries with their leases kept alive,
+acknowledges them (at once or batched) or gives them back, and stops on a flag as well as on
+a cancellation: a broker's client library may swallow a cancellation that races with its own
+timeout, and a loop that only waited for one would then never end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any
+
+from eventwire.backends.base import Consumer, ConsumerSpec, Delivery
+
+logger = logging.getLogger("eventwire")
+
+# How long closing waits to hand held deliveries back to the broker.
+GIVE_BACK_TIMEOUT = 5.0
+# Leases are extended this many times per `ack_wait`, and never more often than every
+# `_SHORTEST_LEASE_PAUSE` seconds.
+_EXTENDS_PER_ACK_WAIT = 3
+_SHORTEST_LEASE_PAUSE = 0.05
+
+
+class Backoff:
+    """Pauses between attempts at something that keeps failing: doubling from `first` up
+    to `longest`, and back to `first` after a success."""
+
+    __slots__ = ("first", "longest", "pause")
+
+    def __init__(self, first: float = 0.1, longest: float = 5.0) -> None:
+        self.first = first
+        self.longest = longest
+        self.pause = first
+
+    async def wait(self) -> None:
+        """Sleep for the current pause, and double it for next time."""
+        pause = self.pause
+        self.pause = min(pause * 2, self.longest)
+        await asyncio.sleep(pause)
+
+    def reset(self) -> None:
+        self.pause = self.first
+
+
+class ConsumerSession:
+    """Fetch, hold, acknowledge and give back the deliveries of one opened `Consumer`.
+
+    - `fetch` / `batches`: deliveries, until `stop`. With ``retry=True`` an error of the
+      broker is logged and the fetch tried again after a growing pause (`Backoff`); otherwise
+      it is raised. What a fetch brings after `stop` is given back at once.
+    - `hold` / `release`: deliveries kept under a key (the event made of it, or the delivery
+      itself) while this process works on them; their leases are extended every third of
+      ``spec.ack_wait`` until they are released, acknowledged or given back.
+    - `ack` (now, raising) and `ack_later` (batched, retried until it succeeds: unacknowledged
+      work is delivered again, never lost); `give_back` returns one held delivery.
+    - `run` runs a loop in a task that `stop_running` ends, by flag and cancellation both.
+    - `close`: stop, acknowledge what is pending, give back what is held, close the consumer.
+    """
+
+    def __init__(self, consumer: Consumer, spec: ConsumerSpec, *, retry: bool = True) -> None:
+        self.consumer = consumer
+        self.spec = spec
+        self.retry = retry
+        self._stopped = False
+        self._backoff = Backoff()
+        # id(key) -> (key, delivery): what this process holds, leases kept alive.
+        self._held: dict[int, tuple[object, Delivery]] = {}
+        self._leaser: asyncio.Task[None] | None = None
+        self._closed = False
+        self._acks: list[Delivery] = []
+        self._handled_ids: list[str] = []
+        self._acker: asyncio.Task[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def stopped(self) -> bool:
+        """True once `stop` was called (until `resume`): fetching returns nothing more."""
+        return self._stopped
+
+    @property
+    def held(self) -> int:
+        """How many deliveries this session holds."""
+        return len(self._held)
+
+    # -- fetching -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Fetch nothing more: `fetch` returns ``[]``, `batches` ends, at their next turn."""
+        self._stopped = True
+
+    def resume(self) -> None:
+        """Fetch again after `stop`."""
+        self._stopped = False
+
+    async def fetch(self, limit: int, wait: float) -> list[Delivery]:
+        """Up to `limit` deliveries, waiting up to `wait` seconds for the first; ``[]`` if
+        none came or the session is stopped. They are not held: `hold` what is kept."""
+        while not self._stopped:
+            try:
+                deliveries = await self.consumer.fetch(limit, wait)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if not self.retry:
+                    raise
+                logger.warning(
+                    "eventwire: fetching for %s failed; retrying in %.1fs",
+                    self.name,
+                    self._backoff.pause,
+                    exc_info=True,
+                )
+                await self._backoff.wait()
+                continue
+            self._backoff.reset()
+            if self._stopped and deliveries:
+                await self.give_back_now(deliveries)
+                return []
+            return deliveries
+        return []
+
+    async def batches(
+        self, limit: int | Callable[[], int], wait: float
+    ) -> AsyncIterator[list[Delivery]]:
+        """Each non-empty batch fetched (of up to `limit` deliveries, or as many as
+        ``limit()`` says before each fetch), until `stop`."""
+        while not self._stopped:
+            deliveries = await self.fetch(limit if isinstance(limit, int) else limit(), wait)
+            if deliveries:
+                yield deliveries
+
+    def run(self, loop: Callable[[], Coroutine[Any, Any, None]], *, name: str) -> None:
+        """Run `loop()` (which should end once `stopped`) in a task, until `stop_running`."""
+        if self._runner is not None:
+            return
+        self._stopped = False
+        self._runner = asyncio.get_running_loop().create_task(loop(), name=name)
+
+    async def stop_running(self) -> None:
+        """`stop`, cancel the task of `run` and wait for it to end. A client library may
+        swallow a cancellation that races with its own timeout: the loop then ends at its
+        next turn, when it sees the session stopped."""
+        self.stop()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            await asyncio.wait([runner])
+            if not runner.cancelled() and runner.exception() is not None:
+                logger.error("eventwire: %s failed", runner.get_name(), exc_info=runner.exception())
+
+    # -- holding --------------------------------------------------------------------------
+
+    def hold(self, key: object, delivery: Delivery) -> None:
+        """Keep `delivery` under `key` (compared by identity), its lease alive, until it is
+        released, acknowledged or given back."""
+        self._held[id(key)] = (key, delivery)
+        if self._leaser is None and not self._closed:
+            self._leaser = asyncio.get_running_loop().create_task(
+                self._keep_leases(), name=f"eventwire:{self.name}:leases"
+            )
+
+    def release(self, key: object) -> Delivery | None:
+        """Stop holding what `key` holds, and return it (None if nothing)."""
+        held = self._held.pop(id(key), None)
+        return None if held is None else held[1]
+
+    def holding(self) -> list[Delivery]:
+        """The deliveries held now."""
+        return [delivery for _, delivery in self._held.values()]
+
+    async def _keep_leases(self) -> None:
+        every = max(self.spec.ack_wait / _EXTENDS_PER_ACK_WAIT, _SHORTEST_LEASE_PAUSE)
+        # Also a flag: the broker's client may swallow a cancellation racing its own timeout.
+        while not self._closed:
+            await asyncio.sleep(every)
+            if self._held and not self._closed:
+                try:
+                    await self.consumer.extend(self.holding())
+                except Exception:
+                    logger.warning(
+                        "eventwire: extending leases for %s failed", self.name, exc_info=True
+                    )
+
+    # -- finishing ------------------------------------------------------------------------
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge `deliveries` now, and stop holding those held under themselves;
+        raises what the broker raised."""
+        await self.consumer.ack(deliveries)
+        for delivery in deliveries:
+            self._held.pop(id(delivery), None)
+
+    def ack_later(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge `deliveries` soon, batched with others; retried until it succeeds."""
+        self._acks.extend(deliveries)
+        if self._acker is None:
+            self._acker = asyncio.get_running_loop().create_task(
+                self.flush_acks(), name=f"eventwire:{self.name}:acks"
+            )
+
+    async def record_handled(self, event_id: str) -> None:
+        """Record at once that `event_id` was handled (idempotent subscriptions), before its
+        batched acknowledgement; if the broker refuses now, it goes with the next one."""
+        try:
+            await self.consumer.ack([], handled_ids=[event_id])
+        except Exception:
+            logger.warning("eventwire: recording %s as handled failed", event_id, exc_info=True)
+            self._handled_ids.append(event_id)
+
+    async def flush_acks(self) -> None:
+        """Send the pending acknowledgements; retried with a pause while the broker fails."""
+        backoff = Backoff()
+        try:
+            while self._acks:
+                acks, self._acks = self._acks, []
+                handled, self._handled_ids = self._handled_ids, []
+                try:
+                    await self.consumer.ack(acks, handled_ids=handled)
+                except Exception:
+                    # Unacknowledged work is delivered again (at least once), never lost.
+                    logger.warning(
+                        "eventwire: acknowledging %d event(s) for %s failed; retrying",
+                        len(acks),
+                        self.name,
+                        exc_info=True,
+                    )
+                    self._acks[:0] = acks
+                    self._handled_ids[:0] = handled
+                    await backoff.wait()
+        finally:
+            if asyncio.current_task() is self._acker:
+                self._acker = None
+
+    def give_back(self, key: object, delay: float = 0.0) -> bool:
+        """Return the delivery held under `key` to the broker, to come again after `delay`
+        seconds (in the background). False if nothing was held under it."""
+        delivery = self.release(key)
+        if delivery is None:
+            return False
+        task = asyncio.get_running_loop().create_task(
+            self.consumer.nak(delivery, delay), name=f"eventwire:{self.name}:nak"
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return True
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning(
+                "eventwire: giving back a delivery of %s failed",
+                self.name,
+                exc_info=task.exception(),
+            )
+
+    async def give_back_now(self, deliveries: Sequence[Delivery], delay: float = 0.0) -> None:
+        """Return `deliveries` to the broker, waiting (at most `GIVE_BACK_TIMEOUT`); failures
+        are left to their leases, which run out by themselves."""
+        for delivery in deliveries:
+            self._held.pop(id(delivery), None)
+        if not deliveries:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(GIVE_BACK_TIMEOUT):
+                await asyncio.gather(
+                    *(self.consumer.nak(delivery, delay) for delivery in deliveries),
+                    return_exceptions=True,
+                )
+
+    async def close(self) -> None:
+        """Stop fetching and keeping leases, send pending acknowledgements, give back what is
+        still held (at once, for another process to take; if the broker is unreachable it
+        comes back by itself once its lease runs out), and close the consumer. Raises what
+        closing the consumer raised. Idempotent."""
+        if self._closed:
+            return
+        await self.stop_running()
+        self._closed = True
+        leaser, self._leaser = self._leaser, None
+        if leaser is not None:
+            leaser.cancel()
+            await asyncio.wait([leaser])
+        await self.flush_acks()
+        left = self.holding()
+        self._held.clear()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=GIVE_BACK_TIMEOUT)
+        await self.give_back_now(left)
+        await self.consumer.close()
