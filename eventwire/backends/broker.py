@@ -40,7 +40,6 @@ from eventwire.backends.base import (
     is_tooling,
 )
 from eventwire.backends.session import GIVE_BACK_TIMEOUT, ConsumerSession
-from eventwire.backends.session import Backoff as Backoff  # re-exported: backends use it
 from eventwire.deadletter import DLQ_PATTERN
 from eventwire.envelope import decode as decode_envelope
 from eventwire.envelope import encode

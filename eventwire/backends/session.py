@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-from eventwire.backends.base import Consumer, ConsumerSpec, Delivery
+from eventwire.backends.base import Backoff, Consumer, ConsumerSpec, Delivery
 
 logger = logging.getLogger("eventwire")
 
@@ -27,27 +27,6 @@ GIVE_BACK_TIMEOUT = 5.0
 # `_SHORTEST_LEASE_PAUSE` seconds.
 _EXTENDS_PER_ACK_WAIT = 3
 _SHORTEST_LEASE_PAUSE = 0.05
-
-
-class Backoff:
-    """Pauses between attempts at something that keeps failing: doubling from `first` up
-    to `longest`, and back to `first` after a success."""
-
-    __slots__ = ("first", "longest", "pause")
-
-    def __init__(self, first: float = 0.1, longest: float = 5.0) -> None:
-        self.first = first
-        self.longest = longest
-        self.pause = first
-
-    async def wait(self) -> None:
-        """Sleep for the current pause, and double it for next time."""
-        pause = self.pause
-        self.pause = min(pause * 2, self.longest)
-        await asyncio.sleep(pause)
-
-    def reset(self) -> None:
-        self.pause = self.first
 
 
 class ConsumerSession:
