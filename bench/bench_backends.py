@@ -179,7 +179,7 @@ def collect(
 
 
 def values(samples: Samples, backend: str, impl: str, metric: str) -> list[float]:
-    return [metrics[metric] for metrics in samples.get((backend, impl), [])]
+    return [metrics[metric] for metrics in samples.get((backend, impl), []) if metric in metrics]
 
 
 def paired_ratios(samples: Samples, backend: str, versus: str, metric: str) -> list[float]:
