@@ -507,7 +507,11 @@ class DeadLetterQueue:
         expected = await self.size()
         spec = self._spec()
         # No retries: a failing broker is reported to whoever reads the queue.
-        session = ConsumerSession(await backend.consumer(spec), spec, retry=False)
+        # What a read held goes back with the consumer's close, in the queue's order: a
+        # listing always shows the letters oldest first.
+        session = ConsumerSession(
+            await backend.consumer(spec), spec, retry=False, give_back_on_close=False
+        )
         reader = _Reader(session, self.page_size, expected, on_progress)
         # Counts that are exact across processes (what drain() relies on) are exact enough to
         # stop reading without waiting once they are reached.

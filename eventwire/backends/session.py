@@ -44,10 +44,20 @@ class ConsumerSession:
     - `close`: stop, acknowledge what is pending, give back what is held, close the consumer.
     """
 
-    def __init__(self, consumer: Consumer, spec: ConsumerSpec, *, retry: bool = True) -> None:
+    def __init__(
+        self,
+        consumer: Consumer,
+        spec: ConsumerSpec,
+        *,
+        retry: bool = True,
+        give_back_on_close: bool = True,
+    ) -> None:
         self.consumer = consumer
         self.spec = spec
         self.retry = retry
+        # False: what is held at close goes back with the consumer's own close, which keeps
+        # the broker's order (explicit give-backs may be requeued in another order).
+        self.give_back_on_close = give_back_on_close
         self._stopped = False
         self._backoff = Backoff()
         # id(key) -> (key, delivery): what this process holds, leases kept alive.
@@ -276,5 +286,6 @@ class ConsumerSession:
         self._held.clear()
         if self._background:
             await asyncio.wait(list(self._background), timeout=GIVE_BACK_TIMEOUT)
-        await self.give_back_now(left)
+        if self.give_back_on_close:
+            await self.give_back_now(left)
         await self.consumer.close()
