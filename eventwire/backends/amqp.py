@@ -471,6 +471,20 @@ class AmqpBackend(BrokerBackend):
             raise ValueError(f"start must be 'latest', 'earliest' or a datetime: {spec.start!r}")
         if spec.ephemeral and spec.start != "latest":
             return await self._history_reader(spec)
+        queue = await self._make_queue(spec)
+        consumer = _AmqpConsumer(self, spec, queue)
+        # Subscribe at once: competing consumers take turns from the start (and consuming
+        # keeps an ephemeral queue from expiring).
+        await consumer.start()
+        self._open.add(consumer)
+        return consumer
+
+    async def create_consumer(self, spec: ConsumerSpec) -> None:
+        validate_pattern(spec.pattern)
+        await self._make_queue(spec)  # no consuming: nothing is taken, even for a moment
+
+    async def _make_queue(self, spec: ConsumerSpec) -> str:
+        """Declare (or check) the queue of the durable consumer `spec.name`; its name."""
         queue = self.queue_name(spec.name)
         declare = partial(self._declare_consumer_queue, spec=spec, queue=queue)
         if spec.ephemeral:
@@ -496,12 +510,7 @@ class AmqpBackend(BrokerBackend):
                 await self.admin(declare)  # again: its creator may have died before declaring
             if pattern != spec.pattern:
                 raise SubscriptionConflictError(spec.name, pattern, spec.pattern, self.url)
-        consumer = _AmqpConsumer(self, spec, queue)
-        # Subscribe at once: competing consumers take turns from the start (and consuming
-        # keeps an ephemeral queue from expiring).
-        await consumer.start()
-        self._open.add(consumer)
-        return consumer
+        return queue
 
     async def keeps_history(self) -> bool:
         return await history_exists(self)

@@ -110,6 +110,12 @@ class BrokerBackend(Backend):
         it exists with another pattern; raise `BackendCapabilityError` for a `start` the
         broker cannot replay from."""
 
+    async def create_consumer(self, spec: ConsumerSpec) -> None:
+        """Make sure the durable consumer `spec.name` exists, taking nothing from it. A broker
+        whose `consumer` starts taking messages at once overrides this."""
+        consumer = await self.consumer(spec)
+        await consumer.close()
+
     async def beat(self, process: str, consumers: Sequence[str]) -> None:
         """Record that `process` runs `consumers` now (every `PRESENCE_EVERY` seconds).
         A broker that knows its consumers' processes itself (`ConsumerInfo.processes`)
@@ -186,8 +192,7 @@ class BrokerBackend(Backend):
             start="earliest" if self.capabilities.replay else "latest",
             ack_wait=self.services.redeliver_after,
         )
-        consumer = await self.consumer(spec)
-        await consumer.close()
+        await self.create_consumer(spec)
 
     async def stop_fetching(self) -> None:
         for feeder in list(self._feeders.values()):

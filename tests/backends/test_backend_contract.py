@@ -652,3 +652,22 @@ def counts(infos: list[ConsumerInfo]) -> list[tuple[str, str, int]]:
     """What the contract says of consumers: name, pattern and outstanding count (brokers
     that know which processes run a consumer say so too, which is not compared here)."""
     return [(info.name, info.pattern, info.outstanding) for info in infos]
+
+
+async def test_creating_a_consumer_that_exists_takes_nothing_from_it(backend: Backend) -> None:
+    # How the dead-letter store is kept: made (or checked) at every start, never read from.
+    spec = ConsumerSpec("kept", "k.*")
+    await backend.create_consumer(spec)
+    await backend.publish(messages_on("k.x", *(f"m{n}" for n in range(100))))
+    await outstanding_becomes(backend, {"kept": 100})
+    for _ in range(3):
+        await backend.create_consumer(spec)
+        # Counted at once: nothing was taken, not even for a moment (RabbitMQ would push a
+        # prefetch to a consumer that subscribes, and count it again only once requeued).
+        assert outstanding_now(await backend.consumers())["kept"] == 100
+    reader = await backend.consumer(spec)
+    assert len(await fetch_all(reader, 100)) == 100
+
+
+def outstanding_now(infos: list[ConsumerInfo]) -> dict[str, int]:
+    return {info.name: info.outstanding for info in infos}
