@@ -17,7 +17,7 @@ import importlib.util
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from eventwire.backends.url import BusURL, parse_url
+from eventwire.backends.url import BusURL, URLOptions, parse_url
 
 if TYPE_CHECKING:
     from eventwire.backends.base import Backend
@@ -99,6 +99,7 @@ def resolve_url(url: str) -> str:
     Raises `ValueError` naming what is wrong, `ImportError` naming the extra to install."""
     parsed = parse_url(url)
     if parsed.scheme == MEMORY and _target(MEMORY) == _BUILT_IN[MEMORY]:
+        URLOptions(parsed, ())  # the in-process bus takes no options but the namespace
         return "memory://"
     if _target(parsed.scheme) is None:
         raise ValueError(

@@ -188,3 +188,9 @@ def test_choice_takes_one_of_its_values_without_case() -> None:
     assert options.choice("mode", "safe", ("fast", "safe")) == "fast"
     with pytest.raises(ValueError, match=r"other='slowish' .* must be one of fast, safe"):
         options.choice("other", "safe", ("fast", "safe"))
+
+
+def test_the_in_process_bus_refuses_unknown_options_too() -> None:
+    EventBus("memory://?namespace=app")  # the one option every scheme takes
+    with pytest.raises(ValueError, match=r"unknown option namspace=.*did you mean namespace="):
+        EventBus("memory://?namspace=app")
