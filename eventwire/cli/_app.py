@@ -207,3 +207,19 @@ def bus_url(url: str | None) -> str:
     from eventwire.bus import URL_ENVIRONMENT_VARIABLE
 
     return url or os.environ.get(URL_ENVIRONMENT_VARIABLE) or "memory://"
+
+
+def safe_bus_url(url: str | None) -> str:
+    """The URL a command talks to (see `bus_url`), its password replaced: safe to print."""
+    from eventwire.backends import parse_url
+
+    return parse_url(bus_url(url)).redacted
+
+
+def age(seconds: float) -> str:
+    """A duration in its largest whole unit: ``45s``, ``12m``, ``3h``, ``2d``."""
+    whole = max(0, int(seconds))
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if whole >= size:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"

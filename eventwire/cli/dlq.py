@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from eventwire.cli._app import App, UrlOption, app, bus_url, console, error_console, fail
+from eventwire.cli._app import (
+    App,
+    UrlOption,
+    age,
+    app,
+    bus_url,
+    console,
+    error_console,
+    fail,
+    safe_bus_url,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -130,7 +140,7 @@ def list_letters(
     if as_json:
         typer.echo(_json([letter.to_dict(event=False) for letter in letters]))
         return
-    where = _safe(url)
+    where = safe_bus_url(url)
     if not letters:
         matching = " matching the filters" if filters else ""
         out.print(f"no dead letters{matching} on {where}", markup=False)
@@ -237,7 +247,7 @@ def retry(
         return result.retried, dict(result.skipped)
 
     retried, skipped = _with_queue(url, send)
-    console().print(f"retried {retried} dead letter(s) on {_safe(url)}", markup=False)
+    console().print(f"retried {retried} dead letter(s) on {safe_bus_url(url)}", markup=False)
     if skipped:
         errors = error_console()
         for letter_id, reason in skipped.items():
@@ -282,7 +292,7 @@ def purge(
             return await dlq.purge(all=everything, on_progress=progress, **filters)
 
     purged = _with_queue(url, remove)
-    console().print(f"purged {purged} dead letter(s) on {_safe(url)}", markup=False)
+    console().print(f"purged {purged} dead letter(s) on {safe_bus_url(url)}", markup=False)
 
 
 # -- shared -------------------------------------------------------------------------------
@@ -366,13 +376,13 @@ def _confirm(
     letters = _with_queue(url, read)
     out = console()
     if not letters:
-        out.print(f"no dead letters to {verb.lower()} on {_safe(url)}", markup=False)
+        out.print(f"no dead letters to {verb.lower()} on {safe_bus_url(url)}", markup=False)
         raise typer.Exit(0)
     shown = letters[:20]
     out.print(_table(shown))
     if len(letters) > len(shown):
         out.print(f"... and {len(letters) - len(shown)} more", markup=False)
-    if not typer.confirm(f"{verb} {len(letters)} dead letter(s) on {_safe(url)}?"):
+    if not typer.confirm(f"{verb} {len(letters)} dead letter(s) on {safe_bus_url(url)}?"):
         error_console().print("nothing done", markup=False)
         raise typer.Exit(1)
     return [letter.id for letter in letters]
@@ -428,17 +438,7 @@ def _table(letters: Sequence[DeadLetter]) -> Table:
 
 
 def _age(moment: datetime) -> str:
-    seconds = max(0, int((datetime.now(UTC) - moment).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def _safe(url: str | None) -> str:
-    from eventwire.backends import parse_url
-
-    return parse_url(bus_url(url)).redacted
+    return age((datetime.now(UTC) - moment).total_seconds())
 
 
 def _json(value: Any, indent: int | None = None) -> str:

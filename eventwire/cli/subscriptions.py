@@ -11,7 +11,17 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from eventwire.cli._app import App, UrlOption, app, bus_url, console, error_console, fail
+from eventwire.cli._app import (
+    App,
+    UrlOption,
+    age,
+    app,
+    bus_url,
+    console,
+    error_console,
+    fail,
+    safe_bus_url,
+)
 
 if TYPE_CHECKING:
     from eventwire.backends.base import ConsumerInfo
@@ -62,11 +72,11 @@ def list_subscriptions(
         console().print(json.dumps([_as_dict(info) for info in shown]), markup=False)
         return
     if not shown:
-        error_console().print(f"no durable subscriptions on {_safe(url)}", markup=False)
+        error_console().print(f"no durable subscriptions on {safe_bus_url(url)}", markup=False)
         return
     from rich.table import Table
 
-    table = Table(title=f"Durable subscriptions on {_safe(url)}", title_justify="left")
+    table = Table(title=f"Durable subscriptions on {safe_bus_url(url)}", title_justify="left")
     for column in ("name", "pattern", "backlog", "processes", "last active"):
         table.add_column(column, justify="right" if column in ("backlog", "processes") else "left")
     now = time.time()
@@ -106,7 +116,10 @@ def delete(
         info = found.get(name)
         if info is None:
             known = ", ".join(sorted(found)) or "none"
-            fail(f"no durable subscription named {name!r} on {_safe(url)} (it has: {known})", 1)
+            fail(
+                f"no durable subscription named {name!r} on {safe_bus_url(url)} (it has: {known})",
+                1,
+            )
         if info.processes and not force:
             fail(
                 f"subscription {name!r} is run by {info.processes} process(es) now: stop "
@@ -119,7 +132,8 @@ def delete(
 
     dropped = _with_broker(url, remove)
     console().print(
-        f"deleted subscription {name!r} and its backlog of {dropped} event(s) on {_safe(url)}",
+        f"deleted subscription {name!r} and its backlog of {dropped} event(s) on "
+        f"{safe_bus_url(url)}",
         markup=False,
     )
 
@@ -169,15 +183,4 @@ def _as_dict(info: ConsumerInfo) -> dict[str, object]:
 
 
 def _ago(seconds: float) -> str:
-    if seconds < 1:
-        return "now"
-    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit} ago"
-    return f"{int(seconds)}s ago"
-
-
-def _safe(url: str | None) -> str:
-    from eventwire.backends import parse_url
-
-    return parse_url(bus_url(url)).redacted
+    return "now" if seconds < 1 else f"{age(seconds)} ago"
