@@ -27,7 +27,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from time import perf_counter_ns
+from time import perf_counter_ns, process_time_ns
 from typing import Any
 
 import msgspec
@@ -282,11 +282,17 @@ async def measure(publisher: Publisher, recorder: Recorder, workload: Workload) 
     await publish(workload.warmup, recorder)
     await recorder.wait(recorder.warm, "warm-up")
     gc.collect()
+    cpu_started = process_time_ns()
     started = perf_counter_ns()
     await publish(workload.events, recorder)
     published = perf_counter_ns()
     await recorder.wait(recorder.done, "measurement")
-    return metrics_of(workload, recorder, started, published)
+    metrics = metrics_of(workload, recorder, started, published)
+    # CPU time of this process per event (publisher and subscriber both): what the library
+    # costs, little disturbed by other load on the machine, unlike rates and latencies.
+    cpu_key = "cpu_us" if workload.mode == "throughput" else f"{workload.mode}_cpu_us"
+    metrics[cpu_key] = (process_time_ns() - cpu_started) / 1e3 / workload.events
+    return metrics
 
 
 def metrics_of(workload: Workload, recorder: Recorder, started: int, published: int) -> Metrics:

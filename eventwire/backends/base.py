@@ -241,6 +241,22 @@ class Consumer(abc.ABC):
         """Finish deliveries (handled, dead-lettered or skipped): they are never delivered
         again. `handled_ids` are recorded for idempotent subscriptions (see `handled`)."""
 
+    async def ack_and_fetch(
+        self, acks: Sequence[Delivery], limit: int, wait: float
+    ) -> list[Delivery]:
+        """`ack` then `fetch`, in one round trip where the broker allows it. If it raises,
+        the acknowledgements may or may not have been made (making them again is harmless)."""
+        if acks:
+            await self.ack(acks)
+        return await self.fetch(limit, wait)
+
+    async def stop_fetching(self) -> None:
+        """No fetch follows until the next `fetch`: end what stands at the broker on this
+        consumer's behalf (a waiting pull request) and give back what it brought that no
+        fetch took, so that nothing more comes to this process. Most brokers hold nothing
+        between fetches: nothing to do."""
+        return
+
     @abc.abstractmethod
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         """Give a delivery back, to be delivered again (to any process) after `delay`

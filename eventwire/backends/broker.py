@@ -195,8 +195,8 @@ class BrokerBackend(Backend):
         await self.create_consumer(spec)
 
     async def stop_fetching(self) -> None:
-        for feeder in list(self._feeders.values()):
-            await feeder.stop_fetching()
+        # At once: stopping may wait for what stands at the broker (a NATS pull request).
+        await asyncio.gather(*(feeder.stop_fetching() for feeder in list(self._feeders.values())))
 
     async def stop(self) -> None:
         try:
@@ -221,9 +221,9 @@ class BrokerBackend(Backend):
         publisher = self._publisher
         if publisher is None:
             raise RuntimeError(f"the {self.scheme}:// backend is not started")
-        return self._confirmed(event, publisher.enqueue(self._message(event)))
+        return self._confirmed(event, publisher.store(self._message(event)))
 
-    async def _confirmed(self, event: Event[Any], stored: asyncio.Future[None]) -> None:
+    async def _confirmed(self, event: Event[Any], stored: Awaitable[None]) -> None:
         try:
             await stored
         except TimeoutError:
@@ -394,6 +394,29 @@ class BatchPublisher:
         self._timeout = timeout
         self._waiting: list[tuple[Message, asyncio.Future[None], float | None]] = []
         self._sender: asyncio.Task[None] | None = None
+        # A message sent by its own publisher (`store` while nothing was in flight).
+        self._sending_one = False
+        self._sent_one: asyncio.Future[None] | None = None
+
+    def store(self, message: Message) -> Awaitable[None]:
+        """Store one message: sent at once by the caller's own task when nothing is in
+        flight (no batch to join: no task, no future), else queued for the next batch."""
+        if self._sender is None and not self._sending_one:
+            return self._send_one(message)
+        return self.enqueue(message)
+
+    async def _send_one(self, message: Message) -> None:
+        self._sending_one = True
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._backend.publish([message])
+        finally:
+            self._sending_one = False
+            if self._waiting and self._sender is None:
+                self._start_sender()
+            sent, self._sent_one = self._sent_one, None
+            if sent is not None and not sent.done():
+                sent.set_result(None)
 
     def enqueue(self, message: Message) -> asyncio.Future[None]:
         """Queue `message`; the future resolves once it is stored. Cancelled before its
@@ -402,9 +425,14 @@ class BatchPublisher:
         stored: asyncio.Future[None] = loop.create_future()
         deadline = None if self._timeout is None else loop.time() + self._timeout
         self._waiting.append((message, stored, deadline))
-        if self._sender is None:
-            self._sender = loop.create_task(self._send(), name="eventwire:publisher")
+        if self._sender is None and not self._sending_one:
+            self._start_sender()
         return stored
+
+    def _start_sender(self) -> None:
+        self._sender = asyncio.get_running_loop().create_task(
+            self._send(), name="eventwire:publisher"
+        )
 
     async def _send(self) -> None:
         loop = asyncio.get_running_loop()
@@ -445,7 +473,11 @@ class BatchPublisher:
             self._sender = None
 
     async def close(self) -> None:
-        """Wait for what is being sent; nothing new is taken."""
+        """Wait for what is being sent."""
+        if self._sending_one:
+            if self._sent_one is None:
+                self._sent_one = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._sent_one)
         if self._sender is not None:
             await asyncio.gather(self._sender, return_exceptions=True)
 
@@ -537,6 +569,10 @@ class Feeder:
                 await backoff.wait()
                 continue
             backoff.reset()
+            if deliveries:
+                # One turn of the loop for the handlers first: what quick ones finish is
+                # acknowledged along with the next fetch, in its round trip.
+                await asyncio.sleep(0)
 
     def _wants(self, subscription: Subscription, event: Event[Any]) -> bool:
         """Whether `event` is for this consumer: brokers may over-deliver (a `#` matching no

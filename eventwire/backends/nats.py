@@ -32,8 +32,8 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote
@@ -93,6 +93,8 @@ _ATTEMPT_TIMEOUT = 2  # one TCP connect attempt
 _REQUEST_TIMEOUT = 5.0  # one JetStream API call, publish or ack round trip
 _PUBLISH_WINDOW = 512  # publishes in flight at once (one round trip per window)
 _GRACE = 0.5  # round-trip allowance past a fetch's `wait` when the server is slow
+# Longest a pull request stands (its expiry): what stopping a consumer may wait for.
+_STANDING_PULL = 0.25
 _ACK_PREFIX = "$JS.ACK."
 # Part of ack_wait after which a consumer counts a delivery it holds (since it came or was last
 # extended) as lost: JetStream may have delivered it to another process already. JetStream's
@@ -467,26 +469,38 @@ class NatsBackend(BrokerBackend):
     async def _on_this_link(self, call: Awaitable[T]) -> T:
         """Await `call`, but give up at once if the connection it went out on is lost: its
         answer will never come, and a retry on the next connection need not wait for the
-        request timeout first."""
+        request timeout first. Awaited in this task (no task of its own per call): the
+        loss cancels this task, and that cancellation becomes the error raised here."""
         lost = self._lost
         assert lost is not None
-        task = asyncio.ensure_future(call)
-        gave_up = False
-        either: set[asyncio.Future[Any]] = {task, lost}
-        try:
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():
-                gave_up = True
-                task.cancel()
-                await asyncio.wait({task})
-        if gave_up:
-            # (A cancelled gather() ends with a CancelledError as its exception, which must
-            # not escape as if this task itself were cancelled.)
-            if not task.cancelled():
-                task.exception()  # retrieved: nothing to log
+        task = asyncio.current_task()
+        assert task is not None
+        if lost.done():
+            _discard(call)
             raise nats.errors.ConnectionReconnectingError
-        return task.result()
+        gave_up = False
+
+        def give_up(_: object) -> None:
+            nonlocal gave_up
+            gave_up = True
+            task.cancel()
+
+        lost.add_done_callback(give_up)
+        try:
+            result = await call
+        except asyncio.CancelledError:
+            if gave_up:
+                gave_up = False
+                if task.uncancel() == 0:  # only the loss cancelled it
+                    raise nats.errors.ConnectionReconnectingError from None
+            raise
+        finally:
+            lost.remove_done_callback(give_up)
+        if gave_up and task.cancelling():
+            # The client swallowed the cancellation and the call ended anyway: take back
+            # the request to cancel, which would otherwise hit a later await.
+            task.uncancel()
+        return result
 
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, retried through transient errors for `OPERATION_RETRY_DEADLINE` seconds."""
@@ -768,20 +782,23 @@ class _Pull:
 
     token: str
     batch: int
+    # When it should have ended at the latest (loop time): expiry plus a grace period.
+    answer_by: float
     received: int = 0
     status: str | None = None
     description: str = ""
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
 
 
 class _NatsConsumer(Consumer):
     """One process's handle on a durable pull consumer.
 
     Pull requests are answered on a private inbox ``<inbox>.<n>``; messages go to a buffer
-    and each request ends with either its batch or a status (404 no messages, 408 expired),
-    so `fetch` knows when to stop waiting. It first asks for what is ready (``no_wait``);
-    if nothing is, it waits for one message (``expires`` = what is left of `wait`) and then
-    takes whatever else is ready, so it never leaves a pull request pending at the server.
+    and each request ends with either its batch or a status (404 no messages, 408 expired).
+    One waiting request stands at a time: `fetch` returns as soon as a message came and the
+    next `fetch` takes what the same request brought since, so an idle consumer sends one
+    request per batch or per expiry (`_STANDING_PULL`), not one per message. Stopping waits
+    for the standing request to end before anything is given back (see `stop_fetching`).
     """
 
     def __init__(self, backend: NatsBackend, spec: ConsumerSpec, durable: str) -> None:
@@ -795,6 +812,8 @@ class _NatsConsumer(Consumer):
         self._buffer: deque[tuple[float, Msg]] = deque()
         self._pull: _Pull | None = None
         self._pulls = 0
+        # Set when a message is buffered or a pull request ends: a waiting fetch looks again.
+        self._news = asyncio.Event()
         self._lock = asyncio.Lock()
         # Deliveries handed out and not yet acked or naked, by ack subject, with when their
         # lease last started here: given back on close.
@@ -807,6 +826,7 @@ class _NatsConsumer(Consumer):
         """Subscribe to a new inbox on the backend's current connection."""
         link = self._backend.nc
         self._inbox = link.new_inbox()
+        self._pull = None  # answered on the old connection's inbox, if at all
         self._sub = await link.subscribe(f"{self._inbox}.*", cb=self._on_message)
         self._link = link
 
@@ -817,23 +837,23 @@ class _NatsConsumer(Consumer):
             if pull is not None:
                 pull.received += 1
                 if pull.received >= pull.batch:
-                    pull.done.set()
+                    pull.done = True
+            self._news.set()
             return
         # A status ends the pull request named by the inbox's last token.
         if pull is not None and msg.subject.rpartition(".")[2] == pull.token:
             headers = msg.headers or {}
             pull.status = headers.get("Status")
             pull.description = str(headers.get("Description", ""))
-            pull.done.set()
+            pull.done = True
+            self._news.set()
 
-    async def _request(
-        self, batch: int, timeout: float, *, expires: float | None = None
-    ) -> _Pull | None:
-        """Send one pull request and wait up to `timeout` for it to end; None if it did not."""
-        if self._closed:
-            return None  # a pull now would take messages that nobody receives
+    async def _send_pull(self, batch: int, expires: float | None) -> _Pull:
+        """Send one pull request: waiting up to `expires` seconds for messages, or None for
+        what is ready now (``no_wait``)."""
         self._pulls += 1
-        pull = _Pull(token=str(self._pulls), batch=batch)
+        answer_by = asyncio.get_running_loop().time() + (expires or 0.0) + _GRACE
+        pull = _Pull(token=str(self._pulls), batch=batch, answer_by=answer_by)
         request: dict[str, Any] = {"batch": batch}
         if expires is None:
             request["no_wait"] = True
@@ -847,18 +867,14 @@ class _NatsConsumer(Consumer):
                 json.dumps(request).encode(),
                 reply=f"{self._inbox}.{pull.token}",
             )
-            async with asyncio.timeout(timeout):
-                await pull.done.wait()
-        except TimeoutError:
-            return None
         except nats.errors.ConnectionClosedError as error:
+            self._pull = None
             if self._backend._closed_by_server(link):
-                return None  # the next fetch waits for the new connection
+                pull.done = True  # the next fetch waits for the new connection
+                return pull
             raise BackendConnectionError(
                 f"the connection to {self._backend.url.redacted} is closed"
             ) from error
-        finally:
-            self._pull = None
         return pull
 
     async def fetch(self, limit: int, wait: float) -> list[Delivery]:
@@ -866,28 +882,39 @@ class _NatsConsumer(Consumer):
             return []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(wait, 0.0)
+        asked = False  # whether this fetch sent a request
         async with self._lock:
             while not self._closed:
+                self._news.clear()
                 taken = await self._take(limit)
                 if taken:
                     return taken
                 if not await self._wait_connected(deadline):
                     return []
-                ready = await self._request(limit, max(deadline - loop.time(), 0.0) + _GRACE)
-                if ready is None:
-                    # Connected, yet JetStream did not answer: is the consumer gone?
-                    await self._check_exists()
-                elif not self._buffer:
-                    left = deadline - loop.time()
-                    if left < 0.01:
+                pull = self._pull
+                left = deadline - loop.time()
+                if pull is None or pull.done:
+                    if asked and left < 0.01:
                         return []
-                    # Returned as soon as it came: the next fetch asks for what else is
-                    # ready, after this one is on its way to the handler.
-                    await self._request(1, left + _GRACE, expires=left)
-                    if self._buffer:
-                        return await self._take(limit)
-                if loop.time() >= deadline:
-                    return await self._take(limit)
+                    # A standing request (this fetch and the next ones share it), or what
+                    # is ready now when there is no time left to wait.
+                    await self._send_pull(
+                        limit, min(left, _STANDING_PULL) if left >= 0.01 else None
+                    )
+                    asked = True
+                    continue
+                now = loop.time()
+                if now >= pull.answer_by:
+                    # Connected, yet JetStream did not answer: is the consumer gone?
+                    self._pull = None
+                    await self._check_exists()
+                    continue
+                if left <= 0 and not asked:
+                    return []  # the request stands: what it brings is for the next fetch
+                until = pull.answer_by if left <= 0 else min(deadline, pull.answer_by)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(until):
+                        await self._news.wait()
             return []
 
     async def _wait_connected(self, deadline: float) -> bool:
@@ -1035,13 +1062,31 @@ class _NatsConsumer(Consumer):
     async def handled(self, event_ids: Sequence[str]) -> set[str]:
         return await self._backend._handled(self._durable, event_ids)
 
+    async def stop_fetching(self) -> None:
+        # JetStream cannot take a pull request back, and gives what is handed back (nak) to a
+        # request still standing, even one whose inbox is gone: wait for it to end (it
+        # expires within _STANDING_PULL), then give back what came that no fetch took.
+        pull = self._pull
+        if pull is not None and not self._closed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(pull.answer_by):
+                    while not pull.done:
+                        self._news.clear()
+                        await self._news.wait()
+        self._pull = None
+        back = [msg for _, msg in self._buffer]
+        self._buffer.clear()
+        if back and not self._closed:
+            await self._settle(back, b"-NAK", quiet=True)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         pull = self._pull
         if pull is not None:
-            pull.done.set()  # a fetch in progress returns now
+            pull.done = True
+        self._news.set()  # a fetch in progress returns now
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -1077,6 +1122,14 @@ class _NatsConsumer(Consumer):
                     self._spec.name,
                     exc_info=True,
                 )
+
+
+def _discard(call: Awaitable[Any]) -> None:
+    """Drop an awaitable that will not be awaited, without a "never awaited" warning."""
+    if isinstance(call, Coroutine):
+        call.close()
+    elif isinstance(call, asyncio.Future):
+        call.cancel()
 
 
 async def _gather_all(calls: Iterable[Awaitable[T]]) -> list[T]:

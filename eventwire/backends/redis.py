@@ -388,15 +388,10 @@ while count < limit do
   if #entries < want then break end
 end
 
-if count > 0 then return {parts, redelivered, cursor, more} end
-local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-local last_id = last[1] and last[1][1] or '0-0'
-local bell = redis.call('XREVRANGE', wake, '+', '-', 'COUNT', 1)
-local bell_id = bell[1] and bell[1][1] or '0-0'
 local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 local due_ms = -1
 if next_due[2] then due_ms = math.floor(tonumber(next_due[2])) end
-return {{}, 0, cursor, more, last_id, bell_id, due_ms, now}
+return {parts, redelivered, cursor, more, due_ms, now}
 """
 )
 
@@ -1126,14 +1121,13 @@ class RedisConsumer(Consumer):
             self._next_reclaim = loop.time() + self._reclaim_every
         if not self._wake_group:
             await self._create_wake_group()
-        if reply[0]:
-            # What is due now was taken up to `limit`: look again before blocking.
-            self._scan = True
-            return _unpack_deliveries(reply[0], int(reply[1]))
-        self._scan = bool(int(reply[3]))
-        due_ms, now_ms = int(reply[6]), int(reply[7])
+        due_ms, now_ms = int(reply[4]), int(reply[5])
         self._due_at = math.inf if due_ms < 0 else loop.time() + (due_ms - now_ms) / 1000
-        return []
+        deliveries = _unpack_deliveries(reply[0], int(reply[1])) if reply[0] else []
+        # More may be due or waiting when the script stopped at `limit` or at its scan
+        # budget: look again before blocking. Otherwise new entries come by XREADGROUP.
+        self._scan = bool(int(reply[3])) or len(deliveries) >= limit
+        return deliveries
 
     async def _create_wake_group(self) -> None:
         """The group's reader of the wake stream, so that one blocking XREADGROUP waits for

@@ -67,6 +67,7 @@ class ConsumerSession:
         self._acks: list[Delivery] = []
         self._handled_ids: list[str] = []
         self._acker: asyncio.Task[None] | None = None
+        self._acker_called = False
         self._runner: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -98,11 +99,16 @@ class ConsumerSession:
         """Up to `limit` deliveries, waiting up to `wait` seconds for the first; ``[]`` if
         none came or the session is stopped. They are not held: `hold` what is kept."""
         while not self._stopped:
+            acks = self._acks_to_send_along()
             try:
-                deliveries = await self.consumer.fetch(limit, wait)
+                deliveries = await self.consumer.ack_and_fetch(acks, limit, wait)
             except asyncio.CancelledError:
+                self._acks[:0] = acks
                 raise
             except Exception:
+                self._acks[:0] = acks  # acknowledging again is harmless
+                if acks:
+                    self._start_acker()
                 if not self.retry:
                     raise
                 logger.warning(
@@ -148,6 +154,10 @@ class ConsumerSession:
             await asyncio.wait([runner])
             if not runner.cancelled() and runner.exception() is not None:
                 logger.error("eventwire: %s failed", runner.get_name(), exc_info=runner.exception())
+        try:
+            await self.consumer.stop_fetching()
+        except Exception:
+            logger.warning("eventwire: stopping the fetches of %s failed", self.name, exc_info=True)
 
     # -- holding --------------------------------------------------------------------------
 
@@ -192,12 +202,29 @@ class ConsumerSession:
             self._held.pop(id(delivery), None)
 
     def ack_later(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledge `deliveries` soon, batched with others; retried until it succeeds."""
+        """Acknowledge `deliveries` soon, batched with others; retried until it succeeds.
+
+        They go along with the next fetch if it starts before the loop's next turn (a fetch
+        loop that let its quick handlers run first), else on their own, at that turn."""
         self._acks.extend(deliveries)
-        if self._acker is None:
+        if self._acker is None and not self._acker_called:
+            self._acker_called = True
+            asyncio.get_running_loop().call_soon(self._start_acker)
+
+    def _start_acker(self) -> None:
+        self._acker_called = False
+        if self._acks and self._acker is None:
             self._acker = asyncio.get_running_loop().create_task(
                 self.flush_acks(), name=f"eventwire:{self.name}:acks"
             )
+
+    def _acks_to_send_along(self) -> list[Delivery]:
+        """The pending acknowledgements a fetch may carry: none while they are being sent, or
+        when handled ids must be recorded with them (those go on their own)."""
+        if not self._acks or self._acker is not None or self._handled_ids:
+            return []
+        acks, self._acks = self._acks, []
+        return acks
 
     async def record_handled(self, event_id: str) -> None:
         """Record at once that `event_id` was handled (idempotent subscriptions), before its
