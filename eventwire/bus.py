@@ -40,7 +40,7 @@ from eventwire.backends.base import (
 )
 from eventwire.context import current_event
 from eventwire.deadletter import DLQ_PATTERN, DeadLetters
-from eventwire.drain import DrainTracker
+from eventwire.drain import Drainer, DrainTracker
 from eventwire.envelope import DEFAULT_MAX_BYTES
 from eventwire.errors import BusClosedError, BusNotRunningError, NoReplyError, PublishTimeoutError
 from eventwire.event import (
@@ -222,6 +222,13 @@ class EventBus:
             closing=self._closing_state,
             track=self._track,
             opening_changed=self._reconsider_indirect,
+        )
+        self._drainer = Drainer(
+            self._tracker,
+            backend,
+            wait_opened=self._registry.wait_opened,
+            subscriptions=self._registry.by_name,
+            where=self.safe_url,
         )
         # The registry's own dict and set: read on the publish path without a call.
         self._subscriptions = self._registry.by_name
@@ -777,35 +784,7 @@ class EventBus:
                 "drain() was called from inside a handler and would wait for that handler "
                 "itself; call it from the code that publishes"
             )
-        owed = self._tracker.rotate()
-        elsewhere: list[str] = []
-        try:
-            async with asyncio.timeout(timeout):
-                for epoch in owed:
-                    await epoch.wait()
-                pause = 0.002
-                while True:
-                    await self._registry.wait_opened()
-                    await self._backend.flush()  # what is being sent counts
-                    elsewhere = await self._backend.outstanding()
-                    if not elsewhere:
-                        return
-                    # Other processes' progress has no event to wait on: poll, backing off.
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 0.05)
-        except TimeoutError:
-            here = [
-                f"{name} ({s.queued} queued, {s.in_flight} in flight here)"
-                for name, s in self.stats().items()
-                if s.queued or s.in_flight
-            ]
-            owed_here = sum(epoch.pending for epoch in owed)
-            raise TimeoutError(
-                f"drain() timed out after {timeout}s with "
-                + (f"{owed_here} deliveries still owed: " if owed_here else "events still owed: ")
-                + (", ".join([*here, *(f"{e} on {self.safe_url}" for e in elsewhere)]))
-                + ("" if here or elsewhere else "none queued")
-            ) from None
+        await self._drainer.drain(timeout)
 
     async def request(
         self,
