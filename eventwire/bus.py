@@ -11,8 +11,8 @@ backend, the bus runs the same code: the backend is the only part that differs.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -42,7 +42,7 @@ from eventwire.context import current_event
 from eventwire.deadletter import DLQ_PATTERN, DeadLetters
 from eventwire.drain import Drainer, DrainTracker
 from eventwire.envelope import DEFAULT_MAX_BYTES
-from eventwire.errors import BusClosedError, BusNotRunningError, NoReplyError, PublishTimeoutError
+from eventwire.errors import BusClosedError, BusNotRunningError
 from eventwire.event import (
     ATOMIC_TYPES,
     EMPTY_METADATA,
@@ -53,16 +53,12 @@ from eventwire.event import (
     new_event,
     sequence,
 )
-from eventwire.observe import Observer, notify, notify_finished
+from eventwire.observe import Observer
 from eventwire.options import SubscriptionKeywords, SubscriptionOptions
+from eventwire.publishing import Publisher, adopt, publish_from_thread, publisher_source
 from eventwire.registry import SubscriptionRegistry
-from eventwire.requests import REPLY_PREFIX, Requests
-from eventwire.subscription import (
-    Handler,
-    Subscription,
-    SubscriptionStats,
-    current_subscription,
-)
+from eventwire.requests import REPLY_PREFIX, Requester, Requests
+from eventwire.subscription import Handler, Subscription, SubscriptionStats
 from eventwire.topics import validate_pattern, validate_topic
 
 if TYPE_CHECKING:
@@ -223,6 +219,17 @@ class EventBus:
             track=self._track,
             opening_changed=self._reconsider_indirect,
         )
+        self._publisher = Publisher(
+            backend, observers=self._observers, wait_opened=self._registry.wait_opened
+        )
+        self._requester = Requester(
+            self._requests,
+            subscribe=self.add_subscription,
+            wait_opened=self._registry.wait_opened,
+            receivers=backend.receivers,
+            publish=self._publisher.indirect,
+            where=self.safe_url if backend.capabilities.durable else None,
+        )
         self._drainer = Drainer(
             self._tracker,
             backend,
@@ -233,7 +240,6 @@ class EventBus:
         # The registry's own dict and set: read on the publish path without a call.
         self._subscriptions = self._registry.by_name
         self._opening = self._registry.opening
-        self._reply_subscription: Subscription | None = None
         self._agents: dict[str, Registrable] = {}
         # True when a publish does more than hand the event to the backend (observers, or
         # subscriptions opening): one test on the hot path instead of two.
@@ -608,45 +614,17 @@ class EventBus:
                     next(sequence),
                 )
             else:
-                source = self._publisher_source(topic_or_event, source)
+                source = publisher_source(topic_or_event, source)
                 event = new_event(topic_or_event, payload, metadata, key, parent, source)
         else:
-            event = self._adopt(topic_or_event, payload, metadata, key, parent, source)
+            event = adopt(topic_or_event, payload, metadata, key, parent, source)
         if self._indirect:
-            await self._publish_indirect(event, parent)
+            await self._publisher.indirect(event, parent)
             return event
         sent = self._send(event, parent)
         if type(sent) is not int:
             await sent  # type: ignore[misc]
         return event
-
-    def _publisher_source(self, topic: str, source: str | None) -> str | None:
-        """Who publishes, for `Event.source`: `source` if given, else the subscription whose
-        handler runs this code; that subscription learns the topic (`published_topics`)."""
-        subscription = current_subscription.get()
-        if subscription is not None and (source is None or source == subscription.source):
-            subscription.published_topics.add(topic)
-            return subscription.source
-        return source
-
-    async def _publish_indirect(self, event: Event[Any], parent: Event[Any] | None) -> None:
-        # Subscriptions made earlier by this process must exist before their events do.
-        await self._registry.wait_opened()
-        if not self._observers:
-            sent = self._send(event, parent)
-            if type(sent) is not int:
-                await sent  # type: ignore[misc]
-            return
-        observers = tuple(self._observers)
-        tokens = notify(observers, "publish_started", event)
-        try:
-            sent = self._send(event, parent)
-            if type(sent) is not int:
-                await sent  # type: ignore[misc]
-        except BaseException as error:
-            notify_finished(observers, "publish_finished", tokens, event, error)
-            raise
-        notify_finished(observers, "publish_finished", tokens, event, None)
 
     def _publish_soon(self, event: Event[Any]) -> asyncio.Future[Any] | None:
         """Publish `event` without waiting (an observer's own records): it is queued at once,
@@ -669,52 +647,7 @@ class EventBus:
         parent = current_event.get()
         if self._state is not _RUNNING:
             self._check_accepting(parent)
-        subscription = current_subscription.get() if parent is not None else None
-        source = subscription.source if subscription is not None else None
-        events: list[Event[Any]] = []
-        for item in items:
-            if isinstance(item, tuple):
-                topic, payload = item
-                validate_topic(topic)
-                events.append(new_event(topic, payload, None, None, parent, source))
-                if subscription is not None:
-                    subscription.published_topics.add(topic)
-            else:
-                events.append(self._adopt(item, None, None, None, parent, None))
-        for event in events:
-            validate_topic(event.topic)
-        if self._observers:
-            # One publish after another, each seen by the observers (its own span).
-            for event in events:
-                await self._publish_indirect(event, parent)
-            return events
-        await self._registry.wait_opened()
-        await self._backend.send_many(events, parent)
-        return events
-
-    def _adopt(
-        self,
-        value: object,
-        payload: Any,
-        metadata: Mapping[str, Any] | None,
-        key: str | None,
-        parent: Event[Any] | None,
-        source: str | None,
-    ) -> Event[Any]:
-        if not isinstance(value, Event):
-            raise TypeError(
-                "publish() takes a topic str and a payload, or an Event; "
-                f"got {type(value).__name__}: {value!r}"
-            )
-        if payload is not None or metadata is not None or key is not None:
-            raise TypeError(
-                "publish(event) takes no payload, metadata or key: they are the event's own; "
-                "use event.replace(...) to change them"
-            )
-        if parent is not None or source is not None:
-            learned = self._publisher_source(value.topic, source)
-            source = learned if value.source is None else None
-        return value.caused_by(parent, source)
+        return await self._publisher.many(items, parent)
 
     def publish_threadsafe(
         self,
@@ -738,40 +671,12 @@ class EventBus:
                 "publish_threadsafe() needs a running bus: start it with `async with bus:` "
                 "in its event loop first"
             )
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            raise RuntimeError(
-                "publish_threadsafe() was called from the bus's own event loop, where it "
-                "would block that loop; use `await bus.publish(...)` there"
-            )
-        parent = current_event.get()
-        subscription = current_subscription.get() if parent is not None else None
-
-        async def publish_in_loop() -> Event[Any]:
-            # Runs as its own task: restore the publishing thread's handler context in it.
-            token = current_event.set(parent)
-            token_sub = current_subscription.set(subscription)
-            try:
-                return await self.publish(topic_or_event, payload, metadata=metadata, key=key)
-            finally:
-                current_subscription.reset(token_sub)
-                current_event.reset(token)
-
-        future = asyncio.run_coroutine_threadsafe(publish_in_loop(), loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            if not future.cancel() and not future.cancelled():
-                return future.result()  # it went through as the time ran out
-            topic = topic_or_event if isinstance(topic_or_event, str) else topic_or_event.topic
-            raise PublishTimeoutError(
-                f"publish_threadsafe to {topic!r} was not queued within {timeout}s (a full "
-                "inbox with overflow='block'); it was withdrawn from the inboxes it was still "
-                "waiting for"
-            ) from None
+        return publish_from_thread(
+            loop,
+            functools.partial(self.publish, topic_or_event, payload, metadata=metadata, key=key),
+            topic_or_event,
+            timeout,
+        )
 
     # -- waiting ------------------------------------------------------------------------
 
@@ -806,30 +711,9 @@ class EventBus:
         if self._state is not _RUNNING:
             self._check_accepting(parent)
         if parent is not None or source is not None:
-            source = self._publisher_source(topic, source)
+            source = publisher_source(topic, source)
         validate_topic(topic)
         event = new_event(
             topic, payload, metadata, key, parent, source, reply_to=self._requests.reply_topic
         )
-        if self._reply_subscription is None:
-            # Handlers in other processes answer through the broker, on this bus's topic.
-            self._reply_subscription = self.add_subscription(
-                self._requests.reply_topic,
-                self._requests.on_reply,
-                SubscriptionOptions(name=self._requests.reply_topic),
-            )
-        await self._registry.wait_opened()
-        receivers = await self._backend.receivers(topic)
-        if not receivers:
-            raise NoReplyError(
-                f"no subscription matches {topic!r}"
-                + ("" if not self.capabilities.durable else f" on {self.safe_url}")
-                + ", so nothing can answer this request; subscribe a handler to it first"
-            )
-        pending = self._requests.open(event)
-        try:
-            pending.expect(receivers)
-            await self._publish_indirect(event, parent)
-            return await pending.wait(timeout)
-        finally:
-            self._requests.forget(event)
+        return await self._requester.ask(event, parent, timeout)
