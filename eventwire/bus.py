@@ -22,7 +22,6 @@ from types import MappingProxyType, TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
-    Literal,
     Protocol,
     TypeVar,
     Unpack,
@@ -53,6 +52,7 @@ from eventwire.event import (
     new_event,
     sequence,
 )
+from eventwire.lifecycle import BackgroundTasks, CloseReport, Shutdown, UnhandledEvent
 from eventwire.observe import Observer
 from eventwire.options import SubscriptionKeywords, SubscriptionOptions
 from eventwire.publishing import Publisher, adopt, publish_from_thread, publisher_source
@@ -85,27 +85,6 @@ _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 
 # Read by EventBus() when no URL is given, so that one app runs unchanged on any backend.
 URL_ENVIRONMENT_VARIABLE = "EVENTWIRE_URL"
-
-
-@dataclass(frozen=True, slots=True)
-class UnhandledEvent:
-    """An event that `close()` had to abandon."""
-
-    subscription: str
-    event: Event[Any]
-    state: Literal["queued", "in_flight"]
-
-
-@dataclass(frozen=True, slots=True)
-class CloseReport:
-    """What `close()` could not finish within its grace period."""
-
-    unhandled: tuple[UnhandledEvent, ...] = ()
-
-    @property
-    def clean(self) -> bool:
-        """True when every accepted event was handled or dead-lettered."""
-        return not self.unhandled
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,11 +168,11 @@ class EventBus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = asyncio.Event()
         self._close_report: CloseReport | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks()
         # See `observe`. A list mutated in place: workers and backends keep a reference to it.
         self._observers: list[Observer] = []
         self._tracker = DrainTracker()
-        self._requests = Requests(self.publish, self._track)
+        self._requests = Requests(self.publish, self._background.track)
         self._dead_letters = DeadLetters(self.publish)
         self._backend = backend
         backend.bind(
@@ -204,7 +183,7 @@ class EventBus:
                 publish_timeout=publish_timeout,
                 redeliver_after=redeliver_after,
                 max_event_bytes=max_event_bytes,
-                track=self._track,
+                track=self._background.track,
             )
         )
         # The backend's publish, bound once: the hot path of the library.
@@ -216,7 +195,7 @@ class EventBus:
             requests=self._requests,
             running_loop=self._running_loop,
             closing=self._closing_state,
-            track=self._track,
+            track=self._background.track,
             opening_changed=self._reconsider_indirect,
         )
         self._publisher = Publisher(
@@ -228,6 +207,14 @@ class EventBus:
             wait_opened=self._registry.wait_opened,
             receivers=backend.receivers,
             publish=self._publisher.indirect,
+            where=self.safe_url if backend.capabilities.durable else None,
+        )
+        self._shutdown = Shutdown(
+            backend,
+            self._registry,
+            self._tracker,
+            self._requests,
+            closed=self._closed_now,
             where=self.safe_url if backend.capabilities.durable else None,
         )
         self._drainer = Drainer(
@@ -332,74 +319,13 @@ class EventBus:
             except Exception:
                 logger.exception("eventwire: %s.on_stop() failed", agent.name)
         self._state = _CLOSING
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            async with asyncio.timeout(grace):
-                await self._backend.stop_fetching()  # a broker's: finish what this process holds
-                await self._tracker.wait_all()
-        except TimeoutError:
-            pass
-        finally:
-            # Also when close() itself is cancelled: the bus must not stay half closed.
-            report = await self._stop_all()
-            waited = loop.time() - started
-        if report.unhandled:
-            unhandled = report.unhandled
-            logger.warning(
-                "eventwire: closed with %d unhandled event(s) after waiting %.2fs "
-                "(grace %.2fs)%s: %s",
-                len(unhandled),
-                waited,
-                grace,
-                f"; returned to {self.safe_url} for redelivery"
-                if self.capabilities.durable
-                else "",
-                ", ".join(f"{u.subscription}<-{u.event.topic} ({u.state})" for u in unhandled[:10])
-                + (" ..." if len(unhandled) > 10 else ""),
-            )
-        return report
-
-    async def _stop_all(self) -> CloseReport:
-        unhandled: list[UnhandledEvent] = []
-        workers: list[asyncio.Task[None]] = []
-        for subscription in self._registry.all_for_closing():
-            for event, state in subscription.stop_now():
-                unhandled.append(UnhandledEvent(subscription.name, event, state))  # type: ignore[arg-type]
-            workers.extend(subscription.workers)
-        if workers:
-            # Bounded: a handler that swallows its cancellation must not hang close().
-            _, stubborn = await asyncio.wait(workers, timeout=1.0)
-            for task in stubborn:
-                logger.error("eventwire: %s ignored cancellation at close", task.get_name())
-        for task in list(self._opening):
-            task.cancel()
-        try:
-            await self._backend.stop()
-        finally:
-            self._requests.close()
-            self._tracker.abandon(
-                BusClosedError(f"the bus closed with {len(unhandled)} event(s) unhandled")
-                if unhandled
-                else None  # a drain() still waiting learns the work was abandoned
-            )
-        return self._closed_now(CloseReport(tuple(unhandled)))
+        return await self._shutdown.run(grace)
 
     def _closed_now(self, report: CloseReport) -> CloseReport:
         self._state = _CLOSED
         self._close_report = report
         self._closed.set()
         return report
-
-    def _track(self, task: asyncio.Task[Any]) -> None:
-        """Keep a background task alive until done, and log it if it fails."""
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("eventwire: %s failed", task.get_name(), exc_info=task.exception())
 
     # -- subscribing --------------------------------------------------------------------
 
@@ -502,7 +428,7 @@ class EventBus:
         self._agents[agent.name] = agent
         if self._state == _RUNNING:
             assert self._loop is not None
-            self._track(
+            self._background.track(
                 self._loop.create_task(agent.on_start(), name=f"eventwire:{agent.name}.on_start")
             )
         return agent
