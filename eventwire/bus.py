@@ -1,11 +1,13 @@
 """The event bus: publish events on topics, subscribe handlers to patterns.
 
-`EventBus` is the facade an application uses. It owns the bus's lifecycle and its
-subscriptions by name; the rest belongs to the parts it builds and hands to each other: the
-backend (where events travel: in process, or through a broker), the drain tracker
-(`eventwire.drain`), the requests waiting for replies (`eventwire.requests`), the dead-letter
-publisher (`eventwire.deadletter`) and the observers (`eventwire.observe`). Whatever the
-backend, the bus runs the same code: the backend is the only part that differs.
+`EventBus` is the facade an application uses. It owns the bus's state (new, running,
+closing, closed), its agents and the hot path of `publish`; the rest belongs to the parts it
+builds and hands to each other: the backend (where events travel: in process, or through a
+broker), the subscriptions by name (`eventwire.registry`), the rest of publishing
+(`eventwire.publishing`), request/reply (`eventwire.requests`), drain (`eventwire.drain`),
+closing and background tasks (`eventwire.lifecycle`), the dead-letter publisher
+(`eventwire.deadletter`) and the observers (`eventwire.observe`). Whatever the backend, the
+bus runs the same code: the backend is the only part that differs.
 """
 
 from __future__ import annotations
@@ -19,24 +21,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from time import time_ns
 from types import MappingProxyType, TracebackType
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Protocol,
-    TypeVar,
-    Unpack,
-    overload,
-    runtime_checkable,
-)
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Unpack, overload, runtime_checkable
 
 from eventwire.backends import open_backend, resolve_url
-from eventwire.backends.base import (
-    DLQ_CONSUMER,
-    TOOLING_PREFIX,
-    Backend,
-    BusServices,
-    Capabilities,
-)
+from eventwire.backends.base import DLQ_CONSUMER, TOOLING_PREFIX, Backend, BusServices, Capabilities
 from eventwire.context import current_event
 from eventwire.deadletter import DLQ_PATTERN, DeadLetters
 from eventwire.drain import Drainer, DrainTracker
