@@ -212,9 +212,7 @@ class EventBus:
             subscriptions=self._registry.by_name,
             where=self.safe_url,
         )
-        # The registry's own dict and set: read on the publish path without a call.
-        self._subscriptions = self._registry.by_name
-        self._opening = self._registry.opening
+        self._subscriptions = self._registry.by_name  # the registry's own dict, read often
         self._agents: dict[str, Registrable] = {}
         # True when a publish does more than hand the event to the backend (observers, or
         # subscriptions opening): one test on the hot path instead of two.
