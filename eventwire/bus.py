@@ -1,48 +1,35 @@
 """The event bus: publish events on topics, subscribe handlers to patterns.
 
-`EventBus` is the facade an application uses. It owns the bus's lifecycle and its
-subscriptions by name; the rest belongs to the parts it builds and hands to each other: the
-backend (where events travel: in process, or through a broker), the drain tracker
-(`eventwire.drain`), the requests waiting for replies (`eventwire.requests`), the dead-letter
-publisher (`eventwire.deadletter`) and the observers (`eventwire.observe`). Whatever the
-backend, the bus runs the same code: the backend is the only part that differs.
+`EventBus` is the facade an application uses. It owns the bus's state (new, running,
+closing, closed), its agents and the hot path of `publish`; the rest belongs to the parts it
+builds and hands to each other: the backend (where events travel: in process, or through a
+broker), the subscriptions by name (`eventwire.registry`), the rest of publishing
+(`eventwire.publishing`), request/reply (`eventwire.requests`), drain (`eventwire.drain`),
+closing and background tasks (`eventwire.lifecycle`), the dead-letter publisher
+(`eventwire.deadletter`) and the observers (`eventwire.observe`). Whatever the backend, the
+bus runs the same code: the backend is the only part that differs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from time import time_ns
 from types import MappingProxyType, TracebackType
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Literal,
-    Protocol,
-    TypeVar,
-    Unpack,
-    overload,
-    runtime_checkable,
-)
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Unpack, overload, runtime_checkable
 
 from eventwire.backends import open_backend, resolve_url
-from eventwire.backends.base import (
-    DLQ_CONSUMER,
-    TOOLING_PREFIX,
-    Backend,
-    BusServices,
-    Capabilities,
-)
+from eventwire.backends.base import DLQ_CONSUMER, TOOLING_PREFIX, Backend, BusServices, Capabilities
 from eventwire.context import current_event
 from eventwire.deadletter import DLQ_PATTERN, DeadLetters
-from eventwire.drain import DrainTracker
+from eventwire.drain import Drainer, DrainTracker
 from eventwire.envelope import DEFAULT_MAX_BYTES
-from eventwire.errors import BusClosedError, BusNotRunningError, NoReplyError, PublishTimeoutError
+from eventwire.errors import BusClosedError, BusNotRunningError
 from eventwire.event import (
     ATOMIC_TYPES,
     EMPTY_METADATA,
@@ -53,16 +40,13 @@ from eventwire.event import (
     new_event,
     sequence,
 )
-from eventwire.observe import Observer, notify, notify_finished
+from eventwire.lifecycle import BackgroundTasks, CloseReport, Shutdown, UnhandledEvent
+from eventwire.observe import Observer
 from eventwire.options import SubscriptionKeywords, SubscriptionOptions
+from eventwire.publishing import Publisher, adopt, publish_from_thread, publisher_source
 from eventwire.registry import SubscriptionRegistry
-from eventwire.requests import REPLY_PREFIX, Requests
-from eventwire.subscription import (
-    Handler,
-    Subscription,
-    SubscriptionStats,
-    current_subscription,
-)
+from eventwire.requests import REPLY_PREFIX, Requester, Requests
+from eventwire.subscription import Handler, Subscription, SubscriptionStats
 from eventwire.topics import validate_pattern, validate_topic
 
 if TYPE_CHECKING:
@@ -89,27 +73,6 @@ _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 
 # Read by EventBus() when no URL is given, so that one app runs unchanged on any backend.
 URL_ENVIRONMENT_VARIABLE = "EVENTWIRE_URL"
-
-
-@dataclass(frozen=True, slots=True)
-class UnhandledEvent:
-    """An event that `close()` had to abandon."""
-
-    subscription: str
-    event: Event[Any]
-    state: Literal["queued", "in_flight"]
-
-
-@dataclass(frozen=True, slots=True)
-class CloseReport:
-    """What `close()` could not finish within its grace period."""
-
-    unhandled: tuple[UnhandledEvent, ...] = ()
-
-    @property
-    def clean(self) -> bool:
-        """True when every accepted event was handled or dead-lettered."""
-        return not self.unhandled
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,11 +156,11 @@ class EventBus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = asyncio.Event()
         self._close_report: CloseReport | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks()
         # See `observe`. A list mutated in place: workers and backends keep a reference to it.
         self._observers: list[Observer] = []
         self._tracker = DrainTracker()
-        self._requests = Requests(self.publish, self._track)
+        self._requests = Requests(self.publish, self._background.track)
         self._dead_letters = DeadLetters(self.publish)
         self._backend = backend
         backend.bind(
@@ -208,7 +171,7 @@ class EventBus:
                 publish_timeout=publish_timeout,
                 redeliver_after=redeliver_after,
                 max_event_bytes=max_event_bytes,
-                track=self._track,
+                track=self._background.track,
             )
         )
         # The backend's publish, bound once: the hot path of the library.
@@ -220,13 +183,36 @@ class EventBus:
             requests=self._requests,
             running_loop=self._running_loop,
             closing=self._closing_state,
-            track=self._track,
+            track=self._background.track,
             opening_changed=self._reconsider_indirect,
         )
-        # The registry's own dict and set: read on the publish path without a call.
-        self._subscriptions = self._registry.by_name
-        self._opening = self._registry.opening
-        self._reply_subscription: Subscription | None = None
+        self._publisher = Publisher(
+            backend, observers=self._observers, wait_opened=self._registry.wait_opened
+        )
+        self._requester = Requester(
+            self._requests,
+            subscribe=self.add_subscription,
+            wait_opened=self._registry.wait_opened,
+            receivers=backend.receivers,
+            publish=self._publisher.indirect,
+            where=self.safe_url if backend.capabilities.durable else None,
+        )
+        self._shutdown = Shutdown(
+            backend,
+            self._registry,
+            self._tracker,
+            self._requests,
+            closed=self._closed_now,
+            where=self.safe_url if backend.capabilities.durable else None,
+        )
+        self._drainer = Drainer(
+            self._tracker,
+            backend,
+            wait_opened=self._registry.wait_opened,
+            subscriptions=self._registry.by_name,
+            where=self.safe_url,
+        )
+        self._subscriptions = self._registry.by_name  # the registry's own dict, read often
         self._agents: dict[str, Registrable] = {}
         # True when a publish does more than hand the event to the backend (observers, or
         # subscriptions opening): one test on the hot path instead of two.
@@ -319,74 +305,13 @@ class EventBus:
             except Exception:
                 logger.exception("eventwire: %s.on_stop() failed", agent.name)
         self._state = _CLOSING
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        try:
-            async with asyncio.timeout(grace):
-                await self._backend.stop_fetching()  # a broker's: finish what this process holds
-                await self._tracker.wait_all()
-        except TimeoutError:
-            pass
-        finally:
-            # Also when close() itself is cancelled: the bus must not stay half closed.
-            report = await self._stop_all()
-            waited = loop.time() - started
-        if report.unhandled:
-            unhandled = report.unhandled
-            logger.warning(
-                "eventwire: closed with %d unhandled event(s) after waiting %.2fs "
-                "(grace %.2fs)%s: %s",
-                len(unhandled),
-                waited,
-                grace,
-                f"; returned to {self.safe_url} for redelivery"
-                if self.capabilities.durable
-                else "",
-                ", ".join(f"{u.subscription}<-{u.event.topic} ({u.state})" for u in unhandled[:10])
-                + (" ..." if len(unhandled) > 10 else ""),
-            )
-        return report
-
-    async def _stop_all(self) -> CloseReport:
-        unhandled: list[UnhandledEvent] = []
-        workers: list[asyncio.Task[None]] = []
-        for subscription in self._registry.all_for_closing():
-            for event, state in subscription.stop_now():
-                unhandled.append(UnhandledEvent(subscription.name, event, state))  # type: ignore[arg-type]
-            workers.extend(subscription.workers)
-        if workers:
-            # Bounded: a handler that swallows its cancellation must not hang close().
-            _, stubborn = await asyncio.wait(workers, timeout=1.0)
-            for task in stubborn:
-                logger.error("eventwire: %s ignored cancellation at close", task.get_name())
-        for task in list(self._opening):
-            task.cancel()
-        try:
-            await self._backend.stop()
-        finally:
-            self._requests.close()
-            self._tracker.abandon(
-                BusClosedError(f"the bus closed with {len(unhandled)} event(s) unhandled")
-                if unhandled
-                else None  # a drain() still waiting learns the work was abandoned
-            )
-        return self._closed_now(CloseReport(tuple(unhandled)))
+        return await self._shutdown.run(grace)
 
     def _closed_now(self, report: CloseReport) -> CloseReport:
         self._state = _CLOSED
         self._close_report = report
         self._closed.set()
         return report
-
-    def _track(self, task: asyncio.Task[Any]) -> None:
-        """Keep a background task alive until done, and log it if it fails."""
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("eventwire: %s failed", task.get_name(), exc_info=task.exception())
 
     # -- subscribing --------------------------------------------------------------------
 
@@ -489,7 +414,7 @@ class EventBus:
         self._agents[agent.name] = agent
         if self._state == _RUNNING:
             assert self._loop is not None
-            self._track(
+            self._background.track(
                 self._loop.create_task(agent.on_start(), name=f"eventwire:{agent.name}.on_start")
             )
         return agent
@@ -601,45 +526,17 @@ class EventBus:
                     next(sequence),
                 )
             else:
-                source = self._publisher_source(topic_or_event, source)
+                source = publisher_source(topic_or_event, source)
                 event = new_event(topic_or_event, payload, metadata, key, parent, source)
         else:
-            event = self._adopt(topic_or_event, payload, metadata, key, parent, source)
+            event = adopt(topic_or_event, payload, metadata, key, parent, source)
         if self._indirect:
-            await self._publish_indirect(event, parent)
+            await self._publisher.indirect(event, parent)
             return event
         sent = self._send(event, parent)
         if type(sent) is not int:
             await sent  # type: ignore[misc]
         return event
-
-    def _publisher_source(self, topic: str, source: str | None) -> str | None:
-        """Who publishes, for `Event.source`: `source` if given, else the subscription whose
-        handler runs this code; that subscription learns the topic (`published_topics`)."""
-        subscription = current_subscription.get()
-        if subscription is not None and (source is None or source == subscription.source):
-            subscription.published_topics.add(topic)
-            return subscription.source
-        return source
-
-    async def _publish_indirect(self, event: Event[Any], parent: Event[Any] | None) -> None:
-        # Subscriptions made earlier by this process must exist before their events do.
-        await self._registry.wait_opened()
-        if not self._observers:
-            sent = self._send(event, parent)
-            if type(sent) is not int:
-                await sent  # type: ignore[misc]
-            return
-        observers = tuple(self._observers)
-        tokens = notify(observers, "publish_started", event)
-        try:
-            sent = self._send(event, parent)
-            if type(sent) is not int:
-                await sent  # type: ignore[misc]
-        except BaseException as error:
-            notify_finished(observers, "publish_finished", tokens, event, error)
-            raise
-        notify_finished(observers, "publish_finished", tokens, event, None)
 
     def _publish_soon(self, event: Event[Any]) -> asyncio.Future[Any] | None:
         """Publish `event` without waiting (an observer's own records): it is queued at once,
@@ -662,52 +559,7 @@ class EventBus:
         parent = current_event.get()
         if self._state is not _RUNNING:
             self._check_accepting(parent)
-        subscription = current_subscription.get() if parent is not None else None
-        source = subscription.source if subscription is not None else None
-        events: list[Event[Any]] = []
-        for item in items:
-            if isinstance(item, tuple):
-                topic, payload = item
-                validate_topic(topic)
-                events.append(new_event(topic, payload, None, None, parent, source))
-                if subscription is not None:
-                    subscription.published_topics.add(topic)
-            else:
-                events.append(self._adopt(item, None, None, None, parent, None))
-        for event in events:
-            validate_topic(event.topic)
-        if self._observers:
-            # One publish after another, each seen by the observers (its own span).
-            for event in events:
-                await self._publish_indirect(event, parent)
-            return events
-        await self._registry.wait_opened()
-        await self._backend.send_many(events, parent)
-        return events
-
-    def _adopt(
-        self,
-        value: object,
-        payload: Any,
-        metadata: Mapping[str, Any] | None,
-        key: str | None,
-        parent: Event[Any] | None,
-        source: str | None,
-    ) -> Event[Any]:
-        if not isinstance(value, Event):
-            raise TypeError(
-                "publish() takes a topic str and a payload, or an Event; "
-                f"got {type(value).__name__}: {value!r}"
-            )
-        if payload is not None or metadata is not None or key is not None:
-            raise TypeError(
-                "publish(event) takes no payload, metadata or key: they are the event's own; "
-                "use event.replace(...) to change them"
-            )
-        if parent is not None or source is not None:
-            learned = self._publisher_source(value.topic, source)
-            source = learned if value.source is None else None
-        return value.caused_by(parent, source)
+        return await self._publisher.many(items, parent)
 
     def publish_threadsafe(
         self,
@@ -731,40 +583,12 @@ class EventBus:
                 "publish_threadsafe() needs a running bus: start it with `async with bus:` "
                 "in its event loop first"
             )
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            raise RuntimeError(
-                "publish_threadsafe() was called from the bus's own event loop, where it "
-                "would block that loop; use `await bus.publish(...)` there"
-            )
-        parent = current_event.get()
-        subscription = current_subscription.get() if parent is not None else None
-
-        async def publish_in_loop() -> Event[Any]:
-            # Runs as its own task: restore the publishing thread's handler context in it.
-            token = current_event.set(parent)
-            token_sub = current_subscription.set(subscription)
-            try:
-                return await self.publish(topic_or_event, payload, metadata=metadata, key=key)
-            finally:
-                current_subscription.reset(token_sub)
-                current_event.reset(token)
-
-        future = asyncio.run_coroutine_threadsafe(publish_in_loop(), loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            if not future.cancel() and not future.cancelled():
-                return future.result()  # it went through as the time ran out
-            topic = topic_or_event if isinstance(topic_or_event, str) else topic_or_event.topic
-            raise PublishTimeoutError(
-                f"publish_threadsafe to {topic!r} was not queued within {timeout}s (a full "
-                "inbox with overflow='block'); it was withdrawn from the inboxes it was still "
-                "waiting for"
-            ) from None
+        return publish_from_thread(
+            loop,
+            functools.partial(self.publish, topic_or_event, payload, metadata=metadata, key=key),
+            topic_or_event,
+            timeout,
+        )
 
     # -- waiting ------------------------------------------------------------------------
 
@@ -777,35 +601,7 @@ class EventBus:
                 "drain() was called from inside a handler and would wait for that handler "
                 "itself; call it from the code that publishes"
             )
-        owed = self._tracker.rotate()
-        elsewhere: list[str] = []
-        try:
-            async with asyncio.timeout(timeout):
-                for epoch in owed:
-                    await epoch.wait()
-                pause = 0.002
-                while True:
-                    await self._registry.wait_opened()
-                    await self._backend.flush()  # what is being sent counts
-                    elsewhere = await self._backend.outstanding()
-                    if not elsewhere:
-                        return
-                    # Other processes' progress has no event to wait on: poll, backing off.
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 0.05)
-        except TimeoutError:
-            here = [
-                f"{name} ({s.queued} queued, {s.in_flight} in flight here)"
-                for name, s in self.stats().items()
-                if s.queued or s.in_flight
-            ]
-            owed_here = sum(epoch.pending for epoch in owed)
-            raise TimeoutError(
-                f"drain() timed out after {timeout}s with "
-                + (f"{owed_here} deliveries still owed: " if owed_here else "events still owed: ")
-                + (", ".join([*here, *(f"{e} on {self.safe_url}" for e in elsewhere)]))
-                + ("" if here or elsewhere else "none queued")
-            ) from None
+        await self._drainer.drain(timeout)
 
     async def request(
         self,
@@ -827,30 +623,9 @@ class EventBus:
         if self._state is not _RUNNING:
             self._check_accepting(parent)
         if parent is not None or source is not None:
-            source = self._publisher_source(topic, source)
+            source = publisher_source(topic, source)
         validate_topic(topic)
         event = new_event(
             topic, payload, metadata, key, parent, source, reply_to=self._requests.reply_topic
         )
-        if self._reply_subscription is None:
-            # Handlers in other processes answer through the broker, on this bus's topic.
-            self._reply_subscription = self.add_subscription(
-                self._requests.reply_topic,
-                self._requests.on_reply,
-                SubscriptionOptions(name=self._requests.reply_topic),
-            )
-        await self._registry.wait_opened()
-        receivers = await self._backend.receivers(topic)
-        if not receivers:
-            raise NoReplyError(
-                f"no subscription matches {topic!r}"
-                + ("" if not self.capabilities.durable else f" on {self.safe_url}")
-                + ", so nothing can answer this request; subscribe a handler to it first"
-            )
-        pending = self._requests.open(event)
-        try:
-            pending.expect(receivers)
-            await self._publish_indirect(event, parent)
-            return await pending.wait(timeout)
-        finally:
-            self._requests.forget(event)
+        return await self._requester.ask(event, parent, timeout)

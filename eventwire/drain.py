@@ -4,12 +4,15 @@ Every event queued in this process counts once per subscription it is queued for
 epoch that was current when it was published (a follow-up counts in its cause's epoch). A
 worker that finishes an event releases it. `drain()` retires the current epoch and waits for
 the owed ones to reach zero, so that events published while it waits do not keep it waiting
-for ever.
+for ever. `Drainer` is `drain()` itself: those epochs first, then what the backend still owes
+in other processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 
 class Epoch:
@@ -87,3 +90,83 @@ class DrainTracker:
         for epoch in self.epochs:
             epoch.pending = 0
             epoch.settle(error)
+
+
+class DrainBackend(Protocol):
+    """What `Drainer` asks of the backend (a `Backend` is one)."""
+
+    async def flush(self) -> None: ...
+
+    async def outstanding(self) -> list[str]: ...
+
+
+class QueueCounts(Protocol):
+    """What `Drainer` reads of a subscription's stats, to say what is still owed."""
+
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+
+class Counted(Protocol):
+    """A subscription, as `Drainer` sees it."""
+
+    @property
+    def stats(self) -> QueueCounts: ...
+
+
+class Drainer:
+    """`drain()`: waits for the epochs owed in this process, then for what the backend still
+    owes elsewhere (other processes' subscriptions), and says what is left on a timeout."""
+
+    def __init__(
+        self,
+        tracker: DrainTracker,
+        backend: DrainBackend,
+        *,
+        wait_opened: Callable[[], Awaitable[None]],
+        subscriptions: Mapping[str, Counted],
+        where: str,
+    ) -> None:
+        self._tracker = tracker
+        self._backend = backend
+        # Subscriptions still being opened must exist before drain() can trust the backend.
+        self._wait_opened = wait_opened
+        self._subscriptions = subscriptions
+        self._where = where
+
+    async def drain(self, timeout: float | None) -> None:
+        """Wait until everything published so far is handled or dead-lettered, in every
+        process; `TimeoutError` after `timeout`, naming what is still owed."""
+        owed = self._tracker.rotate()
+        elsewhere: list[str] = []
+        try:
+            async with asyncio.timeout(timeout):
+                for epoch in owed:
+                    await epoch.wait()
+                pause = 0.002
+                while True:
+                    await self._wait_opened()
+                    await self._backend.flush()  # what is being sent counts
+                    elsewhere = await self._backend.outstanding()
+                    if not elsewhere:
+                        return
+                    # Other processes' progress has no event to wait on: poll, backing off.
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+        except TimeoutError:
+            counts = {name: sub.stats for name, sub in self._subscriptions.items()}
+            here = [
+                f"{name} ({s.queued} queued, {s.in_flight} in flight here)"
+                for name, s in counts.items()
+                if s.queued or s.in_flight
+            ]
+            owed_here = sum(epoch.pending for epoch in owed)
+            raise TimeoutError(
+                f"drain() timed out after {timeout}s with "
+                + (f"{owed_here} deliveries still owed: " if owed_here else "events still owed: ")
+                + (", ".join([*here, *(f"{e} on {self._where}" for e in elsewhere)]))
+                + ("" if here or elsewhere else "none queued")
+            ) from None

@@ -5,7 +5,7 @@ handler that receives it reports its outcome (its return value, or its failure):
 waiting request directly when the requester is this bus, whatever the backend, and as an
 event on the reply topic otherwise (the requester runs in another process). The first
 non-None value wins; when every receiver finished without one, the request fails with the
-first handler error, or with `NoReplyError`.
+first handler error, or with `NoReplyError`. `Requester` is `EventBus.request` itself.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 from eventwire.errors import BusClosedError, HandlerError, NoReplyError, RemoteHandlerError
 from eventwire.event import Event
 from eventwire.observe import SubscriptionInfo
+from eventwire.options import SubscriptionOptions
 
 logger = logging.getLogger("eventwire")
 
@@ -26,6 +27,7 @@ logger = logging.getLogger("eventwire")
 REPLY_PREFIX = "_bus.reply."
 
 Publish = Callable[[str, Any], Awaitable[Any]]
+ReplyHandler = Callable[[Event[Any]], Awaitable[None]]
 
 
 class PendingRequest:
@@ -191,3 +193,52 @@ class Requests:
                         f"the bus closed before request on {pending.topic!r} got a reply"
                     )
                 )
+
+
+class Requester:
+    """`EventBus.request`: publishes a request, and waits for its first reply."""
+
+    def __init__(
+        self,
+        requests: Requests,
+        *,
+        subscribe: Callable[[str, ReplyHandler, SubscriptionOptions], object],
+        wait_opened: Callable[[], Awaitable[None]],
+        receivers: Callable[[str], Awaitable[list[str]]],
+        publish: Callable[[Event[Any], Event[Any] | None], Awaitable[None]],
+        where: str | None,
+    ) -> None:
+        self._requests = requests
+        self._subscribe = subscribe
+        self._subscribed = False
+        # Subscriptions still being opened must exist before they can be counted as receivers.
+        self._wait_opened = wait_opened
+        self._receivers = receivers
+        self._publish = publish
+        # Where the receivers were looked for, for messages (None: in this process).
+        self._where = where
+
+    async def ask(self, event: Event[Any], parent: Event[Any] | None, timeout: float | None) -> Any:
+        """Publish the request `event` (caused by `parent`) and return its first reply."""
+        reply_topic = self._requests.reply_topic
+        if not self._subscribed:
+            # Handlers in other processes answer through the broker, on this bus's topic.
+            self._subscribe(
+                reply_topic, self._requests.on_reply, SubscriptionOptions(name=reply_topic)
+            )
+            self._subscribed = True
+        await self._wait_opened()
+        receivers = await self._receivers(event.topic)
+        if not receivers:
+            raise NoReplyError(
+                f"no subscription matches {event.topic!r}"
+                + ("" if self._where is None else f" on {self._where}")
+                + ", so nothing can answer this request; subscribe a handler to it first"
+            )
+        pending = self._requests.open(event)
+        try:
+            pending.expect(receivers)
+            await self._publish(event, parent)
+            return await pending.wait(timeout)
+        finally:
+            self._requests.forget(event)
