@@ -6,8 +6,10 @@ One JSON document per event (msgspec does the encoding)::
      "payload": ..., "metadata": {...}, "correlation_id": "...", "causation_id": null,
      "key": null, "source": "research", "reply_to": null}
 
-`payload` is any JSON value; pydantic models and dataclasses are encoded as their JSON form,
-and a typed handler (``Event[Model]``) gets its type back on the other side. When the payload
+`payload` is any JSON value, or a value with one obvious JSON form (a datetime, a UUID, a
+pydantic model, a dataclass...; the table in docs/wire-format.md), and a typed handler
+(``Event[Model]``) gets its type back on the other side. Sets and bytes, which JSON would
+carry as something else, are refused, as is anything with no JSON form. When the payload
 is itself an event (a dead letter), it is nested as an envelope and ``"payload_kind": "event"``
 says so. `to_cloudevent` / `from_cloudevent` map the same fields onto CloudEvents 1.0 (JSON
 format) for brokers and tools that speak it.
@@ -25,7 +27,7 @@ from typing import Any
 import msgspec
 
 from eventwire.errors import EventwireError
-from eventwire.event import Event
+from eventwire.event import Event, text_length
 
 ENVELOPE_VERSION = 1
 DEFAULT_MAX_BYTES = 1024 * 1024
@@ -68,12 +70,123 @@ def _json_form(value: Any) -> Any:
         return dump(mode="json")
     raise UnencodablePayloadError(
         f"cannot encode a {type(value).__module__}.{type(value).__qualname__} as JSON: "
-        "payloads and metadata must be JSON values (dict, list, str, int, float, bool, None), "
-        "datetimes, UUIDs, pydantic models or dataclasses"
+        "payloads and metadata must be JSON values (dict, list, tuple, str, int, float, bool, "
+        "None), dates and times, UUIDs, decimals, enums, pydantic models, dataclasses or "
+        "msgspec structs (docs/wire-format.md)"
     )
 
 
 _encoder = msgspec.json.Encoder(enc_hook=_json_form)
+
+
+def encode_payload(payload: Any) -> bytes:
+    """The JSON form of a payload, as an envelope carries it (no checks: see `encode`)."""
+    return _encoder.encode(payload)
+
+
+# msgspec would write these as a list (in no fixed order) or as base64 text, and a handler on
+# a broker would get that instead: refused, on every backend, with what to send instead.
+_SETS = (set, frozenset)
+_BYTES = (bytes, bytearray, memoryview)
+# Leaves of plain JSON data, whose type alone says they hold no set or bytes.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_REFUSED = _SETS + _BYTES
+# Below this length, looking at each value is cheaper than testing them all first.
+_SHORT = 16
+
+
+def _unfaithful(values: list[Any]) -> Any:
+    """The first set or bytes object in `values` or anything in them that msgspec writes
+    itself (containers, dataclasses, structs, attrs classes, a nested event), or None. A
+    pydantic model is not looked into: its own JSON form (`model_dump`) turns sets into lists
+    and its validation turns them back."""
+    pending = values
+    plain = _PLAIN.issuperset
+    while pending:
+        value = pending.pop()
+        kind = type(value)
+        if kind in _PLAIN:
+            continue
+        # The values of a long container are first tested all at once, in C: a long list of
+        # plain values costs no loop here.
+        if kind is dict or isinstance(value, dict):
+            if not plain(map(type, value)):
+                pending.extend(value)  # keys: bytes keys would become base64 text too
+            if len(value) < _SHORT or not plain(map(type, value.values())):
+                pending.extend(value.values())
+        elif kind is list or kind is tuple or isinstance(value, list | tuple):
+            if len(value) < _SHORT or not plain(map(type, value)):
+                pending.extend(value)
+        elif isinstance(value, _REFUSED):
+            return value
+        elif isinstance(value, Event):
+            pending.extend((value.payload, dict(value.metadata)))
+        elif isinstance(value, msgspec.Struct):
+            pending.extend(getattr(value, name) for name in value.__struct_fields__)
+        elif dataclasses.is_dataclass(value):
+            pending.extend(getattr(value, f.name) for f in dataclasses.fields(value))
+        elif hasattr(kind, "__attrs_attrs__"):
+            pending.extend(getattr(value, a.name) for a in kind.__attrs_attrs__)
+    return None
+
+
+def _where(root: Any, target: Any, path: str) -> str | None:
+    """The path from `root` to `target` (found by identity), for an error message."""
+    if root is target:
+        return path
+    children: list[tuple[str, Any]] = []
+    if isinstance(root, Event):
+        children = [(f"{path}.payload", root.payload), (f"{path}.metadata", dict(root.metadata))]
+    elif isinstance(root, dict):
+        for key, value in root.items():
+            if key is target:
+                return f"a key of {path}"
+            children.append((f"{path}[{key!r}]", value))
+    elif isinstance(root, list | tuple):
+        children = [(f"{path}[{index}]", value) for index, value in enumerate(root)]
+    elif isinstance(root, msgspec.Struct):
+        children = [(f"{path}.{name}", getattr(root, name)) for name in root.__struct_fields__]
+    elif dataclasses.is_dataclass(root):
+        children = [(f"{path}.{f.name}", getattr(root, f.name)) for f in dataclasses.fields(root)]
+    elif hasattr(type(root), "__attrs_attrs__"):
+        children = [(f"{path}.{a.name}", getattr(root, a.name)) for a in root.__attrs_attrs__]
+    for child_path, child in children:
+        found = _where(child, target, child_path)
+        if found is not None:
+            return found
+    return None
+
+
+def _refuse_unfaithful(event: Event[Any]) -> None:
+    values = [event.payload]
+    if event.metadata:
+        values.append(dict(event.metadata))
+    found = _unfaithful(values)
+    if found is None:
+        return
+    where = (
+        _where(event.payload, found, "payload")
+        or _where(dict(event.metadata), found, "metadata")
+        or "payload"
+    )
+    kind = type(found).__name__
+    if isinstance(found, _SETS):
+        advice = (
+            "JSON has no sets: a broker would deliver it as a list, in no fixed order. Send a "
+            "list (sorted(...) for a stable order); a handler annotated with a set type "
+            "(Event[set[str]], or a model field) gets a set back"
+        )
+    else:
+        advice = (
+            "JSON has no bytes: a broker would deliver them as base64 text. Send text (a str), "
+            "base64.b64encode(data).decode() for binary data, or a reference to where the "
+            "data is kept"
+        )
+    raise UnencodablePayloadError(
+        f"the event on {event.topic!r} holds a {kind} value at {where}: {advice}"
+    )
+
+
 _decoder = msgspec.json.Decoder(_Envelope)
 
 
@@ -101,21 +214,32 @@ def _fields(event: Event[Any]) -> _Envelope:
     )
 
 
-def encode(event: Event[Any], *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes:
-    """The event as envelope bytes. Raises `UnencodablePayloadError` for a value with no
-    JSON form and `PayloadTooLargeError` past `max_bytes`, before anything is sent."""
+def _encoded(event: Event[Any], value: Any) -> bytes:
     try:
-        data = _encoder.encode(_fields(event))
+        return _encoder.encode(value)
     except UnencodablePayloadError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise UnencodablePayloadError(f"cannot encode the event on {event.topic!r}: {exc}") from exc
-    # msgspec writes inf and nan as null; look for them only when a null was written.
-    if b"null" in data and _has_non_finite(event):
+
+
+def _refuse_non_finite(event: Event[Any]) -> None:
+    if _has_non_finite(event):
         raise UnencodablePayloadError(
             f"the event on {event.topic!r} holds an infinite or NaN float, which JSON cannot "
             "carry; send it as a string or None"
         )
+
+
+def encode(event: Event[Any], *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes:
+    """The event as envelope bytes. Raises `UnencodablePayloadError` for a value with no
+    faithful JSON form (no JSON form at all, a set, bytes, an infinite or NaN float) and
+    `PayloadTooLargeError` past `max_bytes`, before anything is sent."""
+    _refuse_unfaithful(event)
+    data = _encoded(event, _fields(event))
+    # msgspec writes inf and nan as null; look for them only when a null was written.
+    if b"null" in data:
+        _refuse_non_finite(event)
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadTooLargeError(
             f"the event on {event.topic!r} encodes to {len(data):,} bytes, over the limit of "
@@ -125,30 +249,53 @@ def encode(event: Event[Any], *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> b
     return data
 
 
-# Envelope bytes besides the payload, at most, for an event with no metadata: a string
-# payload shorter than (limit - this) / 6 fits whatever it escapes to.
-_ENVELOPE_OVERHEAD = 1024
+# Envelope bytes besides the payload, the metadata and the event's own text fields, at most:
+# field names, quotes, the version and the time.
+_ENVELOPE_OVERHEAD = 512
+# Room for the text fields of an event with a plain payload, which are not looked at: the
+# topic (at most 253 bytes) and three ids fit; keys, sources and ids thousands of characters
+# long are not expected.
+_TEXT_ALLOWANCE = 512
 # The widest JSON escape of one character (\u00XX) is six bytes.
 _WIDEST_ESCAPE = 6
 
 
 def check_encodable(event: Event[Any], *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> None:
     """Raise what `encode` would raise for `event` (`UnencodablePayloadError`,
-    `PayloadTooLargeError`), without encoding it where that is sure to succeed: the
-    in-process bus refuses exactly what a broker refuses, at the cost of a type test for
-    small plain payloads."""
+    `PayloadTooLargeError`), without building its envelope where that is sure to succeed:
+    the in-process bus refuses what a broker refuses, at the cost of a type test for an int
+    or a short str, and of a look through the payload and an encoding of it alone for the
+    others."""
     payload = event.payload
     kind = type(payload)
-    if not event.metadata:
+    metadata = event.metadata
+    if not metadata:
         if kind is int or payload is None or kind is bool:
             return
+        # ASCII text always encodes (other text may hold a lone surrogate, which UTF-8 cannot).
         if (
             kind is str
-            and max_bytes is not None
-            and len(payload) * _WIDEST_ESCAPE + _ENVELOPE_OVERHEAD <= max_bytes
+            and payload.isascii()
+            and (
+                max_bytes is None
+                or len(payload) * _WIDEST_ESCAPE + _ENVELOPE_OVERHEAD + _TEXT_ALLOWANCE <= max_bytes
+            )
         ):
             return
-    encode(event, max_bytes=max_bytes)
+    if isinstance(payload, Event):  # a dead letter: rare enough to build the envelope
+        encode(event, max_bytes=max_bytes)
+        return
+    _refuse_unfaithful(event)
+    data = _encoded(event, payload)
+    more = _encoded(event, dict(metadata)) if metadata else b""
+    if b"null" in data or b"null" in more:
+        _refuse_non_finite(event)
+    if (
+        max_bytes is not None
+        and len(data) + len(more) + text_length(event) * _WIDEST_ESCAPE + _ENVELOPE_OVERHEAD
+        > max_bytes
+    ):
+        encode(event, max_bytes=max_bytes)  # near the limit: the envelope's size decides
 
 
 def _has_non_finite(event: Event[Any]) -> bool:
@@ -235,6 +382,7 @@ def to_cloudevent(event: Event[Any]) -> dict[str, Any]:
     `source` defaults to ``/eventwire`` (CloudEvents requires one); metadata travels as the
     ``eventwiremetadata`` extension, a JSON string, since extension values must be scalars.
     """
+    _refuse_unfaithful(event)
     document: dict[str, Any] = {
         "specversion": "1.0",
         "id": event.id,

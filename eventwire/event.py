@@ -355,3 +355,22 @@ def new_event(
         None if parent is None else parent.id,
         reply_to,
     )
+
+
+def text_length(event: Event[Any]) -> int:
+    """Characters in an event's own text fields (topic, ids, key, source, reply_to, target,
+    trace context), counting an id not formatted yet at its length: with the payload and
+    the metadata, what its envelope holds."""
+    length = (
+        len(event.topic)
+        + (36 if event._id is None else len(event._id))
+        + len(event._correlation_id or "")
+        + len(event.causation_id or "")
+        + len(event.key or "")
+        + len(event.source or "")
+        + len(event.reply_to or "")
+        + len(event.target or "")
+    )
+    for name, value in event.trace_context.items():
+        length += len(name) + len(value) + 8  # quotes, colon, comma
+    return length

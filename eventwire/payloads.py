@@ -1,4 +1,9 @@
-"""Typed payloads: a handler annotated ``event: Event[Model]`` gets a validated `Model`."""
+"""Typed payloads: a handler annotated ``event: Event[Model]`` gets a validated `Model`.
+
+The payload is validated from its JSON form, the form a broker delivers, so a handler gets
+the same value of the same type on every backend; a payload that already is exactly a
+`Model` is passed as it is.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,9 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
+from eventwire.envelope import encode_payload
 from eventwire.errors import PayloadValidationError
 from eventwire.event import Event
 
@@ -59,14 +67,19 @@ def payload_type_of(handler: Callable[..., Any]) -> Any | None:
 
 
 def make_converter(payload_type: Any, subscription: str) -> PayloadConverter:
-    """A function that validates a payload against `payload_type` (pydantic does the work),
-    passing through values that are already instances of it."""
+    """A function that validates a payload against `payload_type` from its JSON form
+    (pydantic does the work; msgspec for the structs and attrs classes pydantic does not
+    know), passing through values that are already exactly of that type."""
     from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
-    type_name = getattr(payload_type, "__name__", repr(payload_type))
     try:
         adapter: TypeAdapter[Any] = TypeAdapter(payload_type)
     except PydanticSchemaGenerationError as exc:
+        if _msgspec_decodes(payload_type):
+            decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(payload_type, strict=False)
+            return _from_json_form(
+                payload_type, subscription, decoder.decode, msgspec.ValidationError
+            )
         # Not something pydantic validates (e.g. Event[Event[Any]] for dead letters): check
         # the payload's class instead of converting it.
         cls = _isinstance_target(payload_type)
@@ -74,17 +87,30 @@ def make_converter(payload_type: Any, subscription: str) -> PayloadConverter:
             raise TypeError(
                 f"handler of {subscription!r} is annotated with payload type {payload_type!r}, "
                 "which eventwire cannot validate; annotate it with a pydantic model, a "
-                "dataclass, a plain type, or Event[Any]"
+                "dataclass, a msgspec struct, a plain type, or Event[Any]"
             ) from exc
         return _instance_check(cls, subscription)
+    return _from_json_form(payload_type, subscription, adapter.validate_json, ValidationError)
+
+
+def _from_json_form(
+    payload_type: Any,
+    subscription: str,
+    decode: Callable[[bytes], Any],
+    invalid: type[Exception],
+) -> PayloadConverter:
+    """A converter that makes the payload's JSON form a `payload_type` with `decode` (which
+    raises `invalid` for a payload that does not fit), passing through values that are
+    already exactly of that type."""
+    type_name = getattr(payload_type, "__name__", repr(payload_type))
     exact = payload_type if isinstance(payload_type, type) else None
 
     def convert(payload: Any) -> Any:
         if exact is not None and type(payload) is exact:
             return payload
         try:
-            return adapter.validate_python(payload)
-        except ValidationError as exc:
+            return decode(encode_payload(payload))
+        except invalid as exc:
             raise PayloadValidationError(
                 f"payload for {subscription!r} is not a valid {type_name}: {exc}"
             ) from exc
@@ -95,6 +121,36 @@ def make_converter(payload_type: Any, subscription: str) -> PayloadConverter:
             ) from exc
 
     return convert
+
+
+def _msgspec_decodes(payload_type: Any) -> bool:
+    """Whether msgspec decodes `payload_type` from JSON on its own (a struct, an attrs class,
+    containers of them), events aside."""
+    import msgspec.inspect
+
+    try:
+        info = msgspec.inspect.type_info(payload_type)
+    except Exception:  # e.g. an annotation it cannot resolve
+        return False
+    pending: list[Any] = [info]
+    seen: set[int] = set()
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue  # a recursive type
+        seen.add(id(node))
+        if isinstance(node, msgspec.inspect.CustomType) or (
+            isinstance(node, msgspec.inspect.StructType) and issubclass(node.cls, Event)
+        ):
+            return False
+        for name in node.__struct_fields__:
+            value = getattr(node, name)
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, msgspec.inspect.Field):
+                    pending.append(item.type)
+                elif isinstance(item, msgspec.inspect.Type):
+                    pending.append(item)
+    return True
 
 
 def _isinstance_target(payload_type: Any) -> Any | None:

@@ -17,6 +17,7 @@ from eventwire.envelope import (
     EnvelopeError,
     PayloadTooLargeError,
     UnencodablePayloadError,
+    check_encodable,
     decode,
     encode,
     from_cloudevent,
@@ -127,6 +128,43 @@ def test_non_finite_floats_are_refused_not_turned_into_null(payload: Any) -> Non
     assert decode(encode(Event("t", {"a": None, "b": 1.5}))).payload == {"a": None, "b": 1.5}
 
 
+# Values of every kind a publisher might try: sendable, unfaithful (sets, bytes), without a
+# JSON form, non-finite, text that UTF-8 cannot hold, and long enough to pass a small limit.
+any_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=300)
+    | st.sampled_from(["\ud800", b"\xff", bytearray(b"a"), object(), datetime(2026, 1, 1)])
+    | st.frozensets(st.integers(), max_size=3),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=3) | st.integers() | st.binary(max_size=2), children)
+        | st.builds(Scores, st.lists(children, max_size=2))
+    ),
+    max_leaves=12,
+)
+
+
+def _outcome(check: Any) -> tuple[type[Exception], str] | None:
+    try:
+        check()
+    except (UnencodablePayloadError, PayloadTooLargeError) as exc:
+        return type(exc), str(exc)
+    return None
+
+
+@given(any_values, st.dictionaries(st.text(max_size=3), any_values, max_size=2))
+def test_the_in_process_check_refuses_exactly_what_encoding_refuses(
+    payload: Any, metadata: dict[str, Any]
+) -> None:
+    event = Event("t.x", payload, metadata)
+    expected = _outcome(lambda: encode(event, max_bytes=2_000))
+    assert _outcome(lambda: check_encodable(event, max_bytes=2_000)) == expected
+
+
 def test_size_limit() -> None:
     event = Event("t", "x" * 2_000)
     assert decode(encode(event, max_bytes=None)).payload == "x" * 2_000
@@ -170,6 +208,11 @@ def test_cloudevents_mapping_round_trips() -> None:
     assert json.loads(document["eventwiremetadata"]) == {"user_id": "u-1"}
     json.dumps(document)  # serialisable as it is
     assert_same_event(from_cloudevent(document), original)
+
+
+def test_cloudevents_refuse_what_the_envelope_refuses() -> None:
+    with pytest.raises(UnencodablePayloadError, match="no sets"):
+        to_cloudevent(Event("t", {"tags": {"a"}}))
 
 
 def test_cloudevent_without_eventwire_extensions() -> None:
