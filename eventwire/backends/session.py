@@ -102,13 +102,13 @@ class ConsumerSession:
             acks = self._acks_to_send_along()
             try:
                 deliveries = await self.consumer.ack_and_fetch(acks, limit, wait)
-            except asyncio.CancelledError:
+            except BaseException as error:
+                # Sent on their own now (acknowledging again is harmless).
                 self._acks[:0] = acks
-                raise
-            except Exception:
-                self._acks[:0] = acks  # acknowledging again is harmless
                 if acks:
                     self._start_acker()
+                if not isinstance(error, Exception):
+                    raise
                 if not self.retry:
                     raise
                 logger.warning(
