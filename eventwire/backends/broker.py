@@ -400,7 +400,8 @@ class BatchPublisher:
 
     def store(self, message: Message) -> Awaitable[None]:
         """Store one message: sent at once by the caller's own task when nothing is in
-        flight (no batch to join: no task, no future), else queued for the next batch."""
+        flight (no batch to join: no task, no future), else queued for the next batch,
+        which goes out beside the one message being sent."""
         if self._sender is None and not self._sending_one:
             return self._send_one(message)
         return self.enqueue(message)
@@ -412,8 +413,6 @@ class BatchPublisher:
                 await self._backend.publish([message])
         finally:
             self._sending_one = False
-            if self._waiting and self._sender is None:
-                self._start_sender()
             sent, self._sent_one = self._sent_one, None
             if sent is not None and not sent.done():
                 sent.set_result(None)
@@ -425,7 +424,9 @@ class BatchPublisher:
         stored: asyncio.Future[None] = loop.create_future()
         deadline = None if self._timeout is None else loop.time() + self._timeout
         self._waiting.append((message, stored, deadline))
-        if self._sender is None and not self._sending_one:
+        if self._sender is None:
+            # Beside a message its own publisher is sending, not behind it: concurrent
+            # publishes keep two round trips in flight rather than waiting on one.
             self._start_sender()
         return stored
 
