@@ -296,6 +296,7 @@ class SqliteLog:
     def _lease(
         self, db: sqlite3.Connection, name: str, holder: str, limit: int, lease_seconds: float
     ) -> tuple[list[Leased], bool]:
+        """The transaction of `fetch`: leases and whether the scan budget ran out."""
         now = time.time()
         until = now + lease_seconds
         row = db.execute("SELECT pattern, cursor FROM consumers WHERE name = ?", (name,)).fetchone()
@@ -303,88 +304,14 @@ class SqliteLog:
             raise LookupError(f"no durable subscription named {name!r}; create it first")
         pattern, cursor = row
         # Deliveries visible again, all before the cursor: they come first.
-        again = _lease_again(db, name, holder, limit, now)
-        leased: list[Leased] = []
-        if again:
-            visible = _json(again)
-            db.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, visible_at = ?, leased_by = ?"
-                " WHERE consumer = ? AND seq IN (SELECT value FROM json_each(?))",
-                (until, holder, name, visible),
-            )
-            leased.extend(
-                Leased(name, seq, event_id, topic, body, attempts)
-                for seq, event_id, topic, body, attempts in db.execute(
-                    "SELECT d.seq, e.id, e.topic, e.body, d.attempts FROM deliveries d"
-                    " JOIN log.events e ON e.seq = d.seq"
-                    " WHERE d.consumer = ? AND d.seq IN (SELECT value FROM json_each(?))"
-                    " ORDER BY d.seq",
-                    (name, visible),
-                )
-            )
-        need = limit - len(leased)
-        if need <= 0:
+        leased = _lease_visible_again(db, name, holder, limit, now, until)
+        if len(leased) >= limit:
             return leased, False
-        # New events past the cursor: matching ones become deliveries, leased at once unless
-        # their key is owed elsewhere (then stored blocked).
-        ours: dict[str, bool] = {}  # key -> every delivery of it owed is leased to `holder`
-        taken: list[int] = []  # new deliveries leased now
-        blocked: list[int] = []  # new deliveries stored blocked
-        scanned = 0
-        more = False
-        while need > 0:
-            if scanned >= _SCAN_BUDGET:
-                more = True
-                break
-            count = max(need, _SCAN_MIN)
-            rows = db.execute(
-                "SELECT seq, id, topic, key, body FROM log.events WHERE seq > ?"
-                " ORDER BY seq LIMIT ?",
-                (cursor, count),
-            ).fetchall()
-            keys = {row[3] for row in rows if row[3] is not None and row[3] not in ours}
-            if keys:
-                # Which of these keys have a delivery owed that is not leased to `holder`: one
-                # query for all (it stops at the first such delivery of each key).
-                elsewhere = {
-                    key
-                    for (key,) in db.execute(
-                        "SELECT value FROM json_each(?2) WHERE EXISTS"
-                        " (SELECT 1 FROM deliveries WHERE consumer = ?1 AND key = value"
-                        " AND (leased_by IS NOT ?3 OR visible_at <= ?4))",
-                        (name, _json(list(keys)), holder, now),
-                    )
-                }
-                ours.update((key, key not in elsewhere) for key in keys)
-            for seq, event_id, topic, key, body in rows:
-                cursor = seq
-                scanned += 1
-                if not self._matches_pattern(pattern, topic):
-                    continue
-                if key is not None and not ours[key]:
-                    blocked.append(seq)
-                    continue
-                taken.append(seq)
-                leased.append(Leased(name, seq, event_id, topic, body, 1))
-                need -= 1
-                if need == 0:
-                    break
-            if len(rows) < count:
-                break
-        for new, attempts, visible_at, leased_by in (
-            (taken, 1, until, holder),
-            (blocked, 0, _BLOCKED, None),
-        ):
-            if new:
-                db.execute(
-                    "INSERT INTO deliveries (consumer, seq, key, attempts, visible_at, leased_by)"
-                    " SELECT ?, seq, key, ?, ?, ? FROM log.events"
-                    " WHERE seq IN (SELECT value FROM json_each(?))",
-                    (name, attempts, visible_at, leased_by, _json(new)),
-                )
-        if scanned:
-            db.execute("UPDATE consumers SET cursor = ? WHERE name = ?", (cursor, name))
-        return leased, more
+        scan = _Scan(name, holder, cursor, limit - len(leased), now)
+        scan.run(db, lambda topic: self._matches_pattern(pattern, topic))
+        scan.store(db, until)
+        leased.extend(scan.leased)
+        return leased, scan.more
 
     def ack(self, name: str, seqs: Sequence[int], *, handled_ids: Sequence[str] = ()) -> int:
         """Finish deliveries; `handled_ids` are recorded for idempotent subscriptions. Returns
@@ -557,6 +484,119 @@ class SqliteLog:
 
         self._state(run)
         self._events(lambda db: db.execute("DELETE FROM events"))
+
+
+def _lease_visible_again(
+    db: sqlite3.Connection, name: str, holder: str, limit: int, now: float, until: float
+) -> list[Leased]:
+    """Lease to `holder`, until `until`, the deliveries of `name` it may take again
+    (`_lease_again`), oldest first, each counted as one more attempt."""
+    again = _lease_again(db, name, holder, limit, now)
+    if not again:
+        return []
+    visible = _json(again)
+    db.execute(
+        "UPDATE deliveries SET attempts = attempts + 1, visible_at = ?, leased_by = ?"
+        " WHERE consumer = ? AND seq IN (SELECT value FROM json_each(?))",
+        (until, holder, name, visible),
+    )
+    return [
+        Leased(name, seq, event_id, topic, body, attempts)
+        for seq, event_id, topic, body, attempts in db.execute(
+            "SELECT d.seq, e.id, e.topic, e.body, d.attempts FROM deliveries d"
+            " JOIN log.events e ON e.seq = d.seq"
+            " WHERE d.consumer = ? AND d.seq IN (SELECT value FROM json_each(?))"
+            " ORDER BY d.seq",
+            (name, visible),
+        )
+    ]
+
+
+class _Scan:
+    """A fetch's walk over the events past a consumer's cursor: those matching its pattern
+    become deliveries, leased at once (`leased`, `taken`) unless their key is owed elsewhere
+    (then stored blocked: `blocked`), until `need` are leased, the log ends, or the scan
+    budget runs out (`more`)."""
+
+    def __init__(self, name: str, holder: str, cursor: int, need: int, now: float) -> None:
+        self.name = name
+        self.holder = holder
+        self.cursor = cursor
+        self.need = need
+        self.now = now
+        self.leased: list[Leased] = []
+        self.taken: list[int] = []  # new deliveries leased now
+        self.blocked: list[int] = []  # new deliveries stored blocked
+        self.scanned = 0
+        self.more = False
+        # key -> every delivery of it owed is leased to `holder`
+        self._ours: dict[str, bool] = {}
+
+    def run(self, db: sqlite3.Connection, matches: Callable[[str], bool]) -> None:
+        """Walk the log, reading at least `_SCAN_MIN` events per query."""
+        while self.need > 0:
+            if self.scanned >= _SCAN_BUDGET:
+                self.more = True
+                return
+            count = max(self.need, _SCAN_MIN)
+            rows = db.execute(
+                "SELECT seq, id, topic, key, body FROM log.events WHERE seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (self.cursor, count),
+            ).fetchall()
+            self._learn_keys(db, {row[3] for row in rows if row[3] is not None})
+            self._take(rows, matches)
+            if len(rows) < count:
+                return
+
+    def _learn_keys(self, db: sqlite3.Connection, keys: set[str]) -> None:
+        """Which of `keys` (not met before) have a delivery owed that is not leased to the
+        holder: one query for all, which stops at the first such delivery of each key."""
+        keys -= self._ours.keys()
+        if not keys:
+            return
+        elsewhere = {
+            key
+            for (key,) in db.execute(
+                "SELECT value FROM json_each(?2) WHERE EXISTS"
+                " (SELECT 1 FROM deliveries WHERE consumer = ?1 AND key = value"
+                " AND (leased_by IS NOT ?3 OR visible_at <= ?4))",
+                (self.name, _json(list(keys)), self.holder, self.now),
+            )
+        }
+        self._ours.update((key, key not in elsewhere) for key in keys)
+
+    def _take(self, rows: list[Any], matches: Callable[[str], bool]) -> None:
+        """Move the cursor over `rows` until `need` are leased, sorting out the matching ones."""
+        for seq, event_id, topic, key, body in rows:
+            self.cursor = seq
+            self.scanned += 1
+            if not matches(topic):
+                continue
+            if key is not None and not self._ours[key]:
+                self.blocked.append(seq)
+                continue
+            self.taken.append(seq)
+            self.leased.append(Leased(self.name, seq, event_id, topic, body, 1))
+            self.need -= 1
+            if self.need == 0:
+                return
+
+    def store(self, db: sqlite3.Connection, until: float) -> None:
+        """Store the new deliveries (leased until `until`, or blocked) and the cursor."""
+        for new, attempts, visible_at, leased_by in (
+            (self.taken, 1, until, self.holder),
+            (self.blocked, 0, _BLOCKED, None),
+        ):
+            if new:
+                db.execute(
+                    "INSERT INTO deliveries (consumer, seq, key, attempts, visible_at, leased_by)"
+                    " SELECT ?, seq, key, ?, ?, ? FROM log.events"
+                    " WHERE seq IN (SELECT value FROM json_each(?))",
+                    (self.name, attempts, visible_at, leased_by, _json(new)),
+                )
+        if self.scanned:
+            db.execute("UPDATE consumers SET cursor = ? WHERE name = ?", (self.cursor, self.name))
 
 
 def _lease_again(
