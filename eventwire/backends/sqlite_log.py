@@ -811,11 +811,32 @@ class _Writer:
             if not write.done:
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
-                self._sync(any(write.synced for write in batch))
-                _commit(self.db, batch)
+                self._commit(batch)
         if write.error is not None:
             raise write.error
         return write.value  # type: ignore[return-value]
+
+    def _commit(self, batch: list[_Write[Any]]) -> None:
+        """Run `batch` in one ``BEGIN IMMEDIATE`` ... ``COMMIT`` (the write lock taken up
+        front, so that two processes never both read a cursor and then both move it), each
+        write in a savepoint of its own when there are several, or a `one_statement` write
+        alone as its own transaction; set each one's value or error."""
+        db = self.db
+        try:
+            self._sync(any(write.synced for write in batch))
+            if len(batch) == 1 and batch[0].one_statement:
+                batch[0].value = batch[0].run(db)
+            else:
+                _transaction(db, batch)
+        except BaseException as error:
+            # Nothing of the batch was committed: every write fails (with the first error).
+            for write in batch:
+                write.value = None
+                if write.error is None:
+                    write.error = error
+        finally:
+            for write in batch:
+                write.done = True
 
     def _sync(self, synced: bool) -> None:
         """Make the next commit wait for the disk (FULL), or not (NORMAL: in WAL mode, safe
@@ -841,29 +862,8 @@ class _Write(Generic[T]):
         self.done = False
 
 
-def _commit(db: sqlite3.Connection, batch: list[_Write[Any]]) -> None:
-    """Run `batch` in one ``BEGIN IMMEDIATE`` ... ``COMMIT`` (the write lock taken up front, so
-    that two processes never both read a cursor and then both move it), each write in a
-    savepoint of its own when there are several, or a `one_statement` write alone as its own
-    transaction; set each one's value or error."""
-    try:
-        if len(batch) == 1 and batch[0].one_statement:
-            batch[0].value = batch[0].run(db)
-        else:
-            _transaction(db, batch)
-    except BaseException as error:
-        # Nothing of the batch was committed: every write fails (with the first error).
-        for write in batch:
-            write.value = None
-            if write.error is None:
-                write.error = error
-    finally:
-        for write in batch:
-            write.done = True
-
-
 def _transaction(db: sqlite3.Connection, batch: list[_Write[Any]]) -> None:
-    """`_commit`'s transaction: raises if it did not commit."""
+    """`_Writer._commit`'s transaction: raises if it did not commit."""
     db.execute("BEGIN IMMEDIATE")
     try:
         if len(batch) == 1:
