@@ -38,6 +38,10 @@ from eventwire.backends.sqlite_log import Leased, PatternConflictError, SqliteLo
 from eventwire.backends.url import BusURL, URLOptions
 
 _DEFAULT_POLL = 0.05
+# How long an acknowledgement waits before it is written, so that those of one-at-a-time
+# events share a commit rather than each waiting for the disk (their redelivery after a crash
+# in between is what at least once allows).
+_ACK_LINGER = 0.002
 # The ``?option=`` settings a sqlite:// URL takes (besides ``namespace``).
 OPTIONS = ("poll",)
 
@@ -148,45 +152,84 @@ class _SqliteConsumer(Consumer):
         self._spec = spec
         self._holder = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._closed = False
+        # The wake event that was current when a lease found nothing more to take: until it
+        # is set, fetching again would find nothing either.
+        self._emptied: asyncio.Event | None = None
+        # Whether a lease first reads if there is anything (cheap when there is not).
+        self._look_first = True
+        # Acknowledgements on their way (each call's future, done once it has landed).
+        self._acking: set[asyncio.Future[None]] = set()
 
     async def fetch(self, limit: int, wait: float) -> list[Delivery]:
-        backend, spec = self._backend, self._spec
+        backend = self._backend
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while not self._closed:
             published = backend._published
-            try:
-                leased = await asyncio.to_thread(
-                    backend.log.fetch,
-                    spec.name,
-                    self._holder,
-                    limit=limit,
-                    lease_seconds=spec.ack_wait,
-                )
-            except LookupError:
-                if self._closed:
-                    return []  # an inbox, removed by its close meanwhile
-                raise
-            if leased and self._closed:
-                # Closed while this fetch ran: what it took goes back at once.
-                await self._give_back()
-                return []
-            if leased:
-                return [Delivery(item.topic, item.body, item.attempts, item) for item in leased]
+            # After a fetch that left nothing, only a wake (or a poll) can bring more; a
+            # fetch that may not wait looks all the same.
+            if self._emptied is not published or loop.time() >= deadline:
+                leased = await self._lease(limit, published)
+                if leased:
+                    return [Delivery(item.topic, item.body, item.attempts, item) for item in leased]
             left = deadline - loop.time()
             if left <= 0:
                 return []
             try:
                 async with asyncio.timeout(min(left, backend.poll)):
                     await published.wait()
+                self._look_first = False  # a publish or give-back of this process: work
             except TimeoutError:
-                pass
+                # Polling for other processes' work: mostly nothing, which a read tells.
+                self._emptied = None
+                self._look_first = True
         return []
 
+    async def _lease(self, limit: int, published: asyncio.Event) -> list[Leased]:
+        """One lease; notes whether it emptied what there was (as of `published`)."""
+        backend, spec = self._backend, self._spec
+        try:
+            leased, emptied = await asyncio.to_thread(
+                backend.log.lease,
+                spec.name,
+                self._holder,
+                limit=limit,
+                lease_seconds=spec.ack_wait,
+                look_first=self._look_first,
+            )
+        except LookupError:
+            if self._closed:
+                return []  # an inbox, removed by its close meanwhile
+            raise
+        self._emptied = published if emptied else None
+        # Something left: the next fetch leases it without looking first.
+        self._look_first = emptied
+        if leased and self._closed:
+            # Closed while this fetch ran: what it took goes back at once.
+            await self._give_back()
+            return []
+        return leased
+
     async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
-        seqs = [_leased(d).seq for d in deliveries]
+        landed = asyncio.get_running_loop().create_future()
+        self._acking.add(landed)
+        try:
+            await self._ack([_leased(d) for d in deliveries], handled_ids)
+        finally:
+            self._acking.discard(landed)
+            landed.set_result(None)
+
+    async def _ack(self, leased: list[Leased], handled_ids: Sequence[str]) -> None:
+        if leased:
+            # Events handled meanwhile are acknowledged in the next call (the session sends
+            # what came while one is on its way): they share a transaction and its fsync.
+            await asyncio.sleep(_ACK_LINGER)
         unblocked = await asyncio.to_thread(
-            self._backend.log.ack, self._spec.name, seqs, handled_ids=handled_ids
+            self._backend.log.ack,
+            self._spec.name,
+            [item.seq for item in leased],
+            handled_ids=handled_ids,
+            keys=[item.key for item in leased],
         )
         if unblocked:
             # A later event of an acknowledged key may be leased now.
@@ -210,6 +253,9 @@ class _SqliteConsumer(Consumer):
 
     async def close(self) -> None:
         self._closed = True
+        if self._acking:
+            # Acknowledgements on their way land first: what they finish is not given back.
+            await asyncio.wait(set(self._acking))
         if self._spec.ephemeral:
             await self._backend.delete_consumer(self._spec.name)
         else:

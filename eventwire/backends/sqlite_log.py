@@ -3,8 +3,8 @@
 Two files: the events in ``<path>`` (written by publishers only) and the consumers' state in
 ``<path>-consumers`` (cursors, deliveries, handled ids), so that publishing and consuming never
 wait for each other's write lock. Several processes on one machine may share them. Every
-operation runs in a transaction of one file and returns once that has committed
-(``synchronous=FULL``: on disk), so a process killed at any point leaves both consistent:
+operation runs in a transaction of one file and returns once that has committed, so a process
+killed at any point leaves both consistent:
 
 - `append` stores events (each id once) and returns once they are committed;
 - a *consumer* (a durable subscription name) has a cursor into the log; `fetch` leases to the
@@ -24,6 +24,15 @@ operation runs in a transaction of one file and returns once that has committed
 
 Events are only ever appended, with sequence numbers in commit order (appends hold the write
 lock of the events file), so reading past a cursor sees a prefix of the log.
+
+Durability (``synchronous=FULL``): a commit is on disk before the operation returns, so that
+not even a power loss takes back a stored event, an acknowledgement, a handled id or a new
+consumer. The one exception is the transaction of a fetch (leasing, moving the cursor): it
+commits without waiting for the disk, because losing it can only deliver again (at least
+once): its leases, attempt counts and cursor move are forgotten together, and the events are
+leased again. It is on disk with the next commit of that file that waits (an acknowledgement),
+and a process crash loses nothing of it (the operating system holds it); only a power loss
+before that commit can. This takes one fsync off the way from publish to handler.
 
 Writes commit in groups: operations that threads of one process start while a transaction on
 the same file is running wait for it, then run together in the next one (each in a savepoint
@@ -131,6 +140,7 @@ class Leased:
     topic: str
     body: bytes
     attempts: int
+    key: str | None = None
 
 
 class PatternConflictError(ValueError):
@@ -239,7 +249,7 @@ class SqliteLog:
                 ).rowcount
             return stored
 
-        return self._events(run)
+        return self._events(run, one_statement=len(rows) <= _ROWS_PER_INSERT)
 
     def ensure_consumer(self, name: str, pattern: str, start: Start = "latest") -> None:
         """Create the durable consumer `name` if new (a restart resumes where it was).
@@ -278,131 +288,90 @@ class SqliteLog:
         self, name: str, holder: str, *, limit: int = 100, lease_seconds: float = 30.0
     ) -> list[Leased]:
         """Lease up to `limit` visible deliveries of consumer `name` to `holder`, oldest first."""
+        return self.lease(name, holder, limit=limit, lease_seconds=lease_seconds)[0]
+
+    def lease(
+        self,
+        name: str,
+        holder: str,
+        *,
+        limit: int = 100,
+        lease_seconds: float = 30.0,
+        look_first: bool = True,
+    ) -> tuple[list[Leased], bool]:
+        """`fetch`, and whether it found everything there was to lease: fewer than `limit`
+        (nothing more to fetch until something is published, given back or expires).
+        `look_first`: read whether there is anything before taking the write lock (what an
+        idle poll wants); False when the caller knows there is (it was told of a publish)."""
         if limit < 1:
-            return []
+            return [], False
+        look = look_first
         while True:
-            # A read first: "nothing to lease" is the usual answer to an idle poll, and needs
-            # no write transaction.
-            if not self._read(lambda db: _has_work(db, name, time.time())):
-                return []
+            # "Nothing to lease" is the usual answer to an idle poll, and needs no write
+            # transaction.
+            if look and not self._read(lambda db: _has_work(db, name, time.time())):
+                return [], True
             leased, more = self._state(
-                lambda db: self._lease(db, name, holder, limit, lease_seconds)
+                lambda db: self._lease(db, name, holder, limit, lease_seconds), synced=False
             )
             # `more`: the scan budget ran out on events that did not match; go on (in a new
             # transaction, so that other processes get the write lock in between).
             if leased or not more:
-                return leased
+                return leased, len(leased) < limit
+            look = True
 
     def _lease(
         self, db: sqlite3.Connection, name: str, holder: str, limit: int, lease_seconds: float
     ) -> tuple[list[Leased], bool]:
+        """The transaction of `fetch`: leases and whether the scan budget ran out."""
         now = time.time()
         until = now + lease_seconds
-        row = db.execute("SELECT pattern, cursor FROM consumers WHERE name = ?", (name,)).fetchone()
+        row = db.execute(
+            "SELECT pattern, cursor, EXISTS (SELECT 1 FROM deliveries"
+            " WHERE consumer = ?1 AND visible_at <= ?2) FROM consumers WHERE name = ?1",
+            (name, now),
+        ).fetchone()
         if row is None:
             raise LookupError(f"no durable subscription named {name!r}; create it first")
-        pattern, cursor = row
+        pattern, cursor, again = row
         # Deliveries visible again, all before the cursor: they come first.
-        again = _lease_again(db, name, holder, limit, now)
-        leased: list[Leased] = []
-        if again:
-            visible = _json(again)
-            db.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, visible_at = ?, leased_by = ?"
-                " WHERE consumer = ? AND seq IN (SELECT value FROM json_each(?))",
-                (until, holder, name, visible),
-            )
-            leased.extend(
-                Leased(name, seq, event_id, topic, body, attempts)
-                for seq, event_id, topic, body, attempts in db.execute(
-                    "SELECT d.seq, e.id, e.topic, e.body, d.attempts FROM deliveries d"
-                    " JOIN log.events e ON e.seq = d.seq"
-                    " WHERE d.consumer = ? AND d.seq IN (SELECT value FROM json_each(?))"
-                    " ORDER BY d.seq",
-                    (name, visible),
-                )
-            )
-        need = limit - len(leased)
-        if need <= 0:
+        leased = _lease_visible_again(db, name, holder, limit, now, until) if again else []
+        if len(leased) >= limit:
             return leased, False
-        # New events past the cursor: matching ones become deliveries, leased at once unless
-        # their key is owed elsewhere (then stored blocked).
-        ours: dict[str, bool] = {}  # key -> every delivery of it owed is leased to `holder`
-        taken: list[int] = []  # new deliveries leased now
-        blocked: list[int] = []  # new deliveries stored blocked
-        scanned = 0
-        more = False
-        while need > 0:
-            if scanned >= _SCAN_BUDGET:
-                more = True
-                break
-            count = max(need, _SCAN_MIN)
-            rows = db.execute(
-                "SELECT seq, id, topic, key, body FROM log.events WHERE seq > ?"
-                " ORDER BY seq LIMIT ?",
-                (cursor, count),
-            ).fetchall()
-            keys = {row[3] for row in rows if row[3] is not None and row[3] not in ours}
-            if keys:
-                # Which of these keys have a delivery owed that is not leased to `holder`: one
-                # query for all (it stops at the first such delivery of each key).
-                elsewhere = {
-                    key
-                    for (key,) in db.execute(
-                        "SELECT value FROM json_each(?2) WHERE EXISTS"
-                        " (SELECT 1 FROM deliveries WHERE consumer = ?1 AND key = value"
-                        " AND (leased_by IS NOT ?3 OR visible_at <= ?4))",
-                        (name, _json(list(keys)), holder, now),
-                    )
-                }
-                ours.update((key, key not in elsewhere) for key in keys)
-            for seq, event_id, topic, key, body in rows:
-                cursor = seq
-                scanned += 1
-                if not self._matches_pattern(pattern, topic):
-                    continue
-                if key is not None and not ours[key]:
-                    blocked.append(seq)
-                    continue
-                taken.append(seq)
-                leased.append(Leased(name, seq, event_id, topic, body, 1))
-                need -= 1
-                if need == 0:
-                    break
-            if len(rows) < count:
-                break
-        for new, attempts, visible_at, leased_by in (
-            (taken, 1, until, holder),
-            (blocked, 0, _BLOCKED, None),
-        ):
-            if new:
-                db.execute(
-                    "INSERT INTO deliveries (consumer, seq, key, attempts, visible_at, leased_by)"
-                    " SELECT ?, seq, key, ?, ?, ? FROM log.events"
-                    " WHERE seq IN (SELECT value FROM json_each(?))",
-                    (name, attempts, visible_at, leased_by, _json(new)),
-                )
-        if scanned:
-            db.execute("UPDATE consumers SET cursor = ? WHERE name = ?", (cursor, name))
-        return leased, more
+        scan = _Scan(name, holder, cursor, limit - len(leased), now)
+        scan.run(db, lambda topic: self._matches_pattern(pattern, topic))
+        scan.store(db, until)
+        leased.extend(scan.leased)
+        return leased, scan.more
 
-    def ack(self, name: str, seqs: Sequence[int], *, handled_ids: Sequence[str] = ()) -> int:
+    def ack(
+        self,
+        name: str,
+        seqs: Sequence[int],
+        *,
+        handled_ids: Sequence[str] = (),
+        keys: Iterable[str | None] | None = None,
+    ) -> int:
         """Finish deliveries; `handled_ids` are recorded for idempotent subscriptions. Returns
-        how many deliveries this made visible (the next of a key whose first was finished)."""
+        how many deliveries this made visible (the next of a key whose first was finished).
+        `keys`: the deliveries' keys (`Leased.key`), if the caller has them: not read then."""
         finished = _json(list(seqs))
+        known = None if keys is None else sorted({key for key in keys if key is not None})
 
         def run(db: sqlite3.Connection) -> int:
             unblocked = 0
             if seqs:
-                keys = [
-                    key
-                    for (key,) in db.execute(
-                        "SELECT DISTINCT key FROM deliveries WHERE consumer = ?"
-                        " AND seq IN (SELECT value FROM json_each(?))",
-                        (name, finished),
-                    )
-                    if key is not None
-                ]
+                keys = known
+                if keys is None:
+                    keys = [
+                        key
+                        for (key,) in db.execute(
+                            "SELECT DISTINCT key FROM deliveries WHERE consumer = ?"
+                            " AND seq IN (SELECT value FROM json_each(?))",
+                            (name, finished),
+                        )
+                        if key is not None
+                    ]
                 db.execute(
                     "DELETE FROM deliveries WHERE consumer = ?"
                     " AND seq IN (SELECT value FROM json_each(?))",
@@ -425,7 +394,9 @@ class SqliteLog:
                 )
             return unblocked
 
-        return self._state(run)
+        # Unkeyed deliveries (one DELETE) or handled ids (one INSERT) alone: one statement.
+        finishing = 0 if not seqs else 1 if known == [] else 2
+        return self._state(run, one_statement=finishing + bool(handled_ids) <= 1)
 
     def nak(self, name: str, seq: int, holder: str, *, delay: float = 0.0) -> None:
         """Make a delivery `holder` leases visible again after `delay` seconds. Nothing if it
@@ -435,7 +406,8 @@ class SqliteLog:
                 "UPDATE deliveries SET visible_at = ?, leased_by = NULL"
                 " WHERE consumer = ? AND seq = ? AND leased_by = ?",
                 (time.time() + delay, name, seq, holder),
-            )
+            ),
+            one_statement=True,
         )
 
     def extend(self, name: str, seqs: Sequence[int], holder: str, lease_seconds: float) -> None:
@@ -446,7 +418,8 @@ class SqliteLog:
                 "UPDATE deliveries SET visible_at = ? WHERE consumer = ? AND leased_by = ?"
                 " AND seq IN (SELECT value FROM json_each(?))",
                 (time.time() + lease_seconds, name, holder, held),
-            )
+            ),
+            one_statement=True,
         )
 
     def release(self, name: str, holder: str) -> None:
@@ -456,7 +429,8 @@ class SqliteLog:
                 "UPDATE deliveries SET visible_at = 0, leased_by = NULL"
                 " WHERE consumer = ? AND leased_by = ?",
                 (name, holder),
-            )
+            ),
+            one_statement=True,
         )
 
     def handled_among(self, name: str, event_ids: Sequence[str]) -> set[str]:
@@ -557,6 +531,119 @@ class SqliteLog:
 
         self._state(run)
         self._events(lambda db: db.execute("DELETE FROM events"))
+
+
+def _lease_visible_again(
+    db: sqlite3.Connection, name: str, holder: str, limit: int, now: float, until: float
+) -> list[Leased]:
+    """Lease to `holder`, until `until`, the deliveries of `name` it may take again
+    (`_lease_again`), oldest first, each counted as one more attempt."""
+    again = _lease_again(db, name, holder, limit, now)
+    if not again:
+        return []
+    visible = _json(again)
+    db.execute(
+        "UPDATE deliveries SET attempts = attempts + 1, visible_at = ?, leased_by = ?"
+        " WHERE consumer = ? AND seq IN (SELECT value FROM json_each(?))",
+        (until, holder, name, visible),
+    )
+    return [
+        Leased(name, seq, event_id, topic, body, attempts, key)
+        for seq, event_id, topic, body, attempts, key in db.execute(
+            "SELECT d.seq, e.id, e.topic, e.body, d.attempts, d.key FROM deliveries d"
+            " JOIN log.events e ON e.seq = d.seq"
+            " WHERE d.consumer = ? AND d.seq IN (SELECT value FROM json_each(?))"
+            " ORDER BY d.seq",
+            (name, visible),
+        )
+    ]
+
+
+class _Scan:
+    """A fetch's walk over the events past a consumer's cursor: those matching its pattern
+    become deliveries, leased at once (`leased`, `taken`) unless their key is owed elsewhere
+    (then stored blocked: `blocked`), until `need` are leased, the log ends, or the scan
+    budget runs out (`more`)."""
+
+    def __init__(self, name: str, holder: str, cursor: int, need: int, now: float) -> None:
+        self.name = name
+        self.holder = holder
+        self.cursor = cursor
+        self.need = need
+        self.now = now
+        self.leased: list[Leased] = []
+        self.taken: list[int] = []  # new deliveries leased now
+        self.blocked: list[int] = []  # new deliveries stored blocked
+        self.scanned = 0
+        self.more = False
+        # key -> every delivery of it owed is leased to `holder`
+        self._ours: dict[str, bool] = {}
+
+    def run(self, db: sqlite3.Connection, matches: Callable[[str], bool]) -> None:
+        """Walk the log, reading at least `_SCAN_MIN` events per query."""
+        while self.need > 0:
+            if self.scanned >= _SCAN_BUDGET:
+                self.more = True
+                return
+            count = max(self.need, _SCAN_MIN)
+            rows = db.execute(
+                "SELECT seq, id, topic, key, body FROM log.events WHERE seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (self.cursor, count),
+            ).fetchall()
+            self._learn_keys(db, {row[3] for row in rows if row[3] is not None})
+            self._take(rows, matches)
+            if len(rows) < count:
+                return
+
+    def _learn_keys(self, db: sqlite3.Connection, keys: set[str]) -> None:
+        """Which of `keys` (not met before) have a delivery owed that is not leased to the
+        holder: one query for all, which stops at the first such delivery of each key."""
+        keys -= self._ours.keys()
+        if not keys:
+            return
+        elsewhere = {
+            key
+            for (key,) in db.execute(
+                "SELECT value FROM json_each(?2) WHERE EXISTS"
+                " (SELECT 1 FROM deliveries WHERE consumer = ?1 AND key = value"
+                " AND (leased_by IS NOT ?3 OR visible_at <= ?4))",
+                (self.name, _json(list(keys)), self.holder, self.now),
+            )
+        }
+        self._ours.update((key, key not in elsewhere) for key in keys)
+
+    def _take(self, rows: list[Any], matches: Callable[[str], bool]) -> None:
+        """Move the cursor over `rows` until `need` are leased, sorting out the matching ones."""
+        for seq, event_id, topic, key, body in rows:
+            self.cursor = seq
+            self.scanned += 1
+            if not matches(topic):
+                continue
+            if key is not None and not self._ours[key]:
+                self.blocked.append(seq)
+                continue
+            self.taken.append(seq)
+            self.leased.append(Leased(self.name, seq, event_id, topic, body, 1, key))
+            self.need -= 1
+            if self.need == 0:
+                return
+
+    def store(self, db: sqlite3.Connection, until: float) -> None:
+        """Store the new deliveries (leased until `until`, or blocked) and the cursor."""
+        for new, attempts, visible_at, leased_by in (
+            (self.taken, 1, until, self.holder),
+            (self.blocked, 0, _BLOCKED, None),
+        ):
+            if new:
+                db.execute(
+                    "INSERT INTO deliveries (consumer, seq, key, attempts, visible_at, leased_by)"
+                    " SELECT ?, seq, key, ?, ?, ? FROM log.events"
+                    " WHERE seq IN (SELECT value FROM json_each(?))",
+                    (self.name, attempts, visible_at, leased_by, _json(new)),
+                )
+        if self.scanned:
+            db.execute("UPDATE consumers SET cursor = ? WHERE name = ?", (self.cursor, self.name))
 
 
 def _lease_again(
@@ -696,70 +783,102 @@ class _Writer:
     A thread calling it queues its operation, then waits for the connection. The first to get
     it runs every operation queued so far in one transaction and one commit; the others find
     theirs done. So concurrent operations of this process share a commit (and its fsync)
-    instead of each waiting for its own."""
+    instead of each waiting for its own. A group waits for the disk if any of its operations
+    must (``synced``), which also makes every commit before it durable (the WAL is written in
+    order)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self.lock = threading.Lock()
         self._queue: list[_Write[Any]] = []
         self._queue_lock = threading.Lock()
+        self._synced = True  # the connection's `PRAGMA synchronous` is FULL
 
-    def __call__(self, run: Callable[[sqlite3.Connection], T]) -> T:
-        """`run(db)` in a write transaction; its result once that has committed."""
-        write = _Write(run)
+    def __call__(
+        self,
+        run: Callable[[sqlite3.Connection], T],
+        *,
+        synced: bool = True,
+        one_statement: bool = False,
+    ) -> T:
+        """`run(db)` in a write transaction; its result once that has committed (and, if
+        `synced`, is on disk). `one_statement`: `run` executes one statement, which is a
+        transaction of its own when it commits alone (two statements fewer to send)."""
+        write = _Write(run, synced, one_statement)
         with self._queue_lock:
             self._queue.append(write)
         with self.lock:
             if not write.done:
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
-                _commit(self.db, batch)
+                self._commit(batch)
         if write.error is not None:
             raise write.error
         return write.value  # type: ignore[return-value]
+
+    def _commit(self, batch: list[_Write[Any]]) -> None:
+        """Run `batch` in one ``BEGIN IMMEDIATE`` ... ``COMMIT`` (the write lock taken up
+        front, so that two processes never both read a cursor and then both move it), each
+        write in a savepoint of its own when there are several, or a `one_statement` write
+        alone as its own transaction; set each one's value or error."""
+        db = self.db
+        try:
+            self._sync(any(write.synced for write in batch))
+            if len(batch) == 1 and batch[0].one_statement:
+                batch[0].value = batch[0].run(db)
+            else:
+                _transaction(db, batch)
+        except BaseException as error:
+            # Nothing of the batch was committed: every write fails (with the first error).
+            for write in batch:
+                write.value = None
+                if write.error is None:
+                    write.error = error
+        finally:
+            for write in batch:
+                write.done = True
+
+    def _sync(self, synced: bool) -> None:
+        """Make the next commit wait for the disk (FULL), or not (NORMAL: in WAL mode, safe
+        from a process crash but not from a power loss)."""
+        if synced != self._synced:
+            self.db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
+            self._synced = synced
 
 
 class _Write(Generic[T]):
     """One write operation, waiting for a group commit or done by one."""
 
-    __slots__ = ("done", "error", "run", "value")
+    __slots__ = ("done", "error", "one_statement", "run", "synced", "value")
 
-    def __init__(self, run: Callable[[sqlite3.Connection], T]) -> None:
+    def __init__(
+        self, run: Callable[[sqlite3.Connection], T], synced: bool, one_statement: bool
+    ) -> None:
         self.run = run
+        self.synced = synced
+        self.one_statement = one_statement
         self.value: T | None = None
         self.error: BaseException | None = None
         self.done = False
 
 
-def _commit(db: sqlite3.Connection, batch: list[_Write[Any]]) -> None:
-    """Run `batch` in one ``BEGIN IMMEDIATE`` ... ``COMMIT`` (the write lock taken up front, so
-    that two processes never both read a cursor and then both move it), each write in a
-    savepoint of its own when there are several; set each one's value or error."""
+def _transaction(db: sqlite3.Connection, batch: list[_Write[Any]]) -> None:
+    """`_Writer._commit`'s transaction: raises if it did not commit."""
+    db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if len(batch) == 1:
-                batch[0].value = batch[0].run(db)
-            else:
-                for write in batch:
-                    db.execute("SAVEPOINT write")
-                    try:
-                        write.value = write.run(db)
-                    except Exception as error:
-                        db.execute("ROLLBACK TO write")
-                        write.error = error
-                    db.execute("RELEASE write")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-    except BaseException as error:
-        # Nothing of the batch was committed: every write fails (with the first error).
-        for write in batch:
-            write.value = None
-            if write.error is None:
-                write.error = error
-    finally:
-        for write in batch:
-            write.done = True
+        if len(batch) == 1:
+            batch[0].value = batch[0].run(db)
+        else:
+            for write in batch:
+                db.execute("SAVEPOINT write")
+                try:
+                    write.value = write.run(db)
+                except Exception as error:
+                    db.execute("ROLLBACK TO write")
+                    write.error = error
+                db.execute("RELEASE write")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +296,22 @@ def test_per_key_order_holds_across_processes(tmp_path: Path) -> None:
 # -- bookkeeping -------------------------------------------------------------------------------
 
 
+def commit_together(log: SqliteLog, *writes: Callable[[], object]) -> None:
+    """Run `writes` in threads of their own while the consumers' file is held, so that they
+    queue up and then commit in one group."""
+    writer = log._state
+    threads = [threading.Thread(target=write) for write in writes]
+    with writer.lock:  # hold the connection: the writes queue up behind it
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while len(writer._queue) < len(writes) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(writer._queue) == len(writes)
+    for thread in threads:
+        thread.join(5)
+
+
 def test_writes_queued_together_commit_together_and_fail_alone(log: SqliteLog) -> None:
     log.ensure_consumer("c", "t")
     errors: list[BaseException] = []
@@ -306,23 +322,79 @@ def test_writes_queued_together_commit_together_and_fail_alone(log: SqliteLog) -
         except BaseException as error:  # collected for the assertions
             errors.append(error)
 
-    writer = log._state
-    with writer.lock:  # hold the connection: the writes below queue up behind it
-        threads = [
-            threading.Thread(target=call, args=(log.ensure_consumer, "d", "t")),
-            threading.Thread(target=call, args=(log.ensure_consumer, "c", "other")),
-            threading.Thread(target=call, args=(log.ensure_consumer, "e", "t")),
-        ]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 5
-        while len(writer._queue) < 3 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert len(writer._queue) == 3
-    for thread in threads:
-        thread.join(5)
+    commit_together(
+        log,
+        lambda: call(log.ensure_consumer, "d", "t"),
+        lambda: call(log.ensure_consumer, "c", "other"),
+        lambda: call(log.ensure_consumer, "e", "t"),
+    )
     assert [type(error) for error in errors] == [PatternConflictError]
     assert [name for name, _, _ in log.consumers()] == ["c", "d", "e"]
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every INSERT, UPDATE and DELETE the logs opened from now on run, with the connection's
+    ``PRAGMA synchronous`` then (FULL: its commit waits for the disk)."""
+    seen: list[tuple[str, str]] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db = connect(*args, **kwargs)
+        level = ["not set"]
+
+        def trace(statement: str) -> None:
+            if statement.startswith("PRAGMA synchronous="):
+                level[0] = statement.partition("=")[2]
+            elif statement.split(" ", 1)[0] in ("INSERT", "UPDATE", "DELETE"):
+                seen.append((statement, level[0]))
+
+        db.set_trace_callback(trace)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    return seen
+
+
+def levels(writes: list[tuple[str, str]], *starts: str) -> set[str]:
+    """The synchronous levels of the writes that start with one of `starts`."""
+    return {level for statement, level in writes if statement.startswith(starts)}
+
+
+def test_only_a_fetch_commits_without_waiting_for_the_disk(
+    tmp_path: Path, writes: list[tuple[str, str]]
+) -> None:
+    log = SqliteLog(tmp_path / "bus.db")
+    log.ensure_consumer("c", "t", start="earliest")
+    log.append(rows(("1", "t", None), ("2", "t", "k"), ("3", "t", "k")))
+    first = log.fetch("c", "p", limit=2)
+    log.nak("c", first[0].seq, "p")
+    [again] = log.fetch("c", "p", limit=1)
+    log.ack("c", [again.seq], handled_ids=["1"])
+    log.ack("c", [first[1].seq])  # key k: its next delivery is looked for
+    log.ack("c", [], handled_ids=["2"])
+    log.close()
+    # Losing a fetch's transaction to a power loss only delivers again: it need not wait.
+    assert levels(writes, "INSERT INTO deliveries", "UPDATE consumers SET cursor") == {"NORMAL"}
+    assert levels(writes, "UPDATE deliveries SET attempts") == {"NORMAL"}
+    # What a power loss must not take back waits for the disk.
+    assert levels(writes, "INSERT INTO events", "INSERT INTO consumers") == {"FULL"}
+    assert levels(writes, "DELETE FROM deliveries", "INSERT OR IGNORE INTO handled") == {"FULL"}
+    # Naks and unblocking a key's next delivery.
+    assert levels(writes, "UPDATE deliveries SET visible_at") == {"FULL"}
+
+
+def test_a_fetch_committed_with_an_acknowledgement_waits_for_the_disk(
+    log: SqliteLog, writes: list[tuple[str, str]]
+) -> None:
+    log.ensure_consumer("c", "t", start="earliest")
+    log.append(rows(("1", "t", None), ("2", "t", None)))
+    [first] = log.fetch("c", "p", limit=1)
+    traced = SqliteLog(log.path)  # its connections are traced
+    commit_together(traced, lambda: traced.fetch("c", "p"), lambda: traced.ack("c", [first.seq]))
+    traced.close()
+    assert levels(writes, "INSERT INTO deliveries", "DELETE FROM deliveries") == {"FULL"}
+    assert log.pending("c") == 1
 
 
 def test_publishing_and_consuming_use_separate_files(tmp_path: Path) -> None:
