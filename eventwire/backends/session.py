@@ -308,6 +308,10 @@ class ConsumerSession:
         if leaser is not None:
             leaser.cancel()
             await asyncio.wait([leaser])
+        acker = self._acker
+        if acker is not None:
+            # Acknowledgements on their way: closing first would give them back instead.
+            await asyncio.wait([acker])
         await self.flush_acks()
         left = self.holding()
         self._held.clear()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -147,3 +147,58 @@ async def test_give_back_returns_one_held_delivery_now(broker: Broker) -> None:
     assert (again.body, again.attempt) == (b"r2", 2)
     await session.ack([kept, again])
     await session.close()
+
+
+class _SlowAcks(Consumer):
+    """A broker's consumer whose acknowledgements wait for `gate`; records whether it was
+    closed while one was still being sent."""
+
+    def __init__(self, inner: Consumer) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+        self.acking = 0
+        self.closed_while_acking = False
+
+    async def fetch(self, limit: int, wait: float) -> list[Delivery]:
+        return await self.inner.fetch(limit, wait)
+
+    async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
+        self.acking += 1
+        try:
+            await self.gate.wait()
+            await self.inner.ack(deliveries, handled_ids=handled_ids)
+        finally:
+            self.acking -= 1
+
+    async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
+        await self.inner.nak(delivery, delay)
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        await self.inner.extend(deliveries)
+
+    async def close(self) -> None:
+        self.closed_while_acking = self.acking > 0
+        self.gate.set()
+        await self.inner.close()
+
+
+async def test_close_waits_for_acknowledgements_being_sent(broker: Broker) -> None:
+    spec = ConsumerSpec("acked-at-close", "c", ack_wait=30.0)
+    backend = await broker.open()
+    slow = _SlowAcks(await backend.consumer(spec))
+    session = ConsumerSession(slow, spec)
+    await backend.publish(messages_on("c", "finished"))
+    [held] = await fetch_all(slow, 1)
+    session.hold(held, held)
+    session.release(held)
+    session.ack_later([held])
+    deadline = time.monotonic() + 5
+    while not slow.acking:  # the acknowledgement is on its way
+        assert time.monotonic() < deadline, "ack_later sent nothing"
+        await asyncio.sleep(0.01)
+    # Let it through after a while, or as soon as the consumer is closed (too early).
+    asyncio.get_running_loop().call_later(1.0, slow.gate.set)
+    await asyncio.wait_for(session.close(), 10)
+    assert not slow.closed_while_acking, "closed with an acknowledgement still on its way"
+    rival = await (await broker.open()).consumer(spec)
+    assert await rival.fetch(1, 1.5) == []  # acknowledged: not delivered again
