@@ -801,13 +801,15 @@ class RedisBackend(BrokerBackend):
             return
         loop = asyncio.get_running_loop()
         started = loop.time()
-        tries = 0
+        try:
+            await self._send(messages)  # the common case: one try, nothing more to set up
+            return
+        except _RETRYABLE:
+            pass
 
-        async def send() -> None:
-            nonlocal tries
-            tries += 1
+        async def send_again() -> None:
             todo = messages
-            if tries > 1 and not self._dedup_window:
+            if not self._dedup_window:
                 # An earlier try may have stored some of them before its reply was lost.
                 stored = await self._stored_since(
                     [m.id for m in messages], loop.time() - started + _CLOCK_SLACK
@@ -816,10 +818,19 @@ class RedisBackend(BrokerBackend):
             if todo:
                 await self._send(todo)
 
-        await self.retrying(send)
+        await self.retrying(send_again)
 
     async def _send(self, messages: Sequence[Message]) -> None:
-        """Store `messages` in one round trip: a publish script call per chunk."""
+        """Store `messages` in one round trip: a publish script call per chunk, or for one
+        message with neither a dedup window nor a length cap, the XADD itself (what the
+        script would run, without unpacking it in Lua)."""
+        if len(messages) == 1 and not self._dedup_window and not self._maxlen:
+            m = messages[0]
+            fields: list[Any] = ["id", m.id, "topic", m.topic]
+            if m.key is not None:
+                fields += ("key", m.key)
+            await _command(self.client, "XADD", self.stream, "*", *fields, "body", m.body)
+            return
         calls: list[list[Any]] = []
         for chunk in _publish_chunks(messages):
             keys = [self.stream]
