@@ -27,6 +27,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import re
@@ -188,6 +189,11 @@ class NatsBackend(BrokerBackend):
         self._lost: asyncio.Future[None] | None = None
         # Opens a new connection when the server closed the current one for good.
         self._reopening: asyncio.Task[None] | None = None
+        # PubAcks come to one inbox per connection, `<inbox>.<token>`: token -> its waiter.
+        self._puback_link: _LenientClient | None = None
+        self._puback_prefix = ""
+        self._pubacks: dict[str, asyncio.Future[Msg]] = {}
+        self._puback_tokens = itertools.count()
 
     # -- connection ------------------------------------------------------------------------
 
@@ -389,24 +395,14 @@ class NatsBackend(BrokerBackend):
         backoff = retry_backoff()
         while waiting:
             await self._connected()
-            link, js = self.nc, self.js
+            link = self.nc
             failed: list[Message] = []
             last: BaseException | None = None
             for start in range(0, len(waiting), _PUBLISH_WINDOW):
                 window = waiting[start : start + _PUBLISH_WINDOW]
                 results: list[BaseException | None]
                 try:
-                    if len(window) == 1:
-                        # One publish (the common awaited case): no gather around it.
-                        results = [await self._on_this_link(self._stored(js, window[0]))]
-                    else:
-                        # Every publish of the window is sent before the first PubAck is
-                        # awaited.
-                        stored = asyncio.gather(
-                            *(self._store(js, message) for message in window),
-                            return_exceptions=True,
-                        )
-                        results = await self._on_this_link(stored)
+                    results = await self._on_this_link(self._store_window(link, window))
                 except nats.errors.ConnectionReconnectingError as error:
                     results = [error] * len(window)
                 if self._closed_by_server(link) and any(
@@ -441,22 +437,57 @@ class NatsBackend(BrokerBackend):
                 )
                 await backoff.wait()
 
-    async def _store(self, js: JetStreamContext, message: Message) -> None:
-        await js.publish(
-            self.prefix + message.topic,
-            message.body,
-            timeout=_REQUEST_TIMEOUT,
-            stream=self.stream,
-            headers={"Nats-Msg-Id": message.id},
-        )
-
-    async def _stored(self, js: JetStreamContext, message: Message) -> BaseException | None:
-        """`_store`, with its failure returned rather than raised (as gather would)."""
+    async def _store_window(
+        self, link: _LenientClient, window: Sequence[Message]
+    ) -> list[BaseException | None]:
+        """Publish `window` to the stream, every message sent before the first PubAck is
+        awaited, and wait (up to `_REQUEST_TIMEOUT`) for their PubAcks: what failed for each.
+        The PubAcks come to one inbox of ours rather than through a request each (no task,
+        no timer, no random token per message)."""
+        prefix = await self._puback_inbox(link)
+        loop = asyncio.get_running_loop()
+        waiting: list[tuple[str, asyncio.Future[Msg]]] = []
         try:
-            await self._store(js, message)
-        except Exception as error:
-            return error
-        return None
+            for message in window:
+                token = str(next(self._puback_tokens))
+                acked: asyncio.Future[Msg] = loop.create_future()
+                self._pubacks[token] = acked
+                waiting.append((token, acked))
+                try:
+                    await link.publish(
+                        self.prefix + message.topic,
+                        message.body,
+                        reply=prefix + token,
+                        headers={"Nats-Msg-Id": message.id, "Nats-Expected-Stream": self.stream},
+                    )
+                except Exception as error:  # refused by the client (too big, closed, ...)
+                    acked.set_exception(error)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_REQUEST_TIMEOUT):
+                    if len(waiting) == 1:
+                        with contextlib.suppress(Exception):  # read below, by _answer
+                            await waiting[0][1]
+                    else:
+                        await asyncio.wait([acked for _, acked in waiting])
+        finally:
+            for token, acked in waiting:
+                self._pubacks.pop(token, None)
+                acked.cancel()  # no-op once answered
+        return [_answer(acked) for _, acked in waiting]
+
+    async def _puback_inbox(self, link: _LenientClient) -> str:
+        """The prefix of the inbox PubAcks come to on `link` (subscribed once per connection;
+        nats-py renews it across reconnects)."""
+        if self._puback_link is not link:
+            prefix = link.new_inbox() + "."
+            await link.subscribe(prefix + "*", cb=self._on_puback)
+            self._puback_link, self._puback_prefix = link, prefix
+        return self._puback_prefix
+
+    async def _on_puback(self, msg: Msg) -> None:
+        acked = self._pubacks.pop(msg.subject.rpartition(".")[2], None)
+        if acked is not None and not acked.done():
+            acked.set_result(msg)
 
     async def _connected(self) -> None:
         """Wait (forever, with backoff) until the client is connected."""
@@ -1122,6 +1153,32 @@ class _NatsConsumer(Consumer):
                     self._spec.name,
                     exc_info=True,
                 )
+
+
+def _answer(acked: asyncio.Future[Msg]) -> BaseException | None:
+    """What went wrong with one publish of a window, or None once it is stored."""
+    if acked.cancelled():
+        # Not answered in time: maybe stored (a retry is dropped as a duplicate).
+        return nats.errors.TimeoutError()
+    error = acked.exception()
+    return error if error is not None else _puback_error(acked.result())
+
+
+def _puback_error(msg: Msg) -> BaseException | None:
+    """What a JetStream publish's answer says went wrong, or None for a PubAck."""
+    headers = msg.headers or {}
+    if headers.get("Status") == "503":
+        return nats.js.errors.NoStreamResponseError()  # no stream (yet): JetStream restarting
+    try:
+        answer = json.loads(msg.data)
+    except ValueError:
+        return nats.js.errors.APIError(description=f"unreadable PubAck {msg.data[:100]!r}")
+    if isinstance(answer, dict) and "error" in answer:
+        try:
+            nats.js.errors.APIError.from_error(answer["error"])  # raises the error's class
+        except nats.js.errors.APIError as error:
+            return error
+    return None
 
 
 def _discard(call: Awaitable[Any]) -> None:
