@@ -233,12 +233,13 @@ class RatioTarget:
     holds: Callable[[float], bool]
 
 
+# Issue 10's "no step back" targets (memory became a backend and the bus was split).
 RATIO_TARGETS = (
-    RatioTarget("W1 eventwire ≥ 0.6× baseline", "w1", "rate", "baseline", lambda r: r >= 0.6),
-    RatioTarget("W1 eventwire above blinker", "w1", "rate", "blinker", lambda r: r > 1),
+    RatioTarget("W1 eventwire ≥ 0.8× baseline", "w1", "rate", "baseline", lambda r: r >= 0.8),
+    RatioTarget("W1 eventwire ≥ 1.2× blinker", "w1", "rate", "blinker", lambda r: r >= 1.2),
     RatioTarget("W1 eventwire ≥ 40× autogen-core", "w1", "rate", "autogen", lambda r: r >= 40),
-    RatioTarget("W4 eventwire ≥ 0.6× baseline", "w4", "rate", "baseline", lambda r: r >= 0.6),
-    RatioTarget("W2 eventwire p50 ≤ 4× baseline", "w2", "p50_us", "baseline", lambda r: r <= 4),
+    RatioTarget("W4 eventwire ≥ 0.65× baseline", "w4", "rate", "baseline", lambda r: r >= 0.65),
+    RatioTarget("W2 eventwire p50 ≤ 2× baseline", "w2", "p50_us", "baseline", lambda r: r <= 2),
     RatioTarget(
         "W3 eventwire fast subscribers done within 2× the baseline's time",
         "w3",
@@ -247,7 +248,7 @@ RATIO_TARGETS = (
         lambda r: r <= 2,
     ),
 )
-MAX_BYTES_PER_EVENT = 400
+MAX_BYTES_PER_EVENT = 220
 
 
 @dataclass(frozen=True, slots=True)

@@ -231,6 +231,10 @@ class ConsumerInfo:
 class Consumer(abc.ABC):
     """A durable consumer opened by one process."""
 
+    acks_with_fetch: ClassVar[bool] = True
+    """Whether a fetch may carry pending acknowledgements (`ack_and_fetch`). False where an
+    acknowledgement takes long enough (a disk sync) that a fetch must not wait for it."""
+
     @abc.abstractmethod
     async def fetch(self, limit: int, wait: float) -> list[Delivery]:
         """Up to `limit` deliveries, oldest first; waits up to `wait` seconds for the first

@@ -221,7 +221,12 @@ class ConsumerSession:
     def _acks_to_send_along(self) -> list[Delivery]:
         """The pending acknowledgements a fetch may carry: none while they are being sent, or
         when handled ids must be recorded with them (those go on their own)."""
-        if not self._acks or self._acker is not None or self._handled_ids:
+        if (
+            not self._acks
+            or self._acker is not None
+            or self._handled_ids
+            or not self.consumer.acks_with_fetch
+        ):
             return []
         acks, self._acks = self._acks, []
         return acks

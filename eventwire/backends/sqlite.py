@@ -147,6 +147,9 @@ class SqliteBackend(BrokerBackend):
 
 
 class _SqliteConsumer(Consumer):
+    # An acknowledgement lingers, then waits for a disk sync: a fetch does not wait for it.
+    acks_with_fetch = False
+
     def __init__(self, backend: SqliteBackend, spec: ConsumerSpec) -> None:
         self._backend = backend
         self._spec = spec
