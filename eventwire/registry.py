@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from eventwire.backends.base import Backend, BackendCapabilityError
@@ -54,6 +55,9 @@ class SubscriptionRegistry:
             unsubscribe=self.unsubscribe,
         )
         self.by_name: dict[str, Subscription] = {}
+        # Group name -> how many subscriptions on the bus are in it (the identity check reads
+        # it, so that adding the 10,000th subscription does not look at the 9,999 others).
+        self._group_sizes: dict[str, int] = {}
         # Unsubscribed subscriptions whose workers still finish queued events.
         self.draining: set[Subscription] = set()
         # Subscriptions whose backend is still creating something for them (a durable
@@ -67,7 +71,9 @@ class SubscriptionRegistry:
         if closing is not None:
             raise BusClosedError(f"cannot subscribe: the bus is {closing}")
         planned: list[Subscription] = []
-        taken = dict(self.by_name)
+        # Names and groups of this call's subscriptions, checked with those on the bus.
+        taken = ChainMap[str, Subscription]({}, self.by_name)
+        groups = ChainMap[str, int]({}, self._group_sizes)
         for pattern, handler, options, source in wanted:
             validate_pattern(pattern)
             _check_handler(handler)
@@ -80,7 +86,7 @@ class SubscriptionRegistry:
                     f"a subscription named {name!r} already exists on this bus; pass another "
                     "name=, or the same group= to make them competing consumers"
                 )
-            _check_identity(name, options.group, taken.values())
+            _check_identity(name, options.group, taken, groups)
             payload_type = payload_type_of(handler)
             subscription = Subscription(
                 pattern,
@@ -92,6 +98,8 @@ class SubscriptionRegistry:
                 services=self.services,
             )
             taken[name] = subscription
+            if options.group is not None:
+                groups[options.group] = groups.get(options.group, 0) + 1
             planned.append(subscription)
         return planned
 
@@ -107,11 +115,11 @@ class SubscriptionRegistry:
 
     def install(self, subscription: Subscription) -> None:
         """Put a planned subscription on the bus and its backend."""
-        self.by_name[subscription.name] = subscription
+        self._add(subscription)
         try:
             opening = self._backend.attach(subscription)
         except BaseException:
-            del self.by_name[subscription.name]
+            self._remove(subscription)
             raise
         if opening is not None:
             task = asyncio.get_running_loop().create_task(
@@ -137,13 +145,30 @@ class SubscriptionRegistry:
                 subscription.name,
                 self._backend.url.redacted,
             )
-            if self.by_name.get(subscription.name) is subscription:
-                del self.by_name[subscription.name]
+            self._remove(subscription)
             await subscription.unsubscribe(drain=False)
             raise
         loop = self._running_loop()
         if loop is not None and subscription.active:
             subscription.begin(loop)
+
+    def _add(self, subscription: Subscription) -> None:
+        self.by_name[subscription.name] = subscription
+        if subscription.group is not None:
+            sizes = self._group_sizes
+            sizes[subscription.group] = sizes.get(subscription.group, 0) + 1
+
+    def _remove(self, subscription: Subscription) -> None:
+        if self.by_name.get(subscription.name) is not subscription:
+            return
+        del self.by_name[subscription.name]
+        group = subscription.group
+        if group is not None:
+            left = self._group_sizes[group] - 1
+            if left:
+                self._group_sizes[group] = left
+            else:
+                del self._group_sizes[group]
 
     def _opened(self, task: asyncio.Task[None]) -> None:
         self.opening.discard(task)
@@ -156,8 +181,7 @@ class SubscriptionRegistry:
 
     async def unsubscribe(self, subscription: Subscription, drain: bool, forget: bool) -> None:
         """Take `subscription` off the bus and its backend (see `Subscription.unsubscribe`)."""
-        if self.by_name.get(subscription.name) is subscription:
-            del self.by_name[subscription.name]
+        self._remove(subscription)
         await self._backend.detach(subscription)
         if not drain:
             self._backend.give_back(subscription, subscription.inbox.take_all())
@@ -202,22 +226,30 @@ def _unique_default_name(base: str, taken: Mapping[str, Any]) -> str:
     return f"{base}#{number}"
 
 
-def _check_identity(name: str, group: str | None, others: Iterable[Subscription]) -> None:
+def _check_identity(
+    name: str,
+    group: str | None,
+    names: Mapping[str, Subscription],
+    groups: Mapping[str, int],
+) -> None:
     """A subscription's identity on a broker is its group, else its name: refuse one that
-    would share another's without being in its group (on every backend alike)."""
-    identity = group or name
-    for other in others:
-        if (other.group or other.name) != identity or (group is not None and group == other.group):
-            continue
-        if group is None:
-            clash = f"the name {name!r} is the group of subscription {other.name!r}"
-        else:
-            clash = f"its group {group!r} is the name of subscription {other.name!r}"
-        raise ValueError(
-            f"subscription {name!r} cannot be added: {clash}, and on a broker both would "
-            "share one durable consumer (each event would reach only one of them); give the "
-            "subscription another name or group"
-        )
+    would share another's without being in its group (on every backend alike). `names`:
+    the subscriptions by name; `groups`: the groups in use."""
+    if group is None:
+        if name not in groups:
+            return
+        member = next(s.name for s in names.values() if s.group == name)  # only on a clash
+        clash = f"the name {name!r} is the group of subscription {member!r}"
+    else:
+        other = names.get(group)
+        if other is None or other.group is not None:
+            return
+        clash = f"its group {group!r} is the name of subscription {other.name!r}"
+    raise ValueError(
+        f"subscription {name!r} cannot be added: {clash}, and on a broker both would "
+        "share one durable consumer (each event would reach only one of them); give the "
+        "subscription another name or group"
+    )
 
 
 def _check_handler(handler: Any) -> None:

@@ -128,3 +128,17 @@ async def test_stats_snapshot(bus: EventBus) -> None:
     assert (stats.handled, stats.queued, stats.in_flight, stats.pattern) == (3, 0, 0, "t")
     assert stats.mean_handling_seconds >= 0
     assert stats.handling_seconds >= 0
+
+
+async def test_a_group_left_by_its_last_member_frees_its_name() -> None:
+    async def handle(event: Event[Any]) -> None:
+        return None
+
+    bus = EventBus()
+    first = bus.subscribe("a.*", handle, name="analytics-1", group="analytics")
+    second = bus.subscribe("a.*", handle, name="analytics-2", group="analytics")
+    await first.unsubscribe()
+    with pytest.raises(ValueError, match="group of subscription 'analytics-2'"):
+        bus.subscribe("a.*", handle, name="analytics")  # the group still has a member
+    await second.unsubscribe()
+    assert bus.subscribe("a.*", handle, name="analytics").name == "analytics"
