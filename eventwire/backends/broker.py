@@ -396,13 +396,16 @@ class BatchPublisher:
         self._sender: asyncio.Task[None] | None = None
         # A message sent by its own publisher (`store` while nothing was in flight).
         self._sending_one = False
+        # Whether publishes were lately made while others were in flight: then each one
+        # joins a batch, as concurrent publishers share round trips best that way.
+        self._concurrent = False
         self._sent_one: asyncio.Future[None] | None = None
 
     def store(self, message: Message) -> Awaitable[None]:
         """Store one message: sent at once by the caller's own task when nothing is in
-        flight (no batch to join: no task, no future), else queued for the next batch,
-        which goes out beside the one message being sent."""
-        if self._sender is None and not self._sending_one:
+        flight and publishes come one at a time (no batch to join: no task, no future),
+        else queued for the next batch, which goes out once what is in flight is stored."""
+        if self._sender is None and not self._sending_one and not self._concurrent:
             return self._send_one(message)
         return self.enqueue(message)
 
@@ -413,6 +416,11 @@ class BatchPublisher:
                 await self._backend.publish([message])
         finally:
             self._sending_one = False
+            # Those queued meanwhile go after it, never beside it: the broker gets the
+            # messages in the order they were published.
+            self._concurrent = bool(self._waiting)
+            if self._waiting and self._sender is None:
+                self._start_sender()
             sent, self._sent_one = self._sent_one, None
             if sent is not None and not sent.done():
                 sent.set_result(None)
@@ -424,9 +432,7 @@ class BatchPublisher:
         stored: asyncio.Future[None] = loop.create_future()
         deadline = None if self._timeout is None else loop.time() + self._timeout
         self._waiting.append((message, stored, deadline))
-        if self._sender is None:
-            # Beside a message its own publisher is sending, not behind it: concurrent
-            # publishes keep two round trips in flight rather than waiting on one.
+        if self._sender is None and not self._sending_one:
             self._start_sender()
         return stored
 
@@ -458,6 +464,7 @@ class BatchPublisher:
                 del self._waiting[:taken]
                 if not batch:
                     continue
+                self._concurrent = len(batch) > 1
                 try:
                     async with asyncio.timeout_at(earliest):
                         await self._backend.publish([message for message, _ in batch])
