@@ -678,6 +678,9 @@ class _AmqpConsumer(Consumer):
         self._arrived: set[int] = set()
         self._contiguous = 0  # every delivery tag up to this one has reached the callback
         self._held: dict[int, _Held] = {}
+        # Tags taken by an ack or nak whose frame is not sent yet: still owed, so that a
+        # `multiple` ack sent meanwhile stops below them (acking one twice closes the channel).
+        self._settling: set[int] = set()
         self._wakeup = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self._fetching = 0
@@ -793,6 +796,7 @@ class _AmqpConsumer(Consumer):
         self._arrived.clear()
         self._contiguous = 0
         self._held.clear()
+        self._settling.clear()
 
     # -- fetching --------------------------------------------------------------------------
 
@@ -928,22 +932,46 @@ class _AmqpConsumer(Consumer):
         taken = self._take(deliveries)
         if not taken:
             return
-        # One `multiple` ack covers the acked tags below every tag still owed (held, buffered
-        # or not arrived yet); the others are acked one by one.
-        first_owed = min([self._contiguous + 1, *self._held, *(tag for tag, _ in self._buffer)])
+        tags = {held.tag for held in taken}
+        # One `multiple` ack covers the acked tags below every tag still owed (held, buffered,
+        # not arrived yet, or being settled by another call); the others are acked one by one.
+        first_owed = min(
+            [
+                self._contiguous + 1,
+                *self._held,
+                *(tag for tag, _ in self._buffer),
+                *(self._settling - tags),
+            ]
+        )
+        self._settling |= tags
+        generation = self._generation
         below = sorted((h for h in taken if h.tag < first_owed), key=lambda h: h.tag)
         rest = [h for h in taken if h.tag >= first_owed]
-        with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
-            if below:
-                await below[-1].message.ack(multiple=len(below) > 1)
-            for held in rest:
-                await held.message.ack()
+        try:
+            with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
+                if below:
+                    await below[-1].message.ack(multiple=len(below) > 1)
+                for held in rest:
+                    await held.message.ack()
+        finally:
+            if generation == self._generation:  # tags start again on a new channel
+                self._settling -= tags
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         taken = self._take([delivery])
         if not taken:
             return
-        message = taken[0].message
+        tag, generation = taken[0].tag, self._generation
+        self._settling.add(tag)
+        try:
+            await self._give_back(delivery, taken[0].message, delay)
+        finally:
+            if generation == self._generation:  # tags start again on a new channel
+                self._settling.discard(tag)
+
+    async def _give_back(
+        self, delivery: Delivery, message: AbstractIncomingMessage, delay: float
+    ) -> None:
         if delay > 0:
             try:
                 async with asyncio.timeout(max(self.spec.ack_wait, 5.0)):
