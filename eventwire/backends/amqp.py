@@ -138,6 +138,9 @@ _MAX_DELAY_MS = 24 * 24 * 3600 * 1000  # fits the 32-bit TTL RabbitMQ accepts
 # decides when to give up (its retry policy and dead letters), so the limit is set out of reach.
 _DELIVERY_LIMIT = 1_000_000
 _PUBLISH_CHUNK = 1000
+# For this long after an ack or nak, deliveries RabbitMQ pushed into the room it made may be
+# on their way: counted by no queue figure and not arrived, so drain() looks again.
+_IN_TRANSIT = 0.1
 
 
 def _binding_key(pattern: str) -> str:
@@ -681,6 +684,7 @@ class _AmqpConsumer(Consumer):
         # Tags taken by an ack or nak whose frame is not sent yet: still owed, so that a
         # `multiple` ack sent meanwhile stops below them (acking one twice closes the channel).
         self._settling: set[int] = set()
+        self._last_settled = -math.inf  # when an ack or nak last made room (monotonic)
         self._wakeup = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self._fetching = 0
@@ -689,7 +693,10 @@ class _AmqpConsumer(Consumer):
 
     @property
     def in_flight(self) -> int:
-        return len(self._buffer) + len(self._held)
+        """Deliveries this consumer holds or has buffered, plus one while others may be on
+        their way (an ack or nak just made room in the prefetch window)."""
+        in_transit = time.monotonic() - self._last_settled < _IN_TRANSIT
+        return len(self._buffer) + len(self._held) + len(self._settling) + in_transit
 
     # -- subscription ----------------------------------------------------------------------
 
@@ -954,6 +961,7 @@ class _AmqpConsumer(Consumer):
                 for held in rest:
                     await held.message.ack()
         finally:
+            self._last_settled = time.monotonic()
             if generation == self._generation:  # tags start again on a new channel
                 self._settling -= tags
 
@@ -966,6 +974,7 @@ class _AmqpConsumer(Consumer):
         try:
             await self._give_back(delivery, taken[0].message, delay)
         finally:
+            self._last_settled = time.monotonic()
             if generation == self._generation:  # tags start again on a new channel
                 self._settling.discard(tag)
 

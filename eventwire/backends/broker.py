@@ -56,6 +56,8 @@ logger = logging.getLogger("eventwire")
 # Most deliveries one consumer holds in this process at once (queued and in flight). The rest
 # of its backlog stays in the broker, free for the consumer's other processes.
 FETCH_WINDOW = 512
+# Fewer events than this in a fetch is a trickle (see `Feeder._fetch_loop`).
+_TRICKLE = 16
 # Topics whose match against a pattern one feeder remembers, before starting over.
 _MATCH_CACHE_LIMIT = 10_000
 # Waiting publishes sent to the broker in one round trip.
@@ -553,6 +555,7 @@ class Feeder:
         session = self.session
         assert session is not None
         backoff = Backoff()
+        trickle = True  # the last fetch brought few events (or none)
         while not session.stopped:
             free = self.window - session.held
             if free < max(1, self.window // 4):
@@ -560,7 +563,7 @@ class Feeder:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            deliveries = await session.fetch(free, 1.0)
+            deliveries = await session.fetch(free, 1.0, with_acks=trickle)
             if not self.members:
                 await session.give_back_now(deliveries)
                 return
@@ -577,9 +580,11 @@ class Feeder:
                 await backoff.wait()
                 continue
             backoff.reset()
-            if deliveries:
-                # One turn of the loop for the handlers first: what quick ones finish is
-                # acknowledged along with the next fetch, in its round trip.
+            trickle = len(deliveries) < _TRICKLE
+            if deliveries and trickle:
+                # A trickle: one turn of the loop for the handlers first, and what quick ones
+                # finish is acknowledged along with the next fetch, in its round trip. Under
+                # load the next fetch goes at once, and acknowledgements on their own beside it.
                 await asyncio.sleep(0)
 
     def _wants(self, subscription: Subscription, event: Event[Any]) -> bool:

@@ -1136,8 +1136,9 @@ class RedisConsumer(Consumer):
         self._due_at = math.inf if due_ms < 0 else loop.time() + (due_ms - now_ms) / 1000
         deliveries = _unpack_deliveries(reply[0], int(reply[1])) if reply[0] else []
         # More may be due or waiting when the script stopped at `limit` or at its scan
-        # budget: look again before blocking. Otherwise new entries come by XREADGROUP.
-        self._scan = bool(int(reply[3])) or len(deliveries) >= limit
+        # budget, and a backlog is read on by the script (in bulk, one packed string per
+        # entry). Otherwise new entries come by a blocking XREADGROUP.
+        self._scan = bool(int(reply[3])) or len(deliveries) >= min(limit, _READ_COUNT)
         return deliveries
 
     async def _create_wake_group(self) -> None:

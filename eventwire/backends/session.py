@@ -95,11 +95,12 @@ class ConsumerSession:
         """Fetch again after `stop`."""
         self._stopped = False
 
-    async def fetch(self, limit: int, wait: float) -> list[Delivery]:
+    async def fetch(self, limit: int, wait: float, *, with_acks: bool = True) -> list[Delivery]:
         """Up to `limit` deliveries, waiting up to `wait` seconds for the first; ``[]`` if
-        none came or the session is stopped. They are not held: `hold` what is kept."""
+        none came or the session is stopped. They are not held: `hold` what is kept.
+        `with_acks`: pending acknowledgements may go along (`Consumer.ack_and_fetch`)."""
         while not self._stopped:
-            acks = self._acks_to_send_along()
+            acks = self._acks_to_send_along() if with_acks else []
             try:
                 deliveries = await self.consumer.ack_and_fetch(acks, limit, wait)
             except BaseException as error:
