@@ -139,7 +139,7 @@ _MAX_DELAY_MS = 24 * 24 * 3600 * 1000  # fits the 32-bit TTL RabbitMQ accepts
 _DELIVERY_LIMIT = 1_000_000
 _PUBLISH_CHUNK = 1000
 # For this long after an ack or nak, deliveries RabbitMQ pushed into the room it made may be
-# on their way: counted by no queue figure and not arrived, so drain() looks again.
+# on their way: counted by no queue figure and not arrived (`ConsumerInfo.arriving`).
 _IN_TRANSIT = 0.1
 
 
@@ -595,9 +595,13 @@ class AmqpBackend(BrokerBackend):
             # RabbitMQ knows which processes run a queue: each holds a consumer on it while
             # its connection lives (a killed process's goes with its connection).
             outstanding, processes = await self._queue_counts(self.queue_name(name))
-            outstanding += sum(c.in_flight for c in self._open if c.spec.name == name)
+            mine = [c for c in self._open if c.spec.name == name]
+            outstanding += sum(c.in_flight for c in mine)
             outstanding += self._delayed_count(name)
-            infos.append(ConsumerInfo(name, pattern, outstanding, processes=processes))
+            arriving = any(c.arriving for c in mine)
+            infos.append(
+                ConsumerInfo(name, pattern, outstanding, processes=processes, arriving=arriving)
+            )
         infos += [
             ConsumerInfo(name=r.spec.name, pattern=r.spec.pattern, outstanding=r.outstanding)
             for r in self.readers
@@ -693,10 +697,14 @@ class _AmqpConsumer(Consumer):
 
     @property
     def in_flight(self) -> int:
-        """Deliveries this consumer holds or has buffered, plus one while others may be on
-        their way (an ack or nak just made room in the prefetch window)."""
-        in_transit = time.monotonic() - self._last_settled < _IN_TRANSIT
-        return len(self._buffer) + len(self._held) + len(self._settling) + in_transit
+        """Deliveries this consumer holds, has buffered or is acknowledging."""
+        return len(self._buffer) + len(self._held) + len(self._settling)
+
+    @property
+    def arriving(self) -> bool:
+        """Whether deliveries may be on their way: an ack or nak just made room in the
+        prefetch window, and what RabbitMQ pushed into it is counted by no queue figure."""
+        return time.monotonic() - self._last_settled < _IN_TRANSIT
 
     # -- subscription ----------------------------------------------------------------------
 

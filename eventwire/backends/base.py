@@ -220,6 +220,9 @@ class ConsumerInfo:
     """Processes consuming it now (0: none, its backlog waits for one); None: not known."""
     last_active: float | None = None
     """When a process last showed it consumed it (Unix time), if known."""
+    arriving: bool = False
+    """The broker may be handing this process deliveries not counted anywhere yet (an ack
+    just made room for them): drain() looks again rather than trusting `outstanding`."""
 
     @property
     def live(self) -> bool:

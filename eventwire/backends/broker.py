@@ -369,7 +369,9 @@ class BrokerBackend(Backend):
 
     async def outstanding(self) -> list[str]:
         return [
-            f"{info.name} ({info.outstanding})" for info in await self._live() if info.outstanding
+            f"{info.name} ({info.outstanding}{', more arriving' if info.arriving else ''})"
+            for info in await self._live()
+            if info.outstanding or info.arriving
         ]
 
 
