@@ -108,7 +108,7 @@ from eventwire.backends.base import (
     ConsumerSpec,
     Delivery,
     Message,
-    SubscriptionConflictError,
+    check_consumer,
     retry_backoff,
     safe_name,
 )
@@ -494,8 +494,8 @@ class AmqpBackend(BrokerBackend):
             await self.admin(declare)
         else:
             await self._registry.ensure()
-            pattern = self._registry.view()[0].get(spec.name)
-            if pattern is None:
+            registered = self._registry.consumer(spec.name)
+            if registered is None:
                 if spec.start != "latest":
                     raise BackendCapabilityError(
                         f"amqp:// cannot start consumer {spec.name!r} at {spec.start!r}: "
@@ -504,15 +504,19 @@ class AmqpBackend(BrokerBackend):
                 # Both at once (declaring a quorum queue is the slow part): if another
                 # process registered the name first with another pattern, the binding made
                 # meanwhile only over-delivered to its queue (the bus filters), and is removed.
-                record = {"op": "consumer", "name": spec.name, "pattern": spec.pattern}
+                record = {
+                    "op": "consumer",
+                    "name": spec.name,
+                    "pattern": spec.pattern,
+                    "group": spec.group,
+                }
                 await asyncio.gather(self._registry.append(record), self.admin(declare))
-                pattern = self._registry.view()[0].get(spec.name, spec.pattern)
-                if pattern != spec.pattern:
+                registered = self._registry.consumer(spec.name) or (spec.pattern, spec.group)
+                if registered[0] != spec.pattern:
                     await self.admin(partial(self._unbind, spec=spec, queue=queue))
             else:
                 await self.admin(declare)  # again: its creator may have died before declaring
-            if pattern != spec.pattern:
-                raise SubscriptionConflictError(spec.name, pattern, spec.pattern, self.url)
+            check_consumer(spec, self.url, *registered)
         return queue
 
     async def keeps_history(self) -> bool:
@@ -1089,13 +1093,26 @@ class _Registry:
 
     def view(self) -> tuple[dict[str, str], set[int]]:
         """(consumer name -> pattern, delay queue ms) as of the records read so far."""
-        consumers: dict[str, str] = {}
+        consumers, delays = self._read()
+        return {name: record["pattern"] for name, record in consumers.items()}, delays
+
+    def consumer(self, name: str) -> tuple[str, bool | None] | None:
+        """The pattern of consumer `name`, and whether it is a group's (None: not recorded),
+        as of the records read so far; None if there is no such consumer."""
+        record = self._read()[0].get(name)
+        if record is None:
+            return None
+        group = record.get("group")
+        return record["pattern"], group if isinstance(group, bool) else None
+
+    def _read(self) -> tuple[dict[str, dict[str, Any]], set[int]]:
+        consumers: dict[str, dict[str, Any]] = {}
         delays: set[int] = set()
         for offset in sorted(self._records):
             record = self._records[offset]
             op = record.get("op")
             if op == "consumer":
-                consumers.setdefault(record["name"], record["pattern"])
+                consumers.setdefault(record["name"], record)
             elif op == "delete":
                 consumers.pop(record["name"], None)
             elif op == "delay":

@@ -44,18 +44,51 @@ class BackendConnectionError(EventwireError, ConnectionError):
 
 
 class SubscriptionConflictError(EventwireError, ValueError):
-    """A durable subscription exists on the broker under this name with another pattern."""
+    """A durable consumer exists on the broker under this name as something else: with
+    another pattern, or as a group where a subscription's own name is wanted (or the reverse;
+    `existing_group` says which, None if not recorded)."""
 
-    def __init__(self, name: str, existing: str, wanted: str, url: BusURL) -> None:
-        super().__init__(
-            f"durable subscription {name!r} already exists on {url.redacted} with pattern "
-            f"{existing!r}, not {wanted!r}: give this one another name, or delete the old one "
-            f"and its backlog with `eventwire subscriptions delete {name} --url "
-            f"'{url.redacted}'`"
-        )
+    def __init__(
+        self,
+        name: str,
+        existing: str,
+        wanted: str,
+        url: BusURL,
+        *,
+        existing_group: bool | None = None,
+    ) -> None:
+        delete = f"`eventwire subscriptions delete {name} --url '{url.redacted}'`"
+        if existing != wanted or existing_group is None:
+            message = (
+                f"durable subscription {name!r} already exists on {url.redacted} with pattern "
+                f"{existing!r}, not {wanted!r}: give this one another name, or delete the old "
+                f"one and its backlog with {delete}"
+            )
+        elif existing_group:
+            message = (
+                f"{name!r} is a group on {url.redacted} (subscriptions with group={name!r} "
+                f"consume it), so no subscription there can be named {name!r} without a "
+                f"group: give it another name, or delete the group and its backlog with {delete}"
+            )
+        else:
+            message = (
+                f"{name!r} is the name of a subscription on {url.redacted}, so it cannot be a "
+                f"group there too (they would share its events): give the group another name, "
+                f"or delete the subscription and its backlog with {delete}"
+            )
+        super().__init__(message)
         self.name = name
         self.existing = existing
         self.wanted = wanted
+        self.existing_group = existing_group
+
+
+def check_consumer(spec: ConsumerSpec, url: BusURL, pattern: str, group: bool | None) -> None:
+    """Raise `SubscriptionConflictError` unless the durable consumer a broker holds under
+    `spec.name` (with `pattern`, made for a group or not; None: not recorded, as by
+    eventwire 0.1) is the one `spec` asks for."""
+    if pattern != spec.pattern or group not in (None, spec.group):
+        raise SubscriptionConflictError(spec.name, pattern, spec.pattern, url, existing_group=group)
 
 
 class BackendCapabilityError(EventwireError, NotImplementedError):
@@ -191,6 +224,9 @@ class ConsumerSpec:
     ack_wait: float = 30.0
     # Request-reply inboxes: removed with every message they hold when the consumer closes.
     ephemeral: bool = False
+    # The consumer of a group (its members compete for its messages), not one subscription's
+    # own: brokers record which, so that a name is never both across processes.
+    group: bool = False
 
 
 @dataclass(slots=True)

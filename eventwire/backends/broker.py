@@ -283,6 +283,7 @@ class BrokerBackend(Backend):
             start=subscription.start,
             ack_wait=self.services.redeliver_after,
             ephemeral=subscription.pattern.startswith(REPLY_PREFIX),
+            group=subscription.group is not None,
         )
         feeder = Feeder(self, spec)
         feeder.add(subscription)

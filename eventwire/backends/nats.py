@@ -73,7 +73,7 @@ from eventwire.backends.base import (
     ConsumerSpec,
     Delivery,
     Message,
-    SubscriptionConflictError,
+    check_consumer,
     retry_backoff,
     safe_name,
 )
@@ -580,9 +580,13 @@ class NatsBackend(BrokerBackend):
                 info = await self._consumer_info(durable)
                 if info is None:
                     raise
-        existing = _pattern_of(info, self.prefix)
-        if existing != spec.pattern:
-            raise SubscriptionConflictError(spec.name, existing, spec.pattern, self.url)
+        group = _described(info).get("group")
+        check_consumer(
+            spec,
+            self.url,
+            _pattern_of(info, self.prefix),
+            group if isinstance(group, bool) else None,
+        )
         config = info.config
         if config.ack_wait is not None and abs(config.ack_wait - spec.ack_wait) > 1e-3:
             config.ack_wait = spec.ack_wait
@@ -597,7 +601,9 @@ class NatsBackend(BrokerBackend):
     def _consumer_config(self, spec: ConsumerSpec, durable: str) -> ConsumerConfig:
         config = ConsumerConfig(
             durable_name=durable,
-            description=json.dumps({"name": spec.name, "pattern": spec.pattern}),
+            description=json.dumps(
+                {"name": spec.name, "pattern": spec.pattern, "group": spec.group}
+            ),
             filter_subject=self.prefix + spec.pattern,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=spec.ack_wait,

@@ -93,7 +93,7 @@ from eventwire.backends.base import (
     ConsumerSpec,
     Delivery,
     Message,
-    SubscriptionConflictError,
+    check_consumer,
     retry_backoff,
     safe_name,
 )
@@ -286,11 +286,15 @@ end
 return {start, found}
 """
 
-# KEYS: stream, registry. ARGV: name, group, pattern, start id.
-# Returns {1, 'created'|'exists'} or {0, existing pattern}.
+# KEYS: stream, registry, kinds. ARGV: name, group, pattern, start id, kind ('group' or
+# 'own': a group's consumer or one subscription's).
+# Returns {1, 'created'|'exists'} or {0, existing pattern, existing kind or false}.
 _CREATE = r"""
 local existing = redis.call('HGET', KEYS[2], ARGV[1])
-if existing and existing ~= ARGV[3] then return {0, existing} end
+local kind = redis.call('HGET', KEYS[3], ARGV[1])
+if existing and (existing ~= ARGV[3] or (kind and kind ~= ARGV[5])) then
+  return {0, existing, kind}
+end
 local made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[2], ARGV[4], 'MKSTREAM')
 local state = 'created'
 if type(made) == 'table' and made.err then
@@ -298,6 +302,7 @@ if type(made) == 'table' and made.err then
   state = 'exists'
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
 return {1, state}
 """
 
@@ -539,10 +544,11 @@ return out
 """
 )
 
-# KEYS: stream, registry, delayed, handled, wake, tally. ARGV: name, group.
+# KEYS: stream, registry, delayed, handled, wake, tally, kinds. ARGV: name, group.
 _DELETE = r"""
 redis.pcall('XGROUP', 'DESTROY', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[7], ARGV[1])
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 return 1
 """
@@ -709,6 +715,8 @@ class RedisBackend(BrokerBackend):
         self._prefix = prefix
         self.stream = prefix + "events"
         self.registry = prefix + "consumers"
+        # Consumer name -> 'group' or 'own' (one subscription's), beside its pattern above.
+        self.kinds = prefix + "consumer-kinds"
         # consumer \x1f process -> when the process last said it ran the consumer (negative:
         # when it stopped running it).
         self.presence_key = prefix + "presence"
@@ -886,12 +894,17 @@ class RedisBackend(BrokerBackend):
         start = _start_id(spec.start)
         reply = await self.retrying(
             lambda: self._create(
-                self.client, [self.stream, self.registry], [spec.name, group, spec.pattern, start]
+                self.client,
+                [self.stream, self.registry, self.kinds],
+                [spec.name, group, spec.pattern, start, "group" if spec.group else "own"],
             ),
             deadline=asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
         )
-        if int(reply[0]) == 0:
-            raise SubscriptionConflictError(spec.name, _text(reply[1]), spec.pattern, self.url)
+        if int(reply[0]) == 0:  # refused: another pattern or kind, which the check names
+            kind = _text(reply[2]) if len(reply) > 2 and reply[2] else None
+            check_consumer(
+                spec, self.url, _text(reply[1]), None if kind is None else kind == "group"
+            )
         consumer = RedisConsumer(self, spec, group)
         await consumer.prune()
         return consumer
@@ -925,6 +938,7 @@ class RedisBackend(BrokerBackend):
             self.key("handled", group),
             self.key("wake", group),
             self.key("tally", group),
+            self.kinds,
         ]
         await self.retrying(
             lambda: self._delete(self.client, keys, [name, group]),

@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from time import time_ns
 from typing import Literal
@@ -116,10 +117,19 @@ class SqliteBackend(BrokerBackend):
         else:
             start = spec.start
         try:
-            await asyncio.to_thread(self.log.ensure_consumer, spec.name, spec.pattern, start)
+            await asyncio.to_thread(
+                partial(self.log.ensure_consumer, group=spec.group),
+                spec.name,
+                spec.pattern,
+                start,
+            )
         except PatternConflictError as conflict:
             raise SubscriptionConflictError(
-                spec.name, conflict.existing, spec.pattern, self.url
+                spec.name,
+                conflict.existing,
+                spec.pattern,
+                self.url,
+                existing_group=conflict.existing_group,
             ) from None
         return _SqliteConsumer(self, spec)
 

@@ -112,6 +112,12 @@ _PRESENCE_SCHEMA = """CREATE TABLE IF NOT EXISTS presence (
     seen REAL NOT NULL,
     PRIMARY KEY (consumer, process)
 ) WITHOUT ROWID"""
+# Whether each consumer is a group's (1) or one subscription's own (0), made on first use like
+# `presence`: a consumer without a row was made before eventwire recorded it.
+_KINDS_SCHEMA = """CREATE TABLE IF NOT EXISTS consumer_kinds (
+    name TEXT PRIMARY KEY,
+    grouped INTEGER NOT NULL
+) WITHOUT ROWID"""
 
 _BLOCKED = float("inf")
 # Rows one INSERT statement stores (a statement binds at most 999 values on old SQLite). Each
@@ -144,16 +150,24 @@ class Leased:
 
 
 class PatternConflictError(ValueError):
-    """A consumer exists under this name with another pattern."""
+    """A consumer exists under this name with another pattern, or as another kind (a
+    group's where one subscription's own is wanted, or the reverse)."""
 
-    def __init__(self, name: str, existing: str, wanted: str) -> None:
+    def __init__(
+        self, name: str, existing: str, wanted: str, existing_group: bool | None = None
+    ) -> None:
+        if existing != wanted:
+            what = f"with pattern {existing!r}, not {wanted!r}"
+        else:
+            what = "as a group's consumer" if existing_group else "as one subscription's"
         super().__init__(
-            f"durable subscription {name!r} already exists with pattern {existing!r}, "
-            f"not {wanted!r}; use another name, or remove the old one first"
+            f"durable consumer {name!r} already exists {what}; use another name, or remove "
+            "the old one first"
         )
         self.name = name
         self.existing = existing
         self.wanted = wanted
+        self.existing_group = existing_group
 
 
 class SchemaError(RuntimeError):
@@ -251,19 +265,29 @@ class SqliteLog:
 
         return self._events(run, one_statement=len(rows) <= _ROWS_PER_INSERT)
 
-    def ensure_consumer(self, name: str, pattern: str, start: Start = "latest") -> None:
+    def ensure_consumer(
+        self, name: str, pattern: str, start: Start = "latest", *, group: bool = False
+    ) -> None:
         """Create the durable consumer `name` if new (a restart resumes where it was).
 
         `start`: ``"latest"`` (events appended from now on), ``"earliest"`` (everything the
-        log holds) or a ``time.time_ns()`` value (events created at or after it).
+        log holds) or a ``time.time_ns()`` value (events created at or after it). `group`:
+        whether it is a group's consumer rather than one subscription's; an existing consumer
+        of the other kind (or another pattern) raises `PatternConflictError`.
         """
         validate_pattern(pattern)
 
         def run(db: sqlite3.Connection) -> None:
-            row = db.execute("SELECT pattern FROM consumers WHERE name = ?", (name,)).fetchone()
+            db.execute(_KINDS_SCHEMA)
+            row = db.execute(
+                "SELECT pattern, grouped FROM consumers LEFT JOIN consumer_kinds USING (name)"
+                " WHERE name = ?",
+                (name,),
+            ).fetchone()
             if row is not None:
-                if row[0] != pattern:
-                    raise PatternConflictError(name, row[0], pattern)
+                existing_group = None if row[1] is None else bool(row[1])
+                if row[0] != pattern or existing_group not in (None, group):
+                    raise PatternConflictError(name, row[0], pattern, existing_group)
                 return
             if start == "earliest":
                 cursor = 0
@@ -280,6 +304,10 @@ class SqliteLog:
             db.execute(
                 "INSERT INTO consumers (name, pattern, cursor) VALUES (?, ?, ?)",
                 (name, pattern, int(cursor)),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO consumer_kinds (name, grouped) VALUES (?, ?)",
+                (name, int(group)),
             )
 
         self._state(run)
@@ -518,6 +546,8 @@ class SqliteLog:
             db.execute("DELETE FROM handled WHERE consumer = ?", (name,))
             db.execute(_PRESENCE_SCHEMA)
             db.execute("DELETE FROM presence WHERE consumer = ?", (name,))
+            db.execute(_KINDS_SCHEMA)
+            db.execute("DELETE FROM consumer_kinds WHERE name = ?", (name,))
 
         self._state(run)
 
@@ -526,7 +556,8 @@ class SqliteLog:
 
         def run(db: sqlite3.Connection) -> None:
             db.execute(_PRESENCE_SCHEMA)
-            for table in ("consumers", "deliveries", "handled", "presence"):
+            db.execute(_KINDS_SCHEMA)
+            for table in ("consumers", "deliveries", "handled", "presence", "consumer_kinds"):
                 db.execute(f"DELETE FROM {table}")
 
         self._state(run)

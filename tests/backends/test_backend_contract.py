@@ -289,6 +289,24 @@ async def test_reopening_a_name_with_another_pattern_raises(
         await other.consumer(ConsumerSpec("billing", "invoices.>"))
 
 
+async def test_a_name_is_either_a_group_or_one_subscriptions_own(
+    broker: Broker, backend: Backend
+) -> None:
+    await backend.consumer(ConsumerSpec("audit", "a.*"))
+    await backend.consumer(ConsumerSpec("workers", "w.*", group=True))
+    other = await broker.open()  # another process: only the broker tells it what each name is
+    await other.consumer(ConsumerSpec("workers", "w.*", group=True))  # another member
+    with pytest.raises(SubscriptionConflictError, match="'audit' is the name of a subscription"):
+        await other.consumer(ConsumerSpec("audit", "a.*", group=True))
+    with pytest.raises(SubscriptionConflictError, match="'workers' is a group") as refused:
+        await other.consumer(ConsumerSpec("workers", "w.*"))
+    assert refused.value.existing_group is True
+    assert "eventwire subscriptions delete workers" in str(refused.value)
+    # Once deleted, the name is free for the other kind.
+    await other.delete_consumer("audit")
+    await other.consumer(ConsumerSpec("audit", "a.*", group=True))
+
+
 async def test_namespaces_do_not_see_each_other(broker: Broker, backend: Backend) -> None:
     elsewhere = await broker.open(broker.other_namespace())
     mine = await backend.consumer(ConsumerSpec("same name", "t.*"))

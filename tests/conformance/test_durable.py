@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from eventwire import Event, EventBus, HandlerError, RemoteHandlerError
-from eventwire.backends.base import BackendCapabilityError, Message
+from eventwire.backends.base import BackendCapabilityError, Message, SubscriptionConflictError
 from eventwire.backends.broker import BrokerBackend
 from eventwire.envelope import encode
 from tests.conftest import wait_until
@@ -229,6 +229,33 @@ async def test_reopening_a_subscription_with_another_pattern_is_refused(bus_url:
     with pytest.raises(ValueError, match=r"'a\.\*'"):
         async with second:
             pass
+
+
+async def test_a_group_named_like_another_process_subscription_is_refused(
+    bus_url: str, publisher: EventBus
+) -> None:
+    # One process runs subscription "audit" and group "workers"; another process must not
+    # join "audit" as a group, nor run a lone subscription named "workers": on the broker
+    # either would share the first one's consumer and take half of its events.
+    got: dict[str, list[int]] = {"audit": [], "workers": []}
+    first = new_bus(bus_url)
+    first.subscribe("t.x", lambda e: got["audit"].append(e.payload), name="audit")
+    first.subscribe("t.x", lambda e: got["workers"].append(e.payload), name="w1", group="workers")
+    async with first:
+        for clash in (
+            {"name": "audit-2", "group": "audit"},
+            {"name": "workers"},
+        ):
+            second = new_bus(bus_url)
+            second.subscribe("t.x", lambda e: None, **clash)
+            with pytest.raises(SubscriptionConflictError) as refused:
+                async with second:
+                    pass
+            assert "eventwire subscriptions delete" in str(refused.value)
+        for n in range(10):
+            await publisher.publish("t.x", n)
+        await first.drain(timeout=10)
+    assert got == {"audit": list(range(10)), "workers": list(range(10))}
 
 
 async def test_key_order_across_processes_where_the_backend_promises_it(bus_url: str) -> None:
