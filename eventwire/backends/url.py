@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from urllib.parse import SplitResult, parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 # Options every scheme takes (read by `eventwire.backends.base.namespace_of`).
 COMMON_OPTIONS = ("namespace",)
@@ -21,7 +21,8 @@ _SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.
 
 @dataclass(frozen=True, slots=True)
 class BusURL:
-    """A parsed bus URL. `redacted` is safe to print: its password is replaced."""
+    """A parsed bus URL. `redacted` is safe to print: its password (or a user part without
+    one, such as a NATS token) and any credential-like query option are replaced."""
 
     scheme: str
     redacted: str
@@ -33,12 +34,54 @@ class BusURL:
     query: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
+# Query options whose value is a credential. No scheme of eventwire takes one, but client
+# libraries do (redis-py's ``?password=``), so a URL may carry one into an error message.
+_CREDENTIAL_OPTION = re.compile(r"pass|pwd|token|secret|key|auth|cred", re.IGNORECASE)
+_QUERY_ITEM = re.compile(r"(?P<name>[^&=;]*)=(?P<value>[^&;]*)")
+# scheme://[user:]SECRET@ anywhere in a text: the secret is the password, or the whole user
+# part when there is no colon (a NATS token, or a password written without a user).
+_TEXT_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://(?:[^\s/@:]*:)?)[^\s/@]+@")
+MASK = "***"
+
+
 def _redact(parts: SplitResult, url: str) -> str:
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    user_part, at, where = netloc.rpartition("@")  # host[:port] as written, even if malformed
+    if at:
+        user, colon, _ = user_part.partition(":")
+        netloc = f"{user}:{MASK}@{where}" if colon else f"{MASK}@{where}"
+    query = _QUERY_ITEM.sub(_masked_option, query)
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    user = parts.username or ""
-    where = parts.netloc.rsplit("@", 1)[-1]  # host[:port] as written, even if malformed
-    return parts._replace(netloc=f"{user}:***@{where}").geturl()
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def _masked_option(item: re.Match[str]) -> str:
+    if _CREDENTIAL_OPTION.search(item["name"]):
+        return f"{item['name']}={MASK}"
+    return item[0]
+
+
+def url_secrets(url: str) -> set[str]:
+    """Every secret `url` carries, as written and decoded: its password (or its user part
+    when it has no password: a token), and the values of credential-like query options."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password if parts.password is not None else parts.username]
+    except ValueError:
+        return set()
+    found += [value for name, value in parse_qsl(parts.query) if _CREDENTIAL_OPTION.search(name)]
+    return {form for secret in found if secret for form in (secret, unquote(secret))}
+
+
+def redact_text(text: str, urls: Iterable[str | None] = ()) -> str:
+    """`text` with the secret of every URL in it, and every secret of `urls` wherever it
+    appears on its own (not inside another word), replaced by ``***``."""
+    text = _TEXT_USERINFO.sub(rf"\g<head>{MASK}@", text)
+    for url in urls:
+        for secret in url_secrets(url or ""):
+            text = re.sub(rf"(?<![/\w]){re.escape(secret)}(?!\w)", MASK, text)
+    return text
 
 
 def parse_url(url: str) -> BusURL:
@@ -91,6 +134,8 @@ class URLOptions:
     def _unknown(self, name: str) -> ValueError:
         close = difflib.get_close_matches(name, self.known, n=1)
         hint = f" (did you mean {close[0]}=?)" if close else ""
+        if _CREDENTIAL_OPTION.search(name):
+            hint = f" (credentials go before the host: {self.url.scheme}://user:password@host)"
         accepted = ", ".join(f"{option}=" for option in sorted(self.known))
         return ValueError(
             f"unknown option {name}= in {self.url.redacted!r}{hint}: "

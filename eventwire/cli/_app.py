@@ -6,10 +6,8 @@ code (see `exit_codes`)."""
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, NoReturn
-from urllib.parse import unquote, urlsplit
 
 import typer
 from rich.console import Console
@@ -102,22 +100,12 @@ def _one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-# scheme://user:PASSWORD@ in any text.
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*:)[^\s/@]+@")
-
-
 def redact(text: str, urls: Iterable[str | None] = ()) -> str:
-    """`text` with the password of every URL in it, and every password of `urls` wherever it
-    appears (not where it is a URL's user name), replaced by ``***``."""
-    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
-    for url in urls:
-        try:
-            password = urlsplit(url or "").password
-        except ValueError:
-            continue
-        for secret in {password, unquote(password)} if password else ():
-            text = re.sub(rf"(?<![/\w]){re.escape(secret)}(?!\w)", "***", text)
-    return text
+    """`text` with the secret of every URL in it (password, token, credential option), and
+    every secret of `urls` wherever it appears on its own, replaced by ``***``."""
+    from eventwire.backends.url import redact_text
+
+    return redact_text(text, urls)
 
 
 def report_error(message: str) -> None:
