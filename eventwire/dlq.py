@@ -237,11 +237,22 @@ async def count_dead_letters(
     """How many dead letters `backend` keeps, leased ones included; None if it has no
     dead-letter consumer yet. While the broker's count is only an upper bound (Redis counts
     a long backlog a chunk per call), asks again, for up to `patience` seconds."""
+    counted = await dead_letter_count(backend, patience=patience)
+    return None if counted is None else counted[0]
+
+
+async def dead_letter_count(
+    backend: BrokerBackend, *, patience: float = COUNT_PATIENCE
+) -> tuple[int, bool] | None:
+    """`count_dead_letters`, and whether the count is exact (False: an upper bound, the
+    broker had not counted everything within `patience` seconds)."""
     deadline = asyncio.get_running_loop().time() + patience
     while True:
         info = next((i for i in await backend.consumers() if i.name == DLQ_CONSUMER), None)
-        if info is None or info.exact or asyncio.get_running_loop().time() >= deadline:
-            return None if info is None else info.outstanding
+        if info is None:
+            return None
+        if info.exact or asyncio.get_running_loop().time() >= deadline:
+            return info.outstanding, info.exact
 
 
 class DeadLetterQueue:

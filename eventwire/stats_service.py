@@ -196,6 +196,8 @@ class StatsReport:
     """Durable subscriptions (by group, else name) and their outstanding events."""
     dead_letters: int | None
     """Dead letters the broker keeps for ``eventwire dlq``; None if it keeps none yet."""
+    dead_letters_exact: bool = True
+    """False when `dead_letters` is only an upper bound (the broker was still counting)."""
     collected_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def running(self, consumer: str) -> int:
@@ -221,6 +223,7 @@ class StatsReport:
                 for info in self.consumers
             ],
             "dead_letters": self.dead_letters,
+            "dead_letters_exact": self.dead_letters_exact,
         }
 
 
@@ -299,12 +302,13 @@ class StatsClient(_Service):
             answers.values(),
             key=lambda p: (p["process"]["hostname"], p["process"]["pid"]),
         )
-        dead_letters = next((i.outstanding for i in infos if i.name == DLQ_CONSUMER), None)
+        letters = next((i for i in infos if i.name == DLQ_CONSUMER), None)
         return StatsReport(
             url=self.backend.url.redacted,
             processes=processes,
             consumers=sorted((i for i in infos if _is_subscription(i)), key=lambda i: i.name),
-            dead_letters=dead_letters,
+            dead_letters=None if letters is None else letters.outstanding,
+            dead_letters_exact=letters is None or letters.exact,
         )
 
 

@@ -4,6 +4,7 @@ handles events, and another process reads its counters over that broker."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -287,3 +288,20 @@ async def test_a_responder_in_your_own_code_answers_and_junk_replies_are_ignored
         [own] = process["subscriptions"]
         assert own["name"] == "own"
         assert own["handled"] + own["queued"] + own["in_flight"] == 1
+
+
+def test_a_dead_letter_count_still_being_made_is_shown_as_a_bound() -> None:
+    from rich.console import Console
+
+    from eventwire.cli.stats import render
+
+    def shown(report: StatsReport) -> str:
+        console = Console(width=200, record=True, file=io.StringIO())
+        console.print(render(report, 1.0))
+        return console.export_text()
+
+    report = StatsReport(url="redis://h", processes=[], consumers=[], dead_letters=17001)
+    assert "Dead letters kept: 17001 (see eventwire dlq)" in shown(report)
+    report.dead_letters_exact = False
+    assert "Dead letters kept: at most 17001 (the broker was still counting)" in shown(report)
+    assert report.to_dict()["dead_letters_exact"] is False

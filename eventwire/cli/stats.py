@@ -82,11 +82,13 @@ def stats(
 async def _collect(client: StatsClient, timeout: float) -> StatsReport:
     """The processes' answers and the broker's view, with the dead letters counted exactly
     (the broker's first count after a burst may be an upper bound)."""
-    from eventwire.dlq import count_dead_letters
+    from eventwire.dlq import dead_letter_count
 
     report = await client.collect(timeout)
     if report.dead_letters is not None:
-        report.dead_letters = await count_dead_letters(client.backend)
+        counted = await dead_letter_count(client.backend)
+        if counted is not None:
+            report.dead_letters, report.dead_letters_exact = counted
     return report
 
 
@@ -152,7 +154,12 @@ def render(
         parts.append(_process_table(report, "Handling times", _TIMES))
     parts.append(_broker_table(report))
     if report.dead_letters is not None:
-        parts.append(Text(f"Dead letters kept: {report.dead_letters} (see eventwire dlq)"))
+        count = (
+            f"{report.dead_letters}"
+            if report.dead_letters_exact
+            else (f"at most {report.dead_letters} (the broker was still counting)")
+        )
+        parts.append(Text(f"Dead letters kept: {count} (see eventwire dlq)"))
     if footer:
         parts.append(Text(footer, style="dim"))
     return Group(*parts)
