@@ -93,47 +93,59 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 _REFUSED = _SETS + _BYTES
 # Below this length, looking at each value is cheaper than testing them all first.
 _SHORT = 16
+MAX_DEPTH = 256
+"""Containers (dicts, lists, objects) nested deeper than this in a payload or its metadata
+are refused, as is a container that contains itself, on every backend."""
+_TOO_DEEP = object()
 
 
 def _unfaithful(values: list[Any]) -> Any:
     """The first set or bytes object in `values` or anything in them that msgspec writes
-    itself (containers, dataclasses, structs, attrs classes, a nested event), or None. A
-    pydantic model is not looked into: its own JSON form (`model_dump`) turns sets into lists
-    and its validation turns them back."""
-    pending = values
+    itself (containers, dataclasses, structs, attrs classes, a nested event); `_TOO_DEEP` if
+    they nest deeper than `MAX_DEPTH` (or refer to themselves); else None. A pydantic model
+    is not looked into: its own JSON form (`model_dump`) turns sets into lists and its
+    validation turns them back."""
     plain = _PLAIN.issuperset
-    while pending:
-        value = pending.pop()
-        kind = type(value)
-        if kind in _PLAIN:
-            continue
-        # The values of a long container are first tested all at once, in C: a long list of
-        # plain values costs no loop here.
-        if kind is dict or isinstance(value, dict):
-            if not plain(map(type, value)):
-                pending.extend(value)  # keys: bytes keys would become base64 text too
-            if len(value) < _SHORT or not plain(map(type, value.values())):
-                pending.extend(value.values())
-        elif kind is list or kind is tuple or isinstance(value, list | tuple):
-            if len(value) < _SHORT or not plain(map(type, value)):
-                pending.extend(value)
-        elif isinstance(value, _REFUSED):
-            return value
-        elif isinstance(value, Event):
-            pending.extend((value.payload, dict(value.metadata)))
-        elif isinstance(value, msgspec.Struct):
-            pending.extend(getattr(value, name) for name in value.__struct_fields__)
-        elif dataclasses.is_dataclass(value):
-            pending.extend(getattr(value, f.name) for f in dataclasses.fields(value))
-        elif hasattr(kind, "__attrs_attrs__"):
-            pending.extend(getattr(value, a.name) for a in kind.__attrs_attrs__)
-    return None
+    level = values
+    for _ in range(MAX_DEPTH):  # one level of nesting per pass
+        pending: list[Any] = []
+        for value in level:
+            kind = type(value)
+            if kind in _PLAIN:
+                continue
+            # The values of a long container are first tested all at once, in C: a long list
+            # of plain values costs no loop here.
+            if kind is dict or isinstance(value, dict):
+                if not plain(map(type, value)):
+                    pending.extend(value)  # keys: bytes keys would become base64 text too
+                if len(value) < _SHORT or not plain(map(type, value.values())):
+                    pending.extend(value.values())
+            elif kind is list or kind is tuple or isinstance(value, list | tuple):
+                if len(value) < _SHORT or not plain(map(type, value)):
+                    pending.extend(value)
+            elif isinstance(value, _REFUSED):
+                return value
+            elif isinstance(value, Event):
+                # On this same level: a dead letter is as deep as the event it carries.
+                level.extend((value.payload, dict(value.metadata)))
+            elif isinstance(value, msgspec.Struct):
+                pending.extend(getattr(value, name) for name in value.__struct_fields__)
+            elif dataclasses.is_dataclass(value):
+                pending.extend(getattr(value, f.name) for f in dataclasses.fields(value))
+            elif hasattr(kind, "__attrs_attrs__"):
+                pending.extend(getattr(value, a.name) for a in kind.__attrs_attrs__)
+        if not pending:
+            return None
+        level = pending
+    return None if plain(map(type, level)) else _TOO_DEEP  # leaves may be one level below
 
 
-def _where(root: Any, target: Any, path: str) -> str | None:
+def _where(root: Any, target: Any, path: str, depth: int = 0) -> str | None:
     """The path from `root` to `target` (found by identity), for an error message."""
     if root is target:
         return path
+    if depth > MAX_DEPTH:  # `root` may refer to itself: the target is not down there
+        return None
     children: list[tuple[str, Any]] = []
     if isinstance(root, Event):
         children = [(f"{path}.payload", root.payload), (f"{path}.metadata", dict(root.metadata))]
@@ -151,7 +163,7 @@ def _where(root: Any, target: Any, path: str) -> str | None:
     elif hasattr(type(root), "__attrs_attrs__"):
         children = [(f"{path}.{a.name}", getattr(root, a.name)) for a in root.__attrs_attrs__]
     for child_path, child in children:
-        found = _where(child, target, child_path)
+        found = _where(child, target, child_path, depth + 1)
         if found is not None:
             return found
     return None
@@ -164,6 +176,8 @@ def _refuse_unfaithful(event: Event[Any]) -> None:
     found = _unfaithful(values)
     if found is None:
         return
+    if found is _TOO_DEEP:
+        raise UnencodablePayloadError(_too_deep(event))
     where = (
         _where(event.payload, found, "payload")
         or _where(dict(event.metadata), found, "metadata")
@@ -214,11 +228,21 @@ def _fields(event: Event[Any]) -> _Envelope:
     )
 
 
+def _too_deep(event: Event[Any]) -> str:
+    return (
+        f"the event on {event.topic!r} nests containers more than {MAX_DEPTH} levels deep, or "
+        "holds a container that contains itself: JSON cannot carry a cycle, and a broker's "
+        "consumers could not decode such depth. Send a flatter structure"
+    )
+
+
 def _encoded(event: Event[Any], value: Any) -> bytes:
     try:
         return _encoder.encode(value)
     except UnencodablePayloadError:
         raise
+    except RecursionError:  # a pydantic model or another value deep inside refers to itself
+        raise UnencodablePayloadError(_too_deep(event)) from None
     except (TypeError, ValueError, OverflowError) as exc:
         raise UnencodablePayloadError(f"cannot encode the event on {event.topic!r}: {exc}") from exc
 
@@ -357,6 +381,10 @@ def decode(data: bytes | bytearray | memoryview | str) -> Event[Any]:
         raise
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
         raise EnvelopeError(f"not a valid eventwire envelope: {exc}") from exc
+    except RecursionError:  # another producer's JSON, nested past what Python's stack holds
+        raise EnvelopeError(
+            "not a valid eventwire envelope: its JSON nests too deep to decode"
+        ) from None
 
 
 # -- CloudEvents 1.0 -----------------------------------------------------------------------

@@ -229,3 +229,25 @@ def test_cloudevent_without_eventwire_extensions() -> None:
         from_cloudevent({"specversion": "1.0", "id": "x"})
     with pytest.raises(EnvelopeError, match="specversion"):
         from_cloudevent({"specversion": "0.3", "id": "x", "type": "t", "source": "s"})
+
+
+def test_foreign_json_nested_too_deep_is_an_envelope_error() -> None:
+    # 4 KB of brackets, as another producer might write: the documented error, not a
+    # RecursionError escaping into the consumer's fetch loop.
+    good = json.loads(encode(Event("t.x", 1)))
+    body = json.dumps({**good, "payload": None}).replace("null", "[" * 2000 + "]" * 2000)
+    with pytest.raises(EnvelopeError, match="nests too deep"):
+        decode(body.encode())
+
+
+def test_a_dead_letter_of_an_event_as_deep_as_allowed_is_encodable() -> None:
+    from eventwire.envelope import MAX_DEPTH
+
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(MAX_DEPTH - 1):
+        inner.append([])
+        inner = inner[0]
+    event = Event("t.x", deep)
+    letter = Event("_dlq.t.x", event, {"error": "boom"})
+    assert decode(encode(letter)).payload.payload == deep

@@ -20,7 +20,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from eventwire import Event, EventBus
-from eventwire.envelope import PayloadTooLargeError, UnencodablePayloadError
+from eventwire.envelope import MAX_DEPTH, PayloadTooLargeError, UnencodablePayloadError
 
 
 class Color(enum.Enum):
@@ -74,6 +74,22 @@ WHEN_TEXT = "2026-01-02T03:04:05.678901Z"
 ID = UUID("01a213a8-4a13-7415-a897-90d9000001ce")
 
 
+def nested(depth: int) -> list[Any]:
+    """Lists `depth` levels deep: [[[...]]]."""
+    outer: list[Any] = []
+    inner = outer
+    for _ in range(depth - 1):
+        inner.append([])
+        inner = inner[0]
+    return outer
+
+
+def containing_itself() -> dict[str, Any]:
+    loop: dict[str, Any] = {"name": "loop"}
+    loop["self"] = [loop]
+    return loop
+
+
 class Refused(NamedTuple):
     value: Any
     metadata: dict[str, Any] | None
@@ -108,6 +124,13 @@ REFUSED: dict[str, Refused] = {
         "fine", {"blob": b"a"}, UnencodablePayloadError, r"at metadata\['blob'\]"
     ),
     "a lone surrogate": Refused("\ud800", None, UnencodablePayloadError, "surrogates"),
+    "a dict containing itself": Refused(
+        containing_itself(), None, UnencodablePayloadError, "contains itself"
+    ),
+    "lists too deep": Refused(nested(MAX_DEPTH + 1), None, UnencodablePayloadError, "deep"),
+    "1,000 levels deep in metadata": Refused(
+        "fine", {"deep": nested(1000)}, UnencodablePayloadError, f"{MAX_DEPTH} levels"
+    ),
 }
 
 
@@ -165,6 +188,7 @@ JSON_FORMS: dict[str, tuple[Any, Any]] = {
     "model": (Point(x=1, when=WHEN), {"x": 1, "when": WHEN_TEXT, "tags": []}),
     "dataclass": (Reading("t1", 2.5, WHEN), {"sensor": "t1", "value": 2.5, "at": WHEN_TEXT}),
     "struct": (Sample("s", WHEN), {"name": "s", "at": WHEN_TEXT}),
+    "as-deep-as-allowed": (nested(MAX_DEPTH), nested(MAX_DEPTH)),
 }
 
 
