@@ -29,6 +29,8 @@ MALFORMED_TOPIC = f"{DLQ_PREFIX}_malformed"
 ERROR_TEXT_LIMIT = 2000
 # What a letter keeps of a payload too big to store: its first characters, size and hash.
 PREVIEW_CHARACTERS = 1000
+# A foreign message's body is kept whole up to this size; past it, its start, size and hash.
+FOREIGN_BODY_LIMIT = 64 * 1024
 # Where every dead letter of a namespace is kept on a broker (`eventwire dlq`).
 DLQ_PATTERN = "_dlq.>"
 
@@ -174,17 +176,26 @@ def _reduced(
 
 
 def foreign_letter(topic: str, body: bytes, why: str) -> tuple[str, dict[str, Any]]:
-    """The DLQ topic and payload for a message that is not a valid envelope."""
+    """The DLQ topic and payload for a message that is not a valid envelope. Past
+    `FOREIGN_BODY_LIMIT` bytes only the body's start is kept, with its size and SHA-256, so
+    that the letter can always be stored (escaped, the kept part stays far under the event
+    size limit)."""
     valid = is_topic(topic) and not is_reserved(topic)
     dlq_topic = f"{DLQ_PREFIX}{topic}" if valid else f"{DLQ_PREFIX}_malformed"
+    kept = body[:FOREIGN_BODY_LIMIT]
     try:
-        text: str | None = body.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
+        text: str | None = kept.decode("utf-8")
+    except UnicodeDecodeError as cut:
+        # A multi-byte character cut at the limit is dropped; other bytes mean binary.
+        tail = len(kept) - cut.start
+        whole = len(kept) < len(body) and tail < 4 and cut.reason == "unexpected end of data"
+        text = kept[: cut.start].decode("utf-8") if whole else None
     payload: dict[str, Any] = {
         "topic": topic,
         "body": text,
-        "body_base64": None if text is not None else base64.b64encode(body).decode(),
+        "body_base64": None if text is not None else base64.b64encode(kept).decode(),
         "error": why,
     }
+    if len(kept) < len(body):
+        payload.update(truncated=True, bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
     return dlq_topic, payload

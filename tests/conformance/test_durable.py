@@ -5,6 +5,7 @@ but the broker. Crashes of real processes are in `test_crash.py`."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from eventwire import Event, EventBus, HandlerError, RemoteHandlerError
 from eventwire.backends.base import BackendCapabilityError, Message, SubscriptionConflictError
 from eventwire.backends.broker import BrokerBackend
+from eventwire.deadletter import FOREIGN_BODY_LIMIT
 from eventwire.envelope import encode
 from tests.conftest import wait_until
 
@@ -197,6 +199,33 @@ async def test_a_malformed_message_goes_to_the_dlq_and_the_consumer_goes_on(
     assert {e.metadata["subscription"] for e in dead} == {"orders"}
     assert dead[0].payload["body"] == '{"not": "an envelope"' or dead[1].payload["body_base64"]
     assert bus.stats()["orders"].dead_lettered == 2
+
+
+async def test_a_foreign_message_too_big_to_keep_whole_is_dead_lettered_cut(
+    bus: EventBus,
+) -> None:
+    if not isinstance(bus.backend, BrokerBackend):
+        pytest.skip("memory:// has no foreign producers")
+    seen: list[int] = []
+    dead: list[Event[Any]] = []
+    orders = bus.subscribe("orders.*", lambda e: seen.append(e.payload), name="orders")
+    letters = bus.subscribe("_dlq.>", dead.append, name="dlq")
+    await asyncio.gather(orders.ready(), letters.ready())  # the raw publish does not wait
+    # Control characters grow six times when escaped (300 KB -> 1.8 MB of JSON); plain text
+    # of 900 KB; both under every broker's own message limit.
+    bodies = [b'"' + b"\x01" * 300_000, b"x" * 900_000]
+    for number, body in enumerate(bodies):
+        await bus.backend.publish([Message(f"big-{number}", "orders.new", None, body)])
+    await bus.publish("orders.new", 2)
+    await wait_until(lambda: seen == [2] and len(dead) == 2, timeout=30)
+    for letter in dead:
+        body = bodies[0] if letter.payload["bytes"] == len(bodies[0]) else bodies[1]
+        assert letter.payload["truncated"] is True
+        assert letter.payload["sha256"] == hashlib.sha256(body).hexdigest()
+        assert body.decode().startswith(letter.payload["body"])
+        assert len(letter.payload["body"]) == FOREIGN_BODY_LIMIT
+        assert "not a valid eventwire envelope" in letter.payload["error"]
+    assert {letter.payload["bytes"] for letter in dead} == {len(body) for body in bodies}
 
 
 async def test_unsubscribe_keeps_the_durable_subscription_and_its_backlog(
