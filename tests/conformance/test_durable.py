@@ -176,15 +176,21 @@ async def test_idempotent_subscription_handles_a_redelivered_event_once(
     assert sorted(counts.values()) == [1, 1]
 
 
+async def orders_and_dead_letters(bus: EventBus) -> tuple[list[int], list[Event[Any]]]:
+    """Subscriptions "orders" (``orders.*``) and "dlq" (``_dlq.>``), both ready for a raw
+    publish (which does not wait for them): the payloads and the letters they get."""
+    seen: list[int] = []
+    dead: list[Event[Any]] = []
+    orders = bus.subscribe("orders.*", lambda e: seen.append(e.payload), name="orders")
+    letters = bus.subscribe("_dlq.>", dead.append, name="dlq")
+    await asyncio.gather(orders.ready(), letters.ready())
+    return seen, dead
+
+
 async def test_a_malformed_message_goes_to_the_dlq_and_the_consumer_goes_on(
     bus: EventBus,
 ) -> None:
-    if not isinstance(bus.backend, BrokerBackend):
-        pytest.skip("memory:// has no foreign producers")
-    seen: list[int] = []
-    dead: list[Event[Any]] = []
-    bus.subscribe("orders.*", lambda e: seen.append(e.payload), name="orders")
-    bus.subscribe("_dlq.>", dead.append, name="dlq")
+    seen, dead = await orders_and_dead_letters(bus)
     await bus.publish("orders.new", 1)
     await bus.backend.publish(
         [
@@ -204,13 +210,7 @@ async def test_a_malformed_message_goes_to_the_dlq_and_the_consumer_goes_on(
 async def test_a_foreign_message_too_big_to_keep_whole_is_dead_lettered_cut(
     bus: EventBus,
 ) -> None:
-    if not isinstance(bus.backend, BrokerBackend):
-        pytest.skip("memory:// has no foreign producers")
-    seen: list[int] = []
-    dead: list[Event[Any]] = []
-    orders = bus.subscribe("orders.*", lambda e: seen.append(e.payload), name="orders")
-    letters = bus.subscribe("_dlq.>", dead.append, name="dlq")
-    await asyncio.gather(orders.ready(), letters.ready())  # the raw publish does not wait
+    seen, dead = await orders_and_dead_letters(bus)
     # Control characters grow six times when escaped (300 KB -> 1.8 MB of JSON); plain text
     # of 900 KB; both under every broker's own message limit.
     bodies = [b'"' + b"\x01" * 300_000, b"x" * 900_000]
