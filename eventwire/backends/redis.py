@@ -137,6 +137,10 @@ _MAX_BLOCK = 1.0
 # the fetch script then reads (its packed reply is cheaper to parse in bulk).
 _READ_COUNT = 32
 _CONNECT_TIMEOUT = 3.0
+# Longest wait for a reply (past a blocking read's own wait): a connection that silent is
+# dropped and the command fails as retryable. Enforced by `_command` with a timer, not by
+# redis-py's socket_timeout, which runs every write in a task of its own (`wait_for`): a
+# fifth of a publish's CPU time.
 _SOCKET_TIMEOUT = 10.0
 # Consumers (dead processes) with nothing pending and idle this long are removed from a group.
 _PRUNE_IDLE_MS = 3600 * 1000
@@ -572,16 +576,32 @@ class _Script:
             return await _command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
 
 
-async def _command(client: Any, *args: Any) -> Any:
-    """One raw command (redis-py's `execute_command` is untyped). A cancellation that
-    redis-py swallowed (one landing as the reply came in) is raised here, so that a reader's
-    task stops when cancelled rather than going on with its next command."""
+async def _command(client: Any, *args: Any, wait: float = 0.0) -> Any:
+    """One raw command (redis-py's `execute_command` is untyped), failing with redis-py's
+    TimeoutError (retryable) when no reply came within `_SOCKET_TIMEOUT` seconds past `wait`
+    (a blocking command's own wait); redis-py drops the connection it interrupts. A
+    cancellation that redis-py swallowed (one landing as the reply came in) is raised here,
+    so that a reader's task stops when cancelled rather than going on with its next
+    command."""
     task = asyncio.current_task()
     cancelling = task.cancelling() if task is not None else 0
-    reply = await client.execute_command(*args)
+    try:
+        async with asyncio.timeout(_SOCKET_TIMEOUT + wait):
+            reply = await client.execute_command(*args)
+    except TimeoutError:
+        raise redis_errors.TimeoutError(f"no reply from Redis to {args[0]}") from None
     if task is not None and task.cancelling() > cancelling:
         raise asyncio.CancelledError
     return reply
+
+
+async def _execute(pipe: Any, **options: Any) -> Any:
+    """Run a pipeline, with `_command`'s limit on the wait for its replies."""
+    try:
+        async with asyncio.timeout(_SOCKET_TIMEOUT):
+            return await pipe.execute(**options)
+    except TimeoutError:
+        raise redis_errors.TimeoutError("no reply from Redis to a pipeline") from None
 
 
 def _stage(pipe: Any, *args: Any) -> None:
@@ -753,7 +773,8 @@ class RedisBackend(BrokerBackend):
             username=unquote(url.username) if url.username else None,
             password=unquote(url.password) if url.password is not None else None,
             socket_connect_timeout=_CONNECT_TIMEOUT,
-            socket_timeout=_SOCKET_TIMEOUT,
+            # No socket_timeout: `_command` bounds each wait for a reply itself.
+            socket_timeout=None,
             # Retries are ours (with backoff, until a deadline); redis-py's own would stretch
             # connect() and hide outages.
             retry=Retry(NoBackoff(), 0),
@@ -862,7 +883,7 @@ class RedisBackend(BrokerBackend):
             for call in calls:
                 _stage(pipe, *call)
             try:
-                replies = await pipe.execute(raise_on_error=False)
+                replies = await _execute(pipe, raise_on_error=False)
             finally:
                 await pipe.reset()
             failed: list[list[Any]] = []
@@ -1175,7 +1196,7 @@ class RedisConsumer(Consumer):
         if block is not None:
             args += ["BLOCK", max(1, int(block * 1000))]
         args += ["STREAMS", backend.stream, self._wake, ">", ">"]
-        reply = await _command(client, "XREADGROUP", *args)
+        reply = await _command(client, "XREADGROUP", *args, wait=block or 0.0)
         if not reply:
             return []
         streams = reply.items() if isinstance(reply, dict) else reply
@@ -1236,7 +1257,7 @@ class RedisConsumer(Consumer):
             # The whole set goes a day after its last write (a consumer nobody runs).
             _stage(pipe, "PEXPIRE", self._handled, _HANDLED_KEPT_MS + 86_400_000)
             try:
-                await pipe.execute()
+                await _execute(pipe)
             finally:
                 await pipe.reset()
 
