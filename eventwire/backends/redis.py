@@ -112,9 +112,6 @@ _HANDLED_KEPT_MS = int(HANDLED_KEPT * 1000)
 # Messages per publish script call (and bytes, past which a call takes no further message).
 _PUBLISH_CHUNK = 1000
 _PUBLISH_BYTES = 4 << 20
-# Bytes past which the packed messages go on in another script argument: Lua handles several
-# arguments of tens of KB much faster than one of a MB.
-_PACK_BYTES = 64 << 10
 # Ids per extend script call.
 _ID_CHUNK = 1000
 # A retried publish looks for its messages among the entries added since its first try began,
@@ -122,9 +119,8 @@ _ID_CHUNK = 1000
 # reads at most this many entries.
 _CLOCK_SLACK = 5.0
 _SCAN_CHUNK = 5000
-# Packed records (big-endian). Publish: lengths of id, topic, key (-1: None) and body, then
-# those bytes. Fetch reply: attempt, then lengths of entry id, topic and body, then those.
-_MESSAGE = struct.Struct(">IIiI")
+# Fetch script reply records (big-endian): attempt, then lengths of entry id, topic and body,
+# then those bytes.
 _ENTRY = struct.Struct(">IIII")
 # New entries one fetch script examines at most (matching or not), so a script never blocks
 # Redis for long when a consumer skips a large backlog of other topics.
@@ -133,10 +129,15 @@ _SCAN_BUDGET = 1000
 _COUNT_SCAN = 1000
 # Longest single blocking read: also how often an idle fetcher re-runs the fetch script.
 _MAX_BLOCK = 1.0
-# Most new entries a blocking XREADGROUP takes; a read that fills it means a backlog, which
-# the fetch script then reads (its packed reply is cheaper to parse in bulk).
-_READ_COUNT = 32
+# Most new entries one XREADGROUP takes (no more than the fetch asks for).
+_READ_COUNT = 1000
+# Topics whose match against its pattern a consumer remembers, before starting over.
+_TOPICS_KEPT = 10_000
 _CONNECT_TIMEOUT = 3.0
+# Longest wait for a reply (past a blocking read's own wait): a connection that silent is
+# dropped and the command fails as retryable. Enforced by `_command` with a timer, not by
+# redis-py's socket_timeout, which runs every write in a task of its own (`wait_for`): a
+# fifth of a publish's CPU time.
 _SOCKET_TIMEOUT = 10.0
 # Consumers (dead processes) with nothing pending and idle this long are removed from a group.
 _PRUNE_IDLE_MS = 3600 * 1000
@@ -206,50 +207,34 @@ end
 """
 
 # KEYS: stream, then with deduplication one marker key per message. ARGV: maxlen (0: none),
-# dedup window in s (0: off), then the messages packed as `_MESSAGE` records, in one or more
-# arguments.
+# dedup window in s (0: off), then four per message: event id, topic, key ('' for none, else
+# '=' and the key) and body, each its own argument: Redis reads them natively, with no
+# unpacking in Lua.
 # Returns how many were stored (not duplicates).
 _PUBLISH = r"""
 local stream, maxlen, window = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-
-local function add(id, topic, key, body)
-  if maxlen > 0 then
-    if key then
-      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*',
-        'id', id, 'topic', topic, 'key', key, 'body', body)
-    else
-      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'id', id, 'topic', topic, 'body', body)
-    end
-  elseif key then
-    redis.call('XADD', stream, '*', 'id', id, 'topic', topic, 'key', key, 'body', body)
-  else
-    redis.call('XADD', stream, '*', 'id', id, 'topic', topic, 'body', body)
-  end
-end
-
 local m, stored = 1, 0
-for a = 3, #ARGV do
-  local blob = ARGV[a]
-  local pos, size = 1, #blob
-  while pos <= size do
-    local nid, ntopic, nkey, nbody
-    nid, ntopic, nkey, nbody, pos = struct.unpack('>I4I4i4I4', blob, pos)
-    local id = string.sub(blob, pos, pos + nid - 1)
-    pos = pos + nid
-    local topic = string.sub(blob, pos, pos + ntopic - 1)
-    pos = pos + ntopic
-    local key = false
-    if nkey >= 0 then
-      key = string.sub(blob, pos, pos + nkey - 1)
-      pos = pos + nkey
+for a = 3, #ARGV, 4 do
+  local id, topic, key, body = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  m = m + 1
+  if window == 0 or redis.call('SET', KEYS[m], '1', 'NX', 'EX', window) then
+    if key == '' then
+      if maxlen > 0 then
+        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'id', id, 'topic', topic,
+          'body', body)
+      else
+        redis.call('XADD', stream, '*', 'id', id, 'topic', topic, 'body', body)
+      end
+    else
+      key = string.sub(key, 2)
+      if maxlen > 0 then
+        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'id', id, 'topic', topic,
+          'key', key, 'body', body)
+      else
+        redis.call('XADD', stream, '*', 'id', id, 'topic', topic, 'key', key, 'body', body)
+      end
     end
-    local body = string.sub(blob, pos, pos + nbody - 1)
-    pos = pos + nbody
-    m = m + 1
-    if window == 0 or redis.call('SET', KEYS[m], '1', 'NX', 'EX', window) then
-      add(id, topic, key, body)
-      stored = stored + 1
-    end
+    stored = stored + 1
   end
 end
 return stored
@@ -572,16 +557,32 @@ class _Script:
             return await _command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
 
 
-async def _command(client: Any, *args: Any) -> Any:
-    """One raw command (redis-py's `execute_command` is untyped). A cancellation that
-    redis-py swallowed (one landing as the reply came in) is raised here, so that a reader's
-    task stops when cancelled rather than going on with its next command."""
+async def _command(client: Any, *args: Any, wait: float = 0.0) -> Any:
+    """One raw command (redis-py's `execute_command` is untyped), failing with redis-py's
+    TimeoutError (retryable) when no reply came within `_SOCKET_TIMEOUT` seconds past `wait`
+    (a blocking command's own wait); redis-py drops the connection it interrupts. A
+    cancellation that redis-py swallowed (one landing as the reply came in) is raised here,
+    so that a reader's task stops when cancelled rather than going on with its next
+    command."""
     task = asyncio.current_task()
     cancelling = task.cancelling() if task is not None else 0
-    reply = await client.execute_command(*args)
+    try:
+        async with asyncio.timeout(_SOCKET_TIMEOUT + wait):
+            reply = await client.execute_command(*args)
+    except TimeoutError:
+        raise redis_errors.TimeoutError(f"no reply from Redis to {args[0]}") from None
     if task is not None and task.cancelling() > cancelling:
         raise asyncio.CancelledError
     return reply
+
+
+async def _execute(pipe: Any, **options: Any) -> Any:
+    """Run a pipeline, with `_command`'s limit on the wait for its replies."""
+    try:
+        async with asyncio.timeout(_SOCKET_TIMEOUT):
+            return await pipe.execute(**options)
+    except TimeoutError:
+        raise redis_errors.TimeoutError("no reply from Redis to a pipeline") from None
 
 
 def _stage(pipe: Any, *args: Any) -> None:
@@ -617,29 +618,147 @@ def _publish_chunks(messages: Sequence[Message]) -> list[Sequence[Message]]:
     return chunks
 
 
-def _pack_messages(messages: Sequence[Message]) -> list[bytes]:
-    """`messages` as `_MESSAGE` records for the publish script, cut in parts of about
-    `_PACK_BYTES`."""
-    head = _MESSAGE.pack
-    packed: list[bytes] = []
-    parts: list[bytes] = []
-    size = 0
+def _bulk(value: bytes | str | int) -> bytes:
+    """One RESP bulk string."""
+    data = (
+        value.encode()
+        if isinstance(value, str)
+        else b"%d" % value
+        if isinstance(value, int)
+        else value
+    )
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _resp(*args: bytes | str | int) -> bytes:
+    """A command in RESP, as the server reads it."""
+    return b"*%d\r\n%s" % (len(args), b"".join([_bulk(arg) for arg in args]))
+
+
+# XADD <stream> * id <id> topic <topic> body <body> (its stream given packed already).
+_XADD = b"*9\r\n$4\r\nXADD\r\n%s$1\r\n*\r\n$2\r\nid\r\n%s$5\r\ntopic\r\n%s$4\r\nbody\r\n%s"
+
+
+def _publish_call(
+    sha: str, keys: Sequence[str], head: Sequence[int], messages: Sequence[Message]
+) -> bytes:
+    """One EVALSHA of the publish script for `messages`, in RESP: four arguments each."""
+    parts = [b"*%d\r\n" % (3 + len(keys) + len(head) + 4 * len(messages)), _bulk("EVALSHA")]
+    parts += (_bulk(sha), _bulk(len(keys)))
+    parts += [_bulk(key) for key in keys]
+    parts += [_bulk(value) for value in head]
+    none = b"$0\r\n\r\n"
     for m in messages:
         event_id = m.id.encode()
         topic = m.topic.encode()
-        if m.key is None:
-            parts += (head(len(event_id), len(topic), -1, len(m.body)), event_id, topic, m.body)
-        else:
-            key = m.key.encode()
-            parts += (head(len(event_id), len(topic), len(key), len(m.body)), event_id, topic)
-            parts += (key, m.body)
-        size += len(m.body)
-        if size >= _PACK_BYTES:
-            packed.append(b"".join(parts))
-            parts, size = [], 0
-    if parts:
-        packed.append(b"".join(parts))
-    return packed
+        key = none if m.key is None else _bulk(b"=" + m.key.encode())
+        parts.append(
+            b"$%d\r\n%s\r\n$%d\r\n%s\r\n%s$%d\r\n%s\r\n"
+            % (len(event_id), event_id, len(topic), topic, key, len(m.body), m.body)
+        )
+    return b"".join(parts)
+
+
+class _Link:
+    """A connection of the client's pool kept for one user (the publisher, one consumer's
+    fetches), to which commands go as RESP the caller packed, their raw replies read back:
+    no checkout from the pool, retry wrapper and reply callbacks per command, which are a
+    third of `execute_command`'s CPU time. A call while another is under way takes a pooled
+    connection of its own."""
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._connection: Any = None
+        self._busy = False
+        self._closed = False
+
+    async def call(
+        self, payload: bytes, replies: int = 1, *, wait: float = 0.0, raise_errors: bool = True
+    ) -> list[Any]:
+        """Send `payload` (`replies` commands) and return their replies, error replies as
+        exceptions in their place, or the first of them raised (`raise_errors`) once all are
+        read. Fails with redis-py's TimeoutError (retryable) after `_SOCKET_TIMEOUT` seconds
+        past `wait` (a blocking command's own wait) without them."""
+        pool: Any = self._client.connection_pool
+        if self._busy or self._closed:
+            connection = await pool.get_connection()
+            try:
+                return await _exchange(connection, payload, replies, wait, raise_errors)
+            finally:
+                await pool.release(connection)
+        self._busy = True
+        try:
+            if self._connection is None:
+                self._connection = await pool.get_connection()
+            return await _exchange(self._connection, payload, replies, wait, raise_errors)
+        finally:
+            self._busy = False
+
+    async def close(self) -> None:
+        """Give the connection back to the pool (dropped first if a call is under way on it,
+        whose replies nobody else may read); later calls take pooled connections."""
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            if self._busy:
+                await connection.disconnect(nowait=True)
+            pool: Any = self._client.connection_pool
+            await pool.release(connection)
+
+
+async def _exchange(
+    connection: Any, payload: bytes, replies: int, wait: float, raise_errors: bool
+) -> list[Any]:
+    task = asyncio.current_task()
+    cancelling = task.cancelling() if task is not None else 0
+    out: list[Any] = []
+    error: redis_errors.ResponseError | None = None
+    try:
+        async with asyncio.timeout(_SOCKET_TIMEOUT + wait):
+            # redis-py drops the connection when sending or reading fails or is interrupted,
+            # and connects again on the next send.
+            await connection.send_packed_command(payload, check_health=False)
+            while len(out) < replies:
+                try:
+                    out.append(await connection.read_response())
+                except redis_errors.ResponseError as refused:  # the rest still to be read
+                    error = error or refused
+                    out.append(refused)
+    except TimeoutError:
+        raise redis_errors.TimeoutError("no reply from Redis") from None
+    except BaseException:
+        if len(out) < replies:
+            await connection.disconnect(nowait=True)  # replies left unread: unusable
+        raise
+    if task is not None and task.cancelling() > cancelling:
+        raise asyncio.CancelledError
+    if error is not None and raise_errors:
+        raise error
+    return out
+
+
+def _topic_body(fields: list[bytes] | None) -> tuple[bytes | None, bytes]:
+    """The first ``topic`` and ``body`` fields of a raw stream entry (a foreign producer's may
+    lack either, or have others)."""
+    if not fields:
+        return None, b""
+    size = len(fields)
+    # Those eventwire writes: id, topic, (key,) body.
+    if fields[0] == b"id" and fields[2] == b"topic":
+        if size == 6 and fields[4] == b"body":
+            return fields[3], fields[5]
+        if size == 8 and fields[4] == b"key" and fields[6] == b"body":
+            return fields[3], fields[7]
+    topic: bytes | None = None
+    body: bytes | None = None
+    for i in range(0, size - 1, 2):
+        name = fields[i]
+        if name == b"topic":
+            if topic is None:
+                topic = fields[i + 1]
+        elif name == b"body" and body is None:
+            body = fields[i + 1]
+    return topic, b"" if body is None else body
 
 
 def _unpack_deliveries(records: list[bytes], redelivered: int) -> list[Delivery]:
@@ -721,6 +840,9 @@ class RedisBackend(BrokerBackend):
         # when it stopped running it).
         self.presence_key = prefix + "presence"
         self._client: Redis | None = None
+        # The publisher's own connection (`_send`).
+        self._link: _Link | None = None
+        self._stream_bulk = _bulk(self.stream)
         self._publish = _Script(_PUBLISH)
         self._seen = _Script(_SEEN)
         self._create = _Script(_CREATE)
@@ -753,7 +875,8 @@ class RedisBackend(BrokerBackend):
             username=unquote(url.username) if url.username else None,
             password=unquote(url.password) if url.password is not None else None,
             socket_connect_timeout=_CONNECT_TIMEOUT,
-            socket_timeout=_SOCKET_TIMEOUT,
+            # No socket_timeout: `_command` bounds each wait for a reply itself.
+            socket_timeout=None,
             # Retries are ours (with backoff, until a deadline); redis-py's own would stretch
             # connect() and hide outages.
             retry=Retry(NoBackoff(), 0),
@@ -773,10 +896,13 @@ class RedisBackend(BrokerBackend):
                 f"cannot connect to Redis at {url.redacted}: {reason}"
             ) from error
         self._client = client
+        self._link = _Link(client)
 
     async def close(self) -> None:
         client, self._client = self._client, None
+        self._link = None
         if client is not None:
+            # Also closes the connections kept by links (in use, to the pool).
             await client.aclose()
 
     async def retrying(
@@ -831,48 +957,48 @@ class RedisBackend(BrokerBackend):
     async def _send(self, messages: Sequence[Message]) -> None:
         """Store `messages` in one round trip: a publish script call per chunk, or for one
         message with neither a dedup window nor a length cap, the XADD itself (what the
-        script would run, without unpacking it in Lua)."""
+        script would run). Commands go packed by hand on the publisher's own connection."""
+        link = self._link
+        if link is None:
+            raise RuntimeError(f"the redis backend for {self.url.redacted} is not connected")
         if len(messages) == 1 and not self._dedup_window and not self._maxlen:
             m = messages[0]
-            fields: list[Any] = ["id", m.id, "topic", m.topic]
-            if m.key is not None:
-                fields += ("key", m.key)
-            await _command(self.client, "XADD", self.stream, "*", *fields, "body", m.body)
+            if m.key is None:
+                payload = _XADD % (self._stream_bulk, _bulk(m.id), _bulk(m.topic), _bulk(m.body))
+            else:
+                payload = _resp(
+                    "XADD",
+                    self.stream,
+                    "*",
+                    "id",
+                    m.id,
+                    "topic",
+                    m.topic,
+                    "key",
+                    m.key,
+                    "body",
+                    m.body,
+                )
+            await link.call(payload)
             return
-        calls: list[list[Any]] = []
+        head = (self._maxlen, self._dedup_window)
+        calls: list[bytes] = []
         for chunk in _publish_chunks(messages):
             keys = [self.stream]
             if self._dedup_window:
                 keys += [f"{self._prefix}dedup:{m.id}" for m in chunk]
-            args = [self._maxlen, self._dedup_window, *_pack_messages(chunk)]
-            calls.append(["EVALSHA", self._publish.sha, len(keys), *keys, *args])
-        client = self.client
-        if len(calls) == 1:
-            # One script call (up to 1,000 messages): a plain command, without a pipeline
-            # object and its reset, a third of the client's work for a single publish.
-            try:
-                await _command(client, *calls[0])
-            except redis_errors.NoScriptError:  # a restarted server lost its scripts
-                await _command(client, "SCRIPT", "LOAD", self._publish.source)
-                await _command(client, *calls[0])
-            return
+            calls.append(_publish_call(self._publish.sha, keys, head, chunk))
         loaded = False
         while calls:
-            pipe: Any = client.pipeline(transaction=False)
-            for call in calls:
-                _stage(pipe, *call)
-            try:
-                replies = await pipe.execute(raise_on_error=False)
-            finally:
-                await pipe.reset()
-            failed: list[list[Any]] = []
+            replies = await link.call(b"".join(calls), len(calls), raise_errors=False)
+            failed: list[bytes] = []
             for call, reply in zip(calls, replies, strict=True):
                 if isinstance(reply, redis_errors.NoScriptError) and not loaded:
                     failed.append(call)  # a restarted server lost its scripts: it did not run
                 elif isinstance(reply, Exception):
                     raise reply
             if failed:
-                await _command(client, "SCRIPT", "LOAD", self._publish.source)
+                await _command(self.client, "SCRIPT", "LOAD", self._publish.source)
                 loaded = True
             calls = failed
 
@@ -1034,6 +1160,21 @@ class RedisConsumer(Consumer):
         self._wake_group = False
         self._next_prune = 0.0
         self._closed = False
+        # This consumer's own connection for its fetches, and the entry ids of the
+        # acknowledgements that go along with its next fetch command (`ack_and_fetch`).
+        self._link = _Link(backend.client)
+        # Another for acknowledgements sent on their own, which go beside fetches.
+        self._ack_link = _Link(backend.client)
+        self._acks_along: list[str] = []
+        # Whether the last full read was mostly of other topics: the script, which filters
+        # in Redis, then reads the backlog.
+        self._sparse = False
+        # topic (bytes) -> (topic, whether it is delivered: matches, or is no valid topic)
+        self._topics: dict[bytes, tuple[str, bool]] = {}
+        # Whether a read saw the wake stream bumped (entries handed back) since the script
+        # last ran, and how many of the script's last deliveries were redeliveries.
+        self._woken = False
+        self._redelivered = 0
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1083,6 +1224,39 @@ class RedisConsumer(Consumer):
                     return []
         return []  # closed meanwhile
 
+    async def ack_and_fetch(
+        self, acks: Sequence[Delivery], limit: int, wait: float
+    ) -> list[Delivery]:
+        """The acknowledgements go in the same write as the fetch's first command (an XACK
+        ahead of it): no round trip of their own."""
+        if not acks:
+            return await self.fetch(limit, wait)
+        self._acks_along = [d.handle for d in acks]
+        try:
+            deliveries = await self.fetch(limit, wait)
+        except BaseException:
+            self._acks_along = []  # the caller sends them again
+            raise
+        if self._acks_along:  # no command went out (closed, or the wait ran out retrying)
+            self._acks_along = []
+            await self.ack(acks)
+        return deliveries
+
+    async def _call(self, command: bytes, *, wait: float = 0.0) -> Any:
+        """The reply to `command`, sent on this consumer's connection behind an XACK of the
+        acknowledgements waiting to go along."""
+        acks = self._acks_along
+        if not acks:
+            return (await self._link.call(command, wait=wait))[0]
+        payload = _resp("XACK", self.backend.stream, self.group, *acks) + command
+        acked, reply = await self._link.call(payload, 2, wait=wait, raise_errors=False)
+        if not isinstance(acked, Exception):
+            self._acks_along = []
+        for outcome in (acked, reply):
+            if isinstance(outcome, Exception):
+                raise outcome
+        return reply
+
     async def _fetch_turn(self, limit: int, deadline: float) -> list[Delivery] | None:
         """One turn of `fetch`: the script when redeliveries or a backlog may wait, else a
         blocking read of new entries. The deliveries (or ``[]`` once the wait is over), or
@@ -1109,6 +1283,11 @@ class RedisConsumer(Consumer):
             max(self._due_at - loop.time(), 0.001),
         )
         deliveries = await self._read_new(limit, block if remaining > 0 else None)
+        if deliveries and self._woken and len(deliveries) < limit:
+            # Entries were handed back meanwhile: those due go first, as they are older.
+            found = await self._run_script(limit - len(deliveries), loop)
+            split = self._redelivered
+            deliveries = found[:split] + deliveries + found[split:]
         if deliveries:
             return await self._handed(deliveries)
         return [] if loop.time() >= deadline else None
@@ -1127,20 +1306,28 @@ class RedisConsumer(Consumer):
         Redis): the fetch script. Learns when the next delayed entry is due."""
         backend = self.backend
         reclaim = loop.time() >= self._next_reclaim
-        reply = await backend.fetch_script(
-            backend.client,
-            [backend.stream, self._delayed, self._wake],
-            [
-                self.group,
-                self.name,
-                limit,
-                self.spec.pattern,
-                "1" if reclaim else "0",
-                self._min_idle_ms,
-                self._claim_cursor,
-                _SCAN_BUDGET,
-            ],
+        script = backend.fetch_script
+        call = _resp(
+            "EVALSHA",
+            script.sha,
+            3,
+            backend.stream,
+            self._delayed,
+            self._wake,
+            self.group,
+            self.name,
+            limit,
+            self.spec.pattern,
+            "1" if reclaim else "0",
+            self._min_idle_ms,
+            self._claim_cursor,
+            _SCAN_BUDGET,
         )
+        try:
+            reply = await self._call(call)
+        except redis_errors.NoScriptError:  # a restarted server lost its scripts
+            await _command(backend.client, "SCRIPT", "LOAD", script.source)
+            reply = await self._call(call)
         if reclaim:
             self._claim_cursor = _text(reply[2])
             self._next_reclaim = loop.time() + self._reclaim_every
@@ -1148,11 +1335,18 @@ class RedisConsumer(Consumer):
             await self._create_wake_group()
         due_ms, now_ms = int(reply[4]), int(reply[5])
         self._due_at = math.inf if due_ms < 0 else loop.time() + (due_ms - now_ms) / 1000
-        deliveries = _unpack_deliveries(reply[0], int(reply[1])) if reply[0] else []
-        # More may be due or waiting when the script stopped at `limit` or at its scan
-        # budget, and a backlog is read on by the script (in bulk, one packed string per
-        # entry). Otherwise new entries come by a blocking XREADGROUP.
-        self._scan = bool(int(reply[3])) or len(deliveries) >= min(limit, _READ_COUNT)
+        redelivered = self._redelivered = int(reply[1])
+        self._woken = False
+        deliveries = _unpack_deliveries(reply[0], redelivered) if reply[0] else []
+        # More may be due when the script stopped at `limit`, or waiting when it stopped at
+        # its scan budget; a backlog mostly of other topics is read on by the script, which
+        # filters in Redis. Otherwise new entries come by XREADGROUP, whose native reply is
+        # much cheaper for Redis than the script's.
+        self._scan = (
+            bool(int(reply[3]))
+            or redelivered >= limit
+            or (self._sparse and len(deliveries) >= limit)
+        )
         return deliveries
 
     async def _create_wake_group(self) -> None:
@@ -1170,36 +1364,60 @@ class RedisConsumer(Consumer):
         are acknowledged at once; a bump of the wake stream makes the next fetch run the
         script (entries were handed back)."""
         backend = self.backend
-        client = backend.client
-        args: list[Any] = ["GROUP", self.group, self.name, "COUNT", min(limit, _READ_COUNT)]
-        if block is not None:
-            args += ["BLOCK", max(1, int(block * 1000))]
-        args += ["STREAMS", backend.stream, self._wake, ">", ">"]
-        reply = await _command(client, "XREADGROUP", *args)
+        count = min(limit, _READ_COUNT)
+        if block is None:
+            args: tuple[Any, ...] = ("XREADGROUP", "GROUP", self.group, self.name, "COUNT", count)
+        else:
+            millis = max(1, int(block * 1000))
+            args = ("XREADGROUP", "GROUP", self.group, self.name, "COUNT", count, "BLOCK", millis)
+        reply = await self._call(
+            _resp(*args, "STREAMS", backend.stream, self._wake, ">", ">"), wait=block or 0.0
+        )
         if not reply:
             return []
         streams = reply.items() if isinstance(reply, dict) else reply
         deliveries: list[Delivery] = []
         skipped: list[Any] = []
-        pattern = self.spec.pattern
+        append = deliveries.append
+        topics = self._topics
         for name, entries in streams:
             if _text(name) != backend.stream:
-                self._scan = True
-                await _command(client, "XACK", self._wake, self.group, *(e[0] for e in entries))
+                self._scan = self._woken = True
+                await _command(
+                    backend.client, "XACK", self._wake, self.group, *(e[0] for e in entries)
+                )
                 continue
-            if len(entries) >= _READ_COUNT:
-                self._scan = True  # a backlog: the script reads it in bulk
             for entry_id, fields in entries:
-                topic_raw = fields.get(b"topic") if fields else None
-                topic = None if topic_raw is None else _text(topic_raw)
-                if topic is None or not is_topic(topic) or pattern_matches(pattern, topic):
-                    body = fields.get(b"body", b"") if fields else b""
-                    deliveries.append(Delivery(topic or "", body, 1, _text(entry_id)))
+                topic_raw, body = _topic_body(fields)
+                known = topics.get(topic_raw) if topic_raw is not None else None
+                if known is None:
+                    known = self._classify(topic_raw)
+                if known[1]:
+                    append(Delivery(known[0], body, 1, entry_id.decode()))
                 else:
                     skipped.append(entry_id)
+            if len(entries) >= count and len(skipped) * 2 > len(entries):
+                # A backlog mostly of other topics: the script filters it in Redis.
+                self._scan = self._sparse = True
+            else:
+                self._sparse = False
         if skipped:
-            await _command(client, "XACK", backend.stream, self.group, *skipped)
+            await _command(backend.client, "XACK", backend.stream, self.group, *skipped)
         return deliveries
+
+    def _classify(self, topic_raw: bytes | None) -> tuple[str, bool]:
+        """A new entry's topic and whether it is delivered: it matches the pattern, or it is
+        no valid topic (a foreign producer's entry, which the bus dead-letters)."""
+        topic = None if topic_raw is None else _text(topic_raw)
+        delivered = (
+            topic is None or not is_topic(topic) or pattern_matches(self.spec.pattern, topic)
+        )
+        known = (topic or "", delivered)
+        if topic_raw is not None:
+            if len(self._topics) >= _TOPICS_KEPT:
+                self._topics.clear()
+            self._topics[topic_raw] = known
+        return known
 
     async def _pause(self, backoff: Backoff, deadline: float) -> bool:
         """Sleep before retrying a lost connection; False when the fetch's wait is over."""
@@ -1221,7 +1439,7 @@ class RedisConsumer(Consumer):
 
         async def send() -> None:
             if not handled_ids:
-                await _command(client, "XACK", backend.stream, self.group, *ids)
+                await self._ack_link.call(_resp("XACK", backend.stream, self.group, *ids))
                 return
             # One MULTI: the handled ids are recorded exactly when the entries are acked.
             pipe: Any = client.pipeline(transaction=True)
@@ -1236,7 +1454,7 @@ class RedisConsumer(Consumer):
             # The whole set goes a day after its last write (a consumer nobody runs).
             _stage(pipe, "PEXPIRE", self._handled, _HANDLED_KEPT_MS + 86_400_000)
             try:
-                await pipe.execute()
+                await _execute(pipe)
             finally:
                 await pipe.reset()
 
@@ -1276,6 +1494,8 @@ class RedisConsumer(Consumer):
             return
         self._closed = True
         backend = self.backend
+        await self._link.close()
+        await self._ack_link.close()
         if backend._client is None:
             return
         if self.spec.ephemeral:
