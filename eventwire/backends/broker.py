@@ -41,15 +41,15 @@ from eventwire.backends.base import (
 )
 from eventwire.backends.session import GIVE_BACK_TIMEOUT, ConsumerSession
 from eventwire.deadletter import DLQ_PATTERN
+from eventwire.envelope import EnvelopeError, encode
 from eventwire.envelope import decode as decode_envelope
-from eventwire.envelope import encode
 from eventwire.errors import PublishTimeoutError
 from eventwire.event import Event
 from eventwire.observe import handling_record, notify
 from eventwire.requests import REPLY_PREFIX
 from eventwire.routing import member_for_key
 from eventwire.subscription import Subscription
-from eventwire.topics import pattern_matches, validate_topic
+from eventwire.topics import is_topic, pattern_matches, validate_topic
 
 logger = logging.getLogger("eventwire")
 
@@ -598,8 +598,10 @@ class Feeder:
         matches = self._matches.get(topic)
         if matches is None:
             pattern = self.spec.pattern
-            matches = pattern_matches(pattern, topic) and (
-                not topic.startswith(REPLY_PREFIX) or pattern.startswith(REPLY_PREFIX)
+            matches = (
+                is_topic(topic)
+                and pattern_matches(pattern, topic)
+                and (not topic.startswith(REPLY_PREFIX) or pattern.startswith(REPLY_PREFIX))
             )
             if len(self._matches) >= _MATCH_CACHE_LIMIT:
                 self._matches.clear()
@@ -630,26 +632,38 @@ class Feeder:
         self._next_member = (start + 1) % count
         return members[start % count]
 
-    async def _admit(self, session: ConsumerSession, deliveries: list[Delivery]) -> None:
-        services = self.backend.services
+    async def _sort(
+        self, session: ConsumerSession, deliveries: list[Delivery]
+    ) -> tuple[list[tuple[Event[Any], Delivery, Subscription]], list[Delivery]]:
+        """The deliveries decoded and each given to its member, and those to acknowledge
+        without handling (not for this consumer, or dead-lettered as another producer's)."""
         skipped: list[Delivery] = []
         admitted: list[tuple[Event[Any], Delivery, Subscription]] = []
         for delivery in deliveries:
             try:
                 event = decode_envelope(delivery.body)
             except Exception as error:  # whatever decoding raised: this message alone fails
-                if await self._dead_letter_foreign(delivery, error):
-                    skipped.append(delivery)
-                else:
-                    await session.consumer.nak(delivery, 1.0)
-                continue
-            member = self._member_for(event)
-            if self._wants(member, event):
-                admitted.append((event, delivery, member))
+                misplaced: Exception | None = error
             else:
+                member = self._member_for(event)
+                if self._wants(member, event):
+                    admitted.append((event, delivery, member))
+                    continue
+                problem = _misplaced(event, delivery)
+                misplaced = None if problem is None else EnvelopeError(problem)
+            if misplaced is None:
                 # Not for this subscription: another's topic, or a retried dead letter meant
                 # for another subscription.
                 skipped.append(delivery)
+            elif await self._dead_letter_foreign(delivery, misplaced):
+                skipped.append(delivery)  # another producer's: never acknowledged untraced
+            else:
+                await session.consumer.nak(delivery, 1.0)
+        return admitted, skipped
+
+    async def _admit(self, session: ConsumerSession, deliveries: list[Delivery]) -> None:
+        services = self.backend.services
+        admitted, skipped = await self._sort(session, deliveries)
         if admitted and any(member.idempotent for _, _, member in admitted):
             done = await session.consumer.handled([event.id for event, _, _ in admitted])
             if done:
@@ -714,3 +728,15 @@ class Feeder:
         """A queued event its subscription will not handle: back to the broker now."""
         if self.session is not None and self.session.give_back(event, 0.0):
             self._room.set()
+
+
+def _misplaced(event: Event[Any], delivery: Delivery) -> str | None:
+    """Why a decoded envelope cannot be one eventwire published where the broker delivered
+    it (its topic is invalid, or another than the message's own), or None."""
+    if not is_topic(event.topic):
+        return f"its envelope's topic {event.topic!r} is not a valid topic"
+    if event.topic != delivery.topic:
+        return (
+            f"its envelope says topic {event.topic!r}, but it was published on {delivery.topic!r}"
+        )
+    return None

@@ -207,6 +207,29 @@ async def test_a_malformed_message_goes_to_the_dlq_and_the_consumer_goes_on(
     assert bus.stats()["orders"].dead_lettered == 2
 
 
+async def test_a_foreign_envelope_not_for_its_topic_is_dead_lettered_not_dropped(
+    bus: EventBus,
+) -> None:
+    # Valid envelopes that another producer put on "orders.new": one says another topic that
+    # the subscription does not read, one an invalid topic. Both were acknowledged silently.
+    seen, dead = await orders_and_dead_letters(bus)
+    elsewhere = encode(Event("billing.paid", 1))
+    invalid = encode(Event("orders.new", 2)).replace(b'"orders.new"', b'"orders..new"')
+    await bus.backend.publish(
+        [
+            Message("foreign-1", "orders.new", None, elsewhere),
+            Message("foreign-2", "orders.new", None, invalid),
+        ]
+    )
+    await bus.publish("orders.new", 3)
+    await wait_until(lambda: seen == [3] and len(dead) == 2, timeout=10)
+    assert {letter.topic for letter in dead} == {"_dlq.orders.new"}
+    reasons = sorted(letter.payload["error"] for letter in dead)
+    assert "says topic 'billing.paid', but it was published on 'orders.new'" in reasons[0]
+    assert "topic 'orders..new' is not a valid topic" in reasons[1]
+    assert {letter.payload["body"] for letter in dead} == {elsewhere.decode(), invalid.decode()}
+
+
 async def test_a_foreign_message_too_big_to_keep_whole_is_dead_lettered_cut(
     bus: EventBus,
 ) -> None:
