@@ -391,8 +391,8 @@ class BatchPublisher:
     a batch is in flight: concurrent publishers share round trips (group commit).
 
     Each publish has a deadline (`timeout` seconds, None for none): one that is not stored by
-    then raises `TimeoutError`. Deadlines are enforced per batch, not per publish, so that
-    the common case costs no timer per event."""
+    then raises `TimeoutError`, and only it: the others of its batch keep their own. One timer
+    serves a whole batch, so that the common case costs no timer per event."""
 
     def __init__(self, backend: BrokerBackend, timeout: float | None) -> None:
         self._backend = backend
@@ -451,8 +451,7 @@ class BatchPublisher:
         try:
             while self._waiting:
                 now = loop.time()
-                batch: list[tuple[Message, asyncio.Future[None]]] = []
-                earliest: float | None = None
+                batch: list[tuple[Message, asyncio.Future[None], float | None]] = []
                 taken = 0
                 for message, stored, deadline in self._waiting:
                     if len(batch) == PUBLISH_BATCH:
@@ -460,30 +459,57 @@ class BatchPublisher:
                     taken += 1
                     if stored.done():
                         continue  # its publisher was cancelled: withdrawn
-                    if deadline is not None:
-                        if deadline <= now:
-                            stored.set_exception(TimeoutError())
-                            continue
-                        earliest = deadline if earliest is None else min(earliest, deadline)
-                    batch.append((message, stored))
+                    if deadline is not None and deadline <= now:
+                        stored.set_exception(TimeoutError())
+                        continue
+                    batch.append((message, stored, deadline))
                 del self._waiting[:taken]
-                if not batch:
-                    continue
-                self._concurrent = len(batch) > 1
-                try:
-                    async with asyncio.timeout_at(earliest):
-                        await self._backend.publish([message for message, _ in batch])
-                except Exception as error:
-                    failure = TimeoutError() if isinstance(error, TimeoutError) else error
-                    for _, stored in batch:
-                        if not stored.done():
-                            stored.set_exception(failure)
-                else:
-                    for _, stored in batch:
-                        if not stored.done():
-                            stored.set_result(None)
+                if batch:
+                    self._concurrent = len(batch) > 1
+                    await self._send_batch(batch)
         finally:
             self._sender = None
+
+    async def _send_batch(
+        self, batch: list[tuple[Message, asyncio.Future[None], float | None]]
+    ) -> None:
+        """Send `batch` until stored, each publish failing at its own deadline: the batch
+        goes on for the others (one joined just now has its whole timeout), and is given up
+        once the last of them has failed."""
+        loop = asyncio.get_running_loop()
+        known = [deadline for _, _, deadline in batch if deadline is not None]
+        latest = max(known) if len(known) == len(batch) else None  # None: one has no timeout
+        expiry: asyncio.TimerHandle | None = None
+
+        def expire() -> None:
+            nonlocal expiry
+            now, due = loop.time(), None
+            for _, stored, deadline in batch:
+                if deadline is None or stored.done():
+                    continue
+                if deadline <= now:
+                    stored.set_exception(TimeoutError())
+                elif due is None or deadline < due:
+                    due = deadline
+            expiry = None if due is None else loop.call_at(due, expire)
+
+        if known and min(known) != latest:
+            expiry = loop.call_at(min(known), expire)  # one timer a batch, not one a publish
+        try:
+            async with asyncio.timeout_at(latest):
+                await self._backend.publish([message for message, _, _ in batch])
+        except Exception as error:
+            failure = TimeoutError() if isinstance(error, TimeoutError) else error
+            for _, stored, _ in batch:
+                if not stored.done():
+                    stored.set_exception(failure)
+        else:
+            for _, stored, _ in batch:
+                if not stored.done():
+                    stored.set_result(None)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
 
     async def close(self) -> None:
         """Wait for what is being sent."""

@@ -76,3 +76,29 @@ async def test_publish_during_an_outage_waits_then_raises_clearly(broker: Privat
         await asyncio.wait_for(publish_until_stored(), timeout=30)
         await wait_until(lambda: "after" in seen, timeout=30)
     assert seen[0] == "before"
+
+
+async def test_each_publish_has_its_own_timeout_during_an_outage(broker: PrivateServer) -> None:
+    # First and second are sent while the broker is down; third joins them 5.5 s later. The
+    # broker comes back after the first two's timeouts, well before the third's: the third
+    # must be stored, not failed with its batch at the first deadline.
+    bus = EventBus(broker.url, publish_timeout=6, close_grace=0.5)
+    seen: list[str] = []
+    bus.subscribe("outage.t", lambda e: seen.append(e.payload), name="patient")
+    async with bus:
+        await bus.publish("outage.t", "before")
+        await asyncio.to_thread(broker.stop)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.create_task(bus.publish("outage.t", "first"))
+        await asyncio.sleep(0.1)  # time passing in the outage is the point: no condition
+        second = asyncio.create_task(bus.publish("outage.t", "second"))
+        await asyncio.sleep(5.5)
+        third = asyncio.create_task(bus.publish("outage.t", "third"))
+        for early in (first, second):
+            with pytest.raises(PublishTimeoutError):
+                await early
+        assert loop.time() - started < 7.5
+        await broker.start_async()
+        await asyncio.wait_for(third, timeout=30)  # raised before the fix, at the 6.1 s mark
+        await wait_until(lambda: "third" in seen, timeout=30)
