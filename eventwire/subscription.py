@@ -422,17 +422,13 @@ class Subscription:
                 if not inbox:
                     in_flight[index] = None
                     timer.end(streak)
-                    # Nothing queued: park until an event comes (inline, as with many quiet
-                    # subscriptions a worker parks every few events).
+                    # Nothing queued: park until an event comes (inline: with many quiet
+                    # subscriptions, a worker parks every few events).
                     if self._stopping:
                         self._fold()
                         return
                     waiter = create_future()
-                    idle = inbox.idle
-                    if idle is None:
-                        inbox.idle = [waiter]
-                    else:
-                        idle.append(waiter)
+                    inbox.park(waiter)
                     await waiter
                     streak = 0
                     check_at = timer.begin()

@@ -42,7 +42,8 @@ class MemoryBackend(Backend):
         self.router = Router()
         self._routes = self.router.routes
         self._attached: dict[Subscription, None] = {}
-        self._tracker = DrainTracker()  # replaced by the bus's own in `bind`
+        # The bus's, from `bind`; until then nothing is routed here, so nothing is counted.
+        self._tracker = DrainTracker()
 
     async def connect(self) -> None:
         """Nothing to connect to."""
