@@ -35,6 +35,7 @@ from eventwire.event import (
     EMPTY_METADATA,
     Event,
     build,
+    build_event,
     event_class,
     freeze_metadata,
     new_event,
@@ -513,18 +514,27 @@ class EventBus:
         if type(topic_or_event) is str:
             if parent is None and source is None:
                 # new_event() inlined: the root publish is the hottest path of the library.
-                event = build(
-                    Event
-                    if type(payload) in ATOMIC_TYPES and not metadata
-                    else event_class(payload, metadata),
-                    topic_or_event,
-                    payload,
-                    freeze_metadata(metadata) if metadata else EMPTY_METADATA,
-                    key,
-                    None,
-                    time_ns(),
-                    next(sequence),
-                )
+                if type(payload) in ATOMIC_TYPES and not metadata:
+                    event = build_event(
+                        topic_or_event,
+                        payload,
+                        EMPTY_METADATA,
+                        key,
+                        None,
+                        time_ns(),
+                        next(sequence),
+                    )
+                else:
+                    event = build(
+                        event_class(payload, metadata),
+                        topic_or_event,
+                        payload,
+                        freeze_metadata(metadata) if metadata else EMPTY_METADATA,
+                        key,
+                        None,
+                        time_ns(),
+                        next(sequence),
+                    )
             else:
                 source = publisher_source(topic_or_event, source)
                 event = new_event(topic_or_event, payload, metadata, key, parent, source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -308,6 +308,11 @@ class _TrackedEvent(Event[P], gc=True, frozen=True):  # type: ignore[metaclass]
 # Values that cannot refer back to an event, so an event holding only these cannot be part of a
 # reference cycle and may stay out of the garbage collector's sight.
 ATOMIC_TYPES = frozenset({str, int, float, bool, type(None), bytes})
+
+
+# `build` bound to `Event` once: a call without the class argument to slice off, which saves
+# a third of the cost of building the plain events of the publish hot path.
+build_event: Callable[..., Event[Any]] = _StructMeta.__call__.__get__(Event)
 
 
 def event_class(payload: Any, metadata: Mapping[str, Any] | None) -> type[Event[Any]]:

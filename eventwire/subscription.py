@@ -386,8 +386,8 @@ class Subscription:
 
     async def _work(self, index: int) -> None:  # noqa: C901, PLR0912, PLR0915
         # One loop on purpose: it runs once per event, and a call per event costs the in-process
-        # bus measurable throughput. What is not per event lives in methods: waiting when idle
-        # (`_idle`), taking a key (`_hold_key`), timing (`_RunTimer`), failures (`_failed`).
+        # bus measurable throughput. What is not per event lives in methods: taking a key
+        # (`_hold_key`), timing (`_RunTimer`), failures (`_failed`).
         current_subscription.set(self)
         inbox = self.inbox
         in_flight = self._in_flight
@@ -400,6 +400,7 @@ class Subscription:
         observers = self._services.observers
         requests = self._services.requests
         set_current = current_event.set
+        create_future = asyncio.get_running_loop().create_future
         timer = _RunTimer(self)
         chain: deque[Event[Any]] | None = None
         held_key: str | None = None
@@ -421,8 +422,14 @@ class Subscription:
                 if not inbox:
                     in_flight[index] = None
                     timer.end(streak)
-                    if not await self._idle():
+                    # Nothing queued: park until an event comes (inline: with many quiet
+                    # subscriptions, a worker parks every few events).
+                    if self._stopping:
+                        self._fold()
                         return
+                    waiter = create_future()
+                    inbox.park(waiter)
+                    await waiter
                     streak = 0
                     check_at = timer.begin()
                     continue
@@ -481,16 +488,6 @@ class Subscription:
                     streak = 0
                     await asyncio.sleep(0)
                     check_at = timer.begin()
-
-    async def _idle(self) -> bool:
-        """Nothing queued: wait for an event; False when the subscription is stopping."""
-        if self._stopping:
-            self._fold()
-            return False
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.inbox.park(waiter)
-        await waiter
-        return True
 
     def _hold_key(
         self, event: Event[Any], keys: dict[str, deque[Event[Any]]]

@@ -14,9 +14,9 @@ from typing import Any
 
 from msgspec.structs import force_setattr
 
-from eventwire.backends.base import Backend, Capabilities, ConsumerInfo
+from eventwire.backends.base import Backend, BusServices, Capabilities, ConsumerInfo
 from eventwire.backends.url import BusURL, parse_url
-from eventwire.drain import Epoch
+from eventwire.drain import DrainTracker, Epoch
 from eventwire.envelope import check_encodable
 from eventwire.errors import InboxFullError
 from eventwire.event import Event
@@ -42,6 +42,8 @@ class MemoryBackend(Backend):
         self.router = Router()
         self._routes = self.router.routes
         self._attached: dict[Subscription, None] = {}
+        # The bus's, from `bind`; until then nothing is routed here, so nothing is counted.
+        self._tracker = DrainTracker()
 
     async def connect(self) -> None:
         """Nothing to connect to."""
@@ -50,6 +52,11 @@ class MemoryBackend(Backend):
         """Nothing to disconnect from."""
 
     # -- events -------------------------------------------------------------------------
+
+    def bind(self, services: BusServices) -> None:
+        super().bind(services)
+        # Read on every publish: one attribute instead of a property call each time.
+        self._tracker = services.tracker
 
     def send(self, event: Event[Any], cause: Event[Any] | None) -> int | Awaitable[Any]:
         # What a broker would refuse is refused here too, before anything is queued.
@@ -64,20 +71,29 @@ class MemoryBackend(Backend):
         count = len(targets)
         if not count:
             return 0
-        epoch = self.services.tracker.current
+        epoch = self._tracker.current
         if cause is not None:
             cause_epoch = cause.drain_epoch
             if cause_epoch is not None and not cause_epoch.retired:
                 epoch = cause_epoch  # a follow-up counts with its cause
         force_setattr(event, "drain_epoch", epoch)
         epoch.pending += count
-        for index, inbox in enumerate(targets):
+        if count == 1:  # one subscriber: no loop to set up
+            inbox = targets[0]
+            if len(inbox) < inbox.capacity:
+                inbox.append(event)
+                if inbox.idle is not None:
+                    inbox.wake_one()
+                return 1
+            return self._put_rest(event, targets, epoch)
+        # No enumerate(): the index is only needed on the slow path, found there.
+        for inbox in targets:
             if len(inbox) < inbox.capacity:
                 inbox.append(event)
                 if inbox.idle is not None:
                     inbox.wake_one()
                 continue
-            return self._put_rest(event, targets[index:], epoch)
+            return self._put_rest(event, targets[_position(targets, inbox) :], epoch)
         return count
 
     async def send_many(self, events: Sequence[Event[Any]], cause: Event[Any] | None) -> None:
@@ -149,3 +165,12 @@ class MemoryBackend(Backend):
 
     async def destroy(self) -> None:
         """Nothing is stored."""
+
+
+def _position(targets: Sequence[Inbox], inbox: Inbox) -> int:
+    """Where `inbox` is among `targets`, by identity (an inbox is a deque: == compares the
+    events queued)."""
+    for index, target in enumerate(targets):
+        if target is inbox:
+            return index
+    raise ValueError("inbox not among the targets")
