@@ -5,7 +5,8 @@ never touched."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,13 +51,24 @@ async def test_every_returned_publish_is_delivered_across_a_broker_restart(
         await wait_until(lambda: set(returned) <= seen, timeout=60)
 
 
-async def test_publish_during_an_outage_waits_then_raises_clearly(broker: PrivateServer) -> None:
-    bus = EventBus(broker.url, publish_timeout=0.5, close_grace=0.5)
+@contextlib.asynccontextmanager
+async def in_an_outage(
+    broker: PrivateServer, publish_timeout: float
+) -> AsyncIterator[tuple[EventBus, list[str]]]:
+    """A running bus whose subscription got "before", with its broker stopped: the bus and
+    the payloads the subscription gets."""
+    bus = EventBus(broker.url, publish_timeout=publish_timeout, close_grace=0.5)
     seen: list[str] = []
     bus.subscribe("outage.t", lambda e: seen.append(e.payload), name="patient")
     async with bus:
         await bus.publish("outage.t", "before")
         await asyncio.to_thread(broker.stop)
+        yield bus, seen
+    assert seen[0] == "before"
+
+
+async def test_publish_during_an_outage_waits_then_raises_clearly(broker: PrivateServer) -> None:
+    async with in_an_outage(broker, publish_timeout=0.5) as (bus, seen):
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(PublishTimeoutError, match=r"not confirmed stored .* within"):
@@ -75,19 +87,13 @@ async def test_publish_during_an_outage_waits_then_raises_clearly(broker: Privat
 
         await asyncio.wait_for(publish_until_stored(), timeout=30)
         await wait_until(lambda: "after" in seen, timeout=30)
-    assert seen[0] == "before"
 
 
 async def test_each_publish_has_its_own_timeout_during_an_outage(broker: PrivateServer) -> None:
     # First and second are sent while the broker is down; third joins them 5.5 s later. The
     # broker comes back after the first two's timeouts, well before the third's: the third
     # must be stored, not failed with its batch at the first deadline.
-    bus = EventBus(broker.url, publish_timeout=6, close_grace=0.5)
-    seen: list[str] = []
-    bus.subscribe("outage.t", lambda e: seen.append(e.payload), name="patient")
-    async with bus:
-        await bus.publish("outage.t", "before")
-        await asyncio.to_thread(broker.stop)
+    async with in_an_outage(broker, publish_timeout=6) as (bus, seen):
         loop = asyncio.get_running_loop()
         started = loop.time()
         first = asyncio.create_task(bus.publish("outage.t", "first"))
