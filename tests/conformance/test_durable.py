@@ -207,6 +207,23 @@ async def test_a_malformed_message_goes_to_the_dlq_and_the_consumer_goes_on(
     assert bus.stats()["orders"].dead_lettered == 2
 
 
+async def test_a_message_too_deep_to_decode_fails_alone_not_its_batch(bus: EventBus) -> None:
+    # 4 KB of nested brackets among innocent events fetched in the same batch: decoding it
+    # raised RecursionError, which dropped the whole batch, leased again and again forever.
+    seen, dead = await orders_and_dead_letters(bus)
+    deep = b'{"v": 1, "payload": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    innocent = [
+        Message(f"ok-{n}", "orders.new", None, encode(Event("orders.new", n))) for n in range(5)
+    ]
+    await bus.backend.publish(
+        [*innocent[:2], Message("deep", "orders.new", None, deep), *innocent[2:]]
+    )
+    await wait_until(lambda: sorted(seen) == list(range(5)) and len(dead) == 1, timeout=10)
+    assert "nests too deep" in dead[0].payload["error"]
+    await bus.drain(timeout=10)
+    assert bus.stats()["orders"].dead_lettered == 1
+
+
 async def test_a_foreign_envelope_not_for_its_topic_is_dead_lettered_not_dropped(
     bus: EventBus,
 ) -> None:
