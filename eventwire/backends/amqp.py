@@ -78,7 +78,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import unquote
 
 import aio_pika
@@ -412,7 +412,10 @@ class AmqpBackend(BrokerBackend):
         while pending:
             self._check_open()
             try:
-                underlay = await (await self._publish_channel()).get_underlay_channel()
+                # aiormq's channel (its abstract class does not declare `wait`).
+                underlay = cast(
+                    aiormq.Channel, await (await self._publish_channel()).get_underlay_channel()
+                )
                 results: list[ConfirmationFrameType | BaseException | None]
                 # wait=False: a publish waits for its confirm only, not also for its frames
                 # to be written out (the confirm comes after them anyway), so that a batch
