@@ -68,6 +68,7 @@ from eventwire.backends.base import (
     PRESENCE_KEPT,
     BackendCapabilityError,
     BackendConnectionError,
+    Backoff,
     Capabilities,
     Consumer,
     ConsumerInfo,
@@ -422,7 +423,7 @@ class NatsBackend(BrokerBackend):
 
     async def publish(self, messages: Sequence[Message]) -> None:
         waiting = list(messages)
-        backoff = retry_backoff()
+        backoff: Backoff | None = None  # made on the first retry (most publishes need none)
         while waiting:
             await self._connected()
             link = self.nc
@@ -465,6 +466,8 @@ class NatsBackend(BrokerBackend):
                     len(waiting),
                     last,
                 )
+                if backoff is None:
+                    backoff = retry_backoff()
                 await backoff.wait()
 
     async def _store_window(
@@ -521,6 +524,8 @@ class NatsBackend(BrokerBackend):
 
     async def _connected(self) -> None:
         """Wait (forever, with backoff) until the client is connected."""
+        if self.nc.is_connected:
+            return
         backoff = retry_backoff()
         while not self.nc.is_connected:
             if self.nc.is_closed:
@@ -1079,10 +1084,15 @@ class _NatsConsumer(Consumer):
             # Acks are published, not requested: one flush (a PING round trip) per batch
             # instead of a reply per ack. An ack lost on the way means a redelivery (at least
             # once), never a loss.
-            await self._backend._retry(
-                f"acknowledging {len(msgs)} deliveries",
-                functools.partial(self._publish_acks, self._backend, msgs),
-            )
+            try:
+                # Nothing to wait for: no answer is awaited, so the usual ack goes straight out.
+                await self._publish_acks(self._backend, msgs)
+            except _TRANSIENT_OR_REPLACED:
+                # Through a reconnect, with retries (acknowledging twice is harmless).
+                await self._backend._retry(
+                    f"acknowledging {len(msgs)} deliveries",
+                    functools.partial(self._publish_acks, self._backend, msgs),
+                )
         for msg in msgs:
             self._held.pop(msg.reply, None)
 
