@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client, Server
@@ -67,6 +68,7 @@ from eventwire.backends.base import (
     PRESENCE_KEPT,
     BackendCapabilityError,
     BackendConnectionError,
+    Backoff,
     Capabilities,
     Consumer,
     ConsumerInfo,
@@ -129,6 +131,12 @@ class _LenientClient(Client):
     every consumer of the stream on that message forever."""
 
     async def _process_headers(self, headers: Any) -> dict[str, str] | None:
+        if _PLAIN_HEADERS and headers and headers[:10] == b"NATS/1.0\r\n":
+            # Every delivery carries headers (its Nats-Msg-Id): plain ``Name: value`` lines
+            # are read here in one pass, as nats-py reads them; anything else goes to it.
+            found = _plain_headers(headers[10:])
+            if found is not None:
+                return found or None
         try:
             return await super()._process_headers(headers)
         except Exception:
@@ -146,7 +154,30 @@ class _LenientClient(Client):
 
 
 def _utf8(raw: bytes) -> bytes:
+    if raw.isascii():
+        return raw  # what every subject eventwire makes is
     return raw.decode("utf-8", "replace").encode()
+
+
+# nats-py parses header lines itself unless fast_mail_parser is installed (then with other
+# rules): `_plain_headers` reads them the same way as its own parser.
+_PLAIN_HEADERS = getattr(nats.aio.client, "parse_email", None) is None
+
+
+def _plain_headers(raw: bytes) -> dict[str, str] | None:
+    """``Name: value`` header lines whose names are plain tokens (letters, digits, ``-``),
+    as nats-py's own parser reads them; None when a line is anything else (nats-py then
+    parses the block)."""
+    found: dict[str, str] = {}
+    for line in raw.split(b"\r\n"):
+        if not line:
+            continue
+        name, sep, value = line.partition(b":")
+        name = name.strip()
+        if not sep or not name.replace(b"-", b"").isalnum():
+            return None
+        found[name.decode("ascii")] = value.strip().decode("utf-8", "replace")
+    return found
 
 
 def _reconnect_delay(servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
@@ -392,7 +423,7 @@ class NatsBackend(BrokerBackend):
 
     async def publish(self, messages: Sequence[Message]) -> None:
         waiting = list(messages)
-        backoff = retry_backoff()
+        backoff: Backoff | None = None  # made on the first retry (most publishes need none)
         while waiting:
             await self._connected()
             link = self.nc
@@ -435,6 +466,8 @@ class NatsBackend(BrokerBackend):
                     len(waiting),
                     last,
                 )
+                if backoff is None:
+                    backoff = retry_backoff()
                 await backoff.wait()
 
     async def _store_window(
@@ -491,6 +524,8 @@ class NatsBackend(BrokerBackend):
 
     async def _connected(self) -> None:
         """Wait (forever, with backoff) until the client is connected."""
+        if self.nc.is_connected:
+            return
         backoff = retry_backoff()
         while not self.nc.is_connected:
             if self.nc.is_closed:
@@ -1049,10 +1084,15 @@ class _NatsConsumer(Consumer):
             # Acks are published, not requested: one flush (a PING round trip) per batch
             # instead of a reply per ack. An ack lost on the way means a redelivery (at least
             # once), never a loss.
-            await self._backend._retry(
-                f"acknowledging {len(msgs)} deliveries",
-                functools.partial(self._publish_acks, self._backend, msgs),
-            )
+            try:
+                # Nothing to wait for: no answer is awaited, so the usual ack goes straight out.
+                await self._publish_acks(self._backend, msgs)
+            except _TRANSIENT_OR_REPLACED:
+                # Through a reconnect, with retries (acknowledging twice is harmless).
+                await self._backend._retry(
+                    f"acknowledging {len(msgs)} deliveries",
+                    functools.partial(self._publish_acks, self._backend, msgs),
+                )
         for msg in msgs:
             self._held.pop(msg.reply, None)
 
@@ -1172,6 +1212,9 @@ def _answer(acked: asyncio.Future[Msg]) -> BaseException | None:
 
 def _puback_error(msg: Msg) -> BaseException | None:
     """What a JetStream publish's answer says went wrong, or None for a PubAck."""
+    data = msg.data
+    if not msg.headers and data.startswith(b'{"stream":') and b'"error"' not in data:
+        return None  # a PubAck (the usual answer: no JSON decoding for it)
     headers = msg.headers or {}
     if headers.get("Status") == "503":
         return nats.js.errors.NoStreamResponseError()  # no stream (yet): JetStream restarting
@@ -1223,9 +1266,18 @@ def _pattern_of(info: NatsConsumerInfo, prefix: str) -> str:
 
 
 def _attempt(msg: Msg) -> int:
+    """The delivery count in a JetStream message's ack subject: ``$JS.ACK.<stream>.
+    <consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``, or with
+    ``<domain>.<account hash>`` after ``ACK`` (read directly: nats-py's `Msg.metadata`
+    builds dataclasses and a datetime per message)."""
+    tokens = msg.reply.split(".")
+    count = len(tokens)
+    index = 4 if count == 9 else 6 if count >= 11 else 0
+    if not index or tokens[0] != "$JS" or tokens[1] != "ACK":
+        return 1
     try:
-        return max(1, int(msg.metadata.num_delivered))
-    except (ValueError, IndexError, nats.errors.Error):
+        return max(1, int(tokens[index]))
+    except ValueError:
         return 1
 
 
