@@ -5,7 +5,12 @@ reliably. ``EventBus()`` runs in-process with nothing to install or start.
 """
 
 from eventwire.agent import Agent, on
-from eventwire.backends.base import BackendCapabilityError, BackendConnectionError, Capabilities
+from eventwire.backends.base import (
+    BackendCapabilityError,
+    BackendConnectionError,
+    BrokerFullError,
+    Capabilities,
+)
 from eventwire.bus import CloseReport, EventBus, UnhandledEvent
 from eventwire.errors import (
     BusClosedError,
@@ -29,6 +34,7 @@ __all__ = [
     "Agent",
     "BackendCapabilityError",
     "BackendConnectionError",
+    "BrokerFullError",
     "BusClosedError",
     "BusNotRunningError",
     "Capabilities",

@@ -43,6 +43,12 @@ class BackendConnectionError(EventwireError, ConnectionError):
     (never its password)."""
 
 
+class BrokerFullError(EventwireError, OSError):
+    """The broker could not store an event for want of space (a full disk). What the failed
+    call tried to store was not stored; what was stored before stays, and once space is freed
+    publishing works again."""
+
+
 class SubscriptionConflictError(EventwireError, ValueError):
     """A durable consumer exists on the broker under this name as something else: with
     another pattern, or as a group where a subscription's own name is wanted (or the reverse;

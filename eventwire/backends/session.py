@@ -265,6 +265,30 @@ class ConsumerSession:
             if asyncio.current_task() is self._acker:
                 self._acker = None
 
+    async def _last_acks(self) -> None:
+        """Send the acknowledgements still to go (those on their way first: closing before
+        them would give their events back), for at most `GIVE_BACK_TIMEOUT` seconds: a broker
+        that keeps refusing them (a full disk) must not keep the process from ending. What
+        is not acknowledged then is delivered again (at least once)."""
+        acker = self._acker
+        try:
+            async with asyncio.timeout(GIVE_BACK_TIMEOUT):
+                if acker is not None:
+                    await asyncio.shield(acker)
+                await self.flush_acks()
+        except TimeoutError:
+            if acker is not None:
+                acker.cancel()
+                await asyncio.wait([acker])
+            logger.warning(
+                "eventwire: %d acknowledgement(s) for %s could not be sent before closing; "
+                "those events will be delivered again",
+                len(self._acks),
+                self.name,
+            )
+            self._acks.clear()
+            self._handled_ids.clear()
+
     def give_back(self, key: object, delay: float = 0.0) -> bool:
         """Return the delivery held under `key` to the broker, to come again after `delay`
         seconds (in the background). False if nothing was held under it."""
@@ -314,11 +338,7 @@ class ConsumerSession:
         if leaser is not None:
             leaser.cancel()
             await asyncio.wait([leaser])
-        acker = self._acker
-        if acker is not None:
-            # Acknowledgements on their way: closing first would give them back instead.
-            await asyncio.wait([acker])
-        await self.flush_acks()
+        await self._last_acks()
         left = self.holding()
         self._held.clear()
         if self._background:

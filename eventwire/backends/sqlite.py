@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -26,6 +27,7 @@ from typing import Literal
 from eventwire.backends.base import (
     BackendCapabilityError,
     BackendConnectionError,
+    BrokerFullError,
     Capabilities,
     Consumer,
     ConsumerInfo,
@@ -101,7 +103,16 @@ class SqliteBackend(BrokerBackend):
         if not messages:
             return
         rows = [(m.id, m.topic, m.key, time_ns(), m.body) for m in messages]
-        await asyncio.to_thread(self.log.append, rows)
+        try:
+            await asyncio.to_thread(self.log.append, rows)
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            raise BrokerFullError(
+                f"cannot store {len(rows)} event(s) in {self.url.redacted}: the disk holding "
+                f"{self.path} is full. Nothing of this publish was stored and what was stored "
+                "before is intact: free some space, then publish again"
+            ) from error
         self._wake()
 
     def _wake(self) -> None:
