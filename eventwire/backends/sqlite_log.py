@@ -376,13 +376,21 @@ class SqliteLog:
         self,
         name: str,
         seqs: Sequence[int],
+        holder: str | None = None,
         *,
         handled_ids: Sequence[str] = (),
         keys: Iterable[str | None] | None = None,
     ) -> int:
-        """Finish deliveries; `handled_ids` are recorded for idempotent subscriptions. Returns
-        how many deliveries this made visible (the next of a key whose first was finished).
-        `keys`: the deliveries' keys (`Leased.key`), if the caller has them: not read then."""
+        """Finish the deliveries `holder` leases; `handled_ids` are recorded for idempotent
+        subscriptions. Returns how many deliveries this made visible (the next of a key whose
+        first was finished). `keys`: the deliveries' keys (`Leased.key`), if the caller has
+        them: not read then.
+
+        A delivery leased to another holder meanwhile (this one's lease ran out, another
+        process took it) is not finished: that process is handling it, and its key's next
+        delivery must wait for it. One whose lease ran out but that nobody took yet is
+        finished (it was handled, and nobody else holds it). `holder` None (tools that own
+        the consumer alone) finishes the deliveries whoever leases them."""
         finished = _json(list(seqs))
         known = None if keys is None else sorted({key for key in keys if key is not None})
 
@@ -400,12 +408,15 @@ class SqliteLog:
                         )
                         if key is not None
                     ]
-                db.execute(
-                    "DELETE FROM deliveries WHERE consumer = ?"
-                    " AND seq IN (SELECT value FROM json_each(?))",
-                    (name, finished),
-                )
-                if keys:
+                removed = db.execute(
+                    "DELETE FROM deliveries WHERE consumer = ?1"
+                    " AND seq IN (SELECT value FROM json_each(?2))"
+                    " AND (?3 IS NULL OR leased_by = ?3)",
+                    (name, finished, holder),
+                ).rowcount
+                # A key whose delivery was not finished here unblocks nothing (the UPDATE
+                # below finds its first owed delivery leased, not blocked).
+                if keys and removed:
                     # The first delivery still owed for each of these keys, if blocked, may be
                     # leased now.
                     unblocked = db.execute(
