@@ -13,6 +13,8 @@ killed at any point leaves both consistent:
   cursor over them: only as many as it leases, so a fetch costs the same whatever the backlog;
 - `ack` removes deliveries; `nak` makes one visible again after a delay; a delivery whose lease
   runs out (its process died) becomes visible again by itself, to any process of the consumer;
+  `ack`, `nak` and `extend` only touch deliveries still leased to their caller, so that a
+  process that was stopped past its leases cannot finish or give back what another took;
 - competing processes of one consumer never hold the same delivery at the same time, and the
   deliveries of one `key` are leased to one holder at a time, oldest first, so per-key order
   holds across processes (the holder handles what it leased of a key in order, as the bus
