@@ -92,6 +92,12 @@ class Lease(Protocol):
         """Idempotent subscriptions: `event` was handled; remember it at once."""
         ...
 
+    def holds(self, event: Event[Any]) -> bool:
+        """Whether this process still holds `event` (asked before handling it): False when
+        its lease may have run out meanwhile (the process was stopped), and the broker may
+        have given it to another process; it must not be handled here then."""
+        ...
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubscriptionServices:
@@ -442,6 +448,11 @@ class Subscription:
                         continue  # parked behind the worker that holds its key
                     held_key = event.key
 
+            if lease is not None and not lease.holds(event):
+                # Its lease ran out while it waited (the process was stopped): another process
+                # may be handling it now. The broker delivers it again.
+                self.release(event)
+                continue
             # Left set after handling: a worker only suspends inside a handler or when idle
             # (where this is cleared), so whoever looks at it sees the event in hand.
             in_flight[index] = event

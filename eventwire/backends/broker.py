@@ -755,6 +755,46 @@ class Feeder:
         if self.session is not None and self.session.give_back(event, 0.0):
             self._room.set()
 
+    def holds(self, event: Event[Any]) -> bool:
+        """Called by a worker before it handles `event`: whether this process surely still
+        holds its lease. If it may have run out (the process was stopped past it), the
+        broker may have leased the event to another process, which may be handling it: it
+        is not handled here (False), and goes back to the broker with every other event
+        whose lease may have run out, and every later event of their keys (handled here
+        first, they would overtake them)."""
+        session = self.session
+        if session is None or session.lease_alive(event):
+            return True
+        if session.is_held(event):
+            self._give_back_lost(session)
+        return False
+
+    def _give_back_lost(self, session: ConsumerSession) -> None:
+        # The lost ones are let go, not given back: their leases ran out at the broker (or
+        # will before long), and the broker may have leased them to another process, whose
+        # delivery a give-back might disturb (not every broker checks who gives back). The
+        # later events of their keys are still this process's: given back, to come after.
+        lost = {id(key): key for key, _ in session.lost()}
+        keys = {key.key for key in lost.values() if isinstance(key, Event) and key.key is not None}
+        behind = [
+            key
+            for key, _ in session.held_items()
+            if id(key) not in lost and isinstance(key, Event) and key.key in keys
+        ]
+        logger.warning(
+            "eventwire: %s held %d event(s) past their lease (was the process stopped?): "
+            "they are not handled here but delivered again, as are %d later event(s) of "
+            "their keys",
+            self.spec.name,
+            len(lost),
+            len(behind),
+        )
+        for key in lost.values():
+            session.release(key)
+        for key in behind:
+            session.give_back(key, 0.0)
+        self._room.set()
+
 
 def _misplaced(event: Event[Any], delivery: Delivery) -> str | None:
     """Why a decoded envelope cannot be one eventwire published where the broker delivered

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -27,6 +28,30 @@ GIVE_BACK_TIMEOUT = 5.0
 # `_SHORTEST_LEASE_PAUSE` seconds.
 _EXTENDS_PER_ACK_WAIT = 3
 _SHORTEST_LEASE_PAUSE = 0.05
+# A held delivery's lease counts as lost once this share of `ack_wait` passed since it was
+# last known renewed (fetched, or extended): it may have run out at the broker, and another
+# process may hold the delivery now. The rest of `ack_wait` covers the time between the broker
+# starting a lease and this process seeing it. Extends renew every third of `ack_wait`, so
+# only a process that stopped for half of it (frozen, suspended, its loop blocked) gets here.
+_LEASE_TRUSTED = 5 / 6
+# Time that goes on while the process is stopped (SIGSTOP) or the machine sleeps, as leases
+# at the broker do: CLOCK_BOOTTIME where there is one (Linux), else the monotonic clock.
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def _clock() -> float:
+    return time.monotonic() if _BOOTTIME is None else time.clock_gettime(_BOOTTIME)
+
+
+class _Held:
+    """One delivery held, and when its lease was last known renewed (`_clock`)."""
+
+    __slots__ = ("delivery", "key", "renewed")
+
+    def __init__(self, key: object, delivery: Delivery, renewed: float) -> None:
+        self.key = key
+        self.delivery = delivery
+        self.renewed = renewed
 
 
 class ConsumerSession:
@@ -37,7 +62,9 @@ class ConsumerSession:
       it is raised. What a fetch brings after `stop` is given back at once.
     - `hold` / `release`: deliveries kept under a key (the event made of it, or the delivery
       itself) while this process works on them; their leases are extended every third of
-      ``spec.ack_wait`` until they are released, acknowledged or given back.
+      ``spec.ack_wait`` until they are released, acknowledged or given back. `lease_alive`
+      tells whether one's lease may have run out meanwhile (the process was stopped past
+      it): such a lease is not extended any more, and its delivery must not be worked on.
     - `ack` (now, raising) and `ack_later` (batched, retried until it succeeds: unacknowledged
       work is delivered again, never lost); `give_back` returns one held delivery.
     - `run` runs a loop in a task that `stop_running` ends, by flag and cancellation both.
@@ -60,8 +87,11 @@ class ConsumerSession:
         self.give_back_on_close = give_back_on_close
         self._stopped = False
         self._backoff = Backoff()
-        # id(key) -> (key, delivery): what this process holds, leases kept alive.
-        self._held: dict[int, tuple[object, Delivery]] = {}
+        # id(key) -> what this process holds, leases kept alive.
+        self._held: dict[int, _Held] = {}
+        # `_clock` when the last fetch returned: its leases started no earlier than its call.
+        self._fetched_at = 0.0
+        self._lease_trusted = spec.ack_wait * _LEASE_TRUSTED
         self._leaser: asyncio.Task[None] | None = None
         self._closed = False
         self._acks: list[Delivery] = []
@@ -103,6 +133,7 @@ class ConsumerSession:
             acks = self._acks_to_send_along() if with_acks else []
             try:
                 deliveries = await self.consumer.ack_and_fetch(acks, limit, wait)
+                self._fetched_at = _clock()
             except BaseException as error:
                 # Sent on their own now (acknowledging again is harmless).
                 self._acks[:0] = acks
@@ -163,9 +194,9 @@ class ConsumerSession:
     # -- holding --------------------------------------------------------------------------
 
     def hold(self, key: object, delivery: Delivery) -> None:
-        """Keep `delivery` under `key` (compared by identity), its lease alive, until it is
-        released, acknowledged or given back."""
-        self._held[id(key)] = (key, delivery)
+        """Keep `delivery` (of the last fetch) under `key` (compared by identity), its lease
+        alive, until it is released, acknowledged or given back."""
+        self._held[id(key)] = _Held(key, delivery, self._fetched_at or _clock())
         if self._leaser is None and not self._closed:
             self._leaser = asyncio.get_running_loop().create_task(
                 self._keep_leases(), name=f"eventwire:{self.name}:leases"
@@ -174,11 +205,31 @@ class ConsumerSession:
     def release(self, key: object) -> Delivery | None:
         """Stop holding what `key` holds, and return it (None if nothing)."""
         held = self._held.pop(id(key), None)
-        return None if held is None else held[1]
+        return None if held is None else held.delivery
 
     def holding(self) -> list[Delivery]:
         """The deliveries held now."""
-        return [delivery for _, delivery in self._held.values()]
+        return [held.delivery for held in self._held.values()]
+
+    def is_held(self, key: object) -> bool:
+        """Whether something is held under `key`."""
+        return id(key) in self._held
+
+    def lease_alive(self, key: object) -> bool:
+        """Whether the delivery held under `key` is surely still leased to this process
+        (renewed recently enough); False if nothing is held under it. The check before
+        working on a delivery: one clock reading."""
+        held = self._held.get(id(key))
+        return held is not None and _clock() - held.renewed < self._lease_trusted
+
+    def lost(self) -> list[tuple[object, Delivery]]:
+        """The keys and deliveries held whose lease may have run out (`lease_alive`)."""
+        oldest = _clock() - self._lease_trusted
+        return [(h.key, h.delivery) for h in self._held.values() if h.renewed <= oldest]
+
+    def held_items(self) -> list[tuple[object, Delivery]]:
+        """The keys and deliveries held now."""
+        return [(held.key, held.delivery) for held in self._held.values()]
 
     async def _keep_leases(self) -> None:
         every = max(self.spec.ack_wait / _EXTENDS_PER_ACK_WAIT, _SHORTEST_LEASE_PAUSE)
@@ -186,12 +237,24 @@ class ConsumerSession:
         while not self._closed:
             await asyncio.sleep(every)
             if self._held and not self._closed:
+                # Renewed as of now if the extend succeeds: the broker restarts each lease no
+                # earlier than this. A lease that may have run out already is not extended:
+                # another process may hold its delivery (an extend cannot tell), and its
+                # delivery is not worked on here any more.
+                sent = _clock()
+                oldest = sent - self._lease_trusted
+                fresh = [held for held in self._held.values() if held.renewed > oldest]
+                if not fresh:
+                    continue
                 try:
-                    await self.consumer.extend(self.holding())
+                    await self.consumer.extend([held.delivery for held in fresh])
                 except Exception:
                     logger.warning(
                         "eventwire: extending leases for %s failed", self.name, exc_info=True
                     )
+                    continue
+                for held in fresh:
+                    held.renewed = max(held.renewed, sent)
 
     # -- finishing ------------------------------------------------------------------------
 

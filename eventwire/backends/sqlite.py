@@ -252,6 +252,7 @@ class _SqliteConsumer(Consumer):
             self._backend.log.ack,
             self._spec.name,
             [item.seq for item in leased],
+            self._holder,
             handled_ids=handled_ids,
             keys=[item.key for item in leased],
         )

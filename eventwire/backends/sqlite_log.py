@@ -13,6 +13,8 @@ killed at any point leaves both consistent:
   cursor over them: only as many as it leases, so a fetch costs the same whatever the backlog;
 - `ack` removes deliveries; `nak` makes one visible again after a delay; a delivery whose lease
   runs out (its process died) becomes visible again by itself, to any process of the consumer;
+  `ack`, `nak` and `extend` only touch deliveries still leased to their caller, so that a
+  process that was stopped past its leases cannot finish or give back what another took;
 - competing processes of one consumer never hold the same delivery at the same time, and the
   deliveries of one `key` are leased to one holder at a time, oldest first, so per-key order
   holds across processes (the holder handles what it leased of a key in order, as the bus
@@ -376,13 +378,21 @@ class SqliteLog:
         self,
         name: str,
         seqs: Sequence[int],
+        holder: str | None = None,
         *,
         handled_ids: Sequence[str] = (),
         keys: Iterable[str | None] | None = None,
     ) -> int:
-        """Finish deliveries; `handled_ids` are recorded for idempotent subscriptions. Returns
-        how many deliveries this made visible (the next of a key whose first was finished).
-        `keys`: the deliveries' keys (`Leased.key`), if the caller has them: not read then."""
+        """Finish the deliveries `holder` leases; `handled_ids` are recorded for idempotent
+        subscriptions. Returns how many deliveries this made visible (the next of a key whose
+        first was finished). `keys`: the deliveries' keys (`Leased.key`), if the caller has
+        them: not read then.
+
+        A delivery leased to another holder meanwhile (this one's lease ran out, another
+        process took it) is not finished: that process is handling it, and its key's next
+        delivery must wait for it. One whose lease ran out but that nobody took yet is
+        finished (it was handled, and nobody else holds it). `holder` None (tools that own
+        the consumer alone) finishes the deliveries whoever leases them."""
         finished = _json(list(seqs))
         known = None if keys is None else sorted({key for key in keys if key is not None})
 
@@ -400,12 +410,15 @@ class SqliteLog:
                         )
                         if key is not None
                     ]
-                db.execute(
-                    "DELETE FROM deliveries WHERE consumer = ?"
-                    " AND seq IN (SELECT value FROM json_each(?))",
-                    (name, finished),
-                )
-                if keys:
+                removed = db.execute(
+                    "DELETE FROM deliveries WHERE consumer = ?1"
+                    " AND seq IN (SELECT value FROM json_each(?2))"
+                    " AND (?3 IS NULL OR leased_by = ?3)",
+                    (name, finished, holder),
+                ).rowcount
+                # A key whose delivery was not finished here unblocks nothing (the UPDATE
+                # below finds its first owed delivery leased, not blocked).
+                if keys and removed:
                     # The first delivery still owed for each of these keys, if blocked, may be
                     # leased now.
                     unblocked = db.execute(

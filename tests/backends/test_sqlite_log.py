@@ -141,6 +141,53 @@ def test_extend_renews_only_the_holders_leases(log: SqliteLog) -> None:
     assert [d.event_id for d in log.fetch("c", "p3")] == ["2"]
 
 
+def test_a_late_ack_of_a_lease_taken_over_does_not_count(log: SqliteLog) -> None:
+    # p1 stands for a process frozen past its lease: "1" went to p2, which handles it now.
+    # p1's late ack must neither finish p2's delivery nor let "2" (same key) go while p2
+    # still works on "1": the key would be handled in two processes at once.
+    log.ensure_consumer("c", "t")
+    log.append(rows(("1", "t", "k"), ("2", "t", "k")))
+    [stale] = log.fetch("c", "p1", limit=1, lease_seconds=0.1)
+    assert log.fetch("c", "p2") == []  # "2" is blocked behind p1's "1"
+    time.sleep(0.15)  # the lease running out is what this test is about
+    taken = log.fetch("c", "p2")
+    assert [(d.event_id, d.attempts) for d in taken] == [("1", 2), ("2", 1)]
+    assert log.ack("c", [stale.seq], "p1", keys=[stale.key]) == 0
+    assert log.ack("c", [stale.seq], "p1") == 0  # keys not given: read, same answer
+    assert log.pending("c") == 2  # p2's "1" and "2", both still owed
+    assert log.fetch("c", "p1") == []
+    assert log.ack("c", [d.seq for d in taken], "p2", keys=[d.key for d in taken]) == 0
+    assert log.pending("c") == 0
+
+
+def test_a_late_ack_unblocks_the_key_only_if_nobody_took_the_lease_over(
+    log: SqliteLog,
+) -> None:
+    log.ensure_consumer("c", "t")
+    log.append(rows(("1", "t", "k"), ("2", "t", "k")))
+    [late] = log.fetch("c", "p1", limit=1, lease_seconds=0.1)
+    assert log.fetch("c", "p2") == []  # "2" is blocked behind p1's "1"
+    time.sleep(0.15)  # the lease running out is what this test is about
+    # Nobody holds "1" now but p1 (whose lease ran out): its handled ack counts.
+    assert log.ack("c", [late.seq], "p1", keys=[late.key]) == 1
+    assert [(d.event_id, d.attempts) for d in log.fetch("c", "p2")] == [("2", 1)]
+
+
+def test_a_late_ack_of_a_delivery_given_back_meanwhile_does_not_count(
+    log: SqliteLog,
+) -> None:
+    log.ensure_consumer("c", "t")
+    log.append(rows(("1", "t", None)))
+    [stale] = log.fetch("c", "p1", lease_seconds=0.1)
+    time.sleep(0.15)  # the lease running out is what this test is about
+    [taken] = log.fetch("c", "p2")
+    log.nak("c", taken.seq, "p2")  # p2 gave it back: it waits for whoever fetches next
+    log.ack("c", [stale.seq], "p1", handled_ids=["1"])
+    assert log.pending("c") == 1
+    assert log.was_handled("c", "1")  # it was handled in p1 all the same
+    assert [(d.event_id, d.attempts) for d in log.fetch("c", "p3")] == [("1", 3)]
+
+
 # -- per-key order -----------------------------------------------------------------------------
 
 
