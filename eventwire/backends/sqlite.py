@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from time import time_ns
 from typing import Literal
+from urllib.parse import unquote
 
 from eventwire.backends.base import (
     BackendCapabilityError,
@@ -69,8 +70,9 @@ class SqliteBackend(BrokerBackend):
                 f"sqlite URL {url.redacted!r} names no file: use sqlite:///relative/bus.db "
                 "or sqlite:////absolute/bus.db"
             )
-        # sqlite:///bus.db is relative to the working directory, sqlite:////tmp/bus.db absolute.
-        self.path = Path(url.path[1:])
+        # sqlite:///bus.db is relative to the working directory, sqlite:////tmp/bus.db absolute;
+        # %xx is decoded as in any URL (sqlite:///my%20bus.db is "my bus.db").
+        self.path = Path(unquote(url.path[1:]))
         self.poll = URLOptions(url, OPTIONS).duration("poll", _DEFAULT_POLL, above=True)
         self._log: SqliteLog | None = None
         # Set by every publish of this process, so that its own consumers need not poll.

@@ -6,6 +6,7 @@ contract every backend keeps is in test_backend_contract.py."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -124,3 +125,11 @@ async def test_a_process_stopped_past_its_lease_leaves_the_key_to_the_one_that_t
             await second.wait()
         await other
     assert seen == [(2, True)]  # "2" only after "1" was done elsewhere: never both at once
+
+
+async def test_percent_escapes_in_the_path_are_decoded_as_in_any_url(tmp_path: Path) -> None:
+    async with EventBus(f"sqlite:///{tmp_path}/my%20bus%23.db") as bus:
+        await bus.publish("t.x", 1)
+    names = await asyncio.to_thread(os.listdir, tmp_path)
+    assert "my bus#.db" in names
+    assert not [name for name in names if "%" in name]
