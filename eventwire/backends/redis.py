@@ -63,7 +63,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -81,6 +80,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from eventwire.backends import redis_lua as lua
 from eventwire.backends.base import (
     HANDLED_KEPT,
     OPERATION_RETRY_DEADLINE,
@@ -98,6 +98,17 @@ from eventwire.backends.base import (
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.redis_wire import (
+    XADD,
+    Link,
+    Script,
+    bulk,
+    command,
+    execute,
+    publish_call,
+    resp,
+    stage,
+)
 from eventwire.backends.url import BusURL, URLOptions
 from eventwire.topics import is_topic, pattern_matches, validate_pattern
 
@@ -134,11 +145,6 @@ _READ_COUNT = 1000
 # Topics whose match against its pattern a consumer remembers, before starting over.
 _TOPICS_KEPT = 10_000
 _CONNECT_TIMEOUT = 3.0
-# Longest wait for a reply (past a blocking read's own wait): a connection that silent is
-# dropped and the command fails as retryable. Enforced by `_command` with a timer, not by
-# redis-py's socket_timeout, which runs every write in a task of its own (`wait_for`): a
-# fifth of a publish's CPU time.
-_SOCKET_TIMEOUT = 10.0
 # Consumers (dead processes) with nothing pending and idle this long are removed from a group.
 _PRUNE_IDLE_MS = 3600 * 1000
 _PRUNE_EVERY = 600.0
@@ -151,443 +157,6 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
     redis_errors.TryAgainError,
     OSError,
 )
-
-# -- Lua ----------------------------------------------------------------------------------------
-
-# Topic rules of eventwire.topics, for filtering inside Redis. A missing or invalid topic
-# (a foreign producer's entry) matches every pattern: each consumer gets it and its bus
-# dead-letters it, rather than nobody seeing it.
-_LUA_TOPICS = r"""
-local function split(s)
-  local out, start = {}, 1
-  while true do
-    local i = string.find(s, '.', start, true)
-    if not i then
-      out[#out + 1] = string.sub(s, start)
-      return out
-    end
-    out[#out + 1] = string.sub(s, start, i - 1)
-    start = i + 1
-  end
-end
-
-local function valid_topic(tokens)
-  for _, token in ipairs(tokens) do
-    if not string.find(token, '^[%w_%-]+$') then return false end
-  end
-  return true
-end
-
-local function matches(pattern, topic)
-  if not topic then return true end
-  local t = split(topic)
-  if not valid_topic(t) then return true end
-  local p = split(pattern)
-  if string.sub(topic, 1, 1) == '_' and string.sub(p[1], 1, 1) ~= '_' then return false end
-  for i = 1, #p do
-    if p[i] == '>' then return #t >= i end
-    if i > #t then return false end
-    if p[i] ~= '*' and p[i] ~= t[i] then return false end
-  end
-  return #p == #t
-end
-
-local function topic_of(fields)
-  if not fields then return nil end
-  for i = 1, #fields, 2 do
-    if fields[i] == 'topic' then return fields[i + 1] end
-  end
-  return nil
-end
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
-
-# KEYS: stream, then with deduplication one marker key per message. ARGV: maxlen (0: none),
-# dedup window in s (0: off), then four per message: event id, topic, key ('' for none, else
-# '=' and the key) and body, each its own argument: Redis reads them natively, with no
-# unpacking in Lua.
-# Returns how many were stored (not duplicates).
-_PUBLISH = r"""
-local stream, maxlen, window = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local m, stored = 1, 0
-for a = 3, #ARGV, 4 do
-  local id, topic, key, body = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  m = m + 1
-  if window == 0 or redis.call('SET', KEYS[m], '1', 'NX', 'EX', window) then
-    if key == '' then
-      if maxlen > 0 then
-        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'id', id, 'topic', topic,
-          'body', body)
-      else
-        redis.call('XADD', stream, '*', 'id', id, 'topic', topic, 'body', body)
-      end
-    else
-      key = string.sub(key, 2)
-      if maxlen > 0 then
-        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'id', id, 'topic', topic,
-          'key', key, 'body', body)
-      else
-        redis.call('XADD', stream, '*', 'id', id, 'topic', topic, 'key', key, 'body', body)
-      end
-    end
-    stored = stored + 1
-  end
-end
-return stored
-"""
-
-# KEYS: stream. ARGV: first entry id to read ('': the server's now minus ARGV[2] ms), ms,
-# most entries to read, then event ids. Returns {where to go on ('': the end was reached),
-# the event ids found in the `id` field of the entries read}.
-_SEEN = r"""
-local start, budget = ARGV[1], tonumber(ARGV[3])
-if start == '' then
-  local t = redis.call('TIME')
-  local from = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
-  start = string.format('%d-0', math.max(from, 0))
-end
-local wanted = {}
-for i = 4, #ARGV do wanted[ARGV[i]] = true end
-local found, scanned = {}, 0
-while scanned < budget do
-  local r = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 500)
-  for _, e in ipairs(r) do
-    local f = e[2] or {}
-    for i = 1, #f - 1, 2 do
-      if f[i] == 'id' then
-        if wanted[f[i + 1]] then found[#found + 1] = f[i + 1] end
-        break
-      end
-    end
-  end
-  if #r < 500 then return {'', found} end
-  start = '(' .. r[#r][1]
-  scanned = scanned + #r
-end
-return {start, found}
-"""
-
-# KEYS: stream, registry, kinds. ARGV: name, group, pattern, start id, kind ('group' or
-# 'own': a group's consumer or one subscription's).
-# Returns {1, 'created'|'exists'} or {0, existing pattern, existing kind or false}.
-_CREATE = r"""
-local existing = redis.call('HGET', KEYS[2], ARGV[1])
-local kind = redis.call('HGET', KEYS[3], ARGV[1])
-if existing and (existing ~= ARGV[3] or (kind and kind ~= ARGV[5])) then
-  return {0, existing, kind}
-end
-local made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[2], ARGV[4], 'MKSTREAM')
-local state = 'created'
-if type(made) == 'table' and made.err then
-  if not string.find(made.err, 'BUSYGROUP', 1, true) then return redis.error_reply(made.err) end
-  state = 'exists'
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[5])
-return {1, state}
-"""
-
-# KEYS: stream, delayed, wake. ARGV: group, consumer, limit, pattern, reclaim (0/1),
-# min idle ms, autoclaim cursor, scan budget.
-# Returns {deliveries, redelivered, next cursor, more} when there are deliveries, else
-# {{}, 0, next cursor, more, last stream id, last wake id, next due ms or -1, now}.
-# `deliveries` holds one `_ENTRY` record (a string) per delivery, oldest first except for the
-# first `redelivered` ones (nak'ed or taken over: older than the rest, in no particular order).
-_FETCH = (
-    _LUA_TOPICS
-    + r"""
-local stream, delayed, wake = KEYS[1], KEYS[2], KEYS[3]
-local group, me, limit, pattern = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local cursor, budget = ARGV[7], tonumber(ARGV[8])
-local now = now_ms()
-local parts, count = {}, 0
-
--- The first `topic` and `body` fields of an entry (foreign entries may lack either).
-local function topic_body(fields)
-  local topic, body = nil, nil
-  if fields then
-    for i = 1, #fields - 1, 2 do
-      local k = fields[i]
-      if k == 'topic' then
-        if not topic then topic = fields[i + 1] end
-      elseif k == 'body' then
-        if not body then body = fields[i + 1] end
-      end
-    end
-  end
-  return topic, body
-end
-
-local function emit(id, attempt, topic, body)
-  topic, body = topic or '', body or ''
-  count = count + 1
-  parts[count] = struct.pack('>I4I4I4I4', attempt, #id, #topic, #body) .. id .. topic .. body
-end
-
--- 1. nak'ed entries whose delay is over: back into the pending list, owned by us.
-local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, limit)
-for _, member in ipairs(due) do
-  redis.call('ZREM', delayed, member)
-  local sep = string.find(member, ' ', 1, true)
-  local id, n = string.sub(member, 1, sep - 1), tonumber(string.sub(member, sep + 1))
-  local got = redis.call('XCLAIM', stream, group, me, 0, id, 'FORCE', 'RETRYCOUNT', n + 1)
-  -- Nothing comes back when the entry was trimmed from the stream meanwhile.
-  if got[1] and got[1][2] then
-    local topic, body = topic_body(got[1][2])
-    emit(got[1][1], n + 1, topic, body)
-  end
-end
-
--- 2. entries another consumer held longer than ack_wait (its process died or stalled).
-if ARGV[5] == '1' and count < limit then
-  local r = redis.call('XAUTOCLAIM', stream, group, me, ARGV[6], cursor, 'COUNT', limit - count)
-  cursor = r[1]
-  for _, e in ipairs(r[2]) do
-    if e and e[2] then
-      local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
-      local topic, body = topic_body(e[2])
-      emit(e[1], p[1][4], topic, body)
-    end
-  end
-end
-local redelivered = count
-
--- 3. new entries; those for other topics are acknowledged here and never delivered.
-local scanned, more = 0, 0
-while count < limit do
-  if scanned >= budget then more = 1; break end
-  local want = math.min(limit - count, budget - scanned)
-  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', want, 'STREAMS', stream, '>')
-  if not r then break end
-  local entries = r[1][2]
-  scanned = scanned + #entries
-  local skip = {}
-  for _, e in ipairs(entries) do
-    local topic, body = topic_body(e[2])
-    if topic == pattern or matches(pattern, topic) then
-      emit(e[1], 1, topic, body)
-    else
-      skip[#skip + 1] = e[1]
-    end
-  end
-  if #skip > 0 then redis.call('XACK', stream, group, unpack(skip)) end
-  if #entries < want then break end
-end
-
-local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
-local due_ms = -1
-if next_due[2] then due_ms = math.floor(tonumber(next_due[2])) end
-return {parts, redelivered, cursor, more, due_ms, now}
-"""
-)
-
-# KEYS: stream, delayed, wake. ARGV: group, consumer, entry id, delay ms.
-# Only the consumer that holds the entry may give it back (another may have taken it over).
-_NAK = r"""
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[3] .. ' ' .. p[1][4])
-redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'w', '1')
-return 1
-"""
-
-# KEYS: stream. ARGV: group, consumer, entry ids... Resets the idle time of the entries the
-# consumer still holds (XCLAIM JUSTID does not count a delivery).
-_EXTEND = r"""
-local cmd = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then cmd[#cmd + 1] = ARGV[i] end
-end
-if #cmd == 5 then return 0 end
-cmd[#cmd + 1] = 'JUSTID'
-return #redis.call(unpack(cmd))
-"""
-
-# KEYS: stream, delayed, wake. ARGV: group, consumer.
-# Hands everything the consumer holds back (due now) and removes the consumer from the group.
-_RELEASE = r"""
-local now = nil
-local moved = 0
-while true do
-  local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], '-', '+', 100, ARGV[2])
-  if type(p) == 'table' and p.err then return 0 end
-  if #p == 0 then break end
-  if not now then
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  end
-  for _, e in ipairs(p) do
-    redis.call('XACK', KEYS[1], ARGV[1], e[1])
-    redis.call('ZADD', KEYS[2], now, e[1] .. ' ' .. e[4])
-    moved = moved + 1
-  end
-end
-redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-if moved > 0 then redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'w', '1') end
-return moved
-"""
-
-# KEYS: stream. ARGV: group, consumer to keep, idle ms.
-# Removes consumers of dead processes: nothing pending (checked atomically) and idle long.
-_PRUNE = r"""
-local info = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
-if type(info) == 'table' and info.err then return 0 end
-local removed = 0
-for _, c in ipairs(info) do
-  local f = {}
-  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
-  if f['name'] ~= ARGV[2] and f['pending'] == 0 and f['idle'] > tonumber(ARGV[3]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
-    removed = removed + 1
-  end
-end
-return removed
-"""
-
-# KEYS: stream, then delayed and tally keys per group. ARGV: scan limit, then group, pattern
-# per group. Returns per group the outstanding count (pending + delayed + unread entries that
-# match) and 1 if it is exact, 0 if it is an upper bound (more unread entries than `limit`
-# were left to look at: asking again goes on from there).
-#
-# Unread entries are counted from the group's position on, at most `limit` per call; a tally
-# key keeps how far the count went (while the position stays: the dead-letter consumer's
-# never moves between two `eventwire dlq` reads) so that the next call only looks at what
-# came since. Entries deleted or trimmed since the tally began start it again.
-_STATS = (
-    _LUA_TOPICS
-    + r"""
-local limit = tonumber(ARGV[1])
-local function after(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  if not (am and bm) then return true end
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am > bm or (am == bm and as > bs)
-end
-local deleted = nil
-local stream = redis.pcall('XINFO', 'STREAM', KEYS[1])
-if not (type(stream) == 'table' and stream.err) then
-  for i = 1, #stream, 2 do
-    if stream[i] == 'max-deleted-entry-id' then deleted = stream[i + 1] end
-  end
-end
-local groups = {}
-local info = redis.pcall('XINFO', 'GROUPS', KEYS[1])
-if not (type(info) == 'table' and info.err) then
-  for _, g in ipairs(info) do
-    local f = {}
-    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-    groups[f['name']] = f
-  end
-end
-local out = {}
-for k = 1, (#KEYS - 1) / 2 do
-  local delayed, tally = KEYS[2 * k], KEYS[2 * k + 1]
-  local group, pattern = ARGV[2 * k], ARGV[2 * k + 1]
-  local n, exact = redis.call('ZCARD', delayed), 1
-  local f = groups[group]
-  if f and f['lag'] ~= 0 then
-    n = n + f['pending']
-    local position = f['last-delivered-id']
-    local from, seen, matched = position, 0, 0
-    local t = redis.call('HMGET', tally, 'position', 'pattern', 'to', 'seen', 'matched')
-    if t[1] == position and t[2] == pattern and not (deleted and after(deleted, position)) then
-      from, seen, matched = t[3], tonumber(t[4]), tonumber(t[5])
-    end
-    local rest = redis.call('XRANGE', KEYS[1], '(' .. from, '+', 'COUNT', limit)
-    for _, e in ipairs(rest) do
-      if matches(pattern, topic_of(e[2])) then matched = matched + 1 end
-    end
-    seen = seen + #rest
-    if #rest > 0 then from = rest[#rest][1] end
-    n = n + matched
-    if #rest == limit then
-      exact = 0  -- past what was counted: count the rest as matching (never 0)
-      if f['lag'] then n = n + math.max(f['lag'] - seen, 1) else n = n + 1 end
-    end
-    if seen >= limit then
-      -- Worth keeping: counting it again would take at least one more call.
-      redis.call('HSET', tally, 'position', position, 'pattern', pattern, 'to', from,
-        'seen', seen, 'matched', matched)
-    elseif t[1] then
-      redis.call('DEL', tally)
-    end
-  elseif f then
-    n = n + f['pending']
-  end
-  out[#out + 1] = {n, exact}
-end
-return out
-"""
-)
-
-# KEYS: stream, registry, delayed, handled, wake, tally, kinds. ARGV: name, group.
-_DELETE = r"""
-redis.pcall('XGROUP', 'DESTROY', KEYS[1], ARGV[2])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[7], ARGV[1])
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
-return 1
-"""
-
-
-_SCRIPTS = (_PUBLISH, _SEEN, _CREATE, _FETCH, _NAK, _EXTEND, _RELEASE, _PRUNE, _STATS, _DELETE)
-
-
-class _Script:
-    """A Lua script run by EVALSHA, loaded again when the server lost it (a restart)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return await _command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
-        except redis_errors.NoScriptError:
-            await _command(client, "SCRIPT", "LOAD", self.source)
-            return await _command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
-
-
-async def _command(client: Any, *args: Any, wait: float = 0.0) -> Any:
-    """One raw command (redis-py's `execute_command` is untyped), failing with redis-py's
-    TimeoutError (retryable) when no reply came within `_SOCKET_TIMEOUT` seconds past `wait`
-    (a blocking command's own wait); redis-py drops the connection it interrupts. A
-    cancellation that redis-py swallowed (one landing as the reply came in) is raised here,
-    so that a reader's task stops when cancelled rather than going on with its next
-    command."""
-    task = asyncio.current_task()
-    cancelling = task.cancelling() if task is not None else 0
-    try:
-        async with asyncio.timeout(_SOCKET_TIMEOUT + wait):
-            reply = await client.execute_command(*args)
-    except TimeoutError:
-        raise redis_errors.TimeoutError(f"no reply from Redis to {args[0]}") from None
-    if task is not None and task.cancelling() > cancelling:
-        raise asyncio.CancelledError
-    return reply
-
-
-async def _execute(pipe: Any, **options: Any) -> Any:
-    """Run a pipeline, with `_command`'s limit on the wait for its replies."""
-    try:
-        async with asyncio.timeout(_SOCKET_TIMEOUT):
-            return await pipe.execute(**options)
-    except TimeoutError:
-        raise redis_errors.TimeoutError("no reply from Redis to a pipeline") from None
-
-
-def _stage(pipe: Any, *args: Any) -> None:
-    """Queue a raw command on a pipeline."""
-    pipe.pipeline_execute_command(*args)
 
 
 def _text(value: Any) -> str:
@@ -616,125 +185,6 @@ def _publish_chunks(messages: Sequence[Message]) -> list[Sequence[Message]]:
     if start < len(messages):
         chunks.append(messages[start:])
     return chunks
-
-
-def _bulk(value: bytes | str | int) -> bytes:
-    """One RESP bulk string."""
-    data = (
-        value.encode()
-        if isinstance(value, str)
-        else b"%d" % value
-        if isinstance(value, int)
-        else value
-    )
-    return b"$%d\r\n%s\r\n" % (len(data), data)
-
-
-def _resp(*args: bytes | str | int) -> bytes:
-    """A command in RESP, as the server reads it."""
-    return b"*%d\r\n%s" % (len(args), b"".join([_bulk(arg) for arg in args]))
-
-
-# XADD <stream> * id <id> topic <topic> body <body> (its stream given packed already).
-_XADD = b"*9\r\n$4\r\nXADD\r\n%s$1\r\n*\r\n$2\r\nid\r\n%s$5\r\ntopic\r\n%s$4\r\nbody\r\n%s"
-
-
-def _publish_call(
-    sha: str, keys: Sequence[str], head: Sequence[int], messages: Sequence[Message]
-) -> bytes:
-    """One EVALSHA of the publish script for `messages`, in RESP: four arguments each."""
-    parts = [b"*%d\r\n" % (3 + len(keys) + len(head) + 4 * len(messages)), _bulk("EVALSHA")]
-    parts += (_bulk(sha), _bulk(len(keys)))
-    parts += [_bulk(key) for key in keys]
-    parts += [_bulk(value) for value in head]
-    none = b"$0\r\n\r\n"
-    for m in messages:
-        event_id = m.id.encode()
-        topic = m.topic.encode()
-        key = none if m.key is None else _bulk(b"=" + m.key.encode())
-        parts.append(
-            b"$%d\r\n%s\r\n$%d\r\n%s\r\n%s$%d\r\n%s\r\n"
-            % (len(event_id), event_id, len(topic), topic, key, len(m.body), m.body)
-        )
-    return b"".join(parts)
-
-
-class _Link:
-    """A connection of the client's pool kept for one user (the publisher, one consumer's
-    fetches), to which commands go as RESP the caller packed, their raw replies read back:
-    no checkout from the pool, retry wrapper and reply callbacks per command, which are a
-    third of `execute_command`'s CPU time. A call while another is under way takes a pooled
-    connection of its own."""
-
-    def __init__(self, client: Redis) -> None:
-        self._client = client
-        self._connection: Any = None
-        self._busy = False
-        self._closed = False
-
-    async def call(
-        self, payload: bytes, replies: int = 1, *, wait: float = 0.0, raise_errors: bool = True
-    ) -> list[Any]:
-        """Send `payload` (`replies` commands) and return their replies, error replies as
-        exceptions in their place, or the first of them raised (`raise_errors`) once all are
-        read. Fails with redis-py's TimeoutError (retryable) after `_SOCKET_TIMEOUT` seconds
-        past `wait` (a blocking command's own wait) without them."""
-        pool: Any = self._client.connection_pool
-        if self._busy or self._closed:
-            connection = await pool.get_connection()
-            try:
-                return await _exchange(connection, payload, replies, wait, raise_errors)
-            finally:
-                await pool.release(connection)
-        self._busy = True
-        try:
-            if self._connection is None:
-                self._connection = await pool.get_connection()
-            return await _exchange(self._connection, payload, replies, wait, raise_errors)
-        finally:
-            self._busy = False
-
-    async def close(self) -> None:
-        """Give the connection back to the pool (dropped first if a call is under way on it,
-        whose replies nobody else may read); later calls take pooled connections."""
-        self._closed = True
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            if self._busy:
-                await connection.disconnect(nowait=True)
-            pool: Any = self._client.connection_pool
-            await pool.release(connection)
-
-
-async def _exchange(
-    connection: Any, payload: bytes, replies: int, wait: float, raise_errors: bool
-) -> list[Any]:
-    task = asyncio.current_task()
-    cancelling = task.cancelling() if task is not None else 0
-    out: list[Any] = []
-    error: redis_errors.ResponseError | None = None
-    try:
-        async with asyncio.timeout(_SOCKET_TIMEOUT + wait):
-            # redis-py drops the connection when sending or reading fails or is interrupted,
-            # and connects again on the next send.
-            await connection.send_packed_command(payload, check_health=False)
-            while len(out) < replies:
-                try:
-                    out.append(await connection.read_response())
-                except redis_errors.ResponseError as refused:  # the rest still to be read
-                    error = error or refused
-                    out.append(refused)
-    except TimeoutError:
-        raise redis_errors.TimeoutError("no reply from Redis") from None
-    except BaseException:
-        if len(out) < replies:
-            await connection.disconnect(nowait=True)  # replies left unread: unusable
-        raise
-    if task is not None and task.cancelling() > cancelling:
-        raise asyncio.CancelledError
-    if error is not None and raise_errors:
-        raise error
-    return out
 
 
 def _topic_body(fields: list[bytes] | None) -> tuple[bytes | None, bytes]:
@@ -841,18 +291,18 @@ class RedisBackend(BrokerBackend):
         self.presence_key = prefix + "presence"
         self._client: Redis | None = None
         # The publisher's own connection (`_send`).
-        self._link: _Link | None = None
-        self._stream_bulk = _bulk(self.stream)
-        self._publish = _Script(_PUBLISH)
-        self._seen = _Script(_SEEN)
-        self._create = _Script(_CREATE)
-        self._stats = _Script(_STATS)
-        self._delete = _Script(_DELETE)
-        self.fetch_script = _Script(_FETCH)
-        self.nak_script = _Script(_NAK)
-        self.extend_script = _Script(_EXTEND)
-        self.release_script = _Script(_RELEASE)
-        self.prune_script = _Script(_PRUNE)
+        self._link: Link | None = None
+        self._stream_bulk = bulk(self.stream)
+        self._publish = Script(lua.PUBLISH)
+        self._seen = Script(lua.SEEN)
+        self._create = Script(lua.CREATE)
+        self._stats = Script(lua.STATS)
+        self._delete = Script(lua.DELETE)
+        self.fetch_script = Script(lua.FETCH)
+        self.nak_script = Script(lua.NAK)
+        self.extend_script = Script(lua.EXTEND)
+        self.release_script = Script(lua.RELEASE)
+        self.prune_script = Script(lua.PRUNE)
 
     def key(self, kind: str, group: str) -> str:
         """The key of one of a group's structures (``delayed``, ``handled``, ``wake``)."""
@@ -875,7 +325,7 @@ class RedisBackend(BrokerBackend):
             username=unquote(url.username) if url.username else None,
             password=unquote(url.password) if url.password is not None else None,
             socket_connect_timeout=_CONNECT_TIMEOUT,
-            # No socket_timeout: `_command` bounds each wait for a reply itself.
+            # No socket_timeout: `command` bounds each wait for a reply itself.
             socket_timeout=None,
             # Retries are ours (with backoff, until a deadline); redis-py's own would stretch
             # connect() and hide outages.
@@ -885,10 +335,10 @@ class RedisBackend(BrokerBackend):
         )
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT + 2):
-                await _command(client, "PING")
+                await command(client, "PING")
                 # Loaded up front so a server without Lua (or with a broken script) fails here.
-                for script in _SCRIPTS:
-                    await _command(client, "SCRIPT", "LOAD", script)
+                for script in lua.SCRIPTS:
+                    await command(client, "SCRIPT", "LOAD", script)
         except (redis_errors.RedisError, OSError, TimeoutError) as error:
             await client.aclose()
             reason = str(error) or type(error).__name__
@@ -896,7 +346,7 @@ class RedisBackend(BrokerBackend):
                 f"cannot connect to Redis at {url.redacted}: {reason}"
             ) from error
         self._client = client
-        self._link = _Link(client)
+        self._link = Link(client)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -964,9 +414,9 @@ class RedisBackend(BrokerBackend):
         if len(messages) == 1 and not self._dedup_window and not self._maxlen:
             m = messages[0]
             if m.key is None:
-                payload = _XADD % (self._stream_bulk, _bulk(m.id), _bulk(m.topic), _bulk(m.body))
+                payload = XADD % (self._stream_bulk, bulk(m.id), bulk(m.topic), bulk(m.body))
             else:
-                payload = _resp(
+                payload = resp(
                     "XADD",
                     self.stream,
                     "*",
@@ -987,7 +437,7 @@ class RedisBackend(BrokerBackend):
             keys = [self.stream]
             if self._dedup_window:
                 keys += [f"{self._prefix}dedup:{m.id}" for m in chunk]
-            calls.append(_publish_call(self._publish.sha, keys, head, chunk))
+            calls.append(publish_call(self._publish.sha, keys, head, chunk))
         loaded = False
         while calls:
             replies = await link.call(b"".join(calls), len(calls), raise_errors=False)
@@ -998,7 +448,7 @@ class RedisBackend(BrokerBackend):
                 elif isinstance(reply, Exception):
                     raise reply
             if failed:
-                await _command(self.client, "SCRIPT", "LOAD", self._publish.source)
+                await command(self.client, "SCRIPT", "LOAD", self._publish.source)
                 loaded = True
             calls = failed
 
@@ -1039,7 +489,7 @@ class RedisBackend(BrokerBackend):
         client = self.client
         deadline = asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE
         registry: dict[Any, Any] = await self.retrying(
-            lambda: _command(client, "HGETALL", self.registry), deadline
+            lambda: command(client, "HGETALL", self.registry), deadline
         )
         entries = sorted((_text(name), _text(pattern)) for name, pattern in registry.items())
         if not entries:
@@ -1073,11 +523,11 @@ class RedisBackend(BrokerBackend):
         client = self.client
         fields = [
             field
-            for field in await _command(client, "HKEYS", self.presence_key)
+            for field in await command(client, "HKEYS", self.presence_key)
             if _text(field).split(_FIELD_SEPARATOR, 1)[0] == name
         ]
         if fields:
-            await _command(client, "HDEL", self.presence_key, *fields)
+            await command(client, "HDEL", self.presence_key, *fields)
 
     async def beat(self, process: str, consumers: Sequence[str]) -> None:
         await self._mark(process, consumers, time.time())
@@ -1093,14 +543,14 @@ class RedisBackend(BrokerBackend):
             fields += [f"{name}{_FIELD_SEPARATOR}{process}", repr(seen)]
         client = self.client
         await self.retrying(
-            lambda: _command(client, "HSET", self.presence_key, *fields),
+            lambda: command(client, "HSET", self.presence_key, *fields),
             asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
         )
 
     async def presences(self) -> dict[str, list[float]]:
         client = self.client
         stored: dict[Any, Any] = await self.retrying(
-            lambda: _command(client, "HGETALL", self.presence_key),
+            lambda: command(client, "HGETALL", self.presence_key),
             asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
         )
         found: dict[str, list[float]] = {}
@@ -1115,7 +565,7 @@ class RedisBackend(BrokerBackend):
                 found.setdefault(name, []).append(seen)
         if stale:
             with contextlib.suppress(*_RETRYABLE):
-                await _command(client, "HDEL", self.presence_key, *stale)
+                await command(client, "HDEL", self.presence_key, *stale)
         return found
 
     async def destroy(self) -> None:
@@ -1125,11 +575,11 @@ class RedisBackend(BrokerBackend):
             # SCAN over this namespace's hash tag only: other namespaces are never touched.
             cursor: Any = 0
             while True:
-                cursor, found = await _command(
+                cursor, found = await command(
                     client, "SCAN", cursor, "MATCH", self._prefix + "*", "COUNT", 1000
                 )
                 if found:
-                    await _command(client, "UNLINK", *found)
+                    await command(client, "UNLINK", *found)
                 if int(cursor) == 0:
                     return
 
@@ -1162,9 +612,9 @@ class RedisConsumer(Consumer):
         self._closed = False
         # This consumer's own connection for its fetches, and the entry ids of the
         # acknowledgements that go along with its next fetch command (`ack_and_fetch`).
-        self._link = _Link(backend.client)
+        self._link = Link(backend.client)
         # Another for acknowledgements sent on their own, which go beside fetches.
-        self._ack_link = _Link(backend.client)
+        self._ack_link = Link(backend.client)
         self._acks_along: list[str] = []
         # Whether the last full read was mostly of other topics: the script, which filters
         # in Redis, then reads the backlog.
@@ -1248,7 +698,7 @@ class RedisConsumer(Consumer):
         acks = self._acks_along
         if not acks:
             return (await self._link.call(command, wait=wait))[0]
-        payload = _resp("XACK", self.backend.stream, self.group, *acks) + command
+        payload = resp("XACK", self.backend.stream, self.group, *acks) + command
         acked, reply = await self._link.call(payload, 2, wait=wait, raise_errors=False)
         if not isinstance(acked, Exception):
             self._acks_along = []
@@ -1307,7 +757,7 @@ class RedisConsumer(Consumer):
         backend = self.backend
         reclaim = loop.time() >= self._next_reclaim
         script = backend.fetch_script
-        call = _resp(
+        call = resp(
             "EVALSHA",
             script.sha,
             3,
@@ -1326,7 +776,7 @@ class RedisConsumer(Consumer):
         try:
             reply = await self._call(call)
         except redis_errors.NoScriptError:  # a restarted server lost its scripts
-            await _command(backend.client, "SCRIPT", "LOAD", script.source)
+            await command(backend.client, "SCRIPT", "LOAD", script.source)
             reply = await self._call(call)
         if reclaim:
             self._claim_cursor = _text(reply[2])
@@ -1353,7 +803,7 @@ class RedisConsumer(Consumer):
         """The group's reader of the wake stream, so that one blocking XREADGROUP waits for
         new entries and for entries handed back (nak, close) at once."""
         with contextlib.suppress(redis_errors.ResponseError):  # BUSYGROUP: there already
-            await _command(
+            await command(
                 self.backend.client, "XGROUP", "CREATE", self._wake, self.group, "$", "MKSTREAM"
             )
         self._wake_group = True
@@ -1371,7 +821,7 @@ class RedisConsumer(Consumer):
             millis = max(1, int(block * 1000))
             args = ("XREADGROUP", "GROUP", self.group, self.name, "COUNT", count, "BLOCK", millis)
         reply = await self._call(
-            _resp(*args, "STREAMS", backend.stream, self._wake, ">", ">"), wait=block or 0.0
+            resp(*args, "STREAMS", backend.stream, self._wake, ">", ">"), wait=block or 0.0
         )
         if not reply:
             return []
@@ -1383,7 +833,7 @@ class RedisConsumer(Consumer):
         for name, entries in streams:
             if _text(name) != backend.stream:
                 self._scan = self._woken = True
-                await _command(
+                await command(
                     backend.client, "XACK", self._wake, self.group, *(e[0] for e in entries)
                 )
                 continue
@@ -1402,7 +852,7 @@ class RedisConsumer(Consumer):
             else:
                 self._sparse = False
         if skipped:
-            await _command(backend.client, "XACK", backend.stream, self.group, *skipped)
+            await command(backend.client, "XACK", backend.stream, self.group, *skipped)
         return deliveries
 
     def _classify(self, topic_raw: bytes | None) -> tuple[str, bool]:
@@ -1439,22 +889,22 @@ class RedisConsumer(Consumer):
 
         async def send() -> None:
             if not handled_ids:
-                await self._ack_link.call(_resp("XACK", backend.stream, self.group, *ids))
+                await self._ack_link.call(resp("XACK", backend.stream, self.group, *ids))
                 return
             # One MULTI: the handled ids are recorded exactly when the entries are acked.
             pipe: Any = client.pipeline(transaction=True)
             if ids:
-                _stage(pipe, "XACK", backend.stream, self.group, *ids)
+                stage(pipe, "XACK", backend.stream, self.group, *ids)
             now = int(datetime.now(UTC).timestamp() * 1000)
             pairs: list[Any] = []
             for event_id in handled_ids:
                 pairs += (now, event_id)
-            _stage(pipe, "ZADD", self._handled, *pairs)
-            _stage(pipe, "ZREMRANGEBYSCORE", self._handled, "-inf", now - _HANDLED_KEPT_MS)
+            stage(pipe, "ZADD", self._handled, *pairs)
+            stage(pipe, "ZREMRANGEBYSCORE", self._handled, "-inf", now - _HANDLED_KEPT_MS)
             # The whole set goes a day after its last write (a consumer nobody runs).
-            _stage(pipe, "PEXPIRE", self._handled, _HANDLED_KEPT_MS + 86_400_000)
+            stage(pipe, "PEXPIRE", self._handled, _HANDLED_KEPT_MS + 86_400_000)
             try:
-                await _execute(pipe)
+                await execute(pipe)
             finally:
                 await pipe.reset()
 
@@ -1485,7 +935,7 @@ class RedisConsumer(Consumer):
         ids = list(event_ids)
         client = self.backend.client
         scores = await self.backend.retrying(
-            lambda: _command(client, "ZMSCORE", self._handled, *ids), self._deadline()
+            lambda: command(client, "ZMSCORE", self._handled, *ids), self._deadline()
         )
         return {event_id for event_id, score in zip(ids, scores, strict=True) if score is not None}
 
