@@ -893,6 +893,11 @@ class _NatsConsumer(Consumer):
         self._closed = False
         # Broker wildcards also reach the bus's own `_` topics; only `_` patterns want them.
         self._wants_reserved = spec.pattern.startswith("_")
+        # The newest first delivery (stream sequence, ack subject) this consumer took, and
+        # whether it was acked: JetStream may send that message again as new (see `_take`).
+        self._newest = 0
+        self._newest_reply = ""
+        self._newest_acked = False
 
     async def _subscribe(self) -> None:
         """Subscribe to a new inbox on the backend's current connection."""
@@ -1031,15 +1036,41 @@ class _NatsConsumer(Consumer):
             arrived, msg = self._buffer.popleft()
             if now - arrived > self._spec.ack_wait:
                 continue  # held here past ack_wait: JetStream has delivered it again already
+            attempt, sequence = _numbers(msg.reply)
+            if attempt == 1 and sequence:
+                if sequence == self._newest:
+                    # Sent again as new: JetStream (2.9) moves its cursor back one message
+                    # when a redelivery finds no pull request to take it (the only one just
+                    # expired), so the newest message goes out again as a first delivery.
+                    if self._newest_acked:
+                        skipped.append(msg)  # its new lease is settled like the first one
+                        continue
+                    if self._newest_reply in self._held:
+                        # Still being handled: that delivery's ack or nak settles the message
+                        # (JetStream keys a lease by stream sequence).
+                        continue
+                elif sequence > self._newest:
+                    self._newest, self._newest_acked = sequence, False
+                self._newest_reply = msg.reply
             topic = msg.subject.removeprefix(self._backend.prefix)
             if is_reserved(topic) and not self._wants_reserved:
                 skipped.append(msg)
                 continue
             self._held[msg.reply] = (arrived, msg)
-            taken.append(Delivery(topic, msg.data, _attempt(msg), msg))
+            taken.append(Delivery(topic, msg.data, attempt, msg))
         if skipped:
+            self._acked(skipped)
             await self._settle(skipped, b"+ACK", quiet=True)
         return taken
+
+    def _acked(self, msgs: Iterable[Msg]) -> None:
+        """Note that `msgs` are acked: they are no longer held, and if the newest first
+        delivery is among them, its sending again as new is acked unseen."""
+        newest = self._newest_reply
+        for msg in msgs:
+            self._held.pop(msg.reply, None)
+            if msg.reply == newest:
+                self._newest_acked = True
 
     async def _settle(self, msgs: Iterable[Msg], payload: bytes, *, quiet: bool = False) -> None:
         """Send `payload` (+ACK, -NAK, +WPI) for every message and wait until JetStream has
@@ -1093,8 +1124,7 @@ class _NatsConsumer(Consumer):
                     f"acknowledging {len(msgs)} deliveries",
                     functools.partial(self._publish_acks, self._backend, msgs),
                 )
-        for msg in msgs:
-            self._held.pop(msg.reply, None)
+        self._acked(msgs)
 
     @staticmethod
     async def _publish_acks(backend: NatsBackend, msgs: Sequence[Msg]) -> None:
@@ -1265,20 +1295,20 @@ def _pattern_of(info: NatsConsumerInfo, prefix: str) -> str:
     return subject.removeprefix(prefix)
 
 
-def _attempt(msg: Msg) -> int:
-    """The delivery count in a JetStream message's ack subject: ``$JS.ACK.<stream>.
-    <consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``, or with
-    ``<domain>.<account hash>`` after ``ACK`` (read directly: nats-py's `Msg.metadata`
-    builds dataclasses and a datetime per message)."""
-    tokens = msg.reply.split(".")
+def _numbers(reply: str) -> tuple[int, int]:
+    """The delivery count and stream sequence in a JetStream message's ack subject:
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``,
+    or with ``<domain>.<account hash>`` after ``ACK``; ``(1, 0)`` when it is not one (read
+    directly: nats-py's `Msg.metadata` builds dataclasses and a datetime per message)."""
+    tokens = reply.split(".")
     count = len(tokens)
     index = 4 if count == 9 else 6 if count >= 11 else 0
     if not index or tokens[0] != "$JS" or tokens[1] != "ACK":
-        return 1
+        return 1, 0
     try:
-        return max(1, int(tokens[index]))
+        return max(1, int(tokens[index])), max(0, int(tokens[index + 1]))
     except ValueError:
-        return 1
+        return 1, 0
 
 
 def _id_key(event_id: str) -> str:

@@ -21,6 +21,7 @@ from eventwire.backends.base import (
     BackendConnectionError,
     ConsumerSpec,
     Message,
+    safe_name,
 )
 from eventwire.backends.nats import NatsBackend
 from eventwire.errors import EventwireError
@@ -59,6 +60,44 @@ async def test_a_retried_publish_is_stored_once_within_the_dedup_window(
     assert bodies(got) == ids
     await consumer.ack(got)
     assert await consumer.fetch(10, 0.3) == []
+
+
+async def test_an_acked_message_is_not_delivered_again_when_a_nak_finds_no_pull_request(
+    backend: NatsBackend, nats_url: str
+) -> None:
+    # JetStream 2.9 moves its cursor back one message when a redelivery finds no pull request
+    # able to take it: the newest message then goes out again as a first delivery, acked or
+    # not. Here the only request waiting is another client's, too small for any message
+    # (max_bytes 1); with eventwire's own pulls, the one standing expiring just as a nak's
+    # delay ends does the same.
+    consumer = await backend.consumer(ConsumerSpec("orders", "orders.*", ack_wait=1.0))
+    await backend.publish(messages_on("orders.created", "e0", "e1", "e2"))
+    got = await fetch_all(consumer, 3)
+    assert bodies(got) == ["e0", "e1", "e2"]
+    raw = await nats.connect(nats_url)
+    try:
+        durable = safe_name("orders")
+        small = raw.new_inbox()
+        await raw.subscribe(small)  # JetStream drops a request nobody listens to
+        await raw.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{backend.stream}.{durable}",
+            b'{"batch": 10, "expires": 5000000000, "max_bytes": 1}',
+            reply=small,
+        )
+        waiting = 0
+        async with asyncio.timeout(5):
+            while waiting != 1:
+                info = await raw.jetstream().consumer_info(backend.stream, durable)
+                waiting = info.num_waiting or 0
+        await consumer.ack(got[1:])
+        await consumer.nak(got[0], 0)
+        # e0 comes back (after ack_wait: JetStream dropped its redelivery), e2 never does.
+        again = await fetch_all(consumer, 1)
+        assert [(d.body, d.attempt > 1) for d in again] == [(b"e0", True)]
+        await consumer.ack(again)
+        assert await consumer.fetch(10, 0.5) == []
+    finally:
+        await raw.close()
 
 
 async def test_a_message_the_broker_refuses_fails_the_publish_at_once(
