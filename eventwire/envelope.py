@@ -109,10 +109,14 @@ def _unfaithful(values: list[Any]) -> Any:
     level = values
     for _ in range(MAX_DEPTH):  # one level of nesting per pass
         pending: list[Any] = []
+        # Containers looked into on this level: one referred to many times (a list holding
+        # itself twice) is looked into once, or each level would double.
+        seen: set[int] = set()
         for value in level:
             kind = type(value)
-            if kind in _PLAIN:
+            if kind in _PLAIN or id(value) in seen:
                 continue
+            seen.add(id(value))
             # The values of a long container are first tested all at once, in C: a long list
             # of plain values costs no loop here.
             if kind is dict or isinstance(value, dict):
@@ -260,7 +264,11 @@ def encode(event: Event[Any], *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> b
     faithful JSON form (no JSON form at all, a set, bytes, an infinite or NaN float) and
     `PayloadTooLargeError` past `max_bytes`, before anything is sent."""
     _refuse_unfaithful(event)
-    data = _encoded(event, _fields(event))
+    try:
+        fields = _fields(event)
+    except RecursionError:  # events nested in events, thousands deep
+        raise UnencodablePayloadError(_too_deep(event)) from None
+    data = _encoded(event, fields)
     # msgspec writes inf and nan as null; look for them only when a null was written.
     if b"null" in data:
         _refuse_non_finite(event)

@@ -90,6 +90,13 @@ def containing_itself() -> dict[str, Any]:
     return loop
 
 
+def holding_itself_twice() -> list[Any]:
+    # Looked into naively, level n holds 2**n references: the check must not blow up.
+    twice: list[Any] = []
+    twice.extend([twice, twice])
+    return twice
+
+
 class Refused(NamedTuple):
     value: Any
     metadata: dict[str, Any] | None
@@ -126,6 +133,9 @@ REFUSED: dict[str, Refused] = {
     "a lone surrogate": Refused("\ud800", None, UnencodablePayloadError, "surrogates"),
     "a dict containing itself": Refused(
         containing_itself(), None, UnencodablePayloadError, "contains itself"
+    ),
+    "a list holding itself twice": Refused(
+        {"a": holding_itself_twice()}, None, UnencodablePayloadError, "contains itself"
     ),
     "lists too deep": Refused(nested(MAX_DEPTH + 1), None, UnencodablePayloadError, "deep"),
     "1,000 levels deep in metadata": Refused(
