@@ -245,6 +245,10 @@ class Delivery:
     body: bytes
     attempt: int
     handle: Any = field(default=None, repr=False)
+    age: float = 0.0
+    """Seconds its lease had already run when the fetch returned it: a backend that takes
+    deliveries ahead of fetches (a standing pull, a prefetch) and buffers them says how long
+    one waited, so that the bus does not count its lease as fresher than it is."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -791,8 +791,10 @@ class Feeder:
         )
         for key in lost.values():
             session.release(key)
+        # Back after the lost ones' leases have surely run out: given back at once, a broker
+        # would hand them out again before the lost ones, which they must not overtake.
         for key in behind:
-            session.give_back(key, 0.0)
+            session.give_back(key, self.spec.ack_wait)
         self._room.set()
 
 

@@ -1057,7 +1057,7 @@ class _NatsConsumer(Consumer):
                 skipped.append(msg)
                 continue
             self._held[msg.reply] = (arrived, msg)
-            taken.append(Delivery(topic, msg.data, attempt, msg))
+            taken.append(Delivery(topic, msg.data, attempt, msg, now - arrived))
         if skipped:
             self._acked(skipped)
             await self._settle(skipped, b"+ACK", quiet=True)

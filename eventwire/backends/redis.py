@@ -25,20 +25,18 @@ that touch several keys stay valid on Redis Cluster:
   (kept only for long backlogs, such as the dead-letter consumer's, which nothing reads).
 - ``{ns}:dedup:<event id>``: only with ``dedup_window``: a marker with that TTL.
 
-Publishing runs one Lua script per up to 1,000 messages, all of a batch in one round trip;
-the messages go packed (lengths, then bytes) in a few arguments rather than as four arguments
-each, which redis-py would encode one by one. Fetching runs one Lua script: it claims due
-delayed entries, takes over entries other consumers held longer than ``ack_wait``
-(XAUTOCLAIM), then reads new entries (XREADGROUP) and acknowledges at once those whose topic
-the pattern does not match, so they are never pending and never counted as outstanding. It
-replies with one packed string per delivery (attempt, entry id, topic, body): redis-py's
-parser reads one element per delivery instead of a nested reply of every field. When the
-script finds nothing, a fetcher waits in a blocking XREADGROUP on the events stream and the
-group's wake stream: a new entry is claimed and returned by that one command (its topic
-checked here, entries of other topics acknowledged), without another script call, until the
-script is due again: after a bump of the wake stream, when a delayed entry it reported falls
-due, when it is time to look for deliveries held too long by others (``ack_wait``/4, at most
-1 s), or when a read brings a backlog (32 entries or more), which the script reads in bulk.
+Publishing runs one Lua script per up to 1,000 messages, all of a batch in one round trip,
+each message as four arguments of a command packed by hand (`redis_wire.publish_call`); one
+message alone is one plain ``XADD``.
+
+New entries come by a plain ``XREADGROUP`` (blocking when there are none, on the events
+stream and the group's wake stream), their topics checked here and entries of other topics
+acknowledged, with the acknowledgements of what was handled in the same write. The fetch Lua
+script runs only when it is due: after a bump of the wake stream (given-back entries come
+first), when a delayed entry falls due, when it is time to take over deliveries other
+consumers held longer than ``ack_wait`` (XAUTOCLAIM; every ``ack_wait``/4, at most 1 s), and
+for a backlog mostly of other topics, which it filters inside Redis; it replies with one
+packed string per delivery (attempt, entry id, topic, body).
 
 Deduplication. Redis cannot deduplicate by itself. A publish whose reply was lost (the
 connection broke) is retried; before the retry, a script scans the stream entries added since

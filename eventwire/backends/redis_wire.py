@@ -145,15 +145,20 @@ class Link:
             return await _exchange(self._connection, payload, replies, wait, raise_errors)
         finally:
             self._busy = False
+            if self._closed:  # closed while this call ran: it gives the connection back
+                await self._release()
 
     async def close(self) -> None:
-        """Give the connection back to the pool (dropped first if a call is under way on it,
-        whose replies nobody else may read); later calls take pooled connections."""
+        """Give the connection back to the pool, at once if no call is under way on it, else
+        when that call ends (its replies are its own: nobody else may use the connection
+        before); later calls take pooled connections."""
         self._closed = True
+        if not self._busy:
+            await self._release()
+
+    async def _release(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
-            if self._busy:
-                await connection.disconnect(nowait=True)
             pool: Any = self._client.connection_pool
             await pool.release(connection)
 

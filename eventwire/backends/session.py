@@ -196,7 +196,8 @@ class ConsumerSession:
     def hold(self, key: object, delivery: Delivery) -> None:
         """Keep `delivery` (of the last fetch) under `key` (compared by identity), its lease
         alive, until it is released, acknowledged or given back."""
-        self._held[id(key)] = _Held(key, delivery, self._fetched_at or _clock())
+        fetched = self._fetched_at or _clock()
+        self._held[id(key)] = _Held(key, delivery, fetched - delivery.age)
         if self._leaser is None and not self._closed:
             self._leaser = asyncio.get_running_loop().create_task(
                 self._keep_leases(), name=f"eventwire:{self.name}:leases"
@@ -313,6 +314,10 @@ class ConsumerSession:
                 handled, self._handled_ids = self._handled_ids, []
                 try:
                     await self.consumer.ack(acks, handled_ids=handled)
+                except asyncio.CancelledError:  # still owed: whoever cancelled counts them
+                    self._acks[:0] = acks
+                    self._handled_ids[:0] = handled
+                    raise
                 except Exception:
                     # Unacknowledged work is delivered again (at least once), never lost.
                     logger.warning(
