@@ -165,8 +165,7 @@ def _reduced(
         except Exception:
             raw = repr(content.payload).encode()
         summary = {
-            "bytes": len(raw),
-            "sha256": hashlib.sha256(raw).hexdigest(),
+            **_size_and_hash(raw),
             "preview": raw[:PREVIEW_CHARACTERS].decode("utf-8", "replace"),
         }
         content = content.replace(payload=summary, metadata={})
@@ -197,5 +196,10 @@ def foreign_letter(topic: str, body: bytes, why: str) -> tuple[str, dict[str, An
         "error": why,
     }
     if len(kept) < len(body):
-        payload.update(truncated=True, bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
+        payload.update(truncated=True, **_size_and_hash(body))
     return dlq_topic, payload
+
+
+def _size_and_hash(raw: bytes) -> dict[str, Any]:
+    """What a letter keeps of content it cannot keep whole: its size and SHA-256."""
+    return {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
