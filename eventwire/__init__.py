@@ -21,6 +21,7 @@ from eventwire.errors import (
     InvalidTopicError,
     NoReplyError,
     PayloadValidationError,
+    PoisonEventError,
     PublishTimeoutError,
     RemoteHandlerError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "InvalidTopicError",
     "NoReplyError",
     "PayloadValidationError",
+    "PoisonEventError",
     "PublishTimeoutError",
     "RemoteHandlerError",
     "Retry",

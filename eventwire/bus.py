@@ -349,6 +349,11 @@ class EventBus:
         replays what the broker holds: ``start="earliest"`` or a timezone-aware `datetime`.
         `idempotent` records handled event ids in the broker, so that an event delivered again
         after its handler succeeded (the process died before acknowledging it) is skipped.
+        An event whose handling starts again after it came back unfinished (its process died,
+        or lost the lease) more than `max_restarts` times (default 5; None: no limit) is a
+        poison event: it is dead-lettered with `PoisonEventError` instead. Only these restarts
+        count, recorded in the broker as they begin, so events that came back with it unstarted
+        are not punished.
         There, `max_pending` bounds how many events this process holds at once; the rest of
         the backlog waits in the broker, and `overflow` does not apply.
 

@@ -64,3 +64,22 @@ class NoReplyError(EventwireError, LookupError):
 
 class PayloadValidationError(EventwireError, ValueError):
     """An event's payload did not validate against a typed handler's payload type."""
+
+
+class PoisonEventError(EventwireError):
+    """The reason in the dead letter of a poison event: its handling started again and again
+    without ever finishing (each time its process died, or lost the event's lease), more
+    than the subscription's ``max_restarts``. It is dead-lettered instead of being handled
+    once more, so that it stops taking processes down with the events they hold."""
+
+    def __init__(self, subscription: str, event: Event[Any], starts: int, limit: int) -> None:
+        super().__init__(
+            f"{subscription} started handling {event.topic} event {event.id} {starts} time(s) "
+            f"after it came back unfinished (its process died or lost the lease each time), "
+            f"more than max_restarts={limit}: dead-lettered as a poison event. Fix what "
+            f"kills the handler and retry it with `eventwire dlq retry`, or raise max_restarts"
+        )
+        self.subscription = subscription
+        self.event_id = event.id
+        self.starts = starts
+        self.limit = limit

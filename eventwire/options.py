@@ -14,6 +14,9 @@ from eventwire.retry import NO_RETRY, Retry
 from eventwire.topics import validate_pattern
 
 DEFAULT_MAX_PENDING = 10_000
+# Times a durable subscription starts handling an event again after it came back unfinished
+# (its process died or lost the lease) before dead-lettering it as a poison event.
+DEFAULT_MAX_RESTARTS = 5
 
 Start = Literal["latest", "earliest"] | datetime
 """Where a new durable subscription begins: new events only, everything the broker holds,
@@ -36,6 +39,7 @@ class SubscriptionOptions:
     overflow: Overflow = "block"
     start: Start = "latest"
     idempotent: bool = False
+    max_restarts: int | None = DEFAULT_MAX_RESTARTS
     publishes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -65,6 +69,12 @@ class SubscriptionOptions:
             raise ValueError(
                 f"start must be 'latest', 'earliest' or a datetime, got {self.start!r}"
             )
+        if self.max_restarts is not None and (
+            not _is_int(self.max_restarts) or self.max_restarts < 1
+        ):
+            raise ValueError(
+                f"max_restarts must be an int >= 1 or None (no limit), got {self.max_restarts!r}"
+            )
         object.__setattr__(self, "idempotent", bool(self.idempotent))
         object.__setattr__(self, "publishes", _check_publishes(self.publishes))
 
@@ -90,6 +100,7 @@ class SubscriptionKeywords(TypedDict, total=False):
     overflow: Overflow
     start: Start
     idempotent: bool
+    max_restarts: int | None
     publishes: Sequence[str]
 
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from eventwire.context import current_event
 from eventwire.deadletter import DeadLetters
-from eventwire.errors import InboxFullError, PayloadValidationError
+from eventwire.errors import InboxFullError, PayloadValidationError, PoisonEventError
 from eventwire.event import Event
 from eventwire.inbox import Inbox, Overflow
 from eventwire.metrics import LatencyHistogram, Percentiles
@@ -92,10 +92,18 @@ class Lease(Protocol):
         """Idempotent subscriptions: `event` was handled; remember it at once."""
         ...
 
-    def holds(self, event: Event[Any]) -> bool:
+    def holds(self, event: Event[Any]) -> bool | None:
         """Whether this process still holds `event` (asked before handling it): False when
         its lease may have run out meanwhile (the process was stopped), and the broker may
-        have given it to another process; it must not be handled here then."""
+        have given it to another process; it must not be handled here then. None: held, but
+        it came back from an earlier delivery, whose handling may have killed its process
+        (see `restarts`)."""
+        ...
+
+    async def restarts(self, event: Event[Any]) -> int:
+        """Record in the broker that handling of `event`, which came back, starts again now;
+        the number of such restarts recorded for it, this one included (forgotten once it is
+        acknowledged). 0 if they cannot be recorded now (the broker is unreachable)."""
         ...
 
 
@@ -448,11 +456,16 @@ class Subscription:
                         continue  # parked behind the worker that holds its key
                     held_key = event.key
 
-            if lease is not None and not lease.holds(event):
-                # Its lease ran out while it waited (the process was stopped): another process
-                # may be handling it now. The broker delivers it again.
-                self.release(event)
-                continue
+            if lease is not None:
+                held = lease.holds(event)
+                if not held:
+                    if held is False:
+                        # Its lease ran out while it waited (the process was stopped): another
+                        # process may be handling it now. The broker delivers it again.
+                        self.release(event)
+                        continue
+                    if await self._poisonous(event, lease):
+                        continue
             # Left set after handling: a worker only suspends inside a handler or when idle
             # (where this is cleared), so whoever looks at it sees the event in hand.
             in_flight[index] = event
@@ -624,11 +637,35 @@ class Subscription:
             if event.reply_to is not None:
                 self._services.requests.reply(self, event, result, None)
             return True
+        return await self._dead_letter(event, error, attempt)
+
+    async def _dead_letter(self, event: Event[Any], error: BaseException, attempts: int) -> bool:
+        """Give up on `event`: its dead letter, and the failure as the reply to a request;
+        False if the dead letter could not be stored."""
         self.dead_lettered += 1
-        stored = await self._services.dead_letters.dead_letter(self, event, error, attempt)
+        stored = await self._services.dead_letters.dead_letter(self, event, error, attempts)
         if event.reply_to is not None:
             self._services.requests.reply(self, event, None, error)
         return stored
+
+    async def _poisonous(self, event: Event[Any], lease: Lease) -> bool:
+        """Whether `event`, which came back unfinished, was dead-lettered (and settled) as a
+        poison event rather than handled once more (see `max_restarts`)."""
+        limit = self.options.max_restarts
+        if limit is None:
+            return False
+        starts = await lease.restarts(event)
+        if starts <= limit:
+            return False
+        self.failed += 1
+        error = PoisonEventError(self.name, event, starts, limit)
+        lease.settled(event, await self._dead_letter(event, error, starts))
+        epoch = event.drain_epoch  # set when queued
+        assert epoch is not None
+        epoch.pending -= 1
+        if not epoch.pending and epoch.waiters:
+            epoch.settle()
+        return True
 
     # -- dropping and stopping -----------------------------------------------------------
 

@@ -62,6 +62,8 @@ def test_default_names_are_made_unique_but_explicit_duplicates_fail() -> None:
         ({"timeout": 0}, "timeout must be > 0"),
         ({"group": ""}, "group must be a non-empty str"),
         ({"name": ""}, "name must be a non-empty str"),
+        ({"max_restarts": 0}, "max_restarts must be an int >= 1 or None"),
+        ({"max_restarts": True}, "max_restarts must be an int >= 1 or None"),
     ],
 )
 def test_bad_subscribe_options_are_named(options: dict[str, Any], fragment: str) -> None:

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import heapq
 import json
 import logging
@@ -100,6 +101,7 @@ from eventwire.backends.amqp_history import (
 )
 from eventwire.backends.base import (
     EPHEMERAL_KEPT,
+    HANDLED_KEPT,
     BackendCapabilityError,
     BackendConnectionError,
     Capabilities,
@@ -138,6 +140,13 @@ _MAX_DELAY_MS = 24 * 24 * 3600 * 1000  # fits the 32-bit TTL RabbitMQ accepts
 # decides when to give up (its retry policy and dead letters), so the limit is set out of reach.
 _DELIVERY_LIMIT = 1_000_000
 _PUBLISH_CHUNK = 1000
+# The restarts stream: records expire with handled ids' time (`HANDLED_KEPT`), in segments of
+# 1 MB (RabbitMQ expires whole segments; its default of 500 MB would keep them all).
+_RESTARTS_STREAM: FieldTable = {
+    "x-queue-type": "stream",
+    "x-max-age": f"{int(HANDLED_KEPT // 86_400)}D",
+    "x-stream-max-segment-size-bytes": 1_000_000,
+}
 # For this long after an ack or nak, deliveries RabbitMQ pushed into the room it made may be
 # on their way: counted by no queue figure and not arrived (`ConsumerInfo.arriving`).
 _IN_TRANSIT = 0.1
@@ -219,6 +228,7 @@ class AmqpBackend(BrokerBackend):
         self.reserved_exchange = f"{ns}.reserved"
         self.delay_exchange = f"{ns}.delay"
         self.registry_stream = f"{ns}.registry"
+        self.restarts_stream = f"{ns}.restarts"
         self.history = HistoryOption(options)
         self.history_stream = f"{ns}.history"
         self.readers: set[StreamReader] = set()
@@ -234,6 +244,7 @@ class AmqpBackend(BrokerBackend):
         # consumer name -> (message id, due time) of the deliveries this process delayed
         self._delayed: dict[str, list[tuple[str | None, float]]] = {}
         self._registry = _Registry(self)
+        self._restarts = _Restarts(self)
 
     # -- connection ------------------------------------------------------------------------
 
@@ -294,6 +305,7 @@ class AmqpBackend(BrokerBackend):
             await ch.declare_queue(
                 self.registry_stream, durable=True, arguments={"x-queue-type": "stream"}
             )
+            await ch.declare_queue(self.restarts_stream, durable=True, arguments=_RESTARTS_STREAM)
             if self.history.enabled:
                 await declare_history_stream(self, ch)
         self._topology_ok = True
@@ -348,6 +360,7 @@ class AmqpBackend(BrokerBackend):
             with contextlib.suppress(Exception):
                 await consumer.close()
         await self._registry.stop()
+        await self._restarts.stop()
         self._closed = True
         await self._drop_connection()
 
@@ -655,6 +668,16 @@ class AmqpBackend(BrokerBackend):
             await self._registry.append({"op": "delay", "ms": ms})
         self._delay_queues.add(ms)
 
+    async def count_restart(self, name: str, message: str) -> int:
+        """Record one more restart of `message` (its id) for consumer `name`; the count."""
+        await self._restarts.append({"op": "restart", "name": name, "message": message})
+        return self._restarts.count(name, message)
+
+    async def finish_restarts(self, name: str, messages: Sequence[str]) -> None:
+        """Forget the restarts of these acknowledged messages of consumer `name`."""
+        self._restarts.forget(name, messages)
+        await self._restarts.append({"op": "finish", "name": name, "messages": list(messages)})
+
     async def destroy(self) -> None:
         for consumer in [*self._open, *self.readers]:
             with contextlib.suppress(Exception):
@@ -662,14 +685,16 @@ class AmqpBackend(BrokerBackend):
         await self._registry.ensure()
         names, delays = self._registry.view()
         await self._registry.stop()
+        await self._restarts.stop()
         queues = [self.queue_name(name) for name in names]
         queues += [f"{self.delay_exchange}.{ms}" for ms in delays | self._delay_queues]
-        queues += [self.registry_stream, self.history_stream]
+        queues += [self.registry_stream, self.restarts_stream, self.history_stream]
         for queue in queues:
             await self.admin(partial(_delete_queue, name=queue))
         for exchange in (self.exchange, self.reserved_exchange, self.delay_exchange):
             await self.admin(partial(_delete_exchange, name=exchange))
         self._registry.reset()
+        self._restarts.reset()
         self._delay_queues.clear()
         self._delayed.clear()
         self._topology_ok = False
@@ -712,6 +737,8 @@ class _AmqpConsumer(Consumer):
         self._fetching = 0
         self._last_fetch = time.monotonic()
         self._closed = False
+        # Ids of messages whose restarts this consumer counted: their ack forgets the count.
+        self._restarted: set[str] = set()
 
     @property
     def in_flight(self) -> int:
@@ -961,10 +988,25 @@ class _AmqpConsumer(Consumer):
                 taken.append(held)
         return taken
 
+    async def restarted(self, delivery: Delivery) -> int:
+        held = delivery.handle
+        if not isinstance(held, _Held):
+            raise BackendCapabilityError("this delivery did not come from the amqp backend")
+        message = _message_key(held.message)
+        self._restarted.add(message)
+        return await self.backend.count_restart(self.spec.name, message)
+
     async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
         taken = self._take(deliveries)
         if not taken:
             return
+        if self._restarted:
+            finished = [
+                key for held in taken if (key := _message_key(held.message)) in self._restarted
+            ]
+            if finished:
+                self._restarted.difference_update(finished)
+                await self.backend.finish_restarts(self.spec.name, finished)
         tags = {held.tag for held in taken}
         # One `multiple` ack covers the acked tags below every tag still owed (held, buffered,
         # not arrived yet, or being settled by another call); the others are acked one by one.
@@ -1082,17 +1124,17 @@ class _AmqpConsumer(Consumer):
                     await self.backend.admin(partial(_delete_queue, name=self.queue))
 
 
-class _Registry:
-    """The namespace's consumer list, kept in a stream that every backend tails.
+class _StreamLog:
+    """A stream of JSON records that this backend tails from the start and appends to.
 
-    Records are JSON objects in stream order: ``consumer`` (name, pattern; the first one for a
-    name wins until a ``delete``), ``delete`` (name), ``delay`` (ms) and ``sync`` (written to
-    find the end of the stream: once a backend reads its own sync record, it has read
-    everything written before it)."""
+    Records are applied in stream order (`_apply`); a ``sync`` record is written to find the
+    end of the stream: once a backend reads its own sync record, it has read everything
+    written before it. A tail lost and taken up again reads everything again (`_forget`
+    first), since the stream may even have been recreated."""
 
-    def __init__(self, backend: AmqpBackend) -> None:
+    def __init__(self, backend: AmqpBackend, stream: str) -> None:
         self.backend = backend
-        self._records: dict[int, dict[str, Any]] = {}  # by stream offset: replays are harmless
+        self.stream = stream
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._channel: AbstractChannel | None = None
         self._underlay: aiormq.abc.AbstractChannel | None = None
@@ -1102,8 +1144,128 @@ class _Registry:
         self._tail_lock = asyncio.Lock()
 
     def reset(self) -> None:
-        self._records.clear()
+        self._forget()
         self._synced = False
+
+    def _forget(self) -> None:
+        """Drop what was read: the stream is read again from its start."""
+
+    def _apply(self, offset: int, record: dict[str, Any]) -> None:
+        """Take in one record read from the stream (at `offset`)."""
+
+    def _tailing(self) -> bool:
+        # Not tailing any more if the broker cancelled the consumer (stream deleted).
+        return _subscribed(self._underlay, self._consumer_tag)
+
+    async def ensure(self) -> None:
+        """Tail the stream and make sure everything written before this call has been read."""
+        if self._tailing() and self._synced:
+            return
+        async with self._lock:
+            if self._tailing() and self._synced:
+                return
+            await self.append({"op": "sync"})
+            self._synced = True
+
+    async def _tail(self) -> None:
+        if self._tailing():
+            return
+        async with self._tail_lock:
+            if self._tailing():
+                return
+            await self._close_channel()
+            self._forget()
+            conn = await self.backend.connection()
+            ch = await conn.channel(publisher_confirms=False)
+            try:
+                await ch.set_qos(prefetch_count=1000)  # streams need a prefetch to consume
+                queue = await ch.get_queue(self.stream, ensure=False)
+                tag = await queue.consume(self._on_record, arguments={"x-stream-offset": "first"})
+                underlay = await ch.get_underlay_channel()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await ch.close()
+                raise
+            self._channel, self._underlay, self._consumer_tag = ch, underlay, tag
+
+    async def _on_record(self, message: AbstractIncomingMessage) -> None:
+        with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
+            await message.ack()  # credit for the stream consumer
+        offset = (message.headers or {}).get("x-stream-offset")
+        try:
+            record = json.loads(message.body)
+        except ValueError:
+            return
+        if not isinstance(record, dict) or not isinstance(offset, int):
+            return
+        self._apply(offset, record)
+        waiter = self._waiters.get(str(record.get("id")))
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def append(self, record: dict[str, Any]) -> None:
+        """Write `record` and return once this backend has read it back."""
+        record_id = uuid.uuid4().hex
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[record_id] = waiter
+        try:
+            body = json.dumps({**record, "id": record_id}).encode()
+            properties = aiormq.spec.Basic.Properties(delivery_mode=2)
+            backoff = retry_backoff()
+            published = False
+            while True:
+                self.backend._check_open()
+                try:
+                    if not published:
+                        # Declares the stream again if it was destroyed: a record sent to a
+                        # queue that does not exist is dropped without an error.
+                        await self.backend.connection()
+                        await self.backend.publish_raw(
+                            [("", self.stream, body, properties)], retry=True
+                        )
+                        published = True
+                    await self._tail()
+                    async with asyncio.timeout(5.0):
+                        await asyncio.shield(waiter)
+                    return
+                except _RETRYABLE as exc:
+                    if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+                        # The stream is gone (another process destroyed the namespace), and
+                        # the record with it: declare it again, then write the record again.
+                        self.backend._topology_ok = False
+                        published = False
+                    # The tail was lost or stalled: read the stream again from the start.
+                    log.warning("eventwire: re-reading %s: %s", self.stream, exc)
+                    await self._close_channel()
+                    await backoff.wait()
+        finally:
+            self._waiters.pop(record_id, None)
+
+    async def _close_channel(self) -> None:
+        ch, self._channel = self._channel, None
+        self._underlay = self._consumer_tag = None
+        self._synced = False
+        if ch is not None and not ch.is_closed:
+            with contextlib.suppress(Exception):
+                await ch.close()
+
+    async def stop(self) -> None:
+        await self._close_channel()
+
+
+class _Registry(_StreamLog):
+    """The namespace's consumer list, kept in a stream that every backend tails, since
+    AMQP 0-9-1 cannot list queues or bindings.
+
+    Records: ``consumer`` (name, pattern, group; the first one for a name wins until a
+    ``delete``), ``delete`` (name), ``delay`` (ms), and ``sync``."""
+
+    def __init__(self, backend: AmqpBackend) -> None:
+        super().__init__(backend, backend.registry_stream)
+        self._records: dict[int, dict[str, Any]] = {}  # by stream offset: replays are harmless
+
+    def _forget(self) -> None:
+        self._records.clear()
 
     def view(self) -> tuple[dict[str, str], set[int]]:
         """(consumer name -> pattern, delay queue ms) as of the records read so far."""
@@ -1133,55 +1295,7 @@ class _Registry:
                 delays.add(record["ms"])
         return consumers, delays
 
-    def _tailing(self) -> bool:
-        # Not tailing any more if the broker cancelled the consumer (stream deleted).
-        return _subscribed(self._underlay, self._consumer_tag)
-
-    async def ensure(self) -> None:
-        """Tail the stream and make sure everything written before this call has been read."""
-        if self._tailing() and self._synced:
-            return
-        async with self._lock:
-            if self._tailing() and self._synced:
-                return
-            await self.append({"op": "sync"})
-            self._synced = True
-
-    async def _tail(self) -> None:
-        if self._tailing():
-            return
-        async with self._tail_lock:
-            if self._tailing():
-                return
-            await self._close_channel()
-            # Read it all again from the start (the stream may even have been recreated).
-            self._records.clear()
-            conn = await self.backend.connection()
-            ch = await conn.channel(publisher_confirms=False)
-            try:
-                await ch.set_qos(prefetch_count=1000)  # streams need a prefetch to consume
-                queue = await ch.get_queue(self.backend.registry_stream, ensure=False)
-                tag = await queue.consume(self._on_record, arguments={"x-stream-offset": "first"})
-                underlay = await ch.get_underlay_channel()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await ch.close()
-                raise
-            self._channel, self._underlay, self._consumer_tag = ch, underlay, tag
-
-    async def _on_record(self, message: AbstractIncomingMessage) -> None:
-        with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
-            await message.ack()  # credit for the stream consumer
-        offset = (message.headers or {}).get("x-stream-offset")
-        try:
-            record = json.loads(message.body)
-        except ValueError:
-            return
-        if not isinstance(record, dict) or not isinstance(offset, int):
-            return
-        waiter = self._waiters.get(str(record.get("id")))
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _apply(self, offset: int, record: dict[str, Any]) -> None:
         op = record.get("op")
         valid = (
             (op in ("consumer", "delete") and isinstance(record.get("name"), str))
@@ -1190,54 +1304,48 @@ class _Registry:
         if valid:
             self._records[offset] = record
 
-    async def append(self, record: dict[str, Any]) -> None:
-        """Write `record` and return once this backend has read it back."""
-        record_id = uuid.uuid4().hex
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters[record_id] = waiter
-        try:
-            body = json.dumps({**record, "id": record_id}).encode()
-            properties = aiormq.spec.Basic.Properties(delivery_mode=2)
-            backoff = retry_backoff()
-            published = False
-            while True:
-                self.backend._check_open()
-                try:
-                    if not published:
-                        # Declares the stream again if it was destroyed: a record sent to a
-                        # queue that does not exist is dropped without an error.
-                        await self.backend.connection()
-                        await self.backend.publish_raw(
-                            [("", self.backend.registry_stream, body, properties)], retry=True
-                        )
-                        published = True
-                    await self._tail()
-                    async with asyncio.timeout(5.0):
-                        await asyncio.shield(waiter)
-                    return
-                except _RETRYABLE as exc:
-                    if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
-                        # The stream is gone (another process destroyed the namespace), and
-                        # the record with it: declare it again, then write the record again.
-                        self.backend._topology_ok = False
-                        published = False
-                    # The tail was lost or stalled: read the stream again from the start.
-                    log.warning("eventwire: re-reading %s: %s", self.backend.registry_stream, exc)
-                    await self._close_channel()
-                    await backoff.wait()
-        finally:
-            self._waiters.pop(record_id, None)
 
-    async def _close_channel(self) -> None:
-        ch, self._channel = self._channel, None
-        self._underlay = self._consumer_tag = None
-        self._synced = False
-        if ch is not None and not ch.is_closed:
-            with contextlib.suppress(Exception):
-                await ch.close()
+class _Restarts(_StreamLog):
+    """Restarts of redelivered messages, per consumer and message id: RabbitMQ has no
+    key-value store, so a stream that expires after `HANDLED_KEPT` keeps them.
 
-    async def stop(self) -> None:
-        await self._close_channel()
+    Records: ``restart`` (name, message: one more), ``finish`` (name, messages: forgotten,
+    they were acknowledged), and ``sync``. Only messages that came back are ever counted,
+    so the stream stays small, and a backend reads it only once it counts a restart."""
+
+    def __init__(self, backend: AmqpBackend) -> None:
+        super().__init__(backend, backend.restarts_stream)
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def _forget(self) -> None:
+        self._counts.clear()
+
+    def _apply(self, offset: int, record: dict[str, Any]) -> None:
+        op, name = record.get("op"), record.get("name")
+        if not isinstance(name, str):
+            return
+        if op == "restart" and isinstance(record.get("message"), str):
+            key = (name, record["message"])
+            self._counts[key] = self._counts.get(key, 0) + 1
+        elif op == "finish" and isinstance(record.get("messages"), list):
+            for message in record["messages"]:
+                if isinstance(message, str):
+                    self._counts.pop((name, message), None)
+
+    def count(self, name: str, message: str) -> int:
+        """The restarts of `message` for consumer `name`, as of the records read so far."""
+        return self._counts.get((name, message), 0)
+
+    def forget(self, name: str, messages: Sequence[str]) -> None:
+        """Stop counting these (acknowledged) messages here; recorded by `append`."""
+        for message in messages:
+            self._counts.pop((name, message), None)
+
+
+def _message_key(message: AbstractIncomingMessage) -> str:
+    """What identifies a message in the restarts stream: its id (the event id), else (another
+    producer's) a hash of its body."""
+    return message.message_id or hashlib.sha256(message.body).hexdigest()
 
 
 async def _delete_queue(ch: AbstractChannel, *, name: str) -> object:

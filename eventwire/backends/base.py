@@ -323,6 +323,13 @@ class Consumer(abc.ABC):
         """Which of `event_ids` were acknowledged with ``handled_ids`` before."""
         raise BackendCapabilityError("this backend cannot record handled event ids")
 
+    async def restarted(self, delivery: Delivery) -> int:
+        """Record, before its handler runs again, that handling of `delivery` (one that came
+        back: ``attempt > 1``) starts again; return the restarts recorded for its message,
+        this one included. Brokers keep the count beside the handled ids, per message, until
+        the message is acknowledged: it outlives the processes a poison event kills."""
+        raise BackendCapabilityError("this backend cannot count restarts")
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop fetching. Deliveries not acknowledged go back to the broker."""

@@ -755,19 +755,45 @@ class Feeder:
         if self.session is not None and self.session.give_back(event, 0.0):
             self._room.set()
 
-    def holds(self, event: Event[Any]) -> bool:
+    def holds(self, event: Event[Any]) -> bool | None:
         """Called by a worker before it handles `event`: whether this process surely still
-        holds its lease. If it may have run out (the process was stopped past it), the
-        broker may have leased the event to another process, which may be handling it: it
-        is not handled here (False), and goes back to the broker with every other event
-        whose lease may have run out, and every later event of their keys (handled here
-        first, they would overtake them)."""
+        holds its lease (None: it does, and the event came back from an earlier delivery:
+        the worker counts its `restarts`). If the lease may have run out (the process was
+        stopped past it), the broker may have leased the event to another process, which
+        may be handling it: it is not handled here (False), and goes back to the broker
+        with every other event whose lease may have run out, and every later event of
+        their keys (handled here first, they would overtake them)."""
         session = self.session
-        if session is None or session.lease_alive(event):
+        if session is None:
             return True
+        delivery = session.lease_alive(event)
+        if delivery is not None:
+            return True if delivery.attempt == 1 else None
         if session.is_held(event):
             self._give_back_lost(session)
         return False
+
+    async def restarts(self, event: Event[Any]) -> int:
+        """Record that handling of `event` (which came back) starts again, before it does:
+        if that kills the process, the count survives it. The count of restarts recorded
+        for it, this one included; 0 if the broker cannot be reached to record it."""
+        session = self.session
+        delivery = None if session is None else session.lease_alive(event)
+        if session is None or delivery is None:
+            return 0
+        try:
+            return await session.consumer.restarted(delivery)
+        except Exception:
+            # Handled unrecorded rather than held up: at least once still holds, only the
+            # cap on a poison event waits for the broker to be back.
+            logger.warning(
+                "eventwire: %s could not record a restart of %s %s",
+                self.spec.name,
+                event.topic,
+                event.id,
+                exc_info=True,
+            )
+            return 0
 
     def _give_back_lost(self, session: ConsumerSession) -> None:
         # The lost ones are let go, not given back: their leases ran out at the broker (or

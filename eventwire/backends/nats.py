@@ -847,6 +847,40 @@ class NatsBackend(BrokerBackend):
             found.update(event_id for event_id, hit in zip(window, results, strict=True) if hit)
         return found
 
+    async def _count_restart(self, durable: str, sequence: int) -> int:
+        """Add one to the restarts of stream message `sequence` for `durable`, kept in the
+        handled-ids bucket (expiring with it: a message's sequence is never reused, so a
+        count left by a message acknowledged since is never read again)."""
+        key = f"{durable}.restarts.{sequence}"
+
+        async def add_one() -> int:
+            kv = await self._bucket(create=True)  # on every try, as in _record_handled
+            assert kv is not None
+            while True:  # compare-and-set: another process may count the same message
+                try:
+                    entry = await kv.get(key)
+                except nats.js.errors.NotFoundError:
+                    try:
+                        await kv.create(key, b"1")
+                    except nats.js.errors.KeyWrongLastSequenceError:
+                        continue
+                    return 1
+                count = _count(entry.value) + 1
+                try:
+                    await kv.update(key, str(count).encode(), last=entry.revision)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
+                return count
+
+        return await self._retry("counting a restart", add_one)
+
+
+def _count(value: bytes | None) -> int:
+    try:
+        return max(0, int(value or b"0"))
+    except ValueError:
+        return 0
+
 
 @dataclass(slots=True)
 class _Pull:
@@ -1168,6 +1202,11 @@ class _NatsConsumer(Consumer):
 
     async def handled(self, event_ids: Sequence[str]) -> set[str]:
         return await self._backend._handled(self._durable, event_ids)
+
+    async def restarted(self, delivery: Delivery) -> int:
+        [msg] = self._msgs([delivery])
+        _, sequence = _numbers(msg.reply)
+        return await self._backend._count_restart(self._durable, sequence)
 
     async def stop_fetching(self) -> None:
         # JetStream cannot take a pull request back, and gives what is handed back (nak) to a

@@ -216,12 +216,14 @@ class ConsumerSession:
         """Whether something is held under `key`."""
         return id(key) in self._held
 
-    def lease_alive(self, key: object) -> bool:
-        """Whether the delivery held under `key` is surely still leased to this process
-        (renewed recently enough); False if nothing is held under it. The check before
-        working on a delivery: one clock reading."""
+    def lease_alive(self, key: object) -> Delivery | None:
+        """The delivery held under `key` if it is surely still leased to this process
+        (renewed recently enough); None if its lease may have run out, or nothing is held
+        under it. The check before working on a delivery: one clock reading."""
         held = self._held.get(id(key))
-        return held is not None and _clock() - held.renewed < self._lease_trusted
+        if held is not None and _clock() - held.renewed < self._lease_trusted:
+            return held.delivery
+        return None
 
     def lost(self) -> list[tuple[object, Delivery]]:
         """The keys and deliveries held whose lease may have run out (`lease_alive`)."""

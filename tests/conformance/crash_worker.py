@@ -25,6 +25,11 @@ async def main(url: str, output: str, idempotent: bool) -> None:
         # Paced a little, so that the test's kill lands in the middle of the stream.
         await asyncio.sleep(0.0002)
 
+    await serve(bus)
+
+
+async def serve(bus: EventBus) -> None:
+    """Run `bus`, say "ready" on standard output, and stop at SIGTERM."""
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     async with bus:
