@@ -741,10 +741,23 @@ class Feeder:
         if session is None:
             return
         if finished:
+            alive = session.lease_alive(event)
             delivery = session.release(event)
             if delivery is None:
                 return
-            session.ack_later([delivery])
+            if alive is not None:
+                session.ack_later([delivery])
+            else:
+                # The handler outlived the lease (the process was stopped while it ran): the
+                # broker may have given the event to another process, and a late ack would
+                # finish it there, even if that process fails it. It is delivered again.
+                logger.warning(
+                    "eventwire: %s finished %s %s after its lease may have run out (was "
+                    "the process stopped?): not acknowledged, it is delivered again",
+                    self.spec.name,
+                    event.topic,
+                    event.id,
+                )
         elif not session.give_back(event, 1.0):
             return
         if session.held <= self.window - max(1, self.window // 4):

@@ -1141,6 +1141,17 @@ class _NatsConsumer(Consumer):
 
     async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
         msgs = self._msgs(deliveries)
+        lost = self._lost_before()
+        late = [
+            m for m in msgs if (held := self._held.get(m.reply)) is not None and held[0] <= lost
+        ]
+        if late:
+            # Their leases may have run out: JetStream takes an ack of an earlier delivery
+            # as the ack of the message, which another process may hold (and fail) now.
+            replies = {msg.reply for msg in late}
+            for reply in replies:
+                self._held.pop(reply, None)
+            msgs = [m for m in msgs if m.reply not in replies]
         if handled_ids:
             # Recorded before the ack: a crash in between redelivers an event that the bus
             # then finds handled, instead of losing the record.

@@ -513,11 +513,24 @@ async def test_a_process_that_lost_a_delivery_cannot_give_it_back_or_keep_it(
 # modules of these brokers do not check who holds the message yet).
 _LATE_ACK_COUNTS = {
     "redis": "XACK finishes a pending entry whichever consumer of the group claimed it",
-    "nats": "JetStream takes an ack of an earlier delivery of a message still pending",
     # Not analysed yet: the module says it ignores a late ack, but `outstanding` reads 0
     # here (the frozen consumer's prefetch may have taken "p2").
     "amqp": "outstanding reads 0 after the late ack",
 }
+
+
+async def fetch_from_either(
+    first: Consumer, second: Consumer, body: bytes
+) -> tuple[Consumer, Delivery]:
+    """The delivery of `body` and whichever of two consumers got it (what else comes is
+    acknowledged); fails after 10 s."""
+    async with asyncio.timeout(10):
+        while True:
+            for consumer in (first, second):
+                for delivery in await consumer.fetch(5, 0.2):
+                    if delivery.body == body:
+                        return consumer, delivery
+                    await consumer.ack([delivery])
 
 
 async def test_a_late_ack_from_a_process_that_lost_the_lease_does_not_count(
@@ -541,7 +554,15 @@ async def test_a_late_ack_from_a_process_that_lost_the_lease_does_not_count(
         # The late ack must not let "p2" go to `frozen` while `live` still works on "p1" of
         # the same key.
         assert await frozen.fetch(5, 0.3) == []
-    await outstanding_becomes(backend, {"paused": 2})  # "p1" is still owed, as is "p2"
+    if backend.capabilities.cross_process_drain:
+        await outstanding_becomes(backend, {"paused": 2})  # "p1" is still owed, as is "p2"
+    if not backend.capabilities.key_order_across_processes:
+        # Failed by `live`, "p1" comes back: the late ack finished nothing.
+        await live.nak(taken)
+        holder, again = await fetch_from_either(live, frozen, b"p1")
+        assert again.attempt == 3
+        await holder.ack([again])
+        return
     await live.ack([taken])
     if backend.capabilities.key_order_across_processes:
         again = await fetch_all(live, 1)  # "p2", now that "p1" is done
