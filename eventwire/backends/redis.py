@@ -707,6 +707,12 @@ class Waker:
             ]
         return future
 
+    def forget(self, consumer: RedisConsumer) -> None:
+        """`consumer` waits no more (it registers again before its next wait)."""
+        waiting = self._waiting.get(consumer.group)
+        if waiting is not None and waiting.pop(consumer, None) is not None:
+            self._count -= 1
+
     def _wake(self, consumer: RedisConsumer, due: bool) -> None:
         waiting = self._waiting.get(consumer.group)
         future = None if waiting is None else waiting.pop(consumer, None)
@@ -948,6 +954,10 @@ class RedisConsumer(Consumer):
             try:
                 found = await self._fetch_turn(limit, deadline)
                 if found is not None:
+                    if found and self._waiter is not None:
+                        # More may wait: the next fetch reads before it waits again.
+                        self._waiter = None
+                        self.backend.waker.forget(self)
                     return found
                 backoff.reset()
             except redis_errors.ResponseError as error:
@@ -1042,15 +1052,20 @@ class RedisConsumer(Consumer):
             max(self._next_reclaim - loop.time(), 0.001),
             max(self._due_at - loop.time(), 0.001),
         )
-        deliveries = await self._read_new(limit, block if remaining > 0 else None)
-        if deliveries and self._woken and len(deliveries) < limit:
-            # Entries were handed back meanwhile: those due go first, as they are older.
-            found = await self._run_script(limit - len(deliveries), loop)
-            split = self._redelivered
-            deliveries = found[:split] + deliveries + found[split:]
+        deliveries = await self._read(limit, block if remaining > 0 else None)
         if deliveries:
             return await self._handed(deliveries)
         return [] if loop.time() >= deadline else None
+
+    async def _read(self, limit: int, block: float | None) -> list[Delivery]:
+        """`_read_new`, and if entries were handed back meanwhile, the script's redeliveries
+        ahead of the new entries (they are older)."""
+        deliveries = await self._read_new(limit, block)
+        if deliveries and self._woken and len(deliveries) < limit:
+            found = await self._run_script(limit - len(deliveries), asyncio.get_running_loop())
+            split = self._redelivered
+            deliveries = found[:split] + deliveries + found[split:]
+        return deliveries
 
     @staticmethod
     def _waiter_due(waiter: asyncio.Future[bool]) -> bool:
@@ -1064,11 +1079,7 @@ class RedisConsumer(Consumer):
         waiter = self._waiter
         if waiter is None:
             waiter = self._waiter = self.backend.waker.expect(self)
-            deliveries = await self._read_new(limit, None)
-            if deliveries and self._woken and len(deliveries) < limit:
-                found = await self._run_script(limit - len(deliveries), loop)
-                split = self._redelivered
-                deliveries = found[:split] + deliveries + found[split:]
+            deliveries = await self._read(limit, None)
             if deliveries:
                 return await self._handed(deliveries)
             if self._scan:  # the wake stream was bumped: the script runs next
