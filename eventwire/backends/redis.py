@@ -21,6 +21,8 @@ that touch several keys stay valid on Redis Cluster:
 - ``{ns}:wake:<group>``: a one-entry stream that nak and close bump, so fetchers blocked on the
   events stream wake up for entries handed back; the group reads it (XREADGROUP) beside the
   events stream.
+- ``{ns}:wakes``: a short stream naming the groups whose entries were handed back (nak,
+  close), for the wakers (below).
 - ``{ns}:tally:<group>``: hash, how far `consumers()` counted the group's unread entries
   (kept only for long backlogs, such as the dead-letter consumer's, which nothing reads).
 - ``{ns}:dedup:<event id>``: only with ``dedup_window``: a marker with that TTL.
@@ -37,6 +39,14 @@ first), when a delayed entry falls due, when it is time to take over deliveries 
 consumers held longer than ``ack_wait`` (XAUTOCLAIM; every ``ack_wait``/4, at most 1 s), and
 for a backlog mostly of other topics, which it filters inside Redis; it replies with one
 packed string per delivery (attempt, entry id, topic, body).
+
+Only the first 16 consumers of a backend (`_DEDICATED`) block in XREADGROUP, each on a
+connection of its own. The others are shared: their calls borrow pooled connections (at
+most 64 at once), and when a read brings nothing they wait on the backend's `Waker`, one
+connection that reads each new entry (XREAD) while anyone waits and wakes the consumers whose
+pattern matches its topic, or whose group ``{ns}:wakes`` names; it also looks every
+``ack_wait``/4 (at most 1 s) for waiting groups with redeliveries due, in one script call per
+500 groups. Thousands of subscriptions in one process thus hold a few dozen connections.
 
 Deduplication. Redis cannot deduplicate by itself. A publish whose reply was lost (the
 connection broke) is retried; before the retry, a script scans the stream entries added since
