@@ -21,6 +21,8 @@ that touch several keys stay valid on Redis Cluster:
 - ``{ns}:wake:<group>``: a one-entry stream that nak and close bump, so fetchers blocked on the
   events stream wake up for entries handed back; the group reads it (XREADGROUP) beside the
   events stream.
+- ``{ns}:wakes``: a short stream naming the groups whose entries were handed back (nak,
+  close), for the wakers (below).
 - ``{ns}:tally:<group>``: hash, how far `consumers()` counted the group's unread entries
   (kept only for long backlogs, such as the dead-letter consumer's, which nothing reads).
 - ``{ns}:dedup:<event id>``: only with ``dedup_window``: a marker with that TTL.
@@ -37,6 +39,14 @@ first), when a delayed entry falls due, when it is time to take over deliveries 
 consumers held longer than ``ack_wait`` (XAUTOCLAIM; every ``ack_wait``/4, at most 1 s), and
 for a backlog mostly of other topics, which it filters inside Redis; it replies with one
 packed string per delivery (attempt, entry id, topic, body).
+
+Only the first 16 consumers of a backend (`_DEDICATED`) block in XREADGROUP, each on a
+connection of its own. The others are shared: their calls borrow pooled connections (at
+most 64 at once), and when a read brings nothing they wait on the backend's `Waker`, one
+connection that reads each new entry (XREAD) while anyone waits and wakes the consumers whose
+pattern matches its topic, or whose group ``{ns}:wakes`` names; it also looks every
+``ack_wait``/4 (at most 1 s) for waiting groups with redeliveries due, in one script call per
+500 groups. Thousands of subscriptions in one process thus hold a few dozen connections.
 
 Deduplication. Redis cannot deduplicate by itself. A publish whose reply was lost (the
 connection broke) is retried; before the retry, a script scans the stream entries added since
@@ -102,6 +112,7 @@ from eventwire.backends.redis_wire import (
     Script,
     bulk,
     command,
+    exchange,
     execute,
     publish_call,
     resp,
@@ -140,6 +151,18 @@ _COUNT_SCAN = 1000
 _MAX_BLOCK = 1.0
 # Most new entries one XREADGROUP takes (no more than the fetch asks for).
 _READ_COUNT = 1000
+# Consumers of one backend that wait for new entries on a connection of their own (a blocking
+# XREADGROUP: the quickest hand-over). The others wait on the backend's `Waker`, and borrow
+# pooled connections for their calls, at most `_SHARED_CALLS` at once.
+_DEDICATED = 16
+_SHARED_CALLS = 64
+# The waker's longest blocking read, and the most entries it reads per call; after
+# `_WAKER_LAG` entries in a row without catching up it skips to the end and wakes everyone.
+_WAKER_BLOCK = 5.0
+_WAKER_COUNT = 1000
+_WAKER_LAG = 20_000
+# Groups per call of the script that finds which waiting consumers have redeliveries due.
+_DUE_CHUNK = 500
 # Topics whose match against its pattern a consumer remembers, before starting over.
 _TOPICS_KEPT = 10_000
 _CONNECT_TIMEOUT = 3.0
@@ -301,6 +324,20 @@ class RedisBackend(BrokerBackend):
         self.extend_script = Script(lua.EXTEND)
         self.release_script = Script(lua.RELEASE)
         self.prune_script = Script(lua.PRUNE)
+        self.due_script = Script(lua.DUE)
+        # Names groups whose entries were handed back (nak, close), for the wakers.
+        self.wakes = prefix + "wakes"
+        # Consumers waiting on a connection of their own (at most `_DEDICATED`).
+        self.dedicated = 0
+        self.shared_calls = asyncio.Semaphore(_SHARED_CALLS)
+        self._waker: Waker | None = None
+
+    @property
+    def waker(self) -> Waker:
+        """The one reader that waits for new entries on behalf of the shared consumers."""
+        if self._waker is None:
+            self._waker = Waker(self)
+        return self._waker
 
     def key(self, kind: str, group: str) -> str:
         """The key of one of a group's structures (``delayed``, ``handled``, ``wake``)."""
@@ -347,6 +384,9 @@ class RedisBackend(BrokerBackend):
         self._link = Link(client)
 
     async def close(self) -> None:
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            await waker.close()
         client, self._client = self._client, None
         self._link = None
         if client is not None:
@@ -584,6 +624,272 @@ class RedisBackend(BrokerBackend):
         await self.retrying(unlink_all, asyncio.get_running_loop().time() + 10.0)
 
 
+class Waker:
+    """Waits for new entries on one connection for all of a backend's shared consumers (all
+    but the first `_DEDICATED`), which would otherwise each block on a connection of their
+    own: thousands of subscriptions in one process cost one connection, not thousands.
+
+    A consumer registers (`expect`) before a read without wait, and when that read brought
+    nothing it waits on the future it got. While anyone waits, the waker reads each new
+    entry of the stream (XREAD from the last entry it read, blocking when there is none) and
+    wakes the waiting consumers whose pattern matches its topic, and those of the groups the
+    namespace's wakes stream names (entries handed back by nak or close). A registration
+    made before the read misses no entry that came after it. Every ``ack_wait``/4 (at most
+    1 s) one script call per `_DUE_CHUNK` waiting groups finds those with redeliveries due
+    (a delayed entry due, a lease run out), whose consumers are woken to run the fetch
+    script: an idle consumer makes no call of its own.
+    """
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self.backend = backend
+        # group -> waiting consumer -> its future (result: whether redeliveries are due)
+        self._waiting: dict[str, dict[RedisConsumer, asyncio.Future[bool]]] = {}
+        self._count = 0
+        self._wanted = asyncio.Event()
+        # Of the shared consumers open: how many per group, each group's shortest min idle
+        # time (ms), the groups of each pattern, and the patterns with wildcards.
+        self._members: dict[str, int] = {}
+        self._min_idle: dict[str, int] = {}
+        self._pattern_groups: dict[str, set[str]] = {}
+        self._wild: list[str] = []
+        # topic -> the groups it is for (None: every group, as for a foreign entry's topic)
+        self._routes: dict[bytes | None, tuple[str, ...] | None] = {}
+        self._period = _MAX_BLOCK
+        # The last entries read of the stream and of the wakes stream (None: to be learned).
+        self._ids: tuple[bytes, bytes] | None = None
+        self._connection: Any = None
+        self._due_link = Link(backend.client, keep=False)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def add(self, consumer: RedisConsumer) -> None:
+        """A shared consumer opened."""
+        group = consumer.group
+        count = self._members.get(group, 0)
+        self._members[group] = count + 1
+        self._min_idle[group] = min(
+            self._min_idle.get(group, consumer.min_idle_ms), consumer.min_idle_ms
+        )
+        self._period = min(self._period, consumer.reclaim_every)
+        if count == 0:
+            pattern = consumer.spec.pattern
+            groups = self._pattern_groups.setdefault(pattern, set())
+            if not groups and not is_topic(pattern):
+                self._wild.append(pattern)
+            groups.add(group)
+            self._routes.clear()
+
+    def remove(self, consumer: RedisConsumer) -> None:
+        """A shared consumer closed: its wait, if any, ends."""
+        self._wake(consumer, False)
+        group = consumer.group
+        count = self._members.get(group, 0) - 1
+        if count > 0:
+            self._members[group] = count
+            return
+        self._members.pop(group, None)
+        self._min_idle.pop(group, None)
+        pattern = consumer.spec.pattern
+        groups = self._pattern_groups.get(pattern)
+        if groups is not None:
+            groups.discard(group)
+            if not groups:
+                del self._pattern_groups[pattern]
+                if pattern in self._wild:
+                    self._wild.remove(pattern)
+        self._routes.clear()
+
+    def expect(self, consumer: RedisConsumer) -> asyncio.Future[bool]:
+        """Register `consumer` as waiting for entries that come from now on: the future is
+        done once one may have come for it."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.setdefault(consumer.group, {})
+        if consumer not in waiting:
+            self._count += 1
+        waiting[consumer] = future
+        if not self._wanted.is_set():
+            self._wanted.set()
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            name = f"eventwire:{self.backend.namespace}:waker"
+            self._tasks = [
+                loop.create_task(self._read_loop(), name=name),
+                loop.create_task(self._due_loop(), name=name + ":due"),
+            ]
+        return future
+
+    def forget(self, consumer: RedisConsumer) -> None:
+        """`consumer` waits no more (it registers again before its next wait)."""
+        waiting = self._waiting.get(consumer.group)
+        if waiting is not None and waiting.pop(consumer, None) is not None:
+            self._count -= 1
+
+    def _wake(self, consumer: RedisConsumer, due: bool) -> None:
+        waiting = self._waiting.get(consumer.group)
+        future = None if waiting is None else waiting.pop(consumer, None)
+        if future is not None:
+            self._count -= 1
+            if not future.done():
+                future.set_result(due)
+
+    def _wake_group(self, group: str, due: bool) -> None:
+        waiting = self._waiting.pop(group, None)
+        if waiting:
+            self._count -= len(waiting)
+            for future in waiting.values():
+                if not future.done():
+                    future.set_result(due)
+
+    def _wake_all(self) -> None:
+        for group in list(self._waiting):
+            self._wake_group(group, False)
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        connection, self._connection = self._connection, None
+        client = self.backend._client
+        if connection is not None and client is not None:
+            pool: Any = client.connection_pool
+            await pool.release(connection)
+        self._wake_all()
+
+    async def _read_loop(self) -> None:
+        backend = self.backend
+        backoff = retry_backoff()
+        lag = 0
+        while True:
+            if not self._count:
+                self._wanted.clear()
+                await self._wanted.wait()
+            try:
+                if self._connection is None:
+                    pool: Any = backend.client.connection_pool
+                    self._connection = await pool.get_connection()
+                connection = self._connection
+                if self._ids is None or not connection.is_connected:
+                    # (Re)connected: the server may have restarted with other entries.
+                    # Whoever waits reads for themselves; new entries count from here.
+                    self._ids = None
+                    newest = await exchange(
+                        connection,
+                        resp("XREVRANGE", backend.stream, "+", "-", "COUNT", 1)
+                        + resp("XREVRANGE", backend.wakes, "+", "-", "COUNT", 1),
+                        2,
+                        0.0,
+                    )
+                    first, second = (reply[0][0] if reply else b"0-0" for reply in newest)
+                    self._ids = (first, second)
+                    self._wake_all()
+                    lag = 0
+                    backoff.reset()
+                    continue
+                args: tuple[Any, ...] = ("XREAD", "COUNT", _WAKER_COUNT)
+                if not lag:
+                    args += ("BLOCK", int(_WAKER_BLOCK * 1000))
+                call = resp(*args, "STREAMS", backend.stream, backend.wakes, *self._ids)
+                [reply] = await exchange(connection, call, 1, wait=0.0 if lag else _WAKER_BLOCK)
+                backoff.reset()
+            except _RETRYABLE as error:
+                # Those waiting are woken once the waker reads again (above).
+                self._ids = None
+                logger.debug("eventwire: the waker of %s failed: %s", backend.url.redacted, error)
+                await backoff.wait()
+                continue
+            except redis_errors.ResponseError:
+                logger.exception("eventwire: the waker of %s failed", backend.url.redacted)
+                self._ids = None
+                await backoff.wait()
+                continue
+            lag = lag + _WAKER_COUNT if self._route(reply) else 0
+            if lag >= _WAKER_LAG:
+                self._ids = None  # far behind: skip to the end, and everyone reads
+
+    def _route(self, reply: Any) -> bool:
+        """Wake the consumers the entries of an XREAD reply are for; whether it was full."""
+        if not reply or self._ids is None:
+            return False
+        stream = self.backend.stream
+        streams = reply.items() if isinstance(reply, dict) else reply
+        events_id, wakes_id = self._ids
+        full = every = False
+        groups: set[str] = set()
+        for name, entries in streams:
+            if not entries:
+                continue
+            full = full or len(entries) >= _WAKER_COUNT
+            if _text(name) != stream:
+                wakes_id = entries[-1][0]
+                groups.update(
+                    _text(fields[1]) for _, fields in entries if fields and len(fields) > 1
+                )
+                continue
+            events_id = entries[-1][0]
+            routes = self._routes
+            for _, fields in entries:
+                topic, _ = _topic_body(fields)
+                route = routes[topic] if topic in routes else self._route_of(topic)
+                if route is None:
+                    every = True
+                    break
+                groups.update(route)
+        self._ids = (events_id, wakes_id)
+        if every:
+            self._wake_all()
+        else:
+            for group in groups:
+                self._wake_group(group, False)
+        return full
+
+    def _route_of(self, topic: bytes | None) -> tuple[str, ...] | None:
+        """The groups whose pattern matches `topic` (None: all, as every consumer gets an
+        entry without a valid topic), remembered."""
+        text = None if topic is None else _text(topic)
+        route: tuple[str, ...] | None = None
+        if text is not None and is_topic(text):
+            groups = set(self._pattern_groups.get(text, ()))
+            for pattern in self._wild:
+                if pattern_matches(pattern, text):
+                    groups.update(self._pattern_groups[pattern])
+            route = tuple(groups)
+        if len(self._routes) >= _TOPICS_KEPT:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    async def _due_loop(self) -> None:
+        backend = self.backend
+        while True:
+            await asyncio.sleep(self._period)
+            groups = [group for group, waiting in self._waiting.items() if waiting]
+            for chunk in _chunks(groups, _DUE_CHUNK):
+                # Packed by hand: thousands of arguments a second for an idle process.
+                keys = [bulk(backend.key("delayed", group)) for group in chunk]
+                args = [bulk(group) + bulk(self._min_idle.get(group, 1)) for group in chunk]
+                call = b"*%d\r\n%s%s%s%s%s" % (
+                    4 + 3 * len(chunk),
+                    bulk("EVALSHA"),
+                    bulk(backend.due_script.sha),
+                    bulk(1 + len(chunk)),
+                    bulk(backend.stream),
+                    b"".join(keys + args),
+                )
+                # Housekeeping: a failed round is tried again in the next.
+                try:
+                    [found] = await self._due_link.call(call)
+                except redis_errors.NoScriptError:  # a restarted server lost its scripts
+                    with contextlib.suppress(*_RETRYABLE):
+                        source = backend.due_script.source
+                        await command(backend.client, "SCRIPT", "LOAD", source)
+                    continue
+                except _RETRYABLE:
+                    continue
+                for number in found:
+                    self._wake_group(chunk[int(number) - 1], True)
+
+
 class RedisConsumer(Consumer):
     """One process's member of a consumer group (a Redis consumer with a unique name)."""
 
@@ -595,10 +901,10 @@ class RedisConsumer(Consumer):
         self._delayed = backend.key("delayed", group)
         self._handled = backend.key("handled", group)
         self._wake = backend.key("wake", group)
-        self._min_idle_ms = max(1, int(spec.ack_wait * 1000))
+        self.min_idle_ms = max(1, int(spec.ack_wait * 1000))
         # How often a fetcher looks for deliveries that outlived ack_wait: redelivery comes
         # at most this long after ack_wait.
-        self._reclaim_every = min(max(spec.ack_wait / 4, 0.05), _MAX_BLOCK)
+        self.reclaim_every = min(max(spec.ack_wait / 4, 0.05), _MAX_BLOCK)
         self._next_reclaim = 0.0
         self._claim_cursor = "0-0"
         # Whether the next fetch runs the script (first, after a delivery by it or a bump of
@@ -609,10 +915,20 @@ class RedisConsumer(Consumer):
         self._next_prune = 0.0
         self._closed = False
         # This consumer's own connection for its fetches, and the entry ids of the
-        # acknowledgements that go along with its next fetch command (`ack_and_fetch`).
-        self._link = Link(backend.client)
-        # Another for acknowledgements sent on their own, which go beside fetches.
-        self._ack_link = Link(backend.client)
+        # acknowledgements that go along with its next fetch command (`ack_and_fetch`);
+        # another for acknowledgements sent on their own, which go beside fetches. Past the
+        # first `_DEDICATED` consumers of the backend, they are shared: pooled connections
+        # borrowed per call, and the backend's waker waits for new entries.
+        self._shared = backend.dedicated >= _DEDICATED
+        if not self._shared:
+            backend.dedicated += 1
+        slots = backend.shared_calls if self._shared else None
+        self._link = Link(backend.client, keep=not self._shared, slots=slots)
+        self._ack_link = Link(backend.client, keep=not self._shared, slots=slots)
+        # A shared consumer's registration with the waker (`Waker.expect`).
+        self._waiter: asyncio.Future[bool] | None = None
+        if self._shared:
+            backend.waker.add(self)
         self._acks_along: list[str] = []
         # Whether the last full read was mostly of other topics: the script, which filters
         # in Redis, then reads the backlog.
@@ -648,6 +964,10 @@ class RedisConsumer(Consumer):
             try:
                 found = await self._fetch_turn(limit, deadline)
                 if found is not None:
+                    if found and self._waiter is not None:
+                        # More may wait: the next fetch reads before it waits again.
+                        self._waiter = None
+                        self.backend.waker.forget(self)
                     return found
                 backoff.reset()
             except redis_errors.ResponseError as error:
@@ -713,14 +1033,26 @@ class RedisConsumer(Consumer):
         if loop.time() >= self._next_prune:
             await self.prune()
         now = loop.time()
+        waiter = self._waiter
+        if waiter is not None and waiter.done():
+            # Woken: by redeliveries due, or else by entries that may be for us (the waker
+            # looked for redeliveries while we waited).
+            self._waiter = None
+            if self._waiter_due(waiter):
+                self._next_reclaim = 0.0
+            else:
+                self._next_reclaim = max(self._next_reclaim, now + self.reclaim_every)
+        reclaim = now >= self._next_reclaim and self._waiter is None
         scanned = False
-        if self._scan or now >= self._next_reclaim or now >= self._due_at:
+        if self._scan or reclaim or now >= self._due_at:
             deliveries = await self._run_script(limit, loop)
             if deliveries:
                 return await self._handed(deliveries)
             scanned = True
             if self._scan:  # the script's scan budget ran out: more to look at
                 return [] if loop.time() >= deadline else None
+        if self._shared:
+            return await self._wait_turn(limit, deadline)
         remaining = deadline - loop.time()
         if remaining <= 0 and scanned:
             return []
@@ -730,15 +1062,47 @@ class RedisConsumer(Consumer):
             max(self._next_reclaim - loop.time(), 0.001),
             max(self._due_at - loop.time(), 0.001),
         )
-        deliveries = await self._read_new(limit, block if remaining > 0 else None)
-        if deliveries and self._woken and len(deliveries) < limit:
-            # Entries were handed back meanwhile: those due go first, as they are older.
-            found = await self._run_script(limit - len(deliveries), loop)
-            split = self._redelivered
-            deliveries = found[:split] + deliveries + found[split:]
+        deliveries = await self._read(limit, block if remaining > 0 else None)
         if deliveries:
             return await self._handed(deliveries)
         return [] if loop.time() >= deadline else None
+
+    async def _read(self, limit: int, block: float | None) -> list[Delivery]:
+        """`_read_new`, and if entries were handed back meanwhile, the script's redeliveries
+        ahead of the new entries (they are older)."""
+        deliveries = await self._read_new(limit, block)
+        if deliveries and self._woken and len(deliveries) < limit:
+            found = await self._run_script(limit - len(deliveries), asyncio.get_running_loop())
+            split = self._redelivered
+            deliveries = found[:split] + deliveries + found[split:]
+        return deliveries
+
+    @staticmethod
+    def _waiter_due(waiter: asyncio.Future[bool]) -> bool:
+        return not waiter.cancelled() and waiter.result()
+
+    async def _wait_turn(self, limit: int, deadline: float) -> list[Delivery] | None:
+        """A shared consumer's turn after the script: new entries without waiting, else a
+        wait for the waker (registered before the read, so that nothing that comes after
+        the read goes unnoticed). Registered, it only waits."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter
+        if waiter is None:
+            waiter = self._waiter = self.backend.waker.expect(self)
+            deliveries = await self._read(limit, None)
+            if deliveries:
+                return await self._handed(deliveries)
+            if self._scan:  # the wake stream was bumped: the script runs next
+                return None
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return []
+        if waiter.done():
+            return None
+        # Until woken, the next delayed entry known falls due, or the fetch's wait ends.
+        due_in = self._due_at - loop.time()
+        await asyncio.wait((waiter,), timeout=max(min(remaining, due_in), 0.001))
+        return [] if not waiter.done() and remaining <= due_in else None
 
     async def _handed(self, deliveries: list[Delivery]) -> list[Delivery]:
         if self._closed:
@@ -767,7 +1131,7 @@ class RedisConsumer(Consumer):
             limit,
             self.spec.pattern,
             "1" if reclaim else "0",
-            self._min_idle_ms,
+            self.min_idle_ms,
             self._claim_cursor,
             _SCAN_BUDGET,
         )
@@ -778,7 +1142,7 @@ class RedisConsumer(Consumer):
             reply = await self._call(call)
         if reclaim:
             self._claim_cursor = _text(reply[2])
-            self._next_reclaim = loop.time() + self._reclaim_every
+            self._next_reclaim = loop.time() + self.reclaim_every
         if not self._wake_group:
             await self._create_wake_group()
         due_ms, now_ms = int(reply[4]), int(reply[5])
@@ -801,9 +1165,7 @@ class RedisConsumer(Consumer):
         """The group's reader of the wake stream, so that one blocking XREADGROUP waits for
         new entries and for entries handed back (nak, close) at once."""
         with contextlib.suppress(redis_errors.ResponseError):  # BUSYGROUP: there already
-            await command(
-                self.backend.client, "XGROUP", "CREATE", self._wake, self.group, "$", "MKSTREAM"
-            )
+            await self._link.call(resp("XGROUP", "CREATE", self._wake, self.group, "$", "MKSTREAM"))
         self._wake_group = True
 
     async def _read_new(self, limit: int, block: float | None) -> list[Delivery]:
@@ -831,8 +1193,8 @@ class RedisConsumer(Consumer):
         for name, entries in streams:
             if _text(name) != backend.stream:
                 self._scan = self._woken = True
-                await command(
-                    backend.client, "XACK", self._wake, self.group, *(e[0] for e in entries)
+                await self._link.call(
+                    resp("XACK", self._wake, self.group, *(e[0] for e in entries))
                 )
                 continue
             for entry_id, fields in entries:
@@ -850,7 +1212,7 @@ class RedisConsumer(Consumer):
             else:
                 self._sparse = False
         if skipped:
-            await command(backend.client, "XACK", backend.stream, self.group, *skipped)
+            await self._link.call(resp("XACK", backend.stream, self.group, *skipped))
         return deliveries
 
     def _classify(self, topic_raw: bytes | None) -> tuple[str, bool]:
@@ -914,7 +1276,7 @@ class RedisConsumer(Consumer):
         await backend.retrying(
             lambda: backend.nak_script(
                 backend.client,
-                [backend.stream, self._delayed, self._wake],
+                [backend.stream, self._delayed, self._wake, backend.wakes],
                 [self.group, self.name, delivery.handle, delay_ms],
             ),
             self._deadline(),
@@ -942,6 +1304,10 @@ class RedisConsumer(Consumer):
             return
         self._closed = True
         backend = self.backend
+        if self._shared:
+            backend.waker.remove(self)
+        else:
+            backend.dedicated -= 1
         await self._link.close()
         await self._ack_link.close()
         if backend._client is None:
@@ -966,7 +1332,7 @@ class RedisConsumer(Consumer):
         await backend.retrying(
             lambda: backend.release_script(
                 backend.client,
-                [backend.stream, self._delayed, self._wake],
+                [backend.stream, self._delayed, self._wake, backend.wakes],
                 [self.group, self.name],
             ),
             self._deadline(),

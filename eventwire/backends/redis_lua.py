@@ -235,8 +235,10 @@ return {parts, redelivered, cursor, more, due_ms, now}
 """
 )
 
-# KEYS: stream, delayed, wake. ARGV: group, consumer, entry id, delay ms.
+# KEYS: stream, delayed, wake, wakes. ARGV: group, consumer, entry id, delay ms.
 # Only the consumer that holds the entry may give it back (another may have taken it over).
+# The namespace's wakes stream names the group, for the processes' wakers (fetchers waiting
+# on one shared connection).
 NAK = r"""
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
@@ -245,6 +247,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[3] .. ' ' .. p[1][4])
 redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'w', '1')
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', '1000', '*', 'g', ARGV[1])
 return 1
 """
 
@@ -261,7 +264,7 @@ cmd[#cmd + 1] = 'JUSTID'
 return #redis.call(unpack(cmd))
 """
 
-# KEYS: stream, delayed, wake. ARGV: group, consumer.
+# KEYS: stream, delayed, wake, wakes. ARGV: group, consumer.
 # Hands everything the consumer holds back (due now) and removes the consumer from the group.
 RELEASE = r"""
 local now = nil
@@ -281,8 +284,32 @@ while true do
   end
 end
 redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-if moved > 0 then redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'w', '1') end
+if moved > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'w', '1')
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', '1000', '*', 'g', ARGV[1])
+end
 return moved
+"""
+
+# KEYS: stream, then the delayed key of each group. ARGV: group and min idle ms per group.
+# Returns the (1-based) numbers of the groups that have a fetch script call due: a delayed
+# entry due, an entry pending longer than the min idle time (its holder died or stalled), or
+# no group any more (its fetch says so).
+DUE = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for k = 2, #KEYS do
+  local group, idle = ARGV[2 * k - 3], ARGV[2 * k - 2]
+  local due = redis.call('ZRANGEBYSCORE', KEYS[k], '-inf', now, 'LIMIT', 0, 1)
+  if #due > 0 then
+    out[#out + 1] = k - 1
+  else
+    local p = redis.pcall('XPENDING', KEYS[1], group, 'IDLE', idle, '-', '+', 1)
+    if type(p) ~= 'table' or p.err or #p > 0 then out[#out + 1] = k - 1 end
+  end
+end
+return out
 """
 
 # KEYS: stream. ARGV: group, consumer to keep, idle ms.
@@ -389,4 +416,4 @@ return 1
 """
 
 
-SCRIPTS = (PUBLISH, SEEN, CREATE, FETCH, NAK, EXTEND, RELEASE, PRUNE, STATS, DELETE)
+SCRIPTS = (PUBLISH, SEEN, CREATE, FETCH, NAK, EXTEND, RELEASE, PRUNE, STATS, DELETE, DUE)

@@ -116,13 +116,20 @@ class Link:
     fetches), to which commands go as RESP the caller packed, their raw replies read back:
     no checkout from the pool, retry wrapper and reply callbacks per command, which are a
     third of `execute_command`'s CPU time. A call while another is under way takes a pooled
-    connection of its own."""
+    connection of its own.
 
-    def __init__(self, client: Redis) -> None:
+    With ``keep=False`` no connection is kept: each call borrows one from the pool, holding
+    one of `slots` meanwhile (for thousands of users in one process, which would each keep
+    a connection otherwise)."""
+
+    def __init__(
+        self, client: Redis, *, keep: bool = True, slots: asyncio.Semaphore | None = None
+    ) -> None:
         self._client = client
         self._connection: Any = None
         self._busy = False
-        self._closed = False
+        self._closed = not keep
+        self._slots = slots
 
     async def call(
         self, payload: bytes, replies: int = 1, *, wait: float = 0.0, raise_errors: bool = True
@@ -133,16 +140,15 @@ class Link:
         past `wait` (a blocking command's own wait) without them."""
         pool: Any = self._client.connection_pool
         if self._busy or self._closed:
-            connection = await pool.get_connection()
-            try:
-                return await _exchange(connection, payload, replies, wait, raise_errors)
-            finally:
-                await pool.release(connection)
+            if self._slots is not None:
+                async with self._slots:
+                    return await _borrowed(pool, payload, replies, wait, raise_errors)
+            return await _borrowed(pool, payload, replies, wait, raise_errors)
         self._busy = True
         try:
             if self._connection is None:
                 self._connection = await pool.get_connection()
-            return await _exchange(self._connection, payload, replies, wait, raise_errors)
+            return await exchange(self._connection, payload, replies, wait, raise_errors)
         finally:
             self._busy = False
             if self._closed:  # closed while this call ran: it gives the connection back
@@ -163,9 +169,22 @@ class Link:
             await pool.release(connection)
 
 
-async def _exchange(
-    connection: Any, payload: bytes, replies: int, wait: float, raise_errors: bool
+async def _borrowed(
+    pool: Any, payload: bytes, replies: int, wait: float, raise_errors: bool
 ) -> list[Any]:
+    """`exchange` on a connection borrowed from `pool` for the call."""
+    connection = await pool.get_connection()
+    try:
+        return await exchange(connection, payload, replies, wait, raise_errors)
+    finally:
+        await pool.release(connection)
+
+
+async def exchange(
+    connection: Any, payload: bytes, replies: int, wait: float, raise_errors: bool = True
+) -> list[Any]:
+    """Send `payload` (`replies` commands) on `connection` and read their replies (see
+    `Link.call`)."""
     task = asyncio.current_task()
     cancelling = task.cancelling() if task is not None else 0
     out: list[Any] = []

@@ -108,6 +108,35 @@ async def test_nak_zero_wakes_another_consumer_of_the_group_blocked_in_fetch(
     assert (again.body, again.attempt) == (b"n1", 2)
 
 
+def _connections(backend: RedisBackend) -> int:
+    """The connections (idle and in use) of the backend's pool."""
+    return sum(count for count, _ in backend.client.connection_pool.get_connection_count())
+
+
+async def test_thousands_of_waiting_consumers_share_a_few_connections(
+    backend: RedisBackend,
+) -> None:
+    # Each waiting fetch once blocked on a connection of its own: past the pool's 1,000,
+    # fetches failed (and the event for the last consumer never came).
+    consumers = [await backend.consumer(ConsumerSpec(f"c{i}", f"many.c{i}")) for i in range(2000)]
+    try:
+        assert not any(await asyncio.gather(*(c.fetch(10, 0.2) for c in consumers)))
+        fetches = [asyncio.create_task(c.fetch(10, 10.0)) for c in consumers]
+        try:
+            await backend.publish(messages(("last", "many.c1999")))
+            [delivery] = await asyncio.wait_for(fetches[-1], 5.0)
+            assert delivery.body == b"last"
+            assert not any(f.done() for f in fetches[:-1])  # nobody else got anything
+            assert _connections(backend) < 200  # 16 fetching on their own, 64 shared
+        finally:
+            for fetch in fetches:
+                fetch.cancel()
+            await asyncio.gather(*fetches, return_exceptions=True)
+    finally:
+        for consumer in consumers:
+            await consumer.close()
+
+
 async def test_dedup_window_deduplicates_by_message_id(raw: Redis) -> None:
     async with own_namespace("&dedup_window=60") as backend:
         consumer = await backend.consumer(ConsumerSpec("d", "d"))
