@@ -64,14 +64,19 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-PROGRAMS = {"redis": "redis-server", "nats": "nats-server"}
+PROGRAMS = {"redis": "redis-server", "nats": "nats-server", "rabbitmq": "rabbitmq-server"}
+# The packaged rabbitmq-server in /usr/sbin re-runs itself as the rabbitmq user; this one runs
+# as the caller, with the data, config and node name the environment gives it.
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
 
 class PrivateServer:
-    """A redis-server or nats-server of one test's own, on a free port with its data in `data`.
+    """A redis-server, nats-server or rabbitmq-server of one test's own, on a free port with
+    its data in `data`.
 
     `kill()` (SIGKILL) or `stop()` (SIGTERM) it, then `start()` it again on the same port and
-    data: Redis keeps every acknowledged write (fsync-always AOF), NATS runs JetStream.
+    data: Redis keeps every acknowledged write (fsync-always AOF), NATS runs JetStream,
+    RabbitMQ keeps its durable queues (a node of its own, not the shared one's config).
     """
 
     def __init__(self, kind: str, data: Path, *extra: str) -> None:
@@ -85,6 +90,8 @@ class PrivateServer:
     def url(self) -> str:
         if self.kind == "redis":
             return f"redis://127.0.0.1:{self.port}/0"
+        if self.kind == "rabbitmq":
+            return f"amqp://guest:guest@127.0.0.1:{self.port}/"
         return f"nats://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
@@ -92,13 +99,39 @@ class PrivateServer:
         if self.kind == "redis":
             flags = ["--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]
             flags += ["--appendfsync", "always", "--dir", data]
+        elif self.kind == "rabbitmq":
+            return [RABBITMQ_SERVER]  # configured by its environment()
         else:
             flags = ["-a", "127.0.0.1", "-p", port, "-js", "-sd", data]
         return [PROGRAMS[self.kind], *flags, *self.extra]
 
+    def environment(self) -> dict[str, str] | None:
+        """RabbitMQ's settings: none of the shared node's files (its config names port 5672)."""
+        if self.kind != "rabbitmq":
+            return None
+        for name, text in (("rabbitmq.conf", ""), ("env.conf", ""), ("plugins", "[].\n")):
+            (self.data / name).write_text(text, encoding="utf-8")
+        return os.environ | {
+            "RABBITMQ_NODENAME": f"ew{self.port}@localhost",  # its data dir's name: keep it
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_CONFIG_FILE": str(self.data / "rabbitmq.conf"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.data / "env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.data / "plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.data / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.data / "log"),
+            "HOME": str(self.data),  # its Erlang cookie
+            # The script then execs the VM, so that signals reach the broker itself.
+            "RUNNING_UNDER_SYSTEMD": "true",
+        }
+
     def _launch(self) -> subprocess.Popen[bytes]:
         self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=self.environment(),
         )
         return self.process
 
@@ -147,7 +180,7 @@ class PrivateServer:
 def private_server(kind: str, data: Path, *extra: str) -> Iterator[PrivateServer]:
     """A started `PrivateServer`, killed afterwards; skips when the program is not installed."""
     program = PROGRAMS[kind]
-    if shutil.which(program) is None:
+    if shutil.which(RABBITMQ_SERVER if kind == "rabbitmq" else program) is None:
         pytest.skip(f"{program} is not installed, so no private {kind} server can be started")
     server = PrivateServer(kind, data, *extra)
     server.start()
