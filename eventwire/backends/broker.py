@@ -159,7 +159,8 @@ class BrokerBackend(Backend):
         try:
             if running or self._announced:
                 await self.beat(self.process, running)
-                gone = [name for name in self._announced if name not in running]
+                still = set(running)  # a tuple's `in` made this quadratic in subscriptions
+                gone = [name for name in self._announced if name not in still]
                 if gone:
                     await self.leave(self.process, gone)
                 self._announced = running

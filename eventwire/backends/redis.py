@@ -553,6 +553,7 @@ class RedisBackend(BrokerBackend):
             self.key("wake", group),
             self.key("tally", group),
             self.kinds,
+            self.key("restarts", group),
         ]
         await self.retrying(
             lambda: self._delete(self.client, keys, [name, group]),
@@ -900,6 +901,7 @@ class RedisConsumer(Consumer):
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._delayed = backend.key("delayed", group)
         self._handled = backend.key("handled", group)
+        self._restarts = backend.key("restarts", group)
         self._wake = backend.key("wake", group)
         self.min_idle_ms = max(1, int(spec.ack_wait * 1000))
         # How often a fetcher looks for deliveries that outlived ack_wait: redelivery comes
@@ -1246,23 +1248,28 @@ class RedisConsumer(Consumer):
         backend = self.backend
         client = backend.client
         ids = [d.handle for d in deliveries]
+        # Entries that came back may have a count of restarts: forgotten with their ack.
+        returned = [d.handle for d in deliveries if d.attempt > 1]
 
         async def send() -> None:
-            if not handled_ids:
+            if not handled_ids and not returned:
                 await self._ack_link.call(resp("XACK", backend.stream, self.group, *ids))
                 return
             # One MULTI: the handled ids are recorded exactly when the entries are acked.
             pipe: Any = client.pipeline(transaction=True)
             if ids:
                 stage(pipe, "XACK", backend.stream, self.group, *ids)
-            now = int(datetime.now(UTC).timestamp() * 1000)
-            pairs: list[Any] = []
-            for event_id in handled_ids:
-                pairs += (now, event_id)
-            stage(pipe, "ZADD", self._handled, *pairs)
-            stage(pipe, "ZREMRANGEBYSCORE", self._handled, "-inf", now - _HANDLED_KEPT_MS)
-            # The whole set goes a day after its last write (a consumer nobody runs).
-            stage(pipe, "PEXPIRE", self._handled, _HANDLED_KEPT_MS + 86_400_000)
+            if returned:
+                stage(pipe, "HDEL", self._restarts, *returned)
+            if handled_ids:
+                now = int(datetime.now(UTC).timestamp() * 1000)
+                pairs: list[Any] = []
+                for event_id in handled_ids:
+                    pairs += (now, event_id)
+                stage(pipe, "ZADD", self._handled, *pairs)
+                stage(pipe, "ZREMRANGEBYSCORE", self._handled, "-inf", now - _HANDLED_KEPT_MS)
+                # The whole set goes a day after its last write (a consumer nobody runs).
+                stage(pipe, "PEXPIRE", self._handled, _HANDLED_KEPT_MS + 86_400_000)
             try:
                 await execute(pipe)
             finally:
@@ -1288,6 +1295,21 @@ class RedisConsumer(Consumer):
             args = [self.group, self.name, *chunk]
             call = functools.partial(backend.extend_script, backend.client, [backend.stream], args)
             await backend.retrying(call, self._deadline())
+
+    async def restarted(self, delivery: Delivery) -> int:
+        client = self.backend.client
+
+        async def count() -> int:
+            pipe: Any = client.pipeline(transaction=True)
+            stage(pipe, "HINCRBY", self._restarts, delivery.handle, 1)
+            # Like the handled ids: gone a while after the last write (a consumer nobody runs).
+            stage(pipe, "PEXPIRE", self._restarts, _HANDLED_KEPT_MS + 86_400_000)
+            try:
+                return int((await execute(pipe))[0])
+            finally:
+                await pipe.reset()
+
+        return await self.backend.retrying(count, self._deadline())
 
     async def handled(self, event_ids: Sequence[str]) -> set[str]:
         if not event_ids:

@@ -412,6 +412,7 @@ redis.pcall('XGROUP', 'DESTROY', KEYS[1], ARGV[2])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[7], ARGV[1])
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+if KEYS[8] then redis.call('DEL', KEYS[8]) end
 return 1
 """
 

@@ -18,8 +18,8 @@ from tests.conformance.test_crash import poll, processes, spawn, wait_ready
 
 __all__ = ["processes"]  # the fixture, used by name
 
-# SQLite and Redis join once their backends count restarts (next commit).
-pytestmark = pytest.mark.parametrize("backend_name", ["nats", "amqp"])
+# SQLite joins once its backend counts restarts.
+pytestmark = pytest.mark.parametrize("backend_name", ["redis", "nats", "amqp"])
 
 EVENTS = 400
 POISON = 40
