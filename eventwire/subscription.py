@@ -100,6 +100,11 @@ class Lease(Protocol):
         (see `restarts`)."""
         ...
 
+    async def settled_now(self, event: Event[Any], finished: bool) -> None:
+        """`settled`, for an event whose `restarts` were counted: its acknowledgement is
+        sent before this returns."""
+        ...
+
     async def restarts(self, event: Event[Any]) -> int:
         """Record in the broker that handling of `event`, which came back, starts again now;
         the number of such restarts recorded for it, this one included (forgotten once it is
@@ -456,6 +461,7 @@ class Subscription:
                         continue  # parked behind the worker that holds its key
                     held_key = event.key
 
+            restarted = False
             if lease is not None:
                 held = lease.holds(event)
                 if not held:
@@ -466,6 +472,7 @@ class Subscription:
                         continue
                     if await self._poisonous(event, lease):
                         continue
+                    restarted = self.options.max_restarts is not None
             # Left set after handling: a worker only suspends inside a handler or when idle
             # (where this is cleared), so whoever looks at it sees the event in hand.
             in_flight[index] = event
@@ -497,7 +504,10 @@ class Subscription:
                 finished = await self._failed(event, failure)
                 failure = None
             if lease is not None:
-                lease.settled(event, finished)
+                if restarted:
+                    await lease.settled_now(event, finished)
+                else:
+                    lease.settled(event, finished)
             epoch = event.drain_epoch  # set when queued
             epoch.pending -= 1  # type: ignore[union-attr]
             if not epoch.pending and epoch.waiters:  # type: ignore[union-attr]

@@ -58,6 +58,11 @@ logger = logging.getLogger("eventwire")
 FETCH_WINDOW = 512
 # Fewer events than this in a fetch is a trickle (see `Feeder._fetch_loop`).
 _TRICKLE = 16
+# Seconds a fetch waits for the first event; after fetches that found nothing, it waits twice
+# as long each time, up to `_IDLE_FETCH_WAIT`: a fetch returns as soon as an event comes, and
+# idle subscriptions by the thousand then cost next to nothing going round their loops.
+_FETCH_WAIT = 1.0
+_IDLE_FETCH_WAIT = 16.0
 # Topics whose match against a pattern one feeder remembers, before starting over.
 _MATCH_CACHE_LIMIT = 10_000
 # Waiting publishes sent to the broker in one round trip.
@@ -586,6 +591,7 @@ class Feeder:
         assert session is not None
         backoff = Backoff()
         trickle = True  # the last fetch brought few events (or none)
+        wait = _FETCH_WAIT
         while not session.stopped:
             free = self.window - session.held
             if free < max(1, self.window // 4):
@@ -593,7 +599,8 @@ class Feeder:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            deliveries = await session.fetch(free, 1.0, with_acks=trickle)
+            deliveries = await session.fetch(free, wait, with_acks=trickle)
+            wait = _FETCH_WAIT if deliveries else min(wait * 2, _IDLE_FETCH_WAIT)
             if not self.members:
                 await session.give_back_now(deliveries)
                 return
@@ -738,16 +745,34 @@ class Feeder:
     def settled(self, event: Event[Any], finished: bool) -> None:
         """Called by the worker once `event` was handled or dead-lettered (`finished`), or
         could not be dead-lettered (it goes back to the broker for a later attempt)."""
+        delivery = self._settle(event, finished)
+        if delivery is not None:
+            assert self.session is not None
+            self.session.ack_later([delivery])
+
+    async def settled_now(self, event: Event[Any], finished: bool) -> None:
+        """`settled`, for an event whose restart was counted: acknowledged before this
+        returns (and so before the worker starts the next event), which forgets its count.
+        Batched, the ack of an event handled right before a poison event would die with the
+        process each time, and the count of its restarts would grow as the poison's does."""
+        delivery = self._settle(event, finished)
+        if delivery is not None:
+            assert self.session is not None
+            await self.session.ack_now(delivery)
+
+    def _settle(self, event: Event[Any], finished: bool) -> Delivery | None:
+        """Release `event`; the delivery to acknowledge, if any."""
         session = self.session
         if session is None:
-            return
+            return None
+        acknowledge = None
         if finished:
             alive = session.lease_alive(event)
             delivery = session.release(event)
             if delivery is None:
-                return
+                return None
             if alive is not None:
-                session.ack_later([delivery])
+                acknowledge = delivery
             else:
                 # The handler outlived the lease (the process was stopped while it ran): the
                 # broker may have given the event to another process, and a late ack would
@@ -760,9 +785,10 @@ class Feeder:
                     event.id,
                 )
         elif not session.give_back(event, 1.0):
-            return
+            return None
         if session.held <= self.window - max(1, self.window // 4):
             self._room.set()
+        return acknowledge
 
     def give_back(self, event: Event[Any]) -> None:
         """A queued event its subscription will not handle: back to the broker now."""

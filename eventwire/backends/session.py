@@ -278,6 +278,15 @@ class ConsumerSession:
             self._acker_called = True
             asyncio.get_running_loop().call_soon(self._start_acker)
 
+    async def ack_now(self, delivery: Delivery) -> None:
+        """Acknowledge `delivery` before returning; if the broker fails, it is acknowledged
+        later, as by `ack_later`."""
+        try:
+            await self.consumer.ack([delivery])
+        except Exception:
+            logger.warning("eventwire: acknowledging for %s failed", self.name, exc_info=True)
+            self.ack_later([delivery])
+
     def _start_acker(self) -> None:
         self._acker_called = False
         if self._acks and self._acker is None:
