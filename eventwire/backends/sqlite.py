@@ -223,7 +223,6 @@ class _Watch:
         self._since = 0.0  # deliveries visible by this time were looked at
         self._swept = 0.0  # when a look last asked for every visible delivery
         self._task: asyncio.Task[None] | None = None
-        self.looks = 0  # how many looks ran (for tests)
 
     def start_from(self, seq: int, now: float) -> None:
         """Look at what comes after event `seq` and becomes visible after `now`."""
@@ -288,16 +287,17 @@ class _Watch:
         last, topics, due = await asyncio.to_thread(
             log.changes, self._seq, since, now, _WATCH_TOPICS
         )
-        self.looks += 1
         self._seq, self._since = last, now
         if topics is None:
             for named in list(self._named.values()):
                 for consumer in named:
-                    consumer.wake(look_first=True)
+                    consumer.wake()
         else:
-            # Events matching a consumer's pattern: it has something (unless a process
-            # running the same consumer took it first).
-            self.published(set(topics))
+            # Events matching a consumer's pattern: it looks first, as they may be this
+            # process's own publishes, taken already, or taken by another of its processes.
+            for topic in topics:
+                for consumer in self._patterns.match(topic):
+                    consumer.wake()
         for name in due:
             self.wake(name)
 

@@ -588,9 +588,7 @@ class SqliteLog:
 
         self._state(run)
 
-    def renew_presence(
-        self, process: str, running: int, added: Sequence[str], seen: float
-    ) -> bool:
+    def renew_presence(self, process: str, running: int, added: Sequence[str], seen: float) -> bool:
         """`mark_presence` of the `running` consumers of `process`'s last beat and of `added`
         ones, in two statements rather than a row each (a process may run thousands): False,
         changing nothing, if those of the last beat are not all there (one was deleted
