@@ -5,14 +5,20 @@ in ``<file>-consumers`` beside it, both in WAL mode (`sqlite_log.SqliteLog`), so
 and consuming never wait for each other's write lock; a publish returns once its transaction
 has committed. Several processes on one machine may share the files: processes running the same
 subscription lease its deliveries, and a delivery whose lease runs out (its process died) goes
-to another. Consumers in this process are woken at once by a publish from this process;
-other processes' publishes are seen within `poll` seconds (``?poll=0.05`` or ``?poll=50ms`` in
-the URL).
+to another.
+
+Consumers do not poll: one `_Watch` per backend looks for all of this process's consumers at
+once, every `poll` seconds (``?poll=0.05`` or ``?poll=50ms`` in the URL), at what other
+processes appended and at deliveries that became visible (a nak's delay or a lease ran out,
+given back, unblocked), and wakes only the consumers that may have something to lease: one
+indexed read per look, however many consumers there are. A publish, give-back or nak of this
+process wakes the consumers concerned at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import sqlite3
@@ -40,6 +46,9 @@ from eventwire.backends.base import (
 from eventwire.backends.broker import BrokerBackend
 from eventwire.backends.sqlite_log import Leased, PatternConflictError, SqliteLog
 from eventwire.backends.url import BusURL, URLOptions
+from eventwire.topics import TopicTrie
+
+logger = logging.getLogger("eventwire")
 
 _DEFAULT_POLL = 0.05
 # How long an acknowledgement waits before it is written, so that those of one-at-a-time
@@ -48,6 +57,16 @@ _DEFAULT_POLL = 0.05
 _ACK_LINGER = 0.002
 # The ``?option=`` settings a sqlite:// URL takes (besides ``namespace``).
 OPTIONS = ("poll",)
+# New events whose topics one look of the watch reads at most; past that it wakes every
+# consumer (each reads its own share anyway).
+_WATCH_TOPICS = 10_000
+# A look asks which deliveries became visible since the last look, and this much before: a
+# transaction stores the time before its commit, which the last look may not have seen yet.
+_WATCH_OVERLAP = 2.0
+# Every this many seconds a look asks for every delivery visible now, whenever it became so:
+# what the spans missed (a clock set back, a commit later than the overlap, the 0 that an
+# earlier eventwire stored) is leased after this long at most.
+_WATCH_SWEEP = 10.0
 
 
 class SqliteBackend(BrokerBackend):
@@ -75,8 +94,9 @@ class SqliteBackend(BrokerBackend):
         self.path = Path(unquote(url.path[1:]))
         self.poll = URLOptions(url, OPTIONS).duration("poll", _DEFAULT_POLL, above=True)
         self._log: SqliteLog | None = None
-        # Set by every publish of this process, so that its own consumers need not poll.
-        self._published = asyncio.Event()
+        self.watch = _Watch(self)
+        # The process and consumers of the last beat: the next with the same renews them.
+        self._last_beat: tuple[str, frozenset[str]] | None = None
 
     @property
     def log(self) -> SqliteLog:
@@ -90,7 +110,10 @@ class SqliteBackend(BrokerBackend):
         try:
             if self.path.parent != Path():
                 os.makedirs(self.path.parent, exist_ok=True)
-            self._log = await asyncio.to_thread(SqliteLog, self.path)
+            log = await asyncio.to_thread(SqliteLog, self.path)
+            # Before any consumer's first lease: what that does not see, the watch does.
+            self.watch.start_from(await asyncio.to_thread(log.last_seq), time.time())
+            self._log = log
         except Exception as error:
             raise BackendConnectionError(
                 f"cannot open the SQLite bus {self.url.redacted!r}: {type(error).__name__}: {error}"
@@ -98,6 +121,7 @@ class SqliteBackend(BrokerBackend):
 
     async def close(self) -> None:
         log, self._log = self._log, None
+        await self.watch.stop()
         if log is not None:
             await asyncio.to_thread(log.close)
 
@@ -115,11 +139,7 @@ class SqliteBackend(BrokerBackend):
                 f"{self.path} is full. Nothing of this publish was stored and what was stored "
                 "before is intact: free some space, then publish again"
             ) from error
-        self._wake()
-
-    def _wake(self) -> None:
-        self._published.set()
-        self._published = asyncio.Event()
+        self.watch.published({m.topic for m in messages})
 
     async def consumer(self, spec: ConsumerSpec) -> Consumer:
         start: Literal["latest", "earliest"] | int
@@ -144,7 +164,9 @@ class SqliteBackend(BrokerBackend):
                 self.url,
                 existing_group=conflict.existing_group,
             ) from None
-        return _SqliteConsumer(self, spec)
+        consumer = _SqliteConsumer(self, spec)
+        self.watch.add(consumer)
+        return consumer
 
     async def consumers(self) -> list[ConsumerInfo]:
         rows = await asyncio.to_thread(self.log.consumers)
@@ -154,9 +176,23 @@ class SqliteBackend(BrokerBackend):
         await asyncio.to_thread(self.log.delete_consumer, name)
 
     async def beat(self, process: str, consumers: Sequence[str]) -> None:
-        await asyncio.to_thread(self.log.mark_presence, process, consumers, time.time())
+        now, log, last = time.time(), self.log, self._last_beat
+        names = frozenset(consumers)
+        # Most beats name the consumers of the last one, or those and a few more (one
+        # subscribed meanwhile): those are renewed together, the new ones added.
+        if (
+            last is None
+            or last[0] != process
+            or not last[1] <= names
+            or not await asyncio.to_thread(
+                log.renew_presence, process, len(last[1]), sorted(names - last[1]), now
+            )
+        ):
+            await asyncio.to_thread(log.mark_presence, process, consumers, now)
+        self._last_beat = (process, names)
 
     async def leave(self, process: str, consumers: Sequence[str]) -> None:
+        self._last_beat = None
         await asyncio.to_thread(self.log.mark_presence, process, consumers, -time.time())
 
     async def presences(self) -> dict[str, list[float]]:
@@ -169,51 +205,157 @@ class SqliteBackend(BrokerBackend):
         await asyncio.to_thread(self.log.destroy)
 
 
+class _Watch:
+    """Wakes the consumers of one backend in this process when they may have something to
+    lease, so that none polls on its own (see the module docstring).
+
+    A consumer is woken (`_SqliteConsumer.wake`) by a publish of this process to a topic its
+    pattern matches, by a give-back, nak or unblocking acknowledgement of this process on its
+    name, and by the looks of a task that runs while consumers are open: every `poll`
+    seconds one read tells the topics other processes appended to and the consumers with
+    deliveries that became visible, and only those consumers are woken."""
+
+    def __init__(self, backend: SqliteBackend) -> None:
+        self._backend = backend
+        self._patterns: TopicTrie[_SqliteConsumer] = TopicTrie()
+        self._named: dict[str, set[_SqliteConsumer]] = {}
+        self._seq = 0  # events up to this seq were looked at
+        self._since = 0.0  # deliveries visible by this time were looked at
+        self._swept = 0.0  # when a look last asked for every visible delivery
+        self._task: asyncio.Task[None] | None = None
+
+    def start_from(self, seq: int, now: float) -> None:
+        """Look at what comes after event `seq` and becomes visible after `now`."""
+        self._seq, self._since, self._swept = seq, now, now
+
+    def add(self, consumer: _SqliteConsumer) -> None:
+        self._patterns.add(consumer.spec.pattern, consumer)
+        self._named.setdefault(consumer.spec.name, set()).add(consumer)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"eventwire:{self._backend.scheme}:watch"
+            )
+
+    def remove(self, consumer: _SqliteConsumer) -> None:
+        named = self._named.get(consumer.spec.name)
+        if named is None or consumer not in named:
+            return
+        named.discard(consumer)
+        if not named:
+            del self._named[consumer.spec.name]
+        self._patterns.remove(consumer.spec.pattern, consumer)
+
+    def published(self, topics: set[str]) -> None:
+        """Events on `topics` were appended by this process: wake who they are for."""
+        for topic in topics:
+            for consumer in self._patterns.match(topic):
+                consumer.wake(look_first=False)
+
+    def wake(self, name: str, *, look_first: bool = True) -> None:
+        """Wake the consumers named `name` in this process."""
+        for consumer in self._named.get(name, ()):
+            consumer.wake(look_first=look_first)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def _run(self) -> None:
+        backend = self._backend
+        try:
+            while self._named:
+                await asyncio.sleep(backend.poll)
+                log = backend._log
+                if log is None:
+                    break
+                try:
+                    await self._look(log)
+                except Exception:
+                    # The file is busy or gone: the next look tries again.
+                    logger.debug("eventwire: watching %s failed", backend.url, exc_info=True)
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+
+    async def _look(self, log: SqliteLog) -> None:
+        now = time.time()
+        since = self._since - _WATCH_OVERLAP
+        if now - self._swept >= _WATCH_SWEEP:
+            since, self._swept = float("-inf"), now
+        last, topics, due = await asyncio.to_thread(
+            log.changes, self._seq, since, now, _WATCH_TOPICS
+        )
+        self._seq, self._since = last, now
+        if topics is None:
+            for named in list(self._named.values()):
+                for consumer in named:
+                    consumer.wake()
+        else:
+            # Events matching a consumer's pattern: it looks first, as they may be this
+            # process's own publishes, taken already, or taken by another of its processes.
+            for topic in topics:
+                for consumer in self._patterns.match(topic):
+                    consumer.wake()
+        for name in due:
+            self.wake(name)
+
+
 class _SqliteConsumer(Consumer):
     # An acknowledgement lingers, then waits for a disk sync: a fetch does not wait for it.
     acks_with_fetch = False
 
     def __init__(self, backend: SqliteBackend, spec: ConsumerSpec) -> None:
         self._backend = backend
-        self._spec = spec
+        self.spec = spec
         self._holder = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._closed = False
-        # The wake event that was current when a lease found nothing more to take: until it
-        # is set, fetching again would find nothing either.
-        self._emptied: asyncio.Event | None = None
-        # Whether a lease first reads if there is anything (cheap when there is not).
+        # Whether a lease may find something: true until one finds less than it could take,
+        # then again once the watch (or this process) says something may have come.
+        self._due = True
+        self._woken = asyncio.Event()
+        # Whether a lease first reads if there is anything (cheap when there is not); false
+        # when it is known that there is (a matching publish, more than the last lease took).
         self._look_first = True
         # Acknowledgements on their way (each call's future, done once it has landed).
         self._acking: set[asyncio.Future[None]] = set()
 
+    def wake(self, *, look_first: bool = True) -> None:
+        """Something may have come for this consumer: the next fetch leases."""
+        self._due = True
+        self._look_first = self._look_first and look_first
+        self._woken.set()
+
     async def fetch(self, limit: int, wait: float) -> list[Delivery]:
-        backend = self._backend
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        # A fetch that may not wait looks all the same.
+        due = self._due or wait <= 0
         while not self._closed:
-            published = backend._published
-            # After a fetch that left nothing, only a wake (or a poll) can bring more; a
-            # fetch that may not wait looks all the same.
-            if self._emptied is not published or loop.time() >= deadline:
-                leased = await self._lease(limit, published)
+            if due:
+                leased = await self._lease(limit)
                 if leased:
                     return [Delivery(item.topic, item.body, item.attempts, item) for item in leased]
             left = deadline - loop.time()
             if left <= 0:
                 return []
-            try:
-                async with asyncio.timeout(min(left, backend.poll)):
-                    await published.wait()
-                self._look_first = False  # a publish or give-back of this process: work
-            except TimeoutError:
-                # Polling for other processes' work: mostly nothing, which a read tells.
-                self._emptied = None
-                self._look_first = True
+            if not self._due:
+                self._woken.clear()
+                try:
+                    async with asyncio.timeout(left):
+                        await self._woken.wait()
+                except TimeoutError:
+                    return []
+            due = self._due
         return []
 
-    async def _lease(self, limit: int, published: asyncio.Event) -> list[Leased]:
-        """One lease; notes whether it emptied what there was (as of `published`)."""
-        backend, spec = self._backend, self._spec
+    async def _lease(self, limit: int) -> list[Leased]:
+        """One lease; notes whether it emptied what there was (`_due`)."""
+        backend, spec = self._backend, self.spec
+        look_first = self._look_first
+        # A wake while the lease runs sets these again: the next fetch leases once more.
+        self._due, self._look_first = False, True
         try:
             leased, emptied = await asyncio.to_thread(
                 backend.log.lease,
@@ -221,15 +363,16 @@ class _SqliteConsumer(Consumer):
                 self._holder,
                 limit=limit,
                 lease_seconds=spec.ack_wait,
-                look_first=self._look_first,
+                look_first=look_first,
             )
-        except LookupError:
-            if self._closed:
+        except BaseException as error:
+            self._due = True  # the next fetch tries again
+            if isinstance(error, LookupError) and self._closed:
                 return []  # an inbox, removed by its close meanwhile
             raise
-        self._emptied = published if emptied else None
-        # Something left: the next fetch leases it without looking first.
-        self._look_first = emptied
+        if not emptied:
+            # Something left: the next fetch leases it without looking first.
+            self.wake(look_first=False)
         if leased and self._closed:
             # Closed while this fetch ran: what it took goes back at once.
             await self._give_back()
@@ -252,7 +395,7 @@ class _SqliteConsumer(Consumer):
             await asyncio.sleep(_ACK_LINGER)
         unblocked = await asyncio.to_thread(
             self._backend.log.ack,
-            self._spec.name,
+            self.spec.name,
             [item.seq for item in leased],
             self._holder,
             handled_ids=handled_ids,
@@ -260,39 +403,42 @@ class _SqliteConsumer(Consumer):
         )
         if unblocked:
             # A later event of an acknowledged key may be leased now.
-            self._backend._wake()
+            self._backend.watch.wake(self.spec.name, look_first=False)
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         await asyncio.to_thread(
-            self._backend.log.nak, self._spec.name, _leased(delivery).seq, self._holder, delay=delay
+            self._backend.log.nak, self.spec.name, _leased(delivery).seq, self._holder, delay=delay
         )
         if delay <= 0:
-            self._backend._wake()
+            self._backend.watch.wake(self.spec.name, look_first=False)
 
     async def extend(self, deliveries: Sequence[Delivery]) -> None:
         seqs = [_leased(d).seq for d in deliveries]
         await asyncio.to_thread(
-            self._backend.log.extend, self._spec.name, seqs, self._holder, self._spec.ack_wait
+            self._backend.log.extend, self.spec.name, seqs, self._holder, self.spec.ack_wait
         )
 
     async def handled(self, event_ids: Sequence[str]) -> set[str]:
-        return await asyncio.to_thread(self._backend.log.handled_among, self._spec.name, event_ids)
+        return await asyncio.to_thread(self._backend.log.handled_among, self.spec.name, event_ids)
 
     async def close(self) -> None:
         self._closed = True
-        if self._acking:
-            # Acknowledgements on their way land first: what they finish is not given back.
-            await asyncio.wait(set(self._acking))
-        if self._spec.ephemeral:
-            await self._backend.delete_consumer(self._spec.name)
-        else:
-            await self._give_back()
-        self._backend._wake()  # a fetch of this consumer in progress ends now
+        self._woken.set()  # a fetch of this consumer in progress ends now
+        try:
+            if self._acking:
+                # Acknowledgements on their way land first: what they finish is not given back.
+                await asyncio.wait(set(self._acking))
+            if self.spec.ephemeral:
+                await self._backend.delete_consumer(self.spec.name)
+            else:
+                await self._give_back()
+        finally:
+            self._backend.watch.remove(self)
 
     async def _give_back(self) -> None:
         if self._backend._log is not None:
-            await asyncio.to_thread(self._backend.log.release, self._spec.name, self._holder)
-            self._backend._wake()
+            await asyncio.to_thread(self._backend.log.release, self.spec.name, self._holder)
+            self._backend.watch.wake(self.spec.name, look_first=False)
 
 
 def _leased(delivery: Delivery) -> Leased:

@@ -77,9 +77,11 @@ _EVENTS_SCHEMA = (
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 # Deliveries are the events a consumer took past its cursor and has not acknowledged yet.
-# `visible_at` is when one may be leased (again): 0 once waiting, a lease's expiry, a nak's
-# delay, or +inf while it is blocked behind earlier deliveries of its key (a key's blocked
-# deliveries always come after all its others).
+# `visible_at` is when one may be leased (again): a lease's expiry, a nak's delay, when it was
+# given back or unblocked (the time then, so that other processes can tell what became
+# visible since they last looked: `changes`; an earlier eventwire stored 0), or
+# +inf while it is blocked behind earlier deliveries of its key (a key's blocked deliveries
+# always come after all its others).
 _CONSUMERS_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS consumers (
         name TEXT PRIMARY KEY,
@@ -105,6 +107,10 @@ _CONSUMERS_SCHEMA = (
     ) WITHOUT ROWID""",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
+# Deliveries by when they become visible: which consumers have some that became visible in a
+# span of time (`SqliteLog.changes`), without reading every consumer's. Made on open, so that
+# files made before it get it too.
+_DUE_INDEX = "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (visible_at, consumer)"
 _TABLES = ("events", "consumers", "deliveries", "handled")
 # Which processes run which consumers (made on first use: files of this schema version made
 # before it have none).
@@ -191,6 +197,7 @@ class SqliteLog:
             self._events(_schema(self.path, _EVENTS_SCHEMA))
             self._state = _Writer(self._connect(self.consumers_path, attach_log=True))
             self._state(_schema(self.consumers_path, _CONSUMERS_SCHEMA))
+            self._state(lambda db: db.execute(_DUE_INDEX), one_statement=True)
             self._reader = self._connect(self.consumers_path, attach_log=True)
             self._read_lock = threading.Lock()
         except BaseException:
@@ -422,10 +429,10 @@ class SqliteLog:
                     # The first delivery still owed for each of these keys, if blocked, may be
                     # leased now.
                     unblocked = db.execute(
-                        "UPDATE deliveries SET visible_at = 0 WHERE consumer = ?1"
+                        "UPDATE deliveries SET visible_at = ?4 WHERE consumer = ?1"
                         " AND visible_at = ?3 AND seq IN (SELECT (SELECT MIN(seq) FROM deliveries"
                         " WHERE consumer = ?1 AND key = value) FROM json_each(?2))",
-                        (name, _json(keys), _BLOCKED),
+                        (name, _json(keys), _BLOCKED, time.time()),
                     ).rowcount
             if handled_ids:
                 db.execute(
@@ -467,12 +474,52 @@ class SqliteLog:
         """Make every delivery `holder` still leases visible again (it is going away)."""
         self._state(
             lambda db: db.execute(
-                "UPDATE deliveries SET visible_at = 0, leased_by = NULL"
+                "UPDATE deliveries SET visible_at = ?, leased_by = NULL"
                 " WHERE consumer = ? AND leased_by = ?",
-                (name, holder),
+                (time.time(), name, holder),
             ),
             one_statement=True,
         )
+
+    def changes(
+        self, after: int, visible_since: float, now: float, most: int
+    ) -> tuple[int, list[str] | None, list[str]]:
+        """What may have given consumers something to lease since an earlier look: the last
+        event's seq; the topics of the events after seq `after` (None if there may be over
+        `most` of them); and the consumers with deliveries that became visible in
+        (`visible_since`, `now`] (a nak's delay or a lease ran out, or they were given back or
+        unblocked: each stores the time it became visible). Reads indexes only: the cost
+        grows with what changed, not with the consumers or the log."""
+
+        def run(db: sqlite3.Connection) -> tuple[int, list[str] | None, list[str]]:
+            last = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM log.events").fetchone()[0])
+            topics: list[str] | None = None
+            if last - after <= most:
+                topics = [
+                    topic
+                    for (topic,) in db.execute(
+                        "SELECT DISTINCT topic FROM log.events WHERE seq > ? AND seq <= ?",
+                        (after, last),
+                    )
+                ]
+            due = [
+                name
+                for (name,) in db.execute(
+                    "SELECT DISTINCT consumer FROM deliveries INDEXED BY deliveries_due"
+                    " WHERE visible_at > ? AND visible_at <= ?",
+                    (visible_since, now),
+                )
+            ]
+            return last, topics, due
+
+        return self._read(run, snapshot=True)
+
+    def last_seq(self) -> int:
+        """The seq of the last event appended (0 if none)."""
+        row = self._read(
+            lambda db: db.execute("SELECT COALESCE(MAX(seq), 0) FROM log.events").fetchone()
+        )
+        return int(row[0])
 
     def handled_among(self, name: str, event_ids: Sequence[str]) -> set[str]:
         """Which of `event_ids` were acknowledged as handled by consumer `name`."""
@@ -540,6 +587,32 @@ class SqliteLog:
             db.execute("DELETE FROM presence WHERE abs(seen) < ?", (abs(seen) - PRESENCE_KEPT,))
 
         self._state(run)
+
+    def renew_presence(self, process: str, running: int, added: Sequence[str], seen: float) -> bool:
+        """`mark_presence` of the `running` consumers of `process`'s last beat and of `added`
+        ones, in two statements rather than a row each (a process may run thousands): False,
+        changing nothing, if those of the last beat are not all there (one was deleted
+        meanwhile, or left)."""
+
+        def run(db: sqlite3.Connection) -> bool:
+            db.execute(_PRESENCE_SCHEMA)
+            held = db.execute(
+                "SELECT COUNT(*) FROM presence WHERE process = ? AND seen > 0", (process,)
+            ).fetchone()[0]
+            if held != running:
+                return False
+            db.execute(
+                "UPDATE presence SET seen = ? WHERE process = ? AND seen > 0", (seen, process)
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO presence (consumer, process, seen)"
+                " SELECT value, ?, ? FROM json_each(?)",
+                (process, seen, _json(list(added))),
+            )
+            db.execute("DELETE FROM presence WHERE abs(seen) < ?", (seen - PRESENCE_KEPT,))
+            return True
+
+        return self._state(run)
 
     def presences(self) -> list[tuple[str, float]]:
         """``(consumer, seen)`` of every process's latest word on every consumer."""

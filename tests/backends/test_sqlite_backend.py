@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,3 +134,118 @@ async def test_percent_escapes_in_the_path_are_decoded_as_in_any_url(tmp_path: P
     names = await asyncio.to_thread(os.listdir, tmp_path)
     assert "my bus#.db" in names
     assert not [name for name in names if "%" in name]
+
+
+MANY = 2_000
+
+
+class Calls:
+    """Counts calls made in worker threads; `reached` waits for a count on the loop."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+
+    def wrap(self, method: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            self._loop.call_soon_threadsafe(self._changed.set)
+            return method(*args, **kwargs)
+
+        return counted
+
+    async def reached(self, count: int) -> None:
+        while self.count < count:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+async def test_many_idle_subscriptions_do_not_each_query(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Idle subscriptions cost one read per poll for all of them (the watch), not a query per
+    # subscription per poll: counted over five of those polls, the subscriptions make no
+    # lease calls at all (before, each made one every poll: some 10,000 here).
+    leases, looks = Calls(), Calls()
+    monkeypatch.setattr(SqliteLog, "lease", leases.wrap(SqliteLog.lease))
+    monkeypatch.setattr(SqliteLog, "changes", looks.wrap(SqliteLog.changes))
+
+    async def handle(event: Event[Any]) -> None:
+        return None
+
+    bus = EventBus(url)
+    for number in range(MANY):
+        bus.subscribe(f"many.{number}", handle, name=f"s{number}")
+    async with bus:
+        async with asyncio.timeout(60):
+            await leases.reached(MANY)  # each subscription's first lease: all is quiet after
+            idle_from = leases.count
+            await looks.reached(looks.count + 5)
+        assert leases.count - idle_from < MANY // 100
+
+
+async def test_an_event_from_another_process_reaches_its_one_of_many_subscriptions(
+    url: str,
+) -> None:
+    got: list[tuple[str, int]] = []
+    arrived = asyncio.Event()
+
+    def handler(name: str) -> Any:
+        async def handle(event: Event[int]) -> None:
+            got.append((name, event.payload))
+            arrived.set()
+
+        return handle
+
+    bus = EventBus(url)
+    for number in range(MANY):
+        bus.subscribe(f"many.{number}", handler(f"s{number}"), name=f"s{number}")
+    bus.subscribe("many.*", handler("all"), name="all")
+    async with bus:
+        async with EventBus(url) as other:  # another process on the same file
+            for number in (1234, 7):
+                await other.publish(f"many.{number}", number)
+        async with asyncio.timeout(30):
+            while len(got) < 4:
+                await arrived.wait()
+                arrived.clear()
+        await bus.drain(timeout=30)
+    assert sorted(got) == [("all", 7), ("all", 1234), ("s1234", 1234), ("s7", 7)]
+
+
+async def test_a_lease_of_a_dead_process_runs_out_and_comes_to_a_waiting_subscription(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing in this process changes when another process's lease runs out: the watch
+    # notices the delivery became visible, and wakes the one subscription it is for (not
+    # only its slow sweep, put off here past the test's timeout).
+    monkeypatch.setattr(sqlite, "_WATCH_SWEEP", 3600.0)
+    path = tmp_path / "bus.db"
+    url = f"sqlite:///{path}?poll=50ms"
+    dead = SqliteLog(path)  # another process, which leases the event, then dies
+    try:
+        dead.ensure_consumer("workers", "jobs", "earliest", group=True)
+        async with EventBus(url) as publisher:
+            await publisher.publish("jobs", 1)
+        [taken] = dead.fetch("workers", "gone", limit=1, lease_seconds=1.0)
+    finally:
+        dead.close()
+    got: list[int] = []
+    came = asyncio.Event()
+
+    async def handle(event: Event[int]) -> None:
+        got.append(event.payload)
+        came.set()
+
+    async def idle(event: Event[Any]) -> None:
+        return None
+
+    bus = EventBus(url)
+    for number in range(50):
+        bus.subscribe(f"other.{number}", idle, name=f"o{number}")
+    bus.subscribe("jobs", handle, group="workers")
+    async with bus:
+        async with asyncio.timeout(30):
+            await came.wait()
+    assert (taken.attempts, got) == (1, [1])

@@ -467,3 +467,40 @@ def test_a_file_of_the_previous_layout_is_refused_clearly(tmp_path: Path) -> Non
     old.close()
     with pytest.raises(SchemaError, match=r"old\.db holds an eventwire log of another version"):
         SqliteLog(path)
+
+
+def test_changes_tell_new_topics_and_the_consumers_whose_deliveries_became_visible(
+    log: SqliteLog,
+) -> None:
+    for name in ("a", "b", "c"):
+        log.ensure_consumer(name, "t.*")
+    start = log.last_seq()
+    log.append(rows(("1", "t.x", None), ("2", "t.y", None), ("3", "t.x", None)))
+    last, topics, due = log.changes(start, time.time(), time.time(), 100)
+    assert last == start + 3
+    assert sorted(topics or []) == ["t.x", "t.y"]
+    assert due == []  # nothing leased yet: the new events are the news
+    assert log.changes(last, 0, time.time(), 1)[1] == []
+    assert log.changes(start, 0, time.time(), 2)[1] is None  # more than asked for: unknown
+
+    since = time.time()
+    [first] = log.fetch("a", "p", limit=1)
+    log.fetch("b", "p", limit=1, lease_seconds=0.01)  # its process dies: the lease runs out
+    log.fetch("c", "p", limit=1)
+    log.nak("a", first.seq, "p")  # visible at once
+    log.release("c", "p")  # given back: visible at once
+    now = time.time() + 0.01
+    assert sorted(log.changes(last, since, now, 100)[2]) == ["a", "b", "c"]
+    # What became visible before the span is not told again.
+    assert log.changes(last, now, now + 0.01, 100)[2] == []
+
+
+def test_an_acknowledgement_that_unblocks_a_key_tells_its_consumer(log: SqliteLog) -> None:
+    log.ensure_consumer("c", "t")
+    log.append(rows(("1", "t", "k"), ("2", "t", "k")))
+    [one] = log.fetch("c", "p", limit=1)
+    assert log.fetch("c", "q", limit=1) == []  # "2" is blocked behind "1", held by p
+    since = time.time()
+    assert log.changes(log.last_seq(), since, time.time(), 10)[2] == []
+    log.ack("c", [one.seq], "p")
+    assert log.changes(log.last_seq(), since, time.time(), 10)[2] == ["c"]
