@@ -400,6 +400,7 @@ class _SqliteConsumer(Consumer):
             self._holder,
             handled_ids=handled_ids,
             keys=[item.key for item in leased],
+            returned=[item.seq for item in leased if item.attempts > 1],
         )
         if unblocked:
             # A later event of an acknowledged key may be leased now.
@@ -420,6 +421,10 @@ class _SqliteConsumer(Consumer):
 
     async def handled(self, event_ids: Sequence[str]) -> set[str]:
         return await asyncio.to_thread(self._backend.log.handled_among, self.spec.name, event_ids)
+
+    async def restarted(self, delivery: Delivery) -> int:
+        seq = _leased(delivery).seq
+        return await asyncio.to_thread(self._backend.log.count_restart, self.spec.name, seq)
 
     async def close(self) -> None:
         self._closed = True

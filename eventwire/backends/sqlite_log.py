@@ -127,6 +127,15 @@ _KINDS_SCHEMA = """CREATE TABLE IF NOT EXISTS consumer_kinds (
     grouped INTEGER NOT NULL
 ) WITHOUT ROWID"""
 
+# Restarts of deliveries that came back, counted before their handler starts again (poison
+# events), made on first use like `presence`; a row goes with its delivery's ack.
+_RESTARTS_SCHEMA = """CREATE TABLE IF NOT EXISTS restarts (
+    consumer TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (consumer, seq)
+) WITHOUT ROWID"""
+
 _BLOCKED = float("inf")
 # Rows one INSERT statement stores (a statement binds at most 999 values on old SQLite). Each
 # statement is a round trip between Python and SQLite that gives the GIL up and takes it back,
@@ -389,11 +398,13 @@ class SqliteLog:
         *,
         handled_ids: Sequence[str] = (),
         keys: Iterable[str | None] | None = None,
+        returned: Sequence[int] = (),
     ) -> int:
         """Finish the deliveries `holder` leases; `handled_ids` are recorded for idempotent
         subscriptions. Returns how many deliveries this made visible (the next of a key whose
         first was finished). `keys`: the deliveries' keys (`Leased.key`), if the caller has
-        them: not read then.
+        them: not read then. `returned`: those of `seqs` that came back (attempts above 1),
+        whose count of restarts goes with them.
 
         A delivery leased to another holder meanwhile (this one's lease ran out, another
         process took it) is not finished: that process is handling it, and its key's next
@@ -440,11 +451,36 @@ class SqliteLog:
                     " SELECT ?, value FROM json_each(?)",
                     (name, _json(list(handled_ids))),
                 )
+            if returned:
+                db.execute(_RESTARTS_SCHEMA)
+                # Only those finished: a delivery another holder took keeps its count.
+                db.execute(
+                    "DELETE FROM restarts WHERE consumer = ?1"
+                    " AND seq IN (SELECT value FROM json_each(?2))"
+                    " AND seq NOT IN (SELECT seq FROM deliveries WHERE consumer = ?1"
+                    " AND seq IN (SELECT value FROM json_each(?2)))",
+                    (name, _json(list(returned))),
+                )
             return unblocked
 
         # Unkeyed deliveries (one DELETE) or handled ids (one INSERT) alone: one statement.
         finishing = 0 if not seqs else 1 if known == [] else 2
-        return self._state(run, one_statement=finishing + bool(handled_ids) <= 1)
+        statements = finishing + bool(handled_ids) + 2 * bool(returned)
+        return self._state(run, one_statement=statements <= 1)
+
+    def count_restart(self, name: str, seq: int) -> int:
+        """One more restart of delivery `seq` of consumer `name`; the count now."""
+
+        def run(db: sqlite3.Connection) -> int:
+            db.execute(_RESTARTS_SCHEMA)
+            (count,) = db.execute(
+                "INSERT INTO restarts (consumer, seq, count) VALUES (?, ?, 1)"
+                " ON CONFLICT (consumer, seq) DO UPDATE SET count = count + 1 RETURNING count",
+                (name, seq),
+            ).fetchone()
+            return int(count)
+
+        return self._state(run)
 
     def nak(self, name: str, seq: int, holder: str, *, delay: float = 0.0) -> None:
         """Make a delivery `holder` leases visible again after `delay` seconds. Nothing if it
@@ -634,6 +670,8 @@ class SqliteLog:
             db.execute("DELETE FROM presence WHERE consumer = ?", (name,))
             db.execute(_KINDS_SCHEMA)
             db.execute("DELETE FROM consumer_kinds WHERE name = ?", (name,))
+            db.execute(_RESTARTS_SCHEMA)
+            db.execute("DELETE FROM restarts WHERE consumer = ?", (name,))
 
         self._state(run)
 
@@ -643,7 +681,9 @@ class SqliteLog:
         def run(db: sqlite3.Connection) -> None:
             db.execute(_PRESENCE_SCHEMA)
             db.execute(_KINDS_SCHEMA)
-            for table in ("consumers", "deliveries", "handled", "presence", "consumer_kinds"):
+            db.execute(_RESTARTS_SCHEMA)
+            tables = ("consumers", "deliveries", "handled", "presence", "consumer_kinds")
+            for table in (*tables, "restarts"):
                 db.execute(f"DELETE FROM {table}")
 
         self._state(run)

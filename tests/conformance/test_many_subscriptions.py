@@ -16,10 +16,7 @@ from tests.conftest import wait_until
 SUBSCRIPTIONS = 1_000
 # Backends that cannot run this many subscriptions in one process yet: name -> why. Run,
 # and expected to fail (strict: once one passes, its entry goes).
-NOT_YET: dict[str, str] = {
-    "redis": "issue 11 item 4: a connection per waiting consumer exhausts the client's pool "
-    "(MaxConnectionsError) and the events do not arrive in time",
-}
+NOT_YET: dict[str, str] = {}
 # Not even run: trying harms the shared service other tests use.
 HARMFUL: dict[str, str] = {
     "amqp": "issue 11 item 4: declaring 1,000 quorum queues at once left the RabbitMQ server "

@@ -18,8 +18,7 @@ from tests.conformance.test_crash import poll, processes, spawn, wait_ready
 
 __all__ = ["processes"]  # the fixture, used by name
 
-# SQLite joins once its backend counts restarts.
-pytestmark = pytest.mark.parametrize("backend_name", ["redis", "nats", "amqp"])
+pytestmark = pytest.mark.parametrize("backend_name", ["sqlite", "redis", "nats", "amqp"])
 
 EVENTS = 400
 POISON = 40
