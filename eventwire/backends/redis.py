@@ -269,6 +269,10 @@ def _start_id(start: Any) -> str:
 
 # Between a consumer's name and a process's in the presence hash's fields.
 _FIELD_SEPARATOR = "\x1f"
+# A presence field's value when the time is the process's own beat (see `presence_key`), and
+# how often a process writes its consumers' fields again anyway.
+_LIVE = "live"
+_RELIVE_EVERY = 30.0
 
 
 class RedisBackend(BrokerBackend):
@@ -308,8 +312,15 @@ class RedisBackend(BrokerBackend):
         # Consumer name -> 'group' or 'own' (one subscription's), beside its pattern above.
         self.kinds = prefix + "consumer-kinds"
         # consumer \x1f process -> when the process last said it ran the consumer (negative:
-        # when it stopped running it).
+        # when it stopped running it), or "live": as recent as the process's own beat in
+        # `processes_key` (process -> time), so that a beat is one field however many
+        # consumers the process runs.
         self.presence_key = prefix + "presence"
+        self.processes_key = prefix + "processes"
+        # Consumers this process marked "live", and when to write them all again (another
+        # process may have removed a field meanwhile: `eventwire subscriptions delete`).
+        self._live_marked: set[str] = set()
+        self._relive_at = 0.0
         self._client: Redis | None = None
         # The publisher's own connection (`_send`).
         self._link: Link | None = None
@@ -567,19 +578,39 @@ class RedisBackend(BrokerBackend):
         ]
         if fields:
             await command(client, "HDEL", self.presence_key, *fields)
+        self._live_marked.discard(name)
 
     async def beat(self, process: str, consumers: Sequence[str]) -> None:
-        await self._mark(process, consumers, time.time())
+        now = time.time()
+        if now >= self._relive_at:
+            self._live_marked.clear()
+            self._relive_at = now + _RELIVE_EVERY
+        added = [name for name in consumers if name not in self._live_marked]
+        client = self.client
+
+        async def send() -> None:
+            pipe: Any = client.pipeline(transaction=True)
+            stage(pipe, "HSET", self.processes_key, process, repr(now))
+            if added:
+                fields: list[Any] = []
+                for name in added:
+                    fields += [f"{name}{_FIELD_SEPARATOR}{process}", _LIVE]
+                stage(pipe, "HSET", self.presence_key, *fields)
+            try:
+                await execute(pipe)
+            finally:
+                await pipe.reset()
+
+        await self.retrying(send, asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE)
+        self._live_marked.update(added)
 
     async def leave(self, process: str, consumers: Sequence[str]) -> None:
-        await self._mark(process, consumers, -time.time())
-
-    async def _mark(self, process: str, consumers: Sequence[str], seen: float) -> None:
         if not consumers:
             return
+        self._live_marked.difference_update(consumers)
         fields: list[Any] = []
         for name in consumers:
-            fields += [f"{name}{_FIELD_SEPARATOR}{process}", repr(seen)]
+            fields += [f"{name}{_FIELD_SEPARATOR}{process}", repr(-time.time())]
         client = self.client
         await self.retrying(
             lambda: command(client, "HSET", self.presence_key, *fields),
@@ -588,23 +619,35 @@ class RedisBackend(BrokerBackend):
 
     async def presences(self) -> dict[str, list[float]]:
         client = self.client
-        stored: dict[Any, Any] = await self.retrying(
-            lambda: command(client, "HGETALL", self.presence_key),
-            asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
+
+        async def read() -> tuple[dict[Any, Any], dict[Any, Any]]:
+            stored = await command(client, "HGETALL", self.presence_key)
+            processes = await command(client, "HGETALL", self.processes_key)
+            return stored, processes
+
+        stored, processes = await self.retrying(
+            read, asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE
         )
+        beats = {_text(process): float(_text(seen)) for process, seen in processes.items()}
         found: dict[str, list[float]] = {}
         stale: list[Any] = []
         horizon = time.time() - PRESENCE_KEPT
         for field, value in stored.items():
-            name = _text(field).split(_FIELD_SEPARATOR, 1)[0]
-            seen = float(_text(value))
+            name, _, process = _text(field).partition(_FIELD_SEPARATOR)
+            text = _text(value)
+            # A process whose beat is gone (or never came) counts as gone long ago.
+            seen = beats.get(process, 0.0) if text == _LIVE else float(text)
             if abs(seen) < horizon:
                 stale.append(field)  # a process gone for long: forget it
             else:
                 found.setdefault(name, []).append(seen)
-        if stale:
+        gone = [process for process, seen in beats.items() if seen < horizon]
+        if stale or gone:
             with contextlib.suppress(*_RETRYABLE):
-                await command(client, "HDEL", self.presence_key, *stale)
+                if stale:
+                    await command(client, "HDEL", self.presence_key, *stale)
+                if gone:
+                    await command(client, "HDEL", self.processes_key, *gone)
         return found
 
     async def destroy(self) -> None:

@@ -137,6 +137,26 @@ async def test_thousands_of_waiting_consumers_share_a_few_connections(
             await consumer.close()
 
 
+async def test_a_presence_beat_is_one_field_however_many_consumers_the_process_runs(
+    backend: RedisBackend, raw: Redis
+) -> None:
+    names = [f"c{n}" for n in range(2000)]
+    await backend.beat("p1", names)
+    first = await backend.presences()
+    assert sorted(first) == sorted(names)
+    fields = await raw.hgetall(backend.presence_key)
+    await backend.beat("p1", names)
+    # The consumers' fields were not written again (each says "as recent as the process"),
+    # yet every consumer's time moved with the process's beat.
+    assert await raw.hgetall(backend.presence_key) == fields
+    second = await backend.presences()
+    assert all(second[name][0] >= first[name][0] for name in names)
+    assert second["c0"][0] > first["c0"][0]
+    await backend.leave("p1", names[:1])
+    left = await backend.presences()
+    assert left["c0"][0] < 0 < left["c1"][0]  # stopped running c0, still runs c1
+
+
 async def test_dedup_window_deduplicates_by_message_id(raw: Redis) -> None:
     async with own_namespace("&dedup_window=60") as backend:
         consumer = await backend.consumer(ConsumerSpec("d", "d"))
