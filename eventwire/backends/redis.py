@@ -269,9 +269,9 @@ def _start_id(start: Any) -> str:
 
 # Between a consumer's name and a process's in the presence hash's fields.
 _FIELD_SEPARATOR = "\x1f"
-# A presence field's value when the time is the process's own beat (see `presence_key`), and
-# how often a process writes its consumers' fields again anyway.
-_LIVE = "live"
+# How often a process writes its consumers' presence fields again (see `presence_key`):
+# processes of earlier eventwire versions read them alone (and see the process as gone
+# in between, rather than failing on another format).
 _RELIVE_EVERY = 30.0
 
 
@@ -311,10 +311,10 @@ class RedisBackend(BrokerBackend):
         self.registry = prefix + "consumers"
         # Consumer name -> 'group' or 'own' (one subscription's), beside its pattern above.
         self.kinds = prefix + "consumer-kinds"
-        # consumer \x1f process -> when the process last said it ran the consumer (negative:
-        # when it stopped running it), or "live": as recent as the process's own beat in
-        # `processes_key` (process -> time), so that a beat is one field however many
-        # consumers the process runs.
+        # consumer \x1f process -> when the process said it ran the consumer (negative: when
+        # it stopped running it). While it runs, the field is written only now and then, and
+        # the process's own beat in `processes_key` (process -> time) says how recent it is:
+        # a beat is one field however many consumers the process runs.
         self.presence_key = prefix + "presence"
         self.processes_key = prefix + "processes"
         # Consumers this process marked "live", and when to write them all again (another
@@ -594,7 +594,7 @@ class RedisBackend(BrokerBackend):
             if added:
                 fields: list[Any] = []
                 for name in added:
-                    fields += [f"{name}{_FIELD_SEPARATOR}{process}", _LIVE]
+                    fields += [f"{name}{_FIELD_SEPARATOR}{process}", repr(now)]
                 stage(pipe, "HSET", self.presence_key, *fields)
             try:
                 await execute(pipe)
@@ -634,9 +634,11 @@ class RedisBackend(BrokerBackend):
         horizon = time.time() - PRESENCE_KEPT
         for field, value in stored.items():
             name, _, process = _text(field).partition(_FIELD_SEPARATOR)
-            text = _text(value)
-            # A process whose beat is gone (or never came) counts as gone long ago.
-            seen = beats.get(process, 0.0) if text == _LIVE else float(text)
+            seen = float(_text(value))
+            if seen > 0:
+                # Running: as recent as the process's own beat (the field is written only
+                # now and then).
+                seen = max(seen, beats.get(process, 0.0))
             if abs(seen) < horizon:
                 stale.append(field)  # a process gone for long: forget it
             else:

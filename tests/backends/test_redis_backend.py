@@ -146,8 +146,8 @@ async def test_a_presence_beat_is_one_field_however_many_consumers_the_process_r
     assert sorted(first) == sorted(names)
     fields = await raw.hgetall(backend.presence_key)
     await backend.beat("p1", names)
-    # The consumers' fields were not written again (each says "as recent as the process"),
-    # yet every consumer's time moved with the process's beat.
+    # The consumers' fields were not written again, yet every consumer's time moved with
+    # the process's beat.
     assert await raw.hgetall(backend.presence_key) == fields
     second = await backend.presences()
     assert all(second[name][0] >= first[name][0] for name in names)
