@@ -56,9 +56,11 @@ QUICK_EVENTS = 50
 IDLE_SECONDS = 5.0
 QUICK_IDLE_SECONDS = 3.0
 # Before the idle window: startup work still finishing (every subscription's first fetch,
-# presence) settles; 1 s more per 1,000 subscriptions.
+# presence) settles, 1 s more per 1,000 subscriptions, and idle subscriptions' fetches reach
+# their longest wait (1 s doubling to 16 s after empty fetches: 31 s); --quick skips that.
 SETTLE_SECONDS = 1.5
 SETTLE_PER_SUBSCRIPTION = 0.001
+STEADY_SECONDS = 32.0
 CAP_SECONDS = 600.0
 AMQP_MAX = 100
 SHARED = {
@@ -109,7 +111,8 @@ async def measure(
     result["start_cpu_s"] = time.process_time() - cpu
     print(f"started in {result['start_s']:.1f}s", file=sys.stderr, flush=True)
     try:
-        await asyncio.sleep(SETTLE_SECONDS + SETTLE_PER_SUBSCRIPTION * count)
+        steady = STEADY_SECONDS if idle >= IDLE_SECONDS else 0.0
+        await asyncio.sleep(max(SETTLE_SECONDS + SETTLE_PER_SUBSCRIPTION * count, steady))
         broker_before = None if broker_pid is None else cpu_seconds(broker_pid)
         wall, cpu = time.perf_counter(), time.process_time()
         await asyncio.sleep(idle)
@@ -299,7 +302,8 @@ def markdown(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
         f"`{' '.join(['bench/bench_many_subscriptions.py', *sys.argv[1:]])}` on "
         f"{platform.machine()} with {os.cpu_count()} CPUs, Python {platform.python_version()},"
         f" {time.strftime('%Y-%m-%d %H:%M')}. One bus with N durable subscriptions (N - 1 on "
-        "`many.<i>`, one on `many.>`); idle CPU is the process's CPU time over "
+        "`many.<i>`, one on `many.>`); idle CPU is the process's CPU time, once idle fetches "
+        "wait their longest (32 s after start; --quick: sooner), over "
         f"{QUICK_IDLE_SECONDS if args.quick else IDLE_SECONDS:g} s as % of one core; latency "
         "is one awaited publish to one subscription's topic until its handler ran, "
         f"{QUICK_EVENTS if args.quick else EVENTS} events one after another. Broker idle CPU: "
