@@ -46,7 +46,8 @@ most 64 at once), and when a read brings nothing they wait on the backend's `Wak
 connection that reads each new entry (XREAD) while anyone waits and wakes the consumers whose
 pattern matches its topic, or whose group ``{ns}:wakes`` names; it also looks every
 ``ack_wait``/4 (at most 1 s) for waiting groups with redeliveries due, in one script call per
-500 groups. Thousands of subscriptions in one process thus hold a few dozen connections.
+500 groups, and at most 2,000 groups a second (10,000 idle groups: every 5 s). Thousands of
+subscriptions in one process thus hold a few dozen connections.
 
 Deduplication. Redis cannot deduplicate by itself. A publish whose reply was lost (the
 connection broke) is retried; before the retry, a script scans the stream entries added since
@@ -149,6 +150,8 @@ _SCAN_BUDGET = 1000
 _COUNT_SCAN = 1000
 # Longest single blocking read: also how often an idle fetcher re-runs the fetch script.
 _MAX_BLOCK = 1.0
+# Waiting groups the waker looks at per second at most, for due retries and expired leases.
+_DUE_GROUPS_PER_SECOND = 2000
 # Most new entries one XREADGROUP takes (no more than the fetch asks for).
 _READ_COUNT = 1000
 # Consumers of one backend that wait for new entries on a connection of their own (a blocking
@@ -907,8 +910,12 @@ class Waker:
 
     async def _due_loop(self) -> None:
         backend = self.backend
+        groups: list[str] = []
         while True:
-            await asyncio.sleep(self._period)
+            # Thousands of idle groups are looked at less often: a look costs per group, and
+            # what it finds (a dead process's lease ran out, a delayed retry is due) is not
+            # expected to the second.
+            await asyncio.sleep(max(self._period, len(groups) / _DUE_GROUPS_PER_SECOND))
             groups = [group for group, waiting in self._waiting.items() if waiting]
             for chunk in _chunks(groups, _DUE_CHUNK):
                 # Packed by hand: thousands of arguments a second for an idle process.
