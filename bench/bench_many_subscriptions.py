@@ -53,7 +53,7 @@ COUNTS = (10, 1_000, 10_000)
 QUICK_COUNTS = (10, 1_000)
 EVENTS = 200
 QUICK_EVENTS = 50
-IDLE_SECONDS = 5.0
+IDLE_SECONDS = 16.0
 QUICK_IDLE_SECONDS = 3.0
 # Before the idle window: startup work still finishing (every subscription's first fetch,
 # presence) settles, 1 s more per 1,000 subscriptions, and idle subscriptions' fetches reach

@@ -27,11 +27,15 @@ import asyncio
 import base64
 import contextlib
 import functools
+import heapq
 import itertools
 import json
 import logging
+import math
+import random
 import re
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -96,8 +100,25 @@ _ATTEMPT_TIMEOUT = 2  # one TCP connect attempt
 _REQUEST_TIMEOUT = 5.0  # one JetStream API call, publish or ack round trip
 _PUBLISH_WINDOW = 512  # publishes in flight at once (one round trip per window)
 _GRACE = 0.5  # round-trip allowance past a fetch's `wait` when the server is slow
+# How late a standing request's status may come before it counts as dropped.
+_LATE_STATUS = 0.02
 # Longest a pull request stands (its expiry): what stopping a consumer may wait for.
 _STANDING_PULL = 0.25
+# An idle consumer (two standing requests in a row brought nothing) keeps none standing: a
+# subscription to its own subjects wakes it when an event is published there, and it asks
+# for what is ready now (a redelivery: a lease ran out, a nak's delay passed) every
+# _IDLE_LOOK seconds, or less often with many idle consumers: at most _IDLE_LOOKS_PER_SECOND
+# asks a second on a connection.
+_IDLE_LOOK = 1.0
+_IDLE_LOOKS_PER_SECOND = 100.0
+_LOOK_TICK = 0.5
+# A process's beat is one presence key, `processes.<process>`; each consumer's own key,
+# `<consumer>.<process>`, is written when the process starts running it and rewritten in
+# turn so that each is rewritten every _RELIVE_EVERY seconds (another process may have
+# removed it meanwhile: `eventwire subscriptions delete`).
+_BEATS = "processes"
+_EXISTENCE_CHECKS = 4
+_RELIVE_EVERY = 300.0
 _ACK_PREFIX = "$JS.ACK."
 # Part of ack_wait after which a consumer counts a delivery it holds (since it came or was last
 # extended) as lost: JetStream may have delivered it to another process already. JetStream's
@@ -209,6 +230,8 @@ class NatsBackend(BrokerBackend):
         # Which processes run which consumers (`beat`): key <consumer>.<process>.
         self.presence_bucket = f"eventwire_{self.namespace}_presence"
         self._presence_kv: KeyValue | None = None
+        # Consumers whose presence key this process wrote, oldest write first.
+        self._marked: dict[str, None] = {}
         options = URLOptions(url, OPTIONS)
         self.max_age = options.duration("max_age", 0.0)
         self.replicas = options.integer("replicas", 1, minimum=1)
@@ -220,6 +243,16 @@ class NatsBackend(BrokerBackend):
         self._lost: asyncio.Future[None] | None = None
         # Opens a new connection when the server closed the current one for good.
         self._reopening: asyncio.Task[None] | None = None
+        # Counts connections lost: what a consumer set up before the last loss is gone.
+        self.links_lost = 0
+        # Set while connected: fetches wait on it through an outage rather than polling.
+        self._up = asyncio.Event()
+        self._consumers: weakref.WeakSet[_NatsConsumer] = weakref.WeakSet()
+        # How many consumers are idle (see _IDLE_LOOK): how often each looks for redeliveries.
+        self.idle_consumers = 0
+        # Unanswered pull requests make a consumer ask whether it still exists: a few at a
+        # time, lest a slow server get thousands of questions more.
+        self.existence_checks = asyncio.Semaphore(_EXISTENCE_CHECKS)
         # PubAcks come to one inbox per connection, `<inbox>.<token>`: token -> its waiter.
         self._puback_link: _LenientClient | None = None
         self._puback_prefix = ""
@@ -252,6 +285,7 @@ class NatsBackend(BrokerBackend):
                 await nc.close()
             raise
         self._nc, self._js = nc, nc.jetstream(timeout=_REQUEST_TIMEOUT)
+        self._up.set()
 
     async def _open(self, nc: _LenientClient) -> None:
         loop = asyncio.get_running_loop()
@@ -269,15 +303,12 @@ class NatsBackend(BrokerBackend):
                 logger.warning("eventwire: NATS at %s: %r", self.url.redacted, error)
 
         async def on_disconnect() -> None:
-            lost, self._lost = self._lost, asyncio.get_running_loop().create_future()
-            if lost is not None and not lost.done():
-                lost.set_result(None)
-            # Not when closing, nor when nats-py gave the connection up (see on_closed).
-            if self._nc is nc and not nc.is_closed:
-                logger.warning("eventwire: lost NATS at %s; reconnecting", self.url.redacted)
+            self._dropped(nc)
 
         async def on_reconnect() -> None:
             logger.warning("eventwire: reconnected to NATS at %s", self.url.redacted)
+            if self._nc is nc:
+                self._up.set()
 
         async def on_closed() -> None:
             if self._nc is nc:  # not closed by close(): nats-py gave up after a server error
@@ -402,7 +433,48 @@ class NatsBackend(BrokerBackend):
                 return
             self._nc, self._js, self._kv = fresh, fresh.jetstream(timeout=_REQUEST_TIMEOUT), None
             self._presence_kv = None
+            self._link_lost()
+            self._up.set()
             logger.warning("eventwire: opened a new connection to NATS at %s", self.url.redacted)
+
+    def _dropped(self, nc: _LenientClient) -> None:
+        """`nc` lost its server (nats-py reconnects it)."""
+        lost, self._lost = self._lost, asyncio.get_running_loop().create_future()
+        if lost is not None and not lost.done():
+            lost.set_result(None)
+        if self._nc is nc:
+            self._link_lost()
+            # Not when nats-py gave the connection up (see on_closed in `_open`).
+            if not nc.is_closed:
+                logger.warning("eventwire: lost NATS at %s; reconnecting", self.url.redacted)
+
+    def _link_lost(self) -> None:
+        """The connection dropped or was replaced: what consumers set up on it is gone."""
+        self._up.clear()
+        self.links_lost += 1
+        for consumer in list(self._consumers):
+            consumer.wake()
+
+    async def wait_up(self, deadline: float) -> bool:
+        """Wait until connected, or until `deadline` (loop time): whether connected."""
+        loop = asyncio.get_running_loop()
+        while not self.nc.is_connected:
+            if self.nc.is_closed:
+                self._reopen_soon()
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            # The event is a hint (set a moment before nats-py says connected): bounded waits.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, 0.05 if self._up.is_set() else 1.0)):
+                    await self._up.wait()
+                    if not self.nc.is_connected:
+                        await asyncio.sleep(min(left, 0.05))
+        return True
+
+    def idle_look_period(self) -> float:
+        """Seconds between an idle consumer's looks for redeliveries (see _IDLE_LOOK)."""
+        return max(_IDLE_LOOK, self.idle_consumers / _IDLE_LOOKS_PER_SECOND)
 
     def _closed_by_server(self, link: _LenientClient) -> bool:
         """Whether `link` was given up by nats-py after a server error (not by `close()`)."""
@@ -600,6 +672,7 @@ class NatsBackend(BrokerBackend):
         await self._open_consumer(spec, durable)
         consumer = _NatsConsumer(self, spec, durable)
         await consumer._subscribe()
+        self._consumers.add(consumer)
         return consumer
 
     async def _open_consumer(self, spec: ConsumerSpec, durable: str) -> None:
@@ -731,23 +804,46 @@ class NatsBackend(BrokerBackend):
         return kv
 
     async def beat(self, process: str, consumers: Sequence[str]) -> None:
-        await self._mark(process, consumers, time.time())
+        now = time.time()
+        marked = self._marked
+        fresh = [name for name in consumers if name not in marked]
+        # The oldest few again: all of them once per _RELIVE_EVERY beats (one a second).
+        due = max(1, int(len(marked) / _RELIVE_EVERY + 0.999))
+        running = set(consumers)
+        again = [name for name in itertools.islice(marked, due) if name in running]
+
+        async def put_beat() -> None:
+            kv = await self._presence_store()
+            beat = json.dumps({"process": process, "seen": now}).encode()
+            await kv.put(f"{_BEATS}.{safe_name(process)}", beat)
+
+        await self._put_presence(process, [*fresh, *again], now)
+        await self._retry("announcing this process", put_beat)
+        for name in itertools.islice(list(marked), due):
+            del marked[name]  # back in at the end if still running, as the newest write
+        marked.update(dict.fromkeys([*again, *fresh]))
 
     async def leave(self, process: str, consumers: Sequence[str]) -> None:
-        await self._mark(process, consumers, -time.time())
+        await self._put_presence(process, consumers, -time.time())
+        for name in consumers:
+            self._marked.pop(name, None)
 
-    async def _mark(self, process: str, consumers: Sequence[str], seen: float) -> None:
-        async def put_all() -> None:
+    async def _put_presence(self, process: str, consumers: Sequence[str], seen: float) -> None:
+        """Say that `process` runs `consumers` (`seen` > 0), or stopped at -`seen`."""
+
+        async def put(window: Sequence[str]) -> None:
             kv = await self._presence_store()
             await _gather_all(
                 kv.put(
                     f"{safe_name(name)}.{safe_name(process)}",
-                    json.dumps({"consumer": name, "seen": seen}).encode(),
+                    json.dumps({"consumer": name, "process": process, "seen": seen}).encode(),
                 )
-                for name in consumers
+                for name in window
             )
 
-        await self._retry("announcing this process", put_all)
+        for start in range(0, len(consumers), _PUBLISH_WINDOW):
+            window = consumers[start : start + _PUBLISH_WINDOW]
+            await self._retry("announcing this process", functools.partial(put, window))
 
     async def presences(self) -> dict[str, list[float]]:
         async def read_all() -> list[bytes]:
@@ -759,11 +855,23 @@ class NatsBackend(BrokerBackend):
             entries = await asyncio.gather(*(kv.get(key) for key in keys), return_exceptions=True)
             return [e.value for e in entries if not isinstance(e, BaseException) and e.value]
 
-        found: dict[str, list[float]] = {}
+        records = []
         for value in await self._retry("reading who runs what", read_all):
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                record = json.loads(value)
-                found.setdefault(str(record["consumer"]), []).append(float(record["seen"]))
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(value))
+        # A process's own beat says how recent its running consumers' keys are.
+        beats: dict[str, float] = {}
+        for record in records:
+            if isinstance(record, dict) and "consumer" not in record:
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    beats[str(record["process"])] = float(record["seen"])
+        found: dict[str, list[float]] = {}
+        for record in records:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                seen = float(record["seen"])
+                if seen > 0:
+                    seen = max(seen, beats.get(str(record.get("process")), 0.0))
+                found.setdefault(str(record["consumer"]), []).append(seen)
         return found
 
     async def destroy(self) -> None:
@@ -890,10 +998,25 @@ class _Pull:
     batch: int
     # When it should have ended at the latest (loop time): expiry plus a grace period.
     answer_by: float
+    # When it expires (loop time): its status comes a moment later.
+    expires_at: float
+    # `NatsBackend.links_lost` when it was sent: a lost connection took it along.
+    link: int
+    # Whether it waits for messages (else it asks for what is ready now, ``no_wait``).
+    waits: bool
     received: int = 0
     status: str | None = None
     description: str = ""
     done: bool = False
+
+    @property
+    def came_empty(self) -> bool:
+        """It expired having brought nothing."""
+        return self.waits and self.done and self.received == 0 and self.status == "408"
+
+    @property
+    def consumer_deleted(self) -> bool:
+        return self.status == "409" and "deleted" in self.description.lower()
 
 
 class _NatsConsumer(Consumer):
@@ -902,9 +1025,16 @@ class _NatsConsumer(Consumer):
     Pull requests are answered on a private inbox ``<inbox>.<n>``; messages go to a buffer
     and each request ends with either its batch or a status (404 no messages, 408 expired).
     One waiting request stands at a time: `fetch` returns as soon as a message came and the
-    next `fetch` takes what the same request brought since, so an idle consumer sends one
+    next `fetch` takes what the same request brought since, so a busy consumer sends one
     request per batch or per expiry (`_STANDING_PULL`), not one per message. Stopping waits
     for the standing request to end before anything is given back (see `stop_fetching`).
+
+    A consumer whose standing request expired empty starts *watching*: a plain subscription
+    to its own subjects wakes it when an event is published there. If the next request
+    expires empty too, it *rests*: it keeps no request standing, and looks for redeliveries
+    now and then (see `_IDLE_LOOK`). So ten thousand idle consumers cost the server nothing
+    per second but those looks. The subscription is in place a whole request before the
+    last one ends: an event published in between is either in that request or wakes it.
     """
 
     def __init__(self, backend: NatsBackend, spec: ConsumerSpec, durable: str) -> None:
@@ -918,6 +1048,20 @@ class _NatsConsumer(Consumer):
         self._buffer: deque[tuple[float, Msg]] = deque()
         self._pull: _Pull | None = None
         self._pulls = 0
+        # Watching and resting (see the class docstring): the wake-up subscription, and on
+        # which connection. A consumer starts resting (`_fresh`): thousands starting
+        # together send no requests that stand, only one look each.
+        self._fresh = True
+        self._wake_sub: Subscription | None = None
+        self._watch_link = -1
+        self._woken = False
+        self._resting = False
+        # Whether the last request went unanswered past its expiry (see `fetch`).
+        self._missed = 0
+        # When an idle consumer next asks for what is ready (loop time), and when naks sent
+        # from here are ready again (a heap).
+        self._look_at = 0.0
+        self._due: list[float] = []
         # Set when a message is buffered or a pull request ends: a waiting fetch looks again.
         self._news = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -940,9 +1084,57 @@ class _NatsConsumer(Consumer):
         self._pull = None  # answered on the old connection's inbox, if at all
         self._sub = await link.subscribe(f"{self._inbox}.*", cb=self._on_message)
         self._link = link
+        self._fresh = True
+
+    def wake(self) -> None:
+        """Make a waiting fetch look again (the connection changed)."""
+        self._news.set()
+
+    async def _on_wake(self, msg: Msg) -> None:
+        self._woken = True
+        self._news.set()
+
+    @property
+    def watching(self) -> bool:
+        return self._wake_sub is not None
+
+    async def _watch(self) -> None:
+        """Be woken by publishes to this consumer's subjects."""
+        backend = self._backend
+        self._wake_sub = await backend.nc.subscribe(
+            backend.prefix + self._spec.pattern, cb=self._on_wake
+        )
+        self._watch_link = backend.links_lost
+        backend.idle_consumers += 1
+        self._woken = False
+
+    def _rest(self, *, look_now: bool) -> None:
+        """Keep no request standing (while watching), looking now and then."""
+        self._resting = True
+        if look_now:
+            self._look_at = 0.0
+        else:
+            self._look_at = asyncio.get_running_loop().time() + self._backend.idle_look_period()
+
+    async def _wake_up(self) -> None:
+        """Stop watching and resting: the next fetch keeps a request standing again."""
+        sub, self._wake_sub, self._resting = self._wake_sub, None, False
+        if sub is None:
+            return
+        self._backend.idle_consumers -= 1
+        with contextlib.suppress(Exception):  # on a lost connection, gone with it
+            await sub.unsubscribe()
+
+    def _look_soon(self, delay: float) -> None:
+        """A nak: the message is ready again after `delay` seconds, to be looked for then
+        if this consumer rests by that time."""
+        # A little late: JetStream's own timer must have run out.
+        heapq.heappush(self._due, asyncio.get_running_loop().time() + delay + _GRACE / 5)
+        self._news.set()
 
     async def _on_message(self, msg: Msg) -> None:
         pull = self._pull
+        self._missed = 0
         if msg.reply.startswith(_ACK_PREFIX):
             self._buffer.append((asyncio.get_running_loop().time(), msg))
             if pull is not None:
@@ -963,8 +1155,15 @@ class _NatsConsumer(Consumer):
         """Send one pull request: waiting up to `expires` seconds for messages, or None for
         what is ready now (``no_wait``)."""
         self._pulls += 1
-        answer_by = asyncio.get_running_loop().time() + (expires or 0.0) + _GRACE
-        pull = _Pull(token=str(self._pulls), batch=batch, answer_by=answer_by)
+        expires_at = asyncio.get_running_loop().time() + (expires or 0.0)
+        pull = _Pull(
+            token=str(self._pulls),
+            batch=batch,
+            answer_by=expires_at + _GRACE,
+            expires_at=expires_at,
+            link=self._backend.links_lost,
+            waits=expires is not None,
+        )
         request: dict[str, Any] = {"batch": batch}
         if expires is None:
             request["no_wait"] = True
@@ -999,12 +1198,20 @@ class _NatsConsumer(Consumer):
                 self._news.clear()
                 taken = await self._take(limit)
                 if taken:
+                    await self._wake_up()
                     return taken
                 if not await self._wait_connected(deadline):
                     return []
-                pull = self._pull
-                left = deadline - loop.time()
+                pull = await self._standing()
+                now = loop.time()
+                left = deadline - now
                 if pull is None or pull.done:
+                    await self._quieten(pull)
+                    if self._resting:
+                        if left <= 0 and now < self._next_look():
+                            return []
+                        asked = await self._idle_turn(limit, deadline) or asked
+                        continue
                     if asked and left < 0.01:
                         return []
                     # A standing request (this fetch and the next ones share it), or what
@@ -1015,6 +1222,13 @@ class _NatsConsumer(Consumer):
                     asked = True
                     continue
                 now = loop.time()
+                overdue = pull.expires_at + _LATE_STATUS if pull.waits and not self._missed else 0
+                if overdue and now >= overdue:
+                    # JetStream drops a request that expires as a message comes, with no
+                    # status: ask again (the message is for the next request), and ask
+                    # whether the consumer exists only if that one goes unanswered too.
+                    self._missed, self._pull = 1, None
+                    continue
                 if now >= pull.answer_by:
                     # Connected, yet JetStream did not answer: is the consumer gone?
                     self._pull = None
@@ -1022,22 +1236,69 @@ class _NatsConsumer(Consumer):
                     continue
                 if left <= 0 and not asked:
                     return []  # the request stands: what it brings is for the next fetch
-                until = pull.answer_by if left <= 0 else min(deadline, pull.answer_by)
+                until = min(overdue, pull.answer_by) if overdue else pull.answer_by
+                until = until if left <= 0 else min(deadline, until)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout_at(until):
                         await self._news.wait()
             return []
 
+    async def _quieten(self, ended: _Pull | None) -> None:
+        """Watch, or rest, as the request that `ended` (or a fresh start) says."""
+        if self._fresh:
+            self._pull, self._fresh = None, False
+            if not self.watching:
+                await self._watch()
+            # What was published before the subscription reached the server.
+            self._rest(look_now=True)
+        elif ended is not None and ended.came_empty:
+            self._pull = None
+            if not self.watching:
+                await self._watch()  # and one more request
+            elif not self._resting:
+                self._rest(look_now=False)
+
+    async def _standing(self) -> _Pull | None:
+        """The last pull request, unless a lost connection took it; stops watching if
+        woken."""
+        links_lost = self._backend.links_lost
+        pull = self._pull
+        if pull is not None and pull.link != links_lost:
+            pull = self._pull = None
+        if self.watching and (self._woken or self._watch_link != links_lost):
+            await self._wake_up()
+        if pull is not None and pull.consumer_deleted:
+            pull = self._pull = None
+            await self._check_exists()
+        return pull
+
+    async def _idle_turn(self, limit: int, deadline: float) -> bool:
+        """Ask for what is ready if a resting consumer's look is due, else wait for a
+        wake-up, the next look or `deadline`. Whether a request was sent."""
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_look():
+            while self._due and self._due[0] <= now:
+                heapq.heappop(self._due)
+            period = self._backend.idle_look_period()
+            # Spread out (consumers that went idle together look apart), yet on the ticks of
+            # a clock: the looks due at one tick go out in one write, answered in one read.
+            look_at = now + period * random.uniform(0.5, 1.5)
+            self._look_at = math.ceil(look_at / _LOOK_TICK) * _LOOK_TICK
+            await self._send_pull(limit, None)
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(min(deadline, self._next_look())):
+                await self._news.wait()
+        return False
+
+    def _next_look(self) -> float:
+        return min(self._look_at, self._due[0]) if self._due else self._look_at
+
     async def _wait_connected(self, deadline: float) -> bool:
         """Wait until connected (False at `deadline`); on a new connection, subscribe anew."""
         backend = self._backend
-        loop = asyncio.get_running_loop()
-        while not backend.nc.is_connected:
-            if backend.nc.is_closed:
-                backend._reopen_soon()
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(min(0.05, max(deadline - loop.time(), 0.0)))
+        if not await backend.wait_up(deadline):
+            return False
         if self._link is not backend.nc:
             # Pulls are answered on the connection that sent them: the old inbox is gone.
             await self._subscribe()
@@ -1047,7 +1308,8 @@ class _NatsConsumer(Consumer):
         """JetStream ignores pull requests for a consumer that does not exist."""
         backend = self._backend
         try:
-            await backend.js.consumer_info(backend.stream, self._durable, timeout=_GRACE)
+            async with backend.existence_checks:
+                await backend.js.consumer_info(backend.stream, self._durable, timeout=_GRACE)
             return
         except nats.js.errors.NotFoundError:
             pass
@@ -1201,6 +1463,7 @@ class _NatsConsumer(Consumer):
             payload += b" " + json.dumps({"delay": int(delay * 1e9)}).encode()
         if self._still_held([msg]):
             await self._settle([msg], payload)
+            self._look_soon(delay)
         self._held.pop(msg.reply, None)
 
     async def extend(self, deliveries: Sequence[Delivery]) -> None:
@@ -1223,6 +1486,7 @@ class _NatsConsumer(Consumer):
         # JetStream cannot take a pull request back, and gives what is handed back (nak) to a
         # request still standing, even one whose inbox is gone: wait for it to end (it
         # expires within _STANDING_PULL), then give back what came that no fetch took.
+        await self._wake_up()
         pull = self._pull
         if pull is not None and not self._closed:
             with contextlib.suppress(TimeoutError):
@@ -1244,6 +1508,7 @@ class _NatsConsumer(Consumer):
         if pull is not None:
             pull.done = True
         self._news.set()  # a fetch in progress returns now
+        await self._wake_up()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
