@@ -61,6 +61,7 @@ QUICK_IDLE_SECONDS = 3.0
 SETTLE_SECONDS = 1.5
 SETTLE_PER_SUBSCRIPTION = 0.001
 STEADY_SECONDS = 32.0
+PAUSE_SECONDS = 1.0
 CAP_SECONDS = 600.0
 AMQP_MAX = 100
 SHARED = {
@@ -123,21 +124,27 @@ async def measure(
             after = cpu_seconds(broker_pid)
             if after is not None:
                 result["broker_idle_cpu_pct"] = 100 * (after - broker_before) / wall
-        latencies = []
         chooser = random.Random(11)
-        for _ in range(events):
+
+        async def latency(pause: float) -> float:
             number = chooser.randrange(count - 1) if count > 1 else 0
             name = f"s{number}"
+            await asyncio.sleep(pause)
             came = waiting[name] = asyncio.Event()
             sent = time.perf_counter()
             await bus.publish(f"many.{number}", number)
             async with asyncio.timeout(60):
                 await came.wait()
-            latencies.append((handled[name] - sent) * 1000)
             del waiting[name]
-        latencies.sort()
+            return (handled[name] - sent) * 1000
+
+        latencies = sorted([await latency(0.0) for _ in range(events)])
         result["latency_p50_ms"] = statistics.median(latencies)
         result["latency_p99_ms"] = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        # Each publish after a pause: to a subscription that had nothing to do for a while,
+        # with 10 subscriptions as with 10,000.
+        paused = [await latency(PAUSE_SECONDS) for _ in range(max(events // 10, 5))]
+        result["paused_latency_p50_ms"] = statistics.median(paused)
     finally:
         closing = time.perf_counter()
         await bus.close()
@@ -306,12 +313,13 @@ def markdown(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
         "wait their longest (32 s after start; --quick: sooner), over "
         f"{QUICK_IDLE_SECONDS if args.quick else IDLE_SECONDS:g} s as % of one core; latency "
         "is one awaited publish to one subscription's topic until its handler ran, "
-        f"{QUICK_EVENTS if args.quick else EVENTS} events one after another. Broker idle CPU: "
+        f"{QUICK_EVENTS if args.quick else EVENTS} events one after another, then a tenth as "
+        f"many each after a {PAUSE_SECONDS:g} s pause (p50 after a pause). Broker idle CPU: "
         "the private redis-server / nats-server of the run (– where shared).",
         "",
         "| backend | subscriptions | start (s) | idle CPU (% core) | broker idle CPU (%) "
-        "| latency p50 (ms) | latency p99 (ms) | close (s) | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| latency p50 (ms) | latency p99 (ms) | p50 after a pause (ms) | close (s) | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for backend, rows in results.items():
         for row in rows:
@@ -320,6 +328,7 @@ def markdown(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
                 f"| {backend} | {row['subscriptions']:,} | {cell(row.get('start_s'))} "
                 f"| {cell(row.get('idle_cpu_pct'))} | {cell(row.get('broker_idle_cpu_pct'))} "
                 f"| {cell(row.get('latency_p50_ms'), 2)} | {cell(row.get('latency_p99_ms'), 2)} "
+                f"| {cell(row.get('paused_latency_p50_ms'), 2)} "
                 f"| {cell(row.get('close_s'))} | {note} |"
             )
     return "\n".join(lines) + "\n"

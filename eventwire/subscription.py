@@ -669,7 +669,9 @@ class Subscription:
             return False
         self.failed += 1
         error = PoisonEventError(self.name, event, starts, limit)
-        lease.settled(event, await self._dead_letter(event, error, starts))
+        # Acknowledged at once: its letter is stored, and a crash before a batched ack
+        # would store it again when the event comes back.
+        await lease.settled_now(event, await self._dead_letter(event, error, starts))
         epoch = event.drain_epoch  # set when queued
         assert epoch is not None
         epoch.pending -= 1

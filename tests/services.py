@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -68,6 +69,25 @@ PROGRAMS = {"redis": "redis-server", "nats": "nats-server", "rabbitmq": "rabbitm
 # The packaged rabbitmq-server in /usr/sbin re-runs itself as the rabbitmq user; this one runs
 # as the caller, with the data, config and node name the environment gives it.
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+
+# What a broker process may open when its tests ask: RabbitMQ's guidance for production, or
+# as much of it as the machine's hard limit allows.
+OPEN_FILES_WANTED = 65_536
+
+
+def open_files_allowed() -> int:
+    """The open-files limit a private broker gets (see `raise_open_files_limit`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else hard
+    return max(soft, min(ceiling, OPEN_FILES_WANTED))
+
+
+def raise_open_files_limit() -> None:
+    """In a private broker's process, before it starts: raise its open-files limit (a quorum
+    queue keeps files open; a thousand of them need more than a default 1,024)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_allowed(), hard))
 
 
 class PrivateServer:
@@ -132,6 +152,7 @@ class PrivateServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=self.environment(),
+            preexec_fn=raise_open_files_limit if self.kind == "rabbitmq" else None,
         )
         return self.process
 

@@ -108,16 +108,17 @@ _STANDING_PULL = 0.25
 # subscription to its own subjects wakes it when an event is published there, and it asks
 # for what is ready now (a redelivery: a lease ran out, a nak's delay passed) every
 # _IDLE_LOOK seconds, or less often with many idle consumers: at most _IDLE_LOOKS_PER_SECOND
-# asks a second on a connection.
+# asks a second on a connection, on the ticks of a _LOOK_TICK clock (sent together).
 _IDLE_LOOK = 1.0
 _IDLE_LOOKS_PER_SECOND = 100.0
 _LOOK_TICK = 0.5
+# Consumers asking at once whether they still exist (see `NatsBackend.existence_checks`).
+_EXISTENCE_CHECKS = 4
 # A process's beat is one presence key, `processes.<process>`; each consumer's own key,
 # `<consumer>.<process>`, is written when the process starts running it and rewritten in
 # turn so that each is rewritten every _RELIVE_EVERY seconds (another process may have
 # removed it meanwhile: `eventwire subscriptions delete`).
 _BEATS = "processes"
-_EXISTENCE_CHECKS = 4
 _RELIVE_EVERY = 300.0
 _ACK_PREFIX = "$JS.ACK."
 # Part of ack_wait after which a consumer counts a delivery it holds (since it came or was last
@@ -248,8 +249,10 @@ class NatsBackend(BrokerBackend):
         # Set while connected: fetches wait on it through an outage rather than polling.
         self._up = asyncio.Event()
         self._consumers: weakref.WeakSet[_NatsConsumer] = weakref.WeakSet()
-        # How many consumers are idle (see _IDLE_LOOK): how often each looks for redeliveries.
+        # How many consumers are idle, watching for publishes (see _IDLE_LOOK): how often
+        # each looks for redeliveries.
         self.idle_consumers = 0
+        self.ticker = _Ticker()
         # Unanswered pull requests make a consumer ask whether it still exists: a few at a
         # time, lest a slow server get thousands of questions more.
         self.existence_checks = asyncio.Semaphore(_EXISTENCE_CHECKS)
@@ -481,6 +484,7 @@ class NatsBackend(BrokerBackend):
         return link.is_closed and self._nc is not None
 
     async def close(self) -> None:
+        await self.ticker.stop()
         nc, self._nc, self._js, self._kv = self._nc, None, None, None
         self._presence_kv = None
         reopening, self._reopening = self._reopening, None
@@ -990,6 +994,45 @@ def _count(value: bytes | None) -> int:
         return 0
 
 
+class _Ticker:
+    """Wakes resting consumers on the ticks of one clock (every `_LOOK_TICK` seconds), with
+    one timer, where a timer each would cost ten thousand resting consumers dearly."""
+
+    def __init__(self) -> None:
+        self._due: dict[float, list[_NatsConsumer]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def wake_at(self, when: float, consumer: _NatsConsumer) -> None:
+        """Wake `consumer` at the first tick at or after `when` (loop time)."""
+        tick = math.ceil(when / _LOOK_TICK) * _LOOK_TICK
+        self._due.setdefault(tick, []).append(consumer)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="eventwire:nats:ticker"
+            )
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._due:
+            # Every tick while anything is due: a consumer may ask for the next one anytime.
+            now = loop.time()
+            await asyncio.sleep(math.floor(now / _LOOK_TICK + 1) * _LOOK_TICK - now)
+            now = loop.time()
+            for tick in [tick for tick in self._due if tick <= now]:
+                for consumer in self._due.pop(tick):
+                    consumer.wake()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        for consumers in self._due.values():
+            for consumer in consumers:
+                consumer.wake()
+        self._due.clear()
+
+
 @dataclass(slots=True)
 class _Pull:
     """One pull request to the consumer: done when `batch` messages or a status came."""
@@ -1057,7 +1100,7 @@ class _NatsConsumer(Consumer):
         self._woken = False
         self._resting = False
         # Whether the last request went unanswered past its expiry (see `fetch`).
-        self._missed = 0
+        self._missed = False
         # When an idle consumer next asks for what is ready (loop time), and when naks sent
         # from here are ready again (a heap).
         self._look_at = 0.0
@@ -1128,13 +1171,16 @@ class _NatsConsumer(Consumer):
     def _look_soon(self, delay: float) -> None:
         """A nak: the message is ready again after `delay` seconds, to be looked for then
         if this consumer rests by that time."""
+        now = asyncio.get_running_loop().time()
+        while self._due and self._due[0] <= now:  # passed while busy: nothing to look for
+            heapq.heappop(self._due)
         # A little late: JetStream's own timer must have run out.
-        heapq.heappush(self._due, asyncio.get_running_loop().time() + delay + _GRACE / 5)
+        heapq.heappush(self._due, now + delay + _GRACE / 5)
         self._news.set()
 
     async def _on_message(self, msg: Msg) -> None:
         pull = self._pull
-        self._missed = 0
+        self._missed = False
         if msg.reply.startswith(_ACK_PREFIX):
             self._buffer.append((asyncio.get_running_loop().time(), msg))
             if pull is not None:
@@ -1227,7 +1273,7 @@ class _NatsConsumer(Consumer):
                     # JetStream drops a request that expires as a message comes, with no
                     # status: ask again (the message is for the next request), and ask
                     # whether the consumer exists only if that one goes unanswered too.
-                    self._missed, self._pull = 1, None
+                    self._missed, self._pull = True, None
                     continue
                 if now >= pull.answer_by:
                     # Connected, yet JetStream did not answer: is the consumer gone?
@@ -1286,9 +1332,9 @@ class _NatsConsumer(Consumer):
             self._look_at = math.ceil(look_at / _LOOK_TICK) * _LOOK_TICK
             await self._send_pull(limit, None)
             return True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(min(deadline, self._next_look())):
-                await self._news.wait()
+        # On the backend's clock: thousands resting, no timer each.
+        self._backend.ticker.wake_at(min(deadline, self._next_look()), self)
+        await self._news.wait()
         return False
 
     def _next_look(self) -> float:
