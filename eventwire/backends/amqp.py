@@ -140,6 +140,9 @@ _MAX_DELAY_MS = 24 * 24 * 3600 * 1000  # fits the 32-bit TTL RabbitMQ accepts
 # decides when to give up (its retry policy and dead letters), so the limit is set out of reach.
 _DELIVERY_LIMIT = 1_000_000
 _PUBLISH_CHUNK = 1000
+# Consumers' channels a connection holds before the next ones go on another connection:
+# RabbitMQ allows 2,047 channels a connection by default (`channel_max`).
+_CHANNELS_PER_CONNECTION = 1000
 # The restarts stream: records expire with handled ids' time (`HANDLED_KEPT`), in segments of
 # 1 MB (RabbitMQ expires whole segments; its default of 500 MB would keep them all).
 _RESTARTS_STREAM: FieldTable = {
@@ -162,6 +165,17 @@ def _subscribed(underlay: aiormq.abc.AbstractChannel | None, tag: str | None) ->
     if underlay is None or underlay.is_closed or tag is None:
         return False
     return not isinstance(underlay, aiormq.Channel) or tag in underlay.consumers
+
+
+async def _close_quietly(conn: AbstractConnection) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(2.0):
+            await conn.close()
+
+
+def _channels(conn: AbstractConnection) -> int:
+    """How many channels `conn` has open."""
+    return len(conn.transport.connection.channels) if conn.transport is not None else 0
 
 
 def _alive(conn: AbstractConnection | None) -> bool:
@@ -234,6 +248,10 @@ class AmqpBackend(BrokerBackend):
         self.readers: set[StreamReader] = set()
         self._conn: AbstractConnection | None = None
         self._conn_lock = asyncio.Lock()
+        # More connections for consumers' channels, once the main one holds
+        # _CHANNELS_PER_CONNECTION (see `consumer_channel`).
+        self._more_conns: list[AbstractConnection] = []
+        self._channel_lock = asyncio.Lock()
         self._publish_ch: AbstractChannel | None = None
         self._publish_lock = asyncio.Lock()
         self._admin_ch: AbstractChannel | None = None
@@ -345,13 +363,32 @@ class AmqpBackend(BrokerBackend):
                     )
                     await backoff.wait()
 
+    @property
+    def connections(self) -> int:
+        """How many connections are open: the main one, and those opened for consumers."""
+        return sum(1 for conn in [self._conn, *self._more_conns] if _alive(conn))
+
+    async def consumer_channel(self) -> AbstractChannel:
+        """A new channel for one consumer: on the main connection while it has room, else on
+        another connection (RabbitMQ allows 2,047 channels a connection, and a process may
+        run thousands of subscriptions, a channel each)."""
+        async with self._channel_lock:  # else thousands starting at once all pick one
+            conn = await self.connection()
+            if _channels(conn) >= _CHANNELS_PER_CONNECTION:
+                self._more_conns = [c for c in self._more_conns if _alive(c)]
+                roomy = [c for c in self._more_conns if _channels(c) < _CHANNELS_PER_CONNECTION]
+                if roomy:
+                    conn = roomy[0]
+                else:
+                    conn = await self._open_connection()
+                    self._more_conns.append(conn)
+            return await conn.channel(publisher_confirms=False)
+
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
         self._publish_ch = self._admin_ch = None
         if conn is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await conn.close()
+            await _close_quietly(conn)
 
     async def close(self) -> None:
         if self._closed:
@@ -363,6 +400,9 @@ class AmqpBackend(BrokerBackend):
         await self._restarts.stop()
         self._closed = True
         await self._drop_connection()
+        more, self._more_conns = self._more_conns, []
+        for conn in more:
+            await _close_quietly(conn)
 
     async def _admin_channel(self) -> AbstractChannel:
         ch = self._admin_ch
@@ -766,8 +806,7 @@ class _AmqpConsumer(Consumer):
             await self._subscribe(ch)
             return
         self._reset()
-        conn = await self.backend.connection()
-        ch = await conn.channel(publisher_confirms=False)
+        ch = await self.backend.consumer_channel()
         try:
             await ch.set_qos(prefetch_count=self.backend._prefetch)
             generation = self._generation

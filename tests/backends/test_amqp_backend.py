@@ -497,3 +497,25 @@ async def test_history_option_is_checked(opener: Opener) -> None:
     with pytest.raises(ValueError, match="same history= in every process"):
         await other.connect()
     await other.close()
+
+
+async def test_consumers_past_a_connections_channels_go_on_more_connections(
+    backend: AmqpBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RabbitMQ allows 2,047 channels a connection and each consumer has one: past a few
+    (here 4) a process opens another connection for the next ones, and all keep working."""
+    import eventwire.backends.amqp as amqp_backend
+
+    monkeypatch.setattr(amqp_backend, "_CHANNELS_PER_CONNECTION", 4)
+    consumers = [await backend.consumer(ConsumerSpec(f"c{n}", f"spread.{n}")) for n in range(10)]
+    for consumer in consumers:  # each subscribes on its first fetch
+        assert await consumer.fetch(1, 0.05) == []
+    # The main connection holds 4 (its own channels count), the others 4 each: 3 or more.
+    assert backend.connections >= 3
+    await backend.publish(messages(*[(f"m{n}", f"spread.{n}") for n in range(10)]))
+    for n, consumer in enumerate(consumers):
+        got = await fetch_all(consumer, 1)
+        assert bodies(got) == [f"m{n}"]
+        await consumer.ack(got)
+    for consumer in consumers:
+        await consumer.close()
