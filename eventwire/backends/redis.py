@@ -40,14 +40,19 @@ consumers held longer than ``ack_wait`` (XAUTOCLAIM; every ``ack_wait``/4, at mo
 for a backlog mostly of other topics, which it filters inside Redis; it replies with one
 packed string per delivery (attempt, entry id, topic, body).
 
-Only the first 16 consumers of a backend (`_DEDICATED`) block in XREADGROUP, each on a
-connection of its own. The others are shared: their calls borrow pooled connections (at
-most 64 at once), and when a read brings nothing they wait on the backend's `Waker`, one
-connection that reads each new entry (XREAD) while anyone waits and wakes the consumers whose
-pattern matches its topic, or whose group ``{ns}:wakes`` names; it also looks every
-``ack_wait``/4 (at most 1 s) for waiting groups with redeliveries due, in one script call per
-500 groups, and at most 2,000 groups a second (10,000 idle groups: every 5 s). Thousands of
-subscriptions in one process thus hold a few dozen connections.
+The first 16 consumers of a backend (`_DEDICATED`) have a connection of their own and wait
+in a blocking XREADGROUP, the quickest hand-over, until such reads wake them mostly for other
+topics' entries (every entry wakes every blocking reader: with many subscriptions on
+different topics each publish would cost a read and an acknowledgement per reader). Then
+they, like all the others, wait on the backend's `Waker`: one connection that reads each new
+entry (XREAD) while anyone waits and wakes the consumers whose pattern matches its topic, or
+whose group ``{ns}:wakes`` names, telling a woken group which entries before its own it can
+skip (`Wake.skip`: an idle group's position would otherwise lag behind by everything
+published meanwhile). The waker also looks every ``ack_wait``/4 (at most 1 s) for waiting
+groups with redeliveries due, in one script call per 500 groups, and at most 2,000 groups a
+second (10,000 idle groups: every 5 s). Consumers past the first 16 borrow pooled
+connections for their calls (at most 64 at once): thousands of subscriptions in one process
+hold a few dozen connections.
 
 Deduplication. Redis cannot deduplicate by itself. A publish whose reply was lost (the
 connection broke) is retried; before the retry, a script scans the stream entries added since
@@ -81,7 +86,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import unquote
 
 from redis import exceptions as redis_errors
@@ -159,6 +164,11 @@ _READ_COUNT = 1000
 # pooled connections for their calls, at most `_SHARED_CALLS` at once.
 _DEDICATED = 16
 _SHARED_CALLS = 64
+# A blocking reader goes on to wait on the waker once reads that brought only other topics'
+# entries outnumber those that brought its own `_FRUITFUL_WEIGHT` to 1 by `_FUTILE_WAKES`:
+# at two thirds or more of the stream's traffic for others, it does so before long.
+_FUTILE_WAKES = 8
+_FRUITFUL_WEIGHT = 2
 # The waker's longest blocking read, and the most entries it reads per call; after
 # `_WAKER_LAG` entries in a row without catching up it skips to the end and wakes everyone.
 _WAKER_BLOCK = 5.0
@@ -673,10 +683,21 @@ class RedisBackend(BrokerBackend):
         await self.retrying(unlink_all, asyncio.get_running_loop().time() + 10.0)
 
 
+class Wake(NamedTuple):
+    """Why the waker woke a waiting consumer."""
+
+    # Redeliveries may be due (a delayed entry, a lease that ran out).
+    due: bool = False
+    # Entries for the group came: every entry after ``since`` up to ``before`` (stream entry
+    # ids) is for other topics, so the group may skip them (the fetch script's step 3a).
+    skip: tuple[str, str] | None = None
+
+
 class Waker:
-    """Waits for new entries on one connection for all of a backend's shared consumers (all
-    but the first `_DEDICATED`), which would otherwise each block on a connection of their
-    own: thousands of subscriptions in one process cost one connection, not thousands.
+    """Waits for new entries on one connection for a backend's consumers (all but those
+    that block in reads of their own, see `RedisConsumer`), which would otherwise each block
+    on a connection of their own and be woken by every entry: thousands of subscriptions in
+    one process cost one connection, and a publish wakes only the consumers it is for.
 
     A consumer registers (`expect`) before a read without wait, and when that read brought
     nothing it waits on the future it got. While anyone waits, the waker reads each new
@@ -687,12 +708,21 @@ class Waker:
     1 s) one script call per `_DUE_CHUNK` waiting groups finds those with redeliveries due
     (a delayed entry due, a lease run out), whose consumers are woken to run the fetch
     script: an idle consumer makes no call of its own.
+
+    An idle group's position falls behind the stream by every entry published for others
+    since it last read; a woken group is told which of those it can skip (`Wake.skip`): the
+    waker read each entry after the position the stream was at when the group began to wait
+    (``since``), and the first for the group came after ``before``. Thousands of idle groups
+    are thus never read through entry by entry.
     """
 
     def __init__(self, backend: RedisBackend) -> None:
         self.backend = backend
         # group -> waiting consumer -> its future (result: whether redeliveries are due)
-        self._waiting: dict[str, dict[RedisConsumer, asyncio.Future[bool]]] = {}
+        self._waiting: dict[str, dict[RedisConsumer, asyncio.Future[Wake]]] = {}
+        # group -> the last entry the waker had read when the group began to wait (None:
+        # not known), for `Wake.skip`.
+        self._since: dict[str, bytes | None] = {}
         self._count = 0
         self._wanted = asyncio.Event()
         # Of the shared consumers open: how many per group, each group's shortest min idle
@@ -729,7 +759,7 @@ class Waker:
 
     def remove(self, consumer: RedisConsumer) -> None:
         """A shared consumer closed: its wait, if any, ends."""
-        self._wake(consumer, False)
+        self._wake(consumer, Wake())
         group = consumer.group
         count = self._members.get(group, 0) - 1
         if count > 0:
@@ -747,11 +777,13 @@ class Waker:
                     self._wild.remove(pattern)
         self._routes.clear()
 
-    def expect(self, consumer: RedisConsumer) -> asyncio.Future[bool]:
+    def expect(self, consumer: RedisConsumer) -> asyncio.Future[Wake]:
         """Register `consumer` as waiting for entries that come from now on: the future is
         done once one may have come for it."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Wake] = asyncio.get_running_loop().create_future()
         waiting = self._waiting.setdefault(consumer.group, {})
+        if not waiting:
+            self._since[consumer.group] = None if self._ids is None else self._ids[0]
         if consumer not in waiting:
             self._count += 1
         waiting[consumer] = future
@@ -772,25 +804,25 @@ class Waker:
         if waiting is not None and waiting.pop(consumer, None) is not None:
             self._count -= 1
 
-    def _wake(self, consumer: RedisConsumer, due: bool) -> None:
+    def _wake(self, consumer: RedisConsumer, wake: Wake) -> None:
         waiting = self._waiting.get(consumer.group)
         future = None if waiting is None else waiting.pop(consumer, None)
         if future is not None:
             self._count -= 1
             if not future.done():
-                future.set_result(due)
+                future.set_result(wake)
 
-    def _wake_group(self, group: str, due: bool) -> None:
+    def _wake_group(self, group: str, wake: Wake) -> None:
         waiting = self._waiting.pop(group, None)
         if waiting:
             self._count -= len(waiting)
             for future in waiting.values():
                 if not future.done():
-                    future.set_result(due)
+                    future.set_result(wake)
 
     def _wake_all(self) -> None:
         for group in list(self._waiting):
-            self._wake_group(group, False)
+            self._wake_group(group, Wake())
 
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -864,32 +896,39 @@ class Waker:
         streams = reply.items() if isinstance(reply, dict) else reply
         events_id, wakes_id = self._ids
         full = every = False
-        groups: set[str] = set()
+        # group -> the entry before the first one for it (None: woken for a handed-back one)
+        groups: dict[str, bytes | None] = {}
         for name, entries in streams:
             if not entries:
                 continue
             full = full or len(entries) >= _WAKER_COUNT
             if _text(name) != stream:
                 wakes_id = entries[-1][0]
-                groups.update(
-                    _text(fields[1]) for _, fields in entries if fields and len(fields) > 1
-                )
+                for _, fields in entries:
+                    if fields and len(fields) > 1:
+                        groups.setdefault(_text(fields[1]), None)
                 continue
-            events_id = entries[-1][0]
             routes = self._routes
-            for _, fields in entries:
+            previous = events_id
+            for entry_id, fields in entries:
                 topic, _ = _topic_body(fields)
                 route = routes[topic] if topic in routes else self._route_of(topic)
                 if route is None:
                     every = True
                     break
-                groups.update(route)
+                for group in route:
+                    groups.setdefault(group, previous)
+                previous = entry_id
+            events_id = entries[-1][0]
         self._ids = (events_id, wakes_id)
         if every:
             self._wake_all()
-        else:
-            for group in groups:
-                self._wake_group(group, False)
+            return full
+        since = self._since
+        for group, before in groups.items():
+            start = since.get(group)
+            skip = None if start is None or before is None else (_text(start), _text(before))
+            self._wake_group(group, Wake(skip=skip))
         return full
 
     def _route_of(self, topic: bytes | None) -> tuple[str, ...] | None:
@@ -940,7 +979,7 @@ class Waker:
                 except _RETRYABLE:
                     continue
                 for number in found:
-                    self._wake_group(chunk[int(number) - 1], True)
+                    self._wake_group(chunk[int(number) - 1], Wake(due=True))
 
 
 class RedisConsumer(Consumer):
@@ -972,15 +1011,21 @@ class RedisConsumer(Consumer):
         # acknowledgements that go along with its next fetch command (`ack_and_fetch`);
         # another for acknowledgements sent on their own, which go beside fetches. Past the
         # first `_DEDICATED` consumers of the backend, they are shared: pooled connections
-        # borrowed per call, and the backend's waker waits for new entries.
+        # borrowed per call, and the backend's waker waits for new entries (see `_blocking`).
         self._shared = backend.dedicated >= _DEDICATED
         if not self._shared:
             backend.dedicated += 1
         slots = backend.shared_calls if self._shared else None
         self._link = Link(backend.client, keep=not self._shared, slots=slots)
         self._ack_link = Link(backend.client, keep=not self._shared, slots=slots)
-        # A shared consumer's registration with the waker (`Waker.expect`).
-        self._waiter: asyncio.Future[bool] | None = None
+        # Whether it waits in a blocking read of its own (else on the waker), and how much
+        # more often such reads woke it only for other topics' entries than for its own.
+        self._blocking = not self._shared
+        self._futile = 0
+        # Its registration with the waker (`Waker.expect`) while it waits there.
+        self._waiter: asyncio.Future[Wake] | None = None
+        # What the waker said the group may skip (`Wake.skip`), for the next script call.
+        self._skip: tuple[str, str] | None = None
         if self._shared:
             backend.waker.add(self)
         self._acks_along: list[str] = []
@@ -1092,20 +1137,22 @@ class RedisConsumer(Consumer):
             # Woken: by redeliveries due, or else by entries that may be for us (the waker
             # looked for redeliveries while we waited).
             self._waiter = None
-            if self._waiter_due(waiter):
+            wake = Wake() if waiter.cancelled() else waiter.result()
+            if wake.due:
                 self._next_reclaim = 0.0
             else:
                 self._next_reclaim = max(self._next_reclaim, now + self.reclaim_every)
+            self._skip = wake.skip
         reclaim = now >= self._next_reclaim and self._waiter is None
         scanned = False
-        if self._scan or reclaim or now >= self._due_at:
+        if self._scan or reclaim or now >= self._due_at or self._skip is not None:
             deliveries = await self._run_script(limit, loop)
             if deliveries:
                 return await self._handed(deliveries)
             scanned = True
             if self._scan:  # the script's scan budget ran out: more to look at
                 return [] if loop.time() >= deadline else None
-        if self._shared:
+        if not self._blocking:
             return await self._wait_turn(limit, deadline)
         remaining = deadline - loop.time()
         if remaining <= 0 and scanned:
@@ -1130,10 +1177,6 @@ class RedisConsumer(Consumer):
             split = self._redelivered
             deliveries = found[:split] + deliveries + found[split:]
         return deliveries
-
-    @staticmethod
-    def _waiter_due(waiter: asyncio.Future[bool]) -> bool:
-        return not waiter.cancelled() and waiter.result()
 
     async def _wait_turn(self, limit: int, deadline: float) -> list[Delivery] | None:
         """A shared consumer's turn after the script: new entries without waiting, else a
@@ -1188,7 +1231,9 @@ class RedisConsumer(Consumer):
             self.min_idle_ms,
             self._claim_cursor,
             _SCAN_BUDGET,
+            *(self._skip or ("", "")),
         )
+        self._skip = None
         try:
             reply = await self._call(call)
         except redis_errors.NoScriptError:  # a restarted server lost its scripts
@@ -1267,7 +1312,21 @@ class RedisConsumer(Consumer):
                 self._sparse = False
         if skipped:
             await self._link.call(resp("XACK", backend.stream, self.group, *skipped))
+        if block is not None and self._blocking and (deliveries or skipped):
+            self._count_wake(bool(deliveries))
         return deliveries
+
+    def _count_wake(self, fruitful: bool) -> None:
+        """A blocking read woken mostly by other topics' entries (each publish wakes every
+        blocking reader of the stream) costs a read and an acknowledgement per entry: such a
+        consumer goes on to wait on the waker, which wakes it only for its own."""
+        if fruitful:
+            self._futile = max(self._futile - _FRUITFUL_WEIGHT, 0)
+            return
+        self._futile += 1
+        if self._futile >= _FUTILE_WAKES:
+            self._blocking = False
+            self.backend.waker.add(self)
 
     def _classify(self, topic_raw: bytes | None) -> tuple[str, bool]:
         """A new entry's topic and whether it is delivered: it matches the pattern, or it is
@@ -1378,9 +1437,9 @@ class RedisConsumer(Consumer):
             return
         self._closed = True
         backend = self.backend
-        if self._shared:
+        if not self._blocking:
             backend.waker.remove(self)
-        else:
+        if not self._shared:
             backend.dedicated -= 1
         await self._link.close()
         await self._ack_link.close()

@@ -50,6 +50,15 @@ local function topic_of(fields)
   return nil
 end
 
+-- Whether stream entry id `a` comes after `b` (true when either is no entry id).
+local function after(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not (am and bm) then return true end
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -142,9 +151,10 @@ return {1, state}
 """
 
 # KEYS: stream, delayed, wake. ARGV: group, consumer, limit, pattern, reclaim (0/1),
-# min idle ms, autoclaim cursor, scan budget.
-# Returns {deliveries, redelivered, next cursor, more} when there are deliveries, else
-# {{}, 0, next cursor, more, last stream id, last wake id, next due ms or -1, now}.
+# min idle ms, autoclaim cursor, scan budget, then the waker's hint (since, before; '' for
+# none: see 3a).
+# Returns {deliveries, redelivered, next cursor, more (1: the scan budget ran out),
+# next due ms of a delayed entry or -1, now ms}.
 # `deliveries` holds one `_ENTRY` record (a string) per delivery, oldest first except for the
 # first `redelivered` ones (nak'ed or taken over: older than the rest, in no particular order).
 FETCH = (
@@ -208,12 +218,7 @@ local redelivered = count
 
 -- 3. new entries; those for other topics are acknowledged here and never delivered.
 local scanned, more = 0, 0
-while count < limit do
-  if scanned >= budget then more = 1; break end
-  local want = math.min(limit - count, budget - scanned)
-  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', want, 'STREAMS', stream, '>')
-  if not r then break end
-  local entries = r[1][2]
+local function take(entries)
   scanned = scanned + #entries
   local skip = {}
   for _, e in ipairs(entries) do
@@ -225,7 +230,33 @@ while count < limit do
     end
   end
   if #skip > 0 then redis.call('XACK', stream, group, unpack(skip)) end
-  if #entries < want then break end
+end
+
+-- 3a. With a hint from the process's waker: every entry after `since` up to `before` is for
+-- other topics (the waker read them all while the group waited). When the group's next
+-- entry is among them, the group's position moves to `before` at once, instead of reading
+-- and acknowledging each of them.
+local since, before = ARGV[9], ARGV[10]
+if before and before ~= '' and count < limit then
+  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', 1, 'STREAMS', stream, '>')
+  if r then
+    local e = r[1][2][1]
+    if after(e[1], since) and not after(e[1], before) then
+      redis.call('XACK', stream, group, e[1])
+      if e[1] ~= before then redis.call('XGROUP', 'SETID', stream, group, before) end
+    else
+      take(r[1][2])
+    end
+  end
+end
+
+while count < limit do
+  if scanned >= budget then more = 1; break end
+  local want = math.min(limit - count, budget - scanned)
+  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', want, 'STREAMS', stream, '>')
+  if not r then break end
+  take(r[1][2])
+  if #r[1][2] < want then break end
 end
 
 local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
@@ -342,13 +373,6 @@ STATS = (
     LUA_TOPICS
     + r"""
 local limit = tonumber(ARGV[1])
-local function after(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  if not (am and bm) then return true end
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am > bm or (am == bm and as > bs)
-end
 local deleted = nil
 local stream = redis.pcall('XINFO', 'STREAM', KEYS[1])
 if not (type(stream) == 'table' and stream.err) then

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from eventwire.backends.base import (
 )
 from eventwire.backends.broker import BrokerBackend
 from eventwire.backends.redis import RedisBackend, RedisConsumer
+from eventwire.topics import pattern_matches
 from tests.backends.helpers import bodies, fetch_all, messages
 from tests.services import (
     PrivateServer,
@@ -133,6 +135,105 @@ async def test_thousands_of_waiting_consumers_share_a_few_connections(
                 fetch.cancel()
             await asyncio.gather(*fetches, return_exceptions=True)
     finally:
+        for consumer in consumers:
+            await consumer.close()
+
+
+async def _calls(raw: Redis, name: str) -> int:
+    """How many times the server ran command `name` (``xgroup|setid`` for a subcommand)."""
+    stats: dict[str, Any] = await raw.info("commandstats")
+    return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+
+
+async def _consume(consumer: RedisConsumer, got: list[str], stop: asyncio.Event) -> None:
+    """Fetch, record and acknowledge until `stop` is set."""
+    while not stop.is_set():
+        deliveries = await consumer.fetch(10, 0.3)
+        got.extend(bodies(deliveries))
+        await consumer.ack(deliveries)
+
+
+async def test_woken_idle_groups_skip_what_came_for_others_and_miss_nothing(
+    raw: Redis,
+) -> None:
+    # Two processes (backends) share groups; 40 groups on 8 topics (and one on all), so most
+    # consumers wait on the waker and are woken now and then, far behind the stream. A woken
+    # group moves past the entries the waker saw were for others in one step (XGROUP SETID)
+    # instead of reading and acknowledging each; no event for it may be skipped with them.
+    namespace = unique_namespace()
+    first = await open_redis(with_namespace(URL, namespace))
+    second = await open_redis(with_namespace(URL, namespace))
+    patterns = {f"g{i}": f"skip.t{i % 8}" for i in range(40)} | {"all": "skip.*"}
+    consumers = [await first.consumer(ConsumerSpec(g, p)) for g, p in patterns.items()]
+    consumers += [await second.consumer(ConsumerSpec(g, p)) for g, p in patterns.items()][::3]
+    got: dict[str, list[str]] = {group: [] for group in patterns}
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(_consume(c, got[c.spec.name], stop)) for c in consumers]
+    try:
+        setids = await _calls(raw, "xgroup|setid")
+        chooser = random.Random(7)
+        published: list[tuple[str, str]] = []
+        for burst in range(30):
+            # Mostly one hot topic, so the others' groups fall far behind it.
+            batch = [
+                (f"e{burst}.{n}", f"skip.t{0 if chooser.random() < 0.8 else chooser.randrange(8)}")
+                for n in range(chooser.randrange(1, 60))
+            ]
+            published += batch
+            await first.publish(messages(*batch))
+            if chooser.random() < 0.5:
+                await asyncio.sleep(0.05)  # consumers go back to waiting
+        expected = {
+            group: sorted(event for event, topic in published if pattern_matches(pattern, topic))
+            for group, pattern in patterns.items()
+        }
+        deadline = time.monotonic() + 20
+        while any(len(got[g]) < len(expected[g]) for g in patterns):
+            assert time.monotonic() < deadline, "events went missing"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert {group: sorted(events) for group, events in got.items()} == expected
+        assert await _calls(raw, "xgroup|setid") > setids  # the skip did happen
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for consumer in consumers:
+            await consumer.close()
+        await first.destroy()
+        await first.close()
+        await second.close()
+
+
+async def test_blocking_readers_woken_for_other_topics_turn_to_the_waker(
+    backend: RedisBackend, raw: Redis
+) -> None:
+    # Each of the first 16 consumers blocks in a read of its own, which every entry wakes:
+    # with 16 subscriptions on different topics, a publish cost 16 reads and 15
+    # acknowledgements of entries for others. Those woken mostly for others turn to the
+    # waker, which wakes only the consumer an entry is for.
+    consumers = [await backend.consumer(ConsumerSpec(f"b{i}", f"block.t{i}")) for i in range(16)]
+    got: dict[str, list[str]] = {c.spec.name: [] for c in consumers}
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(_consume(c, got[c.spec.name], stop)) for c in consumers]
+    try:
+        reads = await _calls(raw, "xreadgroup")
+        for n in range(200):
+            await backend.publish(messages((f"x{n}", "block.t0")))
+            deadline = time.monotonic() + 5
+            while len(got["b0"]) <= n:
+                assert time.monotonic() < deadline, f"x{n} did not come"
+                await asyncio.sleep(0.001)
+        reads = await _calls(raw, "xreadgroup") - reads
+        # Before: about 16 reads a publish (3,200); now the others stop after about 8 each.
+        assert reads < 1200, reads
+        assert got["b0"] == [f"x{n}" for n in range(200)]
+        assert not any(got[f"b{i}"] for i in range(1, 16))
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for consumer in consumers:
             await consumer.close()
 
