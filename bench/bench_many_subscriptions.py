@@ -17,8 +17,10 @@ events, each published once the previous one was handled), then the time to clos
 Redis and NATS run on a private server started for each configuration (so that 10,000
 consumers disturb nobody else, and the server's own CPU while idle is that of this bus
 alone); ``--shared`` uses the services on localhost instead. RabbitMQ uses the one on
-localhost, and only up to ``--amqp-max`` subscriptions (default 100): creating 1,000 quorum
-queues on the shared server left it unresponsive (see the report). A configuration that
+localhost (its CPU while idle is reported too: nothing else uses it meanwhile): ``amqp``
+with quorum queues, only up to ``--amqp-max`` subscriptions (default 100: creating 1,000
+quorum queues on a server allowed 1,024 open files left it unresponsive, see the report),
+and ``amqp-classic`` with classic queues (``?queues=classic``). A configuration that
 takes longer than ``--cap`` seconds is stopped and reported as such; what it created is
 removed by the parent (the namespace is the parent's choice).
 """
@@ -48,7 +50,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 
-BACKENDS = ("memory", "sqlite", "redis", "nats", "amqp")
+BACKENDS = ("memory", "sqlite", "redis", "nats", "amqp", "amqp-classic")
 COUNTS = (10, 1_000, 10_000)
 QUICK_COUNTS = (10, 1_000)
 EVENTS = 200
@@ -68,6 +70,8 @@ SHARED = {
     "redis": "redis://127.0.0.1:6379/0",
     "nats": "nats://127.0.0.1:4222",
     "amqp": "amqp://guest:guest@127.0.0.1:5672/",
+    # Classic queues instead of quorum queues (?queues=classic).
+    "amqp-classic": "amqp://guest:guest@127.0.0.1:5672/?queues=classic",
 }
 SERVER_PROGRAMS = {"redis": "redis-server", "nats": "nats-server"}
 
@@ -160,6 +164,13 @@ def run_worker(url: str, count: int, events: int, idle: float, broker_pid: int |
 # -- the parent: servers, subprocesses, cleanup --------------------------------------------
 
 
+def rabbitmq_pid() -> int | None:
+    """The process id of the local RabbitMQ node (its Erlang VM), if there is one."""
+    found = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True)
+    pids = found.stdout.split()
+    return int(pids[0]) if len(pids) == 1 else None
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -246,6 +257,9 @@ def configuration(backend: str, count: int, args: argparse.Namespace) -> dict[st
         broker_pid = server.process.pid
     else:
         url = with_namespace(SHARED[backend], namespace)
+        if backend.startswith("amqp"):
+            # The machine's RabbitMQ: idle while the bench runs, so its CPU is this bus's.
+            broker_pid = rabbitmq_pid()
     events = QUICK_EVENTS if args.quick else EVENTS
     idle = QUICK_IDLE_SECONDS if args.quick else IDLE_SECONDS
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", url, str(count)]
@@ -287,7 +301,7 @@ def configuration(backend: str, count: int, args: argparse.Namespace) -> dict[st
         }
     result["wall_s"] = took
     cleaning = time.perf_counter()
-    if backend in ("redis", "nats", "amqp") and server is None:
+    if backend in ("redis", "nats", "amqp", "amqp-classic") and server is None:
         asyncio.run(destroy(url))
     if server is not None:
         server.stop()
@@ -315,7 +329,8 @@ def markdown(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
         "is one awaited publish to one subscription's topic until its handler ran, "
         f"{QUICK_EVENTS if args.quick else EVENTS} events one after another, then a tenth as "
         f"many each after a {PAUSE_SECONDS:g} s pause (p50 after a pause). Broker idle CPU: "
-        "the private redis-server / nats-server of the run (– where shared).",
+        "the private redis-server / nats-server of the run, or the local RabbitMQ node "
+        "(– where shared with other work).",
         "",
         "| backend | subscriptions | start (s) | idle CPU (% core) | broker idle CPU (%) "
         "| latency p50 (ms) | latency p99 (ms) | p50 after a pause (ms) | close (s) | note |",

@@ -122,7 +122,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The ``?option=`` settings an amqp:// URL takes (besides ``namespace``).
-OPTIONS = ("prefetch", "connect_timeout", "heartbeat", "history")
+OPTIONS = ("prefetch", "connect_timeout", "heartbeat", "history", "queues")
 
 # Errors after which an operation is worth retrying on a fresh channel or connection.
 _RETRYABLE: tuple[type[BaseException], ...] = (
@@ -140,6 +140,8 @@ _MAX_DELAY_MS = 24 * 24 * 3600 * 1000  # fits the 32-bit TTL RabbitMQ accepts
 # decides when to give up (its retry policy and dead letters), so the limit is set out of reach.
 _DELIVERY_LIMIT = 1_000_000
 _PUBLISH_CHUNK = 1000
+_QUORUM_QUEUE: FieldTable = {"x-queue-type": "quorum", "x-delivery-limit": _DELIVERY_LIMIT}
+_CLASSIC_QUEUE: FieldTable = {"x-queue-type": "classic", "x-queue-version": 2}
 # Consumers' channels a connection holds before the next ones go on another connection:
 # RabbitMQ allows 2,047 channels a connection by default (`channel_max`).
 _CHANNELS_PER_CONNECTION = 1000
@@ -210,6 +212,30 @@ def _int_header(headers: dict[str, Any], name: str) -> int:
     return 0
 
 
+def message_topic(message: AbstractIncomingMessage) -> str:
+    """The topic of a delivered message: its header, else its routing key."""
+    topic = (message.headers or {}).get(_TOPIC_HEADER)
+    if isinstance(topic, bytes):
+        topic = topic.decode(errors="replace")
+    if isinstance(topic, str):
+        return topic
+    # A message routed by an exchange carries its topic as routing key; one put straight
+    # into the queue (default exchange) carries the queue name instead.
+    return (message.routing_key or "") if message.exchange else ""
+
+
+def message_attempt(message: AbstractIncomingMessage) -> int:
+    """Which delivery of its event `message` is: 1 + the returns the queue counted (a classic
+    queue only says whether there was one) + the attempts a copy carries."""
+    headers: dict[str, Any] = dict(message.headers or {})
+    returns = max(
+        _int_header(headers, "x-delivery-count"),
+        _int_header(headers, "x-acquired-count"),
+        1 if message.redelivered else 0,
+    )
+    return _int_header(headers, _ATTEMPT_HEADER) + returns + 1
+
+
 class AmqpBackend(BrokerBackend):
     """RabbitMQ: topic exchanges, a quorum queue per durable consumer, a registry stream."""
 
@@ -233,6 +259,9 @@ class AmqpBackend(BrokerBackend):
         self._prefetch = options.integer("prefetch", 64, minimum=1)
         self._connect_timeout = options.duration("connect_timeout", 5.0, above=True)
         self._heartbeat = options.integer("heartbeat", 30, minimum=1)
+        # Durable consumers' queue type: quorum (replicated, counts returns) or classic (one
+        # node's, light enough for 10,000 on one node; the bus counts attempts itself).
+        self.classic = options.choice("queues", "quorum", ("quorum", "classic")) == "classic"
         self._login = unquote(url.username) if url.username else "guest"
         self._password = unquote(url.password) if url.password is not None else "guest"
         path = url.path[1:] if url.path.startswith("/") else url.path
@@ -622,11 +651,16 @@ class AmqpBackend(BrokerBackend):
                 queue, durable=False, arguments={"x-expires": int(EPHEMERAL_KEPT * 1000)}
             )
         else:
-            declared = await ch.declare_queue(
-                queue,
-                durable=True,
-                arguments={"x-queue-type": "quorum", "x-delivery-limit": _DELIVERY_LIMIT},
-            )
+            arguments = _CLASSIC_QUEUE if self.classic else _QUORUM_QUEUE
+            try:
+                declared = await ch.declare_queue(queue, durable=True, arguments=arguments)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                kind = "classic" if self.classic else "quorum"
+                raise ValueError(
+                    f"the queue {queue!r} of consumer {spec.name!r} exists on "
+                    f"{self.url.redacted} with other settings than this URL's {kind} queues "
+                    f"({exc}): use the namespace's ?queues= setting, or delete the consumer"
+                ) from None
         exchange, key = self._binding(spec.pattern)
         await declared.bind(exchange, routing_key=key)
         return declared
@@ -900,26 +934,17 @@ class _AmqpConsumer(Consumer):
     # -- fetching --------------------------------------------------------------------------
 
     def _delivery(self, message: AbstractIncomingMessage) -> Delivery:
-        headers: dict[str, Any] = dict(message.headers or {})
-        topic = headers.get(_TOPIC_HEADER)
-        if isinstance(topic, bytes):
-            topic = topic.decode(errors="replace")
-        if not isinstance(topic, str):
-            # A message routed by an exchange carries its topic as routing key; one put
-            # straight into the queue (default exchange) carries the queue name instead.
-            topic = (message.routing_key or "") if message.exchange else ""
-        returns = max(
-            _int_header(headers, "x-delivery-count"),
-            _int_header(headers, "x-acquired-count"),
-            1 if message.redelivered else 0,
-        )
-        if _DELAY_HEADER in headers:
+        if _DELAY_HEADER in (message.headers or {}):
             self.backend._undelay(self.spec.name, message.message_id)
-        attempt = _int_header(headers, _ATTEMPT_HEADER) + returns + 1
         tag = message.delivery_tag or 0
         held = _Held(message, self._generation, tag, time.monotonic() + self.spec.ack_wait)
         self._held[tag] = held
-        return Delivery(topic=topic, body=bytes(message.body), attempt=attempt, handle=held)
+        return Delivery(
+            topic=message_topic(message),
+            body=bytes(message.body),
+            attempt=message_attempt(message),
+            handle=held,
+        )
 
     async def fetch(self, limit: int, wait: float) -> list[Delivery]:
         if self._closed:
@@ -997,8 +1022,14 @@ class _AmqpConsumer(Consumer):
                 self.spec.name,
                 self.spec.ack_wait,
             )
-            with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
-                await held.message.reject(requeue=True)
+            # Settling: no `multiple` ack may cover it while a copy goes back.
+            generation = self._generation
+            self._settling.add(held.tag)
+            try:
+                await self._return(held.message, message_attempt(held.message))
+            finally:
+                if generation == self._generation:
+                    self._settling.discard(held.tag)
 
     async def _competed(self) -> bool:
         """Whether another subscription competes for this queue (else giving back what is
@@ -1102,24 +1133,52 @@ class _AmqpConsumer(Consumer):
                 with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
                     await message.ack()
                 return
+        await self._return(message, delivery.attempt)
+
+    async def _return(self, message: AbstractIncomingMessage, attempt: int) -> None:
+        """Give `message`, delivered for the `attempt`-th time, back to the queue. A quorum
+        queue counts the return; a classic queue counts none, so the message goes back as a
+        confirmed copy that carries its attempt (then the original is acknowledged: a crash
+        in between delivers it twice, never zero times)."""
+        if self.backend.classic:
+            try:
+                async with asyncio.timeout(max(self.spec.ack_wait, 5.0)):
+                    properties = self._copy_properties(message, attempt, message_topic(message))
+                    body = bytes(message.body)
+                    await self.backend.publish_raw(
+                        [("", self.queue, body, properties)], retry=False
+                    )
+            except _RETRYABLE as exc:
+                log.warning(
+                    "eventwire: consumer %r: could not return a copy: %s", self.spec.name, exc
+                )
+            else:
+                with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
+                    await message.ack()
+                return
         with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
             await message.reject(requeue=True)
 
-    async def _delay(self, delivery: Delivery, message: AbstractIncomingMessage, ms: int) -> None:
-        """Put a copy of `message` in the delay queue of `ms`, to come back to this queue."""
-        await self.backend._ensure_delay_queue(ms)
-        headers: FieldTable = {
-            _DELAY_HEADER: str(ms),
-            _TOPIC_HEADER: delivery.topic,
-            _ATTEMPT_HEADER: delivery.attempt,
-        }
-        properties = aiormq.spec.Basic.Properties(
+    @staticmethod
+    def _copy_properties(
+        message: AbstractIncomingMessage, attempt: int, topic: str, **headers: str
+    ) -> aiormq.spec.Basic.Properties:
+        """The properties of a copy of `message` that counts `attempt` deliveries so far."""
+        table: FieldTable = {_TOPIC_HEADER: topic, _ATTEMPT_HEADER: attempt, **headers}
+        return aiormq.spec.Basic.Properties(
             message_id=message.message_id,
             correlation_id=message.correlation_id,
             content_type=message.content_type,
             content_encoding=message.content_encoding,
             delivery_mode=2,
-            headers=headers,
+            headers=table,
+        )
+
+    async def _delay(self, delivery: Delivery, message: AbstractIncomingMessage, ms: int) -> None:
+        """Put a copy of `message` in the delay queue of `ms`, to come back to this queue."""
+        await self.backend._ensure_delay_queue(ms)
+        properties = self._copy_properties(
+            message, delivery.attempt, delivery.topic, **{_DELAY_HEADER: str(ms)}
         )
         # Not retried on another connection: losing this one gives the original back already.
         body = bytes(message.body)

@@ -40,7 +40,7 @@ from tests.backends.helpers import bodies, connect_error, fetch_all, messages, m
 from tests.conformance.conftest import backend_url, destroy
 from tests.services import free_port, unique_namespace
 
-BROKERS = ("sqlite", "redis", "nats", "amqp")
+BROKERS = ("sqlite", "redis", "nats", "amqp", "amqp-classic")
 
 
 class Broker:
@@ -729,7 +729,7 @@ async def test_destroy_removes_everything_of_the_namespace(
 # -- connecting ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BROKERS)
+@pytest.mark.parametrize("name", ("sqlite", "redis", "nats", "amqp"))
 async def test_connecting_where_nothing_listens_names_the_url_without_its_password(
     name: str, tmp_path: Path
 ) -> None:

@@ -1,5 +1,6 @@
 """The delivery contract, run on every backend: the `bus` fixture here is parametrized over
-memory, sqlite, redis, nats and amqp, each against the real service."""
+memory, sqlite, redis, nats and amqp (with quorum queues, and with classic ones), each against
+the real service."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from eventwire import EventBus
 from eventwire.backends import open_backend
 from tests.services import require_service, unique_namespace, with_namespace
 
-BACKENDS = ("memory", "sqlite", "redis", "nats", "amqp")
+BACKENDS = ("memory", "sqlite", "redis", "nats", "amqp", "amqp-classic")
 _SERVICE_OF = {"redis": "redis", "nats": "nats", "amqp": "rabbitmq"}
 
 
@@ -24,6 +25,9 @@ def backend_url(backend: str, tmp_path: Path) -> str:
         return "memory://"
     if backend == "sqlite":
         return f"sqlite:///{tmp_path}/bus.db"
+    if backend == "amqp-classic":
+        # RabbitMQ with classic queues (?queues=classic), light enough for 10,000 on a node.
+        return with_namespace(require_service("rabbitmq") + "?queues=classic", unique_namespace())
     if backend == "amqp-history":
         # RabbitMQ keeping a history stream, for the tools that read the past.
         return backend_url("amqp", tmp_path) + "&history=1d"

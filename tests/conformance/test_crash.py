@@ -15,7 +15,7 @@ import pytest
 from eventwire import Event, EventBus
 from eventwire.backends.broker import BrokerBackend
 
-DURABLE = ("sqlite", "redis", "nats", "amqp")
+DURABLE = ("sqlite", "redis", "nats", "amqp", "amqp-classic")
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS = 10_000
 

@@ -19,7 +19,7 @@ from eventwire.deadletter import FOREIGN_BODY_LIMIT
 from eventwire.envelope import encode
 from tests.conftest import wait_until
 
-DURABLE = ("sqlite", "redis", "nats", "amqp")
+DURABLE = ("sqlite", "redis", "nats", "amqp", "amqp-classic")
 
 
 @pytest.fixture(params=DURABLE)

@@ -18,7 +18,9 @@ from tests.conformance.test_crash import poll, processes, spawn, wait_ready
 
 __all__ = ["processes"]  # the fixture, used by name
 
-pytestmark = pytest.mark.parametrize("backend_name", ["sqlite", "redis", "nats", "amqp"])
+pytestmark = pytest.mark.parametrize(
+    "backend_name", ["sqlite", "redis", "nats", "amqp", "amqp-classic"]
+)
 
 EVENTS = 400
 POISON = 40
