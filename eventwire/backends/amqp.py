@@ -4,7 +4,8 @@ URL: ``amqp://user:password@host:5672/vhost?namespace=app`` (vhost ``/`` when th
 or ``/``). Optional query parameters: ``prefetch`` (deliveries buffered per consumer, default
 64), ``connect_timeout`` (seconds per connection attempt, default 5), ``heartbeat`` (seconds,
 default 30), ``history`` (keep a history stream for the tools that read the past: a max age such
-as ``7d``, or ``on``; see `eventwire.backends.amqp_history`). Needs RabbitMQ 3.9 or later
+as ``7d``, or ``on``; see `eventwire.backends.amqp_history`), ``queues`` (``quorum``, the
+default, or ``classic``: the type of durable consumers' queues). Needs RabbitMQ 3.9 or later
 (quorum queues and streams).
 
 What a namespace ``ns`` stores on the broker:
@@ -13,7 +14,9 @@ What a namespace ``ns`` stores on the broker:
   topic is reserved (first token starts with ``_``), routing key = topic. A pattern whose first
   token starts with ``_`` is bound to ``ns.reserved``, any other to ``ns``, so the broker
   filters exactly: ``*`` and ``>`` never reach the bus's own topics.
-- ``ns.<safe name>``: a quorum queue per durable consumer, bound with its pattern translated
+- ``ns.<safe name>``: a quorum queue per durable consumer (with ``?queues=classic``, a
+  durable classic queue: one node's, far lighter, 10,000 fit on one node), bound with its
+  pattern translated
   exactly (``*`` -> ``*``, ``>`` -> ``*.#``: ``#`` alone also matches zero tokens). Ephemeral
   consumers get a classic queue the broker removes 60 s after its last subscriber left.
 - ``ns.delay`` (headers exchange) and ``ns.delay.<ms>``: classic queues with that message TTL,
@@ -44,7 +47,9 @@ How the contract maps, and where RabbitMQ falls short (see `AmqpBackend.capabili
 - `attempt` = 1 + the returns RabbitMQ counts (``x-delivery-count`` of quorum queues: on 3.x
   every return, including a prefetched message returned unprocessed, so it can over-count; on
   4.3+ rejections only, so a return after a crash counts as one) + the attempts carried through
-  a delayed `nak` in an ``eventwire-attempt`` header.
+  a delayed `nak` in an ``eventwire-attempt`` header. A classic queue counts no returns (only
+  ``redelivered``): there every `nak` and every give-back past ack_wait puts a confirmed copy
+  carrying the attempt back in the queue, then acknowledges the original.
 - ack_wait: RabbitMQ returns unacknowledged deliveries only when their channel closes (a killed
   process, a lost connection) or after its server-wide ``consumer_timeout`` (30 min by
   default), never after a per-consumer time. So a watchdog per consumer gives back
@@ -807,6 +812,9 @@ class _AmqpConsumer(Consumer):
         self._settling: set[int] = set()
         self._last_settled = -math.inf  # when an ack or nak last made room (monotonic)
         self._wakeup = asyncio.Event()
+        # Set when a message arrives: the watchdog sleeps while nothing is buffered or held
+        # (ten thousand idle consumers waking every second cost a third of a core).
+        self._arrival = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self._fetching = 0
         self._last_fetch = time.monotonic()
@@ -889,6 +897,7 @@ class _AmqpConsumer(Consumer):
                 return
             heapq.heappush(self._buffer, (tag, message))
             self._wakeup.set()
+            self._arrival.set()
 
         self._amqp_queue = queue
         self._consumer_tag = await queue.consume(on_message)
@@ -998,6 +1007,9 @@ class _AmqpConsumer(Consumer):
         is held past it, and what an idle consumer (not fetching) has buffered for as long."""
         interval = min(max(self.spec.ack_wait / 4, 0.05), 1.0)
         while not self._closed:
+            if not self._held and not self._buffer:
+                self._arrival.clear()
+                await self._arrival.wait()
             await asyncio.sleep(interval)
             try:
                 await self._expire()
@@ -1361,9 +1373,18 @@ class _Registry(_StreamLog):
     def __init__(self, backend: AmqpBackend) -> None:
         super().__init__(backend, backend.registry_stream)
         self._records: dict[int, dict[str, Any]] = {}  # by stream offset: replays are harmless
+        # What the records say, kept as they come in offset order (10,000 consumers opening
+        # would otherwise each read all the records again); worked out again from all of them
+        # after one came out of order.
+        self._consumers: dict[str, dict[str, Any]] = {}
+        self._delays: set[int] = set()
+        self._last = -1
+        self._stale = False
 
     def _forget(self) -> None:
         self._records.clear()
+        self._consumers, self._delays = {}, set()
+        self._last, self._stale = -1, False
 
     def view(self) -> tuple[dict[str, str], set[int]]:
         """(consumer name -> pattern, delay queue ms) as of the records read so far."""
@@ -1380,18 +1401,20 @@ class _Registry(_StreamLog):
         return record["pattern"], group if isinstance(group, bool) else None
 
     def _read(self) -> tuple[dict[str, dict[str, Any]], set[int]]:
-        consumers: dict[str, dict[str, Any]] = {}
-        delays: set[int] = set()
-        for offset in sorted(self._records):
-            record = self._records[offset]
-            op = record.get("op")
-            if op == "consumer":
-                consumers.setdefault(record["name"], record)
-            elif op == "delete":
-                consumers.pop(record["name"], None)
-            elif op == "delay":
-                delays.add(record["ms"])
-        return consumers, delays
+        if self._stale:
+            self._consumers, self._delays, self._stale = {}, set(), False
+            for offset in sorted(self._records):
+                self._take(self._records[offset])
+        return self._consumers, self._delays
+
+    def _take(self, record: dict[str, Any]) -> None:
+        op = record.get("op")
+        if op == "consumer":
+            self._consumers.setdefault(record["name"], record)
+        elif op == "delete":
+            self._consumers.pop(record["name"], None)
+        elif op == "delay":
+            self._delays.add(record["ms"])
 
     def _apply(self, offset: int, record: dict[str, Any]) -> None:
         op = record.get("op")
@@ -1399,8 +1422,15 @@ class _Registry(_StreamLog):
             (op in ("consumer", "delete") and isinstance(record.get("name"), str))
             and (op == "delete" or isinstance(record.get("pattern"), str))
         ) or (op == "delay" and isinstance(record.get("ms"), int))
-        if valid:
-            self._records[offset] = record
+        if not valid:
+            return
+        known = offset in self._records
+        self._records[offset] = record
+        if offset > self._last and not known:
+            self._last = offset
+            self._take(record)
+        else:
+            self._stale = True
 
 
 class _Restarts(_StreamLog):

@@ -22,6 +22,7 @@ from eventwire.backends.base import (
     Consumer,
     ConsumerSpec,
     Delivery,
+    Message,
 )
 from eventwire.backends.broker import BrokerBackend
 from tests.backends.helpers import bodies, fetch_all, messages
@@ -519,3 +520,26 @@ async def test_consumers_past_a_connections_channels_go_on_more_connections(
         await consumer.ack(got)
     for consumer in consumers:
         await consumer.close()
+
+
+async def test_classic_queues_are_classic_and_a_queue_of_the_other_type_is_refused(
+    opener: Opener, raw: aio_pika.abc.AbstractChannel
+) -> None:
+    with pytest.raises(ValueError, match=r"queues='lazy'.*one of quorum, classic"):
+        open_backend(opener.url + "&queues=lazy")
+    classic = await opener(opener.url + "&queues=classic")
+    await classic.create_consumer(ConsumerSpec("light", "light.>"))
+    # The broker says which type the queue is: declaring it as quorum is refused.
+    with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="x-queue-type"):
+        await raw.declare_queue(
+            classic.queue_name("light"), durable=True, arguments={"x-queue-type": "quorum"}
+        )
+    quorum = await opener()
+    with pytest.raises(ValueError, match=r"other settings than this URL's quorum.*\?queues="):
+        await quorum.consumer(ConsumerSpec("light", "light.>"))
+    # The refusal cost nothing else: the backend goes on working.
+    consumer = await quorum.consumer(ConsumerSpec("heavy", "heavy.>"))
+    await quorum.publish([Message("h1", "heavy.one", None, b"h1")])
+    [delivery] = await fetch_all(consumer, 1)
+    assert delivery.body == b"h1"
+    await consumer.ack([delivery])

@@ -729,7 +729,7 @@ async def test_destroy_removes_everything_of_the_namespace(
 # -- connecting ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ("sqlite", "redis", "nats", "amqp"))
+@pytest.mark.parametrize("name", ["sqlite", "redis", "nats", "amqp"])
 async def test_connecting_where_nothing_listens_names_the_url_without_its_password(
     name: str, tmp_path: Path
 ) -> None:
