@@ -795,6 +795,7 @@ class _AmqpConsumer(Consumer):
         self.spec = spec
         self.queue = queue
         self._channel: AbstractChannel | None = None
+        self._underlay: aiormq.abc.AbstractChannel | None = None
         self._amqp_queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         # Subscriptions cancelled to give back what an idle consumer had buffered: whatever
@@ -860,7 +861,7 @@ class _AmqpConsumer(Consumer):
             ch.close_callbacks.add(on_close)
             underlay = await ch.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(lambda *_: self._wakeup.set())
-            self._channel = ch
+            self._channel, self._underlay = ch, underlay
             await self._subscribe(ch)
         except BaseException:
             self._channel = None
@@ -931,6 +932,7 @@ class _AmqpConsumer(Consumer):
     def _reset(self) -> None:
         self._generation += 1
         self._channel = None
+        self._underlay = None
         self._amqp_queue = None
         self._consumer_tag = None
         self._given_up_tags.clear()
@@ -975,21 +977,23 @@ class _AmqpConsumer(Consumer):
             if self._closed:
                 return []  # closed while waiting
             remaining = deadline - loop.time()
-            try:
-                async with asyncio.timeout(max(remaining, 0.5)):
-                    await self.start()
-                    if not self._buffer and self._saturated():
-                        # The caller holds a whole prefetch window: a quorum queue does not
-                        # apply a raised basic.qos to a running subscription, so open a new
-                        # one beside it (what is held stays valid: tags are per channel).
-                        await self._unsubscribe(give_back=False)
+            if not self._listening():
+                try:
+                    async with asyncio.timeout(max(remaining, 0.5)):
                         await self.start()
-            except _RETRYABLE as exc:
-                if loop.time() >= deadline:
-                    return []
-                log.warning("eventwire: consumer %r: %s", self.spec.name, exc)
-                await backoff.wait(deadline - loop.time())
-                continue
+                        if not self._buffer and self._saturated():
+                            # The caller holds a whole prefetch window: a quorum queue does
+                            # not apply a raised basic.qos to a running subscription, so open
+                            # a new one beside it (what is held stays valid: tags are per
+                            # channel).
+                            await self._unsubscribe(give_back=False)
+                            await self.start()
+                except _RETRYABLE as exc:
+                    if loop.time() >= deadline:
+                        return []
+                    log.warning("eventwire: consumer %r: %s", self.spec.name, exc)
+                    await backoff.wait(deadline - loop.time())
+                    continue
             if self._buffer:
                 out: list[Delivery] = []
                 while self._buffer and len(out) < limit:
@@ -998,9 +1002,22 @@ class _AmqpConsumer(Consumer):
             if remaining <= 0:
                 return []
             self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(remaining):
                     await self._wakeup.wait()
+            except TimeoutError:
+                if not self._buffer and self._listening():
+                    return []  # the usual end of an idle wait: nothing else to look at
+
+    def _listening(self) -> bool:
+        """Whether the subscription is up on a live channel, with room in its window: what
+        `start` would see, without a round trip (an idle fetch's turn costs next to nothing)."""
+        ch, underlay = self._channel, self._underlay
+        if ch is None or ch.is_closed or underlay is None:
+            return False
+        return _subscribed(underlay, self._consumer_tag) and (
+            bool(self._buffer) or not self._saturated()
+        )
 
     async def _watch(self) -> None:
         """Enforce ack_wait, which RabbitMQ has no per-delivery setting for: give back what
