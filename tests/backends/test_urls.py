@@ -74,7 +74,7 @@ SCHEMES = {
     "nats": ("nats://user:s3cret@127.0.0.1:4222", {"namespace", "max_age", "replicas"}),
     "amqp": (
         "amqp://guest:s3cret@127.0.0.1:5672/",
-        {"namespace", "prefetch", "connect_timeout", "heartbeat", "history"},
+        {"namespace", "prefetch", "connect_timeout", "heartbeat", "history", "queues"},
     ),
 }
 
@@ -128,6 +128,7 @@ def test_an_option_of_another_scheme_is_refused(scheme: str) -> None:
         ("amqp", "heartbeat", "x", ">= 1 (a whole number)"),
         ("amqp", "connect_timeout", "0", "> 0 (seconds"),
         ("amqp", "history", "forever", "e.g. history=7d"),
+        ("amqp", "queues", "mirrored", "one of quorum, classic"),
         ("sqlite", "namespace", "a.b", "1 to 64 of A-Z a-z 0-9 _ -"),
         ("redis", "namespace", "", "1 to 64 of A-Z a-z 0-9 _ -"),
     ],
