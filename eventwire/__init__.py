@@ -27,6 +27,7 @@ from eventwire.errors import (
 )
 from eventwire.event import Event
 from eventwire.retry import Retry
+from eventwire.runs import JournalMismatchError, Run, UnencodableResultError
 from eventwire.subscription import Subscription, SubscriptionStats
 
 __version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it
@@ -46,14 +47,17 @@ __all__ = [
     "HandlerError",
     "InboxFullError",
     "InvalidTopicError",
+    "JournalMismatchError",
     "NoReplyError",
     "PayloadValidationError",
     "PoisonEventError",
     "PublishTimeoutError",
     "RemoteHandlerError",
     "Retry",
+    "Run",
     "Subscription",
     "SubscriptionStats",
+    "UnencodableResultError",
     "UnhandledEvent",
     "__version__",
     "on",

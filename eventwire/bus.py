@@ -360,6 +360,12 @@ class EventBus:
         `publishes` declares the topics the handler publishes (e.g.
         ``publishes=["research.complete"]``), for ``eventwire topology`` and ``asyncapi``;
         topics it is seen publishing at run time are added in `Subscription.published_topics`.
+
+        `durable=True` makes each handling a run (`eventwire.runs.Run`): the handler is
+        ``async def handler(event, run)``, and the results of its ``run.step(...)`` and
+        ``run.effect(...)`` calls are kept in the backend's journal, so that when the event
+        comes again (a crash, a retry) finished steps return their results without being
+        called again (docs/durable.md). Needs a backend with a journal (memory, SQLite).
         """
         validate_pattern(pattern)
         built = SubscriptionOptions.of(**options)

@@ -41,6 +41,7 @@ class SubscriptionOptions:
     idempotent: bool = False
     max_restarts: int | None = DEFAULT_MAX_RESTARTS
     publishes: tuple[str, ...] = ()
+    durable: bool = False
 
     def __post_init__(self) -> None:
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
@@ -75,6 +76,8 @@ class SubscriptionOptions:
             raise ValueError(
                 f"max_restarts must be an int >= 1 or None (no limit), got {self.max_restarts!r}"
             )
+        if not isinstance(self.durable, bool):
+            raise TypeError(f"durable must be True or False, got {self.durable!r}")
         object.__setattr__(self, "idempotent", bool(self.idempotent))
         object.__setattr__(self, "publishes", _check_publishes(self.publishes))
 
@@ -102,6 +105,7 @@ class SubscriptionKeywords(TypedDict, total=False):
     idempotent: bool
     max_restarts: int | None
     publishes: Sequence[str]
+    durable: bool
 
 
 def _is_int(value: Any) -> bool:

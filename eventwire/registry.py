@@ -53,6 +53,7 @@ class SubscriptionRegistry:
             dead_letters=dead_letters,
             requests=requests,
             unsubscribe=self.unsubscribe,
+            journal=backend.journal,
         )
         self.by_name: dict[str, Subscription] = {}
         # Group name -> how many subscriptions on the bus are in it (the identity check reads
@@ -76,7 +77,7 @@ class SubscriptionRegistry:
         groups = ChainMap[str, int]({}, self._group_sizes)
         for pattern, handler, options, source in wanted:
             validate_pattern(pattern)
-            _check_handler(handler)
+            _check_handler(handler, durable=options.durable)
             self._check_start(options.start)
             name = options.name
             if name is None:
@@ -252,17 +253,22 @@ def _check_identity(
     )
 
 
-def _check_handler(handler: Any) -> None:
+def _check_handler(handler: Any, *, durable: bool) -> None:
     if not callable(handler):
         raise TypeError(f"handler must be callable, got {type(handler).__name__}: {handler!r}")
     try:
         signature = inspect.signature(handler)
     except (TypeError, ValueError):
         return
+    arguments = (
+        "the event and the run as its two positional arguments"
+        if durable
+        else "the event as its one positional argument"
+    )
     try:
-        signature.bind(object())
+        signature.bind(*([object()] * (2 if durable else 1)))
     except TypeError:
         raise TypeError(
-            f"handler {getattr(handler, '__qualname__', handler)!r} must accept the event as "
-            f"its one positional argument; its signature is {signature}"
+            f"handler {getattr(handler, '__qualname__', handler)!r} must accept {arguments}; "
+            f"its signature is {signature}"
         ) from None

@@ -22,6 +22,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from eventwire.backends.journal import Journal
 from eventwire.context import current_event
 from eventwire.deadletter import DeadLetters
 from eventwire.errors import InboxFullError, PayloadValidationError, PoisonEventError
@@ -32,6 +33,7 @@ from eventwire.observe import Observer, Outcome, handling_record, notify, notify
 from eventwire.options import Start, SubscriptionOptions
 from eventwire.payloads import PayloadConverter
 from eventwire.requests import Requests
+from eventwire.runs import Run, run_id
 
 logger = logging.getLogger("eventwire")
 
@@ -122,6 +124,8 @@ class SubscriptionServices:
     requests: Requests
     unsubscribe: Callable[[Subscription, bool, bool], Awaitable[None]]
     """Takes the subscription off the bus: (subscription, drain, forget)."""
+    journal: Callable[[], Journal]
+    """The backend's run journal, for ``durable=True`` handlers (`eventwire.runs`)."""
 
 
 class _HandlerTimeout(TimeoutError):
@@ -218,7 +222,7 @@ class Subscription:
         # Topics the handler publishes: declared (`publishes=`), and seen at run time.
         self.publishes = options.publishes
         self.published_topics: set[str] = set()
-        self._invoke = self._make_invoker(handler)
+        self._invoke = self._make_invoker(self._durable(handler) if options.durable else handler)
         # Set by a broker backend: hears of every event finished (see `Lease`).
         self.lease: Lease | None = None
         # Set by a broker backend while it creates the durable consumer in the background.
@@ -331,6 +335,32 @@ class Subscription:
         epoch = event.drain_epoch
         if epoch is not None:
             epoch.release()
+
+    def _durable(self, handler: Callable[..., Any]) -> Handler:
+        """`handler(event, run)` as a handler of `event` that journals its run."""
+        if not _is_async_callable(handler):
+            raise TypeError(
+                f"durable=True needs an async handler (async def ...(event, run)): "
+                f"{self.name!r} is a plain function"
+            )
+        journal = self._services.journal()  # a backend without one refuses here, at once
+        subscription = self.name
+
+        async def run_durably(event: Event[Any]) -> Any:
+            run = Run(run_id(subscription, event), event, journal)
+            await run.load()
+            if run.state == "finished":
+                return None  # delivered again after it finished: nothing is done twice
+            await run.mark("running")
+            try:
+                result = await handler(event, run)
+            except Exception as exc:
+                await run.mark("failed", exc)
+                raise
+            await run.mark("finished")
+            return result
+
+        return run_durably
 
     def _make_invoker(self, handler: Handler) -> Callable[[Event[Any]], Awaitable[Any]]:
         timeout = self.timeout

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from eventwire.backends.journal import Journal
 from eventwire.backends.url import BusURL
 from eventwire.errors import EventwireError
 from eventwire.options import Start as Start  # re-exported: backends and tools use it
@@ -384,6 +385,14 @@ class Backend(abc.ABC):
                 "give each bus a backend of its own"
             )
         self._services = services
+
+    def journal(self) -> Journal:
+        """Where durable handlers' runs keep their steps (`eventwire.runs`), in this
+        backend's own store; the same object on every call."""
+        raise BackendCapabilityError(
+            f"{self.scheme}:// keeps no run journal yet: durable=True handlers run on "
+            "memory:// and sqlite:// for now"
+        )
 
     # -- connection ---------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any
 from msgspec.structs import force_setattr
 
 from eventwire.backends.base import Backend, BusServices, Capabilities, ConsumerInfo
+from eventwire.backends.journal import Journal, MemoryJournal
 from eventwire.backends.url import BusURL, parse_url
 from eventwire.drain import DrainTracker, Epoch
 from eventwire.envelope import check_encodable
@@ -44,6 +45,10 @@ class MemoryBackend(Backend):
         self._attached: dict[Subscription, None] = {}
         # The bus's, from `bind`; until then nothing is routed here, so nothing is counted.
         self._tracker = DrainTracker()
+        self._journal = MemoryJournal()
+
+    def journal(self) -> Journal:
+        return self._journal
 
     async def connect(self) -> None:
         """Nothing to connect to."""

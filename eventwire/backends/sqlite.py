@@ -44,6 +44,8 @@ from eventwire.backends.base import (
     SubscriptionConflictError,
 )
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.journal import Journal
+from eventwire.backends.sqlite_journal import SqliteJournal
 from eventwire.backends.sqlite_log import Leased, PatternConflictError, SqliteLog
 from eventwire.backends.url import BusURL, URLOptions
 from eventwire.topics import TopicTrie
@@ -94,6 +96,7 @@ class SqliteBackend(BrokerBackend):
         self.path = Path(unquote(url.path[1:]))
         self.poll = URLOptions(url, OPTIONS).duration("poll", _DEFAULT_POLL, above=True)
         self._log: SqliteLog | None = None
+        self._journal: SqliteJournal | None = None
         self.watch = _Watch(self)
         # The process and consumers of the last beat: the next with the same renews them.
         self._last_beat: tuple[str, frozenset[str]] | None = None
@@ -119,8 +122,16 @@ class SqliteBackend(BrokerBackend):
                 f"cannot open the SQLite bus {self.url.redacted!r}: {type(error).__name__}: {error}"
             ) from error
 
+    def journal(self) -> Journal:
+        if self._journal is None:
+            self._journal = SqliteJournal(Path(f"{self.path}-runs"))
+        return self._journal
+
     async def close(self) -> None:
         log, self._log = self._log, None
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            await journal.close()
         await self.watch.stop()
         if log is not None:
             await asyncio.to_thread(log.close)
