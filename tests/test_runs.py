@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,22 +101,34 @@ async def test_an_effect_happens_once_however_often_the_run_runs_again(url: str)
     assert keys[0].endswith("/email")
 
 
-async def test_an_effect_key_used_twice_in_a_run_is_refused(url: str) -> None:
+async def raised_in_run(url: str, body: Callable[[Run], Awaitable[Any]]) -> BaseException:
+    """What `body(run)` raised inside a durable handler."""
     errors: list[BaseException] = []
     done = asyncio.Event()
 
-    async def twice(event: Event[str], run: Run) -> None:
-        await run.effect("email", Calls().fn("a"))
+    async def handler(event: Event[str], run: Run) -> None:
         try:
-            await run.effect("email", Calls().fn("b"))
-        except ValueError as exc:
+            await body(run)
+        except Exception as exc:
             errors.append(exc)
-        done.set()
+        finally:
+            done.set()
 
     async with EventBus(url) as bus:
-        bus.subscribe("t", twice, durable=True, name="twice")
+        bus.subscribe("t", handler, durable=True, name="raising")
         await handled(bus, "t", "x", done)
-    assert "effect key 'email' is used twice" in str(errors[0])
+    assert errors, "nothing was raised"
+    return errors[0]
+
+
+async def test_an_effect_key_used_twice_in_a_run_is_refused(url: str) -> None:
+    async def twice(run: Run) -> None:
+        await run.effect("email", Calls().fn("a"))
+        await run.effect("email", Calls().fn("b"))
+
+    error = await raised_in_run(url, twice)
+    assert isinstance(error, ValueError)
+    assert "effect key 'email' is used twice" in str(error)
 
 
 async def test_a_failed_step_is_recorded_and_runs_again_on_the_next_try(url: str) -> None:
@@ -200,21 +213,13 @@ async def test_large_results_replay_from_blobs(url: str) -> None:
 
 
 async def test_a_result_that_cannot_be_stored_is_a_clear_error(url: str) -> None:
-    errors: list[BaseException] = []
-    done = asyncio.Event()
+    async def unencodable(run: Run) -> None:
+        await run.step("socket", lambda: object())
 
-    async def handler(event: Event[str], run: Run) -> None:
-        try:
-            await run.step("socket", lambda: object())
-        except UnencodableResultError as exc:
-            errors.append(exc)
-        done.set()
-
-    async with EventBus(url) as bus:
-        bus.subscribe("t", handler, durable=True, name="bad")
-        await handled(bus, "t", "x", done)
-    assert "step 'socket'" in str(errors[0])
-    assert "returned a object that cannot be stored" in str(errors[0])
+    error = await raised_in_run(url, unencodable)
+    assert isinstance(error, UnencodableResultError)
+    assert "step 'socket'" in str(error)
+    assert "returned a object that cannot be stored" in str(error)
 
 
 async def test_a_journal_written_by_other_code_is_refused_not_replayed(url: str) -> None:
