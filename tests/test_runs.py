@@ -1,12 +1,12 @@
-"""Durable runs (`eventwire.runs`): journaled steps and effects, on the in-process bus and on
-SQLite. A failed try stands in for a crash here: the event comes again, and the handler runs
+"""Durable runs (`eventwire.runs`): journaled steps and effects, on every backend with a
+journal. A failed try stands in for a crash here: the event comes again, and the handler runs
 from the top, as it does after a crash."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from eventwire import Agent, Event, EventBus, Retry, on
 from eventwire.backends.base import BackendCapabilityError
 from eventwire.runs import JournalMismatchError, Run, UnencodableResultError
+from tests.conformance.conftest import backend_url, destroy
 
 RETRY = Retry(attempts=3, backoff=0.0)
 
@@ -24,9 +25,12 @@ class Plan(BaseModel):
     queries: list[str]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/bus.db"
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A bus URL of each backend with a journal, on a namespace of its own."""
+    made = backend_url(str(request.param), tmp_path)
+    yield made
+    await destroy(made)
 
 
 class Calls:

@@ -112,6 +112,8 @@ from eventwire.backends.base import (
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.journal import Journal
+from eventwire.backends.redis_journal import RedisJournal
 from eventwire.backends.redis_wire import (
     XADD,
     Link,
@@ -191,6 +193,10 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
     redis_errors.TryAgainError,
     OSError,
 )
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _text(value: Any) -> str:
@@ -320,6 +326,7 @@ class RedisBackend(BrokerBackend):
         self._maxlen = options.integer("maxlen", 0)
         prefix = "{" + self.namespace + "}:"
         self._prefix = prefix
+        self._journal: RedisJournal | None = None
         self.stream = prefix + "events"
         self.registry = prefix + "consumers"
         # Consumer name -> 'group' or 'own' (one subscription's), beside its pattern above.
@@ -362,6 +369,13 @@ class RedisBackend(BrokerBackend):
         if self._waker is None:
             self._waker = Waker(self)
         return self._waker
+
+    def journal(self) -> Journal:
+        if self._journal is None:
+            self._journal = RedisJournal(
+                lambda: self.client, self._prefix, self.retrying, _loop_time
+            )
+        return self._journal
 
     def key(self, kind: str, group: str) -> str:
         """The key of one of a group's structures (``delayed``, ``handled``, ``wake``)."""
