@@ -365,7 +365,7 @@ class EventBus:
         ``async def handler(event, run)``, and the results of its ``run.step(...)`` and
         ``run.effect(...)`` calls are kept in the backend's journal, so that when the event
         comes again (a crash, a retry) finished steps return their results without being
-        called again (docs/durable.md). Needs a backend with a journal (memory, SQLite, Redis).
+        called again (docs/durable.md). Needs a backend with a journal (not RabbitMQ yet).
         """
         validate_pattern(pattern)
         built = SubscriptionOptions.of(**options)

@@ -25,7 +25,7 @@ class Plan(BaseModel):
     queries: list[str]
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "nats"])
 async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A bus URL of each backend with a journal, on a namespace of its own."""
     made = backend_url(str(request.param), tmp_path)

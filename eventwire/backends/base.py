@@ -391,7 +391,7 @@ class Backend(abc.ABC):
         backend's own store; the same object on every call."""
         raise BackendCapabilityError(
             f"{self.scheme}:// keeps no run journal yet: durable=True handlers run on "
-            "memory://, sqlite:// and redis:// for now"
+            "memory://, sqlite://, redis:// and nats:// for now"
         )
 
     # -- connection ---------------------------------------------------------------------

@@ -84,6 +84,8 @@ from eventwire.backends.base import (
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.journal import Journal
+from eventwire.backends.nats_journal import NatsJournal
 from eventwire.backends.url import BusURL, URLOptions
 from eventwire.errors import EventwireError
 from eventwire.topics import is_reserved, validate_pattern
@@ -231,6 +233,10 @@ class NatsBackend(BrokerBackend):
         # Which processes run which consumers (`beat`): key <consumer>.<process>.
         self.presence_bucket = f"eventwire_{self.namespace}_presence"
         self._presence_kv: KeyValue | None = None
+        # Durable runs' journal (`NatsJournal`).
+        self.runs_bucket = f"eventwire_{self.namespace}_runs"
+        self._runs_kv: KeyValue | None = None
+        self._journal: NatsJournal | None = None
         # Consumers whose presence key this process wrote, oldest write first.
         self._marked: dict[str, None] = {}
         options = URLOptions(url, OPTIONS)
@@ -435,7 +441,7 @@ class NatsBackend(BrokerBackend):
                 await fresh.close()
                 return
             self._nc, self._js, self._kv = fresh, fresh.jetstream(timeout=_REQUEST_TIMEOUT), None
-            self._presence_kv = None
+            self._presence_kv = self._runs_kv = None
             self._link_lost()
             self._up.set()
             logger.warning("eventwire: opened a new connection to NATS at %s", self.url.redacted)
@@ -486,7 +492,7 @@ class NatsBackend(BrokerBackend):
     async def close(self) -> None:
         await self.ticker.stop()
         nc, self._nc, self._js, self._kv = self._nc, None, None, None
-        self._presence_kv = None
+        self._presence_kv = self._runs_kv = None
         reopening, self._reopening = self._reopening, None
         if reopening is not None and not reopening.done():
             reopening.cancel()
@@ -785,27 +791,46 @@ class NatsBackend(BrokerBackend):
 
     # -- presence ----------------------------------------------------------------------------
 
-    async def _presence_store(self) -> KeyValue:
-        # Looked up on every call after a reconnection: a new connection needs a new handle.
-        if self._presence_kv is not None:
-            return self._presence_kv
+    async def _open_bucket(self, name: str, description: str, ttl: float | None) -> KeyValue:
+        """The key-value bucket `name`, created if missing (another process may create it
+        at the same moment)."""
         try:
-            kv = await self.js.key_value(self.presence_bucket)
+            return await self.js.key_value(name)
         except nats.js.errors.NotFoundError:
             config = KeyValueConfig(
-                bucket=self.presence_bucket,
-                description=f"eventwire processes running consumers of {self.namespace}",
+                bucket=name,
+                description=description,
                 history=1,
-                ttl=PRESENCE_KEPT,
+                ttl=ttl,
                 storage=StorageType.FILE,
                 replicas=self.replicas,
             )
             try:
-                kv = await self.js.create_key_value(config)
+                return await self.js.create_key_value(config)
             except nats.js.errors.APIError:
-                kv = await self.js.key_value(self.presence_bucket)  # made by another process
-        self._presence_kv = kv
-        return kv
+                return await self.js.key_value(name)  # made by another process
+
+    async def _presence_store(self) -> KeyValue:
+        # Looked up on every call after a reconnection: a new connection needs a new handle.
+        if self._presence_kv is None:
+            self._presence_kv = await self._open_bucket(
+                self.presence_bucket,
+                f"eventwire processes running consumers of {self.namespace}",
+                PRESENCE_KEPT,
+            )
+        return self._presence_kv
+
+    async def _runs_store(self) -> KeyValue:
+        if self._runs_kv is None:
+            self._runs_kv = await self._open_bucket(
+                self.runs_bucket, f"eventwire durable runs of {self.namespace}", None
+            )
+        return self._runs_kv
+
+    def journal(self) -> Journal:
+        if self._journal is None:
+            self._journal = NatsJournal(self._runs_store, self._retry)
+        return self._journal
 
     async def beat(self, process: str, consumers: Sequence[str]) -> None:
         now = time.time()
@@ -890,7 +915,11 @@ class NatsBackend(BrokerBackend):
                 "deleting the presence bucket",
                 lambda: self.js.delete_key_value(self.presence_bucket),
             )
-        self._kv = self._presence_kv = None
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._retry(
+                "deleting the runs bucket", lambda: self.js.delete_key_value(self.runs_bucket)
+            )
+        self._kv = self._presence_kv = self._runs_kv = None
 
     # -- handled ids -----------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ def done(ledger: Path) -> set[str]:
     return {fields[1] for fields in ledger_lines(ledger) if fields[0] == "done"}
 
 
-@pytest.mark.parametrize("backend_name", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend_name", ["sqlite", "redis", "nats"])
 async def test_runs_killed_at_random_points_complete_without_calling_finished_steps_again(
     bus_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
