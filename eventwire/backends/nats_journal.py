@@ -29,6 +29,7 @@ from eventwire.backends.journal import Journal, RunRecord
 T = TypeVar("T")
 
 _PART = 512 * 1024
+_INDEXED_KEPT = 10_000
 # How long a read waits for the next value of its watch.
 _WATCH_WAIT = 5.0
 
@@ -57,6 +58,8 @@ class NatsJournal(Journal):
         an operation through lost connections (with what it does, for its error)."""
         self._bucket = bucket
         self._retry = retry
+        # Runs whose index key this process wrote (a round trip saved on their next writes).
+        self._indexed: set[str] = set()
 
     async def _retried(self, what: str, operation: Callable[[KeyValue], Awaitable[T]]) -> T:
         async def attempt() -> T:
@@ -88,7 +91,11 @@ class NatsJournal(Journal):
         kv_key = f"r.{hashed}.{_record_key(key)}"
 
         async def write(kv: KeyValue) -> bytes:
-            await _create(kv, f"i.{hashed}", run.encode())
+            if hashed not in self._indexed:
+                await _create(kv, f"i.{hashed}", run.encode())
+                if len(self._indexed) >= _INDEXED_KEPT:
+                    self._indexed.clear()
+                self._indexed.add(hashed)
             if replace:
                 await kv.put(kv_key, value)
                 return value
@@ -144,6 +151,7 @@ class NatsJournal(Journal):
                 for key in await self.read(run):
                     await kv.purge(f"r.{hashed}.{_record_key(key)}")
                 await kv.purge(f"i.{hashed}")
+                self._indexed.discard(hashed)
 
         await self._retried("deleting runs", delete)
 
