@@ -26,6 +26,7 @@ import inspect
 import typing
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
@@ -248,6 +249,59 @@ class Run:
         encoded = msgspec.json.encode(_Status(state, tries, message))
         self._records[STATUS_KEY] = encoded
         await self._journal.write(self.id, STATUS_KEY, encoded, replace=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One run as `list_runs` (and ``eventwire runs``) shows it."""
+
+    id: str
+    state: str
+    """running (or parked, or its process died: it resumes when its event comes again),
+    finished, failed (its last try raised), or unknown (no status recorded)."""
+    tries: int
+    steps: list[str]
+    """Recorded steps and effects (``step:plan``, ``effect:email``), oldest first."""
+    failed: list[str]
+    """Steps whose last call raised, with nothing recorded since."""
+    error: str | None
+
+    @property
+    def subscription(self) -> str:
+        return self.id.rpartition("/")[0]
+
+    @property
+    def event_id(self) -> str:
+        return self.id.rpartition("/")[2]
+
+
+async def list_runs(journal: Journal) -> list[RunInfo]:
+    """Every run `journal` holds, with its state and steps."""
+    found = []
+    for listed in await journal.runs(status_key=STATUS_KEY):
+        records = await journal.read(listed.run)
+        steps = sorted(
+            (key for key in records if _is_step(key)),
+            key=lambda key: _record_decoder.decode(records[key]).seq,
+        )
+        failed = sorted(
+            key.removeprefix("error:")
+            for key in records
+            if key.startswith("error:") and key.removeprefix("error:") not in records
+        )
+        status = records.get(STATUS_KEY)
+        decoded = None if status is None else _status_decoder.decode(status)
+        found.append(
+            RunInfo(
+                id=listed.run,
+                state="unknown" if decoded is None else decoded.state,
+                tries=0 if decoded is None else decoded.tries,
+                steps=steps,
+                failed=failed,
+                error=None if decoded is None else decoded.error,
+            )
+        )
+    return found
 
 
 def run_id(subscription: str, event: Event[Any]) -> str:

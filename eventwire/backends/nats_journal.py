@@ -72,17 +72,8 @@ class NatsJournal(Journal):
         prefix = f"r.{_run_hash(run)}."
 
         async def read(kv: KeyValue) -> dict[str, bytes]:
-            watcher = await kv.watch(prefix + ">", ignore_deletes=True)
-            records: dict[str, bytes] = {}
-            try:
-                while True:
-                    entry = await watcher.updates(timeout=_WATCH_WAIT)  # type: ignore[no-untyped-call]
-                    if entry is None:  # the current values are all in
-                        return records
-                    if entry.value is not None:
-                        records[_key_of(entry.key[len(prefix) :])] = bytes(entry.value)
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
+            found = await _current(kv, prefix + ">")
+            return {_key_of(key[len(prefix) :]): value for key, value in found.items()}
 
         return await self._retried(f"reading the journal of run {run!r}", read)
 
@@ -130,13 +121,9 @@ class NatsJournal(Journal):
 
     async def runs(self, *, status_key: str) -> list[RunRecord]:
         async def list_runs(kv: KeyValue) -> list[RunRecord]:
-            try:
-                keys = await kv.keys(filters=["i.>"])
-            except nats.js.errors.NoKeysError:
-                return []
             found = []
-            for index_key in keys:
-                run = bytes((await kv.get(index_key)).value or b"").decode()
+            for value in (await _current(kv, "i.>")).values():
+                run = value.decode()
                 records = await self.read(run)
                 if records:
                     found.append(RunRecord(run, len(records), records.get(status_key)))
@@ -154,6 +141,22 @@ class NatsJournal(Journal):
                 self._indexed.discard(hashed)
 
         await self._retried("deleting runs", delete)
+
+
+async def _current(kv: KeyValue, keys: str) -> dict[str, bytes]:
+    """The current values of the keys matching `keys` (a watch that stops once they are
+    in: the filter of `KeyValue.keys` needs NATS 2.10)."""
+    watcher = await kv.watch(keys, ignore_deletes=True)
+    found: dict[str, bytes] = {}
+    try:
+        while True:
+            entry = await watcher.updates(timeout=_WATCH_WAIT)  # type: ignore[no-untyped-call]
+            if entry is None:  # the current values are all in
+                return found
+            if entry.value is not None:
+                found[entry.key] = bytes(entry.value)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 async def _create(kv: KeyValue, key: str, value: bytes) -> bool:

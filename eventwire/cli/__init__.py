@@ -11,6 +11,7 @@ from eventwire.cli import (  # noqa: F401  (registers their commands)
     dlq,
     inspect,
     run,
+    runs,
     stats,
     subscriptions,
 )

@@ -5,15 +5,21 @@ code (see `exit_codes`)."""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Iterable
-from typing import Annotated, Any, NoReturn
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from typer.core import TyperCommand
 from typer.exceptions import TyperException
 from typer.models import CommandFunctionType
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+T = TypeVar("T")
 
 # Set to 1 to get the traceback of an error instead of its one-line summary.
 TRACEBACK_VARIABLE = "EVENTWIRE_TRACEBACK"
@@ -211,3 +217,29 @@ def age(seconds: float) -> str:
         if whole >= size:
             return f"{whole // size}{unit}"
     return f"{whole}s"
+
+
+def listing(
+    rows: Sequence[T],
+    as_dict: Callable[[T], dict[str, object]],
+    *,
+    as_json: bool,
+    nothing: str,
+    title: str,
+    columns: Sequence[str],
+    right: Collection[str] = (),
+) -> Table | None:
+    """Print `rows` as JSON (``--json``), or say `nothing` when there are none; else the
+    table to fill, with its `columns` (those in `right` right-aligned)."""
+    if as_json:
+        console().print(json.dumps([as_dict(row) for row in rows]), markup=False)
+        return None
+    if not rows:
+        error_console().print(nothing, markup=False)
+        return None
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    return table

@@ -4,7 +4,6 @@ their backlog, the processes running them and when one was last heard from."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -18,8 +17,8 @@ from eventwire.cli._app import (
     app,
     bus_url,
     console,
-    error_console,
     fail,
+    listing,
     safe_bus_url,
 )
 
@@ -68,17 +67,17 @@ def list_subscriptions(
 
     found = _with_broker(url, lambda backend: backend.subscriptions())
     shown = [info for info in found if tools or not is_tooling(info)]
-    if as_json:
-        console().print(json.dumps([_as_dict(info) for info in shown]), markup=False)
+    table = listing(
+        shown,
+        _as_dict,
+        as_json=as_json,
+        nothing=f"no durable subscriptions on {safe_bus_url(url)}",
+        title=f"Durable subscriptions on {safe_bus_url(url)}",
+        columns=("name", "pattern", "backlog", "processes", "last active"),
+        right=("backlog", "processes"),
+    )
+    if table is None:
         return
-    if not shown:
-        error_console().print(f"no durable subscriptions on {safe_bus_url(url)}", markup=False)
-        return
-    from rich.table import Table
-
-    table = Table(title=f"Durable subscriptions on {safe_bus_url(url)}", title_justify="left")
-    for column in ("name", "pattern", "backlog", "processes", "last active"):
-        table.add_column(column, justify="right" if column in ("backlog", "processes") else "left")
     now = time.time()
     for info in shown:
         table.add_row(
