@@ -62,6 +62,8 @@ async def in_an_outage(
     bus.subscribe("outage.t", lambda e: seen.append(e.payload), name="patient")
     async with bus:
         await bus.publish("outage.t", "before")
+        # Handled before the outage begins (else it may come after "after", redelivered).
+        await wait_until(lambda: seen == ["before"], timeout=10)
         await asyncio.to_thread(broker.stop)
         yield bus, seen
     assert seen[0] == "before"
