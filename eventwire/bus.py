@@ -17,18 +17,22 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from time import time_ns
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Unpack, overload, runtime_checkable
+
+import msgspec
 
 from eventwire.backends import open_backend, resolve_url
 from eventwire.backends.base import DLQ_CONSUMER, TOOLING_PREFIX, Backend, BusServices, Capabilities
 from eventwire.context import current_event
 from eventwire.deadletter import DLQ_PATTERN, DeadLetters
 from eventwire.drain import Drainer, DrainTracker
-from eventwire.envelope import DEFAULT_MAX_BYTES
+from eventwire.envelope import DEFAULT_MAX_BYTES, encode
 from eventwire.errors import BusClosedError, BusNotRunningError
 from eventwire.event import (
     ATOMIC_TYPES,
@@ -48,7 +52,9 @@ from eventwire.publishing import Publisher, adopt, publish_from_thread, publishe
 from eventwire.registry import SubscriptionRegistry
 from eventwire.requests import REPLY_PREFIX, Requester, Requests
 from eventwire.subscription import Handler, Subscription, SubscriptionStats
+from eventwire.timers import Timers
 from eventwire.topics import validate_pattern, validate_topic
+from eventwire.waits import EventTimer
 
 if TYPE_CHECKING:
     from eventwire.record import Recorder
@@ -177,6 +183,7 @@ class EventBus:
         )
         # The backend's publish, bound once: the hot path of the library.
         self._send = backend.send
+        self._timers = Timers(backend.journal, self.publish, self._background.track)
         self._registry = SubscriptionRegistry(
             backend,
             observers=self._observers,
@@ -186,6 +193,7 @@ class EventBus:
             closing=self._closing_state,
             track=self._background.track,
             opening_changed=self._reconsider_indirect,
+            timers=self._timers,
         )
         self._publisher = Publisher(
             backend, observers=self._observers, wait_opened=self._registry.wait_opened
@@ -263,6 +271,7 @@ class EventBus:
         self._state = _RUNNING
         for subscription in list(self._subscriptions.values()):
             subscription.begin(self._loop)
+        self._timers.start(self._loop)
         for agent in list(self._agents.values()):
             await agent.on_start()
 
@@ -306,6 +315,7 @@ class EventBus:
             except Exception:
                 logger.exception("eventwire: %s.on_stop() failed", agent.name)
         self._state = _CLOSING
+        await self._timers.stop()
         return await self._shutdown.run(grace)
 
     def _closed_now(self, report: CloseReport) -> CloseReport:
@@ -390,9 +400,10 @@ class EventBus:
     ) -> Subscription:
         """`subscribe` with its options already built; `source` is what events its handler
         publishes say in `Event.source` (default: the subscription's name)."""
-        [subscription] = self._registry.plan([(pattern, handler, options, source)])
-        self._registry.install(subscription)
-        return subscription
+        planned = self._registry.plan([(pattern, handler, options, source)])
+        for subscription in planned:  # with a durable one's companions (its waits)
+            self._registry.install(subscription)
+        return planned[0]
 
     def _running_loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop if self._state == _RUNNING else None
@@ -557,6 +568,48 @@ class EventBus:
         sent = self._send(event, parent)
         if type(sent) is not int:
             await sent  # type: ignore[misc]
+        return event
+
+    async def schedule(
+        self,
+        topic_or_event: str | Event[Any],
+        payload: Any = None,
+        *,
+        at: datetime | timedelta | float,
+        metadata: Mapping[str, Any] | None = None,
+        key: str | None = None,
+    ) -> Event[Any]:
+        """Publish an event later, durably: `at` is a timezone-aware datetime, or a delay
+        (a timedelta or seconds). The event is kept in the backend's journal and published
+        by whichever bus on it runs a durable subscription or scheduled something, also
+        after a restart (a time that passed while none ran fires at the next start). It is
+        published at least once, with the id returned here; ``idempotent=True``
+        subscribers handle it once. Needs a backend with a journal."""
+        now = time.time()
+        if isinstance(at, datetime):
+            if at.tzinfo is None:
+                raise ValueError("schedule(at=) takes a timezone-aware datetime, e.g. with tz=UTC")
+            due = at.timestamp()
+        elif isinstance(at, timedelta):
+            due = now + at.total_seconds()
+        elif isinstance(at, int | float) and not isinstance(at, bool):
+            due = now + at
+        else:
+            raise TypeError(f"schedule(at=) takes a datetime, a timedelta or seconds, got {at!r}")
+        parent = current_event.get()
+        if self._state is not _RUNNING:
+            self._check_accepting(parent)
+        if type(topic_or_event) is str:
+            validate_topic(topic_or_event)
+            source = publisher_source(topic_or_event, None)
+            event = new_event(topic_or_event, payload, metadata, key, parent, source)
+        else:
+            event = adopt(topic_or_event, payload, metadata, key, parent, None)
+        envelope = encode(event, max_bytes=self.max_event_bytes)
+        if due <= now:
+            return await self.publish(event)
+        self._timers.want()
+        await self._timers.waits().add_timer(EventTimer(due, msgspec.Raw(envelope), event.id))
         return event
 
     def _publish_soon(self, event: Event[Any]) -> asyncio.Future[Any] | None:

@@ -42,6 +42,7 @@ class SubscriptionOptions:
     max_restarts: int | None = DEFAULT_MAX_RESTARTS
     publishes: tuple[str, ...] = ()
     durable: bool = False
+    waits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
@@ -79,7 +80,12 @@ class SubscriptionOptions:
         if not isinstance(self.durable, bool):
             raise TypeError(f"durable must be True or False, got {self.durable!r}")
         object.__setattr__(self, "idempotent", bool(self.idempotent))
-        object.__setattr__(self, "publishes", _check_publishes(self.publishes))
+        object.__setattr__(self, "publishes", _check_patterns(self.publishes, "publishes"))
+        object.__setattr__(self, "waits", _check_patterns(self.waits, "waits"))
+        if self.waits and not self.durable:
+            raise ValueError(
+                "waits= declares what a durable run waits for: it needs durable=True too"
+            )
 
     @classmethod
     def of(cls, **options: Unpack[SubscriptionKeywords]) -> SubscriptionOptions:
@@ -106,23 +112,24 @@ class SubscriptionKeywords(TypedDict, total=False):
     max_restarts: int | None
     publishes: Sequence[str]
     durable: bool
+    waits: Sequence[str]
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_publishes(publishes: Any) -> tuple[str, ...]:
-    if isinstance(publishes, str) or not isinstance(publishes, Sequence | set | frozenset):
+def _check_patterns(patterns: Any, option: str) -> tuple[str, ...]:
+    example = "['research.complete']" if option == "publishes" else "['approval.given']"
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence | set | frozenset):
         raise TypeError(
-            "publishes= takes a list of topics, e.g. publishes=['research.complete'], "
-            f"got {publishes!r}"
+            f"{option}= takes a list of topics, e.g. {option}={example}, got {patterns!r}"
         )
-    for topic in publishes:
+    for topic in patterns:
         if not isinstance(topic, str):
-            raise TypeError(f"publishes= holds {topic!r}, which is not a topic str")
+            raise TypeError(f"{option}= holds {topic!r}, which is not a topic str")
         try:
             validate_pattern(topic)
         except InvalidTopicError as error:
-            raise InvalidTopicError(f"publishes= {error}") from None
-    return tuple(dict.fromkeys(publishes))
+            raise InvalidTopicError(f"{option}= {error}") from None
+    return tuple(dict.fromkeys(patterns))

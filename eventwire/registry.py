@@ -18,6 +18,7 @@ from eventwire.options import Start, SubscriptionOptions
 from eventwire.payloads import make_converter, payload_type_of
 from eventwire.requests import Requests
 from eventwire.subscription import Handler, Subscription, SubscriptionServices
+from eventwire.timers import Timers
 from eventwire.topics import validate_pattern
 
 logger = logging.getLogger("eventwire")
@@ -40,6 +41,7 @@ class SubscriptionRegistry:
         closing: Callable[[], str | None],
         track: Callable[[asyncio.Task[Any]], None],
         opening_changed: Callable[[], None],
+        timers: Timers,
     ) -> None:
         self._backend = backend
         # The event loop while the bus runs (workers start at once), else None.
@@ -54,7 +56,9 @@ class SubscriptionRegistry:
             requests=requests,
             unsubscribe=self.unsubscribe,
             journal=backend.journal,
+            timers=timers,
         )
+        self._timers = timers
         self.by_name: dict[str, Subscription] = {}
         # Group name -> how many subscriptions on the bus are in it (the identity check reads
         # it, so that adding the 10,000th subscription does not look at the 9,999 others).
@@ -64,6 +68,8 @@ class SubscriptionRegistry:
         # Subscriptions whose backend is still creating something for them (a durable
         # consumer): the bus's publishes wait for them, so they see every later event.
         self.opening: set[asyncio.Task[None]] = set()
+        # Durable subscriptions' companions, taken off with them.
+        self._companions_of: dict[Subscription, list[Subscription]] = {}
 
     def plan(self, wanted: Sequence[Wanted]) -> list[Subscription]:
         """Build and check subscriptions, all before any is installed: a bad one raises with
@@ -102,7 +108,37 @@ class SubscriptionRegistry:
             if options.group is not None:
                 groups[options.group] = groups.get(options.group, 0) + 1
             planned.append(subscription)
+            if subscription.runner is not None:
+                planned.extend(self._companions(subscription, taken))
         return planned
+
+    def _companions(
+        self, subscription: Subscription, taken: ChainMap[str, Subscription]
+    ) -> list[Subscription]:
+        """The subscriptions a durable one needs beside it (`DurableRunner.companions`)."""
+        assert subscription.runner is not None
+        made = []
+        for pattern, handler, options in subscription.runner.companions():
+            assert options.name is not None
+            if options.name in taken:
+                raise ValueError(
+                    f"a subscription named {options.name!r} already exists on this bus, and "
+                    f"durable subscription {subscription.name!r} needs that name for its "
+                    "waits: rename one of them"
+                )
+            companion = Subscription(
+                pattern,
+                handler,
+                options,
+                name=options.name,
+                source=subscription.source,
+                converter=None,
+                services=self.services,
+            )
+            taken[options.name] = companion
+            made.append(companion)
+        self._companions_of[subscription] = made
+        return made
 
     def _check_start(self, start: Start) -> None:
         backend = self._backend
@@ -116,6 +152,8 @@ class SubscriptionRegistry:
 
     def install(self, subscription: Subscription) -> None:
         """Put a planned subscription on the bus and its backend."""
+        if subscription.runner is not None:
+            self._timers.want()
         self._add(subscription)
         try:
             opening = self._backend.attach(subscription)
@@ -182,6 +220,8 @@ class SubscriptionRegistry:
 
     async def unsubscribe(self, subscription: Subscription, drain: bool, forget: bool) -> None:
         """Take `subscription` off the bus and its backend (see `Subscription.unsubscribe`)."""
+        for companion in self._companions_of.pop(subscription, ()):
+            await companion.unsubscribe(drain=drain, forget=forget)
         self._remove(subscription)
         await self._backend.detach(subscription)
         if not drain:

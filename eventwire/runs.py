@@ -23,18 +23,30 @@ import contextlib
 import contextvars
 import hashlib
 import inspect
+import time
 import typing
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import msgspec
 
 from eventwire.backends.journal import Journal
-from eventwire.envelope import UnencodablePayloadError, encode_payload
+from eventwire.envelope import UnencodablePayloadError, encode, encode_payload
 from eventwire.errors import EventwireError
 from eventwire.event import Event
+from eventwire.waits import (
+    INTERNAL_PREFIX,
+    RESOLVED,
+    Outcome,
+    Waits,
+    WaitSpec,
+    decode_outcome,
+    decode_spec,
+    json_form,
+)
 
 T = TypeVar("T")
 
@@ -42,7 +54,10 @@ INLINE_BYTES = 2048
 """Results whose JSON form is longer than this are stored as blobs, by content."""
 
 STATUS_KEY = "status"
-"""The record holding a run's state (running, finished, failed) and counts."""
+"""The record holding a run's state (running, waiting, finished, failed) and counts."""
+
+EVENT_KEY = "event"
+"""The record holding a parked run's event (its envelope), to resume it with."""
 
 # Steps started inside `Run.gather`: new ones may start before recorded ones of the same
 # gather were asked for, which is no sign of changed code.
@@ -75,10 +90,32 @@ class _Status(msgspec.Struct, omit_defaults=True):
     state: str
     tries: int
     error: str | None = None
+    # How many times the run parked; the delivery (event or resume) that runs it now; the
+    # waits it is parked on.
+    parks: int = 0
+    driver: str | None = None
+    waiting: list[str] = []
+
+
+class RunParked(BaseException):
+    """Raised out of a durable handler by a wait that must park the run: the bus records
+    the run as waiting and lets go of it. A BaseException, so that ``except Exception`` in
+    the handler does not swallow it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Parking:
+    """Where a run's waits go: the bus's `Waits`, the subscription's name and the patterns
+    it declared with ``waits=``."""
+
+    waits: Waits
+    subscription: str
+    patterns: frozenset[str]
 
 
 _record_decoder = msgspec.json.Decoder(_Record)
 _status_decoder = msgspec.json.Decoder(_Status)
+_NO_STATUS = _Status("new", 0)
 
 
 class Run:
@@ -88,10 +125,22 @@ class Run:
     handler gets it as its second argument.
     """
 
-    def __init__(self, run_id: str, event: Event[Any], journal: Journal) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        event: Event[Any],
+        journal: Journal,
+        parking: Parking | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.id = run_id
         self.event = event
         self._journal = journal
+        self._parking = parking
+        self._clock = clock
+        self.parked: set[str] = set()
+        """The waits this execution parked on (the bus records them)."""
         self._records: dict[str, bytes] = {}
         # Recorded steps and effects this execution has not asked for yet.
         self._unasked: set[str] = set()
@@ -101,7 +150,9 @@ class Run:
         self.calls = 0
         """Steps and effects whose function this execution called."""
         self.replays = 0
-        """Steps and effects this execution took from the journal."""
+        """Steps, effects and waits this execution took from the journal."""
+        self.waits = 0
+        """Waits (and sleeps, collects) this execution filed."""
 
     async def load(self) -> None:
         """Read the run's journal (the bus does, before calling the handler)."""
@@ -119,20 +170,28 @@ class Run:
     @property
     def tries(self) -> int:
         """How many times the handler began this run, this one included once it began."""
+        return self._status().tries
+
+    @property
+    def parks(self) -> int:
+        """How many times the run parked on a wait."""
+        return self._status().parks
+
+    @property
+    def driver(self) -> str | None:
+        """What delivery ran the run last (``event:<id>``, ``resume:<id>``)."""
+        return self._status().driver
+
+    def _status(self) -> _Status:
         status = self._records.get(STATUS_KEY)
-        return 0 if status is None else _status_decoder.decode(status).tries
+        return _NO_STATUS if status is None else _status_decoder.decode(status)
 
     async def step(self, name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` (awaited if it is a coroutine), once per run: its result
         is recorded, and returned from the journal when the run runs again. A name used
         again in one run is numbered (``name#2``, ...), so steps in a loop need no names
         of their own. A step that raised is recorded as failed and runs again next time."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a step needs a non-empty str name, got {name!r}")
-        self._names[name] += 1
-        count = self._names[name]
-        key = f"step:{name}" if count == 1 else f"step:{name}#{count}"
-        return await self._journaled(key, fn, args, kwargs)
+        return await self._journaled(self._numbered("step", name), fn, args, kwargs)
 
     async def effect(self, key: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """A step for a side effect that must happen once per run (send an email, charge
@@ -165,10 +224,157 @@ class Run:
         finally:
             _gathering.reset(token)
         results = await asyncio.gather(*tasks, return_exceptions=True)
+        parked = None
         for result in results:
-            if isinstance(result, BaseException):
+            if isinstance(result, RunParked):
+                parked = result  # every wait of the gather is filed: park once all are
+            elif isinstance(result, BaseException):
                 raise result
+        if parked is not None:
+            raise parked
         return typing.cast(list[T], results)
+
+    # -- waits -------------------------------------------------------------------------
+
+    async def wait_for(
+        self,
+        pattern: str,
+        *,
+        match: Mapping[str, Any] | None = None,
+        timeout: timedelta | float | None = None,
+        name: str | None = None,
+        payload_type: Any = None,
+    ) -> Event[Any] | None:
+        """The first event on `pattern` whose payload has the `match` values (dotted paths
+        reach into nested fields), published since the run's event; None if `timeout`
+        (seconds or a timedelta; None: no limit) passes first. The run parks meanwhile:
+        the handler returns, nothing stays in memory, and the run starts again (replaying
+        its journal) when the event comes or the time is up, in any process.
+
+        `pattern` must be one the subscription declared with ``waits=[...]`` (so that its
+        events are kept from the start). `payload_type` validates the payload into a model.
+        """
+        outcome = await self._wait("wait", name or pattern, pattern, match, timeout, 1)
+        if not outcome.events:
+            return None
+        return _typed(outcome.decoded()[0], payload_type)
+
+    async def collect(
+        self,
+        pattern: str,
+        *,
+        count: int,
+        match: Mapping[str, Any] | None = None,
+        timeout: timedelta | float | None = None,
+        name: str | None = None,
+        payload_type: Any = None,
+    ) -> list[Event[Any]]:
+        """A join of events: the first `count` events on `pattern` matching `match`, oldest
+        first; fewer if `timeout` passes first. Parks like `wait_for`."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"collect() needs count= an int >= 1, got {count!r}")
+        outcome = await self._wait("collect", name or pattern, pattern, match, timeout, count)
+        return [_typed(event, payload_type) for event in outcome.decoded()]
+
+    async def sleep(self, duration: timedelta | float, *, name: str | None = None) -> None:
+        """Wait `duration` (seconds or a timedelta), parked: a durable timer, which fires
+        even if every process was down when it fell due (within a second of the next
+        start)."""
+        if duration is None:
+            raise ValueError("sleep() needs a duration: seconds or a timedelta")
+        await self._wait("sleep", name or "sleep", None, None, duration, 1)
+
+    async def _wait(
+        self,
+        kind: str,
+        name: str,
+        pattern: str | None,
+        match: Mapping[str, Any] | None,
+        timeout: timedelta | float | None,
+        count: int,
+    ) -> Outcome:
+        parking = self._parking
+        if parking is None:
+            raise RuntimeError(
+                f"run {self.id!r} cannot wait: it was not made by a bus for a durable "
+                "subscription (waits park the run in the bus's journal)"
+            )
+        if pattern is not None and pattern not in parking.patterns:
+            declared = ", ".join(map(repr, sorted(parking.patterns))) or "none"
+            raise ValueError(
+                f"run {self.id!r} waits for {pattern!r}, which subscription "
+                f"{parking.subscription!r} did not declare (declared: {declared}): add "
+                f"waits=[{pattern!r}] to its subscribe() or @on(...), so that events on it "
+                "are kept from the start, even those that come before the run waits"
+            )
+        if match is not None and not isinstance(match, Mapping):
+            raise TypeError(f"match= takes a mapping of payload fields to values, got {match!r}")
+        wanted = json_form(dict(match or {}))
+        seconds = None if timeout is None else _seconds(timeout)
+        key = self._numbered(kind, name)
+        record = self._records.get(key)
+        if record is None:
+            if self._unasked and not _gathering.get():
+                self._refuse_mismatch(key)
+            seq = self._next_seq
+            self._next_seq += 1
+            deadline = None if seconds is None else self._clock() + seconds
+            spec = WaitSpec(pattern, wanted, deadline, self.event.created_ns, count)
+            value = msgspec.Raw(msgspec.json.encode(spec))
+            encoded = msgspec.json.encode(_Record(seq, value))
+            record = await self._journal.write(self.id, key, encoded)
+            self._records[key] = record
+            self.waits += 1
+        else:
+            self._unasked.discard(key)
+            resolved = self._records.get(RESOLVED + key)
+            if resolved is not None:
+                self._check_same_wait(key, record, pattern, wanted, count)
+                self.replays += 1
+                return decode_outcome(resolved)
+        spec = self._check_same_wait(key, record, pattern, wanted, count)
+        # Filed again on every execution that finds it unresolved: filing is idempotent,
+        # and an execution that died between recording the wait and filing it is mended.
+        outcome = await parking.waits.register(parking.subscription, self.id, key, spec)
+        if outcome is None:
+            self.parked.add(key)
+            raise RunParked(key)
+        return outcome
+
+    def _check_same_wait(
+        self, key: str, record: bytes, pattern: str | None, wanted: Any, count: int
+    ) -> WaitSpec:
+        spec = decode_spec(bytes(_record_decoder.decode(record).value))
+        if (spec.pattern, spec.match, spec.count) != (pattern, wanted, count):
+            raise JournalMismatchError(
+                f"run {self.id!r} recorded {_what(key)} for {spec.pattern!r} matching "
+                f"{spec.match} (count {spec.count}), and the code now asks for {pattern!r} "
+                f"matching {wanted} (count {count}): the handler changed since the run "
+                "began. Keep the old wait until old runs are finished, or give the new one "
+                "another name="
+            )
+        return spec
+
+    def _numbered(self, kind: str, name: str) -> str:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {kind} needs a non-empty str name, got {name!r}")
+        self._names[f"{kind}:{name}"] += 1
+        count = self._names[f"{kind}:{name}"]
+        return f"{kind}:{name}" if count == 1 else f"{kind}:{name}#{count}"
+
+    async def claim(self, driver: str) -> bool:
+        """Take the parked run for `driver` (the bus does): one delivery per park resumes
+        it, however many resolved waits asked for it."""
+        mine = driver.encode()
+        return await self._journal.write(self.id, f"claim:{self.parks}", mine) == mine
+
+    async def keep_event(self) -> None:
+        """Record the run's event, for resuming it where the event is gone (the bus does,
+        when the run first parks)."""
+        if EVENT_KEY not in self._records:
+            self._records[EVENT_KEY] = await self._journal.write(
+                self.id, EVENT_KEY, encode(self.event, max_bytes=None)
+            )
 
     # -- the journal -------------------------------------------------------------------
 
@@ -242,11 +448,23 @@ class Run:
 
     # -- status --------------------------------------------------------------------------
 
-    async def mark(self, state: str, error: BaseException | None = None) -> None:
-        """Record the run's state (the bus does): running (one more try), finished, failed."""
+    async def mark(
+        self, state: str, error: BaseException | None = None, *, driver: str | None = None
+    ) -> None:
+        """Record the run's state (the bus does): running (one more try, by `driver`),
+        waiting (parked once more, on `parked`), finished, failed."""
         message = None if error is None else f"{type(error).__qualname__}: {error}"
-        tries = self.tries + (state == "running")
-        encoded = msgspec.json.encode(_Status(state, tries, message))
+        now = self._status()
+        encoded = msgspec.json.encode(
+            _Status(
+                state,
+                now.tries + (state == "running"),
+                message,
+                now.parks + (state == "waiting"),
+                driver or now.driver,
+                sorted(self.parked) if state == "waiting" else [],
+            )
+        )
         self._records[STATUS_KEY] = encoded
         await self._journal.write(self.id, STATUS_KEY, encoded, replace=True)
 
@@ -257,14 +475,18 @@ class RunInfo:
 
     id: str
     state: str
-    """running (or parked, or its process died: it resumes when its event comes again),
-    finished, failed (its last try raised), or unknown (no status recorded)."""
+    """running (or its process died: it resumes when its event comes again), waiting
+    (parked on `waiting`), finished, failed (its last try raised), cancelled, or unknown
+    (no status recorded)."""
     tries: int
     steps: list[str]
-    """Recorded steps and effects (``step:plan``, ``effect:email``), oldest first."""
+    """Recorded steps, effects and waits (``step:plan``, ``effect:email``,
+    ``wait:approval.given``), oldest first."""
     failed: list[str]
     """Steps whose last call raised, with nothing recorded since."""
     error: str | None
+    waiting: list[str] = field(default_factory=list)
+    """The waits a waiting run is parked on."""
 
     @property
     def subscription(self) -> str:
@@ -279,6 +501,8 @@ async def list_runs(journal: Journal) -> list[RunInfo]:
     """Every run `journal` holds, with its state and steps."""
     found = []
     for listed in await journal.runs(status_key=STATUS_KEY):
+        if listed.run.startswith(INTERNAL_PREFIX):
+            continue  # the index of waits and timers
         records = await journal.read(listed.run)
         steps = sorted(
             (key for key in records if _is_step(key)),
@@ -299,6 +523,7 @@ async def list_runs(journal: Journal) -> list[RunInfo]:
                 steps=steps,
                 failed=failed,
                 error=None if decoded is None else decoded.error,
+                waiting=[] if decoded is None else list(decoded.waiting),
             )
         )
     return found
@@ -310,7 +535,21 @@ def run_id(subscription: str, event: Event[Any]) -> str:
 
 
 def _is_step(key: str) -> bool:
-    return key.startswith(("step:", "effect:"))
+    return key.startswith(("step:", "effect:", "wait:", "collect:", "sleep:"))
+
+
+def _seconds(duration: timedelta | float) -> float:
+    if isinstance(duration, timedelta):
+        return duration.total_seconds()
+    if isinstance(duration, int | float) and not isinstance(duration, bool):
+        return float(duration)
+    raise TypeError(f"a duration is seconds or a timedelta, got {duration!r}")
+
+
+def _typed(event: Event[Any], payload_type: Any) -> Event[Any]:
+    if payload_type is None:
+        return event
+    return event.with_payload(_adapter(payload_type).validate_python(event.payload))
 
 
 def _what(key: str) -> str:

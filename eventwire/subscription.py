@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from eventwire.backends.journal import Journal
 from eventwire.context import current_event
 from eventwire.deadletter import DeadLetters
+from eventwire.durable import DurableRunner
 from eventwire.errors import InboxFullError, PayloadValidationError, PoisonEventError
 from eventwire.event import Event
 from eventwire.inbox import Inbox, Overflow
@@ -33,7 +34,7 @@ from eventwire.observe import Observer, Outcome, handling_record, notify, notify
 from eventwire.options import Start, SubscriptionOptions
 from eventwire.payloads import PayloadConverter
 from eventwire.requests import Requests
-from eventwire.runs import Run, run_id
+from eventwire.timers import Timers
 
 logger = logging.getLogger("eventwire")
 
@@ -126,6 +127,8 @@ class SubscriptionServices:
     """Takes the subscription off the bus: (subscription, drain, forget)."""
     journal: Callable[[], Journal]
     """The backend's run journal, for ``durable=True`` handlers (`eventwire.runs`)."""
+    timers: Timers
+    """The bus's durable waits and timers (`eventwire.timers`)."""
 
 
 class _HandlerTimeout(TimeoutError):
@@ -185,6 +188,7 @@ class Subscription:
         "publishes",
         "retried",
         "retry",
+        "runner",
         "source",
         "start",
         "timeout",
@@ -222,7 +226,9 @@ class Subscription:
         # Topics the handler publishes: declared (`publishes=`), and seen at run time.
         self.publishes = options.publishes
         self.published_topics: set[str] = set()
-        self._invoke = self._make_invoker(self._durable(handler) if options.durable else handler)
+        # A durable subscription's runs (`eventwire.durable`); None for a plain one.
+        self.runner = self._durable(handler) if options.durable else None
+        self._invoke = self._make_invoker(handler if self.runner is None else self.runner.handle)
         # Set by a broker backend: hears of every event finished (see `Lease`).
         self.lease: Lease | None = None
         # Set by a broker backend while it creates the durable consumer in the background.
@@ -336,31 +342,27 @@ class Subscription:
         if epoch is not None:
             epoch.release()
 
-    def _durable(self, handler: Callable[..., Any]) -> Handler:
-        """`handler(event, run)` as a handler of `event` that journals its run."""
+    def _durable(self, handler: Callable[..., Any]) -> DurableRunner:
+        """The runner of `handler(event, run)`, which journals each event's run."""
         if not _is_async_callable(handler):
             raise TypeError(
                 f"durable=True needs an async handler (async def ...(event, run)): "
                 f"{self.name!r} is a plain function"
             )
-        journal = self._services.journal()  # a backend without one refuses here, at once
-        subscription = self.name
+        return DurableRunner(
+            self.name,
+            handler,
+            self.options,
+            journal=self._services.journal(),  # a backend without one refuses here, at once
+            timers=self._services.timers,
+            convert=self._convert_resumed,
+        )
 
-        async def run_durably(event: Event[Any]) -> Any:
-            run = Run(run_id(subscription, event), event, journal)
-            await run.load()
-            if run.state == "finished":
-                return None  # delivered again after it finished: nothing is done twice
-            await run.mark("running")
-            try:
-                result = await handler(event, run)
-            except Exception as exc:
-                await run.mark("failed", exc)
-                raise
-            await run.mark("finished")
-            return result
-
-        return run_durably
+    def _convert_resumed(self, event: Event[Any]) -> Event[Any]:
+        """A parked run's event, read back from the journal, as the handler takes it."""
+        if self._converter is None:
+            return event
+        return event.with_payload(self._converter(event.payload))
 
     def _make_invoker(self, handler: Handler) -> Callable[[Event[Any]], Awaitable[Any]]:
         timeout = self.timeout

@@ -13,6 +13,7 @@ every pattern fit every broker; see `MAX_TOPIC_BYTES`.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
@@ -256,3 +257,11 @@ class TopicTrie(Generic[T]):
             yield from node.here
             yield from node.tail
             stack.extend(node.children.values())
+
+
+def safe_name(name: str, *, allowed: str = r"A-Za-z0-9_-", limit: int = 200) -> str:
+    """A broker-safe identifier for a subscription name (which may hold dots, ``#``, ``<>``):
+    disallowed characters become ``_``, and a crc32 of the original keeps distinct names
+    distinct."""
+    cleaned = re.sub(f"[^{allowed}]", "_", name)[: limit - 9]
+    return f"{cleaned}_{zlib.crc32(name.encode()):08x}"

@@ -17,7 +17,6 @@ import abc
 import asyncio
 import random
 import re
-import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -26,6 +25,7 @@ from eventwire.backends.journal import Journal
 from eventwire.backends.url import BusURL
 from eventwire.errors import EventwireError
 from eventwire.options import Start as Start  # re-exported: backends and tools use it
+from eventwire.topics import safe_name as safe_name  # re-exported: backends use it
 
 if TYPE_CHECKING:
     from eventwire.deadletter import DeadLetters
@@ -508,11 +508,3 @@ def namespace_of(url: BusURL) -> str:
             f"namespace {namespace!r} in {url.redacted!r} must be 1 to 64 of A-Z a-z 0-9 _ -"
         )
     return namespace
-
-
-def safe_name(name: str, *, allowed: str = r"A-Za-z0-9_-", limit: int = 200) -> str:
-    """A broker-safe identifier for a subscription name (which may hold dots, ``#``, ``<>``):
-    disallowed characters become ``_``, and a crc32 of the original keeps distinct names
-    distinct."""
-    cleaned = re.sub(f"[^{allowed}]", "_", name)[: limit - 9]
-    return f"{cleaned}_{zlib.crc32(name.encode()):08x}"

@@ -57,6 +57,10 @@ class Journal(abc.ABC):
     async def delete(self, runs: Sequence[str]) -> None:
         """Forget these runs and their records (blobs stay: others may share them)."""
 
+    @abc.abstractmethod
+    async def forget(self, run: str, keys: Sequence[str]) -> None:
+        """Remove these records of `run` (those that are not there are ignored)."""
+
     async def close(self) -> None:  # noqa: B027 (a hook: nothing to release by default)
         """Release what the journal holds open."""
 
@@ -92,3 +96,12 @@ class MemoryJournal(Journal):
     async def delete(self, runs: Sequence[str]) -> None:
         for run in runs:
             self._runs.pop(run, None)
+
+    async def forget(self, run: str, keys: Sequence[str]) -> None:
+        records = self._runs.get(run)
+        if records is None:
+            return
+        for key in keys:
+            records.pop(key, None)
+        if not records:
+            del self._runs[run]

@@ -829,7 +829,9 @@ class NatsBackend(BrokerBackend):
 
     def journal(self) -> Journal:
         if self._journal is None:
-            self._journal = NatsJournal(self._runs_store, self._retry)
+            self._journal = NatsJournal(
+                self.runs_bucket, self._runs_store, lambda: self.js, self._retry
+            )
         return self._journal
 
     async def beat(self, process: str, consumers: Sequence[str]) -> None:

@@ -9,19 +9,22 @@ replicas), with keys
   most `_PART` bytes: a message may not exceed the server's payload limit, 1 MB by default).
 
 KV keys allow only ``A-Z a-z 0-9 - _ = / .``: ``<run>`` is the SHA-256 of the run id and
-``<record>`` the record key in URL-safe base64. A run's records are read with one watch of
-``r.<run>.>`` (its current values, then it stops).
+``<record>`` the record key in URL-safe base64. A run's records are read with one short-lived
+consumer of ``r.<run>.>`` (its current values, then it is deleted).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from eventwire.backends.journal import Journal, RunRecord
@@ -30,8 +33,11 @@ T = TypeVar("T")
 
 _PART = 512 * 1024
 _INDEXED_KEPT = 10_000
-# How long a read waits for the next value of its watch.
+# How long a read waits for the next batch of values.
 _WATCH_WAIT = 5.0
+_READ_BATCH = 256
+# A reader consumer left behind (its process died mid-read) is removed by the server.
+_READER_IDLE = 30.0
 
 
 def _run_hash(run: str) -> str:
@@ -51,12 +57,17 @@ class NatsJournal(Journal):
 
     def __init__(
         self,
+        name: str,
         bucket: Callable[[], Awaitable[KeyValue]],
+        jetstream: Callable[[], JetStreamContext],
         retry: Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]],
     ) -> None:
-        """`bucket` opens (or creates) the bucket on the current connection; `retry` runs
-        an operation through lost connections (with what it does, for its error)."""
+        """`bucket` opens (or creates) the bucket `name` on the current connection, and
+        `jetstream` is that connection's JetStream; `retry` runs an operation through lost
+        connections (with what it does, for its error)."""
+        self._name = name
         self._bucket = bucket
+        self._jetstream = jetstream
         self._retry = retry
         # Runs whose index key this process wrote (a round trip saved on their next writes).
         self._indexed: set[str] = set()
@@ -72,7 +83,7 @@ class NatsJournal(Journal):
         prefix = f"r.{_run_hash(run)}."
 
         async def read(kv: KeyValue) -> dict[str, bytes]:
-            found = await _current(kv, prefix + ">")
+            found = await self._current(prefix + ">")
             return {_key_of(key[len(prefix) :]): value for key, value in found.items()}
 
         return await self._retried(f"reading the journal of run {run!r}", read)
@@ -122,7 +133,7 @@ class NatsJournal(Journal):
     async def runs(self, *, status_key: str) -> list[RunRecord]:
         async def list_runs(kv: KeyValue) -> list[RunRecord]:
             found = []
-            for value in (await _current(kv, "i.>")).values():
+            for value in (await self._current("i.>")).values():
                 run = value.decode()
                 records = await self.read(run)
                 if records:
@@ -142,21 +153,55 @@ class NatsJournal(Journal):
 
         await self._retried("deleting runs", delete)
 
+    async def forget(self, run: str, keys: Sequence[str]) -> None:
+        hashed = _run_hash(run)
 
-async def _current(kv: KeyValue, keys: str) -> dict[str, bytes]:
-    """The current values of the keys matching `keys` (a watch that stops once they are
-    in: the filter of `KeyValue.keys` needs NATS 2.10)."""
-    watcher = await kv.watch(keys, ignore_deletes=True)
-    found: dict[str, bytes] = {}
-    try:
-        while True:
-            entry = await watcher.updates(timeout=_WATCH_WAIT)  # type: ignore[no-untyped-call]
-            if entry is None:  # the current values are all in
+        async def forget(kv: KeyValue) -> None:
+            for key in keys:
+                await kv.purge(f"r.{hashed}.{_record_key(key)}")
+
+        if keys:
+            await self._retried(f"forgetting records of run {run!r}", forget)
+
+    async def _current(self, keys: str) -> dict[str, bytes]:
+        """The current values of the keys matching `keys`. Read with a pull consumer of the
+        bucket's stream (the last message per key): its count of pending messages, taken
+        before anything is delivered, says when all are in. (A watch marks the end by the
+        count at its first delivery, which races with deliveries already under way; the
+        filter of `KeyValue.keys` needs NATS 2.10.)"""
+        js = self._jetstream()
+        # A bucket's stream and subjects, as the key-value convention names them.
+        stream, prefix = f"KV_{self._name}", f"$KV.{self._name}."
+        info = await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                ack_policy=AckPolicy.NONE,
+                filter_subject=prefix + keys,
+                inactive_threshold=_READER_IDLE,
+                mem_storage=True,
+            ),
+        )
+        found: dict[str, bytes] = {}
+        try:
+            left = info.num_pending or 0
+            if not left:
                 return found
-            if entry.value is not None:
-                found[entry.key] = bytes(entry.value)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+            reader = await js.pull_subscribe_bind(consumer=info.name, stream=stream)
+            try:
+                while left > 0:
+                    batch = await reader.fetch(min(left, _READ_BATCH), timeout=_WATCH_WAIT)
+                    for message in batch:
+                        left = message.metadata.num_pending
+                        operation = (message.headers or {}).get("KV-Operation")
+                        if operation not in ("DEL", "PURGE"):
+                            found[message.subject[len(prefix) :]] = bytes(message.data)
+            finally:
+                await reader.unsubscribe()
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await js.delete_consumer(stream, info.name)
+        return found
 
 
 async def _create(kv: KeyValue, key: str, value: bytes) -> bool:

@@ -112,6 +112,15 @@ class RedisJournal(Journal):
 
         await self._retried(delete)
 
+    async def forget(self, run: str, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+
+        async def forget() -> None:
+            await self._client().hdel(self._run_key(run), *keys)
+
+        await self._retried(forget)
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

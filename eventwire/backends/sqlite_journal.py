@@ -118,6 +118,15 @@ class SqliteJournal(Journal):
 
         await self._run(work)
 
+    async def forget(self, run: str, keys: Sequence[str]) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "DELETE FROM records WHERE run = ? AND key = ?", [(run, key) for key in keys]
+            )
+
+        if keys:
+            await self._run(work)
+
     async def close(self) -> None:
         def work(db: sqlite3.Connection) -> None:
             db.close()

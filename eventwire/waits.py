@@ -1,0 +1,368 @@
+"""Durable waits and timers, kept in a backend's run journal (`eventwire.backends.journal`):
+what lets a durable run park with nothing held in memory and be resumed by an event or a
+clock, in whichever process is running then.
+
+A run that waits records the wait in its own journal (`WaitSpec`), and files it in an index
+kept in the journal too, under pseudo-runs whose ids start with ``~``:
+
+- ``~waiting/<subscription>/<pattern>/<digest>``: the waits for events whose payload fields
+  have the values the wait matches on (`digest` of those values), one record per wait;
+- ``~shapes/<subscription>/<pattern>``: which sets of payload fields waits match on, so an
+  arriving event is looked up by each, one read each, never by scanning every wait;
+- ``~arrivals/<subscription>/<pattern>/<hour>``: every event that arrived on a waited
+  pattern, kept `ARRIVALS_KEPT_HOURS`: a wait registered after its event came (the approver
+  answered before the run parked) still finds it;
+- ``~timers/<slot>`` and ``~timers``: timers by `SLOT_SECONDS` slot, and the slots in use.
+
+An event is filed (arrival) before the index is read, and a wait is filed before the
+arrivals are read: whichever comes second sees the other, so no event slips between them.
+A wait is resolved by writing its outcome into the run's journal, first write wins (an event
+and a timeout racing: one outcome stands). Whoever wrote it asks for the run to be resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from eventwire.backends.journal import Journal
+from eventwire.envelope import decode, encode, encode_payload
+from eventwire.event import Event
+
+INTERNAL_PREFIX = "~"
+"""Journal ids starting with this hold the index of waits and timers, not runs."""
+
+SLOT_SECONDS = 10
+"""Timers are filed by slots of this many seconds."""
+
+ARRIVALS_KEPT_HOURS = 24
+"""How long an event on a waited pattern is kept for waits registered after it came."""
+
+RESOLVED = "resolved:"
+"""Prefix of the record holding a wait's outcome in its run's journal."""
+
+GOT = "got:"
+"""Prefix of the records of events a collect has received so far."""
+
+_DIRECTORY = "~timers"
+
+
+class WaitSpec(msgspec.Struct, omit_defaults=True):
+    """What a run waits for: events on `pattern` whose payload has the `match` values
+    (`count` of them), until `deadline` (epoch seconds); events created before `since`
+    (epoch nanoseconds, the run's event) do not count. A sleep has no pattern."""
+
+    pattern: str | None = None
+    match: dict[str, Any] = {}
+    deadline: float | None = None
+    since: int = 0
+    count: int = 1
+
+
+class Outcome(msgspec.Struct, omit_defaults=True):
+    """How a wait ended: the events that came (as envelopes), and whether time ran out."""
+
+    events: list[msgspec.Raw] = []
+    timed_out: bool = False
+
+    def decoded(self) -> list[Event[Any]]:
+        return [decode(bytes(raw)) for raw in self.events]
+
+
+class _Filed(msgspec.Struct):
+    """A wait in the index: enough to decide on an arriving event without its run."""
+
+    since: int
+    count: int = 1
+
+
+class WaitTimer(msgspec.Struct, tag="wait"):
+    """The deadline of a run's wait (or the end of its sleep)."""
+
+    due: float
+    subscription: str
+    run: str
+    wait: str
+
+    @property
+    def entry(self) -> str:
+        return f"wait\n{self.run}\n{self.wait}"
+
+
+class EventTimer(msgspec.Struct, tag="event"):
+    """An event published when due (`EventBus.schedule`)."""
+
+    due: float
+    envelope: msgspec.Raw
+    id: str
+
+    @property
+    def entry(self) -> str:
+        return f"event\n{self.id}"
+
+
+Timer = WaitTimer | EventTimer
+
+_outcome_decoder = msgspec.json.Decoder(Outcome)
+_spec_decoder = msgspec.json.Decoder(WaitSpec)
+_filed_decoder = msgspec.json.Decoder(_Filed)
+_timer_decoder = msgspec.json.Decoder(Timer)
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    return _outcome_decoder.decode(data)
+
+
+def decode_spec(data: bytes) -> WaitSpec:
+    return _spec_decoder.decode(data)
+
+
+def json_form(value: Any) -> Any:
+    """`value` as the JSON values an envelope would carry (models become dicts)."""
+    return msgspec.json.decode(encode_payload(value))
+
+
+def _field(payload: Any, path: str) -> tuple[bool, Any]:
+    """The value at a dotted `path` of a JSON-form payload, and whether it is there."""
+    value = payload
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
+
+
+def _digest(fields: Iterable[str], values: Iterable[Any]) -> str:
+    canonical = msgspec.json.encode([list(fields), list(values)], order="sorted")
+    return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+def matches(match: Mapping[str, Any], event: Event[Any]) -> bool:
+    """Whether `event`'s payload has every value of `match` (JSON forms compared)."""
+    payload = json_form(event.payload)
+    for path, wanted in match.items():
+        present, value = _field(payload, path)
+        if not present or value != wanted:
+            return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Resumption:
+    """A run whose wait an arrival or a timer resolved: resume it (`subscription`'s run)."""
+
+    subscription: str
+    run: str
+
+
+class Waits:
+    """The index of waits and timers in one journal (one per bus)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        # Timer slots known to hold timers (a cache of the ``~timers`` directory).
+        self._slots: set[int] = set()
+        self._slots_read_at = float("-inf")
+        self._pruned: dict[tuple[str, str], int] = {}
+
+    # -- waits ---------------------------------------------------------------------------
+
+    async def register(
+        self, subscription: str, run: str, wait: str, spec: WaitSpec
+    ) -> Outcome | None:
+        """File a wait of `run` (already recorded in its journal): its index entry, its
+        timer, and the events that came for it before it was filed. Its outcome if it is
+        resolved already, else None (the run parks)."""
+        journal = self.journal
+        now = time.time()
+        if spec.deadline is not None and spec.deadline <= now:
+            outcome, _ = await self.time_out(run, wait)
+            return outcome
+        if spec.pattern is not None:
+            fields = sorted(spec.match)
+            digest = _digest(fields, (spec.match[field] for field in fields))
+            await journal.write(_shapes(subscription, spec.pattern), _shape_key(fields), b"1")
+            bucket = _waiting(subscription, spec.pattern, digest)
+            filed = msgspec.json.encode(_Filed(spec.since, spec.count))
+            await journal.write(bucket, _entry(run, wait), filed)
+            early = await self._arrived_before(subscription, spec)
+            if early:
+                collected, _ = await self._collected(run, wait, spec.count, early)
+                if collected is not None:
+                    await journal.forget(bucket, [_entry(run, wait)])
+                    return collected
+        if spec.deadline is not None:
+            await self.add_timer(WaitTimer(spec.deadline, subscription, run, wait))
+        return None
+
+    async def _arrived_before(self, subscription: str, spec: WaitSpec) -> list[Event[Any]]:
+        """Events filed on the wait's pattern, since its run began, that it matches."""
+        assert spec.pattern is not None
+        first = max(spec.since // 3_600_000_000_000, _hour(time.time()) - ARRIVALS_KEPT_HOURS)
+        found = []
+        for hour in range(first, _hour(time.time()) + 1):
+            bucket = _arrivals(subscription, spec.pattern, hour)
+            for data in (await self.journal.read(bucket)).values():
+                event = decode(data)
+                if event.created_ns >= spec.since and matches(spec.match, event):
+                    found.append(event)
+        found.sort(key=lambda event: (event.created_ns, event.id))
+        return found
+
+    async def arrived(self, subscription: str, pattern: str, event: Event[Any]) -> list[Resumption]:
+        """An event came on a waited `pattern`: file it, and resolve the waits it matches.
+        The runs to resume (each once, by whoever resolved it)."""
+        journal = self.journal
+        envelope = encode(event, max_bytes=None)
+        hour = _hour(event.created_ns / 1e9)
+        await journal.write(_arrivals(subscription, pattern, hour), event.id, envelope)
+        await self._prune_arrivals(subscription, pattern, hour)
+        payload = json_form(event.payload)
+        resumed = []
+        for shape in await journal.read(_shapes(subscription, pattern)):
+            fields = msgspec.json.decode(shape)
+            values = []
+            for field in fields:
+                present, value = _field(payload, field)
+                if not present:
+                    break
+                values.append(value)
+            else:
+                bucket = _waiting(subscription, pattern, _digest(fields, values))
+                done = []
+                for entry, data in (await journal.read(bucket)).items():
+                    filed = _filed_decoder.decode(data)
+                    if event.created_ns < filed.since:
+                        continue
+                    run, wait = _parse_entry(entry)
+                    outcome, won = await self._collected(run, wait, filed.count, [event])
+                    if outcome is None:
+                        continue  # a collect that wants more
+                    done.append(entry)
+                    if won:
+                        resumed.append(Resumption(subscription, run))
+                await journal.forget(bucket, done)
+        return resumed
+
+    async def _collected(
+        self, run: str, wait: str, count: int, events: list[Event[Any]]
+    ) -> tuple[Outcome | None, bool]:
+        """Add `events` to what `wait` has received: its outcome once it has `count` (None
+        before), and whether this call resolved it."""
+        if count == 1:
+            return await self.settle(run, wait, _encoded_outcome(events[:1]))
+        for event in events:
+            await self.journal.write(run, f"{GOT}{wait}/{event.id}", encode(event, max_bytes=None))
+        got = await self.received(run, wait)
+        if len(got) < count:
+            return None, False
+        return await self.settle(run, wait, _encoded_outcome(got[:count]))
+
+    async def received(self, run: str, wait: str) -> list[Event[Any]]:
+        """The events a collect of `run` has received so far, oldest first."""
+        prefix = f"{GOT}{wait}/"
+        records = await self.journal.read(run)
+        got = [decode(data) for key, data in records.items() if key.startswith(prefix)]
+        got.sort(key=lambda event: (event.created_ns, event.id))
+        return got
+
+    async def settle(self, run: str, wait: str, outcome: bytes) -> tuple[Outcome, bool]:
+        """Resolve `wait` of `run` with `outcome` unless it is resolved (first write wins):
+        the outcome that stands, and whether it is this one."""
+        stood = await self.journal.write(run, RESOLVED + wait, outcome)
+        return decode_outcome(stood), stood == outcome
+
+    async def time_out(self, run: str, wait: str) -> tuple[Outcome, bool]:
+        """`wait`'s deadline passed: resolve it as timed out (a collect with what it has
+        received): the outcome that stands, and whether this call resolved it."""
+        got = await self.received(run, wait)
+        outcome = msgspec.json.encode(
+            Outcome([msgspec.Raw(encode(e, max_bytes=None)) for e in got], timed_out=True)
+        )
+        return await self.settle(run, wait, outcome)
+
+    async def _prune_arrivals(self, subscription: str, pattern: str, hour: int) -> None:
+        """Once an hour per pattern: drop arrival hours past `ARRIVALS_KEPT_HOURS`."""
+        if self._pruned.get((subscription, pattern)) == hour:
+            return
+        self._pruned[(subscription, pattern)] = hour
+        old = range(hour - 2 * ARRIVALS_KEPT_HOURS, hour - ARRIVALS_KEPT_HOURS)
+        await self.journal.delete([_arrivals(subscription, pattern, h) for h in old])
+
+    # -- timers --------------------------------------------------------------------------
+
+    async def add_timer(self, timer: Timer) -> None:
+        slot = int(timer.due // SLOT_SECONDS)
+        await self.journal.write(_slot(slot), timer.entry, msgspec.json.encode(timer))
+        if slot not in self._slots:
+            await self.journal.write(_DIRECTORY, str(slot), b"1")
+            self._slots.add(slot)
+
+    async def due_timers(self, now: float, *, refresh: float = 5.0) -> list[tuple[int, str, Timer]]:
+        """Timers due by `now`: (slot, entry, timer). Other processes' slots are learnt
+        every `refresh` seconds; the current and previous slot are always read."""
+        journal = self.journal
+        if now - self._slots_read_at >= refresh:
+            self._slots |= {int(slot) for slot in await journal.read(_DIRECTORY)}
+            self._slots_read_at = now
+        current = int(now // SLOT_SECONDS)
+        due = []
+        for slot in sorted({*self._slots, current - 1, current}):
+            if slot > current:
+                break
+            records = await journal.read(_slot(slot))
+            for entry, data in records.items():
+                timer = _timer_decoder.decode(data)
+                if timer.due <= now:
+                    due.append((slot, entry, timer))
+            if not records and slot < current - 1 and slot in self._slots:
+                # Empty and past: no timer is filed into a slot this old any more.
+                await journal.forget(_DIRECTORY, [str(slot)])
+                self._slots.discard(slot)
+        return due
+
+    async def fired(self, slot: int, entries: list[str]) -> None:
+        """These timers did what they were for: remove them."""
+        await self.journal.forget(_slot(slot), entries)
+
+
+def _encoded_outcome(events: list[Event[Any]]) -> bytes:
+    return msgspec.json.encode(Outcome([msgspec.Raw(encode(e, max_bytes=None)) for e in events]))
+
+
+def _hour(seconds: float) -> int:
+    return int(seconds // 3600)
+
+
+def _shapes(subscription: str, pattern: str) -> str:
+    return f"~shapes/{subscription}/{pattern}"
+
+
+def _shape_key(fields: list[str]) -> str:
+    return msgspec.json.encode(fields).decode()
+
+
+def _waiting(subscription: str, pattern: str, digest: str) -> str:
+    return f"~waiting/{subscription}/{pattern}/{digest}"
+
+
+def _arrivals(subscription: str, pattern: str, hour: int) -> str:
+    return f"~arrivals/{subscription}/{pattern}/{hour}"
+
+
+def _slot(slot: int) -> str:
+    return f"~timers/{slot}"
+
+
+def _entry(run: str, wait: str) -> str:
+    return f"{run}\n{wait}"
+
+
+def _parse_entry(entry: str) -> tuple[str, str]:
+    run, _, wait = entry.rpartition("\n")
+    return run, wait
