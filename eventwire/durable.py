@@ -57,7 +57,9 @@ class DurableRunner:
         self._journal = journal
         self._timers = timers
         self._convert = convert
-        self._parking = Parking(timers.waits(), subscription, frozenset(options.waits))
+        self._parking = Parking(
+            timers.waits(), subscription, frozenset(options.waits), timers.publish
+        )
         self.runs = 0
         """Executions of runs in this process (first ones, replays and resumes)."""
         self.parked = 0

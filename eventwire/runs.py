@@ -26,7 +26,7 @@ import inspect
 import time
 import typing
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -37,9 +37,20 @@ from eventwire.backends.journal import Journal
 from eventwire.envelope import UnencodablePayloadError, encode, encode_payload
 from eventwire.errors import EventwireError
 from eventwire.event import Event
+from eventwire.models import Chunk, Completion, Model, Prompt, Usage
+from eventwire.streams import (
+    CHUNKS_KEPT,
+    FINAL_KEY,
+    StreamChunk,
+    chunks_id,
+    encode_chunk,
+    seq_key,
+)
+from eventwire.topics import validate_topic
 from eventwire.waits import (
     INTERNAL_PREFIX,
     RESOLVED,
+    ExpiryTimer,
     Outcome,
     Waits,
     WaitSpec,
@@ -105,17 +116,24 @@ class RunParked(BaseException):
 
 @dataclass(frozen=True, slots=True)
 class Parking:
-    """Where a run's waits go: the bus's `Waits`, the subscription's name and the patterns
-    it declared with ``waits=``."""
+    """What a run of a bus's durable subscription uses beyond its journal: the bus's
+    `Waits`, the subscription's name, the patterns it declared with ``waits=``, and the
+    bus's publish (for streams)."""
 
     waits: Waits
     subscription: str
     patterns: frozenset[str]
+    publish: Callable[..., Awaitable[Any]]
+
+
+class BudgetExceededError(EventwireError, RuntimeError):
+    """A run's model calls reached its budget (`Run.budget`): the next call is refused."""
 
 
 _record_decoder = msgspec.json.Decoder(_Record)
 _status_decoder = msgspec.json.Decoder(_Status)
 _NO_STATUS = _Status("new", 0)
+_completion_decoder = msgspec.json.Decoder(Completion)
 
 
 class Run:
@@ -141,6 +159,7 @@ class Run:
         self._clock = clock
         self.parked: set[str] = set()
         """The waits this execution parked on (the bus records them)."""
+        self._budget: tuple[float | None, int | None] = (None, None)
         self._records: dict[str, bytes] = {}
         # Recorded steps and effects this execution has not asked for yet.
         self._unasked: set[str] = set()
@@ -234,6 +253,123 @@ class Run:
             raise parked
         return typing.cast(list[T], results)
 
+    # -- models --------------------------------------------------------------------------
+
+    def budget(self, *, cost: float | None = None, tokens: int | None = None) -> None:
+        """Limit what this run's model calls may spend, over every try: once the recorded
+        calls reach `cost` (in the models' `Price` units) or `tokens`, the next new call
+        raises `BudgetExceededError` instead of being made (calls replayed from the
+        journal cost nothing). Call it at the top of the handler."""
+        for label, limit in (("cost", cost), ("tokens", tokens)):
+            if limit is not None and (isinstance(limit, bool) or not limit > 0):
+                raise ValueError(f"budget {label}= must be > 0 or None, got {limit!r}")
+        self._budget = (cost, tokens)
+
+    @property
+    def spent(self) -> Usage:
+        """What the run's recorded model calls and streams consumed, over every try."""
+        total = Usage()
+        for key, record in self._records.items():
+            if key.startswith(("model:", "stream:")):
+                value = _record_decoder.decode(record).value
+                total = total + _completion_decoder.decode(value).usage
+        return total
+
+    def _check_budget(self, key: str) -> None:
+        cost, tokens = self._budget
+        if cost is None and tokens is None:
+            return
+        spent = self.spent
+        if (cost is not None and spent.cost >= cost) or (
+            tokens is not None and spent.tokens >= tokens
+        ):
+            raise BudgetExceededError(
+                f"run {self.id!r} has spent {spent.cost:.6g} (cost) and {spent.tokens} tokens "
+                f"of its budget (cost={cost}, tokens={tokens}): {_what(key)} is not called. "
+                "Raise the budget with run.budget(...), or end the run sooner"
+            )
+
+    async def complete(self, name: str, model: Model, prompt: Prompt, **options: Any) -> Completion:
+        """``model.complete(prompt, **options)`` as a journaled step named `name`: made once
+        per run, its answer, tokens and cost recorded (and counted against the budget)."""
+        key = self._numbered("model", name)
+        if key not in self._records:
+            self._check_budget(key)
+        result: Completion = await self._journaled(
+            key, model.complete, (prompt,), options, decode=_completion_decoder.decode
+        )
+        return result
+
+    def stream(
+        self, topic: str, chunks: AsyncIterator[Chunk], *, name: str | None = None
+    ) -> RunStream:
+        """Publish `chunks` (e.g. ``model.stream(prompt)``) as events on `topic`, numbered
+        per stream, then one event on ``<topic>.final`` with the whole text and the usage
+        (`eventwire.streams`). Iterate the result for the chunks as they go out, or await
+        it for the `Completion`. Journaled: when the run runs again, the recorded answer
+        comes back at once (as one chunk), and the model is not called."""
+        validate_topic(topic)
+        key = self._numbered("stream", name or topic)
+        return RunStream(self._streamed(key, topic, chunks))
+
+    async def _streamed(
+        self, key: str, topic: str, chunks: AsyncIterator[Chunk]
+    ) -> AsyncIterator[Chunk | Completion]:
+        record = self._records.get(key)
+        if record is not None:
+            self._unasked.discard(key)
+            self.replays += 1
+            await _close(chunks)
+            completion = _completion_decoder.decode(_record_decoder.decode(record).value)
+            yield Chunk(completion.text, completion.usage)
+            yield completion
+            return
+        if self._unasked and not _gathering.get():
+            await _close(chunks)
+            self._refuse_mismatch(key)
+        self._check_budget(key)
+        parking = self._services("stream")
+        seq = self._next_seq
+        self._next_seq += 1
+        stream = f"{self.id}/{key.removeprefix('stream:')}"
+        kept = chunks_id(stream)
+        number = sum(1 for k in await self._journal.read(kept) if k != FINAL_KEY)
+        if number:  # an earlier try died mid-stream: readers drop what it sent
+            restart = StreamChunk(stream, number, restart=True)
+            await self._journal.write(kept, seq_key(number), encode_chunk(restart))
+            await parking.publish(topic, msgspec.to_builtins(restart), key=stream)
+            number += 1
+        parts: list[str] = []
+        usage = Usage()
+        async for chunk in chunks:
+            piece = StreamChunk(stream, number, chunk.text)
+            await self._journal.write(kept, seq_key(number), encode_chunk(piece))
+            await parking.publish(topic, msgspec.to_builtins(piece), key=stream)
+            number += 1
+            parts.append(chunk.text)
+            if chunk.usage is not None:
+                usage = chunk.usage
+            yield chunk
+        completion = Completion("".join(parts), topic, usage)
+        self.calls += 1
+        final = StreamChunk(stream, number, completion.text, final=True, usage=usage)
+        await self._journal.write(kept, FINAL_KEY, encode_chunk(final))
+        value = msgspec.Raw(msgspec.json.encode(completion))
+        self._records[key] = await self._journal.write(
+            self.id, key, msgspec.json.encode(_Record(seq, value))
+        )
+        await parking.publish(f"{topic}.final", msgspec.to_builtins(final), key=stream)
+        await parking.waits.add_timer(ExpiryTimer(self._clock() + CHUNKS_KEPT, stream, number))
+        yield completion
+
+    def _services(self, what: str) -> Parking:
+        if self._parking is None:
+            raise RuntimeError(
+                f"run {self.id!r} cannot {what}: it was not made by a bus for a durable "
+                "subscription"
+            )
+        return self._parking
+
     # -- waits -------------------------------------------------------------------------
 
     async def wait_for(
@@ -293,12 +429,7 @@ class Run:
         timeout: timedelta | float | None,
         count: int,
     ) -> Outcome:
-        parking = self._parking
-        if parking is None:
-            raise RuntimeError(
-                f"run {self.id!r} cannot wait: it was not made by a bus for a durable "
-                "subscription (waits park the run in the bus's journal)"
-            )
+        parking = self._services("wait")
         if pattern is not None and pattern not in parking.patterns:
             declared = ", ".join(map(repr, sorted(parking.patterns))) or "none"
             raise ValueError(
@@ -379,14 +510,20 @@ class Run:
     # -- the journal -------------------------------------------------------------------
 
     async def _journaled(
-        self, key: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        key: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        decode: Callable[[bytes], Any] | None = None,
     ) -> Any:
-        returns = _return_type(fn)
+        returns = _return_type(fn) if decode is None else None
         record = self._records.get(key)
         if record is not None:
             self._unasked.discard(key)
             self.replays += 1
-            return await self._value(record, returns, key)
+            return await self._value(record, returns, key, decode)
         if self._unasked and not _gathering.get():
             self._refuse_mismatch(key)
         seq = self._next_seq
@@ -404,7 +541,7 @@ class Run:
         self.calls += 1
         stored = await self._journal.write(self.id, key, await self._encode(key, seq, result))
         self._records[key] = stored
-        return await self._value(stored, returns, key)
+        return await self._value(stored, returns, key, decode)
 
     async def _encode(self, key: str, seq: int, result: Any) -> bytes:
         try:
@@ -421,7 +558,9 @@ class Run:
         await self._journal.put_blob(digest, value)
         return msgspec.json.encode(_Record(seq, blob=digest))
 
-    async def _value(self, record: bytes, returns: Any, key: str) -> Any:
+    async def _value(
+        self, record: bytes, returns: Any, key: str, decode: Callable[[bytes], Any] | None = None
+    ) -> Any:
         decoded = _record_decoder.decode(record)
         raw = bytes(decoded.value)
         if decoded.blob is not None:
@@ -432,6 +571,8 @@ class Run:
                     f"({decoded.blob}): its store was cleared while the run was open"
                 )
             raw = blob
+        if decode is not None:
+            return decode(raw)
         if returns is None:
             return msgspec.json.decode(raw)
         return _adapter(returns).validate_json(raw)
@@ -467,6 +608,31 @@ class Run:
         )
         self._records[STATUS_KEY] = encoded
         await self._journal.write(self.id, STATUS_KEY, encoded, replace=True)
+
+
+class RunStream:
+    """A stream a run publishes (`Run.stream`): iterate it for the chunks, or await it for
+    the `Completion` (whole text and usage), which `completion` holds once it ended."""
+
+    def __init__(self, items: AsyncIterator[Chunk | Completion]) -> None:
+        self._items = items
+        self.completion: Completion | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        async for item in self._items:
+            if isinstance(item, Completion):
+                self.completion = item
+            else:
+                yield item
+
+    def __await__(self) -> Generator[Any, None, Completion]:
+        return self._drain().__await__()
+
+    async def _drain(self) -> Completion:
+        async for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,7 +701,14 @@ def run_id(subscription: str, event: Event[Any]) -> str:
 
 
 def _is_step(key: str) -> bool:
-    return key.startswith(("step:", "effect:", "wait:", "collect:", "sleep:"))
+    return key.startswith(("step:", "effect:", "model:", "stream:", "wait:", "collect:", "sleep:"))
+
+
+async def _close(chunks: AsyncIterator[Any]) -> None:
+    """Let go of an async generator that will not be iterated (a replayed stream)."""
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def _seconds(duration: timedelta | float) -> float:

@@ -1,6 +1,6 @@
 """The bus's clock for durable runs: a task that fires the timers filed in the backend's
-journal (`eventwire.waits`): the deadlines of waits, the ends of sleeps, and events
-scheduled with `EventBus.schedule`.
+journal (`eventwire.waits`): the deadlines of waits, the ends of sleeps, events scheduled
+with `EventBus.schedule`, and the expiry of finished streams' chunks.
 
 Every running bus with a durable subscription (or that scheduled an event) polls, so timers
 that fell due while every process was down fire at the next start, within one `tick`.
@@ -20,8 +20,9 @@ from typing import Any
 from eventwire.backends.journal import Journal
 from eventwire.envelope import decode
 from eventwire.event import Event
+from eventwire.streams import chunks_id, seq_key
 from eventwire.topics import safe_name
-from eventwire.waits import EventTimer, Resumption, Waits, WaitTimer
+from eventwire.waits import EventTimer, ExpiryTimer, Resumption, Timer, Waits
 
 logger = logging.getLogger("eventwire")
 
@@ -65,6 +66,11 @@ class Timers:
         self._stopping = False
         self.fired = 0
         """Timers this process fired."""
+
+    @property
+    def publish(self) -> Publish:
+        """The bus's publish."""
+        return self._publish
 
     def waits(self) -> Waits:
         """The index of waits and timers in the backend's journal (raises if it has none)."""
@@ -123,9 +129,13 @@ class Timers:
                 pause = self._tick
             await asyncio.sleep(pause)
 
-    async def _fire(self, waits: Waits, timer: WaitTimer | EventTimer) -> None:
+    async def _fire(self, waits: Waits, timer: Timer) -> None:
         if isinstance(timer, EventTimer):
             await self._publish(decode(bytes(timer.envelope)))
+            return
+        if isinstance(timer, ExpiryTimer):
+            keys = [seq_key(seq) for seq in range(timer.chunks)]
+            await waits.journal.forget(chunks_id(timer.stream), keys)
             return
         _, won = await waits.time_out(timer.run, timer.wait)
         if won:

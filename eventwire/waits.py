@@ -106,7 +106,19 @@ class EventTimer(msgspec.Struct, tag="event"):
         return f"event\n{self.id}"
 
 
-Timer = WaitTimer | EventTimer
+class ExpiryTimer(msgspec.Struct, tag="expiry"):
+    """The end of the time a finished stream's chunks are kept (`eventwire.streams`)."""
+
+    due: float
+    stream: str
+    chunks: int
+
+    @property
+    def entry(self) -> str:
+        return f"expiry\n{self.stream}"
+
+
+Timer = WaitTimer | EventTimer | ExpiryTimer
 
 _outcome_decoder = msgspec.json.Decoder(Outcome)
 _spec_decoder = msgspec.json.Decoder(WaitSpec)
