@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from eventwire.backends.journal import Journal
@@ -36,6 +37,22 @@ Companion = tuple[str, Callable[[Event[Any]], Awaitable[Any]], SubscriptionOptio
 """A subscription a durable one needs beside it: pattern, handler, options."""
 
 _ENDED = ("finished", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class RunCounts:
+    """What a durable subscription's runs did in this process."""
+
+    executions: int
+    """Times a run's handler began (first tries, retries, resumes)."""
+    steps_called: int
+    """Steps, effects and model calls whose functions ran."""
+    steps_replayed: int
+    """Steps, effects, model calls and waits taken from the journal instead."""
+    parked: int
+    """Times a run parked on a wait or sleep."""
+    resumed: int
+    """Times a parked run was resumed by a resolved wait or a timer."""
 
 
 class DurableRunner:
@@ -125,6 +142,9 @@ class DurableRunner:
             state = run.state
             if state in _ENDED:
                 return None  # delivered again after it ended: nothing is done twice
+            if run.cancelled:
+                await run.mark("cancelled")
+                return None
             if state == "waiting":
                 if not await run.claim(driver):
                     return None  # another delivery resumes it
@@ -151,6 +171,9 @@ class DurableRunner:
             self._count(run)
             await run.mark("finished")
             return result
+
+    def counts(self) -> RunCounts:
+        return RunCounts(self.runs, self.calls, self.replays, self.parked, self.resumed)
 
     def _count(self, run: Run) -> None:
         self.calls += run.calls

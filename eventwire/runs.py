@@ -70,6 +70,9 @@ STATUS_KEY = "status"
 EVENT_KEY = "event"
 """The record holding a parked run's event (its envelope), to resume it with."""
 
+CANCELLED_KEY = "cancelled"
+"""The record of a run's cancellation (`cancel_run`): why, and when."""
+
 # Steps started inside `Run.gather`: new ones may start before recorded ones of the same
 # gather were asked for, which is no sign of changed code.
 _gathering: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -185,6 +188,11 @@ class Run:
         """What the journal says of the run: running, finished, failed (None: new)."""
         status = self._records.get(STATUS_KEY)
         return None if status is None else _status_decoder.decode(status).state
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the run was cancelled (`cancel_run`): it does not run again."""
+        return CANCELLED_KEY in self._records
 
     @property
     def tries(self) -> int:
@@ -681,10 +689,13 @@ async def list_runs(journal: Journal) -> list[RunInfo]:
         )
         status = records.get(STATUS_KEY)
         decoded = None if status is None else _status_decoder.decode(status)
+        state = "unknown" if decoded is None else decoded.state
+        if CANCELLED_KEY in records and state != "finished":
+            state = "cancelled"
         found.append(
             RunInfo(
                 id=listed.run,
-                state="unknown" if decoded is None else decoded.state,
+                state=state,
                 tries=0 if decoded is None else decoded.tries,
                 steps=steps,
                 failed=failed,
@@ -693,6 +704,36 @@ async def list_runs(journal: Journal) -> list[RunInfo]:
             )
         )
     return found
+
+
+async def cancel_run(journal: Journal, run: str, reason: str = "cancelled") -> bool:
+    """Cancel `run`: it does not run again (a parked run is not resumed; a run in the middle
+    of an execution ends that execution, then stops). False if the journal has no such
+    run, or it finished already."""
+    records = await journal.read(run)
+    status = records.get(STATUS_KEY)
+    if status is None or _status_decoder.decode(status).state == "finished":
+        return False
+    record = msgspec.json.encode({"reason": reason, "at": time.time()})
+    await journal.write(run, CANCELLED_KEY, record)
+    if _status_decoder.decode(status).state != "running":
+        ended = msgspec.structs.replace(_status_decoder.decode(status), state="cancelled")
+        await journal.write(run, STATUS_KEY, msgspec.json.encode(ended), replace=True)
+    return True
+
+
+async def pending_waits(journal: Journal, run: str) -> dict[str, WaitSpec]:
+    """The waits `run` is parked on, by key (``wait:approval.given``), with what each
+    waits for."""
+    records = await journal.read(run)
+    status = records.get(STATUS_KEY)
+    if status is None or CANCELLED_KEY in records:
+        return {}
+    return {
+        key: decode_spec(bytes(_record_decoder.decode(records[key]).value))
+        for key in _status_decoder.decode(status).waiting
+        if key in records and RESOLVED + key not in records
+    }
 
 
 def run_id(subscription: str, event: Event[Any]) -> str:

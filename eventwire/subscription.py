@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from eventwire.backends.journal import Journal
 from eventwire.context import current_event
 from eventwire.deadletter import DeadLetters
-from eventwire.durable import DurableRunner
+from eventwire.durable import DurableRunner, RunCounts
 from eventwire.errors import InboxFullError, PayloadValidationError, PoisonEventError
 from eventwire.event import Event
 from eventwire.inbox import Inbox, Overflow
@@ -74,6 +74,8 @@ class SubscriptionStats:
     handling_seconds: float
     handling: Percentiles
     """Percentiles of the time each finished event took (retries and backoff included)."""
+    runs: RunCounts | None = None
+    """A durable subscription's run counters (steps called and replayed, parks, resumes)."""
 
     @property
     def mean_handling_seconds(self) -> float:
@@ -282,6 +284,7 @@ class Subscription:
             queued=self.inbox.queued,
             handling_seconds=self._handling_seconds,
             handling=self.histogram.percentiles(),
+            runs=None if self.runner is None else self.runner.counts(),
         )
 
     @property

@@ -78,3 +78,56 @@ def test_runs_refuses_a_bad_state_the_memory_bus_and_a_backend_without_a_journal
     memory = cli("runs", "--url", "memory://")
     assert memory.returncode == 2
     assert "keeps its runs in its own process" in memory.stderr
+
+
+async def test_approve_resolves_a_waiting_run_and_cancel_stops_another(url: str) -> None:
+    """A person approves one parked run from the command line and cancels another; the
+    first goes on in the running bus, the second never runs again."""
+    decisions: dict[str, Any] = {}
+    resumed = asyncio.Event()
+
+    async def agent(event: Event[str], run_: Run) -> None:
+        await run_.step("draft", lambda: f"draft of {event.payload}")
+        answer = await run_.wait_for("approval.given", match={"run": run_.id}, timeout=60)
+        assert answer is not None
+        decisions[event.payload] = answer.payload
+        resumed.set()
+
+    async with EventBus(url) as bus:
+        sub = bus.subscribe("task", agent, durable=True, waits=["approval.given"], name="agent")
+        await sub.ready()
+        kept = await bus.publish("task", "keep")
+        dropped = await bus.publish("task", "drop")
+
+        async def parked() -> bool:
+            runs = await listed(url)
+            return all(runs.get(e.id, {}).get("state") == "waiting" for e in (kept, dropped))
+
+        async with asyncio.timeout(20):
+            while not await parked():  # noqa: ASYNC110 - journal state, no event to await
+                await asyncio.sleep(0.05)
+        runs = await listed(url)
+        assert runs[kept.id]["waiting"] == ["wait:approval.given"]
+        cancelled = await run(
+            "cancel", f"agent/{dropped.id}", "--reason", "duplicate", "--url", url
+        )
+        assert cancelled.returncode == 0, cancelled.stderr
+        approved = await run("approve", f"agent/{kept.id}", "--by", "ana", "--url", url)
+        assert approved.returncode == 0, approved.stderr
+        async with asyncio.timeout(20):
+            await resumed.wait()
+        # Approving the cancelled run is refused: it waits for nothing any more.
+        refused = await run("approve", f"agent/{dropped.id}", "--url", url)
+        await bus.drain(timeout=10)
+    assert decisions == {"keep": {"run": f"agent/{kept.id}", "approved": True, "by": "ana"}}
+    runs = await listed(url)
+    assert runs[kept.id]["state"] == "finished"
+    assert runs[dropped.id]["state"] == "cancelled"
+    assert refused.returncode == 2
+    assert "waits for nothing" in refused.stderr
+
+
+def test_send_refuses_a_payload_that_is_not_a_json_object() -> None:
+    bad = cli("send", "agent/1", "[1, 2]", "--url", "sqlite:///unused.db")
+    assert bad.returncode == 2
+    assert "must be a JSON object" in bad.stderr
