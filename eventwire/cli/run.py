@@ -21,7 +21,8 @@ from eventwire.cli._app import app, console, error_console, fail
         "  eventwire demo\n\n"
         '  eventwire demo -q "What is our refund policy?" -q "Who owns billing?"\n\n'
         "  eventwire demo --url sqlite:///demo.db\n\n"
-        "  eventwire demo --url nats://127.0.0.1:4222"
+        "  eventwire demo --url nats://127.0.0.1:4222\n\n"
+        "  eventwire demo --durable"
     )
 )
 def demo(
@@ -50,6 +51,15 @@ def demo(
             show_default=False,
         ),
     ] = None,
+    durable: Annotated[
+        bool,
+        typer.Option(
+            "--durable",
+            help="Show a durable run instead: the research and email agents as one run that "
+            "is killed mid-way, resumes in a new process and waits for an approval (on "
+            "SQLite in a temporary folder unless --url names a durable backend).",
+        ),
+    ] = False,
 ) -> None:
     """Run the tutorial's agents on an in-process bus and show what each one does.
 
@@ -61,6 +71,11 @@ def demo(
     from eventwire.demo import run_demo
 
     out = console()
+    if durable:
+        from eventwire.durable_demo import run_durable_demo
+
+        asyncio.run(run_durable_demo(out, url=url))
+        return
     if verbose:
         from rich.logging import RichHandler
 
