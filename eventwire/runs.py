@@ -19,7 +19,6 @@ Results over `INLINE_BYTES` go to content-addressed blobs, stored once per conte
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import hashlib
 import inspect
@@ -777,19 +776,23 @@ def _return_type(fn: Callable[..., Any]) -> Any | None:
     while hasattr(target, "func"):  # functools.partial
         target = target.func
     target = getattr(target, "__func__", target)  # a bound method: its function
+    # Keyed by code, not by function: a lambda made per run is a new function each time,
+    # and holding it would hold what it closes over (the run's event) for every run.
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return _read_return_type(target)
     try:
-        return _return_types[target]
-    except (KeyError, TypeError):  # TypeError: not hashable
+        return _return_types[code]
+    except KeyError:
         pass
     returns = _read_return_type(target)
-    with contextlib.suppress(TypeError):
-        if len(_return_types) >= _RETURN_TYPES_KEPT:
-            _return_types.clear()
-        _return_types[target] = returns
+    if len(_return_types) >= _RETURN_TYPES_KEPT:
+        _return_types.clear()
+    _return_types[code] = returns
     return returns
 
 
-# function -> its return type (the annotation is read once per function).
+# a function's code -> its return type (the annotation is read once per function).
 _return_types: dict[Any, Any] = {}
 _RETURN_TYPES_KEPT = 4096
 

@@ -4,17 +4,22 @@ replicas), with keys
 
 - ``r.<run>.<record>``: a record (a first write is the bucket's ``create``, which fails when
   the key exists: the record that stands is then read back);
+- ``m.<run>``: the run's manifest, the keys of its records (updated by compare-and-set once
+  a record is created, so a write that returned is in it);
 - ``i.<run>``: the run's id, for listing;
 - ``b.<sha256>`` and ``b.<sha256>.<n>``: a blob, as a count of parts and the parts (of at
   most `_PART` bytes: a message may not exceed the server's payload limit, 1 MB by default).
 
 KV keys allow only ``A-Z a-z 0-9 - _ = / .``: ``<run>`` is the SHA-256 of the run id and
-``<record>`` the record key in URL-safe base64. A run's records are read with one short-lived
-consumer of ``r.<run>.>`` (its current values, then it is deleted).
+``<record>`` the record key in URL-safe base64. A run is read as its manifest, then its
+records, fetched at once: a few round trips, where a consumer over ``r.<run>.>`` (the only
+way to list keys by prefix on NATS 2.9) costs the server a scan of the bucket's subjects.
+Runs are listed (``eventwire runs``) by such a consumer over ``i.>``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -32,7 +37,6 @@ from eventwire.backends.journal import Journal, RunRecord
 T = TypeVar("T")
 
 _PART = 512 * 1024
-_INDEXED_KEPT = 10_000
 # How long a read waits for the next batch of values.
 _WATCH_WAIT = 5.0
 _READ_BATCH = 256
@@ -69,8 +73,6 @@ class NatsJournal(Journal):
         self._bucket = bucket
         self._jetstream = jetstream
         self._retry = retry
-        # Runs whose index key this process wrote (a round trip saved on their next writes).
-        self._indexed: set[str] = set()
 
     async def _retried(self, what: str, operation: Callable[[KeyValue], Awaitable[T]]) -> T:
         async def attempt() -> T:
@@ -80,33 +82,69 @@ class NatsJournal(Journal):
         return result
 
     async def read(self, run: str) -> dict[str, bytes]:
-        prefix = f"r.{_run_hash(run)}."
+        hashed = _run_hash(run)
 
         async def read(kv: KeyValue) -> dict[str, bytes]:
-            found = await self._current(prefix + ">")
-            return {_key_of(key[len(prefix) :]): value for key, value in found.items()}
+            keys = (await _manifest(kv, hashed))[1]
+            entries = await asyncio.gather(
+                *(kv.get(f"r.{hashed}.{key}") for key in keys), return_exceptions=True
+            )
+            found = {}
+            for key, entry in zip(keys, entries, strict=True):
+                if isinstance(entry, nats.js.errors.NotFoundError):
+                    continue  # forgotten since the manifest was read
+                if isinstance(entry, BaseException):
+                    raise entry
+                found[_key_of(key)] = bytes(entry.value or b"")
+            return found
 
         return await self._retried(f"reading the journal of run {run!r}", read)
 
     async def write(self, run: str, key: str, value: bytes, *, replace: bool = False) -> bytes:
         hashed = _run_hash(run)
-        kv_key = f"r.{hashed}.{_record_key(key)}"
+        encoded = _record_key(key)
+        kv_key = f"r.{hashed}.{encoded}"
 
         async def write(kv: KeyValue) -> bytes:
-            if hashed not in self._indexed:
-                await _create(kv, f"i.{hashed}", run.encode())
-                if len(self._indexed) >= _INDEXED_KEPT:
-                    self._indexed.clear()
-                self._indexed.add(hashed)
+            if await _create(kv, kv_key, value):
+                await self._listed(kv, run, hashed, encoded)
+                return value
             if replace:
                 await kv.put(kv_key, value)
                 return value
-            if await _create(kv, kv_key, value):
-                return value
-            entry = await kv.get(kv_key)
-            return bytes(entry.value or b"")
+            stood = bytes((await kv.get(kv_key)).value or b"")
+            # Its writer may have died before listing it.
+            await self._listed(kv, run, hashed, encoded)
+            return stood
 
         return await self._retried(f"writing the journal of run {run!r}", write)
+
+    async def _listed(self, kv: KeyValue, run: str, hashed: str, encoded: str) -> None:
+        """Add a record key to its run's manifest (compare-and-set, retried on a race)."""
+        while True:
+            revision, keys = await _manifest(kv, hashed)
+            if encoded in keys:
+                return
+            listed = "\n".join([*keys, encoded]).encode()
+            if revision is None:
+                await _create(kv, f"i.{hashed}", run.encode())  # a new run: list it
+                if await _create(kv, f"m.{hashed}", listed):
+                    return
+                continue
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await kv.update(f"m.{hashed}", listed, last=revision)
+                return
+
+    async def _unlisted(self, kv: KeyValue, hashed: str, encoded: set[str]) -> None:
+        """Remove record keys from their run's manifest."""
+        while True:
+            revision, keys = await _manifest(kv, hashed)
+            kept = [key for key in keys if key not in encoded]
+            if revision is None or len(kept) == len(keys):
+                return
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await kv.update(f"m.{hashed}", "\n".join(kept).encode(), last=revision)
+                return
 
     async def put_blob(self, digest: str, data: bytes) -> None:
         parts = [data[start : start + _PART] for start in range(0, len(data), _PART)] or [b""]
@@ -146,19 +184,21 @@ class NatsJournal(Journal):
         async def delete(kv: KeyValue) -> None:
             for run in runs:
                 hashed = _run_hash(run)
-                for key in await self.read(run):
-                    await kv.purge(f"r.{hashed}.{_record_key(key)}")
+                for key in (await _manifest(kv, hashed))[1]:
+                    await kv.purge(f"r.{hashed}.{key}")
+                await kv.purge(f"m.{hashed}")
                 await kv.purge(f"i.{hashed}")
-                self._indexed.discard(hashed)
 
         await self._retried("deleting runs", delete)
 
     async def forget(self, run: str, keys: Sequence[str]) -> None:
         hashed = _run_hash(run)
+        encoded = {_record_key(key) for key in keys}
 
         async def forget(kv: KeyValue) -> None:
-            for key in keys:
-                await kv.purge(f"r.{hashed}.{_record_key(key)}")
+            await self._unlisted(kv, hashed, encoded)
+            for key in encoded:
+                await kv.purge(f"r.{hashed}.{key}")
 
         if keys:
             await self._retried(f"forgetting records of run {run!r}", forget)
@@ -202,6 +242,16 @@ class NatsJournal(Journal):
             with contextlib.suppress(nats.errors.Error):
                 await js.delete_consumer(stream, info.name)
         return found
+
+
+async def _manifest(kv: KeyValue, hashed: str) -> tuple[int | None, list[str]]:
+    """A run's manifest: its revision (None: there is none) and the record keys it lists."""
+    try:
+        entry = await kv.get(f"m.{hashed}")
+    except nats.js.errors.NotFoundError:
+        return None, []
+    listed = (entry.value or b"").decode()
+    return entry.revision, listed.split("\n") if listed else []
 
 
 async def _create(kv: KeyValue, key: str, value: bytes) -> bool:

@@ -1,11 +1,12 @@
 """A worker process for the durable-run crash tests: handles `agent.task` events with a
-six-step durable agent (three model steps, a gather of two searches, an email effect) and
-writes a ledger line for each thing it does (an O_APPEND write lands in the kernel at once,
-so a SIGKILL loses none):
+six-step durable agent (three model steps, a gather of two searches, a wait for approval, an
+email effect) and writes a ledger line for each thing it does (an O_APPEND write lands in
+the kernel at once, so a SIGKILL loses none):
 
 - ``begin <run> <step>``: a step's function was called;
 - ``got <run> <step>``: the handler got the step's result back from `run.step` (so it was
   recorded);
+- ``approved <run>``: its wait returned the approval;
 - ``done <run>``: the run finished.
 
     python -m tests.conformance.run_worker URL LEDGER
@@ -29,7 +30,9 @@ async def main(url: str, ledger: str) -> None:
 
     bus = EventBus(url, redeliver_after=1.0, close_grace=1.0)
 
-    @bus.subscribe("agent.task", name="agent", durable=True, max_restarts=None)
+    @bus.subscribe(
+        "agent.task", name="agent", durable=True, waits=["agent.approved"], max_restarts=None
+    )
     async def agent(event: Event[int], run: Run) -> None:
         task = event.payload
 
@@ -50,6 +53,10 @@ async def main(url: str, ledger: str) -> None:
         found = await run.gather(step("search-a", plan), step("search-b", plan))
         draft = await step("draft", " ".join(found))
         await step("review", draft)
+        approval = await run.wait_for("agent.approved", match={"task": task}, timeout=300)
+        if approval is None:
+            raise RuntimeError(f"task {task}: no approval came")
+        write(f"approved {task}")
 
         async def send_email(body: str) -> str:
             write(f"begin {task} email")
