@@ -9,10 +9,14 @@ kept in the journal too, under pseudo-runs whose ids start with ``~``:
   have the values the wait matches on (`digest` of those values), one record per wait;
 - ``~shapes/<subscription>/<pattern>``: which sets of payload fields waits match on, so an
   arriving event is looked up by each, one read each, never by scanning every wait;
-- ``~arrivals/<subscription>/<pattern>/<hour>``: every event that arrived on a waited
-  pattern, kept `ARRIVALS_KEPT_HOURS`: a wait registered after its event came (the approver
+- ``~arrivals/<subscription>/<pattern>/<minute>``: every event that arrived on a waited
+  pattern, kept `ARRIVALS_KEPT_MINUTES`: a wait registered after its event came (the approver
   answered before the run parked) still finds it;
-- ``~timers/<slot>`` and ``~timers``: timers by `SLOT_SECONDS` slot, and the slots in use.
+- ``~timers/<slot>/<shard>`` and ``~timers``: timers by `SLOT_SECONDS` slot (in
+  `TIMER_SHARDS` parts), and the slots in use.
+
+Buckets are small on purpose (a minute of arrivals, a second of timers): a journal may keep a
+pseudo-run's key list in one value (NATS), rewritten as keys come and go.
 
 An event is filed (arrival) before the index is read, and a wait is filed before the
 arrivals are read: whichever comes second sees the other, so no event slips between them.
@@ -22,8 +26,10 @@ and a timeout racing: one outcome stands). Whoever wrote it asks for the run to 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +43,15 @@ from eventwire.event import Event
 INTERNAL_PREFIX = "~"
 """Journal ids starting with this hold the index of waits and timers, not runs."""
 
-SLOT_SECONDS = 10
+SLOT_SECONDS = 1
 """Timers are filed by slots of this many seconds."""
 
-ARRIVALS_KEPT_HOURS = 24
-"""How long an event on a waited pattern is kept for waits registered after it came."""
+TIMER_SHARDS = 8
+"""Each slot's timers are filed in this many parts."""
+
+ARRIVALS_KEPT_MINUTES = 24 * 60
+"""How long (minutes) an event on a waited pattern is kept for waits registered after it
+came."""
 
 RESOLVED = "resolved:"
 """Prefix of the record holding a wait's outcome in its run's journal."""
@@ -215,10 +225,11 @@ class Waits:
     async def _arrived_before(self, subscription: str, spec: WaitSpec) -> list[Event[Any]]:
         """Events filed on the wait's pattern, since its run began, that it matches."""
         assert spec.pattern is not None
-        first = max(spec.since // 3_600_000_000_000, _hour(time.time()) - ARRIVALS_KEPT_HOURS)
+        now = _minute(time.time())
+        first = max(spec.since // 60_000_000_000, now - ARRIVALS_KEPT_MINUTES)
         found = []
-        for hour in range(first, _hour(time.time()) + 1):
-            bucket = _arrivals(subscription, spec.pattern, hour)
+        for minute in range(first, now + 1):
+            bucket = _arrivals(subscription, spec.pattern, minute)
             for data in (await self.journal.read(bucket)).values():
                 event = decode(data)
                 if event.created_ns >= spec.since and matches(spec.match, event):
@@ -231,9 +242,9 @@ class Waits:
         The runs to resume (each once, by whoever resolved it)."""
         journal = self.journal
         envelope = encode(event, max_bytes=None)
-        hour = _hour(event.created_ns / 1e9)
-        await journal.write(_arrivals(subscription, pattern, hour), event.id, envelope)
-        await self._prune_arrivals(subscription, pattern, hour)
+        minute = _minute(event.created_ns / 1e9)
+        await journal.write(_arrivals(subscription, pattern, minute), event.id, envelope)
+        await self._prune_arrivals(subscription, pattern, _minute(time.time()))
         payload = json_form(event.payload)
         resumed = []
         for shape in await journal.read(_shapes(subscription, pattern)):
@@ -298,19 +309,24 @@ class Waits:
         )
         return await self.settle(run, wait, outcome)
 
-    async def _prune_arrivals(self, subscription: str, pattern: str, hour: int) -> None:
-        """Once an hour per pattern: drop arrival hours past `ARRIVALS_KEPT_HOURS`."""
-        if self._pruned.get((subscription, pattern)) == hour:
+    async def _prune_arrivals(self, subscription: str, pattern: str, minute: int) -> None:
+        """Once a minute per pattern: drop the minutes of arrivals that fell out of
+        `ARRIVALS_KEPT_MINUTES` since (all of them after a long pause, up to a day)."""
+        # A process's first look goes a day back: minutes left while no process ran.
+        last = self._pruned.get((subscription, pattern), minute - 1 - ARRIVALS_KEPT_MINUTES)
+        if last >= minute:
             return
-        self._pruned[(subscription, pattern)] = hour
-        old = range(hour - 2 * ARRIVALS_KEPT_HOURS, hour - ARRIVALS_KEPT_HOURS)
-        await self.journal.delete([_arrivals(subscription, pattern, h) for h in old])
+        self._pruned[(subscription, pattern)] = minute
+        first = max(last, minute - 1 - ARRIVALS_KEPT_MINUTES) - ARRIVALS_KEPT_MINUTES
+        old = range(first, minute - ARRIVALS_KEPT_MINUTES)
+        await self.journal.delete([_arrivals(subscription, pattern, m) for m in old])
 
     # -- timers --------------------------------------------------------------------------
 
     async def add_timer(self, timer: Timer) -> None:
         slot = int(timer.due // SLOT_SECONDS)
-        await self.journal.write(_slot(slot), timer.entry, msgspec.json.encode(timer))
+        entry = timer.entry
+        await self.journal.write(_slot(slot, entry), entry, msgspec.json.encode(timer))
         if slot not in self._slots:
             await self.journal.write(_DIRECTORY, str(slot), b"1")
             self._slots.add(slot)
@@ -327,7 +343,10 @@ class Waits:
         for slot in sorted({*self._slots, current - 1, current}):
             if slot > current:
                 break
-            records = await journal.read(_slot(slot))
+            shards = await asyncio.gather(
+                *(journal.read(f"~timers/{slot}/{shard}") for shard in range(TIMER_SHARDS))
+            )
+            records = {entry: data for shard in shards for entry, data in shard.items()}
             for entry, data in records.items():
                 timer = _timer_decoder.decode(data)
                 if timer.due <= now:
@@ -340,15 +359,16 @@ class Waits:
 
     async def fired(self, slot: int, entries: list[str]) -> None:
         """These timers did what they were for: remove them."""
-        await self.journal.forget(_slot(slot), entries)
+        for entry in entries:
+            await self.journal.forget(_slot(slot, entry), [entry])
 
 
 def _encoded_outcome(events: list[Event[Any]]) -> bytes:
     return msgspec.json.encode(Outcome([msgspec.Raw(encode(e, max_bytes=None)) for e in events]))
 
 
-def _hour(seconds: float) -> int:
-    return int(seconds // 3600)
+def _minute(seconds: float) -> int:
+    return int(seconds // 60)
 
 
 def _shapes(subscription: str, pattern: str) -> str:
@@ -363,12 +383,14 @@ def _waiting(subscription: str, pattern: str, digest: str) -> str:
     return f"~waiting/{subscription}/{pattern}/{digest}"
 
 
-def _arrivals(subscription: str, pattern: str, hour: int) -> str:
-    return f"~arrivals/{subscription}/{pattern}/{hour}"
+def _arrivals(subscription: str, pattern: str, minute: int) -> str:
+    return f"~arrivals/{subscription}/{pattern}/{minute}"
 
 
-def _slot(slot: int) -> str:
-    return f"~timers/{slot}"
+def _slot(slot: int, entry: str) -> str:
+    """Where a timer is filed: its slot, and a shard of it (timers due in the same second
+    are filed apart, so that writers do not all update one record list)."""
+    return f"~timers/{slot}/{zlib.crc32(entry.encode()) % TIMER_SHARDS}"
 
 
 def _entry(run: str, wait: str) -> str:
