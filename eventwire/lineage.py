@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -22,9 +22,11 @@ from rich.markup import escape
 from rich.text import Text
 from rich.tree import Tree
 
+from eventwire.backends.journal import Journal
 from eventwire.event import Event, new_event
 from eventwire.metrics import format_seconds
 from eventwire.observe import HandlingRecord, Observer, SubscriptionInfo
+from eventwire.runs import RunInfo, run_id, run_info
 
 # Publishes an event without waiting; returns what to wait on, if anything (the bus's).
 PublishSoon = Callable[[Event[Any]], "asyncio.Future[Any] | None"]
@@ -51,6 +53,8 @@ class LineageNode:
     event: Event[Any]
     handlings: list[HandlingRecord] = field(default_factory=list)
     children: list[LineageNode] = field(default_factory=list)
+    runs: dict[str, RunInfo] = field(default_factory=dict)
+    """Durable runs of this event, by subscription: what each journaled (see `add_runs`)."""
 
     def walk(self) -> Iterable[LineageNode]:
         """This node and every node under it, depth first, in time order."""
@@ -151,6 +155,27 @@ def _handling_line(records: list[HandlingRecord]) -> Text:
     return line
 
 
+def _run_line(run: RunInfo) -> Text:
+    line = Text.assemble(("run ", "dim"), run.state, (f"  {run.tries} tries", "dim"))
+    if run.steps:
+        line.append("  " + ", ".join(run.steps))
+    if run.waiting:
+        line.append("  waiting for " + ", ".join(run.waiting), style="yellow")
+    if run.failed:
+        line.append("  failed: " + ", ".join(run.failed), style="red")
+    return line
+
+
+async def add_runs(nodes: list[LineageNode], journal: Journal) -> None:
+    """Attach to each node the durable runs its handlings made (read from `journal`)."""
+    for root in nodes:
+        for node in root.walk():
+            for subscription in {record.subscription for record in node.handlings}:
+                run = await run_info(journal, run_id(subscription, node.event))
+                if run is not None:
+                    node.runs[subscription] = run
+
+
 def _event_label(node: LineageNode, start: datetime, marked: str | None) -> Text:
     event = node.event
     offset = (event.timestamp - start).total_seconds()
@@ -182,8 +207,11 @@ def render_lineage(nodes: list[LineageNode], *, marked: str | None = None) -> Tr
         by_subscription: dict[str, list[HandlingRecord]] = {}
         for record in node.handlings:
             by_subscription.setdefault(record.subscription, []).append(record)
-        for records in by_subscription.values():
-            child.add(_handling_line(records))
+        for subscription, records in by_subscription.items():
+            handling = child.add(_handling_line(records))
+            run = node.runs.get(subscription)
+            if run is not None:
+                handling.add(_run_line(run))
         for grandchild in node.children:
             add(child, grandchild)
 
@@ -230,6 +258,7 @@ def lineage_to_dict(nodes: list[LineageNode]) -> list[dict[str, Any]]:
         return {
             **event_to_json(node.event),
             "handlings": [record.to_dict() for record in node.handlings],
+            "runs": {name: asdict(run) for name, run in node.runs.items()},
             "children": [convert(child) for child in node.children],
         }
 

@@ -676,33 +676,43 @@ async def list_runs(journal: Journal) -> list[RunInfo]:
     for listed in await journal.runs(status_key=STATUS_KEY):
         if listed.run.startswith(INTERNAL_PREFIX):
             continue  # the index of waits and timers
-        records = await journal.read(listed.run)
-        steps = sorted(
-            (key for key in records if _is_step(key)),
-            key=lambda key: _record_decoder.decode(records[key]).seq,
-        )
-        failed = sorted(
-            key.removeprefix("error:")
-            for key in records
-            if key.startswith("error:") and key.removeprefix("error:") not in records
-        )
-        status = records.get(STATUS_KEY)
-        decoded = None if status is None else _status_decoder.decode(status)
-        state = "unknown" if decoded is None else decoded.state
-        if CANCELLED_KEY in records and state != "finished":
-            state = "cancelled"
-        found.append(
-            RunInfo(
-                id=listed.run,
-                state=state,
-                tries=0 if decoded is None else decoded.tries,
-                steps=steps,
-                failed=failed,
-                error=None if decoded is None else decoded.error,
-                waiting=[] if decoded is None else list(decoded.waiting),
-            )
-        )
+        info = _info(listed.run, await journal.read(listed.run))
+        if info is not None:
+            found.append(info)
     return found
+
+
+async def run_info(journal: Journal, run: str) -> RunInfo | None:
+    """What `journal` holds of `run` (None: nothing)."""
+    return _info(run, await journal.read(run))
+
+
+def _info(run: str, records: dict[str, bytes]) -> RunInfo | None:
+    if not records:
+        return None
+    steps = sorted(
+        (key for key in records if _is_step(key)),
+        key=lambda key: _record_decoder.decode(records[key]).seq,
+    )
+    failed = sorted(
+        key.removeprefix("error:")
+        for key in records
+        if key.startswith("error:") and key.removeprefix("error:") not in records
+    )
+    status = records.get(STATUS_KEY)
+    decoded = None if status is None else _status_decoder.decode(status)
+    state = "unknown" if decoded is None else decoded.state
+    if CANCELLED_KEY in records and state != "finished":
+        state = "cancelled"
+    return RunInfo(
+        id=run,
+        state=state,
+        tries=0 if decoded is None else decoded.tries,
+        steps=steps,
+        failed=failed,
+        error=None if decoded is None else decoded.error,
+        waiting=[] if decoded is None else list(decoded.waiting),
+    )
 
 
 async def cancel_run(journal: Journal, run: str, reason: str = "cancelled") -> bool:

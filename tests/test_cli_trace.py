@@ -195,3 +195,35 @@ async def test_the_walk_through_of_the_docs_runs_as_shown(tmp_path: Path) -> Non
         "email.sent",
     ):
         assert expected in shown.stdout, shown.stdout
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats"])
+async def test_a_durable_handling_shows_its_runs_steps_and_waits(kind: str, tmp_path: Path) -> None:
+    url = backend_url(kind, tmp_path)
+    try:
+        async with started(url, lineage=True) as bus:
+
+            async def research(event: Event[str], run: Any) -> None:
+                await run.step("plan", lambda: "a plan")
+                await run.effect("notify", lambda: "told")
+                await run.wait_for("review.done", match={"query": event.id}, timeout=60)
+
+            sub = bus.subscribe(
+                "user.query", research, durable=True, waits=["review.done"], name="research"
+            )
+            await sub.ready()
+            root = await bus.publish("user.query", "revenue")
+            await bus.drain(timeout=20)
+            as_json = await trace(root.id, "--url", url, "--json")
+            as_text = await trace(root.id, "--url", url)
+    finally:
+        await destroy(url)
+    assert as_json.returncode == 0, as_json.stderr
+    [tree] = json.loads(as_json.stdout)
+    run = tree["runs"]["research"]
+    assert run["state"] == "waiting"
+    assert run["steps"] == ["step:plan", "effect:notify", "wait:review.done"]
+    assert run["waiting"] == ["wait:review.done"]
+    assert as_text.returncode == 0, as_text.stderr
+    assert "run waiting" in as_text.stdout
+    assert "step:plan, effect:notify, wait:review.done" in as_text.stdout

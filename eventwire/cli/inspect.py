@@ -18,6 +18,7 @@ from eventwire.cli._app import UrlOption, app, bus_url, console, error_console, 
 if TYPE_CHECKING:
     from eventwire.event import Event
     from eventwire.history import History, HistoryReader
+    from eventwire.lineage import LineageNode
 
 _IN_PROCESS = (
     "memory:// is the in-process bus: its events live only inside the process that publishes "
@@ -462,7 +463,7 @@ def trace(
         start = created - CLOCK_MARGIN
     target = _target(url, _TRACE_MEMORY)
 
-    async def work() -> tuple[list[Event[Any]], str, str | None]:
+    async def work() -> tuple[list[LineageNode], str | None]:
         events, where = await _chain_history(target, start, timeout)
         found = _locate(events, wanted)
         if found is None:
@@ -476,16 +477,38 @@ def trace(
         if root_time is not None and root_time - CLOCK_MARGIN < start:
             # ID is a later event of the chain: read again from where the chain began.
             events, where = await _chain_history(target, root_time - CLOCK_MARGIN, timeout)
-        return events, correlation, marked
+        nodes = build_lineage(events, handling_records(events), correlation)
+        await _with_runs(target, nodes)
+        return nodes, marked
 
-    events, correlation, marked = asyncio.run(work())
-    nodes = build_lineage(events, handling_records(events), correlation)
+    nodes, marked = asyncio.run(work())
     if not any(node.handlings for root in nodes for node in root.walk()):
         error_console().print(_NO_HANDLINGS, markup=False, style="yellow")
     if as_json:
         typer.echo(json.dumps(lineage_to_dict(nodes), ensure_ascii=False, default=str))
         return
     console().print(render_lineage(nodes, marked=marked))
+
+
+async def _with_runs(target: str, nodes: list[LineageNode]) -> None:
+    """Add the durable runs of the chain's handlings, from the backend's journal (if it
+    keeps one)."""
+    from eventwire.backends import open_backend
+    from eventwire.backends.base import BackendCapabilityError
+    from eventwire.lineage import add_runs
+
+    if not any(node.handlings for root in nodes for node in root.walk()):
+        return
+    backend = open_backend(target)
+    try:
+        journal = backend.journal()
+    except BackendCapabilityError:
+        return  # no journal (RabbitMQ): no durable runs to show
+    await backend.connect()
+    try:
+        await add_runs(nodes, journal)
+    finally:
+        await backend.close()
 
 
 async def _chain_history(
