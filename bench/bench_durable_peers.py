@@ -46,6 +46,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
+from workflows import Context, Workflow, step
+from workflows.events import Event as LEvent
+from workflows.events import StartEvent, StopEvent
+
 REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR))
 
@@ -111,8 +115,6 @@ def search(tag: str, text: str) -> str:
     return f"{tag}:{text[:24]}"
 
 
-
-
 def send_email(text: str) -> str:
     note("email")
     SENT.append(text)
@@ -144,7 +146,10 @@ def db_bytes(folder: Path, name: str) -> int:
 
 
 class Eventwire:
-    note = "durable subscription, publish + drain per run; journal file bus.db-runs"
+    note = (
+        "durable subscription, one bus.request per run (returns when the run ends); "
+        "journal file bus.db-runs; WAL, synchronous=FULL"
+    )
 
     def __init__(self, folder: Path, redeliver_after: float = 30.0) -> None:
         self.url = f"sqlite:///{folder}/bus.db"
@@ -152,7 +157,7 @@ class Eventwire:
         self.done = 0
         self.finished = asyncio.Event()
 
-    async def agent(self, event: Event[int], run: Run) -> None:
+    async def agent(self, event: Event[int], run: Run) -> str:
         plan = await run.complete("plan", MODEL, f"plan {event.payload}")
         a, b = await run.gather(
             run.step("search-a", search, "a", plan.text),
@@ -163,6 +168,7 @@ class Eventwire:
         await run.effect("email", send_email, review.text)
         self.done += 1
         self.finished.set()
+        return review.text
 
     async def open(self) -> None:
         self.bus = EventBus(self.url, redeliver_after=self.redeliver_after)
@@ -178,8 +184,7 @@ class Eventwire:
         await sub.ready()
 
     async def run_one(self, topic: int) -> None:
-        await self.bus.publish("task", topic)
-        await self.bus.drain()
+        await self.bus.request("task", topic, timeout=60)
 
     async def close(self) -> None:
         await self.bus.__aexit__(None, None, None)
@@ -264,7 +269,10 @@ def build_agent_graph() -> Any:
 
 
 class LangGraph:
-    note = "AsyncSqliteSaver, default durability ('async'), one thread_id per run"
+    note = (
+        "AsyncSqliteSaver (WAL), default durability 'async' (a checkpoint's write overlaps "
+        "the next step), one thread_id per run"
+    )
 
     def __init__(self, folder: Path) -> None:
         self.path = str(folder / "lg.db")
@@ -373,7 +381,11 @@ def dbos_functions() -> dict[str, Any]:
 
 
 class Dbos:
-    note = "async @DBOS.workflow / @DBOS.step, asyncio.gather for the searches"
+    note = (
+        "async @DBOS.workflow / @DBOS.step, asyncio.gather for the searches; dbos sets no "
+        "WAL pragma (SQLite's rollback journal); resume waits for launch's recovery, "
+        "which re-enqueues the workflow on an internal queue"
+    )
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / "dbos.sqlite"
@@ -427,93 +439,97 @@ class Dbos:
 # -- LlamaIndex Workflows ---------------------------------------------------------------------
 
 
-def build_llama() -> tuple[Any, Any]:
-    from workflows import Context, Workflow, step
-    from workflows.events import Event as LEvent
-    from workflows.events import StartEvent, StopEvent
+class Planned(LEvent):
+    plan: str
 
-    class Planned(LEvent):
-        plan: str
 
-    class SearchA(LEvent):
-        plan: str
+class SearchA(LEvent):
+    plan: str
 
-    class SearchB(LEvent):
-        plan: str
 
-    class FoundA(LEvent):
-        text: str
+class SearchB(LEvent):
+    plan: str
 
-    class FoundB(LEvent):
-        text: str
 
-    class Drafted(LEvent):
-        text: str
+class FoundA(LEvent):
+    text: str
 
-    class Reviewed(LEvent):
-        text: str
 
-    class Saved(LEvent):
-        step: str
+class FoundB(LEvent):
+    text: str
 
-    class Turn(LEvent):
-        n: int
 
-    class Agent(Workflow):
-        @step
-        async def plan(self, ctx: Context, ev: StartEvent) -> SearchA | SearchB | None:
-            plan = await peer_model(f"plan {ev.topic}")
-            ctx.write_event_to_stream(Saved(step="plan"))
-            ctx.send_event(SearchA(plan=plan))
-            ctx.send_event(SearchB(plan=plan))
+class Drafted(LEvent):
+    text: str
+
+
+class Reviewed(LEvent):
+    text: str
+
+
+class Saved(LEvent):
+    step: str
+
+
+class Turn(LEvent):
+    n: int
+
+
+class LlamaAgent(Workflow):
+    @step
+    async def plan(self, ctx: Context, ev: StartEvent) -> SearchA | SearchB | None:
+        ctx.write_event_to_stream(Saved(step="plan"))
+        plan = await peer_model(f"plan {ev.topic}")
+        ctx.send_event(SearchA(plan=plan))
+        ctx.send_event(SearchB(plan=plan))
+        return None
+
+    @step
+    async def search_a(self, ctx: Context, ev: SearchA) -> FoundA:
+        ctx.write_event_to_stream(Saved(step="search_a"))
+        return FoundA(text=search("a", ev.plan))
+
+    @step
+    async def search_b(self, ctx: Context, ev: SearchB) -> FoundB:
+        ctx.write_event_to_stream(Saved(step="search_b"))
+        return FoundB(text=search("b", ev.plan))
+
+    @step
+    async def draft(self, ctx: Context, ev: FoundA | FoundB) -> Drafted | None:
+        found = ctx.collect_events(ev, [FoundA, FoundB])
+        if found is None:
             return None
+        ctx.write_event_to_stream(Saved(step="draft"))
+        text = await peer_model(f"draft {found[0].text} {found[1].text}")
+        return Drafted(text=text)
 
-        @step
-        async def search_a(self, ctx: Context, ev: SearchA) -> FoundA:
-            ctx.write_event_to_stream(Saved(step="search_a"))
-            return FoundA(text=search("a", ev.plan))
+    @step
+    async def review(self, ctx: Context, ev: Drafted) -> Reviewed:
+        ctx.write_event_to_stream(Saved(step="review"))
+        text = await peer_model(f"review {ev.text}")
+        return Reviewed(text=text)
 
-        @step
-        async def search_b(self, ctx: Context, ev: SearchB) -> FoundB:
-            ctx.write_event_to_stream(Saved(step="search_b"))
-            return FoundB(text=search("b", ev.plan))
+    @step
+    async def email(self, ctx: Context, ev: Reviewed) -> StopEvent:
+        ctx.write_event_to_stream(Saved(step="email"))
+        return StopEvent(result=send_email(ev.text))
 
-        @step
-        async def draft(self, ctx: Context, ev: FoundA | FoundB) -> Drafted | None:
-            found = ctx.collect_events(ev, [FoundA, FoundB])
-            if found is None:
-                return None
-            text = await peer_model(f"draft {found[0].text} {found[1].text}")
-            ctx.write_event_to_stream(Saved(step="draft"))
-            return Drafted(text=text)
 
-        @step
-        async def review(self, ctx: Context, ev: Drafted) -> Reviewed:
-            text = await peer_model(f"review {ev.text}")
-            ctx.write_event_to_stream(Saved(step="review"))
-            return Reviewed(text=text)
+class LlamaTalk(Workflow):
+    @step
+    async def start(self, ctx: Context, ev: StartEvent) -> Turn:
+        await ctx.store.set("messages", [f"hello {ev.topic}"])
+        return Turn(n=0)
 
-        @step
-        async def email(self, ctx: Context, ev: Reviewed) -> StopEvent:
-            return StopEvent(result=send_email(ev.text))
-
-    class Talk(Workflow):
-        @step
-        async def start(self, ctx: Context, ev: StartEvent) -> Turn:
-            await ctx.store.set("messages", [f"hello {ev.topic}"])
-            return Turn(n=0)
-
-        @step
-        async def turn(self, ctx: Context, ev: Turn) -> Turn | StopEvent:
-            messages = await ctx.store.get("messages")
-            messages = [*messages, await peer_model("\n".join(messages))]
-            await ctx.store.set("messages", messages)
-            ctx.write_event_to_stream(Saved(step="turn"))
-            if ev.n + 1 >= TURNS:
-                return StopEvent(result=len(messages))
-            return Turn(n=ev.n + 1)
-
-    return Agent, Talk
+    @step
+    async def turn(self, ctx: Context, ev: Turn) -> Turn | StopEvent:
+        ctx.write_event_to_stream(Saved(step="turn"))
+        messages = await ctx.store.get("messages")
+        messages = [*messages, await peer_model("\n".join(messages))]
+        await ctx.store.set("messages", messages)
+        if ev.n + 1 >= TURNS:
+            return StopEvent(result=len(messages))
+        return Turn(n=ev.n + 1)
 
 
 class SnapshotStore:
@@ -540,8 +556,9 @@ class SnapshotStore:
         self.db.close()
 
 
-async def llama_run(workflow: Any, store: SnapshotStore, run: str, handler: Any) -> Any:
-    """Await a LlamaIndex handler, snapshotting its context at each step's stream event."""
+async def llama_run(store: SnapshotStore, run: str, handler: Any) -> Any:
+    """Await a LlamaIndex handler, snapshotting its context at each step's start (a stream
+    event, saved when this consumer gets it) and at the end."""
     async for _ in handler.stream_events():
         store.save(run, handler.ctx)
     result = await handler
@@ -552,19 +569,18 @@ async def llama_run(workflow: Any, store: SnapshotStore, run: str, handler: Any)
 class Llama:
     note = (
         "no durable store in the package: ctx.to_dict() snapshot saved to SQLite by this "
-        "script at each step's stream event"
+        "script at each step's start (a stream event)"
     )
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / "llama.db"
 
     async def open(self) -> None:
-        agent, _ = build_llama()
-        self.workflow = agent(timeout=None)
+        self.workflow = LlamaAgent(timeout=None)
         self.store = SnapshotStore(self.path)
 
     async def run_one(self, topic: int) -> None:
-        await llama_run(self.workflow, self.store, f"r{topic}", self.workflow.run(topic=topic))
+        await llama_run(self.store, f"r{topic}", self.workflow.run(topic=topic))
 
     async def close(self) -> None:
         self.store.close()
@@ -574,19 +590,16 @@ class Llama:
         await self.run_one(1)
 
     async def recover(self) -> None:
-        from workflows import Context
-
         await self.open()
         ctx = Context.from_dict(self.workflow, self.store.load("r1"))
-        await llama_run(self.workflow, self.store, "r1", self.workflow.run(ctx=ctx))
+        await llama_run(self.store, "r1", self.workflow.run(ctx=ctx))
         await self.close()
 
     @staticmethod
     async def size(folder: Path) -> dict[str, int]:
-        _, talk = build_llama()
-        workflow = talk(timeout=None)
+        workflow = LlamaTalk(timeout=None)
         store = SnapshotStore(folder / "llama.db")
-        await llama_run(workflow, store, "talk", workflow.run(topic=1))
+        await llama_run(store, "talk", workflow.run(topic=1))
         store.close()
         total = db_bytes(folder, "llama.db")
         return {"journal": total, "total": total}
@@ -653,9 +666,10 @@ def subprocess_json(mode: str, name: str, folder: Path, env: dict[str, str]) -> 
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=1800,
         cwd=REPO_DIR,
     )
+    sys.stderr.write(done.stderr if mode == "--throughput" else "")
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{mode} {name} failed: {done.stderr.strip()[-600:]}")
@@ -709,6 +723,10 @@ async def child(mode: str, name: str, folder: Path) -> None:
         began = time.perf_counter()
         await framework.recover()
         print(json.dumps({"seconds": time.perf_counter() - began}), flush=True)
+    elif mode == "--throughput":
+        runs, warmup, reps = (int(number) for number in name.split(","))
+        sizes = argparse.Namespace(runs=runs, warmup=warmup, reps=reps)
+        print(json.dumps(await throughput(sizes, folder)), flush=True)
     else:
         print(json.dumps(await CLASSES[name].size(folder)), flush=True)
 
@@ -718,6 +736,25 @@ def versions() -> str:
     return ", ".join(f"{name} {version(name)}" for name in names)
 
 
+def places() -> list[tuple[str, str]]:
+    """Where the throughput is measured: the temporary folder's disk, and tmpfs if any."""
+    found = [("disk", tempfile.gettempdir())]
+    if Path("/dev/shm").is_dir():
+        found.append(("tmpfs", "/dev/shm"))
+    return found
+
+
+def fsync_ms() -> float:
+    """How long one small write + fsync takes in the temporary folder."""
+    with tempfile.NamedTemporaryFile() as file:
+        began = time.perf_counter()
+        for _ in range(50):
+            file.write(b"x" * 100)
+            file.flush()
+            os.fsync(file.fileno())
+        return (time.perf_counter() - began) / 50 * 1e3
+
+
 def ratio(mine: float, theirs: float) -> str:
     return f"{mine / theirs:.1f}x" if theirs else "-"
 
@@ -725,8 +762,13 @@ def ratio(mine: float, theirs: float) -> str:
 async def main(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory(prefix="peers-") as temp:
         root = Path(temp)
-        print("throughput ...", file=sys.stderr, flush=True)
-        per_run = await throughput(args, root)
+        per_place: dict[str, dict[str, list[float]]] = {}
+        env = dict(os.environ)
+        for place, where in places():
+            print(f"throughput on {place} ({where}) ...", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="peers-", dir=where) as folder:
+                sizes = f"{args.runs},{args.warmup},{args.reps}"  # in a process of its own
+                per_place[place] = subprocess_json("--throughput", sizes, Path(folder), env)
         resume: dict[str, Any] = {}
         size: dict[str, Any] = {}
         for name in FRAMEWORKS:
@@ -742,12 +784,16 @@ async def main(args: argparse.Namespace) -> str:
             except Exception as error:
                 size[name] = {"error": str(error).splitlines()[-1][:160]}
 
-    plain = statistics.median(per_run["plain"])
     rows, notes = [], []
-    rate = {name: 1 / statistics.median(per_run[name]) for name in FRAMEWORKS}
-    added = {
-        name: (statistics.median(per_run[name]) - plain) / STEPS * 1e6 for name in FRAMEWORKS
-    }
+    plain, rate, added = {}, {}, {}
+    for place, per_run in per_place.items():
+        plain[place] = statistics.median(per_run["plain"])
+        rate[place] = {name: 1 / statistics.median(per_run[name]) for name in FRAMEWORKS}
+        added[place] = {
+            name: (statistics.median(per_run[name]) - plain[place]) / STEPS * 1e6
+            for name in FRAMEWORKS
+        }
+    shown = list(per_place)
     for name in FRAMEWORKS:
         r = resume[name]
         if "error" in r:
@@ -770,14 +816,21 @@ async def main(args: argparse.Namespace) -> str:
         else:
             sized = f"{s['total'] / 1024:.0f}"
         rows.append(
-            f"| {name} | {rate[name]:,.0f} | {added[name]:,.0f} | {resumed} | {sized} | "
+            f"| {name} | {' / '.join(f'{rate[p][name]:,.0f}' for p in shown)} | "
+            f"{' / '.join(f'{added[p][name]:,.0f}' for p in shown)} | {resumed} | {sized} | "
             f"{CLASSES[name].note} |"
         )
     ew = "eventwire"
-    compare = "; ".join(
-        f"vs {name}: {ratio(rate[ew], rate[name])} the runs/s, "
-        f"{ratio(added[name], added[ew])} less added time per step"
-        for name in FRAMEWORKS[1:]
+    compare = " ".join(
+        f"On {place}: "
+        + "; ".join(
+            f"vs {name} {ratio(rate[place][ew], rate[place][name])} its runs/s "
+            f"(its added time per step is {ratio(added[place][name], added[place][ew])} "
+            "eventwire's)"
+            for name in FRAMEWORKS[1:]
+        )
+        + "."
+        for place in shown
     )
     return "\n".join(
         [
@@ -794,19 +847,26 @@ async def main(args: argparse.Namespace) -> str:
             "Agent: plan (model), two searches in parallel, draft (model), review (model), "
             "email (effect); instant functions, so the times are the frameworks' own. "
             f"Runs/s: one run at a time, median of {args.reps} x {args.runs} runs; added "
-            f"µs/step: (time per run - {plain * 1e6:.0f} µs for the plain functions) / 6. "
+            "µs/step: (time per run - time per run of the plain functions, "
+            + ", ".join(f"{plain[p] * 1e6:.0f} µs on {p}" for p in shown)
+            + ") / 6. Both are measured on "
+            + " and on ".join(f"{p} ({where})" for p, where in places())
+            + f", shown as {' / '.join(shown)}: on disk SQLite's fsync per commit dominates "
+            f"(one fsync here: {fsync_ms():.1f} ms), on tmpfs the frameworks' CPU time shows. "
+            "Resume and size: on disk. "
             "Resume: worker SIGKILLed while the review call blocks, then a fresh process "
             f"times from opening the framework until the run is done (eventwire: "
             f"redeliver_after={REDELIVER_AFTER} s in both processes). Size: SQLite files "
             f"(db + -wal + -shm) after one run of {TURNS} model calls, each prompt the whole "
             "conversation so far.",
             "",
-            "| framework | runs/s (one at a time) | added µs/step | resume after kill (s) | "
+            f"| framework | runs/s (one at a time; {' / '.join(shown)}) | added µs/step "
+            f"({' / '.join(shown)}) | resume after kill (s) | "
             f"size after {TURNS} calls (KB) | notes |",
             "|---|---:|---:|---:|---:|---|",
             *rows,
             "",
-            f"eventwire {compare}.",
+            f"eventwire: {compare}",
             "",
             *notes,
             "",
@@ -815,7 +875,7 @@ async def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] in ("--worker", "--recover", "--size"):
+    if len(sys.argv) == 4 and sys.argv[1] in ("--worker", "--recover", "--size", "--throughput"):
         asyncio.run(child(sys.argv[1], sys.argv[2], Path(sys.argv[3])))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -16,6 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 from eventwire import Event, EventBus
+from eventwire.backends.base import BackendCapabilityError
 from eventwire.runs import JournalMismatchError, Run, list_runs
 from tests.conformance.conftest import backend_url, destroy
 
@@ -37,9 +38,10 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
     await destroy(made)
 
 
-@pytest.fixture(params=["sqlite", "redis", "nats"])
+@pytest.fixture(params=["sqlite", "redis", "nats", "amqp-journal"])
 async def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A bus URL of each backend whose journal outlives the process."""
+    """A bus URL of each backend whose journal outlives the process (RabbitMQ's in a SQLite
+    file named by ?journal=)."""
     made = backend_url(str(request.param), tmp_path)
     yield made
     await destroy(made)
@@ -251,6 +253,20 @@ async def test_a_wait_on_an_undeclared_pattern_is_refused_with_how_to_declare_it
         async with asyncio.timeout(WAIT):
             await done.wait()
     assert "waits=['approval.given']" in str(errors[0])
+
+
+async def test_rabbitmq_without_a_journal_refuses_durable_runs_saying_how_to_give_one(
+    tmp_path: Path,
+) -> None:
+    url = backend_url("amqp", tmp_path)
+
+    async def handler(event: Event[str], run: Run) -> None: ...
+
+    bus = EventBus(url)
+    with pytest.raises(BackendCapabilityError, match=r"\?journal=sqlite:///runs.db"):
+        bus.subscribe("query.asked", handler, durable=True)
+    with pytest.raises(ValueError, match="must be a durable store"):
+        EventBus(url + "&journal=memory://")
 
 
 def test_waits_without_durable_is_refused() -> None:

@@ -107,6 +107,7 @@ from eventwire.backends.amqp_history import (
 from eventwire.backends.base import (
     EPHEMERAL_KEPT,
     HANDLED_KEPT,
+    Backend,
     BackendCapabilityError,
     BackendConnectionError,
     Capabilities,
@@ -120,6 +121,7 @@ from eventwire.backends.base import (
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.journal import Journal
 from eventwire.backends.url import BusURL, URLOptions
 from eventwire.topics import TAIL, validate_pattern, validate_topic
 
@@ -127,7 +129,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The ``?option=`` settings an amqp:// URL takes (besides ``namespace``).
-OPTIONS = ("prefetch", "connect_timeout", "heartbeat", "history", "queues")
+OPTIONS = ("prefetch", "connect_timeout", "heartbeat", "history", "queues", "journal")
 
 # Errors after which an operation is worth retrying on a fresh channel or connection.
 _RETRYABLE: tuple[type[BaseException], ...] = (
@@ -297,6 +299,21 @@ class AmqpBackend(BrokerBackend):
         self._delayed: dict[str, list[tuple[str | None, float]]] = {}
         self._registry = _Registry(self)
         self._restarts = _Restarts(self)
+        # RabbitMQ has no key-value store: durable runs keep their journal in another
+        # backend's, named by ?journal=<url> (opened, connected and closed with this one).
+        self._journal_backend: Backend | None = None
+        journal_url = options.text("journal")
+        if journal_url is not None:
+            from eventwire.backends import open_backend, resolve_url
+
+            journal_backend = open_backend(resolve_url(journal_url))
+            if journal_backend.scheme in ("memory", "amqp"):
+                raise ValueError(
+                    f"?journal={journal_url!r}: a journal for durable runs must be a durable "
+                    "store with one: sqlite:///runs.db, redis://... or nats://... "
+                    "(URL-encoded if it has a query of its own)"
+                )
+            self._journal_backend = journal_backend
 
     # -- connection ------------------------------------------------------------------------
 
@@ -311,8 +328,19 @@ class AmqpBackend(BrokerBackend):
                 text = text.replace(secret, "***")
         return text
 
+    def journal(self) -> Journal:
+        if self._journal_backend is None:
+            raise BackendCapabilityError(
+                "amqp:// keeps no run journal of its own (RabbitMQ has no key-value store): "
+                "name one in the bus URL, e.g. amqp://guest:guest@127.0.0.1:5672/"
+                "?journal=sqlite:///runs.db (or a redis:// or nats:// URL, URL-encoded)"
+            )
+        return self._journal_backend.journal()
+
     async def connect(self) -> None:
         self._closed = False
+        if self._journal_backend is not None:
+            await self._journal_backend.connect()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await self.connection(retry=False)
@@ -437,6 +465,8 @@ class AmqpBackend(BrokerBackend):
         more, self._more_conns = self._more_conns, []
         for conn in more:
             await _close_quietly(conn)
+        if self._journal_backend is not None:
+            await self._journal_backend.close()
 
     async def _admin_channel(self) -> AbstractChannel:
         ch = self._admin_ch

@@ -28,6 +28,9 @@ def backend_url(backend: str, tmp_path: Path) -> str:
     if backend == "amqp-classic":
         # RabbitMQ with classic queues (?queues=classic), light enough for 10,000 on a node.
         return with_namespace(require_service("rabbitmq") + "?queues=classic", unique_namespace())
+    if backend == "amqp-journal":
+        # RabbitMQ, with durable runs journaled in a SQLite file (RabbitMQ has no store).
+        return backend_url("amqp", tmp_path) + f"&journal=sqlite:///{tmp_path}/runs.db"
     if backend == "amqp-history":
         # RabbitMQ keeping a history stream, for the tools that read the past.
         return backend_url("amqp", tmp_path) + "&history=1d"

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from tests.conformance.test_crash import poll, processes, spawn, wait_ready
 __all__ = ["processes"]  # the fixture, used by name
 
 RUNS = int(os.environ.get("EVENTWIRE_CRASH_RUNS", "20"))
+MOST_KILLS = 8 + RUNS // 5
 STEPS = ("plan", "search-a", "search-b", "draft", "review")
 
 
@@ -33,11 +35,19 @@ def ledger_lines(ledger: Path) -> list[list[str]]:
     return [line.split() for line in ledger.read_text().splitlines()] if ledger.exists() else []
 
 
+def moving(ledger: Path, runs: int) -> Callable[[int], Callable[[], bool]]:
+    def moved(lines: int) -> Callable[[], bool]:
+        """Whether the worker went on since the ledger had `lines` lines (or all ended)."""
+        return lambda: len(ledger_lines(ledger)) > lines or len(done(ledger)) == runs
+
+    return moved
+
+
 def done(ledger: Path) -> set[str]:
     return {fields[1] for fields in ledger_lines(ledger) if fields[0] == "done"}
 
 
-@pytest.mark.parametrize("backend_name", ["sqlite", "redis", "nats"])
+@pytest.mark.parametrize("backend_name", ["sqlite", "redis", "nats", "amqp-journal"])
 async def test_runs_killed_at_random_points_complete_without_calling_finished_steps_again(
     bus_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -60,10 +70,13 @@ async def test_runs_killed_at_random_points_complete_without_calling_finished_st
                 await bus.publish("agent.approved", {"task": task})
 
         approver = asyncio.ensure_future(approve())
+        moved = moving(ledger, RUNS)
         async with asyncio.timeout(120 + RUNS):
-            while len(done(ledger)) < RUNS:
-                # Let it work a random while, then kill it mid-run, and start another.
-                await asyncio.sleep(chooser.uniform(0.05, 0.6))
+            while len(done(ledger)) < RUNS and kills < MOST_KILLS:
+                # Let it make progress and work a random while more, then kill it mid-run,
+                # and start another.
+                await poll(moved(len(ledger_lines(ledger))), timeout=60)
+                await asyncio.sleep(chooser.uniform(0, 0.3))
                 if len(done(ledger)) == RUNS:
                     break
                 worker.send_signal(signal.SIGKILL)
@@ -71,7 +84,7 @@ async def test_runs_killed_at_random_points_complete_without_calling_finished_st
                 kills += 1
                 worker = spawn(processes, "tests.conformance.run_worker", bus_url, str(ledger))
                 await wait_ready(worker)
-        await poll(lambda: len(done(ledger)) == RUNS, timeout=60)
+        await poll(lambda: len(done(ledger)) == RUNS, timeout=60 + RUNS)
         await approver
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=10)

@@ -58,9 +58,7 @@ class Counts:
             self.parked += 1  # counted before parking: the wait below parks it
             if self.parked >= self.target:
                 self.all_parked.set()
-        approval = await run.wait_for(
-            "task.approved", match={"task": event.payload}, timeout=3600
-        )
+        approval = await run.wait_for("task.approved", match={"task": event.payload}, timeout=3600)
         assert approval is not None
         self.resolved += 1
         if self.resolved >= self.target:
@@ -146,4 +144,3 @@ async def test_parked_runs_hold_no_memory_and_all_resolve_after_a_restart(
         }
         with Path(report).open("a") as out:  # noqa: ASYNC230 - one line, at the end
             out.write(json.dumps(figures) + "\n")
-
