@@ -375,7 +375,9 @@ class EventBus:
         ``async def handler(event, run)``, and the results of its ``run.step(...)`` and
         ``run.effect(...)`` calls are kept in the backend's journal, so that when the event
         comes again (a crash, a retry) finished steps return their results without being
-        called again (docs/durable.md). Needs a backend with a journal (not RabbitMQ yet).
+        called again (docs/durable.md). Needs a backend with a journal (RabbitMQ: one named
+        by ``?journal=`` in its URL). `waits` declares the patterns its runs wait on
+        (``run.wait_for``), so that their events are kept from the start.
         """
         validate_pattern(pattern)
         built = SubscriptionOptions.of(**options)

@@ -390,8 +390,8 @@ class Backend(abc.ABC):
         """Where durable handlers' runs keep their steps (`eventwire.runs`), in this
         backend's own store; the same object on every call."""
         raise BackendCapabilityError(
-            f"{self.scheme}:// keeps no run journal yet: durable=True handlers run on "
-            "memory://, sqlite://, redis:// and nats:// for now"
+            f"{self.scheme}:// keeps no run journal: durable=True handlers run on "
+            "memory://, sqlite://, redis://, nats:// and amqp://...?journal=<url>"
         )
 
     # -- connection ---------------------------------------------------------------------
