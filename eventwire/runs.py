@@ -74,9 +74,7 @@ CANCELLED_KEY = "cancelled"
 
 # Steps started inside `Run.gather`: new ones may start before recorded ones of the same
 # gather were asked for, which is no sign of changed code.
-_gathering: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "eventwire_gathering", default=False
-)
+_gathering: contextvars.ContextVar[int] = contextvars.ContextVar("eventwire_gathering", default=0)
 
 
 class JournalMismatchError(EventwireError, RuntimeError):
@@ -92,6 +90,8 @@ class _Record(msgspec.Struct, omit_defaults=True):
     seq: int
     value: msgspec.Raw = msgspec.Raw(b"null")
     blob: str | None = None
+    # The `Run.gather` the step ran in (its number in the run's execution; 0: none).
+    group: int = 0
 
 
 class _Failure(msgspec.Struct):
@@ -162,6 +162,7 @@ class Run:
         self.parked: set[str] = set()
         """The waits this execution parked on (the bus records them)."""
         self._budget: tuple[float | None, int | None] = (None, None)
+        self._gathers = 0
         self._records: dict[str, bytes] = {}
         # Recorded steps and effects this execution has not asked for yet.
         self._unasked: set[str] = set()
@@ -244,7 +245,8 @@ class Run:
         """Run steps (or anything awaitable) concurrently and wait for all: fan-out and
         join. The results come in the order given; the first error is raised once all
         have ended, and the steps that finished stay recorded."""
-        token = _gathering.set(True)
+        self._gathers += 1
+        token = _gathering.set(self._gathers)  # its steps are recorded as one group
         try:
             tasks = [asyncio.ensure_future(step) for step in steps]
         finally:
@@ -363,7 +365,7 @@ class Run:
         await self._journal.write(kept, FINAL_KEY, encode_chunk(final))
         value = msgspec.Raw(msgspec.json.encode(completion))
         self._records[key] = await self._journal.write(
-            self.id, key, msgspec.json.encode(_Record(seq, value))
+            self.id, key, msgspec.json.encode(_Record(seq, value, group=_gathering.get()))
         )
         await parking.publish(f"{topic}.final", msgspec.to_builtins(final), key=stream)
         await parking.waits.add_timer(ExpiryTimer(self._clock() + CHUNKS_KEPT, stream, number))
@@ -459,7 +461,7 @@ class Run:
             deadline = None if seconds is None else self._clock() + seconds
             spec = WaitSpec(pattern, wanted, deadline, self.event.created_ns, count)
             value = msgspec.Raw(msgspec.json.encode(spec))
-            encoded = msgspec.json.encode(_Record(seq, value))
+            encoded = msgspec.json.encode(_Record(seq, value, group=_gathering.get()))
             record = await self._journal.write(self.id, key, encoded)
             self._records[key] = record
             self.waits += 1
@@ -560,10 +562,10 @@ class Run:
                 "dataclasses or msgspec structs"
             ) from exc
         if len(value) <= INLINE_BYTES:
-            return msgspec.json.encode(_Record(seq, msgspec.Raw(value)))
+            return msgspec.json.encode(_Record(seq, msgspec.Raw(value), group=_gathering.get()))
         digest = hashlib.sha256(value).hexdigest()
         await self._journal.put_blob(digest, value)
-        return msgspec.json.encode(_Record(seq, blob=digest))
+        return msgspec.json.encode(_Record(seq, blob=digest, group=_gathering.get()))
 
     async def _value(
         self, record: bytes, returns: Any, key: str, decode: Callable[[bytes], Any] | None = None
@@ -680,6 +682,43 @@ async def list_runs(journal: Journal) -> list[RunInfo]:
         if info is not None:
             found.append(info)
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """One recorded step, effect, model call, stream or wait of a run, in run order."""
+
+    key: str
+    """``step:plan``, ``effect:email``, ``wait:approval.given``..."""
+    group: int
+    """The `Run.gather` it ran in (steps sharing one ran concurrently); 0: none."""
+    resolved: bool
+    """Waits: whether the wait has its outcome (always True for the rest)."""
+
+    @property
+    def kind(self) -> str:
+        return self.key.partition(":")[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.partition(":")[2]
+
+
+async def run_steps(journal: Journal, run: str) -> list[StepInfo]:
+    """What `run` recorded, in the order it ran (for drawing it)."""
+    records = await journal.read(run)
+    steps = sorted(
+        ((key, _record_decoder.decode(records[key])) for key in records if _is_step(key)),
+        key=lambda item: item[1].seq,
+    )
+    return [
+        StepInfo(
+            key,
+            record.group,
+            not key.startswith(("wait:", "collect:", "sleep:")) or RESOLVED + key in records,
+        )
+        for key, record in steps
+    ]
 
 
 async def run_info(journal: Journal, run: str) -> RunInfo | None:

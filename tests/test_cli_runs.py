@@ -131,3 +131,52 @@ def test_send_refuses_a_payload_that_is_not_a_json_object() -> None:
     bad = cli("send", "agent/1", "[1, 2]", "--url", "sqlite:///unused.db")
     assert bad.returncode == 2
     assert "must be a JSON object" in bad.stderr
+
+
+async def test_topology_draws_a_run_with_its_gather_side_by_side_and_its_pending_wait(
+    url: str,
+) -> None:
+    parked = asyncio.Event()
+
+    async def agent(event: Event[str], run_: Run) -> None:
+        await run_.step("plan", lambda: "a plan")
+        await run_.gather(run_.step("search", lambda: 1), run_.step("search", lambda: 2))
+        await run_.effect("notify", lambda: "told")
+        parked.set()
+        await run_.wait_for("review.done", match={"run": run_.id}, timeout=60)
+
+    async with EventBus(url) as bus:
+        sub = bus.subscribe("task", agent, durable=True, waits=["review.done"], name="agent")
+        await sub.ready()
+        task = await bus.publish("task", "t")
+        async with asyncio.timeout(20):
+            await parked.wait()
+        await bus.drain(timeout=10)
+    text = await run("topology", "--run", f"agent/{task.id}", "--url", url)
+    mermaid = await run("topology", "--run", f"agent/{task.id}", "--url", url, "-f", "mermaid")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.splitlines()[1:] == [
+        "  event",
+        "  └─ step plan",
+        "  ├─ gather (concurrently):",
+        "  │    • step search",
+        "  │    • step search#2",
+        "  └─ effect notify",
+        "  └─ wait for review.done (waiting)",
+        "  … parked on wait:review.done",
+    ]
+    assert mermaid.returncode == 0, mermaid.stderr
+    edges = [line.strip() for line in mermaid.stdout.splitlines() if "-->" in line]
+    # The plan fans out to both searches, which join into the effect.
+    assert edges == [
+        "event --> s0_0",
+        "s0_0 --> s1_0",
+        "s0_0 --> s1_1",
+        "s1_0 --> s2_0",
+        "s1_1 --> s2_0",
+        "s2_0 --> s3_0",
+    ]
+    assert "class s3_0 pending" in mermaid.stdout
+    missing = await run("topology", "--run", "agent/none", "--url", url)
+    assert missing.returncode == 2
+    assert "no run 'agent/none'" in missing.stderr

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +24,7 @@ from tests.conformance.conftest import backend_url, destroy
 
 RETRY = Retry(attempts=3, backoff=0.0)
 WAIT = 15.0
+STREAMS = int(os.environ.get("EVENTWIRE_STREAMS", "50"))
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis", "nats"])
@@ -175,8 +178,9 @@ async def test_stream_readers_resume_from_a_sequence_number_with_no_gap_or_dupli
     url: str,
 ) -> None:
     """Many streams at once; each reader disconnects mid-stream and resumes from the last
-    sequence number it saw."""
-    streams = 50
+    sequence number it saw (``EVENTWIRE_STREAMS``: 50 in the suite; bench/durable_crash.py
+    runs 1,000)."""
+    streams = STREAMS
     model = FakeModel(words=12, delay=0.05)
     ended = asyncio.Event()
     finished = 0
@@ -200,19 +204,28 @@ async def test_stream_readers_resume_from_a_sequence_number_with_no_gap_or_dupli
         return got
 
     async with EventBus(url) as bus:
-        sub = bus.subscribe("q", handler, durable=True, concurrency=streams, name="streamer")
+        sub = bus.subscribe(
+            "q", handler, durable=True, concurrency=min(streams, 100), name="streamer"
+        )
         await sub.ready()
+        started = time.perf_counter()
         queries = [await bus.publish("q", f"question {n}") for n in range(streams)]
         journal = bus.backend.journal()
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(60 + streams / 5):
             results = await asyncio.gather(
                 *(reader(journal, f"streamer/{q.id}/answer.tokens") for q in queries)
             )
             await ended.wait()
+        seconds = time.perf_counter() - started
     for query, got in zip(queries, results, strict=True):
         assert [chunk.seq for chunk in got] == list(range(13))
         assert got[-1].final
         assert "".join(chunk.text for chunk in got[:-1]) == model.answer(query.payload)
+    report = os.environ.get("EVENTWIRE_STREAMS_REPORT")
+    if report:
+        figures = {"backend": url.partition(":")[0], "streams": streams, "seconds": seconds}
+        with Path(report).open("a") as out:  # noqa: ASYNC230 - one line, at the end
+            out.write(json.dumps(figures) + "\n")
 
 
 # -- the OpenAI-compatible adapter, against a local HTTP server speaking the API --------

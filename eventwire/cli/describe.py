@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from eventwire.cli._app import app, console, error_console, fail
+from eventwire.cli._app import app, console, error_console, fail, safe_bus_url
 
 if TYPE_CHECKING:
+    from eventwire.backends.journal import Journal
     from eventwire.bus import EventBus
     from eventwire.event import Event
+    from eventwire.runs import RunInfo, StepInfo
 
 TargetsArgument = Annotated[
     list[str],
@@ -102,7 +104,15 @@ def _write(text: str, output: Path | None, what: str) -> None:
     )
 )
 def topology(
-    targets: TargetsArgument,
+    targets: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="The bus: 'module:attribute', e.g. 'myapp.agents:bus'; give several for an "
+            "app whose processes each run a bus. Modules are imported (not run) from the "
+            "current directory or the installed packages. Not with --run.",
+            show_default=False,
+        ),
+    ] = None,
     format: Annotated[
         str,
         typer.Option(
@@ -125,6 +135,16 @@ def topology(
             help="svg: auto (Graphviz `dot` when installed, else built in), builtin or graphviz."
         ),
     ] = "auto",
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run",
+            help="Draw one durable run instead (its id, as `eventwire runs` shows it): its "
+            "steps in order, a gather's side by side, its waits; text, mermaid or dot. "
+            "Needs --url.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Draw an app's architecture: agents, subscriptions, topics and who publishes what.
 
@@ -135,6 +155,13 @@ def topology(
     """
     from eventwire.topology import FORMATS, Topology, render
 
+    if run is not None:
+        if targets:
+            fail("--run draws one run from the journal at --url: give no bus with it")
+        _write(_draw_run(run, url, format), output, f"run {run}")
+        return
+    if not targets:
+        fail("give the bus to draw ('module:attribute'), or --run RUN with --url")
     if format not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if engine not in ("auto", "builtin", "graphviz"):
@@ -144,6 +171,25 @@ def topology(
     model.learn(_history(url, since, timeout))
     text = render(model.view(internal=all_topics), format, engine=engine)
     _write(text, output, f"the {format} topology")
+
+
+def _draw_run(run: str, url: str | None, format: str) -> str:
+    from eventwire.run_graph import RUN_FORMATS, render_run
+
+    if format not in RUN_FORMATS:
+        fail(f"--run draws as {', '.join(RUN_FORMATS)}, not {format!r}")
+    if url is None:
+        fail("--run reads the run from a backend's journal: give its --url")
+    from eventwire.cli.runs import on_journal
+    from eventwire.runs import run_info, run_steps
+
+    async def read(journal: Journal) -> tuple[RunInfo | None, list[StepInfo]]:
+        return await run_info(journal, run), await run_steps(journal, run)
+
+    info, steps = on_journal(url, read)
+    if info is None:
+        fail(f"no run {run!r} on {safe_bus_url(url)}: see `eventwire runs`")
+    return render_run(info, steps, format)
 
 
 @app.command(

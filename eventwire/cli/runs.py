@@ -144,7 +144,7 @@ def cancel_command(
     """Cancel a run: a waiting run is not resumed, a running one stops at its next park."""
     from eventwire.runs import cancel_run
 
-    if not _on_journal(url, lambda journal: cancel_run(journal, run, reason)):
+    if not on_journal(url, lambda journal: cancel_run(journal, run, reason)):
         fail(f"no unfinished run {run!r} on {safe_bus_url(url)}: see `eventwire runs`")
     console().print(f"cancelled {run}")
 
@@ -155,7 +155,7 @@ def _send(url: str | None, run: str, wait: str | None, fields: dict[str, object]
     from eventwire.runs import pending_waits
     from eventwire.topics import validate_topic
 
-    waits = _on_journal(url, lambda journal: pending_waits(journal, run))
+    waits = on_journal(url, lambda journal: pending_waits(journal, run))
     if not waits:
         fail(f"run {run!r} on {safe_bus_url(url)} waits for nothing: see `eventwire runs`")
     if wait is None:
@@ -196,10 +196,10 @@ def _nested(match: dict[str, object]) -> dict[str, object]:
 def _read_runs(url: str | None) -> list[RunInfo]:
     from eventwire.runs import list_runs
 
-    return _on_journal(url, list_runs)
+    return on_journal(url, list_runs)
 
 
-def _on_journal(url: str | None, work: Callable[[Journal], Awaitable[T]]) -> T:
+def on_journal(url: str | None, work: Callable[[Journal], Awaitable[T]]) -> T:
     """`work` on the journal of the backend at `url` (connected for it, closed after)."""
     from eventwire.backends import open_backend
     from eventwire.backends.base import BackendCapabilityError
