@@ -27,6 +27,7 @@ from eventwire.context import current_event
 from eventwire.envelope import decode
 from eventwire.event import Event
 from eventwire.options import SubscriptionOptions
+from eventwire.retry import Retry
 from eventwire.runs import EVENT_KEY, Parking, Run, RunParked, run_id
 from eventwire.timers import Timers, resume_topic
 from eventwire.waits import RESOLVED
@@ -37,6 +38,7 @@ Companion = tuple[str, Callable[[Event[Any]], Awaitable[Any]], SubscriptionOptio
 """A subscription a durable one needs beside it: pattern, handler, options."""
 
 _ENDED = ("finished", "cancelled")
+_ARRIVAL_RETRY = Retry(attempts=8, backoff=0.2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,10 @@ class DurableRunner:
         )
         found: list[Companion] = [(resume_topic(self.subscription), self.resume, resume)]
         for pattern in options.waits:
-            arrivals = SubscriptionOptions(name=f"{self.subscription}:waits:{pattern}")
+            # An event on a waited pattern must not be dropped for a passing journal error.
+            arrivals = SubscriptionOptions(
+                name=f"{self.subscription}:waits:{pattern}", retry=_ARRIVAL_RETRY
+            )
             found.append((pattern, self._arrivals(pattern), arrivals))
         return found
 
@@ -131,7 +136,7 @@ class DurableRunner:
         timers = self._timers
 
         async def arrived(event: Event[Any]) -> None:
-            await timers.request_resumes(await waits.arrived(self.subscription, pattern, event))
+            await waits.arrived(self.subscription, pattern, event, timers.request_resumes)
 
         return arrived
 

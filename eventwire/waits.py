@@ -30,7 +30,7 @@ import asyncio
 import hashlib
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,16 +237,22 @@ class Waits:
         found.sort(key=lambda event: (event.created_ns, event.id))
         return found
 
-    async def arrived(self, subscription: str, pattern: str, event: Event[Any]) -> list[Resumption]:
-        """An event came on a waited `pattern`: file it, and resolve the waits it matches.
-        The runs to resume (each once, by whoever resolved it)."""
+    async def arrived(
+        self,
+        subscription: str,
+        pattern: str,
+        event: Event[Any],
+        resume: Callable[[list[Resumption]], Awaitable[None]],
+    ) -> None:
+        """An event came on a waited `pattern`: file it, resolve the waits it matches, and
+        `resume` the runs it resolved, before their index entries go: a process that dies
+        in between leaves the entries, and the event, delivered again, resumes them."""
         journal = self.journal
         envelope = encode(event, max_bytes=None)
         minute = _minute(event.created_ns / 1e9)
         await journal.write(_arrivals(subscription, pattern, minute), event.id, envelope)
         await self._prune_arrivals(subscription, pattern, _minute(time.time()))
         payload = json_form(event.payload)
-        resumed = []
         for shape in await journal.read(_shapes(subscription, pattern)):
             fields = msgspec.json.decode(shape)
             values = []
@@ -258,6 +264,7 @@ class Waits:
             else:
                 bucket = _waiting(subscription, pattern, _digest(fields, values))
                 done = []
+                resumed = []
                 for entry, data in (await journal.read(bucket)).items():
                     filed = _filed_decoder.decode(data)
                     if event.created_ns < filed.since:
@@ -267,10 +274,12 @@ class Waits:
                     if outcome is None:
                         continue  # a collect that wants more
                     done.append(entry)
-                    if won:
+                    # This event's outcome stands (written now, or before this process
+                    # died): whoever delivers it asks for the resume.
+                    if won or any(e.id == event.id for e in outcome.decoded()):
                         resumed.append(Resumption(subscription, run))
+                await resume(resumed)
                 await journal.forget(bucket, done)
-        return resumed
 
     async def _collected(
         self, run: str, wait: str, count: int, events: list[Event[Any]]
