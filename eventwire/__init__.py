@@ -27,7 +27,7 @@ from eventwire.errors import (
 )
 from eventwire.event import Event
 from eventwire.retry import Retry
-from eventwire.runs import JournalMismatchError, Run, UnencodableResultError
+from eventwire.runs import BudgetExceededError, JournalMismatchError, Run, UnencodableResultError
 from eventwire.subscription import Subscription, SubscriptionStats
 
 __version__ = "0.1.0"  # the only place the version is written: pyproject.toml reads it
@@ -37,6 +37,7 @@ __all__ = [
     "BackendCapabilityError",
     "BackendConnectionError",
     "BrokerFullError",
+    "BudgetExceededError",
     "BusClosedError",
     "BusNotRunningError",
     "Capabilities",

@@ -29,10 +29,13 @@ async def main(url: str, output: str, idempotent: bool) -> None:
 
 
 async def serve(bus: EventBus) -> None:
-    """Run `bus`, say "ready" on standard output, and stop at SIGTERM."""
+    """Run `bus`, say "ready" on standard output once its subscriptions receive events
+    (their durable consumers exist), and stop at SIGTERM."""
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     async with bus:
+        for subscription in list(bus.subscriptions.values()):
+            await subscription.ready()
         print("ready", flush=True)
         await stop.wait()
 
