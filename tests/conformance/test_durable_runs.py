@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from eventwire import EventBus
+from eventwire import Event, EventBus
 from tests.conformance.test_crash import poll, processes, spawn, wait_ready
 
 __all__ = ["processes"]  # the fixture, used by name
@@ -43,6 +43,21 @@ def moving(ledger: Path, runs: int) -> Callable[[int], Callable[[], bool]]:
     return moved
 
 
+async def stuck(bus: EventBus, ledger: Path, tasks: list[Event[int]]) -> str:
+    """What the journal says of the runs that did not finish (for the failure message)."""
+    journal = bus.backend.journal()
+    lines = []
+    for event in tasks:
+        if str(event.payload) not in done(ledger):
+            run = f"agent/{event.id}"
+            records = await journal.read(run)
+            lines.append(f"task {event.payload} ({run}): {sorted(records)}")
+            for key in ("status", "resolved:wait:agent.approved"):
+                if key in records:
+                    lines.append(f"  {key} = {records[key][:300]!r}")
+    return "runs that did not finish:\n" + "\n".join(lines)
+
+
 def done(ledger: Path) -> set[str]:
     return {fields[1] for fields in ledger_lines(ledger) if fields[0] == "done"}
 
@@ -58,8 +73,7 @@ async def test_runs_killed_at_random_points_complete_without_calling_finished_st
     async with EventBus(bus_url) as bus:
         worker = spawn(processes, "tests.conformance.run_worker", bus_url, str(ledger))
         await wait_ready(worker)
-        for task in range(RUNS):
-            await bus.publish("agent.task", task)
+        tasks = [await bus.publish("agent.task", task) for task in range(RUNS)]
         # Approvals at random times: some come before their run waits, some after.
         approvals = list(range(RUNS))
         chooser.shuffle(approvals)
@@ -84,7 +98,10 @@ async def test_runs_killed_at_random_points_complete_without_calling_finished_st
                 kills += 1
                 worker = spawn(processes, "tests.conformance.run_worker", bus_url, str(ledger))
                 await wait_ready(worker)
-        await poll(lambda: len(done(ledger)) == RUNS, timeout=60 + RUNS)
+        try:
+            await poll(lambda: len(done(ledger)) == RUNS, timeout=60 + RUNS)
+        except TimeoutError:
+            raise AssertionError(await stuck(bus, ledger, tasks)) from None
         await approver
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=10)
