@@ -101,9 +101,12 @@ class DurableRunner:
         )
         found: list[Companion] = [(resume_topic(self.subscription), self.resume, resume)]
         for pattern in options.waits:
+            self._parking.waits.keep_arrivals(self.subscription, pattern)
             # An event on a waited pattern must not be dropped for a passing journal error.
             arrivals = SubscriptionOptions(
-                name=f"{self.subscription}:waits:{pattern}", retry=_ARRIVAL_RETRY
+                name=f"{self.subscription}:waits:{pattern}",
+                retry=_ARRIVAL_RETRY,
+                max_restarts=options.max_restarts,
             )
             found.append((pattern, self._arrivals(pattern), arrivals))
         return found

@@ -120,6 +120,7 @@ class Timers:
                     await self._fire(waits, timer)
                     await waits.fired(slot, [entry])
                     self.fired += 1
+                await waits.prune(time.time())
             except Exception as exc:
                 if self._stopping:
                     return

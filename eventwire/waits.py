@@ -60,6 +60,7 @@ GOT = "got:"
 """Prefix of the records of events a collect has received so far."""
 
 _DIRECTORY = "~timers"
+_PRUNE_STEP = 60
 
 
 class WaitSpec(msgspec.Struct, omit_defaults=True):
@@ -190,7 +191,8 @@ class Waits:
         # Timer slots known to hold timers (a cache of the ``~timers`` directory).
         self._slots: set[int] = set()
         self._slots_read_at = float("-inf")
-        self._pruned: dict[tuple[str, str], int] = {}
+        # Waited (subscription, pattern) -> the oldest minute of arrivals not dropped yet.
+        self._pruned: dict[tuple[str, str], int | None] = {}
 
     # -- waits ---------------------------------------------------------------------------
 
@@ -251,7 +253,6 @@ class Waits:
         envelope = encode(event, max_bytes=None)
         minute = _minute(event.created_ns / 1e9)
         await journal.write(_arrivals(subscription, pattern, minute), event.id, envelope)
-        await self._prune_arrivals(subscription, pattern, _minute(time.time()))
         payload = json_form(event.payload)
         for shape in await journal.read(_shapes(subscription, pattern)):
             fields = msgspec.json.decode(shape)
@@ -318,17 +319,25 @@ class Waits:
         )
         return await self.settle(run, wait, outcome)
 
-    async def _prune_arrivals(self, subscription: str, pattern: str, minute: int) -> None:
-        """Once a minute per pattern: drop the minutes of arrivals that fell out of
-        `ARRIVALS_KEPT_MINUTES` since (all of them after a long pause, up to a day)."""
-        # A process's first look goes a day back: minutes left while no process ran.
-        last = self._pruned.get((subscription, pattern), minute - 1 - ARRIVALS_KEPT_MINUTES)
-        if last >= minute:
-            return
-        self._pruned[(subscription, pattern)] = minute
-        first = max(last, minute - 1 - ARRIVALS_KEPT_MINUTES) - ARRIVALS_KEPT_MINUTES
-        old = range(first, minute - ARRIVALS_KEPT_MINUTES)
-        await self.journal.delete([_arrivals(subscription, pattern, m) for m in old])
+    def keep_arrivals(self, subscription: str, pattern: str) -> None:
+        """`subscription` waits on `pattern` in this process: `prune` its old arrivals."""
+        self._pruned.setdefault((subscription, pattern), None)
+
+    async def prune(self, now: float) -> None:
+        """Drop the minutes of arrivals that fell out of `ARRIVALS_KEPT_MINUTES` since the
+        last look (the bus's timer task does, in the background): a process's first look
+        goes a day back, for minutes left while no process ran."""
+        kept_from = _minute(now) - ARRIVALS_KEPT_MINUTES
+        for (subscription, pattern), first in list(self._pruned.items()):
+            # `first`: the oldest minute not dropped yet. An hour at a time, so that the
+            # first sweep does not hold up the timers.
+            start = kept_from - ARRIVALS_KEPT_MINUTES if first is None else first
+            if start >= kept_from:
+                continue
+            end = min(start + _PRUNE_STEP, kept_from)
+            old = range(start, end)
+            await self.journal.delete([_arrivals(subscription, pattern, m) for m in old])
+            self._pruned[(subscription, pattern)] = end
 
     # -- timers --------------------------------------------------------------------------
 

@@ -17,7 +17,9 @@ from pydantic import BaseModel
 
 from eventwire import Event, EventBus
 from eventwire.backends.base import BackendCapabilityError
+from eventwire.backends.journal import MemoryJournal
 from eventwire.runs import JournalMismatchError, Run, list_runs
+from eventwire.waits import ARRIVALS_KEPT_MINUTES, Waits
 from tests.conformance.conftest import backend_url, destroy
 
 WAIT = 15.0
@@ -404,3 +406,22 @@ async def test_a_changed_wait_is_refused_instead_of_replayed(url: str) -> None:
             await done.wait()
     assert "approval.given" in str(errors[0])
     assert "approval.granted" in str(errors[0])
+
+
+async def test_arrivals_older_than_a_day_are_dropped_an_hour_at_a_time() -> None:
+    journal = MemoryJournal()
+    waits = Waits(journal)
+    waits.keep_arrivals("agent", "approval.given")
+    now = 1_800_000_000.0
+    minute = int(now // 60)
+    kept = minute - ARRIVALS_KEPT_MINUTES
+    for at in (kept - 1430, kept - 61, kept - 1, kept, minute):
+        await journal.write(f"~arrivals/agent/approval.given/{at}", "e", b"{}")
+    await waits.prune(now)  # the first hour of the day before the kept one
+    assert await journal.read(f"~arrivals/agent/approval.given/{kept - 1430}") == {}
+    assert await journal.read(f"~arrivals/agent/approval.given/{kept - 1}") != {}
+    for _ in range(30):
+        await waits.prune(now)
+    for at, left in ((kept - 61, False), (kept - 1, False), (kept, True), (minute, True)):
+        records = await journal.read(f"~arrivals/agent/approval.given/{at}")
+        assert (records != {}) is left, at
