@@ -111,9 +111,11 @@ class NatsJournal(Journal):
                 return value
             if replace:
                 await kv.put(kv_key, value)
-                return value
-            stood = bytes((await kv.get(kv_key)).value or b"")
-            # Its writer may have died before listing it.
+                stood = value
+            else:
+                stood = bytes((await kv.get(kv_key)).value or b"")
+            # Its first writer may have died before listing it: a record not in the
+            # manifest is not read.
             await self._listed(kv, run, hashed, encoded)
             return stood
 

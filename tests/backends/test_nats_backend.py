@@ -6,7 +6,9 @@ test_backend_contract.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -249,3 +251,30 @@ async def test_credentials_are_used_and_a_wrong_password_is_not_shown(tmp_path: 
         await right.publish(messages_on("x", "1"))
         await right.destroy()
         await right.close()
+
+
+async def test_a_journal_record_whose_writer_died_before_listing_it_is_listed_by_the_next_write(
+    backend: NatsBackend, nats_url: str
+) -> None:
+    """A record is created, then added to its run's manifest; a process killed in between
+    leaves it unlisted (unread). The next write of that key, first-wins or replacing,
+    lists it."""
+    journal = backend.journal()
+    await journal.write("agent/1", "step:plan", b"plan")
+    connection = await nats.connect(nats_url)
+    try:
+        kv = await connection.jetstream().key_value(backend.runs_bucket)
+        hashed = hashlib.sha256(b"agent/1").hexdigest()
+        for key in ("status", "step:draft"):
+            encoded = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+            await kv.create(f"r.{hashed}.{encoded}", b"orphan")  # created, never listed
+    finally:
+        await connection.close()
+    assert await journal.read("agent/1") == {"step:plan": b"plan"}
+    assert await journal.write("agent/1", "status", b"running", replace=True) == b"running"
+    assert await journal.write("agent/1", "step:draft", b"other") == b"orphan"
+    assert await journal.read("agent/1") == {
+        "step:plan": b"plan",
+        "status": b"running",
+        "step:draft": b"orphan",
+    }
