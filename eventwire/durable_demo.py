@@ -26,10 +26,11 @@ from rich.console import Console
 from rich.table import Table
 
 from eventwire.agent import Agent, on
+from eventwire.backends.journal import Journal
 from eventwire.bus import EventBus
 from eventwire.event import Event
 from eventwire.models import Completion, FakeModel, Prompt
-from eventwire.runs import Run, list_runs, pending_waits
+from eventwire.runs import Run, RunInfo, list_runs, pending_waits
 
 __all__ = ["Researcher", "run_durable_demo"]
 
@@ -96,6 +97,10 @@ class Researcher(Agent):
             ledger.write(f"{run.idempotency_key('email')} to {user}\n")
         _say(f"effect email: sent to {user}")
         return "sent"
+
+
+async def _runs(journal: Journal) -> dict[str, RunInfo]:
+    return {info.id: info for info in await list_runs(journal)}
 
 
 async def _work(url: str, ledger: Path) -> None:
@@ -201,7 +206,10 @@ async def run_durable_demo(out: Console, *, url: str | None = None) -> dict[str,
                 out.print("[bold green]a person approves[/] (as `eventwire approve` does)")
                 await bus.publish("approval.given", {"run": run, "approved": True, "by": "ana"})
                 await second.seen("done:")
-                infos = {info.id: info for info in await list_runs(journal)}
+                async with asyncio.timeout(_STEP_TIMEOUT):
+                    # "done" is printed as the handler returns; "finished" is recorded after.
+                    while (infos := await _runs(journal))[run].state != "finished":  # noqa: ASYNC110 - journal state
+                        await asyncio.sleep(0.05)
         finally:
             await first.stop()
             await second.stop()

@@ -61,6 +61,7 @@ GOT = "got:"
 
 _DIRECTORY = "~timers"
 _PRUNE_STEP = 60
+_PRUNED = "~pruned"
 
 
 class WaitSpec(msgspec.Struct, omit_defaults=True):
@@ -329,14 +330,21 @@ class Waits:
         goes a day back, for minutes left while no process ran."""
         kept_from = _minute(now) - ARRIVALS_KEPT_MINUTES
         for (subscription, pattern), first in list(self._pruned.items()):
-            # `first`: the oldest minute not dropped yet. An hour at a time, so that the
-            # first sweep does not hold up the timers.
-            start = kept_from - ARRIVALS_KEPT_MINUTES if first is None else first
-            if start >= kept_from:
+            # `first`: the oldest minute not dropped yet, as the journal remembers it across
+            # processes (a day back the first time ever). An hour at a time, so that a sweep
+            # after a long pause does not hold up the timers.
+            key = f"{subscription}\n{pattern}"
+            if first is None:
+                remembered = (await self.journal.read(_PRUNED)).get(key)
+                first = int(remembered) if remembered else kept_from - ARRIVALS_KEPT_MINUTES
+            if first >= kept_from:
+                self._pruned[(subscription, pattern)] = first
                 continue
-            end = min(start + _PRUNE_STEP, kept_from)
-            old = range(start, end)
-            await self.journal.delete([_arrivals(subscription, pattern, m) for m in old])
+            end = min(first + _PRUNE_STEP, kept_from)
+            await self.journal.delete(
+                [_arrivals(subscription, pattern, minute) for minute in range(first, end)]
+            )
+            await self.journal.write(_PRUNED, key, str(end).encode(), replace=True)
             self._pruned[(subscription, pattern)] = end
 
     # -- timers --------------------------------------------------------------------------

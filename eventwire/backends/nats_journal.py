@@ -186,7 +186,10 @@ class NatsJournal(Journal):
         async def delete(kv: KeyValue) -> None:
             for run in runs:
                 hashed = _run_hash(run)
-                for key in (await _manifest(kv, hashed))[1]:
+                revision, keys = await _manifest(kv, hashed)
+                if revision is None:
+                    continue  # never written (a purge would leave a marker for nothing)
+                for key in keys:
                     await kv.purge(f"r.{hashed}.{key}")
                 await kv.purge(f"m.{hashed}")
                 await kv.purge(f"i.{hashed}")

@@ -5,7 +5,7 @@ What the process holds is measured on Python's heap (tracemalloc): its resident 
 grows while the brokers' clients and SQLite's page caches fill (a few MB, then flat), which
 bench/durable_crash.py shows over 10,000 waits.
 
-``EVENTWIRE_PENDING_WAITS`` sets how many (1,000 in the suite; bench/durable_crash.py runs
+``EVENTWIRE_PENDING_WAITS`` sets how many (600 in the suite; bench/durable_crash.py runs
 10,000), and ``EVENTWIRE_PENDING_REPORT`` a file where the figures are written as JSON."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 
 from eventwire import Event, EventBus, Run
 
-WAITS = int(os.environ.get("EVENTWIRE_PENDING_WAITS", "1000"))
+WAITS = int(os.environ.get("EVENTWIRE_PENDING_WAITS", "600"))
 WARM_UP = 200
 # A coroutine parked in memory holds its frames, the event and a future: kilobytes. A run
 # parked in the journal holds nothing here; the bound leaves room for what is in flight
