@@ -366,6 +366,12 @@ class EventBus:
         are not punished.
         There, `max_pending` bounds how many events this process holds at once; the rest of
         the backlog waits in the broker, and `overflow` does not apply.
+        `partitions=N` keeps same-key events in order, one at a time, across all the processes
+        running the subscription (a pool): keyed events are spread over N partitions, each
+        consumed by one live process at a time, and moved when processes come and go
+        (docs/backends.md, "Per-key order across processes"). Events without a key spread
+        freely. SQLite keeps per-key order across processes without it; in one process
+        (``memory://``) it changes nothing.
 
         `publishes` declares the topics the handler publishes (e.g.
         ``publishes=["research.complete"]``), for ``eventwire topology`` and ``asyncapi``;

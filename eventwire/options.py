@@ -17,6 +17,8 @@ DEFAULT_MAX_PENDING = 10_000
 # Times a durable subscription starts handling an event again after it came back unfinished
 # (its process died or lost the lease) before dead-lettering it as a poison event.
 DEFAULT_MAX_RESTARTS = 5
+# Most partitions a subscription's keyed events can be spread over (`partitions=`).
+MAX_PARTITIONS = 1024
 
 Start = Literal["latest", "earliest"] | datetime
 """Where a new durable subscription begins: new events only, everything the broker holds,
@@ -43,6 +45,7 @@ class SubscriptionOptions:
     publishes: tuple[str, ...] = ()
     durable: bool = False
     waits: tuple[str, ...] = ()
+    partitions: int | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
@@ -82,6 +85,13 @@ class SubscriptionOptions:
         object.__setattr__(self, "idempotent", bool(self.idempotent))
         object.__setattr__(self, "publishes", _check_patterns(self.publishes, "publishes"))
         object.__setattr__(self, "waits", _check_patterns(self.waits, "waits"))
+        if self.partitions is not None and (
+            not _is_int(self.partitions) or not 1 <= self.partitions <= MAX_PARTITIONS
+        ):
+            raise ValueError(
+                f"partitions must be an int from 1 to {MAX_PARTITIONS} (how many processes "
+                f"can work on keyed events at once) or None, got {self.partitions!r}"
+            )
         if self.waits and not self.durable:
             raise ValueError(
                 "waits= declares what a durable run waits for: it needs durable=True too"
@@ -113,6 +123,7 @@ class SubscriptionKeywords(TypedDict, total=False):
     publishes: Sequence[str]
     durable: bool
     waits: Sequence[str]
+    partitions: int | None
 
 
 def _is_int(value: Any) -> bool:

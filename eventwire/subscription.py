@@ -185,6 +185,7 @@ class Subscription:
         "opening",
         "options",
         "overflow",
+        "partitions",
         "pattern",
         "published_topics",
         "publishes",
@@ -221,6 +222,9 @@ class Subscription:
         # already handled are skipped (broker backends; see EventBus.subscribe).
         self.start: Start = options.start
         self.idempotent = options.idempotent
+        # Keyed events spread over this many partitions, each handled by one process at a
+        # time: per-key order across processes on brokers (None: not partitioned).
+        self.partitions = options.partitions
         # What `Event.source` says for events this subscription's handler publishes.
         self.source = source
         self._converter = converter

@@ -234,6 +234,12 @@ class ConsumerSpec:
     # The consumer of a group (its members compete for its messages), not one subscription's
     # own: brokers record which, so that a name is never both across processes.
     group: bool = False
+    # Keyed events go through this many partitions, each consumed by one process at a time
+    # (`eventwire.backends.partitions`); 0: not partitioned.
+    partitions: int = 0
+    # One process at a time consumes it; whoever takes it over gets first what the previous
+    # one did not acknowledge, oldest first (`Consumer.take_over`).
+    exclusive: bool = False
 
 
 @dataclass(slots=True)
@@ -303,6 +309,13 @@ class Consumer(abc.ABC):
         if acks:
             await self.ack(acks)
         return await self.fetch(limit, wait)
+
+    async def take_over(self) -> None:
+        """An exclusive consumer (`ConsumerSpec.exclusive`) this process just took: make
+        what the broker still holds for the process that had it before (unacknowledged,
+        given back) come first, oldest first, before anything newer. Brokers that keep that
+        order themselves need nothing here."""
+        return
 
     async def stop_fetching(self) -> None:
         """No fetch follows until the next `fetch`: end what stands at the broker on this

@@ -20,7 +20,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -39,6 +39,7 @@ from eventwire.backends.base import (
     Message,
     is_tooling,
 )
+from eventwire.backends.partitions import GroupView, PartitionedConsumer, partition_names
 from eventwire.backends.session import GIVE_BACK_TIMEOUT, ConsumerSession
 from eventwire.deadletter import DLQ_PATTERN
 from eventwire.envelope import EnvelopeError, encode
@@ -90,6 +91,11 @@ class BrokerBackend(Backend):
     tracks_presence: ClassVar[bool] = False
     """True when the broker module records which processes run each consumer (`beat`)."""
 
+    orders_keys_itself: ClassVar[bool] = False
+    """True when the broker keeps same-key deliveries in order across processes by itself
+    (SQLite): ``partitions=`` then changes nothing. Otherwise a partitioned consumer is a
+    `PartitionedConsumer`, which needs `sync_group`."""
+
     def __init__(self, url: Any) -> None:
         super().__init__(url)
         # Durable consumer name -> the feeder this process runs for it.
@@ -136,6 +142,20 @@ class BrokerBackend(Backend):
         the times (Unix) of the latest beat of each process that ran it."""
         return {}
 
+    async def sync_group(
+        self, group: str, process: str, want: Collection[str], ttl: float
+    ) -> GroupView:
+        """One look at the table of partitioned consumer `group` on the broker, in one
+        atomic step: `process` is alive for `ttl` seconds more; of the slots in `want` it
+        holds (or takes, when free or run out) each for `ttl` seconds more; it lets go of
+        the others it held. Returns the live members and the slots `process` holds."""
+        raise BackendCapabilityError(
+            f"the {self.scheme}:// backend cannot spread a subscription over partitions"
+        )
+
+    async def leave_group(self, group: str, process: str) -> None:
+        """`process` leaves partitioned consumer `group`: its member entry and leases go."""
+
     # -- serving a bus ------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -160,7 +180,9 @@ class BrokerBackend(Backend):
 
     async def _announce(self) -> None:
         """Say which consumers this process runs now, and which it stopped running."""
-        running = tuple(sorted(name for name, f in self._feeders.items() if f.members))
+        running = tuple(
+            sorted(name for f in self._feeders.values() if f.members for name in f.names)
+        )
         try:
             if running or self._announced:
                 await self.beat(self.process, running)
@@ -273,7 +295,14 @@ class BrokerBackend(Backend):
             )
         name = subscription.group or subscription.name
         feeder = self._feeders.get(name)
+        partitions = 0 if self.orders_keys_itself else subscription.partitions or 0
         if feeder is not None:
+            if feeder.spec.partitions != partitions:
+                raise ValueError(
+                    f"group {name!r} already runs with partitions={feeder.spec.partitions or None}"
+                    f" in this process, so {subscription.name!r} cannot join it with "
+                    f"partitions={subscription.partitions}: give every member the same"
+                )
             if feeder.spec.pattern != subscription.pattern:
                 raise ValueError(
                     f"group {name!r} already subscribes to {feeder.spec.pattern!r} in this "
@@ -290,6 +319,7 @@ class BrokerBackend(Backend):
             ack_wait=self.services.redeliver_after,
             ephemeral=subscription.pattern.startswith(REPLY_PREFIX),
             group=subscription.group is not None,
+            partitions=partitions,
         )
         feeder = Feeder(self, spec)
         feeder.add(subscription)
@@ -358,8 +388,8 @@ class BrokerBackend(Backend):
         return presence
 
     def _runs_here(self, name: str) -> bool:
-        feeder = self._feeders.get(name)
-        return feeder is not None and bool(feeder.members)
+        feeder = self._feeders.get(name) or self._feeders.get(name.partition("#")[0])
+        return feeder is not None and bool(feeder.members) and name in feeder.names
 
     async def _live(self) -> list[ConsumerInfo]:
         """Consumers some process runs now (this one included), tools' own excepted."""
@@ -560,8 +590,22 @@ class Feeder:
         if subscription in self.members:
             self.members.remove(subscription)
 
+    @property
+    def names(self) -> list[str]:
+        """The durable consumers this feeder runs: its own, and a partitioned one's parts."""
+        if not self.spec.partitions:
+            return [self.spec.name]
+        return [self.spec.name, *partition_names(self.spec.name, self.spec.partitions)]
+
     async def open(self) -> None:
-        self.session = ConsumerSession(await self.backend.consumer(self.spec), self.spec)
+        consumer: Consumer
+        if self.spec.partitions:
+            partitioned = PartitionedConsumer(self.backend, self.spec)
+            await partitioned.open()
+            consumer = partitioned
+        else:
+            consumer = await self.backend.consumer(self.spec)
+        self.session = ConsumerSession(consumer, self.spec)
 
     def start(self) -> None:
         assert self.session is not None
@@ -580,7 +624,8 @@ class Feeder:
         try:
             await session.close()
             if forget:
-                await self.backend.delete_consumer(self.spec.name)
+                for name in self.names:
+                    await self.backend.delete_consumer(name)
         except Exception:
             logger.exception("eventwire: closing the consumer of %s failed", self.spec.name)
 

@@ -84,7 +84,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import unquote
@@ -112,6 +112,7 @@ from eventwire.backends.base import (
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.partitions import PARTITION_PREFIX, GroupView
 from eventwire.backends.journal import Journal
 from eventwire.backends.redis_journal import RedisJournal
 from eventwire.backends.redis_wire import (
@@ -305,8 +306,8 @@ class RedisBackend(BrokerBackend):
         durable=True,
         # The stream keeps every event unless `?maxlen=` trims it.
         replay=True,
-        # A consumer group hands entries to whichever consumer reads first.
-        key_order_across_processes=False,
+        # With partitions=: each partition's stream is read by one process at a time.
+        key_order_across_processes=True,
         idempotent=True,
         # Pending + delayed + unread matching entries are all visible on the server.
         cross_process_drain=True,
@@ -356,6 +357,8 @@ class RedisBackend(BrokerBackend):
         self.release_script = Script(lua.RELEASE)
         self.prune_script = Script(lua.PRUNE)
         self.due_script = Script(lua.DUE)
+        self._sync_group = Script(lua.SYNC_GROUP)
+        self._leave_group = Script(lua.LEAVE_GROUP)
         # Names groups whose entries were handed back (nak, close), for the wakers.
         self.wakes = prefix + "wakes"
         # Consumers waiting on a connection of their own (at most `_DEDICATED`).
@@ -376,6 +379,14 @@ class RedisBackend(BrokerBackend):
                 lambda: self.client, self._prefix, self.retrying, _loop_time
             )
         return self._journal
+
+    def stream_of(self, topic: str) -> str:
+        """The stream that holds `topic`'s entries (or a pattern's): a partition's copies
+        (``_p.<tag>.<n>``) have a stream each, so that only its consumers read them; every
+        other topic is in the namespace's one stream."""
+        if topic.startswith(PARTITION_PREFIX):
+            return f"{self._prefix}part:{topic[len(PARTITION_PREFIX) :]}"
+        return self.stream
 
     def key(self, kind: str, group: str) -> str:
         """The key of one of a group's structures (``delayed``, ``handled``, ``wake``)."""
@@ -459,10 +470,20 @@ class RedisBackend(BrokerBackend):
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
+        if any(m.topic.startswith(PARTITION_PREFIX) for m in messages):
+            by_stream: dict[str, list[Message]] = {}
+            for m in messages:
+                by_stream.setdefault(self.stream_of(m.topic), []).append(m)
+            for stream, some in by_stream.items():
+                await self._publish_to(stream, some)
+            return
+        await self._publish_to(self.stream, messages)
+
+    async def _publish_to(self, stream: str, messages: Sequence[Message]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            await self._send(messages)  # the common case: one try, nothing more to set up
+            await self._send(messages, stream)  # the common case: one try, nothing more
             return
         except _RETRYABLE:
             pass
@@ -472,15 +493,15 @@ class RedisBackend(BrokerBackend):
             if not self._dedup_window:
                 # An earlier try may have stored some of them before its reply was lost.
                 stored = await self._stored_since(
-                    [m.id for m in messages], loop.time() - started + _CLOCK_SLACK
+                    [m.id for m in messages], loop.time() - started + _CLOCK_SLACK, stream
                 )
                 todo = [m for m in messages if m.id not in stored]
             if todo:
-                await self._send(todo)
+                await self._send(todo, stream)
 
         await self.retrying(send_again)
 
-    async def _send(self, messages: Sequence[Message]) -> None:
+    async def _send(self, messages: Sequence[Message], stream: str) -> None:
         """Store `messages` in one round trip: a publish script call per chunk, or for one
         message with neither a dedup window nor a length cap, the XADD itself (what the
         script would run). Commands go packed by hand on the publisher's own connection."""
@@ -490,11 +511,12 @@ class RedisBackend(BrokerBackend):
         if len(messages) == 1 and not self._dedup_window and not self._maxlen:
             m = messages[0]
             if m.key is None:
-                payload = XADD % (self._stream_bulk, bulk(m.id), bulk(m.topic), bulk(m.body))
+                stream_bulk = self._stream_bulk if stream == self.stream else bulk(stream)
+                payload = XADD % (stream_bulk, bulk(m.id), bulk(m.topic), bulk(m.body))
             else:
                 payload = resp(
                     "XADD",
-                    self.stream,
+                    stream,
                     "*",
                     "id",
                     m.id,
@@ -510,7 +532,7 @@ class RedisBackend(BrokerBackend):
         head = (self._maxlen, self._dedup_window)
         calls: list[bytes] = []
         for chunk in _publish_chunks(messages):
-            keys = [self.stream]
+            keys = [stream]
             if self._dedup_window:
                 keys += [f"{self._prefix}dedup:{m.id}" for m in chunk]
             calls.append(publish_call(self._publish.sha, keys, head, chunk))
@@ -528,13 +550,15 @@ class RedisBackend(BrokerBackend):
                 loaded = True
             calls = failed
 
-    async def _stored_since(self, event_ids: list[str], seconds: float) -> set[str]:
-        """Which of `event_ids` are in stream entries added in the last `seconds`."""
+    async def _stored_since(
+        self, event_ids: list[str], seconds: float, stream: str
+    ) -> set[str]:
+        """Which of `event_ids` are in `stream`'s entries added in the last `seconds`."""
         found: set[str] = set()
         start = ""
         while True:
             args = [start, int(seconds * 1000), _SCAN_CHUNK, *event_ids]
-            start_at, hits = await self._seen(self.client, [self.stream], args)
+            start_at, hits = await self._seen(self.client, [stream], args)
             found.update(_text(hit) for hit in hits)
             start = _text(start_at)
             if not start:
@@ -547,7 +571,7 @@ class RedisBackend(BrokerBackend):
         reply = await self.retrying(
             lambda: self._create(
                 self.client,
-                [self.stream, self.registry, self.kinds],
+                [self.stream_of(spec.pattern), self.registry, self.kinds],
                 [spec.name, group, spec.pattern, start, "group" if spec.group else "own"],
             ),
             deadline=asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
@@ -570,21 +594,33 @@ class RedisBackend(BrokerBackend):
         entries = sorted((_text(name), _text(pattern)) for name, pattern in registry.items())
         if not entries:
             return []
-        keys = [self.stream]
-        args: list[Any] = [_COUNT_SCAN]
+        by_stream: dict[str, list[tuple[str, str]]] = {}
         for name, pattern in entries:
-            keys += [self.key("delayed", safe_name(name)), self.key("tally", safe_name(name))]
-            args += [safe_name(name), pattern]
-        counts = await self.retrying(lambda: self._stats(client, keys, args), deadline)
-        return [
-            ConsumerInfo(name, pattern, outstanding=int(count), exact=bool(int(exact)))
-            for (name, pattern), (count, exact) in zip(entries, counts, strict=True)
-        ]
+            by_stream.setdefault(self.stream_of(pattern), []).append((name, pattern))
+        found: list[ConsumerInfo] = []
+        for stream, some in by_stream.items():
+            keys = [stream]
+            args: list[Any] = [_COUNT_SCAN]
+            for name, pattern in some:
+                keys += [self.key("delayed", safe_name(name)), self.key("tally", safe_name(name))]
+                args += [safe_name(name), pattern]
+            counts = await self.retrying(
+                functools.partial(self._stats, client, keys, args), deadline
+            )
+            found += [
+                ConsumerInfo(name, pattern, outstanding=int(count), exact=bool(int(exact)))
+                for (name, pattern), (count, exact) in zip(some, counts, strict=True)
+            ]
+        return sorted(found, key=lambda info: info.name)
 
     async def delete_consumer(self, name: str) -> None:
         group = safe_name(name)
+        pattern = await self.retrying(
+            lambda: command(self.client, "HGET", self.registry, name),
+            asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
+        )
         keys = [
-            self.stream,
+            self.stream_of(_text(pattern)) if pattern else self.stream,
             self.registry,
             self.key("delayed", group),
             self.key("handled", group),
@@ -678,6 +714,26 @@ class RedisBackend(BrokerBackend):
                 if gone:
                     await command(client, "HDEL", self.processes_key, *gone)
         return found
+
+    async def sync_group(
+        self, group: str, process: str, want: Collection[str], ttl: float
+    ) -> GroupView:
+        table = self.key("group", safe_name(group))
+        args = [process, int(ttl * 1000), *sorted(want)]
+        members, held = await self.retrying(
+            lambda: self._sync_group(self.client, [table], args),
+            asyncio.get_running_loop().time() + ttl / 2,
+        )
+        return GroupView(
+            tuple(sorted(_text(m) for m in members)), frozenset(_text(h) for h in held)
+        )
+
+    async def leave_group(self, group: str, process: str) -> None:
+        table = self.key("group", safe_name(group))
+        await self.retrying(
+            lambda: self._leave_group(self.client, [table], [process]),
+            asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
+        )
 
     async def destroy(self) -> None:
         client = self.client
@@ -1004,6 +1060,11 @@ class RedisConsumer(Consumer):
         self.spec = spec
         self.group = group
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        # The namespace's events, or a partition's copies (`stream_of`).
+        self.stream = backend.stream_of(spec.pattern)
+        # Set by `take_over`: the next fetches claim every pending entry of the group at once
+        # (and the delayed ones), oldest first, before reading new entries.
+        self._taking_over = False
         self._delayed = backend.key("delayed", group)
         self._handled = backend.key("handled", group)
         self._restarts = backend.key("restarts", group)
@@ -1026,8 +1087,10 @@ class RedisConsumer(Consumer):
         # another for acknowledgements sent on their own, which go beside fetches. Past the
         # first `_DEDICATED` consumers of the backend, they are shared: pooled connections
         # borrowed per call, and the backend's waker waits for new entries (see `_blocking`).
-        self._shared = backend.dedicated >= _DEDICATED
-        if not self._shared:
+        # A partition's stream is not the waker's: its consumers always wait on their own.
+        own_stream = self.stream != backend.stream
+        self._shared = not own_stream and backend.dedicated >= _DEDICATED
+        if not self._shared and not own_stream:
             backend.dedicated += 1
         slots = backend.shared_calls if self._shared else None
         self._link = Link(backend.client, keep=not self._shared, slots=slots)
@@ -1057,6 +1120,11 @@ class RedisConsumer(Consumer):
         if self._closed:
             raise RuntimeError(f"the consumer {self.spec.name!r} is closed")
 
+    async def take_over(self) -> None:
+        if self.spec.exclusive:
+            self._taking_over = True
+            self._claim_cursor = "0-0"
+
     async def prune(self) -> None:
         """Remove consumers of dead processes from the group (nothing pending, idle 1 h)."""
         loop = asyncio.get_running_loop()
@@ -1064,7 +1132,7 @@ class RedisConsumer(Consumer):
         # Housekeeping only: if it fails, the next round tries again.
         with contextlib.suppress(*_RETRYABLE):
             await self.backend.prune_script(
-                self.backend.client, [self.backend.stream], [self.group, self.name, _PRUNE_IDLE_MS]
+                self.backend.client, [self.stream], [self.group, self.name, _PRUNE_IDLE_MS]
             )
 
     async def fetch(self, limit: int, wait: float) -> list[Delivery]:
@@ -1129,7 +1197,7 @@ class RedisConsumer(Consumer):
         acks = self._acks_along
         if not acks:
             return (await self._link.call(command, wait=wait))[0]
-        payload = resp("XACK", self.backend.stream, self.group, *acks) + command
+        payload = resp("XACK", self.stream, self.group, *acks) + command
         acked, reply = await self._link.call(payload, 2, wait=wait, raise_errors=False)
         if not isinstance(acked, Exception):
             self._acks_along = []
@@ -1159,7 +1227,13 @@ class RedisConsumer(Consumer):
             self._skip = wake.skip
         reclaim = now >= self._next_reclaim and self._waiter is None
         scanned = False
-        if self._scan or reclaim or now >= self._due_at or self._skip is not None:
+        if (
+            self._scan
+            or reclaim
+            or self._taking_over
+            or now >= self._due_at
+            or self._skip is not None
+        ):
             deliveries = await self._run_script(limit, loop)
             if deliveries:
                 return await self._handed(deliveries)
@@ -1228,13 +1302,14 @@ class RedisConsumer(Consumer):
         """Due naks, deliveries held too long by others, then new entries (filtered in
         Redis): the fetch script. Learns when the next delayed entry is due."""
         backend = self.backend
-        reclaim = loop.time() >= self._next_reclaim
+        taking = self._taking_over
+        reclaim = taking or loop.time() >= self._next_reclaim
         script = backend.fetch_script
         call = resp(
             "EVALSHA",
             script.sha,
             3,
-            backend.stream,
+            self.stream,
             self._delayed,
             self._wake,
             self.group,
@@ -1242,9 +1317,10 @@ class RedisConsumer(Consumer):
             limit,
             self.spec.pattern,
             "1" if reclaim else "0",
-            self.min_idle_ms,
+            # Taking over: every pending entry at once, and no new ones until all are taken.
+            0 if taking else self.min_idle_ms,
             self._claim_cursor,
-            _SCAN_BUDGET,
+            0 if taking else _SCAN_BUDGET,
             *(self._skip or ("", "")),
         )
         self._skip = None
@@ -1256,6 +1332,8 @@ class RedisConsumer(Consumer):
         if reclaim:
             self._claim_cursor = _text(reply[2])
             self._next_reclaim = loop.time() + self.reclaim_every
+            if taking and self._claim_cursor == "0-0":
+                self._taking_over = False
         if not self._wake_group:
             await self._create_wake_group()
         due_ms, now_ms = int(reply[4]), int(reply[5])
@@ -1294,7 +1372,7 @@ class RedisConsumer(Consumer):
             millis = max(1, int(block * 1000))
             args = ("XREADGROUP", "GROUP", self.group, self.name, "COUNT", count, "BLOCK", millis)
         reply = await self._call(
-            resp(*args, "STREAMS", backend.stream, self._wake, ">", ">"), wait=block or 0.0
+            resp(*args, "STREAMS", self.stream, self._wake, ">", ">"), wait=block or 0.0
         )
         if not reply:
             return []
@@ -1304,7 +1382,7 @@ class RedisConsumer(Consumer):
         append = deliveries.append
         topics = self._topics
         for name, entries in streams:
-            if _text(name) != backend.stream:
+            if _text(name) != self.stream:
                 self._scan = self._woken = True
                 await self._link.call(
                     resp("XACK", self._wake, self.group, *(e[0] for e in entries))
@@ -1325,7 +1403,7 @@ class RedisConsumer(Consumer):
             else:
                 self._sparse = False
         if skipped:
-            await self._link.call(resp("XACK", backend.stream, self.group, *skipped))
+            await self._link.call(resp("XACK", self.stream, self.group, *skipped))
         if block is not None and self._blocking and (deliveries or skipped):
             self._count_wake(bool(deliveries))
         return deliveries
@@ -1378,12 +1456,12 @@ class RedisConsumer(Consumer):
 
         async def send() -> None:
             if not handled_ids and not returned:
-                await self._ack_link.call(resp("XACK", backend.stream, self.group, *ids))
+                await self._ack_link.call(resp("XACK", self.stream, self.group, *ids))
                 return
             # One MULTI: the handled ids are recorded exactly when the entries are acked.
             pipe: Any = client.pipeline(transaction=True)
             if ids:
-                stage(pipe, "XACK", backend.stream, self.group, *ids)
+                stage(pipe, "XACK", self.stream, self.group, *ids)
             if returned:
                 stage(pipe, "HDEL", self._restarts, *returned)
             if handled_ids:
@@ -1408,7 +1486,7 @@ class RedisConsumer(Consumer):
         await backend.retrying(
             lambda: backend.nak_script(
                 backend.client,
-                [backend.stream, self._delayed, self._wake, backend.wakes],
+                [self.stream, self._delayed, self._wake, backend.wakes],
                 [self.group, self.name, delivery.handle, delay_ms],
             ),
             self._deadline(),
@@ -1418,7 +1496,7 @@ class RedisConsumer(Consumer):
         backend = self.backend
         for chunk in _chunks([d.handle for d in deliveries], _ID_CHUNK):
             args = [self.group, self.name, *chunk]
-            call = functools.partial(backend.extend_script, backend.client, [backend.stream], args)
+            call = functools.partial(backend.extend_script, backend.client, [self.stream], args)
             await backend.retrying(call, self._deadline())
 
     async def restarted(self, delivery: Delivery) -> int:
@@ -1479,7 +1557,7 @@ class RedisConsumer(Consumer):
         await backend.retrying(
             lambda: backend.release_script(
                 backend.client,
-                [backend.stream, self._delayed, self._wake, backend.wakes],
+                [self.stream, self._delayed, self._wake, backend.wakes],
                 [self.group, self.name],
             ),
             self._deadline(),

@@ -441,4 +441,68 @@ return 1
 """
 
 
-SCRIPTS = (PUBLISH, SEEN, CREATE, FETCH, NAK, EXTEND, RELEASE, PRUNE, STATS, DELETE, DUE)
+# KEYS: a partitioned consumer's table (hash: ``m:<process>`` -> until ms, ``l:<slot>`` ->
+# ``<holder> <until ms>``). ARGV: process, ttl ms, then the slots it wants.
+# The process is a member for ttl more; it keeps (renews) the wanted slots it holds, takes the
+# wanted ones that are free or ran out, and lets go of the others it holds. Dead members and
+# run-out leases are removed. Returns {live members, slots the process holds}.
+SYNC_GROUP = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local me, ttl = ARGV[1], tonumber(ARGV[2])
+local until_ms = now + ttl
+local want = {}
+for i = 3, #ARGV do want[ARGV[i]] = true end
+redis.call('HSET', KEYS[1], 'm:' .. me, until_ms)
+local all = redis.call('HGETALL', KEYS[1])
+local members, held = {}, {}
+for i = 1, #all, 2 do
+  local field, value = all[i], all[i + 1]
+  local name = string.sub(field, 3)
+  if string.sub(field, 1, 2) == 'm:' then
+    if tonumber(value) > now then
+      members[#members + 1] = name
+    else
+      redis.call('HDEL', KEYS[1], field)
+    end
+  else
+    local sep = string.find(value, ' ', 1, true)
+    local holder, ends = string.sub(value, 1, sep - 1), tonumber(string.sub(value, sep + 1))
+    if holder == me then
+      if want[name] then
+        redis.call('HSET', KEYS[1], field, me .. ' ' .. until_ms)
+        held[#held + 1] = name
+      else
+        redis.call('HDEL', KEYS[1], field)
+      end
+      want[name] = nil
+    elseif ends <= now then
+      redis.call('HDEL', KEYS[1], field)
+    else
+      want[name] = nil
+    end
+  end
+end
+for name, _ in pairs(want) do
+  redis.call('HSET', KEYS[1], 'l:' .. name, me .. ' ' .. until_ms)
+  held[#held + 1] = name
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 20)
+return {members, held}
+"""
+
+# KEYS: a partitioned consumer's table. ARGV: process. Its member entry and leases go.
+LEAVE_GROUP = r"""
+local all = redis.call('HGETALL', KEYS[1])
+local me = ARGV[1]
+redis.call('HDEL', KEYS[1], 'm:' .. me)
+for i = 1, #all, 2 do
+  local field, value = all[i], all[i + 1]
+  if string.sub(field, 1, 2) == 'l:' and string.sub(value, 1, #me + 1) == me .. ' ' then
+    redis.call('HDEL', KEYS[1], field)
+  end
+end
+return 1
+"""
+
+SCRIPTS = (SYNC_GROUP, LEAVE_GROUP, PUBLISH, SEEN, CREATE, FETCH, NAK, EXTEND, RELEASE, PRUNE, STATS, DELETE, DUE)

@@ -76,6 +76,7 @@ class SqliteBackend(BrokerBackend):
 
     scheme = "sqlite"
     tracks_presence = True
+    orders_keys_itself = True
     capabilities = Capabilities(
         durable=True,
         replay=True,

@@ -1,0 +1,494 @@
+"""Per-key order across the processes of a subscription, on brokers that hand a consumer's
+messages to whichever process asks first (Redis, NATS, RabbitMQ): ``partitions=N``.
+
+A partitioned durable consumer ``G`` is made of:
+
+- ``G`` itself, consumed by one process at a time, the *router*: it reads what the pattern
+  matches, in order, and copies each event (the same envelope, a new broker message) to the
+  partition of its key, ``_p.<tag>.<n>`` with ``n = partition_of(key, N)``, or, without a key,
+  to ``_p.<tag>.free``; then it acknowledges the originals. What is not an envelope
+  (another producer's message) stays with the router's process, which dead-letters it.
+- ``N`` partition consumers ``G#p<n>of<N>``, each consumed by one process at a time, which
+  handles its events in order (per key, as the bus does in one process).
+- ``G#free``, consumed by every process: events without a key spread freely.
+
+Who consumes what: every process of ``G`` joins the group's table on the broker
+(`BrokerBackend.sync_group`) every `TICK` seconds, which says who is alive and renews the
+leases it holds. The router and partitions are dealt out over the live members sorted
+(`assign`), so each gets its share. A process that is dealt a slot takes its lease once it is
+free; one that is no longer dealt a slot stops fetching from it, waits until what it handed
+to its handlers is finished, gives back what it fetched but did not hand over, and lets the
+lease go. A process that dies stops renewing: its leases run out after `LEASE_TTL` and the
+slots move. Whoever takes a slot first takes over what the broker still holds for another
+process of it (`Consumer.take_over`), oldest first, so no event of a key overtakes an
+earlier one. Brokers that enforce one active consumer themselves (RabbitMQ's single active
+consumer) hold every slot asked for at once and keep the others waiting.
+
+With ``idempotent=True`` each partition keeps the ids it handled: a key always maps to the
+same partition, so an event copied twice (a router that died between copying and
+acknowledging) or delivered again after a takeover is handled once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from eventwire.backends.base import Backoff, Consumer, ConsumerSpec, Delivery, Message
+
+if TYPE_CHECKING:
+    from eventwire.backends.broker import BrokerBackend
+
+logger = logging.getLogger("eventwire")
+
+PARTITION_PREFIX = "_p."
+"""Topics of partition copies (``_p.<tag>.<n>``): the bus's own, never an application's."""
+# Seconds between two looks at the group's table, and how long a lease (and a member) lasts
+# without one: a dead process's slots move after about this long.
+TICK = 1.0
+LEASE_TTL = 5.0
+# Deliveries one slot fetches ahead of the handlers.
+_AHEAD = 128
+# Events the router copies in one batch.
+_ROUTE_BATCH = 500
+ROUTER = "router"
+
+
+def partition_of(key: str, count: int) -> int:
+    """The partition of `key` among `count`: the same in every process (not hash(), whose
+    seed differs), and independent of which member of a group in one process takes it."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def tag_of(name: str) -> str:
+    """The short token that names a consumer's partitions in their topics."""
+    return f"{zlib.crc32(name.encode()):08x}"
+
+
+def partition_names(name: str, count: int) -> list[str]:
+    """The consumers a partitioned consumer `name` is made of besides itself."""
+    return [f"{name}#p{n}of{count}" for n in range(count)] + [f"{name}#free"]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    """What one look at a partitioned group's table on the broker found."""
+
+    members: tuple[str, ...]
+    """The live processes of the group, sorted (this one included)."""
+    held: frozenset[str]
+    """The slots whose lease this process holds now."""
+
+
+def assign(slots: Sequence[str], members: Sequence[str]) -> dict[str, str]:
+    """Slot -> the member that should consume it: dealt out in turn over the sorted members,
+    so every member gets its share (one more for some)."""
+    ordered = sorted(members)
+    return {slot: ordered[index % len(ordered)] for index, slot in enumerate(slots)}
+
+
+class _Route(msgspec.Struct, forbid_unknown_fields=False):
+    id: str
+    topic: str
+    key: str | None = None
+
+
+_route_decoder = msgspec.json.Decoder(_Route)
+
+
+def route_of(body: bytes) -> _Route | None:
+    """The id, topic and key of an envelope, reading nothing else; None if `body` is none."""
+    try:
+        return _route_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+_IDLE, _ACTIVE, _DRAINING = "idle", "active", "draining"
+
+
+class _Slot:
+    """The router, a partition or the free consumer, as this process consumes it."""
+
+    __slots__ = ("consumer", "inflight", "name", "pump", "ready", "spec", "state", "taken_at")
+
+    def __init__(self, name: str, spec: ConsumerSpec) -> None:
+        self.name = name
+        self.spec = spec
+        self.state = _IDLE
+        self.consumer: Consumer | None = None
+        self.pump: asyncio.Task[None] | None = None
+        # Fetched from the broker, not yet handed over (in `PartitionedConsumer._ready`).
+        self.ready = 0
+        # Handed over, not yet acknowledged or given back.
+        self.inflight = 0
+        self.taken_at = 0.0
+
+
+@dataclass(slots=True)
+class _Handle:
+    slot: _Slot
+    inner: Delivery
+    event_id: str | None
+
+
+class PartitionedConsumer(Consumer):
+    """A durable consumer whose keyed events are handled in order across processes (see the
+    module docstring): one `Consumer` to the bus, made of the router, the partitions and the
+    free consumer this process holds now."""
+
+    acks_with_fetch = False
+
+    def __init__(self, backend: BrokerBackend, spec: ConsumerSpec) -> None:
+        assert spec.partitions
+        self.backend = backend
+        self.spec = spec
+        self.count = spec.partitions
+        self.process = backend.process
+        tag = tag_of(spec.name)
+        names = partition_names(spec.name, self.count)
+        sub = replace(spec, partitions=0, start="earliest", exclusive=True, group=True)
+        self._slots: dict[str, _Slot] = {ROUTER: _Slot(ROUTER, replace(spec, partitions=0))}
+        self._order = [ROUTER]
+        for n in range(self.count):
+            slot = str(n)
+            part = replace(sub, name=names[n], pattern=f"{PARTITION_PREFIX}{tag}.{n}")
+            self._slots[slot] = _Slot(slot, part)
+            self._order.append(slot)
+        self._slots[ROUTER].spec = replace(spec, partitions=0, exclusive=True)
+        free = replace(sub, name=names[-1], pattern=f"{PARTITION_PREFIX}{tag}.free", exclusive=False)
+        self._free = _Slot("free", free)
+        self._tag = tag
+        self._ready: deque[tuple[Delivery, float]] = deque()
+        self._arrived = asyncio.Event()
+        self._ids: dict[str, _Slot] = {}
+        self._view: GroupView | None = None
+        self._synced_at = 0.0
+        self._driver: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._fetching = True
+        self._closed = False
+
+    @property
+    def consumer_names(self) -> list[str]:
+        """Every durable consumer this one is made of, itself first."""
+        return [self.spec.name] + partition_names(self.spec.name, self.count)
+
+    async def open(self) -> None:
+        """Create the partitions on the broker (so that nothing copied to them before their
+        first process comes is lost), refuse another partition count than the broker's, and
+        start taking part in the group."""
+        await self._check_count()
+        for slot in [*self._slots.values(), self._free]:
+            if slot.name != ROUTER:
+                await self.backend.create_consumer(slot.spec)
+        # The router's consumer exists before any process routes: what is published from now
+        # on is kept.
+        await self.backend.create_consumer(self._slots[ROUTER].spec)
+        await self._activate(self._free)
+        self._driver = asyncio.get_running_loop().create_task(
+            self._drive(), name=f"eventwire:{self.spec.name}:partitions"
+        )
+
+    async def _check_count(self) -> None:
+        prefix = f"{self.spec.name}#p"
+        for info in await self.backend.consumers():
+            if info.name.startswith(prefix) and not info.name.endswith(f"of{self.count}"):
+                other = info.name.rpartition("of")[2]
+                raise ValueError(
+                    f"{self.spec.name!r} is split into {other} partitions on "
+                    f"{self.backend.url.redacted}, not {self.count}: run every process with "
+                    f"partitions={other}, or delete the subscription and its backlog with "
+                    f"`eventwire subscriptions delete {self.spec.name}` first"
+                )
+
+    # -- taking part in the group ---------------------------------------------------------
+
+    async def _drive(self) -> None:
+        while not self._closed:
+            try:
+                await self._sync()
+            except Exception:
+                logger.warning(
+                    "eventwire: looking at the group of %s failed", self.spec.name, exc_info=True
+                )
+                if time.monotonic() - self._synced_at > LEASE_TTL * 0.8:
+                    # Our leases may have run out: others may be taking the slots over.
+                    for slot in self._slots.values():
+                        if slot.state != _IDLE:
+                            await self._deactivate(slot)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK):
+                    await self._wake.wait()
+
+    def _wanted(self) -> set[str]:
+        held = {name for name, slot in self._slots.items() if slot.state != _IDLE}
+        if self._view is None or not self._fetching:
+            return held
+        dealt = assign(self._order, self._view.members)
+        return held | {name for name, owner in dealt.items() if owner == self.process}
+
+    async def _sync(self) -> None:
+        view = await self.backend.sync_group(self.spec.name, self.process, self._wanted(), LEASE_TTL)
+        self._synced_at = time.monotonic()
+        if self.process not in view.members:
+            view = replace(view, members=tuple(sorted({*view.members, self.process})))
+        first = self._view is None
+        self._view = view
+        dealt = assign(self._order, view.members)
+        for name, slot in self._slots.items():
+            mine = dealt[name] == self.process and self._fetching
+            if slot.state != _IDLE and name not in view.held:
+                # Lost (this process could not renew in time): another may have it already.
+                await self._deactivate(slot)
+            elif slot.state == _IDLE and mine and name in view.held:
+                await self._activate(slot)
+            elif slot.state == _ACTIVE and not mine:
+                self._start_draining(slot)
+            if slot.state == _DRAINING and slot.inflight == 0:
+                await self._deactivate(slot)
+        if first:
+            self._wake.set()  # the leases of this process's share are asked for at once
+
+    async def _activate(self, slot: _Slot) -> None:
+        consumer = await self.backend.consumer(slot.spec)
+        try:
+            await consumer.take_over()
+        except BaseException:
+            await consumer.close()
+            raise
+        slot.consumer = consumer
+        slot.state = _ACTIVE
+        slot.taken_at = time.monotonic()
+        run = self._route if slot.name == ROUTER else self._pump
+        slot.pump = asyncio.get_running_loop().create_task(
+            run(slot), name=f"eventwire:{slot.spec.name}:fetch"
+        )
+
+    def _start_draining(self, slot: _Slot) -> None:
+        """Fetch no more from `slot`; it goes once its handed-over events are finished."""
+        slot.state = _DRAINING
+        if slot.pump is not None:
+            slot.pump.cancel()
+        self._drop_ready(slot)
+
+    def _drop_ready(self, slot: _Slot) -> None:
+        if slot.ready:
+            kept = [item for item in self._ready if item[0].handle.slot is not slot]
+            self._ready = deque(kept)
+            slot.ready = 0
+
+    async def _deactivate(self, slot: _Slot) -> None:
+        """Stop consuming `slot`: what was fetched and not handed over goes back with the
+        consumer's close (the broker keeps its order), and the lease goes at the next look."""
+        slot.state = _IDLE
+        pump, slot.pump = slot.pump, None
+        if pump is not None:
+            pump.cancel()
+            await asyncio.wait([pump])
+        self._drop_ready(slot)
+        consumer, slot.consumer = slot.consumer, None
+        slot.inflight = 0
+        if consumer is not None:
+            try:
+                await consumer.close()
+            except Exception:
+                logger.warning("eventwire: closing %s failed", slot.spec.name, exc_info=True)
+        self._wake.set()
+
+    # -- fetching ------------------------------------------------------------------------
+
+    async def _pump(self, slot: _Slot) -> None:
+        consumer = slot.consumer
+        assert consumer is not None
+        backoff = self.backend_backoff()
+        while slot.state == _ACTIVE and self._fetching:
+            room = _AHEAD - slot.ready
+            if room <= 0:
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                deliveries = await consumer.fetch(room, 1.0)
+            except Exception:
+                logger.warning("eventwire: fetching %s failed", slot.spec.name, exc_info=True)
+                await backoff.wait()
+                continue
+            backoff.reset()
+            if deliveries:
+                self._take_in(slot, deliveries)
+
+    def _take_in(self, slot: _Slot, deliveries: Sequence[Delivery]) -> None:
+        now = time.monotonic()
+        for delivery in deliveries:
+            route = route_of(delivery.body)
+            topic = delivery.topic if route is None else route.topic
+            event_id = None if route is None else route.id
+            handle = _Handle(slot, delivery, event_id)
+            if event_id is not None:
+                self._ids[event_id] = slot
+            outer = Delivery(topic, delivery.body, delivery.attempt, handle, delivery.age)
+            self._ready.append((outer, now))
+        slot.ready += len(deliveries)
+        self._arrived.set()
+
+    async def _route(self, slot: _Slot) -> None:
+        """The router: copy what `G` holds to the partitions, in order, then acknowledge."""
+        consumer = slot.consumer
+        assert consumer is not None
+        backoff = self.backend_backoff()
+        while slot.state == _ACTIVE and self._fetching:
+            try:
+                deliveries = await consumer.fetch(_ROUTE_BATCH, 1.0)
+                if deliveries:
+                    await self._copy(slot, consumer, deliveries)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("eventwire: routing %s failed", self.spec.name, exc_info=True)
+                await backoff.wait()
+                continue
+            backoff.reset()
+
+    async def _copy(self, slot: _Slot, consumer: Consumer, deliveries: list[Delivery]) -> None:
+        copies: list[Message] = []
+        routed: list[Delivery] = []
+        foreign: list[Delivery] = []
+        for delivery in deliveries:
+            route = route_of(delivery.body)
+            if route is None:
+                foreign.append(delivery)
+                continue
+            where = "free" if route.key is None else str(partition_of(route.key, self.count))
+            topic = f"{PARTITION_PREFIX}{self._tag}.{where}"
+            # Another message id than the original's: a broker that deduplicates by id
+            # (NATS) would otherwise drop the copy as the original published again.
+            copies.append(Message(f"{route.id}@{where}", topic, route.key, delivery.body))
+            routed.append(delivery)
+        if copies:
+            await self.backend.publish(copies)
+            await consumer.ack(routed)
+        if foreign:
+            self._take_in(slot, foreign)
+
+    @staticmethod
+    def backend_backoff() -> Backoff:
+        return Backoff(0.1, 2.0, jitter=True)
+
+    async def fetch(self, limit: int, wait: float) -> list[Delivery]:
+        if not self._ready and self._fetching and wait > 0:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._arrived.wait()
+        out: list[Delivery] = []
+        now = time.monotonic()
+        while self._ready and len(out) < limit:
+            delivery, since = self._ready.popleft()
+            handle: _Handle = delivery.handle
+            handle.slot.ready -= 1
+            handle.slot.inflight += 1
+            delivery.age += now - since
+            out.append(delivery)
+        return out
+
+    # -- finishing -------------------------------------------------------------------------
+
+    def _settle(self, handle: _Handle) -> None:
+        slot = handle.slot
+        slot.inflight -= 1
+        if handle.event_id is not None and self._ids.get(handle.event_id) is slot:
+            del self._ids[handle.event_id]
+        if slot.state == _DRAINING and slot.inflight <= 0:
+            self._wake.set()
+
+    def _by_slot(self, deliveries: Sequence[Delivery]) -> dict[int, tuple[_Slot, list[Delivery]]]:
+        groups: dict[int, tuple[_Slot, list[Delivery]]] = {}
+        for delivery in deliveries:
+            handle: _Handle = delivery.handle
+            groups.setdefault(id(handle.slot), (handle.slot, []))[1].append(handle.inner)
+        return groups
+
+    async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
+        if handled_ids:
+            await self._record_handled(handled_ids)
+        for slot, inner in self._by_slot(deliveries).values():
+            if slot.consumer is not None:
+                await slot.consumer.ack(inner)
+        for delivery in deliveries:
+            self._settle(delivery.handle)
+
+    async def _record_handled(self, event_ids: Sequence[str]) -> None:
+        by_slot: dict[int, tuple[_Slot, list[str]]] = {}
+        for event_id in event_ids:
+            slot = self._ids.get(event_id, self._free)
+            by_slot.setdefault(id(slot), (slot, []))[1].append(event_id)
+        for slot, ids in by_slot.values():
+            if slot.consumer is not None:
+                await slot.consumer.ack([], handled_ids=ids)
+
+    async def handled(self, event_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        by_slot: dict[int, tuple[_Slot, list[str]]] = {}
+        for event_id in event_ids:
+            slot = self._ids.get(event_id, self._free)
+            by_slot.setdefault(id(slot), (slot, []))[1].append(event_id)
+        for slot, ids in by_slot.values():
+            if slot.consumer is not None:
+                found |= await slot.consumer.handled(ids)
+        return found
+
+    async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
+        handle: _Handle = delivery.handle
+        try:
+            if handle.slot.consumer is not None:
+                await handle.slot.consumer.nak(handle.inner, delay)
+        finally:
+            self._settle(handle)
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        for slot, inner in self._by_slot(deliveries).values():
+            if slot.consumer is not None:
+                await slot.consumer.extend(inner)
+
+    async def restarted(self, delivery: Delivery) -> int:
+        handle: _Handle = delivery.handle
+        if handle.slot.consumer is None:
+            return delivery.attempt
+        return await handle.slot.consumer.restarted(handle.inner)
+
+    async def stop_fetching(self) -> None:
+        self._fetching = False
+        for slot in [*self._slots.values(), self._free]:
+            if slot.pump is not None:
+                slot.pump.cancel()
+        for slot in [*self._slots.values(), self._free]:
+            if slot.consumer is not None:
+                with contextlib.suppress(Exception):
+                    await slot.consumer.stop_fetching()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._fetching = False
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            driver.cancel()
+            await asyncio.wait([driver])
+        for slot in [*self._slots.values(), self._free]:
+            await self._deactivate(slot)
+        with contextlib.suppress(Exception):
+            await self.backend.leave_group(self.spec.name, self.process)
+
