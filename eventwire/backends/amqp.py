@@ -80,7 +80,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -98,6 +98,7 @@ from aio_pika.abc import (
 from aiormq.abc import ConfirmationFrameType
 from pamqp.common import FieldTable
 
+from eventwire.backends.amqp_groups import GroupWatch
 from eventwire.backends.amqp_history import (
     HistoryOption,
     StreamReader,
@@ -121,6 +122,7 @@ from eventwire.backends.base import (
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.partitions import GroupView
 from eventwire.backends.journal import Journal
 from eventwire.backends.url import BusURL, URLOptions
 from eventwire.topics import TAIL, validate_pattern, validate_topic
@@ -252,8 +254,8 @@ class AmqpBackend(BrokerBackend):
         durable=True,
         # Queues hold only what arrived since they were bound; no log to replay from.
         replay=False,
-        # Competing consumers of one queue get messages round robin, keys included.
-        key_order_across_processes=False,
+        # With partitions=: each partition's queue has a single active consumer.
+        key_order_across_processes=True,
         # No key-value store to record handled ids in.
         idempotent=False,
         # AMQP 0-9-1 counts ready messages only, not those unacknowledged in other processes.
@@ -294,6 +296,8 @@ class AmqpBackend(BrokerBackend):
         self._topology_ok = False
         self._closed = False
         self._open: set[_AmqpConsumer] = set()
+        # Partitioned consumers' member lists (`sync_group`), by consumer name.
+        self._groups: dict[str, GroupWatch] = {}
         self._delay_queues: set[int] = set()
         # consumer name -> (message id, due time) of the deliveries this process delayed
         self._delayed: dict[str, list[tuple[str | None, float]]] = {}
@@ -460,6 +464,9 @@ class AmqpBackend(BrokerBackend):
                 await consumer.close()
         await self._registry.stop()
         await self._restarts.stop()
+        for watch in self._groups.values():
+            await watch.close()
+        self._groups.clear()
         self._closed = True
         await self._drop_connection()
         more, self._more_conns = self._more_conns, []
@@ -687,10 +694,14 @@ class AmqpBackend(BrokerBackend):
             )
         else:
             arguments = _CLASSIC_QUEUE if self.classic else _QUORUM_QUEUE
+            if spec.exclusive:
+                arguments = {**arguments, "x-single-active-consumer": True}
             try:
                 declared = await ch.declare_queue(queue, durable=True, arguments=arguments)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 kind = "classic" if self.classic else "quorum"
+                if spec.exclusive:
+                    kind += " single-active-consumer (partitions=)"
                 raise ValueError(
                     f"the queue {queue!r} of consumer {spec.name!r} exists on "
                     f"{self.url.redacted} with other settings than this URL's {kind} queues "
@@ -786,6 +797,24 @@ class AmqpBackend(BrokerBackend):
         """Forget the restarts of these acknowledged messages of consumer `name`."""
         self._restarts.forget(name, messages)
         await self._restarts.append({"op": "finish", "name": name, "messages": list(messages)})
+
+    async def sync_group(
+        self, group: str, process: str, want: Collection[str], ttl: float
+    ) -> GroupView:
+        # The partitions' queues have a single active consumer: the broker keeps every slot
+        # to one process at a time, so each is "held" as soon as it is wanted.
+        watch = self._groups.get(group)
+        if watch is None:
+            watch = self._groups[group] = GroupWatch(self, group)
+        return GroupView(await watch.beat(process, ttl), frozenset(want))
+
+    async def leave_group(self, group: str, process: str) -> None:
+        watch = self._groups.pop(group, None)
+        if watch is not None:
+            try:
+                await watch.beat(process, 0.0)
+            finally:
+                await watch.close()
 
     async def destroy(self) -> None:
         for consumer in [*self._open, *self.readers]:

@@ -37,7 +37,7 @@ import re
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -84,6 +84,7 @@ from eventwire.backends.base import (
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.partitions import GroupView
 from eventwire.backends.journal import Journal
 from eventwire.backends.nats_journal import NatsJournal
 from eventwire.backends.url import BusURL, URLOptions
@@ -218,9 +219,8 @@ class NatsBackend(BrokerBackend):
     capabilities = Capabilities(
         durable=True,
         replay=True,
-        # Competing pull consumers take messages in parallel; JetStream cannot hold back a
-        # key's later message while an earlier one is in flight elsewhere.
-        key_order_across_processes=False,
+        # With partitions=: each partition's subject is consumed by one process at a time.
+        key_order_across_processes=True,
         idempotent=True,
         cross_process_drain=True,
     )
@@ -236,6 +236,9 @@ class NatsBackend(BrokerBackend):
         # Durable runs' journal (`NatsJournal`).
         self.runs_bucket = f"eventwire_{self.namespace}_runs"
         self._runs_kv: KeyValue | None = None
+        # Partitioned consumers' tables (`sync_group`): key <consumer>, one JSON document.
+        self.groups_bucket = f"eventwire_{self.namespace}_groups"
+        self._groups_kv: KeyValue | None = None
         self._journal: NatsJournal | None = None
         # Consumers whose presence key this process wrote, oldest write first.
         self._marked: dict[str, None] = {}
@@ -441,7 +444,7 @@ class NatsBackend(BrokerBackend):
                 await fresh.close()
                 return
             self._nc, self._js, self._kv = fresh, fresh.jetstream(timeout=_REQUEST_TIMEOUT), None
-            self._presence_kv = self._runs_kv = None
+            self._presence_kv = self._runs_kv = self._groups_kv = None
             self._link_lost()
             self._up.set()
             logger.warning("eventwire: opened a new connection to NATS at %s", self.url.redacted)
@@ -492,7 +495,7 @@ class NatsBackend(BrokerBackend):
     async def close(self) -> None:
         await self.ticker.stop()
         nc, self._nc, self._js, self._kv = self._nc, None, None, None
-        self._presence_kv = self._runs_kv = None
+        self._presence_kv = self._runs_kv = self._groups_kv = None
         reopening, self._reopening = self._reopening, None
         if reopening is not None and not reopening.done():
             reopening.cancel()
@@ -921,7 +924,46 @@ class NatsBackend(BrokerBackend):
             await self._retry(
                 "deleting the runs bucket", lambda: self.js.delete_key_value(self.runs_bucket)
             )
-        self._kv = self._presence_kv = self._runs_kv = None
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._retry(
+                "deleting the groups bucket", lambda: self.js.delete_key_value(self.groups_bucket)
+            )
+        self._kv = self._presence_kv = self._runs_kv = self._groups_kv = None
+
+    # -- partitioned consumers' tables -----------------------------------------------------
+
+    async def sync_group(
+        self, group: str, process: str, want: Collection[str], ttl: float
+    ) -> GroupView:
+        # One JSON document per group, changed by compare-and-set on its revision. Leases
+        # are wall-clock times: the processes of a group need clocks within a second or so.
+        if self._groups_kv is None:
+            self._groups_kv = await self._open_bucket(
+                self.groups_bucket, f"eventwire partitioned consumers of {self.namespace}", None
+            )
+        kv = self._groups_kv
+        key = safe_name(group)
+        while True:
+            try:
+                entry = await self._retry("reading a group", lambda: kv.get(key))
+                table, revision = json.loads(entry.value or b"{}"), entry.revision
+            except nats.js.errors.KeyNotFoundError:
+                table, revision = {}, None
+            view, table = _synced(table, process, set(want), ttl, time.time())
+            value = json.dumps(table).encode()
+            try:
+                if revision is None:
+                    await self._retry("writing a group", lambda: kv.create(key, value))
+                else:
+                    await self._retry(
+                        "writing a group", lambda: kv.update(key, value, last=revision)
+                    )
+                return view
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another member wrote it meanwhile: look again
+
+    async def leave_group(self, group: str, process: str) -> None:
+        await self.sync_group(group, process, (), 0.0)
 
     # -- handled ids -----------------------------------------------------------------------
 
@@ -1093,6 +1135,29 @@ class _Pull:
         return self.status == "409" and "deleted" in self.description.lower()
 
 
+def _synced(
+    table: dict[str, Any], process: str, want: set[str], ttl: float, now: float
+) -> tuple[GroupView, dict[str, Any]]:
+    """`BrokerBackend.sync_group` on a group's table ``{"m": {process: until}, "l": {slot:
+    [holder, until]}}``: the view, and the table to write back."""
+    members = {p: t for p, t in table.get("m", {}).items() if t > now and p != process}
+    if ttl > 0:
+        members[process] = now + ttl
+    leases: dict[str, list[Any]] = {}
+    held: set[str] = set()
+    for slot, (holder, until) in table.get("l", {}).items():
+        if holder == process or until <= now:
+            continue  # ours is renewed below, if still wanted; a run-out one is free
+        leases[slot] = [holder, until]
+    if ttl > 0:
+        for slot in want:
+            if slot not in leases:
+                leases[slot] = [process, now + ttl]
+                held.add(slot)
+    view = GroupView(tuple(sorted(members)), frozenset(held))
+    return view, {"m": members, "l": leases}
+
+
 class _NatsConsumer(Consumer):
     """One process's handle on a durable pull consumer.
 
@@ -1150,6 +1215,33 @@ class _NatsConsumer(Consumer):
         self._newest = 0
         self._newest_reply = ""
         self._newest_acked = False
+
+    async def take_over(self) -> None:
+        """JetStream hands what a dead process held to the next fetch only after its
+        ack_wait, after newer messages: when anything delivered is not acknowledged, the
+        consumer starts again just after its acknowledgement floor (what was acknowledged
+        beyond it comes again; idempotent subscriptions skip it)."""
+        if not self._spec.exclusive:
+            return
+        backend = self._backend
+        info = await backend._consumer_info(self._durable)
+        if info is None or info.delivered is None or info.ack_floor is None:
+            return
+        floor = info.ack_floor.stream_seq or 0
+        if (info.delivered.stream_seq or 0) <= floor:
+            return
+        config = info.config
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = floor + 1
+        config.opt_start_time = None
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await backend._retry(
+                "resetting a partition",
+                lambda: backend.js.delete_consumer(backend.stream, self._durable),
+            )
+        await backend._retry(
+            "resetting a partition", lambda: backend.js.add_consumer(backend.stream, config)
+        )
 
     async def _subscribe(self) -> None:
         """Subscribe to a new inbox on the backend's current connection."""

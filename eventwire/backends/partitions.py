@@ -158,7 +158,7 @@ class PartitionedConsumer(Consumer):
         self.process = backend.process
         tag = tag_of(spec.name)
         names = partition_names(spec.name, self.count)
-        sub = replace(spec, partitions=0, start="earliest", exclusive=True, group=True)
+        sub = replace(spec, partitions=0, start="latest", exclusive=True, group=True)
         self._slots: dict[str, _Slot] = {ROUTER: _Slot(ROUTER, replace(spec, partitions=0))}
         self._order = [ROUTER]
         for n in range(self.count):
