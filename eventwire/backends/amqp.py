@@ -131,7 +131,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The ``?option=`` settings an amqp:// URL takes (besides ``namespace``).
-OPTIONS = ("prefetch", "connect_timeout", "heartbeat", "history", "queues", "journal")
+OPTIONS = (
+    "prefetch",
+    "connect_timeout",
+    "heartbeat",
+    "history",
+    "queues",
+    "journal",
+    "handled",
+)
 
 # Errors after which an operation is worth retrying on a fresh channel or connection.
 _RETRYABLE: tuple[type[BaseException], ...] = (
@@ -257,7 +265,8 @@ class AmqpBackend(BrokerBackend):
         # With partitions=: each partition's queue has a single active consumer.
         key_order_across_processes=True,
         # No key-value store to record handled ids in.
-        idempotent=False,
+        # In the store named by ?handled= (or ?journal=): RabbitMQ has none of its own.
+        idempotent=True,
         # AMQP 0-9-1 counts ready messages only, not those unacknowledged in other processes.
         cross_process_drain=False,
     )
@@ -318,6 +327,20 @@ class AmqpBackend(BrokerBackend):
                     "(URL-encoded if it has a query of its own)"
                 )
             self._journal_backend = journal_backend
+        # Handled event ids (idempotent=True) go to ?handled=<url>, else to the journal's.
+        self._handled_backend: Backend | None = self._journal_backend
+        handled_url = options.text("handled")
+        if handled_url is not None:
+            from eventwire.backends import open_backend, resolve_url
+
+            handled_backend = open_backend(resolve_url(handled_url))
+            if not isinstance(handled_backend, BrokerBackend) or handled_backend.scheme == "amqp":
+                raise ValueError(
+                    f"?handled={handled_url!r}: handled event ids need a store that keeps "
+                    "them: sqlite:///handled.db, redis://... or nats://... (URL-encoded if it "
+                    "has a query of its own)"
+                )
+            self._handled_backend = handled_backend
 
     # -- connection ------------------------------------------------------------------------
 
@@ -341,10 +364,34 @@ class AmqpBackend(BrokerBackend):
             )
         return self._journal_backend.journal()
 
+    def records_handled(self) -> bool:
+        return self._handled_backend is not None
+
+    def where_handled_go(self) -> str:
+        return (
+            ": RabbitMQ has nowhere to keep them, so name a store in the URL, "
+            "?handled=sqlite:///handled.db (or a redis:// or nats:// URL, URL-encoded)"
+        )
+
+    def _handled_store(self) -> BrokerBackend:
+        store = self._handled_backend
+        if not isinstance(store, BrokerBackend):
+            raise BackendCapabilityError(f"amqp:// cannot keep handled ids{self.where_handled_go()}")
+        return store
+
+    async def record_handled(self, consumer: str, event_ids: Sequence[str]) -> None:
+        await self._handled_store().record_handled(f"{self.namespace}/{consumer}", event_ids)
+
+    async def seen_handled(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        return await self._handled_store().seen_handled(f"{self.namespace}/{consumer}", event_ids)
+
     async def connect(self) -> None:
         self._closed = False
         if self._journal_backend is not None:
             await self._journal_backend.connect()
+        if self._handled_backend not in (None, self._journal_backend):
+            assert self._handled_backend is not None
+            await self._handled_backend.connect()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await self.connection(retry=False)
@@ -474,6 +521,9 @@ class AmqpBackend(BrokerBackend):
             await _close_quietly(conn)
         if self._journal_backend is not None:
             await self._journal_backend.close()
+        if self._handled_backend not in (None, self._journal_backend):
+            assert self._handled_backend is not None
+            await self._handled_backend.close()
 
     async def _admin_channel(self) -> AbstractChannel:
         ch = self._admin_ch
@@ -1146,6 +1196,9 @@ class _AmqpConsumer(Consumer):
                 taken.append(held)
         return taken
 
+    async def handled(self, event_ids: Sequence[str]) -> set[str]:
+        return await self.backend.seen_handled(self.spec.name, event_ids)
+
     async def restarted(self, delivery: Delivery) -> int:
         held = delivery.handle
         if not isinstance(held, _Held):
@@ -1155,6 +1208,10 @@ class _AmqpConsumer(Consumer):
         return await self.backend.count_restart(self.spec.name, message)
 
     async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
+        if handled_ids:
+            # Kept before the acknowledgement: a crash in between delivers the event again,
+            # and it is then found handled.
+            await self.backend.record_handled(self.spec.name, handled_ids)
         taken = self._take(deliveries)
         if not taken:
             return

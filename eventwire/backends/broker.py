@@ -142,6 +142,25 @@ class BrokerBackend(Backend):
         the times (Unix) of the latest beat of each process that ran it."""
         return {}
 
+    async def record_handled(self, consumer: str, event_ids: Sequence[str]) -> None:
+        """Keep `event_ids` as handled by durable consumer `consumer` (idempotent
+        subscriptions), for at least `base.HANDLED_KEPT`. Backends that keep them implement
+        this and `seen_handled`; another backend may keep them for a broker that cannot
+        (``amqp://...?handled=<url>``)."""
+        raise BackendCapabilityError(f"the {self.scheme}:// backend cannot keep handled event ids")
+
+    async def seen_handled(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of `event_ids` `record_handled` kept for `consumer`."""
+        raise BackendCapabilityError(f"the {self.scheme}:// backend cannot keep handled event ids")
+
+    def where_handled_go(self) -> str:
+        """What to add to the URL so that handled ids are kept (for error messages)."""
+        return ""
+
+    def records_handled(self) -> bool:
+        """Whether ``idempotent=True`` subscriptions can run on this backend as configured."""
+        return self.capabilities.idempotent
+
     async def sync_group(
         self, group: str, process: str, want: Collection[str], ttl: float
     ) -> GroupView:
@@ -288,10 +307,11 @@ class BrokerBackend(Backend):
     # -- subscriptions ------------------------------------------------------------------
 
     def attach(self, subscription: Subscription) -> Awaitable[None] | None:
-        if subscription.idempotent and not self.capabilities.idempotent:
+        if subscription.idempotent and not self.records_handled():
             raise BackendCapabilityError(
                 f"subscription {subscription.name!r} is idempotent=True, but the "
                 f"{self.scheme}:// backend cannot record handled event ids"
+                + self.where_handled_go()
             )
         name = subscription.group or subscription.name
         feeder = self._feeders.get(name)

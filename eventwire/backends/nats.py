@@ -967,6 +967,12 @@ class NatsBackend(BrokerBackend):
 
     # -- handled ids -----------------------------------------------------------------------
 
+    async def record_handled(self, consumer: str, event_ids: Sequence[str]) -> None:
+        await self._record_handled(safe_name(consumer), event_ids)
+
+    async def seen_handled(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        return await self._handled(safe_name(consumer), event_ids)
+
     async def _bucket(self, create: bool) -> KeyValue | None:
         if self._kv is not None:
             return self._kv

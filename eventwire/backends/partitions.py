@@ -58,7 +58,7 @@ PARTITION_PREFIX = "_p."
 TICK = 1.0
 LEASE_TTL = 5.0
 # Deliveries one slot fetches ahead of the handlers.
-_AHEAD = 128
+_AHEAD = 64
 # Events the router copies in one batch.
 _ROUTE_BATCH = 500
 ROUTER = "router"
@@ -176,6 +176,7 @@ class PartitionedConsumer(Consumer):
         self._view: GroupView | None = None
         self._synced_at = 0.0
         self._driver: asyncio.Task[None] | None = None
+        self._leaser: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._fetching = True
         self._closed = False
@@ -197,8 +198,10 @@ class PartitionedConsumer(Consumer):
         # on is kept.
         await self.backend.create_consumer(self._slots[ROUTER].spec)
         await self._activate(self._free)
-        self._driver = asyncio.get_running_loop().create_task(
-            self._drive(), name=f"eventwire:{self.spec.name}:partitions"
+        loop = asyncio.get_running_loop()
+        self._driver = loop.create_task(self._drive(), name=f"eventwire:{self.spec.name}:partitions")
+        self._leaser = loop.create_task(
+            self._keep_leases(), name=f"eventwire:{self.spec.name}:ahead-leases"
         )
 
     async def _check_count(self) -> None:
@@ -307,6 +310,36 @@ class PartitionedConsumer(Consumer):
             except Exception:
                 logger.warning("eventwire: closing %s failed", slot.spec.name, exc_info=True)
         self._wake.set()
+
+    async def _keep_leases(self) -> None:
+        """Extend the leases of what was fetched ahead and waits here to be handed over
+        (the bus keeps the leases of what it took)."""
+        every = min(TICK, self.spec.ack_wait / 3)
+        while not self._closed:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            stale: dict[int, tuple[_Slot, list[Delivery]]] = {}
+            extended: set[int] = set()
+            for delivery, since in self._ready:
+                if now - since >= every:
+                    handle: _Handle = delivery.handle
+                    stale.setdefault(id(handle.slot), (handle.slot, []))[1].append(delivery)
+            for slot, deliveries in stale.values():
+                if slot.consumer is None:
+                    continue
+                try:
+                    await slot.consumer.extend([d.handle.inner for d in deliveries])
+                except Exception:
+                    logger.warning("eventwire: extending %s failed", slot.spec.name, exc_info=True)
+                    continue
+                for delivery in deliveries:
+                    delivery.age = 0.0
+                    extended.add(id(delivery))
+            renewed = time.monotonic()
+            self._ready = deque(
+                (delivery, renewed if id(delivery) in extended else since)
+                for delivery, since in self._ready
+            )
 
     # -- fetching ------------------------------------------------------------------------
 
@@ -483,10 +516,11 @@ class PartitionedConsumer(Consumer):
             return
         self._closed = True
         self._fetching = False
-        driver, self._driver = self._driver, None
-        if driver is not None:
-            driver.cancel()
-            await asyncio.wait([driver])
+        for task in (self._driver, self._leaser):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+        self._driver = self._leaser = None
         for slot in [*self._slots.values(), self._free]:
             await self._deactivate(slot)
         with contextlib.suppress(Exception):

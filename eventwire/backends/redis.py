@@ -715,6 +715,38 @@ class RedisBackend(BrokerBackend):
                     await command(client, "HDEL", self.processes_key, *gone)
         return found
 
+    async def record_handled(self, consumer: str, event_ids: Sequence[str]) -> None:
+        key = self.key("handled", safe_name(consumer))
+        now = int(time.time() * 1000)
+        pairs: list[Any] = []
+        for event_id in dict.fromkeys(event_ids):
+            pairs += [now, event_id]
+        if not pairs:
+            return
+
+        async def send() -> None:
+            pipe: Any = self.client.pipeline(transaction=False)
+            stage(pipe, "ZADD", key, *pairs)
+            stage(pipe, "ZREMRANGEBYSCORE", key, "-inf", now - _HANDLED_KEPT_MS)
+            stage(pipe, "PEXPIRE", key, _HANDLED_KEPT_MS + 86_400_000)
+            try:
+                await execute(pipe)
+            finally:
+                await pipe.reset()
+
+        await self.retrying(send, asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE)
+
+    async def seen_handled(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        ids = list(event_ids)
+        if not ids:
+            return set()
+        key = self.key("handled", safe_name(consumer))
+        scores = await self.retrying(
+            lambda: command(self.client, "ZMSCORE", key, *ids),
+            asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
+        )
+        return {event_id for event_id, score in zip(ids, scores, strict=True) if score is not None}
+
     async def sync_group(
         self, group: str, process: str, want: Collection[str], ttl: float
     ) -> GroupView:
@@ -1515,14 +1547,7 @@ class RedisConsumer(Consumer):
         return await self.backend.retrying(count, self._deadline())
 
     async def handled(self, event_ids: Sequence[str]) -> set[str]:
-        if not event_ids:
-            return set()
-        ids = list(event_ids)
-        client = self.backend.client
-        scores = await self.backend.retrying(
-            lambda: command(client, "ZMSCORE", self._handled, *ids), self._deadline()
-        )
-        return {event_id for event_id, score in zip(ids, scores, strict=True) if score is not None}
+        return await self.backend.seen_handled(self.spec.name, event_ids)
 
     async def close(self) -> None:
         if self._closed:

@@ -187,6 +187,12 @@ class SqliteBackend(BrokerBackend):
     async def delete_consumer(self, name: str) -> None:
         await asyncio.to_thread(self.log.delete_consumer, name)
 
+    async def record_handled(self, consumer: str, event_ids: Sequence[str]) -> None:
+        await asyncio.to_thread(self.log.ack, consumer, [], handled_ids=list(event_ids))
+
+    async def seen_handled(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        return await asyncio.to_thread(self.log.handled_among, consumer, list(event_ids))
+
     async def beat(self, process: str, consumers: Sequence[str]) -> None:
         now, log, last = time.time(), self.log, self._last_beat
         names = frozenset(consumers)

@@ -25,9 +25,12 @@ def backend_url(backend: str, tmp_path: Path) -> str:
         return "memory://"
     if backend == "sqlite":
         return f"sqlite:///{tmp_path}/bus.db"
+    # RabbitMQ keeps no handled ids (idempotent=True): a SQLite file of the test keeps them.
+    handled = f"&handled=sqlite:///{tmp_path}/handled.db"
     if backend == "amqp-classic":
         # RabbitMQ with classic queues (?queues=classic), light enough for 10,000 on a node.
-        return with_namespace(require_service("rabbitmq") + "?queues=classic", unique_namespace())
+        url = require_service("rabbitmq") + "?queues=classic" + handled
+        return with_namespace(url, unique_namespace())
     if backend == "amqp-journal":
         # RabbitMQ, with durable runs journaled in a SQLite file (RabbitMQ has no store).
         return backend_url("amqp", tmp_path) + f"&journal=sqlite:///{tmp_path}/runs.db"
@@ -36,7 +39,8 @@ def backend_url(backend: str, tmp_path: Path) -> str:
         return backend_url("amqp", tmp_path) + "&history=1d"
     if importlib.util.find_spec(f"eventwire.backends.{backend}") is None:
         pytest.skip(f"the {backend}:// backend is not built yet")
-    return with_namespace(require_service(_SERVICE_OF[backend]), unique_namespace())
+    url = with_namespace(require_service(_SERVICE_OF[backend]), unique_namespace())
+    return url + handled if backend == "amqp" else url
 
 
 async def destroy(url: str) -> None:
