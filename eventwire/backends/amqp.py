@@ -1354,10 +1354,14 @@ class _AmqpConsumer(Consumer):
         ch, queue, tag = self._channel, self._amqp_queue, self._consumer_tag
         self._reset()
         if ch is not None and not ch.is_closed:
-            # Closing the channel returns every unacknowledged delivery to the queue.
+            # Closing the channel returns every unacknowledged delivery to the queue. A
+            # single-active-consumer queue's next consumer must get them first: a cancel
+            # alone would make it active while they are still out here, and it would take
+            # newer ones ahead of them; closing the channel returns them and hands over in
+            # one step.
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
-                    if queue is not None and tag is not None:
+                    if queue is not None and tag is not None and not self.spec.exclusive:
                         await queue.cancel(tag)
                     await ch.close()
         if self.spec.ephemeral:

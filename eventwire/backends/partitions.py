@@ -281,10 +281,10 @@ class PartitionedConsumer(Consumer):
         )
 
     def _start_draining(self, slot: _Slot) -> None:
-        """Fetch no more from `slot`; it goes once its handed-over events are finished."""
+        """Fetch no more from `slot`; it goes once its handed-over events are finished. Its
+        loop ends by itself after the fetch (or the router's copy) in progress: a router
+        stopped between copying and acknowledging would have its batch copied twice."""
         slot.state = _DRAINING
-        if slot.pump is not None:
-            slot.pump.cancel()
         self._drop_ready(slot)
 
     def _drop_ready(self, slot: _Slot) -> None:
@@ -299,8 +299,12 @@ class PartitionedConsumer(Consumer):
         slot.state = _IDLE
         pump, slot.pump = slot.pump, None
         if pump is not None:
-            pump.cancel()
-            await asyncio.wait([pump])
+            # What its last fetch brought after draining began stays with the consumer,
+            # whose close gives it back.
+            done, _ = await asyncio.wait([pump], timeout=2 * TICK + 1.0)
+            if not done:
+                pump.cancel()
+                await asyncio.wait([pump])
         self._drop_ready(slot)
         consumer, slot.consumer = slot.consumer, None
         slot.inflight = 0
@@ -359,22 +363,32 @@ class PartitionedConsumer(Consumer):
                 await backoff.wait()
                 continue
             backoff.reset()
-            if deliveries:
-                self._take_in(slot, deliveries)
+            if deliveries and slot.state == _ACTIVE:
+                copies = self._take_in(slot, deliveries)
+                if copies:
+                    await consumer.ack(copies)
 
-    def _take_in(self, slot: _Slot, deliveries: Sequence[Delivery]) -> None:
+    def _take_in(self, slot: _Slot, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Queue `deliveries` to be handed over; return those that are second copies of an
+        event this slot still has (a router that stopped between copying and acknowledging
+        copied it again): they are acknowledged, not handled."""
         now = time.monotonic()
+        copies: list[Delivery] = []
         for delivery in deliveries:
             route = route_of(delivery.body)
             topic = delivery.topic if route is None else route.topic
             event_id = None if route is None else route.id
-            handle = _Handle(slot, delivery, event_id)
             if event_id is not None:
+                if self._ids.get(event_id) is slot:
+                    copies.append(delivery)
+                    continue
                 self._ids[event_id] = slot
+            handle = _Handle(slot, delivery, event_id)
             outer = Delivery(topic, delivery.body, delivery.attempt, handle, delivery.age)
             self._ready.append((outer, now))
-        slot.ready += len(deliveries)
+            slot.ready += 1
         self._arrived.set()
+        return copies
 
     async def _route(self, slot: _Slot) -> None:
         """The router: copy what `G` holds to the partitions, in order, then acknowledge."""
@@ -413,7 +427,7 @@ class PartitionedConsumer(Consumer):
             await self.backend.publish(copies)
             await consumer.ack(routed)
         if foreign:
-            self._take_in(slot, foreign)
+            self._take_in(slot, foreign)  # no event ids: never taken for copies
 
     @staticmethod
     def backend_backoff() -> Backoff:

@@ -79,6 +79,13 @@ async def test_a_keyed_pool_keeps_order_and_loses_nothing_when_a_process_dies(
             seen[key].append(number)
     for n in range(KEYS):
         key = f"customer-{n}"
-        assert seen[key] == list(range(n, EVENTS, KEYS)), f"{key}'s events in publish order"
+        expected = list(range(n, EVENTS, KEYS))
+        got = seen[key]
+        if got != expected:
+            at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), len(got))
+            pytest.fail(
+                f"{key}: {len(got)} of {len(expected)} handled; from #{at} handled "
+                f"{got[at : at + 5]}, published {expected[at : at + 5]}"
+            )
     if idempotent:
         assert len(repeated) <= IN_FLIGHT, repeated
