@@ -122,8 +122,8 @@ from eventwire.backends.base import (
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
-from eventwire.backends.partitions import GroupView
 from eventwire.backends.journal import Journal
+from eventwire.backends.partitions import GroupView
 from eventwire.backends.url import BusURL, URLOptions
 from eventwire.topics import TAIL, validate_pattern, validate_topic
 
@@ -376,7 +376,9 @@ class AmqpBackend(BrokerBackend):
     def _handled_store(self) -> BrokerBackend:
         store = self._handled_backend
         if not isinstance(store, BrokerBackend):
-            raise BackendCapabilityError(f"amqp:// cannot keep handled ids{self.where_handled_go()}")
+            raise BackendCapabilityError(
+                f"amqp:// cannot keep handled ids{self.where_handled_go()}"
+            )
         return store
 
     async def record_handled(self, consumer: str, event_ids: Sequence[str]) -> None:
@@ -816,6 +818,8 @@ class AmqpBackend(BrokerBackend):
         queue = self.queue_name(name)
         await self.admin(lambda ch: ch.queue_delete(queue))
         self._delayed.pop(name, None)
+        if isinstance(self._handled_backend, BrokerBackend):
+            await self._handled_backend.forget_handled(f"{self.namespace}/{name}")
 
     async def _ensure_delay_queue(self, ms: int) -> None:
         if ms in self._delay_queues:
@@ -855,7 +859,7 @@ class AmqpBackend(BrokerBackend):
         # to one process at a time, so each is "held" as soon as it is wanted.
         watch = self._groups.get(group)
         if watch is None:
-            watch = self._groups[group] = GroupWatch(self, group)
+            watch = self._groups[group] = GroupWatch(self.connection, self.namespace, group)
         return GroupView(await watch.beat(process, ttl), frozenset(want))
 
     async def leave_group(self, group: str, process: str) -> None:

@@ -14,23 +14,23 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from eventwire.backends.base import safe_name
-
-if TYPE_CHECKING:
-    from eventwire.backends.amqp import AmqpBackend
 
 
 class GroupWatch:
     """One process's view of a group's members, from the beats it hears."""
 
-    def __init__(self, backend: AmqpBackend, group: str) -> None:
-        self.backend = backend
-        self.exchange_name = f"{backend.namespace}.group.{safe_name(group, limit=200)}"
+    def __init__(
+        self, connection: Callable[[], Awaitable[AbstractConnection]], namespace: str, group: str
+    ) -> None:
+        # The backend's live connection (reconnecting when it was lost).
+        self.connection = connection
+        self.exchange_name = f"{namespace}.group.{safe_name(group, limit=200)}"
         self._channel: AbstractChannel | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         # process -> until when it counts as alive (this process's monotonic clock: no
@@ -42,7 +42,7 @@ class GroupWatch:
         if channel is not None and not channel.is_closed and self._exchange is not None:
             return self._exchange
         self._heard.clear()
-        conn = await self.backend.connection()
+        conn = await self.connection()
         channel = self._channel = await conn.channel(publisher_confirms=False)
         exchange = await channel.declare_exchange(
             self.exchange_name, aio_pika.ExchangeType.FANOUT, durable=False, auto_delete=False

@@ -153,6 +153,10 @@ class BrokerBackend(Backend):
         """Which of `event_ids` `record_handled` kept for `consumer`."""
         raise BackendCapabilityError(f"the {self.scheme}:// backend cannot keep handled event ids")
 
+    async def forget_handled(self, consumer: str) -> None:
+        """Forget every id `record_handled` kept for `consumer` (it was deleted)."""
+        raise BackendCapabilityError(f"the {self.scheme}:// backend cannot keep handled event ids")
+
     def where_handled_go(self) -> str:
         """What to add to the URL so that handled ids are kept (for error messages)."""
         return ""
@@ -620,7 +624,7 @@ class Feeder:
     async def open(self) -> None:
         consumer: Consumer
         if self.spec.partitions:
-            partitioned = PartitionedConsumer(self.backend, self.spec)
+            partitioned = PartitionedConsumer(self.backend, self.spec, self.window)
             await partitioned.open()
             consumer = partitioned
         else:

@@ -84,9 +84,9 @@ from eventwire.backends.base import (
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
-from eventwire.backends.partitions import GroupView
 from eventwire.backends.journal import Journal
 from eventwire.backends.nats_journal import NatsJournal
+from eventwire.backends.partitions import GroupView
 from eventwire.backends.url import BusURL, URLOptions
 from eventwire.errors import EventwireError
 from eventwire.topics import is_reserved, validate_pattern
@@ -950,14 +950,13 @@ class NatsBackend(BrokerBackend):
             except nats.js.errors.KeyNotFoundError:
                 table, revision = {}, None
             view, table = _synced(table, process, set(want), ttl, time.time())
-            value = json.dumps(table).encode()
+            write = (
+                functools.partial(kv.create, key, json.dumps(table).encode())
+                if revision is None
+                else functools.partial(kv.update, key, json.dumps(table).encode(), last=revision)
+            )
             try:
-                if revision is None:
-                    await self._retry("writing a group", lambda: kv.create(key, value))
-                else:
-                    await self._retry(
-                        "writing a group", lambda: kv.update(key, value, last=revision)
-                    )
+                await self._retry("writing a group", write)
                 return view
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # another member wrote it meanwhile: look again
@@ -972,6 +971,16 @@ class NatsBackend(BrokerBackend):
 
     async def seen_handled(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
         return await self._handled(safe_name(consumer), event_ids)
+
+    async def forget_handled(self, consumer: str) -> None:
+        durable = safe_name(consumer)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._retry(
+                f"forgetting handled ids of {consumer!r}",
+                lambda: self.js.purge_stream(
+                    f"KV_{self.bucket}", subject=f"$KV.{self.bucket}.{durable}.>"
+                ),
+            )
 
     async def _bucket(self, create: bool) -> KeyValue | None:
         if self._kv is not None:

@@ -38,16 +38,21 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
 
-from eventwire.backends.base import Backoff, Consumer, ConsumerSpec, Delivery, Message
-
-if TYPE_CHECKING:
-    from eventwire.backends.broker import BrokerBackend
+from eventwire.backends.base import (
+    Backoff,
+    Consumer,
+    ConsumerInfo,
+    ConsumerSpec,
+    Delivery,
+    Message,
+)
+from eventwire.backends.url import BusURL
 
 logger = logging.getLogger("eventwire")
 
@@ -89,6 +94,31 @@ class GroupView:
     """The live processes of the group, sorted (this one included)."""
     held: frozenset[str]
     """The slots whose lease this process holds now."""
+
+
+class PartitionHost(Protocol):
+    """What a partitioned consumer uses of its broker backend (`BrokerBackend`)."""
+
+    url: BusURL
+    process: str
+
+    async def publish(self, messages: Sequence[Message]) -> None: ...
+
+    async def consumer(self, spec: ConsumerSpec) -> Consumer: ...
+
+    async def create_consumer(self, spec: ConsumerSpec) -> None: ...
+
+    async def consumers(self) -> list[ConsumerInfo]: ...
+
+    async def sync_group(
+        self, group: str, process: str, want: Collection[str], ttl: float
+    ) -> GroupView: ...
+
+    async def leave_group(self, group: str, process: str) -> None: ...
+
+    async def record_handled(self, consumer: str, event_ids: Sequence[str]) -> None: ...
+
+    async def seen_handled(self, consumer: str, event_ids: Sequence[str]) -> set[str]: ...
 
 
 def assign(slots: Sequence[str], members: Sequence[str]) -> dict[str, str]:
@@ -139,6 +169,8 @@ class _Slot:
 @dataclass(slots=True)
 class _Handle:
     slot: _Slot
+    # The consumer that fetched it: the slot may have another by the time it is finished.
+    consumer: Consumer
     inner: Delivery
     event_id: str | None
 
@@ -150,7 +182,7 @@ class PartitionedConsumer(Consumer):
 
     acks_with_fetch = False
 
-    def __init__(self, backend: BrokerBackend, spec: ConsumerSpec) -> None:
+    def __init__(self, backend: PartitionHost, spec: ConsumerSpec, window: int) -> None:
         assert spec.partitions
         self.backend = backend
         self.spec = spec
@@ -167,9 +199,15 @@ class PartitionedConsumer(Consumer):
             self._slots[slot] = _Slot(slot, part)
             self._order.append(slot)
         self._slots[ROUTER].spec = replace(spec, partitions=0, exclusive=True)
-        free = replace(sub, name=names[-1], pattern=f"{PARTITION_PREFIX}{tag}.free", exclusive=False)
+        free = replace(
+            sub, name=names[-1], pattern=f"{PARTITION_PREFIX}{tag}.free", exclusive=False
+        )
         self._free = _Slot("free", free)
         self._tag = tag
+        # Fetched ahead per slot: never more than the subscriptions take at once here, and
+        # less from the free consumer, whose events other processes could be handling.
+        self._ahead = max(1, min(_AHEAD, window))
+        self._free_ahead = max(1, min(_AHEAD // 4, window))
         self._ready: deque[tuple[Delivery, float]] = deque()
         self._arrived = asyncio.Event()
         self._ids: dict[str, _Slot] = {}
@@ -184,7 +222,7 @@ class PartitionedConsumer(Consumer):
     @property
     def consumer_names(self) -> list[str]:
         """Every durable consumer this one is made of, itself first."""
-        return [self.spec.name] + partition_names(self.spec.name, self.count)
+        return [self.spec.name, *partition_names(self.spec.name, self.count)]
 
     async def open(self) -> None:
         """Create the partitions on the broker (so that nothing copied to them before their
@@ -199,7 +237,9 @@ class PartitionedConsumer(Consumer):
         await self.backend.create_consumer(self._slots[ROUTER].spec)
         await self._activate(self._free)
         loop = asyncio.get_running_loop()
-        self._driver = loop.create_task(self._drive(), name=f"eventwire:{self.spec.name}:partitions")
+        self._driver = loop.create_task(
+            self._drive(), name=f"eventwire:{self.spec.name}:partitions"
+        )
         self._leaser = loop.create_task(
             self._keep_leases(), name=f"eventwire:{self.spec.name}:ahead-leases"
         )
@@ -244,7 +284,9 @@ class PartitionedConsumer(Consumer):
         return held | {name for name, owner in dealt.items() if owner == self.process}
 
     async def _sync(self) -> None:
-        view = await self.backend.sync_group(self.spec.name, self.process, self._wanted(), LEASE_TTL)
+        view = await self.backend.sync_group(
+            self.spec.name, self.process, self._wanted(), LEASE_TTL
+        )
         self._synced_at = time.monotonic()
         if self.process not in view.members:
             view = replace(view, members=tuple(sorted({*view.members, self.process})))
@@ -332,7 +374,9 @@ class PartitionedConsumer(Consumer):
                 if slot.consumer is None:
                     continue
                 try:
-                    await slot.consumer.extend([d.handle.inner for d in deliveries])
+                    await slot.consumer.extend(
+                        [d.handle.inner for d in deliveries if self._current(d.handle)]
+                    )
                 except Exception:
                     logger.warning("eventwire: extending %s failed", slot.spec.name, exc_info=True)
                     continue
@@ -351,8 +395,9 @@ class PartitionedConsumer(Consumer):
         consumer = slot.consumer
         assert consumer is not None
         backoff = self.backend_backoff()
+        ahead = self._free_ahead if slot is self._free else self._ahead
         while slot.state == _ACTIVE and self._fetching:
-            room = _AHEAD - slot.ready
+            room = ahead - slot.ready
             if room <= 0:
                 await asyncio.sleep(0.01)
                 continue
@@ -383,7 +428,8 @@ class PartitionedConsumer(Consumer):
                     copies.append(delivery)
                     continue
                 self._ids[event_id] = slot
-            handle = _Handle(slot, delivery, event_id)
+            assert slot.consumer is not None
+            handle = _Handle(slot, slot.consumer, delivery, event_id)
             outer = Delivery(topic, delivery.body, delivery.attempt, handle, delivery.age)
             self._ready.append((outer, now))
             slot.ready += 1
@@ -452,74 +498,80 @@ class PartitionedConsumer(Consumer):
 
     # -- finishing -------------------------------------------------------------------------
 
+    @staticmethod
+    def _current(handle: _Handle) -> bool:
+        """Whether the consumer that fetched it still consumes its slot here (if not, the
+        slot was lost or given up meanwhile: the broker hands the delivery out again)."""
+        return handle.slot.consumer is handle.consumer
+
     def _settle(self, handle: _Handle) -> None:
         slot = handle.slot
-        slot.inflight -= 1
         if handle.event_id is not None and self._ids.get(handle.event_id) is slot:
             del self._ids[handle.event_id]
+        if not self._current(handle):
+            return
+        slot.inflight -= 1
         if slot.state == _DRAINING and slot.inflight <= 0:
             self._wake.set()
 
-    def _by_slot(self, deliveries: Sequence[Delivery]) -> dict[int, tuple[_Slot, list[Delivery]]]:
-        groups: dict[int, tuple[_Slot, list[Delivery]]] = {}
+    def _by_consumer(
+        self, deliveries: Sequence[Delivery]
+    ) -> dict[int, tuple[Consumer, list[Delivery]]]:
+        groups: dict[int, tuple[Consumer, list[Delivery]]] = {}
         for delivery in deliveries:
             handle: _Handle = delivery.handle
-            groups.setdefault(id(handle.slot), (handle.slot, []))[1].append(handle.inner)
+            if self._current(handle):
+                entry = groups.setdefault(id(handle.consumer), (handle.consumer, []))
+                entry[1].append(handle.inner)
         return groups
 
     async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
         if handled_ids:
             await self._record_handled(handled_ids)
-        for slot, inner in self._by_slot(deliveries).values():
-            if slot.consumer is not None:
-                await slot.consumer.ack(inner)
+        for consumer, inner in self._by_consumer(deliveries).values():
+            await consumer.ack(inner)
         for delivery in deliveries:
             self._settle(delivery.handle)
 
-    async def _record_handled(self, event_ids: Sequence[str]) -> None:
+    def _ids_by_slot(self, event_ids: Sequence[str]) -> list[tuple[_Slot, list[str]]]:
+        """`event_ids` by the slot they came from: a key's ids are kept by its partition."""
         by_slot: dict[int, tuple[_Slot, list[str]]] = {}
         for event_id in event_ids:
             slot = self._ids.get(event_id, self._free)
             by_slot.setdefault(id(slot), (slot, []))[1].append(event_id)
-        for slot, ids in by_slot.values():
-            if slot.consumer is not None:
-                await slot.consumer.ack([], handled_ids=ids)
+        return list(by_slot.values())
+
+    async def _record_handled(self, event_ids: Sequence[str]) -> None:
+        for slot, ids in self._ids_by_slot(event_ids):
+            await self.backend.record_handled(slot.spec.name, ids)
 
     async def handled(self, event_ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
-        by_slot: dict[int, tuple[_Slot, list[str]]] = {}
-        for event_id in event_ids:
-            slot = self._ids.get(event_id, self._free)
-            by_slot.setdefault(id(slot), (slot, []))[1].append(event_id)
-        for slot, ids in by_slot.values():
-            if slot.consumer is not None:
-                found |= await slot.consumer.handled(ids)
+        for slot, ids in self._ids_by_slot(event_ids):
+            found |= await self.backend.seen_handled(slot.spec.name, ids)
         return found
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         handle: _Handle = delivery.handle
         try:
-            if handle.slot.consumer is not None:
-                await handle.slot.consumer.nak(handle.inner, delay)
+            if self._current(handle):
+                await handle.consumer.nak(handle.inner, delay)
         finally:
             self._settle(handle)
 
     async def extend(self, deliveries: Sequence[Delivery]) -> None:
-        for slot, inner in self._by_slot(deliveries).values():
-            if slot.consumer is not None:
-                await slot.consumer.extend(inner)
+        for consumer, inner in self._by_consumer(deliveries).values():
+            await consumer.extend(inner)
 
     async def restarted(self, delivery: Delivery) -> int:
         handle: _Handle = delivery.handle
-        if handle.slot.consumer is None:
-            return delivery.attempt
-        return await handle.slot.consumer.restarted(handle.inner)
+        return await handle.consumer.restarted(handle.inner)
 
     async def stop_fetching(self) -> None:
+        # The loops end after their fetch in progress (the router after its batch), which
+        # the consumers' own stop_fetching cuts short where the broker has a standing pull.
         self._fetching = False
-        for slot in [*self._slots.values(), self._free]:
-            if slot.pump is not None:
-                slot.pump.cancel()
+        self._arrived.set()
         for slot in [*self._slots.values(), self._free]:
             if slot.consumer is not None:
                 with contextlib.suppress(Exception):
@@ -539,4 +591,3 @@ class PartitionedConsumer(Consumer):
             await self._deactivate(slot)
         with contextlib.suppress(Exception):
             await self.backend.leave_group(self.spec.name, self.process)
-

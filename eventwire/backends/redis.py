@@ -112,8 +112,8 @@ from eventwire.backends.base import (
     safe_name,
 )
 from eventwire.backends.broker import BrokerBackend
-from eventwire.backends.partitions import PARTITION_PREFIX, GroupView
 from eventwire.backends.journal import Journal
+from eventwire.backends.partitions import PARTITION_PREFIX, GroupView
 from eventwire.backends.redis_journal import RedisJournal
 from eventwire.backends.redis_wire import (
     XADD,
@@ -550,9 +550,7 @@ class RedisBackend(BrokerBackend):
                 loaded = True
             calls = failed
 
-    async def _stored_since(
-        self, event_ids: list[str], seconds: float, stream: str
-    ) -> set[str]:
+    async def _stored_since(self, event_ids: list[str], seconds: float, stream: str) -> set[str]:
         """Which of `event_ids` are in `stream`'s entries added in the last `seconds`."""
         found: set[str] = set()
         start = ""
@@ -746,6 +744,13 @@ class RedisBackend(BrokerBackend):
             asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
         )
         return {event_id for event_id, score in zip(ids, scores, strict=True) if score is not None}
+
+    async def forget_handled(self, consumer: str) -> None:
+        key = self.key("handled", safe_name(consumer))
+        await self.retrying(
+            lambda: command(self.client, "DEL", key),
+            asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
+        )
 
     async def sync_group(
         self, group: str, process: str, want: Collection[str], ttl: float
@@ -1396,7 +1401,6 @@ class RedisConsumer(Consumer):
         claims them as they arrive, with no script call in between. Entries for other topics
         are acknowledged at once; a bump of the wake stream makes the next fetch run the
         script (entries were handed back)."""
-        backend = self.backend
         count = min(limit, _READ_COUNT)
         if block is None:
             args: tuple[Any, ...] = ("XREADGROUP", "GROUP", self.group, self.name, "COUNT", count)

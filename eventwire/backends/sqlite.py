@@ -193,6 +193,9 @@ class SqliteBackend(BrokerBackend):
     async def seen_handled(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
         return await asyncio.to_thread(self.log.handled_among, consumer, list(event_ids))
 
+    async def forget_handled(self, consumer: str) -> None:
+        await asyncio.to_thread(self.log.forget_handled, consumer)
+
     async def beat(self, process: str, consumers: Sequence[str]) -> None:
         now, log, last = time.time(), self.log, self._last_beat
         names = frozenset(consumers)

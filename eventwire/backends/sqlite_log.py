@@ -661,6 +661,14 @@ class SqliteLog:
 
         return self._read(run)
 
+    def forget_handled(self, name: str) -> None:
+        """Forget the handled ids kept for consumer `name`."""
+
+        def run(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM handled WHERE consumer = ?", (name,))
+
+        self._state(run, one_statement=True)
+
     def delete_consumer(self, name: str) -> None:
         def run(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM consumers WHERE name = ?", (name,))

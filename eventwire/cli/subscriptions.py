@@ -126,8 +126,12 @@ def delete(
             )
         if not yes:
             _confirm(name, info)
+        # A partitioned subscription's parts (`<name>#p<n>of<N>`, `<name>#free`) go with it.
+        parts = [other for other in found.values() if other.name.startswith(f"{name}#")]
         await backend.delete_consumer(name)
-        return info.outstanding
+        for part in parts:
+            await backend.delete_consumer(part.name)
+        return info.outstanding + sum(part.outstanding for part in parts)
 
     dropped = _with_broker(url, remove)
     console().print(

@@ -294,13 +294,13 @@ async def test_a_publish_retried_after_a_lost_reply_stores_each_message_once(
     send = backend._send
     tries: list[list[str]] = []
 
-    async def reply_lost_once(batch: Sequence[Message]) -> None:
+    async def reply_lost_once(batch: Sequence[Message], stream: str) -> None:
         tries.append([m.id for m in batch])
         if len(tries) == 1:
             # The server stored part of the batch (or all, or none); the reply never came.
-            await send(batch[:stored_before_loss])
+            await send(batch[:stored_before_loss], stream)
             raise redis_errors.ConnectionError("connection reset while reading the reply")
-        await send(batch)
+        await send(batch, stream)
 
     monkeypatch.setattr(backend, "_send", reply_lost_once)
     await raw.xadd(backend.stream, {"id": "m3", "topic": "t", "body": b"m3"}, id="1-1")

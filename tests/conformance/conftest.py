@@ -39,8 +39,10 @@ def backend_url(backend: str, tmp_path: Path) -> str:
         return backend_url("amqp", tmp_path) + "&history=1d"
     if importlib.util.find_spec(f"eventwire.backends.{backend}") is None:
         pytest.skip(f"the {backend}:// backend is not built yet")
-    url = with_namespace(require_service(_SERVICE_OF[backend]), unique_namespace())
-    return url + handled if backend == "amqp" else url
+    service = require_service(_SERVICE_OF[backend])
+    if backend == "amqp":
+        service += "?" + handled[1:]
+    return with_namespace(service, unique_namespace())
 
 
 async def destroy(url: str) -> None:

@@ -346,7 +346,7 @@ async def test_key_order_across_processes_where_the_backend_promises_it(bus_url:
             busy.discard(key)
             handled.append((key, event.payload))
 
-        bus.subscribe("orders.*", work, name="ordered", concurrency=4)
+        bus.subscribe("orders.*", work, name="ordered", concurrency=4, partitions=4)
     async with buses[0], buses[1]:
         for n in range(60):
             await buses[0].publish("orders.update", n, key=f"customer-{n % 3}")

@@ -6,7 +6,6 @@ recorded: at most one per event the killed process had in flight)."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 from collections import defaultdict
@@ -44,7 +43,9 @@ def count(output: Path) -> int:
 
 @pytest.mark.timeout(400)
 async def test_a_keyed_pool_keeps_order_and_loses_nothing_when_a_process_dies(
-    bus_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]  # noqa: F811
+    bus_url: str,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],  # noqa: F811
 ) -> None:
     output = tmp_path / "handled.txt"
     worker = ["tests.conformance.pool_worker", bus_url, str(output), str(PARTITIONS)]
@@ -82,7 +83,9 @@ async def test_a_keyed_pool_keeps_order_and_loses_nothing_when_a_process_dies(
         expected = list(range(n, EVENTS, KEYS))
         got = seen[key]
         if got != expected:
-            at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), len(got))
+            at = next(
+                (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), len(got)
+            )
             pytest.fail(
                 f"{key}: {len(got)} of {len(expected)} handled; from #{at} handled "
                 f"{got[at : at + 5]}, published {expected[at : at + 5]}"
