@@ -60,7 +60,7 @@ PARTITION_PREFIX = "_p."
 """Topics of partition copies (``_p.<tag>.<n>``): the bus's own, never an application's."""
 # Seconds between two looks at the group's table, and how long a lease (and a member) lasts
 # without one: a dead process's slots move after about this long.
-TICK = 1.0
+TICK = 0.5
 LEASE_TTL = 5.0
 # Deliveries one slot fetches ahead of the handlers.
 _AHEAD = 64
@@ -236,6 +236,10 @@ class PartitionedConsumer(Consumer):
         # on is kept.
         await self.backend.create_consumer(self._slots[ROUTER].spec)
         await self._activate(self._free)
+        # Join now, and take this process's share of what is free: the group works at full
+        # strength from the moment the subscription is ready, not a tick later.
+        await self._sync()
+        await self._sync()
         loop = asyncio.get_running_loop()
         self._driver = loop.create_task(
             self._drive(), name=f"eventwire:{self.spec.name}:partitions"
@@ -587,7 +591,15 @@ class PartitionedConsumer(Consumer):
                 task.cancel()
                 await asyncio.wait([task])
         self._driver = self._leaser = None
-        for slot in [*self._slots.values(), self._free]:
-            await self._deactivate(slot)
+        slots = [*self._slots.values(), self._free]
+        for slot in slots:
+            if slot.pump is not None and slot.name != ROUTER:
+                # What a fetch cut short took stays with its consumer, whose close gives it
+                # back; the router alone finishes its batch (or it would be copied twice).
+                slot.pump.cancel()
+            if slot.consumer is not None:
+                with contextlib.suppress(Exception):
+                    await slot.consumer.stop_fetching()
+        await asyncio.gather(*(self._deactivate(slot) for slot in slots))
         with contextlib.suppress(Exception):
             await self.backend.leave_group(self.spec.name, self.process)
