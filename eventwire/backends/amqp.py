@@ -5,7 +5,8 @@ or ``/``). Optional query parameters: ``prefetch`` (deliveries buffered per cons
 64), ``connect_timeout`` (seconds per connection attempt, default 5), ``heartbeat`` (seconds,
 default 30), ``history`` (keep a history stream for the tools that read the past: a max age such
 as ``7d``, or ``on``; see `eventwire.backends.amqp_history`), ``queues`` (``quorum``, the
-default, or ``classic``: the type of durable consumers' queues). Needs RabbitMQ 3.9 or later
+default, or ``classic``: the type of durable consumers' queues), ``journal`` and ``handled``
+(the stores of durable runs and of handled event ids: see below). Needs RabbitMQ 3.9 or later
 (quorum queues and streams).
 
 What a namespace ``ns`` stores on the broker:
@@ -58,8 +59,16 @@ How the contract maps, and where RabbitMQ falls short (see `AmqpBackend.capabili
   when another subscription competes for the queue. A process whose event loop is blocked
   cannot run the watchdog: its deliveries return when the broker misses its heartbeats.
 - `ack` is ``basic.ack`` (one ``multiple`` ack for a contiguous run). It has no reply: if the
-  connection drops right after, the message comes again (at least once). ``handled_ids`` are
-  ignored: RabbitMQ has nowhere to keep them (``idempotent=False``).
+  connection drops right after, the message comes again (at least once). RabbitMQ has nowhere
+  to keep ``handled_ids``: they go, before the ack, to the store named by ``?handled=<url>``
+  (a ``sqlite://``, ``redis://`` or ``nats://`` URL), else to the ``?journal=`` store; with
+  neither, ``idempotent=True`` subscriptions are refused with a message saying so.
+- A consumer spec'd ``exclusive`` (a partition of a ``partitions=N`` subscription, see
+  `eventwire.backends.partitions`) is a single-active-consumer queue: the broker lets one
+  process at a time consume it. Letting go of one closes its channel without a cancel, so that
+  what it had not acknowledged is returned and the next consumer made active in one step
+  (after a cancel the next one would take newer messages first). Who is alive is told by beats
+  on a fanout exchange per group (`eventwire.backends.amqp_groups`).
 - `nak` with no delay is ``basic.reject`` with requeue, delivered again at once; with a delay, a
   confirmed copy goes to the delay queue, then the original is acknowledged (a crash in between
   delivers it twice, never zero times).
@@ -967,13 +976,21 @@ class _AmqpConsumer(Consumer):
             await ch.set_qos(prefetch_count=self.backend._prefetch)
             generation = self._generation
 
-            def on_close(*_: object) -> None:
+            def on_close(_: object, reason: object = None) -> None:
                 if self._generation == generation:
+                    log.debug(
+                        "eventwire: channel of consumer %r closed: %s", self.spec.name, reason
+                    )
                     self._wakeup.set()
 
             ch.close_callbacks.add(on_close)
             underlay = await ch.get_underlay_channel()
-            underlay.on_consumer_cancel_callbacks.add(lambda *_: self._wakeup.set())
+
+            def on_cancel(*_: object) -> None:
+                log.debug("eventwire: the broker cancelled consumer %r", self.spec.name)
+                self._wakeup.set()
+
+            underlay.on_consumer_cancel_callbacks.add(on_cancel)
             self._channel, self._underlay = ch, underlay
             await self._subscribe(ch)
         except BaseException:
@@ -1094,11 +1111,13 @@ class _AmqpConsumer(Consumer):
                 try:
                     async with asyncio.timeout(max(remaining, 0.5)):
                         await self.start()
-                        if not self._buffer and self._saturated():
+                        if not self._buffer and self._saturated() and not self.spec.exclusive:
                             # The caller holds a whole prefetch window: a quorum queue does
                             # not apply a raised basic.qos to a running subscription, so open
                             # a new one beside it (what is held stays valid: tags are per
-                            # channel).
+                            # channel). Not on a single-active-consumer queue, where the
+                            # cancel would make another process's consumer active while
+                            # this one still holds earlier messages.
                             await self._unsubscribe(give_back=False)
                             await self.start()
                 except _RETRYABLE as exc:
@@ -1151,6 +1170,23 @@ class _AmqpConsumer(Consumer):
     async def _expire(self) -> None:
         now = time.monotonic()
         expired = [h for h in self._held.values() if h.deadline <= now]
+        if expired and self.spec.exclusive:
+            # A single-active-consumer queue: giving one message back would put it behind
+            # newer ones. The whole queue goes back instead, in order, for the next consumer
+            # in line (this one subscribes again at the end of the line).
+            log.warning(
+                "eventwire: consumer %r held a delivery past ack_wait=%gs: handing the queue "
+                "over with everything it held",
+                self.spec.name,
+                self.spec.ack_wait,
+            )
+            ch = self._channel
+            self._reset()
+            if ch is not None and not ch.is_closed:
+                with contextlib.suppress(Exception):
+                    await ch.close()
+            self._wakeup.set()
+            return
         idle = not self._fetching and now - self._last_fetch >= self.spec.ack_wait
         if idle and (expired or self._buffer) and await self._competed():
             # First stop receiving, so that what goes back reaches the competing consumers.
@@ -1177,7 +1213,9 @@ class _AmqpConsumer(Consumer):
         """Whether another subscription competes for this queue (else giving back what is
         buffered would only bring it back here, counting one more attempt)."""
         ch = self._channel
-        if ch is None or ch.is_closed or self.spec.ephemeral:
+        if ch is None or ch.is_closed or self.spec.ephemeral or self.spec.exclusive:
+            # A single-active-consumer queue's other subscriptions wait their turn: giving
+            # back would hand the queue over while this process still holds earlier messages.
             return False
         declared = await ch.declare_queue(self.queue, passive=True)
         subscribed = 1 if self._consumer_tag is not None else 0
@@ -1219,29 +1257,32 @@ class _AmqpConsumer(Consumer):
         taken = self._take(deliveries)
         if not taken:
             return
-        if self._restarted:
-            finished = [
-                key for held in taken if (key := _message_key(held.message)) in self._restarted
-            ]
-            if finished:
-                self._restarted.difference_update(finished)
-                await self.backend.finish_restarts(self.spec.name, finished)
         tags = {held.tag for held in taken}
-        # One `multiple` ack covers the acked tags below every tag still owed (held, buffered,
-        # not arrived yet, or being settled by another call); the others are acked one by one.
-        first_owed = min(
-            [
-                self._contiguous + 1,
-                *self._held,
-                *(tag for tag, _ in self._buffer),
-                *(self._settling - tags),
-            ]
-        )
+        # Being settled from now on, before anything is awaited: another call's `multiple`
+        # ack must not cover them (acknowledged twice, a tag closes the channel).
         self._settling |= tags
         generation = self._generation
-        below = sorted((h for h in taken if h.tag < first_owed), key=lambda h: h.tag)
-        rest = [h for h in taken if h.tag >= first_owed]
         try:
+            if self._restarted:
+                finished = [
+                    key for held in taken if (key := _message_key(held.message)) in self._restarted
+                ]
+                if finished:
+                    self._restarted.difference_update(finished)
+                    await self.backend.finish_restarts(self.spec.name, finished)
+            # One `multiple` ack covers the acked tags below every tag still owed (held,
+            # buffered, not arrived yet, or being settled by another call); the others are
+            # acked one by one.
+            first_owed = min(
+                [
+                    self._contiguous + 1,
+                    *self._held,
+                    *(tag for tag, _ in self._buffer),
+                    *(self._settling - tags),
+                ]
+            )
+            below = sorted((h for h in taken if h.tag < first_owed), key=lambda h: h.tag)
+            rest = [h for h in taken if h.tag >= first_owed]
             with contextlib.suppress(*_RETRYABLE, aio_pika.exceptions.MessageProcessError):
                 if below:
                     await below[-1].message.ack(multiple=len(below) > 1)

@@ -10,6 +10,13 @@ Layout on the server, per namespace ``ns``:
   dead-letters); its description records the subscription's name and pattern;
 - KV bucket ``eventwire_<ns>_handled`` (created on first use, TTL `base.HANDLED_KEPT`: 7 days)
   holds handled event ids under ``<consumer>.<event id>``.
+- A ``partitions=N`` subscription's partitions (`eventwire.backends.partitions`) are subjects
+  ``<ns>._p.<tag>.<n>`` of the same stream, a durable consumer each; KV bucket
+  ``eventwire_<ns>_groups`` holds each such subscription's table of members and leases (one
+  JSON entry, changed by compare-and-set; wall-clock times). JetStream redelivers what a dead
+  process held only after ``ack_wait``, behind newer messages, so whoever takes a partition
+  whose consumer has deliveries beyond its acknowledgement floor starts it again just after
+  that floor (`take_over`).
 
 When the server closes the connection on an error of its own (a ``-ERR`` such as a protocol
 line over its limit), nats-py gives the connection up for good; the backend then opens a new

@@ -210,7 +210,8 @@ class PartitionedConsumer(Consumer):
         self._free_ahead = max(1, min(_AHEAD // 4, window))
         self._ready: deque[tuple[Delivery, float]] = deque()
         self._arrived = asyncio.Event()
-        self._ids: dict[str, _Slot] = {}
+        # Event id -> the delivery of it this process holds (fetched ahead or handed over).
+        self._ids: dict[str, _Handle] = {}
         self._view: GroupView | None = None
         self._synced_at = 0.0
         self._driver: asyncio.Task[None] | None = None
@@ -320,6 +321,7 @@ class PartitionedConsumer(Consumer):
             raise
         slot.consumer = consumer
         slot.state = _ACTIVE
+        logger.debug("eventwire: %s took %s", self.process, slot.spec.name)
         slot.taken_at = time.monotonic()
         run = self._route if slot.name == ROUTER else self._pump
         slot.pump = asyncio.get_running_loop().create_task(
@@ -331,17 +333,34 @@ class PartitionedConsumer(Consumer):
         loop ends by itself after the fetch (or the router's copy) in progress: a router
         stopped between copying and acknowledging would have its batch copied twice."""
         slot.state = _DRAINING
-        self._drop_ready(slot)
+        logger.debug("eventwire: %s lets %s go", self.process, slot.spec.name)
+        # What it fetched ahead stays queued here, its leases kept, but is handed out no
+        # more: it goes back with the consumer's close, in one step with the hand-over (given
+        # back one by one as leases ran out, it could come after newer events).
 
     def _drop_ready(self, slot: _Slot) -> None:
+        """Forget what `slot` fetched ahead (its consumer's close gives it back)."""
         if slot.ready:
-            kept = [item for item in self._ready if item[0].handle.slot is not slot]
-            self._ready = deque(kept)
+            kept: deque[tuple[Delivery, float]] = deque()
+            for item in self._ready:
+                handle: _Handle = item[0].handle
+                if handle.slot is not slot:
+                    kept.append(item)
+                elif handle.event_id is not None and self._ids.get(handle.event_id) is handle:
+                    del self._ids[handle.event_id]
+            self._ready = kept
             slot.ready = 0
 
     async def _deactivate(self, slot: _Slot) -> None:
         """Stop consuming `slot`: what was fetched and not handed over goes back with the
         consumer's close (the broker keeps its order), and the lease goes at the next look."""
+        logger.debug(
+            "eventwire: %s gives %s up (%s, %d in flight)",
+            self.process,
+            slot.spec.name,
+            slot.state,
+            slot.inflight,
+        )
         slot.state = _IDLE
         pump, slot.pump = slot.pump, None
         if pump is not None:
@@ -412,28 +431,31 @@ class PartitionedConsumer(Consumer):
                 await backoff.wait()
                 continue
             backoff.reset()
-            if deliveries and slot.state == _ACTIVE:
+            if deliveries and slot.consumer is consumer:
+                # Also after letting go began: queued, withheld and kept leased until the
+                # consumer's close gives them back in order.
                 copies = self._take_in(slot, deliveries)
                 if copies:
                     await consumer.ack(copies)
 
     def _take_in(self, slot: _Slot, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """Queue `deliveries` to be handed over; return those that are second copies of an
-        event this slot still has (a router that stopped between copying and acknowledging
-        copied it again): they are acknowledged, not handled."""
+        event the slot's consumer holds already (a router that stopped between copying and
+        acknowledging copied it again): they are acknowledged, not handled."""
         now = time.monotonic()
         copies: list[Delivery] = []
         for delivery in deliveries:
             route = route_of(delivery.body)
             topic = delivery.topic if route is None else route.topic
             event_id = None if route is None else route.id
-            if event_id is not None:
-                if self._ids.get(event_id) is slot:
-                    copies.append(delivery)
-                    continue
-                self._ids[event_id] = slot
             assert slot.consumer is not None
             handle = _Handle(slot, slot.consumer, delivery, event_id)
+            if event_id is not None:
+                held = self._ids.get(event_id)
+                if held is not None and held.consumer is slot.consumer:
+                    copies.append(delivery)  # this consumer holds that event already
+                    continue
+                self._ids[event_id] = handle
             outer = Delivery(topic, delivery.body, delivery.attempt, handle, delivery.age)
             self._ready.append((outer, now))
             slot.ready += 1
@@ -484,20 +506,32 @@ class PartitionedConsumer(Consumer):
         return Backoff(0.1, 2.0, jitter=True)
 
     async def fetch(self, limit: int, wait: float) -> list[Delivery]:
-        if not self._ready and self._fetching and wait > 0:
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._arrived.wait()
+        self._arrived.clear()  # before looking: what arrives after the look sets it
+        out = self._hand_over(limit)
+        if out or wait <= 0 or not self._fetching:
+            return out
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._arrived.wait()
+        return self._hand_over(limit)
+
+    def _hand_over(self, limit: int) -> list[Delivery]:
+        """Up to `limit` of what was fetched ahead, oldest first, from slots still held."""
         out: list[Delivery] = []
+        withheld: list[tuple[Delivery, float]] = []
         now = time.monotonic()
         while self._ready and len(out) < limit:
-            delivery, since = self._ready.popleft()
+            item = self._ready.popleft()
+            delivery, since = item
             handle: _Handle = delivery.handle
+            if handle.slot.state != _ACTIVE:
+                withheld.append(item)  # a slot being let go of
+                continue
             handle.slot.ready -= 1
             handle.slot.inflight += 1
             delivery.age += now - since
             out.append(delivery)
+        self._ready.extendleft(reversed(withheld))
         return out
 
     # -- finishing -------------------------------------------------------------------------
@@ -510,7 +544,7 @@ class PartitionedConsumer(Consumer):
 
     def _settle(self, handle: _Handle) -> None:
         slot = handle.slot
-        if handle.event_id is not None and self._ids.get(handle.event_id) is slot:
+        if handle.event_id is not None and self._ids.get(handle.event_id) is handle:
             del self._ids[handle.event_id]
         if not self._current(handle):
             return
@@ -541,7 +575,8 @@ class PartitionedConsumer(Consumer):
         """`event_ids` by the slot they came from: a key's ids are kept by its partition."""
         by_slot: dict[int, tuple[_Slot, list[str]]] = {}
         for event_id in event_ids:
-            slot = self._ids.get(event_id, self._free)
+            held = self._ids.get(event_id)
+            slot = self._free if held is None else held.slot
             by_slot.setdefault(id(slot), (slot, []))[1].append(event_id)
         return list(by_slot.values())
 

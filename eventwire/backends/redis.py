@@ -26,6 +26,12 @@ that touch several keys stay valid on Redis Cluster:
 - ``{ns}:tally:<group>``: hash, how far `consumers()` counted the group's unread entries
   (kept only for long backlogs, such as the dead-letter consumer's, which nothing reads).
 - ``{ns}:dedup:<event id>``: only with ``dedup_window``: a marker with that TTL.
+- ``{ns}:part:<tag>.<n>`` and ``{ns}:part:<tag>.free``: the streams of a ``partitions=N``
+  subscription's partitions (`eventwire.backends.partitions`), one each, so that only their
+  consumers read them; ``{ns}:group:<group>``: its table of live members and leases
+  (`BrokerBackend.sync_group`, one Lua script on the server's clock). Whoever takes a
+  partition first claims every entry pending in its group (``XAUTOCLAIM`` with no idle time),
+  oldest first, before reading new ones (`RedisConsumer.take_over`).
 
 Publishing runs one Lua script per up to 1,000 messages, all of a batch in one round trip,
 each message as four arguments of a command packed by hand (`redis_wire.publish_call`); one

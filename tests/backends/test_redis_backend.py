@@ -316,9 +316,11 @@ async def test_stored_since_scans_in_chunks(
     monkeypatch.setattr(redis_backend, "_SCAN_CHUNK", 700)
     await backend.publish(messages(*[(f"e{i}", "t") for i in range(2000)]))
     wanted = ["e5", "e1500", "e1999", "nope"]
-    assert await backend._stored_since(wanted, 60.0) == {"e5", "e1500", "e1999"}
+    assert await backend._stored_since(wanted, 60.0, backend.stream) == {"e5", "e1500", "e1999"}
     await asyncio.sleep(0.01)
-    assert await backend._stored_since(wanted, 0.0) == set()  # nothing added since now
+    assert (
+        await backend._stored_since(wanted, 0.0, backend.stream) == set()
+    )  # nothing added since now
 
 
 async def test_entries_hold_id_topic_body_and_a_key_only_when_set(

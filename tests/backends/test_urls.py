@@ -74,7 +74,16 @@ SCHEMES = {
     "nats": ("nats://user:s3cret@127.0.0.1:4222", {"namespace", "max_age", "replicas"}),
     "amqp": (
         "amqp://guest:s3cret@127.0.0.1:5672/",
-        {"namespace", "prefetch", "connect_timeout", "heartbeat", "history", "queues", "journal"},
+        {
+            "namespace",
+            "prefetch",
+            "connect_timeout",
+            "heartbeat",
+            "history",
+            "queues",
+            "journal",
+            "handled",
+        },
     ),
 }
 

@@ -9,6 +9,7 @@ once, so a SIGKILL loses none of them).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 
@@ -17,6 +18,15 @@ from tests.conformance.crash_worker import serve
 
 
 async def main(url: str, output: str, partitions: int, idempotent: bool) -> None:
+    log = os.environ.get("EVENTWIRE_POOL_LOG")
+    if log:  # the partitions' comings and goings, for debugging
+        logging.basicConfig(
+            filename=f"{log}.{os.getpid()}",
+            level=logging.DEBUG,
+            format="%(created).3f %(message)s",
+        )
+        logging.getLogger("aiormq").setLevel(logging.WARNING)
+        logging.getLogger("aio_pika").setLevel(logging.WARNING)
     fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     bus = EventBus(url, redeliver_after=3.0, close_grace=2.0)
 
@@ -29,7 +39,7 @@ async def main(url: str, output: str, partitions: int, idempotent: bool) -> None
         idempotent=idempotent,
     )
     async def work(event: Event[int]) -> None:
-        os.write(fd, f"{event.key} {event.payload}\n".encode())
+        os.write(fd, f"{event.key} {event.payload} {os.getpid()}\n".encode())
         # Paced a little, so that the kill lands in the middle of the stream.
         await asyncio.sleep(0.0005)
 

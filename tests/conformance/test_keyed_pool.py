@@ -34,7 +34,7 @@ def handled(output: Path) -> list[tuple[str, int]]:
     if not output.exists():
         return []
     lines = output.read_text().splitlines()
-    return [(key, int(number)) for key, number in (line.split() for line in lines if line)]
+    return [(key, int(number)) for key, number, _ in (line.split() for line in lines if line)]
 
 
 def count(output: Path) -> int:
