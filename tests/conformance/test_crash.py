@@ -17,7 +17,7 @@ from eventwire.backends.broker import BrokerBackend
 
 DURABLE = ("sqlite", "redis", "nats", "amqp", "amqp-classic")
 ROOT = Path(__file__).resolve().parents[2]
-EVENTS = 5_000
+EVENTS = 10_000
 
 
 @pytest.fixture(params=DURABLE)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.soak import DURABLE, SoakConfig, soak
 
-SECONDS = 12.0
+SECONDS = 20.0
 
 
 @pytest.mark.timeout(SECONDS + 150)
