@@ -45,12 +45,12 @@ from typing import Protocol
 import msgspec
 
 from eventwire.backends.base import (
-    Backoff,
     Consumer,
     ConsumerInfo,
     ConsumerSpec,
     Delivery,
     Message,
+    retry_backoff,
 )
 from eventwire.backends.url import BusURL
 
@@ -151,7 +151,7 @@ _IDLE, _ACTIVE, _DRAINING = "idle", "active", "draining"
 class _Slot:
     """The router, a partition or the free consumer, as this process consumes it."""
 
-    __slots__ = ("consumer", "inflight", "name", "pump", "ready", "spec", "state", "taken_at")
+    __slots__ = ("consumer", "inflight", "name", "pump", "ready", "spec", "state")
 
     def __init__(self, name: str, spec: ConsumerSpec) -> None:
         self.name = name
@@ -163,7 +163,6 @@ class _Slot:
         self.ready = 0
         # Handed over, not yet acknowledged or given back.
         self.inflight = 0
-        self.taken_at = 0.0
 
 
 @dataclass(slots=True)
@@ -191,14 +190,14 @@ class PartitionedConsumer(Consumer):
         tag = tag_of(spec.name)
         names = partition_names(spec.name, self.count)
         sub = replace(spec, partitions=0, start="latest", exclusive=True, group=True)
-        self._slots: dict[str, _Slot] = {ROUTER: _Slot(ROUTER, replace(spec, partitions=0))}
+        router = _Slot(ROUTER, replace(spec, partitions=0, exclusive=True))
+        self._slots: dict[str, _Slot] = {ROUTER: router}
         self._order = [ROUTER]
         for n in range(self.count):
             slot = str(n)
             part = replace(sub, name=names[n], pattern=f"{PARTITION_PREFIX}{tag}.{n}")
             self._slots[slot] = _Slot(slot, part)
             self._order.append(slot)
-        self._slots[ROUTER].spec = replace(spec, partitions=0, exclusive=True)
         free = replace(
             sub, name=names[-1], pattern=f"{PARTITION_PREFIX}{tag}.free", exclusive=False
         )
@@ -219,11 +218,6 @@ class PartitionedConsumer(Consumer):
         self._wake = asyncio.Event()
         self._fetching = True
         self._closed = False
-
-    @property
-    def consumer_names(self) -> list[str]:
-        """Every durable consumer this one is made of, itself first."""
-        return [self.spec.name, *partition_names(self.spec.name, self.count)]
 
     async def open(self) -> None:
         """Create the partitions on the broker (so that nothing copied to them before their
@@ -322,7 +316,6 @@ class PartitionedConsumer(Consumer):
         slot.consumer = consumer
         slot.state = _ACTIVE
         logger.debug("eventwire: %s took %s", self.process, slot.spec.name)
-        slot.taken_at = time.monotonic()
         run = self._route if slot.name == ROUTER else self._pump
         slot.pump = asyncio.get_running_loop().create_task(
             run(slot), name=f"eventwire:{slot.spec.name}:fetch"
@@ -417,7 +410,7 @@ class PartitionedConsumer(Consumer):
     async def _pump(self, slot: _Slot) -> None:
         consumer = slot.consumer
         assert consumer is not None
-        backoff = self.backend_backoff()
+        backoff = retry_backoff()
         ahead = self._free_ahead if slot is self._free else self._ahead
         while slot.state == _ACTIVE and self._fetching:
             room = ahead - slot.ready
@@ -466,7 +459,7 @@ class PartitionedConsumer(Consumer):
         """The router: copy what `G` holds to the partitions, in order, then acknowledge."""
         consumer = slot.consumer
         assert consumer is not None
-        backoff = self.backend_backoff()
+        backoff = retry_backoff()
         while slot.state == _ACTIVE and self._fetching:
             try:
                 deliveries = await consumer.fetch(_ROUTE_BATCH, 1.0)
@@ -500,10 +493,6 @@ class PartitionedConsumer(Consumer):
             await consumer.ack(routed)
         if foreign:
             self._take_in(slot, foreign)  # no event ids: never taken for copies
-
-    @staticmethod
-    def backend_backoff() -> Backoff:
-        return Backoff(0.1, 2.0, jitter=True)
 
     async def fetch(self, limit: int, wait: float) -> list[Delivery]:
         self._arrived.clear()  # before looking: what arrives after the look sets it
