@@ -165,13 +165,14 @@ class PrivateServer:
         assert time.monotonic() < deadline, f"{program} did not start"
         return True
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start the server and block until it accepts connections."""
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server and block until it accepts connections (a RabbitMQ node boots in
+        well over 20 s when another test file shares the two cores)."""
         process, deadline = self._launch(), time.monotonic() + timeout
         while self._still_starting(process, deadline):
             time.sleep(0.02)
 
-    async def start_async(self, timeout: float = 20.0) -> None:
+    async def start_async(self, timeout: float = 60.0) -> None:
         """Start the server and wait, without blocking the event loop, until it is reachable."""
         process, deadline = self._launch(), time.monotonic() + timeout
         while self._still_starting(process, deadline):  # noqa: ASYNC110 - a port, no event
