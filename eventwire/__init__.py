@@ -10,6 +10,7 @@ from eventwire.backends.base import (
     BackendConnectionError,
     BrokerFullError,
     Capabilities,
+    ReplicationError,
 )
 from eventwire.bus import CloseReport, EventBus, UnhandledEvent
 from eventwire.errors import (
@@ -54,6 +55,7 @@ __all__ = [
     "PoisonEventError",
     "PublishTimeoutError",
     "RemoteHandlerError",
+    "ReplicationError",
     "Retry",
     "Run",
     "Subscription",

@@ -50,6 +50,12 @@ class BrokerFullError(EventwireError, OSError):
     publishing works again."""
 
 
+class ReplicationError(EventwireError):
+    """The broker stored an event but fewer of its replicas than asked (``min_replicas=``)
+    confirmed it in time: it may be lost if the primary fails before they have it. Publishing
+    it again is safe with deduplication on."""
+
+
 class SubscriptionConflictError(EventwireError, ValueError):
     """A durable consumer exists on the broker under this name as something else: with
     another pattern, or as a group where a subscription's own name is wanted (or the reverse;

@@ -25,7 +25,10 @@ may not have been stored: the event id deduplicates a retry).
 
 Optional URL settings: ``?max_age=<duration>`` (seconds, or ``12h``, ``7d``...) caps how long
 the stream keeps events (default 0: forever) and ``?replicas=<n>`` sets its replication in a
-cluster (default 1). Both apply only when the stream is created.
+cluster (default 1), for the stream and the KV buckets; both apply only when they are created.
+``?servers=host:port,...`` names more nodes of a cluster to connect through when the URL's
+host is down; once connected, the client also learns the cluster's other nodes from the server
+and reconnects to any of them (docs/backends.md, "Running on a NATS cluster").
 """
 
 from __future__ import annotations
@@ -104,10 +107,15 @@ T = TypeVar("T")
 
 _DEFAULT_PORT = 4222
 # The ``?option=`` settings a nats:// URL takes (besides ``namespace``).
-OPTIONS = ("max_age", "replicas")
+OPTIONS = ("max_age", "replicas", "servers")
 _CONNECT_TIMEOUT = 5.0  # the whole of connect(), first attempt to stream ready
 _ATTEMPT_TIMEOUT = 2  # one TCP connect attempt
 _REQUEST_TIMEOUT = 5.0  # one JetStream API call, publish or ack round trip
+# How long a publish sent again waits for its PubAck, for one message (a full window waits
+# `_REQUEST_TIMEOUT`). A stream whose leader died drops what was sent to it: a cluster elects
+# a new leader in about 5 s, and a retry that waited the whole timeout again would stall
+# publishing twice as long. Sending again is harmless: the event id deduplicates it.
+_RETRY_PATIENCE = 1.0
 _PUBLISH_WINDOW = 512  # publishes in flight at once (one round trip per window)
 _GRACE = 0.5  # round-trip allowance past a fetch's `wait` when the server is slow
 # How late a standing request's status may come before it counts as dropped.
@@ -135,6 +143,8 @@ _ACK_PREFIX = "$JS.ACK."
 # extended) as lost: JetStream may have delivered it to another process already. JetStream's
 # clock started a little earlier than ours, when it sent the message.
 _LEASE_SURE = 0.9
+# JetStream's "temporarily unavailable": a cluster electing its meta leader.
+_JETSTREAM_UNAVAILABLE = 10008
 _DIRECT_ID = re.compile(r"[A-Za-z0-9_=-]{1,200}")
 
 # Errors that a reconnect or a JetStream restart cures: retry them.
@@ -212,6 +222,22 @@ def _plain_headers(raw: bytes) -> dict[str, str] | None:
     return found
 
 
+def _more_servers(options: URLOptions) -> list[str]:
+    """``?servers=host:port,host:port``: more of a cluster's nodes to connect through when the
+    URL's own host is down (the client learns the rest of the cluster from the one it reaches)."""
+    raw = options.text("servers")
+    if raw is None:
+        return []
+    found = []
+    for item in raw.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+            raise options.invalid("servers", "a comma-separated list of host:port")
+        found.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return found
+
+
 def _reconnect_delay(servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
     """nats-py's reconnect hook: reconnect forever, backing off per failed attempt."""
     server = min(servers, key=lambda s: s.reconnects)
@@ -252,6 +278,7 @@ class NatsBackend(BrokerBackend):
         options = URLOptions(url, OPTIONS)
         self.max_age = options.duration("max_age", 0.0)
         self.replicas = options.integer("replicas", 1, minimum=1)
+        self.seeds = [self._hostport(), *_more_servers(options)]
         self._nc: _LenientClient | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
@@ -310,10 +337,13 @@ class NatsBackend(BrokerBackend):
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[Exception] = loop.create_future()
         connected = False
+        failures = 0
 
         async def on_error(error: Exception) -> None:
+            nonlocal failures
             if not connected:
-                if not failed.done():
+                failures += 1  # connect() gives up once every seed server has failed once
+                if failures >= len(self.seeds) and not failed.done():
                     failed.set_result(error)
             elif isinstance(error, _TRANSIENT):
                 # Failed reconnect attempts: the disconnect itself was logged once.
@@ -343,7 +373,7 @@ class NatsBackend(BrokerBackend):
         attempt = loop.create_task(
             nc.connect(
                 # No credentials in the server URL: nats-py may show it in errors.
-                servers=[f"nats://{self._hostport()}"],
+                servers=[f"nats://{seed}" for seed in self.seeds],
                 name=f"eventwire:{self.namespace}",
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
@@ -360,7 +390,7 @@ class NatsBackend(BrokerBackend):
             )
         )
         try:
-            # The first failed attempt ends connect(): the client itself would retry forever.
+            # A failed attempt on every seed ends connect(): the client would retry forever.
             either: set[asyncio.Future[Any]] = {attempt, failed}
             done, _ = await asyncio.wait(
                 either, timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
@@ -384,7 +414,7 @@ class NatsBackend(BrokerBackend):
                 await asyncio.wait({attempt})
         connected = True
         try:
-            await self._ensure_stream(nc.jetstream(timeout=_REQUEST_TIMEOUT))
+            await self._ensure_stream_soon(nc.jetstream(timeout=_REQUEST_TIMEOUT))
         except Exception as error:
             raise BackendConnectionError(
                 f"cannot use JetStream on NATS at {self.url.redacted} (is nats-server started "
@@ -396,6 +426,22 @@ class NatsBackend(BrokerBackend):
         if ":" in host:
             host = f"[{host}]"
         return f"{host}:{self.url.port or _DEFAULT_PORT}"
+
+    async def _ensure_stream_soon(self, js: JetStreamContext) -> None:
+        """`_ensure_stream`, retried for `OPERATION_RETRY_DEADLINE` seconds while a cluster
+        has no JetStream leader (a node just died); a server without JetStream fails at once."""
+        deadline = time.monotonic() + OPERATION_RETRY_DEADLINE
+        backoff = retry_backoff()
+        while True:
+            try:
+                return await self._ensure_stream(js)
+            except (nats.errors.TimeoutError, nats.js.errors.APIError) as error:
+                electing = not isinstance(error, nats.js.errors.APIError) or (
+                    error.err_code == _JETSTREAM_UNAVAILABLE
+                )
+                if not electing or time.monotonic() >= deadline:
+                    raise
+            await backoff.wait()
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         try:
@@ -524,8 +570,12 @@ class NatsBackend(BrokerBackend):
             for start in range(0, len(waiting), _PUBLISH_WINDOW):
                 window = waiting[start : start + _PUBLISH_WINDOW]
                 results: list[BaseException | None]
+                patience = _REQUEST_TIMEOUT
+                if backoff is not None:  # a retry
+                    share = len(window) / _PUBLISH_WINDOW
+                    patience = _RETRY_PATIENCE + share * (_REQUEST_TIMEOUT - _RETRY_PATIENCE)
                 try:
-                    results = await self._on_this_link(self._store_window(link, window))
+                    results = await self._on_this_link(self._store_window(link, window, patience))
                 except nats.errors.ConnectionReconnectingError as error:
                     results = [error] * len(window)
                 if self._closed_by_server(link) and any(
@@ -563,10 +613,10 @@ class NatsBackend(BrokerBackend):
                 await backoff.wait()
 
     async def _store_window(
-        self, link: _LenientClient, window: Sequence[Message]
+        self, link: _LenientClient, window: Sequence[Message], patience: float
     ) -> list[BaseException | None]:
         """Publish `window` to the stream, every message sent before the first PubAck is
-        awaited, and wait (up to `_REQUEST_TIMEOUT`) for their PubAcks: what failed for each.
+        awaited, and wait (up to `patience` seconds) for their PubAcks: what failed for each.
         The PubAcks come to one inbox of ours rather than through a request each (no task,
         no timer, no random token per message)."""
         prefix = await self._puback_inbox(link)
@@ -588,7 +638,7 @@ class NatsBackend(BrokerBackend):
                 except Exception as error:  # refused by the client (too big, closed, ...)
                     acked.set_exception(error)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_REQUEST_TIMEOUT):
+                async with asyncio.timeout(patience):
                     if len(waiting) == 1:
                         with contextlib.suppress(Exception):  # read below, by _answer
                             await waiting[0][1]

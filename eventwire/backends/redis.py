@@ -113,6 +113,7 @@ from eventwire.backends.base import (
     ConsumerSpec,
     Delivery,
     Message,
+    ReplicationError,
     check_consumer,
     retry_backoff,
     safe_name,
@@ -142,7 +143,7 @@ T = TypeVar("T")
 
 DEFAULT_DEDUP_WINDOW = 0
 # The ``?option=`` settings a redis:// URL takes (besides ``namespace``).
-OPTIONS = ("dedup_window", "maxlen")
+OPTIONS = ("dedup_window", "maxlen", "min_replicas", "replica_wait")
 _HANDLED_KEPT_MS = int(HANDLED_KEPT * 1000)
 # Messages per publish script call (and bytes, past which a call takes no further message).
 _PUBLISH_CHUNK = 1000
@@ -331,6 +332,15 @@ class RedisBackend(BrokerBackend):
         options = URLOptions(url, OPTIONS)
         self._dedup_window = options.integer("dedup_window", DEFAULT_DEDUP_WINDOW)
         self._maxlen = options.integer("maxlen", 0)
+        # Replicas that must have a publish before it returns (Redis's WAIT, on the connection
+        # that wrote it), and how long to wait for them.
+        self._min_replicas = options.integer("min_replicas", 0)
+        self._replica_wait = options.duration("replica_wait", 5.0, above=True)
+        self._wait_call = (
+            resp("WAIT", self._min_replicas, int(self._replica_wait * 1000))
+            if self._min_replicas
+            else b""
+        )
         prefix = "{" + self.namespace + "}:"
         self._prefix = prefix
         self._journal: RedisJournal | None = None
@@ -533,7 +543,10 @@ class RedisBackend(BrokerBackend):
                     "body",
                     m.body,
                 )
-            await link.call(payload)
+            replies = await link.call(
+                payload + self._wait_call, 1 + bool(self._wait_call), wait=self._waiting()
+            )
+            self._check_replicas(replies[1:], messages)
             return
         head = (self._maxlen, self._dedup_window)
         calls: list[bytes] = []
@@ -544,9 +557,14 @@ class RedisBackend(BrokerBackend):
             calls.append(publish_call(self._publish.sha, keys, head, chunk))
         loaded = False
         while calls:
-            replies = await link.call(b"".join(calls), len(calls), raise_errors=False)
+            replies = await link.call(
+                b"".join(calls) + self._wait_call,
+                len(calls) + bool(self._wait_call),
+                wait=self._waiting(),
+                raise_errors=False,
+            )
             failed: list[bytes] = []
-            for call, reply in zip(calls, replies, strict=True):
+            for call, reply in zip(calls, replies[: len(calls)], strict=True):
                 if isinstance(reply, redis_errors.NoScriptError) and not loaded:
                     failed.append(call)  # a restarted server lost its scripts: it did not run
                 elif isinstance(reply, Exception):
@@ -554,7 +572,29 @@ class RedisBackend(BrokerBackend):
             if failed:
                 await command(self.client, "SCRIPT", "LOAD", self._publish.source)
                 loaded = True
+            else:
+                self._check_replicas(replies[len(calls) :], messages)
             calls = failed
+
+    def _waiting(self) -> float:
+        """How long a publish's WAIT for replicas may block its connection."""
+        return self._replica_wait if self._min_replicas else 0.0
+
+    def _check_replicas(self, replies: Sequence[Any], messages: Sequence[Message]) -> None:
+        """Raise unless WAIT's reply (if any) counts `min_replicas` replicas."""
+        if not replies:
+            return
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        if int(replies[0]) < self._min_replicas:
+            raise ReplicationError(
+                f"{len(messages)} event(s) from {messages[0].id!r} on {messages[0].topic!r} "
+                f"are stored on the Redis primary at {self.url.redacted} but only "
+                f"{int(replies[0])} of min_replicas={self._min_replicas} replica(s) had them "
+                f"within replica_wait={self._replica_wait:g}s: they may be lost if the primary "
+                "fails now. Publish them again (the same event ids: dedup_window= drops "
+                "the copies), or check the replicas (INFO replication)"
+            )
 
     async def _stored_since(self, event_ids: list[str], seconds: float, stream: str) -> set[str]:
         """Which of `event_ids` are in `stream`'s entries added in the last `seconds`."""

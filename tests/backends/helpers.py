@@ -1,12 +1,15 @@
 """What the backend tests (redis, nats, amqp) share: messages easy to check, fetching until
-enough came, and the error of connecting where nothing listens."""
+enough came, the error of connecting where nothing listens, and a bus that collects what one
+subscription handles."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
+from eventwire import Event, EventBus
 from eventwire.backends.base import Backend, BackendConnectionError, Consumer, Delivery, Message
 
 
@@ -43,3 +46,15 @@ async def connect_error(backend: Backend) -> str:
         await backend.connect()
     assert time.monotonic() - started < 6
     return str(raised.value)
+
+
+def collecting_bus(url: str, pattern: str, name: str, **options: Any) -> tuple[EventBus, list[Any]]:
+    """A bus (not started) whose subscription `name` to `pattern` appends each payload it
+    handles to the list returned beside it."""
+    bus, handled = EventBus(url), []
+
+    async def collect(event: Event[Any]) -> None:
+        handled.append(event.payload)
+
+    bus.subscribe(pattern, collect, name=name, **options)
+    return bus, handled

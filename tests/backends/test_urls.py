@@ -70,8 +70,11 @@ async def test_an_unreachable_broker_is_a_clear_error_without_the_password(url: 
 # Each broker scheme, written with a password where the scheme has one, and the options it takes.
 SCHEMES = {
     "sqlite": ("sqlite:///bus.db", {"namespace", "poll"}),
-    "redis": ("redis://:s3cret@127.0.0.1:6379/0", {"namespace", "dedup_window", "maxlen"}),
-    "nats": ("nats://user:s3cret@127.0.0.1:4222", {"namespace", "max_age", "replicas"}),
+    "redis": (
+        "redis://:s3cret@127.0.0.1:6379/0",
+        {"namespace", "dedup_window", "maxlen", "min_replicas", "replica_wait"},
+    ),
+    "nats": ("nats://user:s3cret@127.0.0.1:4222", {"namespace", "max_age", "replicas", "servers"}),
     "amqp": (
         "amqp://guest:s3cret@127.0.0.1:5672/",
         {
@@ -133,6 +136,11 @@ def test_an_option_of_another_scheme_is_refused(scheme: str) -> None:
         ("nats", "max_age", "inf", ">= 0 (seconds"),
         ("nats", "replicas", "0", ">= 1 (a whole number)"),
         ("nats", "replicas", "two", ">= 1 (a whole number)"),
+        ("nats", "servers", "10.0.0.2", "a comma-separated list of host:port"),
+        ("nats", "servers", "10.0.0.2:4222,:4223", "a comma-separated list of host:port"),
+        ("nats", "servers", "10.0.0.2:99999", "a comma-separated list of host:port"),
+        ("redis", "min_replicas", "two", ">= 0 (a whole number)"),
+        ("redis", "replica_wait", "0", "> 0 (seconds"),
         ("amqp", "prefetch", "0", ">= 1 (a whole number)"),
         ("amqp", "heartbeat", "x", ">= 1 (a whole number)"),
         ("amqp", "connect_timeout", "0", "> 0 (seconds"),
@@ -165,9 +173,17 @@ def test_a_bad_value_names_the_option_the_value_what_is_accepted_and_the_url(
         ("amqp://127.0.0.1/?prefetch=5&heartbeat=10", "_heartbeat", 10),
         ("redis://127.0.0.1/0?maxlen=10&dedup_window=60", "_maxlen", 10),
         ("redis://127.0.0.1/0?maxlen=10&dedup_window=60", "_dedup_window", 60),
+        ("redis://127.0.0.1/0?min_replicas=2&replica_wait=250ms", "_min_replicas", 2),
+        ("redis://127.0.0.1/0?min_replicas=2&replica_wait=250ms", "_replica_wait", 0.25),
+        ("nats://127.0.0.1", "seeds", ["127.0.0.1:4222"]),
+        (
+            "nats://n1:4222?servers=n2:4223, [::1]:4224",
+            "seeds",
+            ["n1:4222", "n2:4223", "[::1]:4224"],
+        ),
     ],
 )
-def test_good_values_are_read(url: str, attribute: str, expected: float) -> None:
+def test_good_values_are_read(url: str, attribute: str, expected: object) -> None:
     assert getattr(open_backend(url), attribute) == expected
 
 
