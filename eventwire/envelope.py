@@ -11,17 +11,14 @@ pydantic model, a dataclass...; the table in docs/wire-format.md), and a typed h
 (``Event[Model]``) gets its type back on the other side. Sets and bytes, which JSON would
 carry as something else, are refused, as is anything with no JSON form. When the payload
 is itself an event (a dead letter), it is nested as an envelope and ``"payload_kind": "event"``
-says so. `to_cloudevent` / `from_cloudevent` map the same fields onto CloudEvents 1.0 (JSON
-format) for brokers and tools that speak it.
+says so. `eventwire.cloudevent` maps the same fields onto CloudEvents 1.0.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -173,8 +170,10 @@ def _where(root: Any, target: Any, path: str, depth: int = 0) -> str | None:
     return None
 
 
-def _refuse_unfaithful(event: Event[Any]) -> None:
-    values = [event.payload]
+def refuse_unfaithful(event: Event[Any], *, payload: bool = True) -> None:
+    """Raise `UnencodablePayloadError` if the event's payload (unless not `payload`) or
+    metadata holds a value JSON would not bring back as it was (a set, bytes, too deep)."""
+    values = [event.payload] if payload else []
     if event.metadata:
         values.append(dict(event.metadata))
     found = _unfaithful(values)
@@ -263,7 +262,7 @@ def encode(event: Event[Any], *, max_bytes: int | None = DEFAULT_MAX_BYTES) -> b
     """The event as envelope bytes. Raises `UnencodablePayloadError` for a value with no
     faithful JSON form (no JSON form at all, a set, bytes, an infinite or NaN float) and
     `PayloadTooLargeError` past `max_bytes`, before anything is sent."""
-    _refuse_unfaithful(event)
+    refuse_unfaithful(event)
     try:
         fields = _fields(event)
     except RecursionError:  # events nested in events, thousands deep
@@ -317,7 +316,7 @@ def check_encodable(event: Event[Any], *, max_bytes: int | None = DEFAULT_MAX_BY
     if isinstance(payload, Event):  # a dead letter: rare enough to build the envelope
         encode(event, max_bytes=max_bytes)
         return
-    _refuse_unfaithful(event)
+    refuse_unfaithful(event)
     data = _encoded(event, payload)
     more = _encoded(event, dict(metadata)) if metadata else b""
     if b"null" in data or b"null" in more:
@@ -393,81 +392,3 @@ def decode(data: bytes | bytearray | memoryview | str) -> Event[Any]:
         raise EnvelopeError(
             "not a valid eventwire envelope: its JSON nests too deep to decode"
         ) from None
-
-
-# -- CloudEvents 1.0 -----------------------------------------------------------------------
-# eventwire field -> CloudEvents attribute. Extension names must be lowercase alphanumeric.
-CLOUDEVENTS_ATTRIBUTES: Mapping[str, str] = {
-    "id": "id",
-    "topic": "type",
-    "source": "source",
-    "time": "time",
-    "payload": "data",
-    "correlation_id": "correlationid",
-    "causation_id": "causationid",
-    "key": "partitionkey",
-    "reply_to": "replyto",
-    "metadata": "eventwiremetadata",
-}
-_DEFAULT_CE_SOURCE = "/eventwire"
-
-
-def to_cloudevent(event: Event[Any]) -> dict[str, Any]:
-    """The event as a CloudEvents 1.0 JSON-format document (a dict ready to serialise).
-
-    `source` defaults to ``/eventwire`` (CloudEvents requires one); metadata travels as the
-    ``eventwiremetadata`` extension, a JSON string, since extension values must be scalars.
-    """
-    _refuse_unfaithful(event)
-    document: dict[str, Any] = {
-        "specversion": "1.0",
-        "id": event.id,
-        "type": event.topic,
-        "source": event.source or _DEFAULT_CE_SOURCE,
-        "time": event.timestamp.isoformat().replace("+00:00", "Z"),
-        "datacontenttype": "application/json",
-        "data": msgspec.json.decode(_encoder.encode(event.payload)),
-        "correlationid": event.correlation_id,
-    }
-    optional = {
-        "causationid": event.causation_id,
-        "partitionkey": event.key,
-        "replyto": event.reply_to,
-        "eventwiremetadata": json.dumps(dict(event.metadata)) if event.metadata else None,
-    }
-    document.update({name: value for name, value in optional.items() if value is not None})
-    return document
-
-
-def from_cloudevent(document: Mapping[str, Any]) -> Event[Any]:
-    """An event from a CloudEvents 1.0 JSON-format document; raises `EnvelopeError`."""
-    if document.get("specversion") != "1.0":
-        raise EnvelopeError(
-            f"not a CloudEvents 1.0 document: specversion is {document.get('specversion')!r}"
-        )
-    missing = [name for name in ("id", "type", "source") if not document.get(name)]
-    if missing:
-        raise EnvelopeError(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
-    try:
-        time_text = document.get("time")
-        timestamp = datetime.fromisoformat(time_text.replace("Z", "+00:00")) if time_text else None
-        metadata = (
-            json.loads(document["eventwiremetadata"]) if "eventwiremetadata" in document else {}
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise EnvelopeError(f"CloudEvent has a malformed attribute: {exc}") from exc
-    if timestamp is not None and timestamp.tzinfo is None:
-        timestamp = timestamp.replace(tzinfo=UTC)
-    source = document["source"]
-    return Event(
-        document["type"],
-        document.get("data"),
-        metadata,
-        id=document["id"],
-        timestamp=timestamp,
-        correlation_id=document.get("correlationid"),
-        causation_id=document.get("causationid"),
-        key=document.get("partitionkey"),
-        source=None if source == _DEFAULT_CE_SOURCE else source,
-        reply_to=document.get("replyto"),
-    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -20,8 +20,6 @@ from eventwire.envelope import (
     check_encodable,
     decode,
     encode,
-    from_cloudevent,
-    to_cloudevent,
 )
 
 
@@ -187,48 +185,6 @@ def test_size_limit() -> None:
 def test_foreign_or_broken_messages_name_the_fault(data: bytes, fragment: str) -> None:
     with pytest.raises(EnvelopeError, match=fragment):
         decode(data)
-
-
-def test_cloudevents_mapping_round_trips() -> None:
-    original = Event(
-        "research.complete",
-        {"summary": "ok"},
-        {"user_id": "u-1"},
-        causation_id="c1",
-        key="k",
-        source="research",
-        timestamp=datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC),
-    )
-    document = to_cloudevent(original)
-    assert document["specversion"] == "1.0"
-    assert document["type"] == "research.complete"
-    assert document["source"] == "research"
-    assert document["time"] == "2026-11-25T12:00:00.123456Z"
-    assert document["partitionkey"] == "k"
-    assert json.loads(document["eventwiremetadata"]) == {"user_id": "u-1"}
-    json.dumps(document)  # serialisable as it is
-    assert_same_event(from_cloudevent(document), original)
-
-
-def test_cloudevents_refuse_what_the_envelope_refuses() -> None:
-    with pytest.raises(UnencodablePayloadError, match="no sets"):
-        to_cloudevent(Event("t", {"tags": {"a"}}))
-
-
-def test_cloudevent_without_eventwire_extensions() -> None:
-    event = from_cloudevent(
-        {"specversion": "1.0", "id": "e-1", "type": "orders.created", "source": "/shop", "data": 1}
-    )
-    assert (event.topic, event.payload, event.source, event.id) == (
-        "orders.created",
-        1,
-        "/shop",
-        "e-1",
-    )
-    with pytest.raises(EnvelopeError, match="lacks required attribute"):
-        from_cloudevent({"specversion": "1.0", "id": "x"})
-    with pytest.raises(EnvelopeError, match="specversion"):
-        from_cloudevent({"specversion": "0.3", "id": "x", "type": "t", "source": "s"})
 
 
 def test_foreign_json_nested_too_deep_is_an_envelope_error() -> None:
