@@ -38,7 +38,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -62,6 +62,14 @@ PARTITION_PREFIX = "_p."
 # without one: a dead process's slots move after about this long.
 TICK = 0.5
 LEASE_TTL = 5.0
+# While the group changes (a process came or went, slots moved), looks come every
+# `_QUICK_TICK` seconds for `_QUICK_FOR` seconds after the last change: a slot dealt to
+# another process is let go, and taken by it, a few hundredths of a second after the change
+# rather than up to a tick later each, unconsumed meanwhile (processes starting together
+# join one after the other: each join is a change). A slot whose handlers run long makes no
+# more looks than that.
+_QUICK_TICK = 0.05
+_QUICK_FOR = 1.0
 # Deliveries one slot fetches ahead of the handlers.
 _AHEAD = 64
 # Events the router copies in one batch.
@@ -121,6 +129,14 @@ class PartitionHost(Protocol):
     async def seen_handled(self, consumer: str, event_ids: Sequence[str]) -> set[str]: ...
 
 
+async def _all(steps: Sequence[Awaitable[None]]) -> None:
+    """Run `steps` together to their end, then raise the first error any of them raised."""
+    outcomes = await asyncio.gather(*steps, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
 def assign(slots: Sequence[str], members: Sequence[str]) -> dict[str, str]:
     """Slot -> the member that should consume it: dealt out in turn over the sorted members,
     so every member gets its share (one more for some)."""
@@ -151,7 +167,7 @@ _IDLE, _ACTIVE, _DRAINING = "idle", "active", "draining"
 class _Slot:
     """The router, a partition or the free consumer, as this process consumes it."""
 
-    __slots__ = ("consumer", "inflight", "name", "pump", "ready", "spec", "state")
+    __slots__ = ("consumer", "fetching", "inflight", "name", "pump", "ready", "spec", "state")
 
     def __init__(self, name: str, spec: ConsumerSpec) -> None:
         self.name = name
@@ -163,6 +179,8 @@ class _Slot:
         self.ready = 0
         # Handed over, not yet acknowledged or given back.
         self.inflight = 0
+        # Whether its pump waits in a fetch, which letting it go may cut short.
+        self.fetching = False
 
 
 @dataclass(slots=True)
@@ -213,6 +231,8 @@ class PartitionedConsumer(Consumer):
         self._ids: dict[str, _Handle] = {}
         self._view: GroupView | None = None
         self._synced_at = 0.0
+        # When the group last changed as this process saw it (`_QUICK_FOR`).
+        self._changed_at = 0.0
         self._driver: asyncio.Task[None] | None = None
         self._leaser: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -259,6 +279,9 @@ class PartitionedConsumer(Consumer):
 
     async def _drive(self) -> None:
         while not self._closed:
+            # Cleared before the look, not after: what the look itself lets go wakes the
+            # next one at once, which gives the lease up for the next owner.
+            self._wake.clear()
             try:
                 await self._sync()
             except Exception:
@@ -270,9 +293,9 @@ class PartitionedConsumer(Consumer):
                     for slot in self._slots.values():
                         if slot.state != _IDLE:
                             await self._deactivate(slot)
-            self._wake.clear()
+            quick = time.monotonic() - self._changed_at < _QUICK_FOR
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(TICK):
+                async with asyncio.timeout(_QUICK_TICK if quick else TICK):
                     await self._wake.wait()
 
     def _wanted(self) -> set[str]:
@@ -289,20 +312,31 @@ class PartitionedConsumer(Consumer):
         self._synced_at = time.monotonic()
         if self.process not in view.members:
             view = replace(view, members=tuple(sorted({*view.members, self.process})))
-        first = self._view is None
-        self._view = view
+        before, self._view = self._view, view
+        first = before is None
+        if before is None or view.members != before.members:
+            self._changed_at = self._synced_at
         dealt = assign(self._order, view.members)
+        ending: list[_Slot] = []
+        taking: list[_Slot] = []
         for name, slot in self._slots.items():
             mine = dealt[name] == self.process and self._fetching
             if slot.state != _IDLE and name not in view.held:
                 # Lost (this process could not renew in time): another may have it already.
-                await self._deactivate(slot)
+                ending.append(slot)
             elif slot.state == _IDLE and mine and name in view.held:
-                await self._activate(slot)
+                taking.append(slot)
             elif slot.state == _ACTIVE and not mine:
                 self._start_draining(slot)
             if slot.state == _DRAINING and slot.inflight == 0:
-                await self._deactivate(slot)
+                ending.append(slot)
+        # All at once: each waits for the broker (a consumer to open or close, a fetch to
+        # end), and one after the other they would hold up the next look, and the leases.
+        if ending or taking:
+            self._changed_at = self._synced_at
+        await _all(
+            [self._deactivate(slot) for slot in ending] + [self._activate(slot) for slot in taking]
+        )
         if first:
             self._wake.set()  # the leases of this process's share are asked for at once
 
@@ -356,6 +390,12 @@ class PartitionedConsumer(Consumer):
         )
         slot.state = _IDLE
         pump, slot.pump = slot.pump, None
+        if pump is not None and slot.fetching:
+            # A partition's pump waits in a fetch (for up to a second): cut short, what it
+            # took meanwhile stays with the consumer, whose close gives it back. The router
+            # is never interrupted: between copying and acknowledging, its batch would be
+            # copied twice.
+            pump.cancel()
         if pump is not None:
             # What its last fetch brought after draining began stays with the consumer,
             # whose close gives it back.
@@ -417,12 +457,15 @@ class PartitionedConsumer(Consumer):
             if room <= 0:
                 await asyncio.sleep(0.01)
                 continue
+            slot.fetching = True
             try:
                 deliveries = await consumer.fetch(room, 1.0)
             except Exception:
                 logger.warning("eventwire: fetching %s failed", slot.spec.name, exc_info=True)
                 await backoff.wait()
                 continue
+            finally:
+                slot.fetching = False
             backoff.reset()
             if deliveries and slot.consumer is consumer:
                 # Also after letting go began: queued, withheld and kept leased until the
@@ -489,8 +532,17 @@ class PartitionedConsumer(Consumer):
             copies.append(Message(f"{route.id}@{where}", topic, route.key, delivery.body))
             routed.append(delivery)
         if copies:
+            began = time.monotonic()
             await self.backend.publish(copies)
+            published = time.monotonic()
             await consumer.ack(routed)
+            logger.debug(
+                "eventwire: %s routed %d: copied in %.3fs, acknowledged in %.3fs",
+                self.spec.name,
+                len(copies),
+                published - began,
+                time.monotonic() - published,
+            )
         if foreign:
             self._take_in(slot, foreign)  # no event ids: never taken for copies
 
