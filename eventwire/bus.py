@@ -372,6 +372,11 @@ class EventBus:
         (docs/backends.md, "Per-key order across processes"). Events without a key spread
         freely. SQLite keeps per-key order across processes without it; in one process
         (``memory://``) it changes nothing.
+        `decoder` lets it take what other systems wrote on its topics besides eventwire's
+        envelopes: ``"cloudevents"`` (structured or binary mode), ``"json"`` or ``"text"``
+        bodies, a function of a `eventwire.foreign.ForeignMessage` returning an `Event`, or a
+        list of these tried in turn (docs/interop.md). Without it, such messages are
+        dead-lettered.
 
         `publishes` declares the topics the handler publishes (e.g.
         ``publishes=["research.complete"]``), for ``eventwire topology`` and ``asyncapi``;
@@ -462,6 +467,7 @@ class EventBus:
                 f"observe() takes an eventwire.observe.Observer, got {type(observer).__name__}"
             )
         if observer not in self._observers:
+            observer.attached(self._backend.transport)
             self._observers.append(observer)
             self._indirect = True
         return observer

@@ -71,10 +71,16 @@ class DeadLetters:
         return await self._store(subscription, event.id, topic, letter, details)
 
     async def foreign(
-        self, subscription: SubscriptionInfo, topic: str, body: bytes, why: str
+        self,
+        subscription: SubscriptionInfo,
+        topic: str,
+        body: bytes,
+        why: str,
+        headers: Mapping[str, Any] | None = None,
     ) -> bool:
-        """A message on `topic` that is not a valid envelope: to the DLQ with the reason."""
-        dlq_topic, payload = foreign_letter(topic, body, why)
+        """A message on `topic` that is not a valid envelope: to the DLQ with the reason, its
+        body and its headers."""
+        dlq_topic, payload = foreign_letter(topic, body, why, headers)
         logger.error(
             "eventwire: %s received a message on %r that is not an eventwire envelope (%s); "
             "sending it to %s",
@@ -174,11 +180,14 @@ def _reduced(
     return (topic, content), kept
 
 
-def foreign_letter(topic: str, body: bytes, why: str) -> tuple[str, dict[str, Any]]:
+def foreign_letter(
+    topic: str, body: bytes, why: str, headers: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
     """The DLQ topic and payload for a message that is not a valid envelope. Past
     `FOREIGN_BODY_LIMIT` bytes only the body's start is kept, with its size and SHA-256, so
     that the letter can always be stored (escaped, the kept part stays far under the event
-    size limit)."""
+    size limit). Its headers (a Redis entry's other fields) are kept as text, each cut at
+    `FOREIGN_BODY_LIMIT` characters."""
     valid = is_topic(topic) and not is_reserved(topic)
     dlq_topic = f"{DLQ_PREFIX}{topic}" if valid else f"{DLQ_PREFIX}_malformed"
     kept = body[:FOREIGN_BODY_LIMIT]
@@ -197,7 +206,17 @@ def foreign_letter(topic: str, body: bytes, why: str) -> tuple[str, dict[str, An
     }
     if len(kept) < len(body):
         payload.update(truncated=True, **_size_and_hash(body))
+    if headers:
+        payload["headers"] = {
+            str(name): _header_text(value)[:FOREIGN_BODY_LIMIT] for name, value in headers.items()
+        }
     return dlq_topic, payload
+
+
+def _header_text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return value if isinstance(value, str) else str(value)
 
 
 def _size_and_hash(raw: bytes) -> dict[str, Any]:

@@ -116,6 +116,8 @@ class DeadLetter:
     dead_lettered_at: datetime
     body: str | None = None
     body_base64: str | None = None
+    headers: Mapping[str, str] | None = None
+    """A foreign message's headers (a Redis entry's other fields), as text."""
 
     @property
     def short_id(self) -> str:
@@ -166,6 +168,8 @@ class DeadLetter:
             if self.event is None:
                 data["body"] = self.body
                 data["body_base64"] = self.body_base64
+                if self.headers:
+                    data["headers"] = dict(self.headers)
         return data
 
 
@@ -648,6 +652,7 @@ def parse(delivery: Delivery) -> DeadLetter:
     payload = letter.payload
     event = payload if isinstance(payload, Event) else None
     body = body_base64 = None
+    headers: dict[str, str] | None = None
     topic = letter.topic.removeprefix(DLQ_PREFIX)
     if event is not None:
         topic = event.topic
@@ -658,6 +663,9 @@ def parse(delivery: Delivery) -> DeadLetter:
             _text_or_none(payload.get("body")),
             _text_or_none(payload.get("body_base64")),
         )
+        kept = payload.get("headers")
+        if isinstance(kept, dict):
+            headers = {str(name): str(value) for name, value in kept.items()}
     return DeadLetter(
         id=letter.id,
         topic=topic,
@@ -670,6 +678,7 @@ def parse(delivery: Delivery) -> DeadLetter:
         dead_lettered_at=letter.timestamp,
         body=body,
         body_base64=body_base64,
+        headers=headers,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
@@ -128,12 +129,26 @@ def handling_record(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Transport:
+    """Where a bus's events travel, as telemetry names it: the messaging system
+    (``messaging.system``: the broker, or ``eventwire`` in-process) and the broker's address
+    and port (``server.address``, ``server.port``), when it has one."""
+
+    system: str = "eventwire"
+    address: str | None = None
+    port: int | None = None
+
+
 class Observer:
     """Base class of observers: override the methods you need; the rest do nothing.
 
     A ``*_started`` method returns a token (anything, e.g. a span) that the matching
     ``*_finished`` call receives back.
     """
+
+    def attached(self, transport: Transport) -> None:
+        """The observer was added to a bus whose events travel on `transport`."""
 
     def publish_started(self, event: Event[Any]) -> Any:
         """`event` is about to be queued (in-process) or sent to the broker. It is not shared

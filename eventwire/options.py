@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any, Literal, TypedDict, Unpack
 
 from eventwire.errors import InvalidTopicError
+from eventwire.foreign import DecoderOption, decoder_of
 from eventwire.inbox import OVERFLOW_POLICIES, Overflow
 from eventwire.retry import NO_RETRY, Retry
 from eventwire.topics import validate_pattern
@@ -46,6 +47,7 @@ class SubscriptionOptions:
     durable: bool = False
     waits: tuple[str, ...] = ()
     partitions: int | None = None
+    decoder: DecoderOption | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
@@ -85,6 +87,7 @@ class SubscriptionOptions:
         object.__setattr__(self, "idempotent", bool(self.idempotent))
         object.__setattr__(self, "publishes", _check_patterns(self.publishes, "publishes"))
         object.__setattr__(self, "waits", _check_patterns(self.waits, "waits"))
+        decoder_of(self.decoder)  # a bad decoder= is refused here, naming the forms
         if self.partitions is not None and (
             not _is_int(self.partitions) or not 1 <= self.partitions <= MAX_PARTITIONS
         ):
@@ -124,6 +127,7 @@ class SubscriptionKeywords(TypedDict, total=False):
     durable: bool
     waits: Sequence[str]
     partitions: int | None
+    decoder: DecoderOption | None
 
 
 def _is_int(value: Any) -> bool:

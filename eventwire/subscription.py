@@ -28,6 +28,7 @@ from eventwire.deadletter import DeadLetters
 from eventwire.durable import DurableRunner, RunCounts
 from eventwire.errors import InboxFullError, PayloadValidationError, PoisonEventError
 from eventwire.event import Event
+from eventwire.foreign import decoder_of
 from eventwire.inbox import Inbox, Overflow
 from eventwire.metrics import LatencyHistogram, Percentiles
 from eventwire.observe import Observer, Outcome, handling_record, notify, notify_finished
@@ -172,6 +173,7 @@ class Subscription:
         "_workers",
         "concurrency",
         "dead_lettered",
+        "decoder",
         "dropped",
         "failed",
         "group",
@@ -225,6 +227,9 @@ class Subscription:
         # Keyed events spread over this many partitions, each handled by one process at a
         # time: per-key order across processes on brokers (None: not partitioned).
         self.partitions = options.partitions
+        # Reads what other producers wrote on its topics (`eventwire.foreign`); None:
+        # envelopes only.
+        self.decoder = decoder_of(options.decoder)
         # What `Event.source` says for events this subscription's handler publishes.
         self.source = source
         self._converter = converter

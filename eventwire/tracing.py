@@ -32,6 +32,7 @@ from eventwire.observe import (
     Observable,
     Observer,
     SubscriptionInfo,
+    Transport,
     set_trace_context,
 )
 
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["SYSTEM", "Tracing", "instrument"]
 
 SYSTEM = "eventwire"
-"""The ``messaging.system`` attribute of every span."""
+"""The ``messaging.system`` attribute of spans of an in-process bus (a broker's bus says the
+broker: ``redis``, ``nats``, ``rabbitmq``)."""
 
 _PRODUCER = trace.SpanKind.PRODUCER
 _CONSUMER = trace.SpanKind.CONSUMER
@@ -82,6 +84,21 @@ class Tracing(Observer):
         self.tracer_provider = tracer_provider
         self._tracer = trace.get_tracer("eventwire", _version(), tracer_provider=tracer_provider)
         self._propagator = propagator or TraceContextTextMapPropagator()
+        # The attributes naming where events travel (`attached`): the same on every span.
+        self._where: dict[str, Any] = {"messaging.system": SYSTEM}
+        self._transport: Transport | None = None
+
+    def attached(self, transport: Transport) -> None:
+        if self._transport is not None and self._transport != transport:
+            # Observing buses on different brokers: no one address is right for every span.
+            transport = Transport()
+        self._transport = transport
+        where: dict[str, Any] = {"messaging.system": transport.system}
+        if transport.address is not None:
+            where["server.address"] = transport.address
+        if transport.port is not None:
+            where["server.port"] = transport.port
+        self._where = where
 
     def __repr__(self) -> str:
         return f"Tracing(tracer_provider={self.tracer_provider!r})"
@@ -100,7 +117,7 @@ class Tracing(Observer):
         if self._silent():
             self._pass_context_on(event)
             return None
-        attributes = _event_attributes(event)
+        attributes = self._event_attributes(event)
         attributes["messaging.operation.name"] = "publish"
         attributes["messaging.operation.type"] = "send"
         links = None
@@ -156,10 +173,17 @@ class Tracing(Observer):
             # The incoming context is current for the handler, e.g. for its outgoing calls.
             return None, otel_context.attach(self._parent_of(event))
         parent = self._parent_of(event)
-        attributes = _handling_attributes(subscription, event)
+        attributes = self._handling_attributes(subscription, event)
         attributes["eventwire.attempt"] = attempt
+        # The producer's context is the parent (one message per handling) and a link, as the
+        # messaging conventions ask: tools that follow links find the producer either way.
+        producer = trace.get_current_span(parent).get_span_context()
         span = self._tracer.start_span(
-            f"handle {event.topic}", context=parent, kind=_CONSUMER, attributes=attributes
+            f"handle {event.topic}",
+            context=parent,
+            kind=_CONSUMER,
+            attributes=attributes,
+            links=[trace.Link(producer)] if producer.is_valid else None,
         )
         # Current for the handler (the same task; a thread handler gets a copy of it).
         return span, otel_context.attach(trace.set_span_in_context(span, parent))
@@ -201,7 +225,7 @@ class Tracing(Observer):
         not run."""
         if self._silent():
             return
-        attributes = _handling_attributes(subscription, event)
+        attributes = self._handling_attributes(subscription, event)
         attributes["eventwire.attempt"] = 0
         attributes["eventwire.outcome"] = outcome
         span = self._tracer.start_span(
@@ -213,6 +237,37 @@ class Tracing(Observer):
         if error is not None:
             span.set_status(trace.Status(trace.StatusCode.ERROR, error))
         span.end()
+
+    def _event_attributes(self, event: Event[Any]) -> dict[str, Any]:
+        attributes: dict[str, Any] = {
+            **self._where,
+            "messaging.destination.name": event.topic,
+            "messaging.message.id": event.id,
+            "messaging.message.conversation_id": event.correlation_id,
+            "eventwire.correlation_id": event.correlation_id,
+        }
+        if self._where["messaging.system"] == "rabbitmq":
+            attributes["messaging.rabbitmq.destination.routing_key"] = event.topic
+        if event.causation_id is not None:
+            attributes["eventwire.causation_id"] = event.causation_id
+        if event.key is not None:
+            attributes["eventwire.key"] = event.key
+        if event.source is not None:
+            attributes["eventwire.source"] = event.source
+        return attributes
+
+    def _handling_attributes(
+        self, subscription: SubscriptionInfo, event: Event[Any]
+    ) -> dict[str, Any]:
+        attributes = self._event_attributes(event)
+        attributes["messaging.operation.name"] = "handle"
+        attributes["messaging.operation.type"] = "process"
+        attributes["messaging.destination.subscription.name"] = subscription.name
+        attributes["eventwire.subscription"] = subscription.name
+        attributes["eventwire.pattern"] = subscription.pattern
+        if subscription.group is not None:
+            attributes["messaging.consumer.group.name"] = subscription.group
+        return attributes
 
     def _parent_of(self, event: Event[Any]) -> otel_context.Context:
         # Only what the event carries: an event published without tracing starts a trace of
@@ -234,35 +289,6 @@ def _publish_parent(propagator: TextMapPropagator) -> otel_context.Context | Non
     if handling.trace_context:
         return propagator.extract(handling.trace_context)
     return None
-
-
-def _event_attributes(event: Event[Any]) -> dict[str, Any]:
-    attributes: dict[str, Any] = {
-        "messaging.system": SYSTEM,
-        "messaging.destination.name": event.topic,
-        "messaging.message.id": event.id,
-        "messaging.message.conversation_id": event.correlation_id,
-        "eventwire.correlation_id": event.correlation_id,
-    }
-    if event.causation_id is not None:
-        attributes["eventwire.causation_id"] = event.causation_id
-    if event.key is not None:
-        attributes["eventwire.key"] = event.key
-    if event.source is not None:
-        attributes["eventwire.source"] = event.source
-    return attributes
-
-
-def _handling_attributes(subscription: SubscriptionInfo, event: Event[Any]) -> dict[str, Any]:
-    attributes = _event_attributes(event)
-    attributes["messaging.operation.name"] = "handle"
-    attributes["messaging.operation.type"] = "process"
-    attributes["messaging.destination.subscription.name"] = subscription.name
-    attributes["eventwire.subscription"] = subscription.name
-    attributes["eventwire.pattern"] = subscription.pattern
-    if subscription.group is not None:
-        attributes["messaging.consumer.group.name"] = subscription.group
-    return attributes
 
 
 def _record_error(span: trace.Span, error: BaseException) -> None:

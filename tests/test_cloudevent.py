@@ -215,8 +215,8 @@ def test_bad_documents_name_the_fault() -> None:
         from_cloudevent(base | {"data_base64": "!!"})
     with pytest.raises(EnvelopeError, match=r"not an eventwire topic.*pass topic="):
         from_cloudevent(base | {"type": "Order Created"})
+    headers = {"ce-id": "x", "ce-type": "t.x", "ce-source": "/s", "content-type": "text/json"}
     with pytest.raises(EnvelopeError, match="not the JSON its content type says"):
-        headers = {"ce-id": "x", "ce-type": "t.x", "ce-source": "/s"}
         from_binary(headers | {"content-type": "application/json"}, b"{oops")
     with pytest.raises(UnencodablePayloadError, match="no sets"):
         to_cloudevent(Event("t", {"tags": {"a"}}))

@@ -134,6 +134,7 @@ from eventwire.backends.broker import BrokerBackend
 from eventwire.backends.journal import Journal
 from eventwire.backends.partitions import GroupView
 from eventwire.backends.url import BusURL, URLOptions
+from eventwire.foreign import ForeignMessage
 from eventwire.topics import TAIL, validate_pattern, validate_topic
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,37 @@ def _int_header(headers: dict[str, Any], name: str) -> int:
     return 0
 
 
+def _properties_of(message: Message) -> aiormq.spec.Basic.Properties:
+    """A message's AMQP properties: persistent, its id, and what it says to other readers
+    (the content type as the property, the trace context as headers)."""
+    extra = message.headers or {}
+    trace = {name: value for name, value in extra.items() if name != "content-type"}
+    return aiormq.spec.Basic.Properties(
+        message_id=message.id,
+        delivery_mode=2,
+        content_type=extra.get("content-type"),
+        headers=cast("FieldTable", trace) if trace else None,
+    )
+
+
+def foreign_message(message: AbstractIncomingMessage, topic: str) -> ForeignMessage:
+    """What another producer sent: its headers, with the content type, correlation id and
+    type properties beside them, and its ``message_id``."""
+    headers: dict[str, Any] = dict(message.headers or {})
+    for name, value in (
+        ("content-type", message.content_type),
+        ("content-encoding", message.content_encoding),
+        ("correlation_id", message.correlation_id),
+        ("type", message.type),
+        ("reply_to", message.reply_to),
+    ):
+        if value and name not in headers:
+            headers[name] = value
+    headers.pop(_TOPIC_HEADER, None)
+    headers.pop(_ATTEMPT_HEADER, None)
+    return ForeignMessage(topic, bytes(message.body), headers, message.message_id or None)
+
+
 def message_topic(message: AbstractIncomingMessage) -> str:
     """The topic of a delivered message: its header, else its routing key."""
     topic = (message.headers or {}).get(_TOPIC_HEADER)
@@ -266,6 +298,8 @@ class AmqpBackend(BrokerBackend):
     """RabbitMQ: topic exchanges, a quorum queue per durable consumer, a registry stream."""
 
     scheme: ClassVar[str] = "amqp"
+    messaging_system = "rabbitmq"
+    default_port = 5672
     capabilities: ClassVar[Capabilities] = Capabilities(
         # Confirmed, persistent, quorum-replicated: survives process and broker restarts.
         durable=True,
@@ -580,8 +614,7 @@ class AmqpBackend(BrokerBackend):
             # Routing keys hold 255 bytes: the shared limit leaves room for the dead letter's.
             validate_topic(message.topic)
             exchange = self.reserved_exchange if _is_reserved(message.topic) else self.exchange
-            properties = aiormq.spec.Basic.Properties(message_id=message.id, delivery_mode=2)
-            items.append((exchange, message.topic, message.body, properties))
+            items.append((exchange, message.topic, message.body, _properties_of(message)))
         for start in range(0, len(items), _PUBLISH_CHUNK):
             await self.publish_raw(items[start : start + _PUBLISH_CHUNK], retry=True)
 
@@ -1292,6 +1325,10 @@ class _AmqpConsumer(Consumer):
             self._last_settled = time.monotonic()
             if generation == self._generation:  # tags start again on a new channel
                 self._settling -= tags
+
+    def foreign(self, delivery: Delivery) -> ForeignMessage:
+        held: _Held = delivery.handle
+        return foreign_message(held.message, delivery.topic)
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         taken = self._take([delivery])

@@ -17,13 +17,15 @@ import abc
 import asyncio
 import random
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from eventwire.backends.journal import Journal
 from eventwire.backends.url import BusURL
 from eventwire.errors import EventwireError
+from eventwire.foreign import ForeignMessage
+from eventwire.observe import Transport
 from eventwire.options import Start as Start  # re-exported: backends and tools use it
 from eventwire.topics import safe_name as safe_name  # re-exported: backends use it
 
@@ -218,6 +220,9 @@ class Message:
     topic: str
     key: str | None
     body: bytes
+    headers: Mapping[str, str] | None = None
+    """Written beside the body where the broker has headers, for other systems to read
+    (`BrokerBackend.message_of`): the body's content type and the W3C trace context."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +335,12 @@ class Consumer(abc.ABC):
         between fetches: nothing to do."""
         return
 
+    def foreign(self, delivery: Delivery) -> ForeignMessage:
+        """`delivery` as another producer sent it, for a body that is not an eventwire
+        envelope: with its headers and the broker's id for the message, where the broker
+        has them."""
+        return ForeignMessage(delivery.topic, delivery.body)
+
     @abc.abstractmethod
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         """Give a delivery back, to be delivered again (to any process) after `delay`
@@ -384,11 +395,23 @@ class Backend(abc.ABC):
 
     scheme: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    messaging_system: ClassVar[str] = "eventwire"
+    """The ``messaging.system`` of its telemetry: the broker's name, as OpenTelemetry's
+    messaging conventions write it."""
+    default_port: ClassVar[int | None] = None
 
     def __init__(self, url: BusURL) -> None:
         self.url = url
         self.namespace = namespace_of(url)
         self._services: BusServices | None = None
+
+    @property
+    def transport(self) -> Transport:
+        """Where its events travel, for telemetry (`eventwire.observe.Observer.attached`)."""
+        if self.default_port is None:
+            return Transport(self.messaging_system)
+        host = self.url.host or "127.0.0.1"
+        return Transport(self.messaging_system, host, self.url.port or self.default_port)
 
     @property
     def services(self) -> BusServices:

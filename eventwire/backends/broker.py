@@ -20,8 +20,9 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Collection, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from msgspec.structs import force_setattr
@@ -75,6 +76,11 @@ PRESENCE_EVERY = 1.0
 PRESENCE_TTL = 5.0
 # How long a look at who is present is reused (drain() polls much faster than beats come).
 _PRESENCE_CACHE = 0.25
+
+
+# What a message's headers say of an envelope to other systems: its body is JSON (FastStream
+# and others decode it by this), and the W3C trace context, when the event has one, is added.
+_JSON_HEADERS: Mapping[str, str] = MappingProxyType({"content-type": "application/json"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,12 @@ class BrokerBackend(Backend):
     async def forget_handled(self, consumer: str) -> None:
         """Forget every id `record_handled` kept for `consumer` (it was deleted)."""
         raise BackendCapabilityError(f"the {self.scheme}:// backend cannot keep handled event ids")
+
+    async def first_to_report(self, message_id: str) -> bool:
+        """Whether this subscription is the first to dead-letter the unreadable message
+        `message_id`, which has no topic and so reached every subscription (a Redis entry
+        without one): the backend claims it once. Other brokers route by topic."""
+        return True
 
     def where_handled_go(self) -> str:
         """What to add to the URL so that handled ids are kept (for error messages)."""
@@ -268,7 +280,9 @@ class BrokerBackend(Backend):
         validate_topic(event.topic)
         # Encoded first: a payload with no JSON form fails here, before anything is sent.
         body = encode(event, max_bytes=self.services.max_event_bytes)
-        return Message(event.id, event.topic, event.key, body)
+        trace = event.trace_context
+        headers = _JSON_HEADERS if not trace else {**_JSON_HEADERS, **trace}
+        return Message(event.id, event.topic, event.key, body, headers)
 
     def send(self, event: Event[Any], cause: Event[Any] | None) -> Awaitable[None]:
         publisher = self._publisher
@@ -326,6 +340,13 @@ class BrokerBackend(Backend):
                     f"group {name!r} already runs with partitions={feeder.spec.partitions or None}"
                     f" in this process, so {subscription.name!r} cannot join it with "
                     f"partitions={subscription.partitions}: give every member the same"
+                )
+            decoder = feeder.members[0].options.decoder if feeder.members else None
+            if feeder.members and decoder != subscription.options.decoder:
+                raise ValueError(
+                    f"group {name!r} already runs with decoder={decoder!r} in this process, "
+                    f"so {subscription.name!r} cannot join it with "
+                    f"decoder={subscription.options.decoder!r}: give every member the same"
                 )
             if feeder.spec.pattern != subscription.pattern:
                 raise ValueError(
@@ -743,22 +764,22 @@ class Feeder:
         skipped: list[Delivery] = []
         admitted: list[tuple[Event[Any], Delivery, Subscription]] = []
         for delivery in deliveries:
-            try:
-                event = decode_envelope(delivery.body)
-            except Exception as error:  # whatever decoding raised: this message alone fails
-                misplaced: Exception | None = error
+            event, decoded = self._decoded(session, delivery)
+            if isinstance(event, Exception):
+                misplaced: Exception | None = event
             else:
                 member = self._member_for(event)
                 if self._wants(member, event):
                     admitted.append((event, delivery, member))
                     continue
-                problem = _misplaced(event, delivery)
+                # Another producer's message, read by the decoder, is simply not for it.
+                problem = None if decoded else _misplaced(event, delivery)
                 misplaced = None if problem is None else EnvelopeError(problem)
             if misplaced is None:
                 # Not for this subscription: another's topic, or a retried dead letter meant
                 # for another subscription.
                 skipped.append(delivery)
-            elif await self._dead_letter_foreign(delivery, misplaced):
+            elif await self._dead_letter_foreign(session, delivery, misplaced):
                 skipped.append(delivery)  # another producer's: never acknowledged untraced
             else:
                 await session.consumer.nak(delivery, 1.0)
@@ -792,14 +813,49 @@ class Feeder:
                 woken.add(id(inbox))
                 inbox.wake_all()
 
-    async def _dead_letter_foreign(self, delivery: Delivery, error: Exception) -> bool:
-        """A message that is not an eventwire envelope: to the DLQ with the reason."""
+    def _decoded(
+        self, session: ConsumerSession, delivery: Delivery
+    ) -> tuple[Event[Any] | Exception, bool]:
+        """The event in `delivery`: its envelope, else what the members' decoder reads in it
+        (another producer's message: True beside it), else why neither could be read."""
+        try:
+            return decode_envelope(delivery.body), False
+        except Exception as error:  # whatever decoding raised: this message alone fails
+            decoder = self.members[0].decoder if self.members else None
+            if decoder is None:
+                return error, False
+            try:
+                event = decoder(session.consumer.foreign(delivery))
+            except Exception as refused:  # the decoder's refusal, whatever it raised
+                return EnvelopeError(
+                    f"not an eventwire envelope ({error}), and the subscription's decoder did "
+                    f"not read it: {type(refused).__name__}: {refused}"
+                ), False
+            if not isinstance(event, Event):
+                return TypeError(
+                    f"the subscription's decoder returned a {type(event).__name__}, not an Event"
+                ), False
+            return event, True
+
+    async def _dead_letter_foreign(
+        self, session: ConsumerSession, delivery: Delivery, error: Exception
+    ) -> bool:
+        """A message that is not an eventwire envelope: to the DLQ with the reason and all
+        it holds, by each subscription its topic reached. One with no topic (a Redis entry
+        without one) reaches every subscription: the first to claim it dead-letters it."""
         member = self.members[0]
+        message = session.consumer.foreign(delivery)
+        if (
+            not delivery.topic
+            and message.message_id is not None
+            and not await self.backend.first_to_report(message.message_id)
+        ):
+            return True  # another subscription dead-lettered it
         member.failed += 1
         member.dead_lettered += 1
         why = str(error) if str(error) else type(error).__name__
         return await self.backend.services.dead_letters.foreign(
-            member, delivery.topic, delivery.body, why
+            member, message.topic, message.body, why, message.headers
         )
 
     # -- finishing (the subscriptions' `Lease`) ------------------------------------------

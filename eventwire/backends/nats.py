@@ -99,6 +99,7 @@ from eventwire.backends.nats_journal import NatsJournal
 from eventwire.backends.partitions import GroupView
 from eventwire.backends.url import BusURL, URLOptions
 from eventwire.errors import EventwireError
+from eventwire.foreign import ForeignMessage
 from eventwire.topics import is_reserved, validate_pattern
 
 logger = logging.getLogger("eventwire")
@@ -249,6 +250,8 @@ class NatsBackend(BrokerBackend):
 
     scheme = "nats"
     tracks_presence = True
+    messaging_system = "nats"
+    default_port = 4222
     capabilities = Capabilities(
         durable=True,
         replay=True,
@@ -633,7 +636,7 @@ class NatsBackend(BrokerBackend):
                         self.prefix + message.topic,
                         message.body,
                         reply=prefix + token,
-                        headers={"Nats-Msg-Id": message.id, "Nats-Expected-Stream": self.stream},
+                        headers=_headers_of(message, self.stream),
                     )
                 except Exception as error:  # refused by the client (too big, closed, ...)
                     acked.set_exception(error)
@@ -1697,6 +1700,15 @@ class _NatsConsumer(Consumer):
         """A delivery whose lease last started here before this time may be lost."""
         return asyncio.get_running_loop().time() - self._spec.ack_wait * _LEASE_SURE
 
+    def foreign(self, delivery: Delivery) -> ForeignMessage:
+        msg: Msg = delivery.handle
+        headers = dict(msg.headers or {})
+        sequence = _numbers(msg.reply)[1]
+        message_id = headers.get("Nats-Msg-Id") or (
+            f"{self._backend.stream}:{sequence}" if sequence else None
+        )
+        return ForeignMessage(delivery.topic, delivery.body, headers, message_id)
+
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         [msg] = self._msgs([delivery])
         payload = b"-NAK"
@@ -1849,6 +1861,15 @@ def _pattern_of(info: NatsConsumerInfo, prefix: str) -> str:
         return pattern
     subject = info.config.filter_subject or f"{prefix}>"
     return subject.removeprefix(prefix)
+
+
+def _headers_of(message: Message, stream: str) -> dict[str, str]:
+    """A message's NATS headers: its id (the server drops a retried copy), the stream it must
+    go to, and what it says to other readers (content type, trace context)."""
+    headers = {"Nats-Msg-Id": message.id, "Nats-Expected-Stream": stream}
+    if message.headers:
+        headers.update(message.headers)
+    return headers
 
 
 def _numbers(reply: str) -> tuple[int, int]:

@@ -34,7 +34,7 @@ that touch several keys stay valid on Redis Cluster:
   oldest first, before reading new ones (`RedisConsumer.take_over`).
 
 Publishing runs one Lua script per up to 1,000 messages, all of a batch in one round trip,
-each message as four arguments of a command packed by hand (`redis_wire.publish_call`); one
+each message as five arguments of a command packed by hand (`redis_wire.publish_call`); one
 message alone is one plain ``XADD``.
 
 New entries come by a plain ``XREADGROUP`` (blocking when there are none, on the events
@@ -133,8 +133,10 @@ from eventwire.backends.redis_wire import (
     publish_call,
     resp,
     stage,
+    trace_fields,
 )
 from eventwire.backends.url import BusURL, URLOptions
+from eventwire.foreign import ForeignMessage
 from eventwire.topics import is_topic, pattern_matches, validate_pattern
 
 logger = logging.getLogger("eventwire")
@@ -144,6 +146,9 @@ T = TypeVar("T")
 DEFAULT_DEDUP_WINDOW = 0
 # The ``?option=`` settings a redis:// URL takes (besides ``namespace``).
 OPTIONS = ("dedup_window", "maxlen", "min_replicas", "replica_wait")
+# Starts the body of a foreign entry, whose fields follow packed (`pack_fields`): an envelope
+# starts with "{".
+FIELDS_MARKER = b"\x00eventwire-fields\x00"
 _HANDLED_KEPT_MS = int(HANDLED_KEPT * 1000)
 # Messages per publish script call (and bytes, past which a call takes no further message).
 _PUBLISH_CHUNK = 1000
@@ -236,13 +241,15 @@ def _publish_chunks(messages: Sequence[Message]) -> list[Sequence[Message]]:
 
 
 def _topic_body(fields: list[bytes] | None) -> tuple[bytes | None, bytes]:
-    """The first ``topic`` and ``body`` fields of a raw stream entry (a foreign producer's may
-    lack either, or have others)."""
+    """The first ``topic`` field of a raw stream entry, and its body: the ``body`` field of
+    an entry eventwire wrote (``id``, ``topic``, [``key``,] ``body``[, trace fields]), else
+    every field packed (`pack_fields`): a foreign producer's entry may lack either field, or
+    have others, and all of it goes to the decoder or the dead letter."""
     if not fields:
-        return None, b""
+        return None, pack_fields([])
     size = len(fields)
     # Those eventwire writes: id, topic, (key,) body.
-    if fields[0] == b"id" and fields[2] == b"topic":
+    if size > 2 and fields[0] == b"id" and fields[2] == b"topic":
         if size == 6 and fields[4] == b"body":
             return fields[3], fields[5]
         if size == 8 and fields[4] == b"key" and fields[6] == b"body":
@@ -256,7 +263,90 @@ def _topic_body(fields: list[bytes] | None) -> tuple[bytes | None, bytes]:
                 topic = fields[i + 1]
         elif name == b"body" and body is None:
             body = fields[i + 1]
-    return topic, b"" if body is None else body
+    if body is None or fields[0] != b"id":
+        if topic is None:
+            topic = _faststream_topic(fields)
+        return topic, pack_fields(fields)
+    return topic, body
+
+
+def _faststream_topic(fields: list[bytes]) -> bytes | None:
+    """The ``topic`` header of a FastStream message among an entry's fields, if any."""
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == b"__data__":
+            framed = _faststream_message(fields[i + 1])
+            topic = framed[0].get("topic") if framed else None
+            return topic.encode() if topic else None
+    return None
+
+
+def pack_fields(fields: Sequence[bytes]) -> bytes:
+    """A foreign entry's fields as one body: `FIELDS_MARKER`, then each name and value with
+    its length (what the fetch script packs too)."""
+    parts = [FIELDS_MARKER]
+    for item in fields:
+        parts.append(struct.pack(">I", len(item)) + item)
+    return b"".join(parts)
+
+
+def unpack_fields(body: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The (name, value) fields `pack_fields` packed into `body`, or None if it did not."""
+    if not body.startswith(FIELDS_MARKER):
+        return None
+    items, at = [], len(FIELDS_MARKER)
+    while at + 4 <= len(body):
+        (size,) = struct.unpack_from(">I", body, at)
+        items.append(body[at + 4 : at + 4 + size])
+        at += 4 + size
+    return list(zip(items[::2], items[1::2], strict=False))
+
+
+def foreign_entry(topic: str, body: bytes, entry_id: str) -> ForeignMessage:
+    """What a foreign producer wrote in a stream entry: its ``body`` field (else ``data``)
+    as the body, every other field as a header, the entry id as its id. A FastStream message
+    (one ``__data__`` field in FastStream's binary format) gives its own headers and body. A
+    stream has no subject: without a ``topic`` field, a ``topic`` header names the topic."""
+    fields = unpack_fields(body)
+    if fields is None:
+        return ForeignMessage(topic, body, {}, entry_id)
+    headers: dict[str, Any] = {}
+    content = None
+    for name, value in fields:
+        key = name.decode("utf-8", "replace")
+        framed = _faststream_message(value) if key == "__data__" else None
+        if framed is not None:
+            headers.update(framed[0])
+            content = framed[1]
+        elif key == "body" or (key == "data" and content is None):
+            content = value
+        elif key != "topic":
+            headers.setdefault(key, value.decode("utf-8", "replace"))
+    message_id = headers.get("message_id") or entry_id
+    return ForeignMessage(topic or headers.get("topic", ""), content or b"", headers, message_id)
+
+
+_FASTSTREAM_MAGIC = b"\x89BIN\r\n\x1a\n"
+
+
+def _faststream_message(data: bytes) -> tuple[dict[str, str], bytes] | None:
+    """FastStream's binary message format (its default on Redis), or None if `data` is not
+    in it: a magic number, version 1, where the headers and the body start (big-endian),
+    then the headers as length-prefixed names and values."""
+    if not data.startswith(_FASTSTREAM_MAGIC):
+        return None
+    try:
+        version, headers_at, body_at = struct.unpack_from(">HII", data, len(_FASTSTREAM_MAGIC))
+        (count,) = struct.unpack_from(">H", data, headers_at)
+        at, texts = headers_at + 2, []
+        for _ in range(2 * count):
+            (size,) = struct.unpack_from(">H", data, at)
+            texts.append(data[at + 2 : at + 2 + size].decode("utf-8", "replace"))
+            at += 2 + size
+    except struct.error:
+        return None
+    if version != 1 or body_at > len(data):
+        return None
+    return dict(zip(texts[::2], texts[1::2], strict=True)), data[body_at:]
 
 
 def _unpack_deliveries(records: list[bytes], redelivered: int) -> list[Delivery]:
@@ -307,6 +397,8 @@ class RedisBackend(BrokerBackend):
 
     scheme = "redis"
     tracks_presence = True
+    messaging_system = "redis"
+    default_port = 6379
     capabilities = Capabilities(
         # Stored by Redis before publish returns; surviving a Redis restart is the server's
         # persistence setting (AOF, see the module docstring).
@@ -526,23 +618,18 @@ class RedisBackend(BrokerBackend):
             raise RuntimeError(f"the redis backend for {self.url.redacted} is not connected")
         if len(messages) == 1 and not self._dedup_window and not self._maxlen:
             m = messages[0]
-            if m.key is None:
+            trace = trace_fields(m)
+            if m.key is None and trace is None:
                 stream_bulk = self._stream_bulk if stream == self.stream else bulk(stream)
                 payload = XADD % (stream_bulk, bulk(m.id), bulk(m.topic), bulk(m.body))
             else:
-                payload = resp(
-                    "XADD",
-                    stream,
-                    "*",
-                    "id",
-                    m.id,
-                    "topic",
-                    m.topic,
-                    "key",
-                    m.key,
-                    "body",
-                    m.body,
-                )
+                fields: list[str | bytes] = ["id", m.id, "topic", m.topic]
+                if m.key is not None:
+                    fields += ["key", m.key]
+                fields += ["body", m.body]
+                for name, value in zip(("traceparent", "tracestate"), trace or (), strict=False):
+                    fields += [name, value]
+                payload = resp("XADD", stream, "*", *fields)
             replies = await link.call(
                 payload + self._wait_call, 1 + bool(self._wait_call), wait=self._waiting()
             )
@@ -758,6 +845,16 @@ class RedisBackend(BrokerBackend):
                 if gone:
                     await command(client, "HDEL", self.processes_key, *gone)
         return found
+
+    async def first_to_report(self, message_id: str) -> bool:
+        # A foreign entry without a topic reaches every subscription of the stream: the first
+        # to claim it dead-letters it (the claim lasts as long as handled ids are kept).
+        key = self.key("reported", message_id)
+        claimed = await self.retrying(
+            lambda: command(self.client, "SET", key, "1", "NX", "PX", _HANDLED_KEPT_MS),
+            asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
+        )
+        return bool(claimed)
 
     async def record_handled(self, consumer: str, event_ids: Sequence[str]) -> None:
         key = self.key("handled", safe_name(consumer))
@@ -1561,6 +1658,9 @@ class RedisConsumer(Consumer):
                 await pipe.reset()
 
         await backend.retrying(send, self._deadline())
+
+    def foreign(self, delivery: Delivery) -> ForeignMessage:
+        return foreign_entry(delivery.topic, delivery.body, str(delivery.handle))
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         backend = self.backend

@@ -42,11 +42,37 @@ local function matches(pattern, topic)
   return #p == #t
 end
 
+-- The `topic` header of a FastStream message (its binary format: magic, version, where the
+-- headers start, then length-prefixed names and values), or nil.
+local function faststream_topic(data)
+  if string.sub(data, 1, 8) ~= '\137BIN\r\n\26\n' then return nil end
+  local ok, found = pcall(function()
+    local _, at = struct.unpack('>H', data, 9)
+    local headers_at = struct.unpack('>I4', data, at)
+    local count, pos = struct.unpack('>H', data, headers_at + 1)
+    for _ = 1, count do
+      local size, name, value
+      size, pos = struct.unpack('>H', data, pos)
+      name, pos = string.sub(data, pos, pos + size - 1), pos + size
+      size, pos = struct.unpack('>H', data, pos)
+      value, pos = string.sub(data, pos, pos + size - 1), pos + size
+      if name == 'topic' then return value end
+    end
+    return nil
+  end)
+  if ok then return found end
+  return nil
+end
+
+-- An entry's topic: its `topic` field, else the `topic` header of a FastStream message.
 local function topic_of(fields)
   if not fields then return nil end
-  for i = 1, #fields, 2 do
+  local framed = nil
+  for i = 1, #fields - 1, 2 do
     if fields[i] == 'topic' then return fields[i + 1] end
+    if fields[i] == '__data__' then framed = fields[i + 1] end
   end
+  if framed then return faststream_topic(framed) end
   return nil
 end
 
@@ -66,18 +92,19 @@ end
 """
 
 # KEYS: stream, then with deduplication one marker key per message. ARGV: maxlen (0: none),
-# dedup window in s (0: off), then four per message: event id, topic, key ('' for none, else
-# '=' and the key) and body, each its own argument: Redis reads them natively, with no
-# unpacking in Lua.
+# dedup window in s (0: off), then five per message: event id, topic, key ('' for none, else
+# '=' and the key), body and trace context ('' for none, else the traceparent, with a line
+# feed and the tracestate after it if there is one), each its own argument: Redis reads them
+# natively, with no unpacking in Lua.
 # Returns how many were stored (not duplicates).
 PUBLISH = r"""
 local stream, maxlen, window = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 local m, stored = 1, 0
-for a = 3, #ARGV, 4 do
-  local id, topic, key, body = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+for a = 3, #ARGV, 5 do
+  local id, topic, key, body, trace = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   m = m + 1
   if window == 0 or redis.call('SET', KEYS[m], '1', 'NX', 'EX', window) then
-    if key == '' then
+    if key == '' and trace == '' then
       if maxlen > 0 then
         redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'id', id, 'topic', topic,
           'body', body)
@@ -85,13 +112,25 @@ for a = 3, #ARGV, 4 do
         redis.call('XADD', stream, '*', 'id', id, 'topic', topic, 'body', body)
       end
     else
-      key = string.sub(key, 2)
+      local args = {stream}
       if maxlen > 0 then
-        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'id', id, 'topic', topic,
-          'key', key, 'body', body)
-      else
-        redis.call('XADD', stream, '*', 'id', id, 'topic', topic, 'key', key, 'body', body)
+        args[2], args[3], args[4] = 'MAXLEN', '~', maxlen
       end
+      for _, v in ipairs({'*', 'id', id, 'topic', topic}) do args[#args + 1] = v end
+      if key ~= '' then
+        args[#args + 1], args[#args + 2] = 'key', string.sub(key, 2)
+      end
+      args[#args + 1], args[#args + 2] = 'body', body
+      if trace ~= '' then
+        local cut = string.find(trace, '\n', 1, true)
+        if cut then
+          args[#args + 1], args[#args + 2] = 'traceparent', string.sub(trace, 1, cut - 1)
+          args[#args + 1], args[#args + 2] = 'tracestate', string.sub(trace, cut + 1)
+        else
+          args[#args + 1], args[#args + 2] = 'traceparent', trace
+        end
+      end
+      redis.call('XADD', unpack(args))
     end
     stored = stored + 1
   end
@@ -166,7 +205,9 @@ local cursor, budget = ARGV[7], tonumber(ARGV[8])
 local now = now_ms()
 local parts, count = {}, 0
 
--- The first `topic` and `body` fields of an entry (foreign entries may lack either).
+-- The first `topic` field of an entry, and its body: the `body` field of one eventwire wrote
+-- (`id` first), else every field packed after a marker (redis.pack_fields): all of another
+-- producer's entry goes to the decoder or the dead letter.
 local function topic_body(fields)
   local topic, body = nil, nil
   if fields then
@@ -178,6 +219,14 @@ local function topic_body(fields)
         if not body then body = fields[i + 1] end
       end
     end
+  end
+  if not body or not fields or fields[1] ~= 'id' then
+    topic = topic or topic_of(fields)
+    local packed = {'\0eventwire-fields\0'}
+    for i = 1, #(fields or {}) do
+      packed[i + 1] = struct.pack('>I4', #fields[i]) .. fields[i]
+    end
+    body = table.concat(packed)
   end
   return topic, body
 end

@@ -94,8 +94,8 @@ XADD = b"*9\r\n$4\r\nXADD\r\n%s$1\r\n*\r\n$2\r\nid\r\n%s$5\r\ntopic\r\n%s$4\r\nb
 def publish_call(
     sha: str, keys: Sequence[str], head: Sequence[int], messages: Sequence[Message]
 ) -> bytes:
-    """One EVALSHA of the publish script for `messages`, in RESP: four arguments each."""
-    parts = [b"*%d\r\n" % (3 + len(keys) + len(head) + 4 * len(messages)), bulk("EVALSHA")]
+    """One EVALSHA of the publish script for `messages`, in RESP: five arguments each."""
+    parts = [b"*%d\r\n" % (3 + len(keys) + len(head) + 5 * len(messages)), bulk("EVALSHA")]
     parts += (bulk(sha), bulk(len(keys)))
     parts += [bulk(key) for key in keys]
     parts += [bulk(value) for value in head]
@@ -104,11 +104,32 @@ def publish_call(
         event_id = m.id.encode()
         topic = m.topic.encode()
         key = none if m.key is None else bulk(b"=" + m.key.encode())
+        trace = trace_fields(m)
         parts.append(
-            b"$%d\r\n%s\r\n$%d\r\n%s\r\n%s$%d\r\n%s\r\n"
-            % (len(event_id), event_id, len(topic), topic, key, len(m.body), m.body)
+            b"$%d\r\n%s\r\n$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s"
+            % (
+                len(event_id),
+                event_id,
+                len(topic),
+                topic,
+                key,
+                len(m.body),
+                m.body,
+                none if trace is None else bulk("\n".join(trace)),
+            )
         )
     return b"".join(parts)
+
+
+def trace_fields(message: Message) -> tuple[str] | tuple[str, str] | None:
+    """The W3C trace context a message's entry carries in fields of its own (traceparent,
+    then tracestate if any), for other systems to read; None without one."""
+    headers = message.headers
+    parent = headers.get("traceparent") if headers else None
+    if not parent or headers is None:
+        return None
+    state = headers.get("tracestate")
+    return (parent, state) if state else (parent,)
 
 
 class Link:

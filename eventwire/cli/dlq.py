@@ -202,6 +202,8 @@ def show(
         typer.echo(_json(data["event"], indent=2))
     else:
         out.print("message (not an eventwire envelope):", markup=False)
+        for name, value in (letter.headers or {}).items():
+            out.print(f"  {name}: {value}", markup=False)
         typer.echo(letter.body if letter.body is not None else f"base64: {letter.body_base64}")
 
 

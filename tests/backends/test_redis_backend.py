@@ -356,12 +356,17 @@ async def test_foreign_malformed_entries_are_delivered(backend: RedisBackend, ra
     await raw.xadd(backend.stream, {"topic": "other.x", "body": b"for nobody here"})
     await backend.publish(messages(("ok", "orders.new")))
     got = await fetch_all(consumer, 4)
-    assert [(d.topic, d.body) for d in got] == [
-        ("", b""),
-        ("\ufffd\ufffd bad", b"\x00garbage"),
-        ("orders.x", b"not an envelope"),
-        ("orders.new", b"ok"),
+    # As the producer wrote them: a foreign entry's fields all come (the body to a decoder or
+    # a dead letter, the other fields as headers), with its entry id as the message id.
+    wrote = [consumer.foreign(d) for d in got]
+    assert [(m.topic, m.body, dict(m.headers)) for m in wrote] == [
+        ("", b"", {"junk": "\ufffd\x00"}),
+        ("\ufffd\ufffd bad", b"\x00garbage", {}),
+        ("orders.x", b"not an envelope", {}),
+        ("orders.new", b"ok", {}),
     ]
+    assert [m.message_id for m in wrote] == [d.handle for d in got]
+    assert got[3].body == b"ok"  # eventwire's own entry: its body alone
     await consumer.ack(got)
     assert await consumer.fetch(5, 0.1) == []
 
