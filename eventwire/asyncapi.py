@@ -1,17 +1,22 @@
 """An AsyncAPI 3.0.0 document of an eventwire app, built from its buses.
 
 - **channels**: one per topic the app publishes or subscribes to exactly, and one per wildcard
-  subscription pattern. A wildcard's address names its tokens as parameters:
-  ``research.*`` is ``research.{p1}``, ``audit.>`` is ``audit.{rest}`` (``rest`` stands for one
-  or more dot-separated tokens). Dead letters are one ``_dlq.>`` channel.
+  subscription pattern, at the address the broker of the app's buses uses
+  (`eventwire.asyncapi_wire`): the NATS subject ``<ns>.<topic>``, the AMQP routing key on the
+  namespace's topic exchange (an ``amqp`` channel binding), the Redis stream ``{<ns>}:events``
+  (the topic is the entry's ``topic`` field: ``x-eventwire-redis``), else the topic. A
+  wildcard's address names its tokens as parameters: ``research.*`` is ``research.{p1}``,
+  ``audit.>`` is ``audit.{rest}`` (``rest`` stands for one or more dot-separated tokens). Dead
+  letters are one ``_dlq.>`` channel.
 - **operations**: ``receive`` for each subscription (``x-eventwire-subscription`` holds its
   name, pattern, group and agent), ``send`` for each topic a subscription or agent publishes,
-  declared (``publishes=[...]``) or learnt at run time (``x-eventwire-learnt``).
+  declared (``publishes=[...]``) or learnt at run time (``x-eventwire-learnt``); on RabbitMQ a
+  send binding says messages are persistent.
 - **components.messages**: one per payload type of a typed handler (``Event[Model]``), with its
   JSON Schema (pydantic) in ``components.schemas``; ``AnyEvent`` (payload ``{}``) where no
-  handler says. Every message has the ``eventwireEnvelope`` trait: the envelope's other fields
-  (id, correlation_id, source, ...) as its headers. On the wire the message is one JSON
-  envelope whose ``payload`` field holds the payload (``x-eventwire-envelope`` says so).
+  handler says. A message's payload schema is the whole body, the JSON envelope, whose
+  ``payload`` field holds the event's payload; the ``eventwireHeaders`` trait says what travels
+  beside it (NATS or AMQP headers, a Redis entry's other fields).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from eventwire.asyncapi_wire import Wire
 from eventwire.topology import DEAD_LETTERS, Node, Topology
 
 if TYPE_CHECKING:
@@ -30,11 +36,12 @@ if TYPE_CHECKING:
 
 ASYNCAPI_VERSION = "3.0.0"
 ANY_MESSAGE = "AnyEvent"
-ENVELOPE_TRAIT = "eventwireEnvelope"
+ENVELOPE_TRAIT = "eventwireHeaders"
 
 _NULLABLE_STRING: dict[str, Any] = {"type": ["string", "null"]}
-# The envelope fields besides `payload` (docs/wire-format.md), as message headers.
-ENVELOPE_HEADERS: dict[str, Any] = {
+# The envelope (docs/wire-format.md): every message's body; a message's schema adds its
+# `payload` field.
+ENVELOPE: dict[str, Any] = {
     "type": "object",
     "required": ["v", "id", "topic", "time"],
     "properties": {
@@ -97,7 +104,8 @@ def _address(pattern: str) -> tuple[str, dict[str, Any]]:
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
         self.channels: dict[str, dict[str, Any]] = {}
         self.messages: dict[str, dict[str, Any]] = {}
         self.schemas: dict[str, Any] = {}
@@ -113,12 +121,19 @@ class _Builder:
             channel_id += "_"
         if channel_id not in self.channels:
             address, parameters = _address(pattern)
-            channel: dict[str, Any] = {"address": address, "messages": {}}
-            if parameters:
+            wire = self.wire
+            channel: dict[str, Any] = {"address": wire.address(address), "messages": {}}
+            if parameters and wire.keeps_parameters:
                 channel["parameters"] = parameters
             if description:
                 channel["description"] = description
+            bindings = wire.channel_bindings(pattern)
+            if bindings:
+                channel["bindings"] = bindings
             channel["x-eventwire-topic"] = pattern
+            extension = wire.channel_extension(pattern)
+            if extension:
+                channel[f"x-eventwire-{wire.scheme}"] = extension
             self.channels[channel_id] = channel
         return channel_id
 
@@ -145,7 +160,11 @@ class _Builder:
         message: dict[str, Any] = {
             "name": name,
             "contentType": "application/json",
-            "payload": payload,
+            # The body is the envelope; the event's payload is its `payload` field.
+            "payload": {
+                **ENVELOPE,
+                "properties": {**ENVELOPE["properties"], "payload": payload},
+            },
             "traits": [{"$ref": f"#/components/messageTraits/{ENVELOPE_TRAIT}"}],
         }
         if summary:
@@ -227,7 +246,7 @@ def build_document(
     subscriptions: dict[str, Subscription] = {}
     for bus in buses:
         subscriptions.update(bus.subscriptions)
-    builder = _Builder()
+    builder = _Builder(Wire(list(buses)))
     _add_topic_channels(builder, shown, subscriptions)
     _add_receive_operations(builder, shown, subscriptions)
     _add_send_operations(builder, shown)
@@ -306,17 +325,22 @@ def _add_send_operations(builder: _Builder, shown: Topology) -> None:
         agent = publisher.name if publisher.kind == "agent" else publisher.agent
         if agent:
             who["agent"] = agent
-        builder.operation(
-            f"{publisher.name}.publishes.{channel_id}",
+        operation: dict[str, Any] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{_pointer(channel_id)}"},
+            "messages": builder.references(channel_id),
+        }
+        bindings = builder.wire.send_bindings()
+        if bindings:
+            operation["bindings"] = bindings
+        operation.update(
             {
-                "action": "send",
-                "channel": {"$ref": f"#/channels/{_pointer(channel_id)}"},
-                "messages": builder.references(channel_id),
                 "x-eventwire-publisher": who,
                 "x-eventwire-declared": edge.declared,
                 "x-eventwire-learnt": edge.learnt,
-            },
+            }
         )
+        builder.operation(f"{publisher.name}.publishes.{channel_id}", operation)
 
 
 def _document(
@@ -348,10 +372,11 @@ def _document(
             "messages": builder.messages,
             "messageTraits": {
                 ENVELOPE_TRAIT: {
-                    "headers": ENVELOPE_HEADERS,
+                    "headers": builder.wire.headers(),
+                    "description": "Beside the body: " + builder.wire.headers_description(),
                     "correlationId": {
                         "description": "Every event a chain sets off shares it.",
-                        "location": "$message.header#/correlation_id",
+                        "location": "$message.payload#/correlation_id",
                     },
                 }
             },
@@ -360,8 +385,8 @@ def _document(
     document["x-eventwire-envelope"] = {
         "version": 1,
         "payloadField": "payload",
-        "description": "Each message travels as one JSON envelope: the message payload is its "
-        "`payload` field, the eventwireEnvelope headers are its other fields.",
+        "description": "Each message body is one JSON envelope (the message payload schema): "
+        "the event's payload is its `payload` field (docs/wire-format.md).",
     }
     return document
 

@@ -103,7 +103,10 @@ def test_document_of_the_declared_app_is_valid_with_typed_payloads(app: ModuleTy
     assert set(schemas["UserQuery"]["required"]) == {"user_id", "text"}
     assert schemas["Research"]["properties"].keys() == {"query", "summary"}  # a dataclass
     messages = document["components"]["messages"]
-    assert messages["UserQuery"]["payload"] == {"$ref": "#/components/schemas/UserQuery"}
+    # The body is the envelope; the event's payload is its `payload` field.
+    body = messages["UserQuery"]["payload"]
+    assert body["properties"]["payload"] == {"$ref": "#/components/schemas/UserQuery"}
+    assert {"v", "id", "topic", "time"} <= set(body["required"])
 
     channels = document["channels"]
     assert channels["user.query"]["address"] == "user.query"
@@ -134,10 +137,9 @@ def test_document_of_the_declared_app_is_valid_with_typed_payloads(app: ModuleTy
     assert send["action"] == "send"
     assert (send["x-eventwire-declared"], send["x-eventwire-learnt"]) == (True, False)
     assert operations["main.publishes.user.query"]["x-eventwire-publisher"] == {"agent": "main"}
-    trait = document["components"]["messageTraits"]["eventwireEnvelope"]
-    assert {"id", "correlation_id", "causation_id", "source"} <= trait["headers"][
-        "properties"
-    ].keys()
+    assert {"id", "correlation_id", "causation_id", "source"} <= body["properties"].keys()
+    trait = document["components"]["messageTraits"]["eventwireHeaders"]
+    assert trait["correlationId"]["location"] == "$message.payload#/correlation_id"
 
 
 async def test_learnt_publishes_become_send_operations(app: ModuleType) -> None:
@@ -167,7 +169,7 @@ def test_an_app_with_no_types_and_a_broker_url_is_valid(tmp_path: Path) -> None:
     check(document)
     assert document["channels"]["orders._rest"]["address"] == "orders.{rest}"
     assert document["servers"]["sqlite-1"]["protocol"] == "sqlite"
-    assert document["components"]["messages"]["AnyEvent"]["payload"] == {}
+    assert document["components"]["messages"]["AnyEvent"]["payload"]["properties"]["payload"] == {}
     assert yaml.safe_load(dump(document, "yaml")) == document
 
 
