@@ -102,7 +102,9 @@ class NatsCluster:
         """Ask the cluster (through any live node) until `answer` is truthy; errors while the
         cluster elects leaders count as no answer yet."""
         servers = [node.url for node in self.nodes.values() if node.process is not None]
-        nc = await nats.connect(servers=servers, connect_timeout=2, max_reconnect_attempts=-1)
+        nc = await nats.connect(
+            servers=servers, connect_timeout=2, max_reconnect_attempts=-1, error_cb=_quiet
+        )
         try:
             js = nc.jetstream(timeout=2.0)
             async with asyncio.timeout(timeout):
@@ -244,7 +246,9 @@ async def _publish_plainly(
 ) -> None:
     """Publish with plain nats-py, trying again at once after a 0.25 s timeout, until `stop`."""
     servers = [node.url for node in cluster.nodes.values()]
-    nc = await nats.connect(servers=servers, max_reconnect_attempts=-1)
+    nc = await nats.connect(
+        servers=servers, max_reconnect_attempts=-1, error_cb=_quiet, reconnect_time_wait=0.1
+    )
     js = nc.jetstream(timeout=0.25)
     try:
         while not stop.is_set():
@@ -254,6 +258,10 @@ async def _publish_plainly(
             await asyncio.sleep(1 / rate)
     finally:
         await nc.close()
+
+
+async def _quiet(error: Exception) -> None:
+    """A plain client's connection errors while nodes die: expected, not printed."""
 
 
 def _connected_port(backend: NatsBackend) -> int:
