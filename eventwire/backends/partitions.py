@@ -62,12 +62,13 @@ PARTITION_PREFIX = "_p."
 # without one: a dead process's slots move after about this long.
 TICK = 0.5
 LEASE_TTL = 5.0
-# While the group changes (a process came or went, slots moved), looks come every
-# `_QUICK_TICK` seconds for `_QUICK_FOR` seconds after the last change: a slot dealt to
-# another process is let go, and taken by it, a few hundredths of a second after the change
-# rather than up to a tick later each, unconsumed meanwhile (processes starting together
-# join one after the other: each join is a change). A slot whose handlers run long makes no
-# more looks than that.
+# While slots are dealt to this process that another still holds, looks come every
+# `_QUICK_TICK` seconds, for at most `_QUICK_FOR` seconds since the group last changed: a
+# slot is taken a few hundredths of a second after it is let go rather than up to a tick
+# later, unconsumed meanwhile; a slot whose handlers run long makes no more looks than that.
+# Only then: on RabbitMQ, where the broker hands slots over (every slot wanted is held), a
+# look is a beat every member hears, and beats 20 times a second made the members' channels
+# slow to close.
 _QUICK_TICK = 0.05
 _QUICK_FOR = 1.0
 # Deliveries one slot fetches ahead of the handlers.
@@ -293,10 +294,20 @@ class PartitionedConsumer(Consumer):
                     for slot in self._slots.values():
                         if slot.state != _IDLE:
                             await self._deactivate(slot)
-            quick = time.monotonic() - self._changed_at < _QUICK_FOR
+            quick = self._awaiting() and time.monotonic() - self._changed_at < _QUICK_FOR
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_QUICK_TICK if quick else TICK):
                     await self._wake.wait()
+
+    def _awaiting(self) -> bool:
+        """Whether slots are dealt to this process that another still holds."""
+        if self._view is None or not self._fetching:
+            return False
+        dealt = assign(self._order, self._view.members)
+        return any(
+            owner == self.process and self._slots[name].state == _IDLE
+            for name, owner in dealt.items()
+        )
 
     def _wanted(self) -> set[str]:
         held = {name for name, slot in self._slots.items() if slot.state != _IDLE}
@@ -391,10 +402,10 @@ class PartitionedConsumer(Consumer):
         slot.state = _IDLE
         pump, slot.pump = slot.pump, None
         if pump is not None and slot.fetching:
-            # A partition's pump waits in a fetch (for up to a second): cut short, what it
-            # took meanwhile stays with the consumer, whose close gives it back. The router
-            # is never interrupted: between copying and acknowledging, its batch would be
-            # copied twice.
+            # It waits in a fetch (for up to a second): cut short, what it took meanwhile
+            # stays with the consumer, whose close gives it back. The router is never
+            # interrupted once it copies: between copying and acknowledging, its batch would
+            # be copied twice.
             pump.cancel()
         if pump is not None:
             # What its last fetch brought after draining began stays with the consumer,
@@ -505,7 +516,11 @@ class PartitionedConsumer(Consumer):
         backoff = retry_backoff()
         while slot.state == _ACTIVE and self._fetching:
             try:
-                deliveries = await consumer.fetch(_ROUTE_BATCH, 1.0)
+                slot.fetching = True
+                try:
+                    deliveries = await consumer.fetch(_ROUTE_BATCH, 1.0)
+                finally:
+                    slot.fetching = False
                 if deliveries:
                     await self._copy(slot, consumer, deliveries)
             except asyncio.CancelledError:
