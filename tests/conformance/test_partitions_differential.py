@@ -1,7 +1,4 @@
-"""NOT COLLECTED YET (no test_ prefix): its first run failed on the brokers and was not looked
-into; rename to test_partitions_differential.py once it passes.
-
-Differential test of ``partitions=``: the same random program (rounds of keyed and unkeyed
+"""Differential test of ``partitions=``: the same random program (rounds of keyed and unkeyed
 events, processes joining and leaving the pool between them) runs on memory and on each
 durable backend, and what each key's subscription saw is compared. On memory one process
 handles everything; on a broker the work moves between processes as they come and go, and must
