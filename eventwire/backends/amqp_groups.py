@@ -11,6 +11,7 @@ it goes with the member's connection). A member not heard for a lease's length i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -20,6 +21,9 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from eventwire.backends.base import safe_name
+
+# How long leaving waits for the broker to confirm the group channel closed.
+_CLOSE_TIMEOUT = 2.0
 
 
 class GroupWatch:
@@ -80,5 +84,8 @@ class GroupWatch:
         channel, self._channel = self._channel, None
         self._exchange = None
         if channel is not None and not channel.is_closed:
+            # Bounded: aiormq may wait 30 s, twice, for a CloseOk that a busy broker is slow
+            # to send, and a leaving member's next publish would wait behind it.
             with contextlib.suppress(Exception):
-                await channel.close()
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await channel.close()

@@ -53,6 +53,7 @@ from eventwire.backends.base import (
     retry_backoff,
 )
 from eventwire.backends.url import BusURL
+from eventwire.foreign import ForeignMessage
 
 logger = logging.getLogger("eventwire")
 
@@ -645,6 +646,12 @@ class PartitionedConsumer(Consumer):
         for slot, ids in self._ids_by_slot(event_ids):
             found |= await self.backend.seen_handled(slot.spec.name, ids)
         return found
+
+    def foreign(self, delivery: Delivery) -> ForeignMessage:
+        # Another producer's message has no key: the router hands it over as it came, and
+        # the consumer that fetched it knows its headers.
+        handle: _Handle = delivery.handle
+        return handle.consumer.foreign(handle.inner)
 
     async def nak(self, delivery: Delivery, delay: float = 0.0) -> None:
         handle: _Handle = delivery.handle

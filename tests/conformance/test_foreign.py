@@ -156,3 +156,23 @@ async def test_a_redis_entry_every_subscription_gets_is_dead_lettered_once(
     assert len(letters) == 2, "the entry was dead-lettered once, by whichever came first"
     assert letters[0].topic == "_dlq._malformed"
     assert letters[0].payload["headers"] == {"__data__": "\x00\x01 binary", "legacy": "yes"}
+
+
+@BROKERS
+async def test_a_partitioned_subscription_reads_other_producers_messages(
+    backend_name: str, bus_url: str
+) -> None:
+    handled: list[Event[Order]] = []
+    bus = EventBus(bus_url)
+
+    @bus.subscribe("orders.*", name="pool", group="pool", partitions=4, decoder="json")
+    async def orders(event: Event[Order]) -> None:
+        handled.append(event)
+
+    async with bus, producer(backend_name, bus_url) as foreign:
+        await foreign.raw("orders.created", b'{"text": "no key", "n": 1}', {"x-from": "raw"})
+        await bus.publish("orders.created", Order(text="keyed", n=2), key="k")
+        await wait_until(lambda: len(handled) == 2, 30)
+    by_n = {event.payload.n: event for event in handled}
+    assert by_n[1].metadata["headers"]["x-from"] == "raw"  # the headers came through the router
+    assert by_n[2].key == "k"
