@@ -43,9 +43,7 @@ async def one_run(victim: Victim) -> OutageReport:
 
 
 def row(what: str, stalls: list[float]) -> str:
-    return (
-        f"| {what} | {statistics.median(stalls):.2f} | {min(stalls):.2f} | {max(stalls):.2f} |"
-    )
+    return f"| {what} | {statistics.median(stalls):.2f} | {min(stalls):.2f} | {max(stalls):.2f} |"
 
 
 async def main() -> None:
