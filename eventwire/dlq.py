@@ -604,13 +604,21 @@ class _Reader:
             if not deliveries:
                 return []
             page = []
+            elsewhere = []
             for delivery in deliveries:
                 self.session.hold(delivery, delivery)
+                if not delivery.topic.startswith(DLQ_PREFIX):
+                    # Not a letter: a Redis entry without a topic reaches every consumer of
+                    # the stream, this one too (the subscriptions dead-letter it).
+                    elsewhere.append(delivery)
+                    continue
                 letter = parse(delivery)
                 if letter.id in self._seen:
                     continue  # delivered to us again (a lease lapsed): already read
                 self._seen.add(letter.id)
                 page.append((delivery, letter))
+            if elsewhere:
+                await self.session.ack(elsewhere)
             if page:
                 self.read += len(page)
                 self._report()

@@ -25,6 +25,7 @@ message no decoder takes is dead-lettered with every reason.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -168,6 +169,11 @@ def _one(item: Any) -> Decoder:
         if found is None:
             raise ValueError(f"unknown decoder {item!r}: decoder= takes {_FORMS}")
         return found
+    if inspect.iscoroutinefunction(item):
+        raise TypeError(
+            f"decoder {item.__qualname__} is async: a decoder is a plain function (it only "
+            "turns bytes into an Event; do the async work in the handler)"
+        )
     if callable(item):
         return item  # type: ignore[no-any-return]
     raise TypeError(f"decoder= takes {_FORMS}, got {item!r} in the list")

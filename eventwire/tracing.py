@@ -90,8 +90,10 @@ class Tracing(Observer):
 
     def attached(self, transport: Transport) -> None:
         if self._transport is not None and self._transport != transport:
-            # Observing buses on different brokers: no one address is right for every span.
-            transport = Transport()
+            # Observing buses on different brokers: no one address is right for every span
+            # (nor one broker, unless they are all of one kind).
+            same = self._transport.system == transport.system
+            transport = Transport(transport.system if same else "eventwire")
         self._transport = transport
         where: dict[str, Any] = {"messaging.system": transport.system}
         if transport.address is not None:

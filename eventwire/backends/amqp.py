@@ -161,7 +161,23 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
 )
 _TOPIC_HEADER = "eventwire-topic"
 _ATTEMPT_HEADER = "eventwire-attempt"
+# Headers RabbitMQ itself adds to a delivery, which change from one delivery to the next
+# (a producer's own may start with "x-" too: those are kept).
+_BROKER_HEADERS = frozenset(
+    {
+        "x-delivery-count",
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        "x-stream-offset",
+    }
+)
 _DELAY_HEADER = "eventwire-delay"
+_OWN_HEADERS = frozenset({_TOPIC_HEADER, _ATTEMPT_HEADER, _DELAY_HEADER})
 _MAX_DELAY_MS = 24 * 24 * 3600 * 1000  # fits the 32-bit TTL RabbitMQ accepts
 # RabbitMQ 4 drops a quorum queue message after 20 returns unless told otherwise; the bus
 # decides when to give up (its retry policy and dead letters), so the limit is set out of reach.
@@ -265,8 +281,11 @@ def foreign_message(message: AbstractIncomingMessage, topic: str) -> ForeignMess
     ):
         if value and name not in headers:
             headers[name] = value
-    headers.pop(_TOPIC_HEADER, None)
-    headers.pop(_ATTEMPT_HEADER, None)
+    # What the producer sent: not eventwire's bookkeeping or the broker's (a delivery count,
+    # x-death), which change from one delivery to the next.
+    for name in list(headers):
+        if name in _BROKER_HEADERS or name in _OWN_HEADERS:
+            del headers[name]
     return ForeignMessage(topic, bytes(message.body), headers, message.message_id or None)
 
 
@@ -1390,13 +1409,22 @@ class _AmqpConsumer(Consumer):
     def _copy_properties(
         message: AbstractIncomingMessage, attempt: int, topic: str, **headers: str
     ) -> aiormq.spec.Basic.Properties:
-        """The properties of a copy of `message` that counts `attempt` deliveries so far."""
-        table: FieldTable = {_TOPIC_HEADER: topic, _ATTEMPT_HEADER: attempt, **headers}
+        """The properties of a copy of `message` that counts `attempt` deliveries so far. It
+        keeps the producer's own headers (a trace context, another producer's CloudEvents
+        attributes), not the broker's (a delivery count, x-death)."""
+        kept = {
+            name: value
+            for name, value in (message.headers or {}).items()
+            if name not in _BROKER_HEADERS and name != _DELAY_HEADER
+        }
+        table: FieldTable = {**kept, _TOPIC_HEADER: topic, _ATTEMPT_HEADER: attempt, **headers}
         return aiormq.spec.Basic.Properties(
             message_id=message.message_id,
             correlation_id=message.correlation_id,
             content_type=message.content_type,
             content_encoding=message.content_encoding,
+            message_type=message.type,
+            reply_to=message.reply_to,
             delivery_mode=2,
             headers=table,
         )

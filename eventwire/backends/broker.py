@@ -163,10 +163,11 @@ class BrokerBackend(Backend):
         """Forget every id `record_handled` kept for `consumer` (it was deleted)."""
         raise BackendCapabilityError(f"the {self.scheme}:// backend cannot keep handled event ids")
 
-    async def first_to_report(self, message_id: str) -> bool:
-        """Whether this subscription is the first to dead-letter the unreadable message
-        `message_id`, which has no topic and so reached every subscription (a Redis entry
-        without one): the backend claims it once. Other brokers route by topic."""
+    async def first_to_report(self, message_id: str, reporter: str) -> bool:
+        """Whether `reporter` (a durable consumer) is the one to dead-letter the unreadable
+        message `message_id`, which has no topic and so reached every subscription (a Redis
+        entry without one): the backend lets the first claim it, and that one again if the
+        message comes back. Other brokers route by topic."""
         return True
 
     def where_handled_go(self) -> str:
@@ -820,12 +821,21 @@ class Feeder:
         (another producer's message: True beside it), else why neither could be read."""
         try:
             return decode_envelope(delivery.body), False
-        except Exception as error:  # whatever decoding raised: this message alone fails
+        except Exception as first:  # whatever decoding raised: this message alone fails
+            error: Exception = first
+            message = session.consumer.foreign(delivery)
+            if message.body is not delivery.body:
+                # The body as the producer wrote it (a Redis entry of another shape): an
+                # envelope there is eventwire's event; else its own error says why not.
+                try:
+                    return decode_envelope(message.body), False
+                except Exception as again:  # as above
+                    error = again if message.body else EnvelopeError("it has no body")
             decoder = self.members[0].decoder if self.members else None
             if decoder is None:
                 return error, False
             try:
-                event = decoder(session.consumer.foreign(delivery))
+                event = decoder(message)
             except Exception as refused:  # the decoder's refusal, whatever it raised
                 return EnvelopeError(
                     f"not an eventwire envelope ({error}), and the subscription's decoder did "
@@ -834,6 +844,11 @@ class Feeder:
             if not isinstance(event, Event):
                 return TypeError(
                     f"the subscription's decoder returned a {type(event).__name__}, not an Event"
+                ), False
+            if not pattern_matches(self.spec.pattern, event.topic) or not is_topic(event.topic):
+                return EnvelopeError(
+                    f"the subscription's decoder read it as an event on {event.topic!r}, "
+                    f"which is not a topic its pattern {self.spec.pattern!r} matches"
                 ), False
             return event, True
 
@@ -848,9 +863,9 @@ class Feeder:
         if (
             not delivery.topic
             and message.message_id is not None
-            and not await self.backend.first_to_report(message.message_id)
+            and not await self.backend.first_to_report(message.message_id, self.spec.name)
         ):
-            return True  # another subscription dead-lettered it
+            return True  # another subscription dead-letters it
         member.failed += 1
         member.dead_lettered += 1
         why = str(error) if str(error) else type(error).__name__

@@ -395,8 +395,10 @@ class NatsBackend(BrokerBackend):
         try:
             # A failed attempt on every seed ends connect(): the client would retry forever.
             either: set[asyncio.Future[Any]] = {attempt, failed}
+            # Each unreachable seed may take a whole attempt before the next is tried.
+            budget = _CONNECT_TIMEOUT + _ATTEMPT_TIMEOUT * (len(self.seeds) - 1)
             done, _ = await asyncio.wait(
-                either, timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+                either, timeout=budget, return_when=asyncio.FIRST_COMPLETED
             )
             if attempt not in done:
                 error = failed.result() if failed.done() else TimeoutError("no answer")

@@ -427,7 +427,8 @@ class RedisBackend(BrokerBackend):
         # Replicas that must have a publish before it returns (Redis's WAIT, on the connection
         # that wrote it), and how long to wait for them.
         self._min_replicas = options.integer("min_replicas", 0)
-        self._replica_wait = options.duration("replica_wait", 5.0, above=True)
+        # At least 1 ms: WAIT with 0 ms would wait for ever.
+        self._replica_wait = options.duration("replica_wait", 5.0, minimum=0.001)
         self._wait_call = (
             resp("WAIT", self._min_replicas, int(self._replica_wait * 1000))
             if self._min_replicas
@@ -846,15 +847,21 @@ class RedisBackend(BrokerBackend):
                     await command(client, "HDEL", self.processes_key, *gone)
         return found
 
-    async def first_to_report(self, message_id: str) -> bool:
+    async def first_to_report(self, message_id: str, reporter: str) -> bool:
         # A foreign entry without a topic reaches every subscription of the stream: the first
-        # to claim it dead-letters it (the claim lasts as long as handled ids are kept).
+        # to claim it dead-letters it (the claim lasts as long as handled ids are kept). The
+        # claim names its reporter, which claims it again when its letter could not be
+        # stored the first time and the entry comes back.
         key = self.key("reported", message_id)
+        deadline = asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE
         claimed = await self.retrying(
-            lambda: command(self.client, "SET", key, "1", "NX", "PX", _HANDLED_KEPT_MS),
-            asyncio.get_running_loop().time() + OPERATION_RETRY_DEADLINE,
+            lambda: command(self.client, "SET", key, reporter, "NX", "PX", _HANDLED_KEPT_MS),
+            deadline,
         )
-        return bool(claimed)
+        if claimed:
+            return True
+        holder = await self.retrying(lambda: command(self.client, "GET", key), deadline)
+        return holder is not None and _text(holder) == reporter
 
     async def record_handled(self, consumer: str, event_ids: Sequence[str]) -> None:
         key = self.key("handled", safe_name(consumer))

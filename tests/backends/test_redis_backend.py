@@ -348,6 +348,16 @@ async def test_one_fetch_returns_redeliveries_oldest_first_then_new_entries(
     assert [(d.body, d.attempt) for d in again] == [(b"x1", 2), (b"x2", 2), (b"x4", 1)]
 
 
+async def test_a_topicless_entry_is_claimed_once_by_its_first_reporter(
+    backend: RedisBackend,
+) -> None:
+    assert await backend.first_to_report("1-0", "audit")
+    assert not await backend.first_to_report("1-0", "billing")
+    # Its letter could not be stored, the entry came back: the same reporter claims it again.
+    assert await backend.first_to_report("1-0", "audit")
+    assert await backend.first_to_report("2-0", "billing")
+
+
 async def test_foreign_malformed_entries_are_delivered(backend: RedisBackend, raw: Redis) -> None:
     consumer = await backend.consumer(ConsumerSpec("f", "orders.>"))
     await raw.xadd(backend.stream, {"junk": b"\xff\x00"})  # no topic, no body

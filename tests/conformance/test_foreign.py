@@ -15,7 +15,7 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from pydantic import BaseModel
 
-from eventwire import Event, EventBus
+from eventwire import Event, EventBus, Retry
 from eventwire.cloudevent import METADATA_KEY
 from tests.conformance.conftest import backend_url, destroy
 from tests.conformance.foreign_producers import RedisProducer, producer
@@ -23,6 +23,9 @@ from tests.conftest import wait_until
 
 # Each broker another system can share with eventwire (`bus_url` is one of the test's own).
 BROKERS = pytest.mark.parametrize("backend_name", ["redis", "nats", "amqp"])
+
+
+TWICE = Retry(attempts=2, backoff=0.05)
 
 
 class Order(BaseModel):
@@ -130,7 +133,8 @@ async def test_a_redis_entry_every_subscription_gets_is_dead_lettered_once(
     seen: list[str] = []
     bus = EventBus(url)
 
-    @bus.subscribe("a.*", name="one")
+    # A decoder reads the entry, but as an event on no topic: refused like the rest.
+    @bus.subscribe("a.*", name="one", decoder="text")
     async def one(event: Event[Any]) -> None:
         seen.append("one")
 
@@ -176,3 +180,36 @@ async def test_a_partitioned_subscription_reads_other_producers_messages(
     by_n = {event.payload.n: event for event in handled}
     assert by_n[1].metadata["headers"]["x-from"] == "raw"  # the headers came through the router
     assert by_n[2].key == "k"
+
+
+@pytest.mark.parametrize("backend_name", ["amqp", "amqp-classic"])
+async def test_another_producer_s_headers_survive_a_retry_on_rabbitmq(
+    backend_name: str, bus_url: str
+) -> None:
+    """A failed attempt puts a copy of the message in a delay queue: the copy keeps the
+    producer's headers (a binary CloudEvent's attributes), not RabbitMQ's own."""
+    attempts: list[Event[Order]] = []
+    bus = EventBus(bus_url)
+
+    @bus.subscribe("orders.*", name="flaky", decoder="cloudevents", retry=TWICE)
+    async def flaky(event: Event[Order]) -> None:
+        attempts.append(event)
+        if len(attempts) == 1:
+            raise RuntimeError("the first attempt fails")
+
+    binary = http.to_binary(cloud_event("ce-9", {"text": "again", "n": 9}), JSONFormat())
+    async with bus, producer("amqp", bus_url) as foreign:
+        await foreign.raw("orders.created", binary.body, dict(binary.headers))
+        await wait_until(lambda: len(attempts) == 2, 30)
+    first, second = attempts
+    assert second.id == first.id == "ce-9"
+    assert second.payload == Order(text="again", n=9)
+    assert second.metadata[METADATA_KEY]["subject"] == "subject-of-ce-9"
+
+
+def test_an_async_decoder_is_refused() -> None:
+    async def later(message: Any) -> Event[Any]:
+        return Event("t.x", None)
+
+    with pytest.raises(TypeError, match="is async: a decoder is a plain function"):
+        EventBus().subscribe("t.x", lambda event: None, decoder=later)
