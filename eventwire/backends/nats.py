@@ -146,6 +146,11 @@ _ACK_PREFIX = "$JS.ACK."
 _LEASE_SURE = 0.9
 # JetStream's "temporarily unavailable": a cluster electing its meta leader.
 _JETSTREAM_UNAVAILABLE = 10008
+# How long connecting waits for a cluster that lost a node to elect its meta and stream
+# leaders (nats-server 2.9 waits 4 to 9 s before each election; a loaded machine, longer),
+# asking every _ELECTION_ASK seconds.
+_ELECTION_WAIT = 30.0
+_ELECTION_ASK = 2.0
 _DIRECT_ID = re.compile(r"[A-Za-z0-9_=-]{1,200}")
 
 # Errors that a reconnect or a JetStream restart cures: retry them.
@@ -419,7 +424,7 @@ class NatsBackend(BrokerBackend):
                 await asyncio.wait({attempt})
         connected = True
         try:
-            await self._ensure_stream_soon(nc.jetstream(timeout=_REQUEST_TIMEOUT))
+            await self._ensure_stream_soon(nc.jetstream(timeout=_ELECTION_ASK))
         except Exception as error:
             raise BackendConnectionError(
                 f"cannot use JetStream on NATS at {self.url.redacted} (is nats-server started "
@@ -433,9 +438,9 @@ class NatsBackend(BrokerBackend):
         return f"{host}:{self.url.port or _DEFAULT_PORT}"
 
     async def _ensure_stream_soon(self, js: JetStreamContext) -> None:
-        """`_ensure_stream`, retried for `OPERATION_RETRY_DEADLINE` seconds while a cluster
-        has no JetStream leader (a node just died); a server without JetStream fails at once."""
-        deadline = time.monotonic() + OPERATION_RETRY_DEADLINE
+        """`_ensure_stream`, retried for `_ELECTION_WAIT` seconds while a cluster has no
+        JetStream leader (a node just died); a server without JetStream fails at once."""
+        deadline = time.monotonic() + _ELECTION_WAIT
         backoff = retry_backoff()
         while True:
             try:
