@@ -287,6 +287,8 @@ class NatsBackend(BrokerBackend):
         self.max_age = options.duration("max_age", 0.0)
         self.replicas = options.integer("replicas", 1, minimum=1)
         self.seeds = [self._hostport(), *_more_servers(options)]
+        clustered = self.replicas > 1 or len(self.seeds) > 1
+        self._retry_deadline = _ELECTION_WAIT if clustered else OPERATION_RETRY_DEADLINE
         self._nc: _LenientClient | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
@@ -721,9 +723,11 @@ class NatsBackend(BrokerBackend):
         return result
 
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """`call()`, retried through transient errors for `OPERATION_RETRY_DEADLINE` seconds."""
+        """`call()`, retried through transient errors for `OPERATION_RETRY_DEADLINE` seconds,
+        or on a cluster `_ELECTION_WAIT`: losing a node there sets off an election in each
+        raft group it led (the meta group, the stream, each consumer and bucket)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + OPERATION_RETRY_DEADLINE
+        deadline = loop.time() + self._retry_deadline
         backoff = retry_backoff()
         while True:
             try:

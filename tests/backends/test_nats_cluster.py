@@ -25,6 +25,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
         yield started
 
 
+# Two kills, two restarts and the elections between them: up to a minute on a loaded machine.
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("victim", get_args(Victim))
 async def test_every_returned_publish_is_handled_while_nodes_die_and_come_back(
     cluster: NatsCluster, victim: Victim, record_property: Callable[[str, object], None]
@@ -45,6 +47,7 @@ async def test_every_returned_publish_is_handled_while_nodes_die_and_come_back(
     assert max(report.handling_stalls) < 20.0
 
 
+@pytest.mark.timeout(120)
 async def test_a_bus_starts_when_the_url_s_own_host_is_down(cluster: NatsCluster) -> None:
     url = cluster.url(unique_namespace())
     async with EventBus(url):

@@ -111,7 +111,7 @@ async def test_what_no_decoder_reads_is_dead_lettered_once_with_all_it_held(
     async with bus, producer(backend_name, bus_url) as foreign:
         await foreign.raw("orders.broken", b"{not json", {"x-origin": "legacy"})
         await bus.publish("orders.done", {"text": "after"})
-        await wait_until(lambda: handled.count("audit orders.done") == 1, 30)
+        await wait_until(lambda: sorted(handled) == ["audit orders.done", "orders.done"], 30)
         await wait_until(lambda: len(letters) >= 2, 30)
 
     # Each subscription that got it and could not read it says so, with the body and headers.
