@@ -17,6 +17,7 @@ from typing import Any
 from eventwire.envelope import PayloadTooLargeError, UnencodablePayloadError, encode
 from eventwire.errors import InvalidTopicError
 from eventwire.event import Event
+from eventwire.foreign import header_text
 from eventwire.observe import SubscriptionInfo
 from eventwire.topics import DEAD_LETTER_PREFIX, is_reserved, is_topic
 
@@ -208,15 +209,9 @@ def foreign_letter(
         payload.update(truncated=True, **_size_and_hash(body))
     if headers:
         payload["headers"] = {
-            str(name): _header_text(value)[:FOREIGN_BODY_LIMIT] for name, value in headers.items()
+            str(name): header_text(value)[:FOREIGN_BODY_LIMIT] for name, value in headers.items()
         }
     return dlq_topic, payload
-
-
-def _header_text(value: Any) -> str:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).decode("utf-8", "replace")
-    return value if isinstance(value, str) else str(value)
 
 
 def _size_and_hash(raw: bytes) -> dict[str, Any]:

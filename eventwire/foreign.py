@@ -77,7 +77,7 @@ class ForeignMessage:
     def trace_context(self) -> dict[str, str]:
         """The W3C trace context in its headers (empty if none)."""
         found = {name: self.header(name) for name in TRACE_HEADERS}
-        return {name: _text(value) for name, value in found.items() if value}
+        return {name: header_text(value) for name, value in found.items() if value}
 
 
 Decoder: TypeAlias = Callable[[ForeignMessage], Event[Any]]
@@ -86,7 +86,7 @@ DecoderOption: TypeAlias = str | Decoder | Sequence[str | Decoder]
 
 def cloudevents(message: ForeignMessage) -> Event[Any]:
     """A CloudEvent in structured or binary mode."""
-    content_type = _text(message.header("content-type") or "").split(";")[0].strip().lower()
+    content_type = header_text(message.header("content-type") or "").split(";")[0].strip().lower()
     # A trace context in plain headers (an instrumented producer's) when the CloudEvent
     # carries none of its own (the distributed-tracing extension).
     trace = message.trace_context()
@@ -188,7 +188,7 @@ def _name(decoder: Decoder) -> str:
 
 def _plain(message: ForeignMessage, payload: Any) -> Event[Any]:
     headers = {
-        key: _text(value)
+        key: header_text(value)
         for key, value in message.headers.items()
         if key.lower() not in TRACE_HEADERS
     }
@@ -198,12 +198,13 @@ def _plain(message: ForeignMessage, payload: Any) -> Event[Any]:
         payload,
         {"headers": headers} if headers else None,
         id=message.event_id(),
-        correlation_id=_text(correlation) if correlation else None,
+        correlation_id=header_text(correlation) if correlation else None,
         trace_context=message.trace_context() or None,
     )
 
 
-def _text(value: Any) -> str:
+def header_text(value: Any) -> str:
+    """A header's value as text (bytes decoded as UTF-8, a bad byte replaced)."""
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8", "replace")
     return value if isinstance(value, str) else str(value)

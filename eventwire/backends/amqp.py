@@ -259,7 +259,12 @@ def _properties_of(message: Message) -> aiormq.spec.Basic.Properties:
     """A message's AMQP properties: persistent, its id, and what it says to other readers
     (the content type as the property, the trace context as headers)."""
     extra = message.headers or {}
-    trace = {name: value for name, value in extra.items() if name != "content-type"}
+    # Most events carry the content type alone: no table to build then.
+    trace = (
+        {name: value for name, value in extra.items() if name != "content-type"}
+        if len(extra) > 1
+        else None
+    )
     return aiormq.spec.Basic.Properties(
         message_id=message.id,
         delivery_mode=2,
@@ -268,10 +273,20 @@ def _properties_of(message: Message) -> aiormq.spec.Basic.Properties:
     )
 
 
+def _producer_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+    """The headers the producer sent: not eventwire's bookkeeping or the broker's (a
+    delivery count, x-death), which change from one delivery to the next."""
+    return {
+        name: value
+        for name, value in (message.headers or {}).items()
+        if name not in _BROKER_HEADERS and name not in _OWN_HEADERS
+    }
+
+
 def foreign_message(message: AbstractIncomingMessage, topic: str) -> ForeignMessage:
     """What another producer sent: its headers, with the content type, correlation id and
     type properties beside them, and its ``message_id``."""
-    headers: dict[str, Any] = dict(message.headers or {})
+    headers = _producer_headers(message)
     for name, value in (
         ("content-type", message.content_type),
         ("content-encoding", message.content_encoding),
@@ -281,11 +296,6 @@ def foreign_message(message: AbstractIncomingMessage, topic: str) -> ForeignMess
     ):
         if value and name not in headers:
             headers[name] = value
-    # What the producer sent: not eventwire's bookkeeping or the broker's (a delivery count,
-    # x-death), which change from one delivery to the next.
-    for name in list(headers):
-        if name in _BROKER_HEADERS or name in _OWN_HEADERS:
-            del headers[name]
     return ForeignMessage(topic, bytes(message.body), headers, message.message_id or None)
 
 
@@ -1412,12 +1422,12 @@ class _AmqpConsumer(Consumer):
         """The properties of a copy of `message` that counts `attempt` deliveries so far. It
         keeps the producer's own headers (a trace context, another producer's CloudEvents
         attributes), not the broker's (a delivery count, x-death)."""
-        kept = {
-            name: value
-            for name, value in (message.headers or {}).items()
-            if name not in _BROKER_HEADERS and name != _DELAY_HEADER
+        table: FieldTable = {
+            **_producer_headers(message),
+            _TOPIC_HEADER: topic,
+            _ATTEMPT_HEADER: attempt,
+            **headers,
         }
-        table: FieldTable = {**kept, _TOPIC_HEADER: topic, _ATTEMPT_HEADER: attempt, **headers}
         return aiormq.spec.Basic.Properties(
             message_id=message.message_id,
             correlation_id=message.correlation_id,

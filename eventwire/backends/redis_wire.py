@@ -126,8 +126,9 @@ def trace_fields(message: Message) -> tuple[str] | tuple[str, str] | None:
     then tracestate if any), for other systems to read; None without one."""
     headers = message.headers
     parent = headers.get("traceparent") if headers else None
-    if not parent or headers is None:
+    if not parent:
         return None
+    assert headers is not None
     state = headers.get("tracestate")
     return (parent, state) if state else (parent,)
 
