@@ -698,16 +698,20 @@ class NatsBackend(BrokerBackend):
         if lost.done():
             _discard(call)
             raise nats.errors.ConnectionReconnectingError
-        gave_up = False
+        waiting, gave_up = True, False
 
         def give_up(_: object) -> None:
             nonlocal gave_up
-            gave_up = True
-            task.cancel()
+            # Scheduled when the loss is noticed, this may run after the call has ended in
+            # the same loop turn: the task has moved on then, and cancelling it would stop
+            # whatever it does next (a subscription's worker, for good).
+            if waiting:
+                gave_up = True
+                task.cancel()
 
         lost.add_done_callback(give_up)
         try:
-            result = await call
+            return await call
         except asyncio.CancelledError:
             if gave_up:
                 gave_up = False
@@ -715,12 +719,12 @@ class NatsBackend(BrokerBackend):
                     raise nats.errors.ConnectionReconnectingError from None
             raise
         finally:
+            waiting = False
             lost.remove_done_callback(give_up)
-        if gave_up and task.cancelling():
-            # The client swallowed the cancellation and the call ended anyway: take back
-            # the request to cancel, which would otherwise hit a later await.
-            task.uncancel()
-        return result
+            if gave_up and task.cancelling():
+                # The client swallowed the cancellation, or raised another error instead:
+                # take back the request to cancel, which would otherwise hit a later await.
+                task.uncancel()
 
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, retried through transient errors for `OPERATION_RETRY_DEADLINE` seconds,
@@ -957,8 +961,16 @@ class NatsBackend(BrokerBackend):
                 keys = await kv.keys()
             except nats.js.errors.NoKeysError:
                 return []
-            entries = await asyncio.gather(*(kv.get(key) for key in keys), return_exceptions=True)
-            return [e.value for e in entries if not isinstance(e, BaseException) and e.value]
+
+            async def value(key: str) -> bytes | None:
+                try:
+                    return (await kv.get(key)).value
+                except nats.js.errors.NotFoundError:  # the process left since keys() ran
+                    return None
+
+            # Any other error fails the whole read, to be retried: a process whose beat went
+            # unread would look gone, and drain() would stop waiting for what it runs.
+            return [found for found in await _gather_all(map(value, keys)) if found]
 
         records = []
         for value in await self._retry("reading who runs what", read_all):

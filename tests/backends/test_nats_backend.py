@@ -166,6 +166,50 @@ async def test_an_inbox_removed_by_the_server_is_made_again(backend: NatsBackend
     await inbox.close()
 
 
+# A lost connection cancels the calls waiting on it (`_on_this_link`). A socket cannot time
+# the loss to the same loop turn as an answer, so these drive the loss the way nats-py's
+# disconnect callback does.
+async def test_a_call_answered_as_its_connection_is_lost_leaves_the_caller_running(
+    backend: NatsBackend,
+) -> None:
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str] = loop.create_future()
+
+    def answer_then_lose_the_link() -> None:
+        answer.set_result("stored")  # the caller resumes first, with the answer...
+        backend._dropped(backend.nc)  # ...then the loss is noticed, in the same turn
+
+    loop.call_soon(answer_then_lose_the_link)
+    assert await backend._on_this_link(answer) == "stored"
+    # Before, the loss cancelled the caller anyway, at its next await: a subscription's
+    # worker that had just recorded a handled id stopped for good.
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert _cancellations_owed() == 0
+
+
+async def test_a_call_that_turns_the_loss_into_another_error_leaves_no_cancellation(
+    backend: NatsBackend,
+) -> None:
+    async def call_that_converts_its_cancellation() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise nats.errors.TimeoutError from None
+
+    asyncio.get_running_loop().call_soon(backend._dropped, backend.nc)
+    with pytest.raises(nats.errors.TimeoutError):
+        await backend._on_this_link(call_that_converts_its_cancellation())
+    assert _cancellations_owed() == 0
+    await asyncio.sleep(0.01)  # a cancellation still owed would be raised here
+
+
+def _cancellations_owed() -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    return task.cancelling()
+
+
 async def test_destroy_deletes_the_stream(backend: NatsBackend, nats_url: str) -> None:
     await backend.consumer(ConsumerSpec("gone soon", "g"))
     await backend.destroy()
