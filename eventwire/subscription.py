@@ -446,6 +446,32 @@ class Subscription:
             )
             for index in range(self.concurrency)
         ]
+        for task in self._workers:
+            task.add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """A worker ends only when its subscription stops: one that ended otherwise would
+        leave its events unhandled without a word, so it is reported."""
+        if self._stopping or task not in self._workers:
+            return
+        queued = len(self.inbox)
+        if task.cancelled():
+            logger.warning(
+                "eventwire: a worker of %s was cancelled while the subscription ran (was the "
+                "event loop stopped before the bus was closed?); %d queued event(s) wait for "
+                "another worker",
+                self.name,
+                queued,
+            )
+            return
+        error = task.exception()
+        logger.error(
+            "eventwire: a worker of %s stopped on an error, a bug in eventwire; %d queued "
+            "event(s) wait for another worker",
+            self.name,
+            queued,
+            exc_info=error,
+        )
 
     async def _work(self, index: int) -> None:  # noqa: C901, PLR0912, PLR0915
         # One loop on purpose: it runs once per event, and a call per event costs the in-process

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+import eventwire.subscription as subscription_module
 from eventwire import (
     Agent,
     BusClosedError,
@@ -42,6 +43,47 @@ async def test_handler_raising_cancelled_error_is_a_failure_not_a_dead_worker(
     assert handled == [1, 2]
     assert bus.stats()["h"].dead_lettered == 1
     assert await bus.request("t", 5, timeout=2) == 5  # the worker is alive
+
+
+async def test_a_worker_cancelled_from_outside_is_reported_not_lost_in_silence(
+    bus: EventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = asyncio.Event()
+
+    async def handler(event: Event[int]) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    subscription = bus.subscribe("t", handler, name="stuck")
+    await bus.publish("t", 1)
+    await bus.publish("t", 2)
+    await asyncio.wait_for(started.wait(), 2)
+    (worker,) = subscription.workers
+    worker.cancel()  # as a stray cancellation would, or a loop stopped before the bus closed
+    await asyncio.wait([worker], timeout=2)
+    reports = [r.getMessage() for r in caplog.records if "worker of stuck" in r.getMessage()]
+    assert len(reports) == 1
+    assert "was cancelled while the subscription ran" in reports[0]
+    assert "1 queued event(s)" in reports[0]
+
+
+async def test_a_worker_stopped_by_an_error_of_eventwire_is_reported(
+    bus: EventBus, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug in the worker loop")
+
+    # Where the worker goes idle after an event, outside any handler's error handling.
+    monkeypatch.setattr(subscription_module._RunTimer, "end", broken)
+    subscription = bus.subscribe("t", lambda event: None, name="broken")
+    await bus.publish("t", 1)
+    (worker,) = subscription.workers
+    await asyncio.wait([worker], timeout=2)
+    (report,) = [r for r in caplog.records if "worker of broken" in r.getMessage()]
+    assert report.levelname == "ERROR"
+    assert "stopped on an error" in report.getMessage()
+    assert report.exc_info is not None
+    assert str(report.exc_info[1]) == "a bug in the worker loop"
 
 
 async def test_publish_cancelled_just_after_admission_keeps_drain_honest(bus: EventBus) -> None:
