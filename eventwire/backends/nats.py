@@ -1313,6 +1313,9 @@ class _NatsConsumer(Consumer):
         self._newest = 0
         self._newest_reply = ""
         self._newest_acked = False
+        # The last delivery acked without waiting for JetStream's answer, if that answer is
+        # still owed: closing an exclusive consumer waits for it (see `close`).
+        self._unconfirmed_ack: Msg | None = None
 
     async def take_over(self) -> None:
         """JetStream hands what a dead process held to the next fetch only after its
@@ -1698,6 +1701,7 @@ class _NatsConsumer(Consumer):
                     f"acknowledging {len(msgs)} deliveries",
                     functools.partial(self._publish_acks, self._backend, msgs),
                 )
+            self._unconfirmed_ack = msgs[-1]
         self._acked(msgs)
 
     @staticmethod
@@ -1809,6 +1813,15 @@ class _NatsConsumer(Consumer):
         back = [msg for since, msg in [*self._held.values(), *self._buffer] if since > lost]
         self._held.clear()
         self._buffer.clear()
+        confirm, self._unconfirmed_ack = self._unconfirmed_ack, None
+        if not back and confirm is not None and self._spec.exclusive:
+            # JetStream applies acks in the order they come, after answering whoever asked
+            # before: the next process to take this slot reads the ack floor at once
+            # (`take_over`), and every ack still on its way would count as not done, its
+            # event delivered again. Sent again as a request, the last one is answered once
+            # all are applied (what is given back is sent as requests anyway).
+            with contextlib.suppress(Exception):
+                await self._settle([confirm], b"+ACK", quiet=True)
         if back:
             try:
                 await self._settle(back, b"-NAK")
