@@ -454,23 +454,24 @@ class Subscription:
         leave its events unhandled without a word, so it is reported."""
         if self._stopping or task not in self._workers:
             return
-        queued = len(self.inbox)
+        left = sum(not worker.done() for worker in self._workers)
+        state = (
+            f"{left} of its {self.concurrency} workers go on, with {len(self.inbox)} queued "
+            "event(s)"
+        )
         if task.cancelled():
             logger.warning(
                 "eventwire: a worker of %s was cancelled while the subscription ran (was the "
-                "event loop stopped before the bus was closed?); %d queued event(s) wait for "
-                "another worker",
+                "event loop stopped before the bus was closed?); %s",
                 self.name,
-                queued,
+                state,
             )
             return
-        error = task.exception()
         logger.error(
-            "eventwire: a worker of %s stopped on an error, a bug in eventwire; %d queued "
-            "event(s) wait for another worker",
+            "eventwire: a worker of %s stopped on an error, a bug in eventwire; %s",
             self.name,
-            queued,
-            exc_info=error,
+            state,
+            exc_info=task.exception(),
         )
 
     async def _work(self, index: int) -> None:  # noqa: C901, PLR0912, PLR0915

@@ -64,7 +64,7 @@ async def test_a_worker_cancelled_from_outside_is_reported_not_lost_in_silence(
     reports = [r.getMessage() for r in caplog.records if "worker of stuck" in r.getMessage()]
     assert len(reports) == 1
     assert "was cancelled while the subscription ran" in reports[0]
-    assert "1 queued event(s)" in reports[0]
+    assert "0 of its 1 workers go on, with 1 queued event(s)" in reports[0]
 
 
 async def test_a_worker_stopped_by_an_error_of_eventwire_is_reported(

@@ -962,7 +962,7 @@ class NatsBackend(BrokerBackend):
             async def value(key: str) -> bytes | None:
                 try:
                     return (await kv.get(key)).value
-                except nats.js.errors.NotFoundError:  # the process left since keys() ran
+                except nats.js.errors.NotFoundError:  # deleted since the keys were listed
                     return None
 
             # Any other error fails the whole read, to be retried: a process whose beat went
@@ -992,7 +992,7 @@ class NatsBackend(BrokerBackend):
         """Every key bucket `bucket` holds now (deleted ones included), as the server lists
         its subjects at one moment. nats-py's `KeyValue.keys()` reads them through a consumer
         that ends early when a key is rewritten meanwhile: beats rewrite presence keys every
-        second, and a listing missed about one in twenty of them."""
+        second, and about one listing in twenty missed a key."""
         prefix = f"$KV.{bucket}."
         keys: list[str] = []
         while True:
@@ -1839,8 +1839,7 @@ class _NatsConsumer(Consumer):
             # (`take_over`), and every ack still on its way would count as not done, its
             # event delivered again. Sent again as a request, the last one is answered once
             # all are applied (what is given back is sent as requests anyway).
-            with contextlib.suppress(Exception):
-                await self._settle([confirm], b"+ACK", quiet=True)
+            await self._settle([confirm], b"+ACK", quiet=True)
         if back:
             try:
                 await self._settle(back, b"-NAK")
