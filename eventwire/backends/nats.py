@@ -144,6 +144,8 @@ _ACK_PREFIX = "$JS.ACK."
 # extended) as lost: JetStream may have delivered it to another process already. JetStream's
 # clock started a little earlier than ours, when it sent the message.
 _LEASE_SURE = 0.9
+# Consumers each page of a listing repeats from the one before (see `consumers`).
+_LISTING_OVERLAP = 64
 # JetStream's "temporarily unavailable": a cluster electing its meta leader.
 _JETSTREAM_UNAVAILABLE = 10008
 # How long connecting waits for a cluster that lost a node to elect its meta and stream
@@ -829,17 +831,23 @@ class NatsBackend(BrokerBackend):
         return await self._retry(f"looking up consumer {durable!r}", get)
 
     async def consumers(self) -> list[ConsumerInfo]:
-        infos: list[NatsConsumerInfo] = []
+        # JetStream lists consumers a page at a time, by offset: one deleted meanwhile before
+        # the offset (another process's inbox) shifts the rest, and the first of the next
+        # page was skipped (a listing in three missed one while others came and went), so
+        # drain() could miss work. Pages overlap, and the names seen twice are dropped.
+        infos: dict[str, NatsConsumerInfo] = {}
+        offset = 0
         while True:
-            offset = len(infos)
             page = await self._retry(
                 "listing consumers", functools.partial(self.js.consumers_info, self.stream, offset)
             )
-            infos.extend(page)
-            if not page:
+            new = {info.name: info for info in page if info.name not in infos}
+            if not new:
                 break
+            infos.update(new)
+            offset += max(1, len(page) - _LISTING_OVERLAP)
         found = []
-        for info in infos:
+        for info in infos.values():
             name = _described(info).get("name") or info.name
             outstanding = (info.num_pending or 0) + (info.num_ack_pending or 0)
             found.append(ConsumerInfo(str(name), _pattern_of(info, self.prefix), outstanding))

@@ -226,6 +226,41 @@ async def test_who_runs_what_is_read_whole_while_processes_beat(nats_url: str) -
         await reading.close()
 
 
+async def test_listing_consumers_misses_none_while_others_come_and_go(nats_url: str) -> None:
+    # More consumers than JetStream lists in one page (256), while another process's come and
+    # go: before, a deletion shifted the pages and about one listing in three missed one,
+    # which drain() would have taken for a subscription with nothing left to do.
+    url = parse_url(with_namespace(nats_url, unique_namespace()))
+    lister, other = NatsBackend(url), NatsBackend(url)
+    await lister.connect()
+    await other.connect()
+    kept = {f"kept{n:03d}" for n in range(270)}
+    stop = asyncio.Event()
+
+    async def come_and_go() -> None:
+        turn = 0
+        while not stop.is_set():
+            await other.create_consumer(ConsumerSpec(f"brief{turn % 5}", "brief.*"))
+            await other.delete_consumer(f"brief{(turn + 3) % 5}")
+            turn += 1
+
+    try:
+        await asyncio.gather(*(lister.create_consumer(ConsumerSpec(n, "kept.*")) for n in kept))
+        churn = asyncio.create_task(come_and_go())
+        try:
+            for _ in range(30):
+                listed = [info.name for info in await lister.consumers()]
+                assert kept <= set(listed), sorted(kept - set(listed))
+                assert len(listed) == len(set(listed)), "a consumer listed twice"
+        finally:
+            stop.set()
+            await churn
+    finally:
+        await lister.destroy()
+        await lister.close()
+        await other.close()
+
+
 # A lost connection cancels the calls waiting on it (`_on_this_link`). A socket cannot time
 # the loss to the same loop turn as an answer, so these drive the loss the way nats-py's
 # disconnect callback does.
