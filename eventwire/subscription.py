@@ -170,6 +170,7 @@ class Subscription:
         "_stopping",
         "_unfolded",
         "_unfolded_seconds",
+        "_worker_cancel_told",
         "_workers",
         "concurrency",
         "dead_lettered",
@@ -247,6 +248,7 @@ class Subscription:
 
         self.inbox = Inbox(self, options.max_pending, options.overflow)
         self._workers: list[asyncio.Task[None]] = []
+        self._worker_cancel_told = False
         self._in_flight: list[Event[Any] | None] = [None] * options.concurrency
         self._active = True
         self._stopping = False
@@ -460,6 +462,10 @@ class Subscription:
             "event(s)"
         )
         if task.cancelled():
+            # Once per subscription: a loop stopped with the bus open cancels every worker.
+            if self._worker_cancel_told:
+                return
+            self._worker_cancel_told = True
             logger.warning(
                 "eventwire: a worker of %s was cancelled while the subscription ran (was the "
                 "event loop stopped before the bus was closed?); %s",
@@ -467,11 +473,14 @@ class Subscription:
                 state,
             )
             return
+        error = task.exception()
+        if not isinstance(error, Exception):
+            return  # KeyboardInterrupt, SystemExit: the process is on its way out
         logger.error(
             "eventwire: a worker of %s stopped on an error, a bug in eventwire; %s",
             self.name,
             state,
-            exc_info=task.exception(),
+            exc_info=error,
         )
 
     async def _work(self, index: int) -> None:  # noqa: C901, PLR0912, PLR0915

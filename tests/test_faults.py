@@ -67,6 +67,24 @@ async def test_a_worker_cancelled_from_outside_is_reported_not_lost_in_silence(
     assert "0 of its 1 workers go on, with 1 queued event(s)" in reports[0]
 
 
+async def test_workers_cancelled_together_are_reported_once(
+    bus: EventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As when the event loop is stopped with the bus still open: one line, not one a worker.
+    async def handler(event: Event[int]) -> None:
+        await asyncio.Event().wait()
+
+    subscription = bus.subscribe("t", handler, name="many", concurrency=3)
+    for n in range(3):
+        await bus.publish("t", n)
+    await wait_until(lambda: bus.stats()["many"].in_flight == 3)
+    for worker in subscription.workers:
+        worker.cancel()
+    await asyncio.wait(subscription.workers, timeout=2)
+    reports = [r for r in caplog.records if "worker of many" in r.getMessage()]
+    assert len(reports) == 1
+
+
 async def test_a_worker_stopped_by_an_error_of_eventwire_is_reported(
     bus: EventBus, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

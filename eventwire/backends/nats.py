@@ -47,7 +47,15 @@ import re
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -146,6 +154,8 @@ _ACK_PREFIX = "$JS.ACK."
 _LEASE_SURE = 0.9
 # Consumers each page of a listing repeats from the one before (see `consumers`).
 _LISTING_OVERLAP = 64
+# Times one listing steps back after a page that skipped some, before it takes what it got.
+_LISTING_BACKS = 20
 # JetStream's "temporarily unavailable": a cluster electing its meta leader.
 _JETSTREAM_UNAVAILABLE = 10008
 # How long connecting waits for a cluster that lost a node to elect its meta and stream
@@ -700,6 +710,9 @@ class NatsBackend(BrokerBackend):
         if lost.done():
             _discard(call)
             raise nats.errors.ConnectionReconnectingError
+        # Cancellations already owed when the call began (cleanup after a cancelled close):
+        # only ours is taken back.
+        owed = task.cancelling()
         waiting, gave_up = True, False
 
         def give_up(_: object) -> None:
@@ -717,13 +730,13 @@ class NatsBackend(BrokerBackend):
         except asyncio.CancelledError:
             if gave_up:
                 gave_up = False
-                if task.uncancel() == 0:  # only the loss cancelled it
+                if task.uncancel() <= owed:  # only the loss cancelled it meanwhile
                     raise nats.errors.ConnectionReconnectingError from None
             raise
         finally:
             waiting = False
             lost.remove_done_callback(give_up)
-            if gave_up and task.cancelling():
+            if gave_up and task.cancelling() > owed:
                 # The client swallowed the cancellation, or raised another error instead:
                 # take back the request to cancel, which would otherwise hit a later await.
                 task.uncancel()
@@ -835,22 +848,45 @@ class NatsBackend(BrokerBackend):
         # the offset (another process's inbox) shifts the rest, and the first of the next
         # page was skipped (a listing in three missed one while others came and went), so
         # drain() could miss work. Pages overlap, and the names seen twice are dropped.
+        # Pages come sorted by name: one that starts past the last name seen may have
+        # skipped some (more deleted than the overlap), and is read again from further back.
         infos: dict[str, NatsConsumerInfo] = {}
-        offset = 0
+        offset, last, backs = 0, "", 0
         while True:
             page = await self._retry(
-                "listing consumers", functools.partial(self.js.consumers_info, self.stream, offset)
+                "listing consumers", functools.partial(self._consumer_page, offset)
             )
+            if page and last and page[0].name > last and offset and backs < _LISTING_BACKS:
+                offset, backs = max(0, offset - len(page)), backs + 1
+                continue
             new = {info.name: info for info in page if info.name not in infos}
             if not new:
                 break
             infos.update(new)
+            last = max(last, page[-1].name)
             offset += max(1, len(page) - _LISTING_OVERLAP)
         found = []
         for info in infos.values():
             name = _described(info).get("name") or info.name
             outstanding = (info.num_pending or 0) + (info.num_ack_pending or 0)
             found.append(ConsumerInfo(str(name), _pattern_of(info, self.prefix), outstanding))
+        return found
+
+    async def _consumer_page(self, offset: int) -> list[NatsConsumerInfo]:
+        # Not nats-py's `consumers_info`: JetStream lists a consumer deleted while it builds
+        # the page as null, on which that fails (AttributeError, taken for a bug, not retried).
+        answer = await self._api(f"CONSUMER.LIST.{self.stream}", {"offset": offset})
+        return [NatsConsumerInfo.from_response(c) for c in answer.get("consumers") or [] if c]
+
+    async def _api(self, call: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The answer to one JetStream API request, ``$JS.API.<call>``; `APIError` when it is
+        an error. For what nats-py's own wrappers get wrong."""
+        answer = await self.nc.request(
+            f"$JS.API.{call}", json.dumps(request).encode(), timeout=_REQUEST_TIMEOUT
+        )
+        found: dict[str, Any] = json.loads(answer.data)
+        if "error" in found:
+            raise nats.js.errors.APIError.from_error(found["error"])
         return found
 
     async def delete_consumer(self, name: str) -> None:
@@ -975,7 +1011,11 @@ class NatsBackend(BrokerBackend):
 
             # Any other error fails the whole read, to be retried: a process whose beat went
             # unread would look gone, and drain() would stop waiting for what it runs.
-            return [found for found in await _gather_all(map(value, keys)) if found]
+            values: list[bytes] = []
+            for start in range(0, len(keys), _PUBLISH_WINDOW):
+                window = keys[start : start + _PUBLISH_WINDOW]
+                values += [found for found in await _gather_all(map(value, window)) if found]
+            return values
 
         records = []
         for value in await self._retry("reading who runs what", read_all):
@@ -1005,14 +1045,7 @@ class NatsBackend(BrokerBackend):
         keys: list[str] = []
         while True:
             request = {"subjects_filter": f"{prefix}>", "offset": len(keys)}
-            answer = await self.nc.request(
-                f"$JS.API.STREAM.INFO.KV_{bucket}",
-                json.dumps(request).encode(),
-                timeout=_REQUEST_TIMEOUT,
-            )
-            info = json.loads(answer.data)
-            if "error" in info:
-                raise nats.js.errors.APIError.from_error(info["error"])
+            info = await self._api(f"STREAM.INFO.KV_{bucket}", request)
             page = [subject[len(prefix) :] for subject in info["state"].get("subjects") or {}]
             keys.extend(page)
             if not page or len(keys) >= int(info.get("total") or 0):
@@ -1846,8 +1879,15 @@ class _NatsConsumer(Consumer):
             # before: the next process to take this slot reads the ack floor at once
             # (`take_over`), and every ack still on its way would count as not done, its
             # event delivered again. Sent again as a request, the last one is answered once
-            # all are applied (what is given back is sent as requests anyway).
-            await self._settle([confirm], b"+ACK", quiet=True)
+            # all are applied (what is given back is sent as requests anyway). Once, briefly:
+            # a consumer deleted meanwhile, or a server gone, must not hold the close up.
+            link = backend.nc
+            if link.is_connected:
+                answer = link.request(confirm.reply, b"+ACK", timeout=_REQUEST_TIMEOUT)
+                try:
+                    await backend._on_this_link(answer)
+                except nats.errors.Error:
+                    logger.debug("eventwire: confirming the last acks failed", exc_info=True)
         if back:
             try:
                 await self._settle(back, b"-NAK")

@@ -299,6 +299,44 @@ async def test_a_call_that_turns_the_loss_into_another_error_leaves_no_cancellat
     await asyncio.sleep(0.01)  # a cancellation still owed would be raised here
 
 
+async def test_a_loss_during_cleanup_after_a_cancellation_is_retried_not_taken_for_it(
+    backend: NatsBackend,
+) -> None:
+    # Closing after a cancellation (cleanup in `finally`) runs with a cancellation owed; a loss
+    # then was taken for that one, and came out as CancelledError: not retried, cleanup cut.
+    loop = asyncio.get_running_loop()
+
+    async def cleanup_after_cancellation() -> type[BaseException]:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        # The cleanup goes on with that cancellation owed.
+        loop.call_soon(backend._dropped, backend.nc)
+        try:
+            await backend._on_this_link(asyncio.Event().wait())
+        except BaseException as error:  # which one is the point
+            return type(error)
+        return type(None)  # pragma: no cover - the call never ends by itself
+
+    task = loop.create_task(cleanup_after_cancellation())
+    await asyncio.sleep(0)
+    task.cancel()
+    assert await task is nats.errors.ConnectionReconnectingError
+
+
+async def test_closing_a_slot_whose_consumer_was_deleted_does_not_wait_for_it(
+    backend: NatsBackend,
+) -> None:
+    # The last ack is confirmed at close (see the hand-over test above); with the consumer
+    # deleted meanwhile (`eventwire subscriptions delete`), nothing answers: that took the
+    # whole retry deadline (10 s, 30 s on a cluster), for every partition in turn.
+    slot = await backend.consumer(ConsumerSpec("slot", "slot.*", exclusive=True))
+    await backend.publish(messages_on("slot.x", "e1"))
+    await slot.ack(await fetch_all(slot, 1))
+    await backend.delete_consumer("slot")
+    async with asyncio.timeout(5):  # a hang, not a speed: before, 10 s
+        await slot.close()
+
+
 def _cancellations_owed() -> int:
     task = asyncio.current_task()
     assert task is not None
