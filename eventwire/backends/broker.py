@@ -790,7 +790,10 @@ class Feeder:
         services = self.backend.services
         admitted, skipped = await self._sort(session, deliveries)
         if admitted and any(member.idempotent for _, _, member in admitted):
-            done = await session.consumer.handled([event.id for event, _, _ in admitted])
+            ids = [event.id for event, _, _ in admitted]
+            # Before and after: a record confirmed during the look-up leaves the session.
+            recording = session.handled_here(ids)
+            done = await session.consumer.handled(ids) | recording | session.handled_here(ids)
             if done:
                 self.duplicates += len(done)
                 skipped.extend(d for e, d, _ in admitted if e.id in done)

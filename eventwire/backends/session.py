@@ -96,6 +96,9 @@ class ConsumerSession:
         self._closed = False
         self._acks: list[Delivery] = []
         self._handled_ids: list[str] = []
+        # Ids handled here whose record the broker has not confirmed yet (being sent, or
+        # owed to the next ack): a redelivery of one is skipped before the broker knows.
+        self._unrecorded: set[str] = set()
         self._acker: asyncio.Task[None] | None = None
         self._acker_called = False
         self._runner: asyncio.Task[None] | None = None
@@ -310,11 +313,20 @@ class ConsumerSession:
     async def record_handled(self, event_id: str) -> None:
         """Record at once that `event_id` was handled (idempotent subscriptions), before its
         batched acknowledgement; if the broker refuses now, it goes with the next one."""
+        self._unrecorded.add(event_id)
         try:
             await self.consumer.ack([], handled_ids=[event_id])
         except Exception:
             logger.warning("eventwire: recording %s as handled failed", event_id, exc_info=True)
             self._handled_ids.append(event_id)
+        else:
+            self._unrecorded.discard(event_id)
+
+    def handled_here(self, event_ids: Sequence[str]) -> set[str]:
+        """Which of `event_ids` this process handled and is still recording as handled: the
+        broker cannot tell yet (a slow or failed record, as while a cluster elects), and a
+        redelivery of one must be skipped all the same."""
+        return self._unrecorded.intersection(event_ids)
 
     async def flush_acks(self) -> None:
         """Send the pending acknowledgements; retried with a pause while the broker fails."""
@@ -325,6 +337,7 @@ class ConsumerSession:
                 handled, self._handled_ids = self._handled_ids, []
                 try:
                     await self.consumer.ack(acks, handled_ids=handled)
+                    self._unrecorded.difference_update(handled)
                 except asyncio.CancelledError:  # still owed: whoever cancelled counts them
                     self._acks[:0] = acks
                     self._handled_ids[:0] = handled
@@ -367,6 +380,7 @@ class ConsumerSession:
             )
             self._acks.clear()
             self._handled_ids.clear()
+            self._unrecorded.clear()
 
     def give_back(self, key: object, delay: float = 0.0) -> bool:
         """Return the delivery held under `key` to the broker, to come again after `delay`

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import nats
@@ -21,11 +21,14 @@ import pytest
 from eventwire.backends import parse_url
 from eventwire.backends.base import (
     BackendConnectionError,
+    Consumer,
     ConsumerSpec,
+    Delivery,
     Message,
     safe_name,
 )
 from eventwire.backends.nats import NatsBackend
+from eventwire.backends.session import ConsumerSession
 from eventwire.errors import EventwireError
 from tests.backends.helpers import bodies, fetch_all, messages_on
 from tests.services import (
@@ -335,6 +338,34 @@ async def test_closing_a_slot_whose_consumer_was_deleted_does_not_wait_for_it(
     await backend.delete_consumer("slot")
     async with asyncio.timeout(5):  # a hang, not a speed: before, 10 s
         await slot.close()
+
+
+async def test_an_id_whose_record_failed_is_skipped_here_until_the_broker_has_it(
+    backend: NatsBackend,
+) -> None:
+    # While a cluster elects the handled-ids bucket's leader, a record fails (or hangs) and
+    # the event's lease may lapse: its redelivery was handled again (a duplicate in the
+    # cluster test). The session knows what it handled and skips it meanwhile.
+    spec = ConsumerSpec("recording", "recording.*")
+    session = ConsumerSession(await backend.consumer(spec), spec)
+    await session.record_handled("stored")
+    assert session.handled_here(["stored"]) == set()  # the broker answers for it now
+    assert await session.consumer.handled(["stored"]) == {"stored"}
+    session.consumer = _RefusingRecords(session.consumer)  # type: ignore[assignment]
+    await session.record_handled("owed")
+    assert session.handled_here(["owed", "stored", "other"]) == {"owed"}
+
+
+class _RefusingRecords:
+    """A consumer whose broker refuses to record handled ids, as while a bucket elects."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+
+    async def ack(self, deliveries: Sequence[Delivery], *, handled_ids: Sequence[str] = ()) -> None:
+        if handled_ids:
+            raise nats.errors.TimeoutError
+        await self._consumer.ack(deliveries)
 
 
 def _cancellations_owed() -> int:
