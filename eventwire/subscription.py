@@ -454,7 +454,7 @@ class Subscription:
     def _worker_ended(self, task: asyncio.Task[None]) -> None:
         """A worker ends only when its subscription stops: one that ended otherwise would
         leave its events unhandled without a word, so it is reported."""
-        if self._stopping or task not in self._workers:
+        if self._stopping:
             return
         left = sum(not worker.done() for worker in self._workers)
         state = (
